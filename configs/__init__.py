@@ -1,0 +1,1 @@
+"""plait's Hydra config tree (package data, so `pkg://plait.configs` works from anywhere)."""

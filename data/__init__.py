@@ -1,0 +1,1 @@
+"""plait.data: text to tokens, token windows, and the step-indexed loader."""

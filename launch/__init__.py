@@ -1,0 +1,1 @@
+"""plait.launch: where am I running, and launching torchrun and Slurm jobs."""

@@ -1,0 +1,1 @@
+"""plait.offload: saved-activation offload to host memory or SSD (SSDTrain-style)."""

@@ -1,0 +1,1 @@
+"""plait.optim: optimizers (AdamW, Lion), parameter groups, LR schedules, gradient clipping."""

@@ -1,0 +1,39 @@
+"""Build the optimizer named by the config over parameter groups (AdamW now; Lion plugs in)."""
+
+import logging
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from plait.optim.config import OptimConfig
+from plait.optim.groups import GroupKey, param_groups
+
+log = logging.getLogger("plait")
+
+
+def _adamw(groups, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    """torch's fused AdamW where the device has it (CPU and CUDA in torch >= 2.4), else foreach."""
+    impl = cfg.impl if cfg.impl in ("fused", "foreach") else "fused"
+    try:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                                      fused=impl == "fused", foreach=None if impl == "fused" else True)
+    except RuntimeError:
+        impl = "foreach"
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
+    log.info("optimizer: AdamW (%s) on %s", impl, device.type)
+    return optimizer
+
+
+def build_optimizer(named_params: Dict[str, nn.Parameter], cfg: OptimConfig,
+                    group_of: Optional[GroupKey] = None,
+                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    """The configured optimizer over `named_params`, grouped by `group_of` (muP passes its table)."""
+    groups = param_groups(named_params, cfg.weight_decay, group_of)
+    if cfg.name == "adamw":
+        return _adamw(groups, cfg, device)
+    if cfg.name == "lion":
+        from plait.optim.lion import Lion
+
+        return Lion(groups, lr=cfg.lr, betas=tuple(cfg.betas), impl=cfg.impl)
+    raise ValueError(f"optim.name={cfg.name} is not one of adamw, lion.")

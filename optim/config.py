@@ -1,0 +1,26 @@
+"""The `optim` config group: optimizer, learning-rate schedule, clipping, muP."""
+
+from dataclasses import dataclass, field
+from typing import List
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer settings; `lr` is the peak learning rate of the base width under muP."""
+
+    name: str = "adamw"  # adamw | lion
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 30
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    impl: str = "auto"  # auto | fused | foreach | deepspeed | compiled
+    mup: bool = False
+    mup_input_mult: float = 1.0
+    mup_output_mult: float = 1.0
+    mup_attn_mult: float = 1.0
+    mup_zero_readout: bool = False
+    mup_zero_query: bool = False

@@ -1,0 +1,25 @@
+"""Learning-rate schedules: linear warm-up, then cosine (or linear, or constant) decay."""
+
+import math
+
+from plait.optim.config import OptimConfig
+
+
+def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based)."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def apply_lr(optimizer, step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Set each group's lr to peak x factor x its own multiplier; returns the base lr."""
+    lr = cfg.lr * lr_factor(step, total_steps, cfg)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_mult", 1.0)
+    return lr

@@ -1,0 +1,1 @@
+"""plait.parallel: the process grid, tensor-parallel layers, sharding specs, per-rank RNG."""

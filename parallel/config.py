@@ -1,0 +1,28 @@
+"""The `parallel` config group: how the world is split into tp x pp x dp."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of parallelism and how each strand behaves.
+
+    `dp` is inferred from the world size when left empty. `microbatches` is the
+    number of micro-batches each data-parallel rank runs per step (gradient
+    accumulation, and the pipeline's m).
+    """
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    dp: Optional[int] = None
+    microbatches: int = 1
+    sequence_parallel: bool = False
+    schedule: str = "1f1b"  # gpipe | 1f1b (interleaved when vpp > 1)
+    zero: int = 0  # 0: replicated optimizer state, 1: ZeRO-1 sharded state
+    bucket_mb: float = 25.0  # gradient bucket size for data-parallel reduction
+    overlap_grad_reduce: bool = True
+    reduce_in_fp32: bool = True
+    average_in_collective: bool = False
+    backend: str = "auto"  # auto | nccl | gloo

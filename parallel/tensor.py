@@ -1,0 +1,308 @@
+"""Tensor parallelism after Megatron-LM: region mappings, parallel layers, vocab-parallel loss.
+
+Activations are laid out [batch, sequence, hidden]; sequence parallelism splits dim 1.
+Each mapping is a tiny autograd function whose docstring says what moves. Layers pick
+their mappings once, at construction: at tp=1 they are identities and nothing is sent.
+"""
+
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from plait.parallel.grid import Grid
+from plait.parallel.sharding import ShardSpec
+
+SEQ_DIM = 1
+
+
+# collectives on a dimension ---------------------------------------------------
+def _world(group) -> int:
+    return dist.get_world_size(group)
+
+
+def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    return x.chunk(_world(group), dim=dim)[dist.get_rank(group)].contiguous()
+
+
+def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = _world(group)
+    out = torch.empty((world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
+    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
+    return torch.cat(out.unbind(0), dim=dim)
+
+
+def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
+    world = _world(group)
+    stacked = torch.stack(x.chunk(world, dim=dim)).contiguous()
+    out = torch.empty(stacked.shape[1:], dtype=x.dtype, device=x.device)
+    dist.reduce_scatter_tensor(out, stacked, group=group)
+    return out
+
+
+def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+# region mappings ----------------------------------------------------------------
+class CopyToRegion(torch.autograd.Function):
+    """Forward: identity. Backward: all-reduce the gradient over tp (the paper's f)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.group), None
+
+
+class ReduceFromRegion(torch.autograd.Function):
+    """Forward: all-reduce over tp. Backward: identity (the paper's g)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class ScatterToRegion(torch.autograd.Function):
+    """Forward: keep this rank's slice of the last dim. Backward: all-gather the last dim."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, -1, ctx.group), None
+
+
+class GatherFromRegion(torch.autograd.Function):
+    """Forward: all-gather the last dim. Backward: keep this rank's slice of the gradient."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _split(grad, -1, ctx.group), None
+
+
+class ScatterToSequence(torch.autograd.Function):
+    """Forward: keep this rank's slice of the sequence. Backward: all-gather the sequence."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _split(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, SEQ_DIM, ctx.group), None
+
+
+class GatherFromSequence(torch.autograd.Function):
+    """Forward: all-gather the sequence. Backward: reduce-scatter the gradient over the sequence."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, SEQ_DIM, ctx.group), None
+
+
+class ReduceScatterToSequence(torch.autograd.Function):
+    """Forward: reduce-scatter over the sequence. Backward: all-gather the gradient's sequence."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter(x, SEQ_DIM, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, SEQ_DIM, ctx.group), None
+
+
+Mapping = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def mapping(function, group) -> Mapping:
+    """`function` bound to `group`, or the identity when the group has one rank (no communication)."""
+    if group is None or _world(group) == 1:
+        return _identity
+    return lambda x: function.apply(x, group)
+
+
+# layers -------------------------------------------------------------------------
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T with W split by output rows over tp: each rank computes its slice of y.
+
+    The input enters through copy-to-region (or, under sequence parallelism, an
+    all-gather of the sequence shards). `segments` splits fused weights (Q|K|V,
+    gate|up) segment by segment so a rank's shard holds its part of each.
+    """
+
+    def __init__(self, in_features: int, out_features: int, grid: Grid, *, bias: bool = False,
+                 gather_output: bool = False, sequence_parallel: bool = False,
+                 segments: Optional[Sequence[int]] = None, valid_rows: Optional[int] = None,
+                 device=None, dtype=None):
+        super().__init__()
+        tp, group = grid.tp, grid.tp_group
+        segments = tuple(segments) if segments else (out_features,)
+        if any(size % tp for size in segments):
+            raise ValueError(f"parallel.tp={tp} does not divide output segments {segments}.")
+        self.spec = ShardSpec((out_features, in_features), 0, segments if len(segments) > 1 else None,
+                              valid_rows=valid_rows)
+        self.weight = nn.Parameter(torch.empty(self.spec.local_shape(tp), device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features // tp, device=device, dtype=dtype)) if bias else None
+        self.bias_spec = ShardSpec((out_features,), 0, self.spec.segments) if bias else None
+        self.input_map = mapping(GatherFromSequence if sequence_parallel else CopyToRegion, group)
+        self.output_map = mapping(GatherFromRegion, group) if gather_output else _identity
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output_map(F.linear(self.input_map(x), self.weight, self.bias))
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T with W split by input columns over tp: partial sums are all-reduced.
+
+    The input is already split on its last dim (the output of a column-parallel layer).
+    Under sequence parallelism the partial sums are reduce-scattered over the sequence
+    instead. The bias is added after the reduction.
+    """
+
+    def __init__(self, in_features: int, out_features: int, grid: Grid, *, bias: bool = False,
+                 sequence_parallel: bool = False, device=None, dtype=None):
+        super().__init__()
+        tp, group = grid.tp, grid.tp_group
+        if in_features % tp:
+            raise ValueError(f"parallel.tp={tp} does not divide input features {in_features}.")
+        self.spec = ShardSpec((out_features, in_features), 1)
+        self.weight = nn.Parameter(torch.empty(self.spec.local_shape(tp), device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        self.bias_spec = ShardSpec((out_features,), None, tp_partial_grad=sequence_parallel) if bias else None
+        self.output_map = mapping(ReduceScatterToSequence if sequence_parallel else ReduceFromRegion, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.output_map(F.linear(x, self.weight))
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split over tp: each rank looks up ids in its vocab range, zeros the rest,
+    and the partial embeddings are all-reduced (reduce-scattered over the sequence under SP)."""
+
+    def __init__(self, vocab_size: int, padded_vocab: int, dim: int, grid: Grid, *,
+                 sequence_parallel: bool = False, device=None, dtype=None):
+        super().__init__()
+        tp = grid.tp
+        self.spec = ShardSpec((padded_vocab, dim), 0, valid_rows=vocab_size)
+        self.rows = padded_vocab // tp
+        self.start = grid.tp_rank * self.rows
+        self.weight = nn.Parameter(torch.empty(self.rows, dim, device=device, dtype=dtype))
+        self.sharded = tp > 1
+        if sequence_parallel and tp > 1:
+            self.output_map = mapping(ReduceScatterToSequence, grid.tp_group)
+        else:
+            self.output_map = mapping(ReduceFromRegion, grid.tp_group)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if not self.sharded:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        return self.output_map(out.masked_fill(outside.unsqueeze(-1), 0.0))
+
+
+# vocab-parallel cross-entropy -----------------------------------------------------
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Forward: three all-reduces over tp (max, target logit, sum of exp) on fp32 logits.
+    Backward: softmax minus one-hot on the local shard, no communication."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, valid_in_shard, group):
+        logits = logits.float()
+        if valid_in_shard < logits.shape[-1]:
+            logits = logits.clone()
+            logits[..., valid_in_shard:] = float("-inf")
+        row_max = logits.max(dim=-1).values
+        if group is not None:
+            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)
+        local = targets - vocab_start
+        outside = (local < 0) | (local >= logits.shape[-1])
+        local = local.masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(outside, 0.0)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        if group is not None:
+            dist.all_reduce(target_logit, group=group)
+            dist.all_reduce(sum_exp, group=group)
+        loss = sum_exp.log() - target_logit
+        softmax = exp.div_(sum_exp.unsqueeze(-1))
+        ctx.save_for_backward(softmax, local, outside)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local, outside = ctx.saved_tensors
+        grad = softmax.clone()
+        inside = (~outside).to(grad.dtype)
+        grad.scatter_add_(-1, local.unsqueeze(-1), -inside.unsqueeze(-1))
+        grad.mul_(grad_loss.unsqueeze(-1))
+        return grad, None, None, None, None
+
+
+def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, grid: Grid,
+                                 vocab_size: int) -> torch.Tensor:
+    """Per-token cross-entropy of vocab-sharded logits [..., V/tp] without gathering them.
+
+    Columns at or past `vocab_size` (the padding that makes V divisible by tp) are
+    masked to -inf, so they take no probability mass and get no gradient.
+    """
+    rows = logits.shape[-1]
+    start = grid.tp_rank * rows
+    valid = max(0, min(rows, vocab_size - start))
+    group = grid.tp_group if grid.tp > 1 else None
+    return _VocabParallelCrossEntropy.apply(logits, targets, start, valid, group)
+
+
+def all_reduce_coalesced(tensors: Sequence[torch.Tensor], group, divide_by: int = 1) -> None:
+    """Sum `tensors` over `group` in one flat all-reduce (then divide), writing back in place."""
+    tensors = [t for t in tensors if t is not None]
+    if group is None or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    if divide_by != 1:
+        flat /= divide_by
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def allreduce_partial_grads(params: Sequence[nn.Parameter], grid: Grid) -> None:
+    """Sum over tp the grads of replicated weights that saw only a sequence shard (SP norms)."""
+    all_reduce_coalesced([p.grad for p in params], grid.tp_group if grid.tp > 1 else None)

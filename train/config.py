@@ -1,0 +1,233 @@
+"""The composed config: one dataclass per group, registered with Hydra's ConfigStore.
+
+The schemas make Hydra reject unknown keys and wrong types; `validate` then checks
+the relations between settings (heads divide width, batch divides, paths exist)
+and raises `ConfigError` with one sentence naming the setting and the fix.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from plait.data.config import DataConfig
+from plait.launch.config import LaunchConfig
+from plait.offload.config import OffloadConfig
+from plait.optim.config import OptimConfig
+from plait.parallel.config import ParallelConfig
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, explained in one sentence."""
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA-style decoder. `vocab_size` is the tokenizer's; it is padded for tp."""
+
+    name: str = "tiny"
+    vocab_size: int = 256
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: Optional[int] = None  # grouped-query attention when < n_heads
+    ffn_dim: Optional[int] = None  # default: SwiGLU's 8/3 * dim rounded to `multiple_of`
+    multiple_of: int = 32
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    dropout: float = 0.0
+    base_dim: Optional[int] = None  # muP base width; default: dim (width_mult 1)
+    base_head_dim: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """The loop: steps, batch, precision, evaluation, seeds."""
+
+    steps: int = 400
+    batch_size: int = 16  # global batch, in sequences, summed over dp and micro-batches
+    seq_len: int = 256
+    seed: int = 1234
+    precision: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
+    compile: bool = False
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    peak_flops: float = 0.0  # per device, for MFU; 0 measures a matmul once at start
+    resume: str = "none"  # none | auto | a checkpoint directory
+    dry_run: bool = False
+    run_dir: Optional[str] = None  # default: outputs/<date>/<time>
+    progress: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    """Checkpoints: every N steps (0: only at the end), keep the last K."""
+
+    every: int = 0
+    keep: int = 2
+    dir: Optional[str] = None  # default: <run_dir>/checkpoints
+    save_final: bool = True
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "disabled"  # disabled | offline | online
+    project: str = "plait"
+    name: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    """Metric sinks: the console and a JSONL file always; wandb and TensorBoard on demand."""
+
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tensorboard: bool = False
+    level: str = "INFO"
+
+
+@dataclass
+class Config:
+    """The whole run. Each field is a Hydra config group."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    experiment: Optional[str] = None
+
+
+GROUP_SCHEMAS = {
+    "model": ModelConfig,
+    "parallel": ParallelConfig,
+    "optim": OptimConfig,
+    "data": DataConfig,
+    "offload": OffloadConfig,
+    "launch": LaunchConfig,
+    "logging": LoggingConfig,
+}
+
+
+def register_schemas() -> None:
+    """Store the root schema and one schema per group (`<group>/schema`) in Hydra's ConfigStore."""
+    store = ConfigStore.instance()
+    store.store(name="plait_schema", node=Config)
+    for group, schema in GROUP_SCHEMAS.items():
+        store.store(group=group, name="schema", node=schema)
+
+
+register_schemas()
+
+
+def load_config(overrides: Optional[List[str]] = None, config_name: str = "config") -> Config:
+    """Compose plait's config from Python with Hydra's compose API (same validation as the CLI).
+
+    Returns the typed OmegaConf object (attribute access, schema-checked); call
+    `validate` on it to check the relations between settings.
+    """
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="plait.configs", version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=list(overrides or []))
+    OmegaConf.set_readonly(cfg.hydra if "hydra" in cfg else cfg, False)
+    return cfg
+
+
+def to_yaml(cfg: Any) -> str:
+    """The resolved config as YAML (what the run directory records)."""
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+def ffn_dim(model: ModelConfig) -> int:
+    """SwiGLU hidden width: 8/3 of dim rounded up to `multiple_of`, unless given."""
+    if model.ffn_dim:
+        return int(model.ffn_dim)
+    hidden = int(8 * model.dim / 3)
+    return model.multiple_of * ((hidden + model.multiple_of - 1) // model.multiple_of)
+
+
+def kv_heads(model: ModelConfig) -> int:
+    return int(model.n_kv_heads or model.n_heads)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate_model(model: ModelConfig, tp: int = 1) -> None:
+    """Shape rules of the decoder and of its split over `tp` ranks."""
+    for key in ("dim", "n_layers", "n_heads", "vocab_size"):
+        _require(getattr(model, key) > 0, f"model.{key}={getattr(model, key)} must be positive.")
+    _require(model.dim % model.n_heads == 0,
+             f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}; pick a head count that divides the width.")
+    _require(model.n_heads % kv_heads(model) == 0,
+             f"model.n_kv_heads={kv_heads(model)} does not divide model.n_heads={model.n_heads}.")
+    _require(tp > 0, f"parallel.tp={tp} must be a positive integer.")
+    _require(model.n_heads % tp == 0,
+             f"parallel.tp={tp} does not divide model.n_heads={model.n_heads}; use a tp that divides the head count.")
+    _require(kv_heads(model) % tp == 0,
+             f"parallel.tp={tp} does not divide model.n_kv_heads={kv_heads(model)}; use a tp that divides the kv-head count.")
+    _require(ffn_dim(model) % tp == 0,
+             f"parallel.tp={tp} does not divide the MLP width {ffn_dim(model)} (model.ffn_dim); set model.ffn_dim to a multiple of tp.")
+    _require((model.dim // model.n_heads) % 2 == 0, "model.dim / model.n_heads must be even for rotary positions.")
+
+
+def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
+    """dp from the world size (checked against `parallel.dp` when that is given)."""
+    for key in ("tp", "pp", "vpp", "microbatches"):
+        _require(getattr(parallel, key) > 0, f"parallel.{key}={getattr(parallel, key)} must be a positive integer.")
+    model_parallel = parallel.tp * parallel.pp
+    _require(world_size % model_parallel == 0,
+             f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {model_parallel}; "
+             f"launch a multiple of {model_parallel} processes or change tp/pp.")
+    dp = world_size // model_parallel
+    if parallel.dp is not None:
+        _require(parallel.dp == dp,
+                 f"parallel.dp={parallel.dp} but world size {world_size} / (tp {parallel.tp} x pp {parallel.pp}) = {dp}; "
+                 f"drop parallel.dp or launch {parallel.dp * model_parallel} processes.")
+    return dp
+
+
+def micro_batch_size(cfg: Config, dp: int) -> int:
+    """Sequences per micro-batch: batch_size / (dp x microbatches), which must divide."""
+    per_step = dp * cfg.parallel.microbatches
+    _require(cfg.train.batch_size > 0, f"train.batch_size={cfg.train.batch_size} must be positive.")
+    _require(cfg.train.batch_size % per_step == 0,
+             f"train.batch_size={cfg.train.batch_size} is not divisible by dp x parallel.microbatches = "
+             f"{dp} x {cfg.parallel.microbatches}; use a multiple of {per_step}.")
+    return cfg.train.batch_size // per_step
+
+
+def validate(cfg: Config, world_size: int = 1) -> int:
+    """Check every relation between settings before any process group is made; returns dp."""
+    dp = data_parallel_size(cfg.parallel, world_size)
+    validate_model(cfg.model, cfg.parallel.tp)
+    micro_batch_size(cfg, dp)
+    _require(cfg.train.seq_len <= cfg.model.max_seq_len,
+             f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
+    _require(cfg.train.precision in ("fp32", "bf16"),
+             f"train.precision={cfg.train.precision} is not one of fp32, bf16.")
+    _require(cfg.optim.name in ("adamw", "lion"), f"optim.name={cfg.optim.name} is not one of adamw, lion.")
+    if cfg.parallel.sequence_parallel:
+        _require(cfg.train.seq_len % cfg.parallel.tp == 0,
+                 f"parallel.sequence_parallel=true needs train.seq_len={cfg.train.seq_len} divisible by parallel.tp={cfg.parallel.tp}.")
+    if cfg.data.path:
+        _require(Path(cfg.data.path).expanduser().exists(),
+                 f"data.path={cfg.data.path} does not exist; point it at a text file, a directory or prepared shards.")
+    return dp

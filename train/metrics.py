@@ -1,0 +1,139 @@
+"""Training metrics and where they go: console (progress bar and lines), JSONL, wandb, TensorBoard.
+
+FLOPs per token (for MFU) follow PaLM's appendix: 6 N for the weight matmuls forward and
+backward (N = parameters in matmuls, the LM head included, the embedding lookup not),
+plus 12 L H Q T for attention scores and values (L layers, H heads of size Q, T tokens
+of context). Only rank 0 writes.
+"""
+
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from plait.train.config import ModelConfig, ffn_dim, kv_heads
+
+log = logging.getLogger("plait")
+
+
+def matmul_params(cfg: ModelConfig) -> int:
+    """Parameters that take part in matmuls (the embedding lookup does not)."""
+    head_dim = cfg.dim // cfg.n_heads
+    attention = cfg.dim * (cfg.n_heads + 2 * kv_heads(cfg)) * head_dim + cfg.n_heads * head_dim * cfg.dim
+    mlp = 3 * cfg.dim * ffn_dim(cfg)
+    return cfg.n_layers * (attention + mlp) + cfg.dim * cfg.vocab_size
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N + 12 L H Q T (forward and backward)."""
+    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.dim * seq_len
+
+
+def measure_peak_flops(device: torch.device, seconds: float = 0.3) -> float:
+    """A one-time measured matmul rate (FLOP/s) to stand in for the datasheet peak."""
+    size = 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        count += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 2.0 * size ** 3 * count / (time.perf_counter() - start)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def format_line(step: int, total: int, metrics: Dict[str, float]) -> str:
+    """`step 10/400 | loss 2.3141 | lr 3.00e-03 | ...` (the console form of a metrics record)."""
+    parts = [f"step {step}/{total}"]
+    for key, value in metrics.items():
+        if key == "step":
+            continue
+        if key in ("lr",):
+            parts.append(f"{key} {value:.2e}")
+        elif key in ("tokens_per_s",):
+            parts.append(f"tok/s {value:,.0f}")
+        elif key in ("mfu",):
+            parts.append(f"mfu {100 * value:.2f}%")
+        elif key.endswith("bytes"):
+            parts.append(f"{key[:-6]} {value / 2**20:.0f}MiB")
+        elif isinstance(value, float):
+            parts.append(f"{key} {value:.4f}")
+        else:
+            parts.append(f"{key} {value}")
+    return " | ".join(parts)
+
+
+class MetricsSink:
+    """Writes metrics records on rank 0: JSONL always, console lines, wandb/TensorBoard if enabled."""
+
+    def __init__(self, run_dir: Path, total_steps: int, enabled: bool, progress: bool = True,
+                 wandb_cfg=None, tensorboard: bool = False, config: Optional[dict] = None):
+        self.enabled, self.total = enabled, total_steps
+        self.jsonl = None
+        self.bar = None
+        self.wandb = None
+        self.tb = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if progress and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True, leave=False)
+        if wandb_cfg is not None and wandb_cfg.mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(project=wandb_cfg.project, name=wandb_cfg.name, mode=wandb_cfg.mode,
+                                    dir=str(run_dir), config=config)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def advance(self, step: int) -> None:
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def write(self, step: int, metrics: Dict[str, float], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **metrics, "time": time.time()}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if console:
+            line = format_line(step, self.total, metrics)
+            if self.bar is not None:
+                self.bar.write(line)
+            else:
+                print(line, flush=True)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.tb is not None:
+            for key, value in metrics.items():
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.tb is not None:
+            self.tb.close()

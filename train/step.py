@@ -1,0 +1,40 @@
+"""Forward and backward over the micro-batches of one step, without a pipeline.
+
+The loss of each micro-batch is scaled by 1/m before backward, so the accumulated
+gradient is the gradient of the step's mean loss (never rescaled after the fact).
+Returns the step's mean loss on this rank (detached).
+"""
+
+import contextlib
+
+import torch
+
+from plait.train.model import Transformer
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast for the forward when asked; the weights stay fp32 either way."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def forward_backward(model: Transformer, batch: torch.Tensor, precision: str = "fp32",
+                     before_last_backward=None) -> torch.Tensor:
+    """Run every micro-batch of `batch` [m, b, s+1] forward and backward; returns the mean loss.
+
+    `before_last_backward` is called before the last micro-batch's backward (the data-
+    parallel reducer uses it to start overlapping gradient reduction only then).
+    """
+    micro = batch.shape[0]
+    total = torch.zeros((), device=batch.device)
+    for index in range(micro):
+        inputs, targets = batch[index, :, :-1], batch[index, :, 1:]
+        with autocast(batch.device, precision):
+            logits = model(inputs)
+        loss = model.loss(logits, targets) / micro
+        if index == micro - 1 and before_last_backward is not None:
+            before_last_backward()
+        loss.backward()
+        total += loss.detach()
+    return total

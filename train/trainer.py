@@ -1,0 +1,174 @@
+"""The training loop as a library: `Trainer(cfg).step()` runs one optimizer step.
+
+The trainer builds, in order: the process environment and group, the validated layout,
+the grid, the model (this rank's chunks), the optimizer, the loader and the metric sinks.
+`plait-train` is a thin loop over `fit()`; a custom loop can call `step()` and
+`evaluate()` itself, or build the pieces directly from `plait.parallel`, `plait.optim`
+and `plait.data`.
+"""
+
+import datetime
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+
+from plait.data.corpus import prepare_corpus
+from plait.data.loader import Loader
+from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
+from plait.optim.builder import build_optimizer
+from plait.optim.clip import clip_by_norm, global_grad_norm
+from plait.optim.schedule import apply_lr
+from plait.parallel.grid import Grid
+from plait.parallel.tensor import all_reduce_coalesced, allreduce_partial_grads
+from plait.train import metrics as metrics_lib
+from plait.train.config import Config, micro_batch_size, to_yaml, validate
+from plait.train.model import Transformer, build_model
+from plait.train.step import autocast, forward_backward
+
+log = logging.getLogger("plait")
+
+
+def resolve_run_dir(cfg: Config, grid: Grid) -> Path:
+    """One run directory for all ranks: the configured one, or rank 0's timestamped choice broadcast."""
+    if cfg.train.run_dir:
+        return Path(cfg.train.run_dir)
+    choice = [str(Path("outputs") / datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))]
+    if grid.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return Path(choice[0])
+
+
+def all_reduce_mean(value: torch.Tensor, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(value, group=group)
+        value /= dist.get_world_size(group)
+    return value
+
+
+class Trainer:
+    """Builds everything a run needs from a composed config; `step()` trains one step."""
+
+    def __init__(self, cfg: Config, env: Optional[ProcessEnv] = None):
+        self.cfg = cfg
+        self.env = env or detect()
+        validate(cfg, self.env.world_size)
+        if cfg.train.threads > 0:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = pick_device(cfg.train.device, self.env.local_rank)
+        init_process_group(self.env, self.device, cfg.parallel.backend)
+        self.grid = Grid.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, self.device)
+        self.is_logger = self.grid.rank == 0
+        self.micro_batch = micro_batch_size(cfg, self.grid.dp)
+        torch.manual_seed(cfg.train.seed)
+        self.model = self._build_model()
+        self.named_params = dict(self.model.named_parameters())
+        self.specs = self.model.param_specs()
+        self.partial_grad_params = [p for n, p in self.named_params.items() if self.specs[n].tp_partial_grad]
+        self.optimizer = build_optimizer(self.named_params, cfg.optim, device=self.device)
+        self.loader = self._build_loader()
+        self.run_dir = resolve_run_dir(cfg, self.grid)
+        self.step_num = 0
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
+        self.flops_per_token = metrics_lib.flops_per_token(cfg.model, cfg.train.seq_len)
+        self.peak_flops = cfg.train.peak_flops or metrics_lib.measure_peak_flops(self.device)
+        self.sink = metrics_lib.MetricsSink(
+            self.run_dir, cfg.train.steps, self.is_logger, cfg.train.progress, cfg.logging.wandb,
+            cfg.logging.tensorboard, OmegaConf.to_container(cfg, resolve=True) if self.is_logger else None)
+        if self.is_logger:
+            (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
+        self._forward = torch.compile(self.model) if cfg.train.compile else self.model
+
+    # construction -------------------------------------------------------------------
+    def _build_model(self) -> Transformer:
+        cfg = self.cfg
+        model = build_model(cfg.model, self.grid, cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel)
+        model.to(self.device)
+        n_params = sum(p.numel() for p in model.parameters())
+        if self.is_logger:
+            log.info("model %s: %.2fM parameters on this rank (%s)", cfg.model.name, n_params / 1e6,
+                     self.grid.layout.describe())
+        return model
+
+    def _build_loader(self) -> Loader:
+        cfg = self.cfg
+        if self.grid.world_size > 1 and self.grid.rank != 0:
+            dist.barrier()  # rank 0 tokenizes and caches the corpus first
+        train_path, val_path = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_fraction)
+        if self.grid.world_size > 1 and self.grid.rank == 0:
+            dist.barrier()
+        return Loader(train_path, val_path, cfg.train.seq_len, cfg.train.batch_size, cfg.parallel.microbatches,
+                      self.grid.dp_rank, self.grid.dp, cfg.train.seed, self.device)
+
+    # one step ---------------------------------------------------------------------
+    def _finish_grads(self) -> None:
+        """Sum sequence-parallel partial grads over tp, then average grads over dp."""
+        allreduce_partial_grads(self.partial_grad_params, self.grid)
+        all_reduce_coalesced([p.grad for p in self.named_params.values()], self.grid.dp_group, self.grid.dp)
+
+    def step(self) -> Dict[str, float]:
+        """One optimizer step on the global batch of step `step_num`; returns its metrics."""
+        start = time.perf_counter()
+        lr = apply_lr(self.optimizer, self.step_num, self.cfg.train.steps, self.cfg.optim)
+        batch = self.loader.batch(self.step_num)
+        loss = forward_backward(self._forward_module(), batch, self.cfg.train.precision)
+        self._finish_grads()
+        entries = [(p.grad, self.specs[n]) for n, p in self.named_params.items()]
+        norm = global_grad_norm(entries, self.grid)
+        clip_by_norm([p.grad for p in self.named_params.values()], self.cfg.optim.grad_clip, norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = all_reduce_mean(loss, self.grid.dp_group)
+        self.step_num += 1
+        elapsed = time.perf_counter() - start
+        tokens_per_s = self.tokens_per_step / elapsed
+        return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
+                "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
+                "step_time_s": elapsed}
+
+    def _forward_module(self):
+        return self._forward if self.cfg.train.compile else self.model
+
+    @torch.no_grad()
+    def evaluate(self, batches: Optional[int] = None) -> float:
+        """Mean held-out loss (nats per token) over `train.eval_batches` fixed validation batches."""
+        total = torch.zeros((), device=self.device)
+        count = batches or self.cfg.train.eval_batches
+        self.model.eval()
+        for index in range(count):
+            batch = self.loader.val_batch(index)
+            for micro in batch:
+                with autocast(self.device, self.cfg.train.precision):
+                    logits = self.model(micro[:, :-1])
+                total += self.model.loss(logits, micro[:, 1:]).float() / (count * batch.shape[0])
+        self.model.train()
+        return float(all_reduce_mean(total, self.grid.dp_group))
+
+    # the loop ---------------------------------------------------------------------
+    def fit(self) -> Dict[str, float]:
+        """Train to `train.steps`, logging every `log_every` and validating every `eval_every`."""
+        cfg, last = self.cfg.train, {}
+        if self.is_logger:
+            log.info("run directory: %s", self.run_dir)
+        while self.step_num < cfg.steps:
+            record = self.step()
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"loss is {record['loss']} at step {self.step_num}; lower optim.lr.")
+            self.sink.advance(self.step_num)
+            if self.step_num % cfg.log_every == 0 or self.step_num == cfg.steps:
+                record["memory_bytes"] = metrics_lib.peak_memory_bytes(self.device)
+                self.sink.write(self.step_num, record)
+            if cfg.eval_every and (self.step_num % cfg.eval_every == 0 or self.step_num == cfg.steps):
+                record["val_loss"] = self.evaluate()
+                self.sink.write(self.step_num, {"val_loss": record["val_loss"]})
+            last = record
+        self.sink.close()
+        return last
+
+    def close(self) -> None:
+        self.sink.close()
