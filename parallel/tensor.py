@@ -17,6 +17,10 @@ from plait.parallel.sharding import ShardSpec
 
 SEQ_DIM = 1
 
+# torch 2.13 renamed the tensor collectives; use whichever this torch has (chosen once).
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 # collectives on a dimension ---------------------------------------------------
 def _world(group) -> int:
@@ -29,16 +33,16 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
-    out = torch.empty((world,) + tuple(x.shape), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous(), group=group)
-    return torch.cat(out.unbind(0), dim=dim)
+    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
+    _all_gather_tensor(out, x.contiguous(), group=group)
+    return out if dim == 0 else torch.cat(out.chunk(world, dim=0), dim=dim)
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
-    stacked = torch.stack(x.chunk(world, dim=dim)).contiguous()
-    out = torch.empty(stacked.shape[1:], dtype=x.dtype, device=x.device)
-    dist.reduce_scatter_tensor(out, stacked, group=group)
+    stacked = torch.cat(x.chunk(world, dim=dim), dim=0) if dim != 0 else x.contiguous()
+    out = torch.empty((stacked.shape[0] // world,) + tuple(stacked.shape[1:]), dtype=x.dtype, device=x.device)
+    _reduce_scatter_tensor(out, stacked, group=group)
     return out
 
 

@@ -1,0 +1,1 @@
+"""plait.parallel.pipeline: schedules as data, their validator, simulator, plot and runtime."""

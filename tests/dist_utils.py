@@ -1,0 +1,63 @@
+"""Run a function on N gloo ranks in fresh processes and collect what each returns.
+
+Ranks meet through a FileStore in a temporary directory (no fixed ports). Each worker
+sets OMP_NUM_THREADS=1 and one torch thread (the machine has 2 cores). A failure in any
+rank raises in the test with that rank's traceback.
+"""
+
+import os
+import tempfile
+import traceback
+from typing import Any, Callable, List
+
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, queue) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        queue.put((rank, "ok", result))
+    except BaseException:  # report every failure to the parent, with its traceback
+        queue.put((rank, "error", traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300.0) -> List[Any]:
+    """`fn(rank, world_size, *args)` on `world_size` gloo ranks; returns results in rank order.
+
+    `fn` must be importable (a module-level function) and return picklable values
+    (tensors are fine).
+    """
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        processes = [context.Process(target=_worker, args=(r, world_size, store, fn, args, queue), daemon=True)
+                     for r in range(world_size)]
+        for process in processes:
+            process.start()
+        results, errors = {}, []
+        try:
+            for _ in range(world_size):
+                rank, status, value = queue.get(timeout=timeout)
+                if status == "ok":
+                    results[rank] = value
+                else:
+                    errors.append(f"rank {rank} failed:\n{value}")
+                    break
+        finally:
+            for process in processes:
+                process.join(timeout=5 if not errors else 0.5)
+                if process.is_alive():
+                    process.kill()
+    if errors:
+        raise AssertionError("\n".join(errors))
+    return [results[r] for r in range(world_size)]
