@@ -1,0 +1,47 @@
+"""Optimizer state keyed by parameter name, the form checkpoints save and reshard.
+
+`named_state` returns, for each local parameter (this rank's tp shard), its state
+tensors (AdamW: exp_avg, exp_avg_sq; Lion: exp_avg) plus the step count, whatever the
+optimizer's own layout is. The ZeRO-1 optimizer offers the same two functions as
+methods (it gathers its dp shards), so checkpoints never depend on dp or ZeRO.
+"""
+
+from typing import Dict
+
+import torch
+from torch import nn
+
+NamedState = Dict[str, Dict[str, torch.Tensor]]
+
+
+def named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Parameter]) -> NamedState:
+    """{param name: {state key: tensor}} with scalar steps as 0-d tensors."""
+    if hasattr(optimizer, "named_state"):
+        return optimizer.named_state()
+    out: NamedState = {}
+    for name, param in named_params.items():
+        state = optimizer.state.get(param)
+        if not state:
+            continue
+        out[name] = {key: (value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value)))
+                     for key, value in state.items()}
+    return out
+
+
+@torch.no_grad()
+def load_named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Parameter],
+                     state: NamedState) -> None:
+    """Put `state` (as `named_state` returns it) back into `optimizer`, on each parameter's device."""
+    if hasattr(optimizer, "load_named_state"):
+        optimizer.load_named_state(state)
+        return
+    for name, param in named_params.items():
+        if name not in state:
+            continue
+        entry = {}
+        for key, value in state[name].items():
+            if key == "step":
+                entry[key] = value.detach().clone().to(torch.float32)
+            else:
+                entry[key] = value.detach().clone().to(device=param.device, dtype=param.dtype)
+        optimizer.state[param] = entry
