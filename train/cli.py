@@ -10,10 +10,11 @@ import hydra
 from omegaconf import DictConfig
 
 from plait.data.corpus import DataError
+from plait.launch.errors import LaunchError
 from plait.parallel.grid import LayoutError
-from plait.train.config import ConfigError
+from plait.train.config import ConfigError, load_config
 
-USER_ERRORS = (ConfigError, DataError, LayoutError)
+USER_ERRORS = (ConfigError, DataError, LayoutError, LaunchError)
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -44,8 +45,38 @@ def _hydra_main(cfg: DictConfig) -> None:
     run(cfg)
 
 
+def _one_line(error: BaseException) -> str:
+    """Hydra/OmegaConf's multi-line composition error as one sentence (no key dumps, no hints)."""
+    lines = []
+    while error is not None:
+        for line in str(error).splitlines():
+            line = line.strip()
+            if line.startswith("Config search path"):
+                break
+            if line and not line.startswith(("full_key", "reference_type", "object_type", "To append",
+                                             "Set the environment")) and line not in lines:
+                lines.append(line)
+        error = error.__cause__
+    text = "; ".join(lines)
+    return text.replace(":; ", ": ").replace(".; ", ". ")
+
+
+def precheck(argv: list) -> None:
+    """Compose the config once from plain overrides so a type error or unknown key ends in one line.
+
+    Hydra flags (--cfg, --multirun, ...) are left to Hydra itself.
+    """
+    if any(arg.startswith("-") for arg in argv):
+        return
+    try:
+        load_config([arg for arg in argv if not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
+    except Exception as error:  # any composition failure is the user's setting
+        fail(_one_line(error))
+
+
 def main() -> None:
     """Console entry point."""
+    precheck(sys.argv[1:])
     _hydra_main()
 
 

@@ -106,26 +106,11 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    experiment: Optional[str] = None
-
-
-GROUP_SCHEMAS = {
-    "model": ModelConfig,
-    "parallel": ParallelConfig,
-    "optim": OptimConfig,
-    "data": DataConfig,
-    "offload": OffloadConfig,
-    "launch": LaunchConfig,
-    "logging": LoggingConfig,
-}
 
 
 def register_schemas() -> None:
-    """Store the root schema and one schema per group (`<group>/schema`) in Hydra's ConfigStore."""
-    store = ConfigStore.instance()
-    store.store(name="plait_schema", node=Config)
-    for group, schema in GROUP_SCHEMAS.items():
-        store.store(group=group, name="schema", node=schema)
+    """Store the root schema in Hydra's ConfigStore: every group's YAML merges into its typed field."""
+    ConfigStore.instance().store(name="plait_schema", node=Config)
 
 
 register_schemas()

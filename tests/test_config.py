@@ -1,0 +1,50 @@
+"""The typed config: composition, overrides, rejection of wrong types and unknown keys, relations."""
+
+import pytest
+
+from plait.train.config import ConfigError, ffn_dim, load_config, validate
+
+
+def test_defaults_compose_and_validate():
+    cfg = load_config()
+    assert cfg.model.name == "tiny" and cfg.optim.name == "adamw" and cfg.parallel.tp == 1
+    assert validate(cfg, world_size=1) == 1
+
+
+def test_overrides_and_groups():
+    cfg = load_config(["model=small", "optim=lion", "optim.lr=3e-4", "train.steps=50"])
+    assert (cfg.model.dim, cfg.optim.name, cfg.optim.lr, cfg.train.steps) == (512, "lion", 3e-4, 50)
+
+
+def test_experiment_group_overrides_across_groups():
+    cfg = load_config(["experiment=tiny_tp2"])
+    assert cfg.parallel.tp == 2 and cfg.parallel.sequence_parallel
+
+
+@pytest.mark.parametrize("override", ["optim.lr=abc", "model.n_layers=1.5", "model.unknown_key=1",
+                                      "train.nope=2"])
+def test_schema_rejects_bad_types_and_unknown_keys(override):
+    with pytest.raises(Exception) as info:
+        load_config([override])
+    assert override.split("=")[0].split(".")[-1] in str(info.value) + str(info.value.__cause__)
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["model.n_heads=7"], 1, "model.n_heads=7 does not divide model.dim=256"),
+    (["parallel.tp=3"], 3, "parallel.tp=3 does not divide model.n_heads=8"),
+    (["train.batch_size=10", "parallel.microbatches=4"], 1, "train.batch_size=10 is not divisible"),
+    (["parallel.tp=2"], 3, "world size 3 is not a multiple of parallel.tp x parallel.pp = 2"),
+    (["parallel.dp=4"], 2, "parallel.dp=4 but world size 2"),
+    (["model.n_kv_heads=3"], 1, "model.n_kv_heads=3 does not divide model.n_heads=8"),
+    (["data.path=/no/such/dir"], 1, "data.path=/no/such/dir does not exist"),
+])
+def test_relations_give_one_sentence(overrides, world, fragment):
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(overrides), world_size=world)
+    message = str(info.value)
+    assert fragment in message and "\n" not in message
+
+
+def test_swiglu_width_rounds_to_multiple():
+    cfg = load_config()
+    assert ffn_dim(cfg.model) == 704  # 8/3 * 256 = 682.7 rounded up to a multiple of 32

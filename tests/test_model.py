@@ -1,0 +1,75 @@
+"""The decoder's shapes, causal masking, GQA, tied embeddings and layout-independent init."""
+
+import torch
+import torch.nn.functional as F
+
+from plait.train.config import ModelConfig
+from plait.train.model import apply_rotary, build_model, padded_vocab, rotary_tables
+
+SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, max_seq_len=64)
+
+
+def test_logits_shape_and_parameter_count():
+    model = build_model(SMALL, seed=0)
+    tokens = torch.randint(0, 256, (3, 17))
+    assert model(tokens).shape == (3, 17, padded_vocab(256, 1))
+    # embed + head: 2 x 256 x 64; per layer: qkv 64x192, o 64x64, w13 64x2x192, w2 192x64, 2 norms; final norm
+    expected = 2 * 256 * 64 + 2 * (64 * 192 + 64 * 64 + 64 * 384 + 192 * 64 + 2 * 64) + 64
+    assert sum(p.numel() for p in model.parameters()) == expected
+
+
+def test_causal_masking_future_tokens_do_not_change_past_logits():
+    model = build_model(SMALL, seed=1)
+    tokens = torch.randint(0, 256, (2, 16))
+    changed = tokens.clone()
+    changed[:, 10:] = torch.randint(0, 256, (2, 6))
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    assert torch.equal(a[:, :10], b[:, :10])
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_grouped_query_attention_matches_repeated_kv_heads():
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=256, max_seq_len=32)
+    model = build_model(cfg, seed=2)
+    attn = model.layers["0"].attn
+    x = torch.randn(2, 8, 64)
+    q, k, v = F.linear(x, attn.wqkv.weight).split([64, 32, 32], dim=-1)
+    q = q.view(2, 8, 4, 16).transpose(1, 2)
+    k = k.view(2, 8, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
+    v = v.view(2, 8, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
+    cos, sin = rotary_tables(16, 32, cfg.rope_theta)
+    q, k = apply_rotary(q, cos[:8], sin[:8]), apply_rotary(k, cos[:8], sin[:8])
+    scores = (q @ k.transpose(-1, -2)) / 4.0
+    scores = scores.masked_fill(torch.triu(torch.ones(8, 8, dtype=torch.bool), 1), float("-inf"))
+    reference = F.linear((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 8, 64), attn.wo.weight)
+    torch.testing.assert_close(attn(x, model.rope_cos, model.rope_sin), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_tied_embeddings_share_one_matrix():
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, vocab_size=256, tie_embeddings=True)
+    model = build_model(cfg, seed=0)
+    assert model.head is None
+    tokens = torch.randint(0, 256, (2, 9))
+    model.loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    assert model.embed.weight.grad is not None and sum(p.numel() for p in model.parameters()) == 256 * 64 + \
+        (64 * 192 + 64 * 64 + 64 * 384 + 192 * 64 + 128) + 64
+
+
+def test_init_depends_only_on_seed_and_name():
+    a, b, c = build_model(SMALL, seed=5), build_model(SMALL, seed=5), build_model(SMALL, seed=6)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        if pa.ndim == 2:
+            assert not torch.equal(pa, pc), name
+    # residual output projections are scaled by 1/sqrt(2 n_layers)
+    std_o = a.layers["0"].attn.wo.weight.std().item()
+    assert abs(std_o - 0.02 / 2.0) < 0.002
+
+
+def test_loss_is_cross_entropy_in_nats():
+    model = build_model(SMALL, seed=3)
+    tokens = torch.randint(0, 256, (2, 12))
+    logits = model(tokens[:, :-1])
+    expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1])[:, :256], tokens[:, 1:].reshape(-1))
+    torch.testing.assert_close(model.loss(logits, tokens[:, 1:]), expected)
