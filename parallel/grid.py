@@ -32,8 +32,9 @@ class Layout:
     @classmethod
     def infer(cls, world_size: int, tp: int = 1, pp: int = 1, dp: Optional[int] = None) -> "Layout":
         """Infer dp from the world size (or check the given one)."""
-        for name, value in (("world size", world_size), ("parallel.tp", tp), ("parallel.pp", pp)):
-            if not isinstance(value, int) or value < 1:
+        for name, value in (("world size", world_size), ("parallel.tp", tp), ("parallel.pp", pp),
+                            ("parallel.dp", 1 if dp is None else dp)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LayoutError(f"{name}={value} must be a positive integer.")
         if world_size % (tp * pp):
             raise LayoutError(
@@ -66,12 +67,12 @@ class Layout:
         """Model-parallel groups (tp x pp): the ranks that together hold one model replica."""
         return [[self.rank_of(p, d, t) for p in range(self.pp) for t in range(self.tp)] for d in range(self.dp)]
 
+    def groups(self) -> Dict[str, List[List[int]]]:
+        """Every group kind by name, each a list of rank lists (the order `Grid.build` creates them)."""
+        return {"tp": self.tp_groups(), "dp": self.dp_groups(), "pp": self.pp_groups(), "mp": self.mp_groups()}
+
     def describe(self) -> str:
         return f"world {self.world_size} = tp {self.tp} x dp {self.dp} x pp {self.pp}"
-
-
-def _default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 @dataclass
@@ -103,7 +104,9 @@ class Grid:
               device: Optional[torch.device] = None) -> "Grid":
         """Build the groups of the current default process group (or a single-process grid).
 
-        Every rank must call this with the same degrees: `new_group` is collective.
+        Every rank must call this with the same degrees: `new_group` is collective, so
+        every rank creates every group (of size > 1) in the same order. The backend is the
+        default group's, chosen once when it was initialized (NCCL on CUDA, gloo on CPU).
         """
         if not dist.is_available() or not dist.is_initialized():
             Layout.infer(1, tp, pp, dp)
@@ -111,8 +114,7 @@ class Grid:
         layout = Layout.infer(dist.get_world_size(), tp, pp, dp)
         rank = dist.get_rank()
         grid = cls(layout, rank, dist.get_backend(), device or torch.device("cpu"))
-        for name, groups in (("tp", layout.tp_groups()), ("dp", layout.dp_groups()),
-                             ("pp", layout.pp_groups()), ("mp", layout.mp_groups())):
+        for name, groups in layout.groups().items():
             for ranks in groups:
                 group = dist.new_group(ranks) if len(ranks) > 1 else None
                 if rank in ranks:

@@ -28,7 +28,11 @@ def _world(group) -> int:
 
 
 def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    return x.chunk(_world(group), dim=dim)[dist.get_rank(group)].contiguous()
+    world = _world(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"cannot split size {x.shape[dim]} (dim {dim}) over {world} tensor-parallel ranks; "
+                         f"make it a multiple of parallel.tp (train.seq_len under sequence parallelism).")
+    return x.chunk(world, dim=dim)[dist.get_rank(group)].contiguous()
 
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
@@ -54,16 +58,20 @@ def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
 
 # region mappings ----------------------------------------------------------------
 class CopyToRegion(torch.autograd.Function):
-    """Forward: identity. Backward: all-reduce the gradient over tp (the paper's f)."""
+    """Forward: identity. Backward: all-reduce the gradient over tp (the paper's f).
+
+    The gradient is copied before the in-place all-reduce: autograd may hand the same
+    tensor to another branch (a residual add does), which must not see the sum.
+    """
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        return x
+        return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
+        return _all_reduce(grad.clone(), ctx.group), None
 
 
 class ReduceFromRegion(torch.autograd.Function):
@@ -175,6 +183,9 @@ class ColumnParallelLinear(nn.Module):
         segments = tuple(segments) if segments else (out_features,)
         if any(size % tp for size in segments):
             raise ValueError(f"parallel.tp={tp} does not divide output segments {segments}.")
+        if gather_output and len(segments) > 1:
+            raise ValueError("gather_output=True would interleave the segments of a fused weight; "
+                             "split the output per segment and gather each instead.")
         self.spec = ShardSpec((out_features, in_features), 0, segments if len(segments) > 1 else None,
                               valid_rows=valid_rows)
         self.weight = nn.Parameter(torch.empty(self.spec.local_shape(tp), device=device, dtype=dtype))

@@ -24,8 +24,8 @@ from torch import nn
 from plait.parallel.grid import Grid
 from plait.parallel.random import ParallelRNG
 from plait.parallel.sharding import ShardSpec
-from plait.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
-                                   vocab_parallel_cross_entropy)
+from plait.parallel.tensor import (ColumnParallelLinear, CopyToRegion, GatherFromSequence, RowParallelLinear,
+                                   VocabParallelEmbedding, mapping, vocab_parallel_cross_entropy)
 from plait.train.config import ModelConfig, ffn_dim, kv_heads
 
 log = logging.getLogger("plait")
@@ -109,6 +109,10 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.dim // cfg.n_heads
         n_kv = kv_heads(cfg)
+        for key, count in (("model.n_heads", cfg.n_heads), ("model.n_kv_heads", n_kv)):
+            if count % grid.tp:
+                raise ValueError(f"parallel.tp={grid.tp} does not divide {key}={count}; "
+                                 f"use a tp that divides the head counts.")
         self.local_heads = cfg.n_heads // grid.tp
         self.local_kv = n_kv // grid.tp
         q_size, kv_size = cfg.n_heads * self.head_dim, n_kv * self.head_dim
@@ -156,20 +160,31 @@ class Block(nn.Module):
         self.attn = Attention(cfg, grid, sequence_parallel, scales, device)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, sequence_parallel, device)
         self.mlp = MLP(cfg, grid, sequence_parallel, device)
-        self.dropout = _residual_dropout(cfg.dropout, rng, sharded=sequence_parallel and grid.tp > 1)
+        self.dropout = ResidualDropout(cfg.dropout, rng, sharded=sequence_parallel and grid.tp > 1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
-def _residual_dropout(p: float, rng: Optional[ParallelRNG], sharded: bool) -> Callable:
-    """Dropout on the residual branch, or the identity when p is 0 (chosen once)."""
-    if p <= 0.0:
-        return lambda x: x
-    if rng is None:
-        raise ValueError("model.dropout > 0 needs a ParallelRNG")
-    return lambda x: rng.dropout(x, p, sharded) if torch.is_grad_enabled() else x
+class ResidualDropout(nn.Module):
+    """Dropout on a residual branch from the tp-aware RNG, active in training mode only.
+
+    The branch output is replicated over tp (after an all-reduce) unless sequence
+    parallelism shards it, so `sharded` picks the stream: the same mask on every tp rank
+    for replicated activations, a different one per rank for sequence shards.
+    """
+
+    def __init__(self, p: float, rng: Optional[ParallelRNG], sharded: bool):
+        super().__init__()
+        if p > 0.0 and rng is None:
+            raise ValueError("model.dropout > 0 needs a ParallelRNG (build_model makes one).")
+        self.p, self.rng, self.sharded = p, rng, sharded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p <= 0.0 or not self.training:
+            return x
+        return self.rng.dropout(x, self.p, self.sharded)
 
 
 class Transformer(nn.Module):
@@ -202,9 +217,9 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.rng = rng
         self._tied_input_map = None
         if has_head and self.head is None:  # tied: the head reuses the embedding's rows
-            from plait.parallel.tensor import CopyToRegion, GatherFromSequence, mapping
             self._tied_input_map = mapping(GatherFromSequence if self.sequence_parallel else CopyToRegion,
                                            grid.tp_group)
 
@@ -287,8 +302,15 @@ def init_parameters(model: Transformer, seed: int,
 
 
 def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *, sequence_parallel: bool = False,
-                scales: Scales = Scales(), device=None, std_of=None) -> Transformer:
-    """The whole decoder as one chunk (no pipeline), initialized from `seed`."""
-    model = Transformer(cfg, grid, sequence_parallel=sequence_parallel, scales=scales, device=device)
+                scales: Scales = Scales(), device=None, std_of=None, rng: Optional[ParallelRNG] = None) -> Transformer:
+    """The whole decoder as one chunk (no pipeline), initialized from `seed`.
+
+    With `model.dropout > 0` and no `rng` given, dropout draws from a `ParallelRNG`
+    seeded by `seed` (kept as `model.rng`, whose state a checkpoint can save).
+    """
+    grid = grid or Grid.single()
+    if rng is None and cfg.dropout > 0:
+        rng = ParallelRNG(seed, grid, torch.device(device) if device is not None else grid.device)
+    model = Transformer(cfg, grid, sequence_parallel=sequence_parallel, scales=scales, rng=rng, device=device)
     init_parameters(model, seed, std_of)
     return model
