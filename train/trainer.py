@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from plait.data.corpus import prepare_corpus
 from plait.data.loader import Loader
 from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
+from plait.launch.rundir import resolve_run_dir
 from plait.optim.builder import build_optimizer
 from plait.optim.clip import clip_by_norm, global_grad_norm
 from plait.optim.schedule import apply_lr
@@ -32,16 +33,6 @@ from plait.train.model import Transformer, build_model
 from plait.train.step import autocast, forward_backward
 
 log = logging.getLogger("plait")
-
-
-def resolve_run_dir(cfg: Config, grid: Grid) -> Path:
-    """One run directory for all ranks: the configured one, or rank 0's timestamped choice broadcast."""
-    if cfg.train.run_dir:
-        return Path(cfg.train.run_dir)
-    choice = [str(Path("outputs") / datetime.datetime.now().strftime("%Y-%m-%d/%H-%M-%S"))]
-    if grid.world_size > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return Path(choice[0])
 
 
 def all_reduce_mean(value: torch.Tensor, group) -> torch.Tensor:
