@@ -1,0 +1,217 @@
+"""The pipeline runtime: one rank walks its action list and runs its chunks.
+
+What moves where:
+- F(mb, s): the chunk of stage s runs `chunk(x)` on micro-batch mb's input (token ids on
+  stage 0, else the hidden states received from stage s - 1). The last stage turns the
+  output into the loss, scaled by 1/m so the accumulated grads are the grads of the step's
+  mean loss. Other stages keep (input, output) for the backward.
+- B(mb, s): backward from the loss (last stage) or from the received grad of the output;
+  the grad of the input is then sent to stage s - 1. Grads accumulate in `.grad` over the
+  micro-batches.
+- Each run of consecutive SEND/RECV actions goes out as one `batch_isend_irecv` (gloo or
+  NCCL alike). A receive is waited on only when the compute that needs it starts; sends are
+  never waited on in the loop: a sent output's data is freed as soon as its send has
+  completed (polled before each compute), keeping only its autograd node, so a rank holds
+  about p micro-batches of activations under 1F1B instead of m (Megatron's
+  deallocate_output_tensor). This assumes a chunk's last op does not save its own output
+  (true for a residual add); pass `free_sent_outputs=False` otherwise.
+
+Receives are pre-sized from `hidden_shape` ([micro_batch, seq (/tp under sequence
+parallelism), dim]); the message tag names (direction, micro-batch, sending stage), which
+gloo matches on; NCCL ignores tags, so the validator also checks that every pair of ranks
+posts its sends and receives in the same order.
+"""
+
+import contextlib
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.parallel.grid import Grid
+from plait.parallel.pipeline.schedule import Action, Kind, build_schedule, local_stages, schedule_name
+from plait.parallel.pipeline.simulate import matching_send, validate
+
+COMM = (Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind.RECV_B)
+
+
+def _backward_from(output: torch.Tensor, grad: torch.Tensor) -> None:
+    """Backward from `output` with `grad`, calling the autograd engine directly.
+
+    `torch.autograd.backward` checks grad.shape against output.shape, which fails once the
+    output's data has been freed; the engine checks against the graph's own metadata.
+    """
+    torch.autograd.Variable._execution_engine.run_backward(
+        (output,), (grad,), False, False, (), True, True)
+
+
+class PipelineRuntime:
+    """Runs one pp rank's chunks through a schedule: `run(...)` does one step's forwards and backwards.
+
+    `chunks` are this rank's modules in model order (stages r, r + p, ...); each is called
+    as `chunk(x)`, so wrappers and hooks on them work. `loss_fn(output, target)` gives the
+    mean loss of one micro-batch on the last stage.
+    """
+
+    def __init__(self, chunks: Sequence[nn.Module], grid: Grid, *, schedule: str, vpp: int, microbatches: int,
+                 hidden_shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                 free_sent_outputs: bool = True):
+        self.grid, self.pp, self.vpp, self.microbatches = grid, grid.pp, vpp, microbatches
+        self.n_stages = grid.pp * vpp
+        stages = local_stages(grid.pp_rank, grid.pp, vpp)
+        if len(chunks) != len(stages):
+            raise ValueError(f"pp rank {grid.pp_rank} holds stages {stages} but got {len(chunks)} chunks")
+        self.chunk_of: Dict[int, nn.Module] = dict(zip(stages, chunks))
+        self.chunk_index: Dict[int, int] = {stage: index for index, stage in enumerate(stages)}
+        self.schedule = schedule_name(schedule, vpp)
+        all_train = build_schedule(self.schedule, grid.pp, vpp, microbatches)
+        all_eval = build_schedule(self.schedule, grid.pp, vpp, microbatches, forward_only=True)
+        validate(all_train, grid.pp, vpp, microbatches)
+        validate(all_eval, grid.pp, vpp, microbatches, forward_only=True)
+        self.train_actions: List[Action] = all_train[grid.pp_rank]
+        self.eval_actions: List[Action] = all_eval[grid.pp_rank]
+        self.last_backward = {}  # stage -> index in train_actions of its last backward
+        for index, action in enumerate(self.train_actions):
+            if action.kind == Kind.B:
+                self.last_backward[action.stage] = index
+        self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
+        self.device = grid.device
+        self.free_sent_outputs = free_sent_outputs
+        self.next_rank, self.prev_rank = grid.pp_peer(1), grid.pp_peer(-1)
+        self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
+        if grid.pp_group is not None:
+            dist.barrier(group=grid.pp_group)  # NCCL: set the communicator up with every rank present
+
+    # communication ---------------------------------------------------------------
+    def _tag(self, send: Action) -> int:
+        """The message's tag: (direction, micro-batch, sending stage), identical on both ends."""
+        direction = 0 if send.kind == Kind.SEND_F else 1
+        return (direction * self.microbatches + send.microbatch) * self.n_stages + send.stage
+
+    def _post(self, batch: Sequence[Action]) -> None:
+        """Issue one run of communication actions as a single batched isend/irecv."""
+        recv_ops, send_ops, recvs, sends = [], [], [], []
+        for action in batch:
+            if action.kind in (Kind.RECV_F, Kind.RECV_B):
+                buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
+                peer = self.prev_rank if action.kind == Kind.RECV_F else self.next_rank
+                recv_ops.append(dist.P2POp(dist.irecv, buffer, peer, self.grid.pp_group,
+                                           self._tag(matching_send(action))))
+                recvs.append((action, buffer))
+            else:
+                key = (action.microbatch, action.stage)
+                tensor = self.outputs[key] if action.kind == Kind.SEND_F else self.input_grads.pop(key)
+                peer = self.next_rank if action.kind == Kind.SEND_F else self.prev_rank
+                send_ops.append(dist.P2POp(dist.isend, tensor.detach(), peer, self.grid.pp_group, self._tag(action)))
+                sends.append((action, tensor))
+        ops = recv_ops + send_ops
+        works = dist.batch_isend_irecv(ops)
+        if len(works) != len(ops):  # NCCL coalesces the batch into one handle
+            works = [works[-1]] * len(ops)
+        for (action, buffer), work in zip(recvs, works):
+            self.received[(action.kind, action.microbatch, action.stage)] = (work, buffer)
+        for (action, tensor), work in zip(sends, works[len(recvs):]):
+            self.in_flight.append((work, action, tensor))
+
+    def _take(self, kind: Kind, microbatch: int, stage: int) -> torch.Tensor:
+        work, buffer = self.received.pop((kind, microbatch, stage))
+        work.wait()
+        return buffer
+
+    def _release_sent(self, wait_for: Optional[Tuple[Kind, int, int]] = None, wait_all: bool = False) -> None:
+        """Drop finished sends and free the data of sent outputs (their autograd nodes stay).
+
+        Completion is polled (NCCL reports it; gloo only once waited on). A send is waited on
+        only where its receive is known to be posted: `wait_for` names the SEND_F of the
+        micro-batch whose backward is starting (its output grad has arrived, so the next stage
+        already received the output), and `wait_all` is the end of the step.
+        """
+        still = []
+        for work, action, tensor in self.in_flight:
+            if wait_all or (action.kind, action.microbatch, action.stage) == wait_for:
+                work.wait()
+            elif not work.is_completed():
+                still.append((work, action, tensor))
+                continue
+            if action.kind == Kind.SEND_F and self.free_sent_outputs and tensor.grad_fn is not None:
+                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        self.in_flight = still
+
+    # compute ---------------------------------------------------------------------
+    def _forward(self, action: Action, inputs, targets, loss_fn, forward_context) -> None:
+        mb, stage = action.microbatch, action.stage
+        if stage == 0:
+            x = inputs[mb]
+        else:
+            x = self._take(Kind.RECV_F, mb, stage)
+            if torch.is_grad_enabled():
+                x.requires_grad_(True)
+        with forward_context():
+            output = self.chunk_of[stage](x)
+        if stage == self.n_stages - 1:
+            output = loss_fn(output, targets[mb]) / self.microbatches
+            self.loss_sum += output.detach().float()
+        if stage < self.n_stages - 1 or torch.is_grad_enabled():
+            self.outputs[(mb, stage)] = output  # to send, and (with grad) to backward from
+        if stage > 0 and torch.is_grad_enabled():
+            self.inputs[(mb, stage)] = x
+
+    def _backward(self, index: int, action: Action, before_last_backward) -> None:
+        mb, stage = action.microbatch, action.stage
+        if before_last_backward is not None and self.last_backward[stage] == index:
+            before_last_backward(self.chunk_index[stage])
+        output = self.outputs.pop((mb, stage))
+        if stage == self.n_stages - 1:
+            output.backward()
+        else:
+            grad = self._take(Kind.RECV_B, mb, stage)
+            self._release_sent(wait_for=(Kind.SEND_F, mb, stage))
+            _backward_from(output, grad)
+        x = self.inputs.pop((mb, stage), None)
+        if stage > 0:
+            self.input_grads[(mb, stage)] = x.grad
+
+    # the step ----------------------------------------------------------------------
+    def run(self, inputs, targets, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
+            before_last_backward: Optional[Callable[[int], None]] = None,
+            forward_context: Callable = contextlib.nullcontext, forward_only: bool = False) -> torch.Tensor:
+        """One step over `microbatches` micro-batches; returns the mean loss on every pp rank.
+
+        `inputs[mb]` is read on the first stage and `targets[mb]` on the last.
+        `before_last_backward(chunk_index)` runs right before each chunk's last backward.
+        With `forward_only` (evaluation, call under torch.no_grad) only the forwards run.
+        """
+        actions = self.eval_actions if forward_only else self.train_actions
+        self.outputs: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.inputs: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.input_grads: Dict[Tuple[int, int], torch.Tensor] = {}
+        self.received: Dict[tuple, tuple] = {}
+        self.in_flight: List[tuple] = []
+        self.loss_sum = torch.zeros((), device=self.device)
+        index = 0
+        while index < len(actions):
+            action = actions[index]
+            if action.kind in COMM:
+                end = index
+                while end < len(actions) and actions[end].kind in COMM:
+                    end += 1
+                self._post(actions[index:end])
+                index = end
+                continue
+            self._release_sent()
+            if action.kind == Kind.F:
+                self._forward(action, inputs, targets, loss_fn, forward_context)
+            else:
+                self._backward(index, action, before_last_backward)
+            index += 1
+        self._release_sent(wait_all=True)
+        self.outputs.clear()
+        return self._broadcast_loss()
+
+    def _broadcast_loss(self) -> torch.Tensor:
+        """The last stage's loss, made known to every rank of the pp group."""
+        loss = self.loss_sum
+        if self.grid.pp_group is not None:
+            dist.broadcast(loss, src=self.last_stage_rank, group=self.grid.pp_group)
+        return loss

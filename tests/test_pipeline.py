@@ -1,0 +1,222 @@
+"""Pipeline parallelism: schedules as data (validator, simulator), and the runtime against one process."""
+
+import weakref
+
+import pytest
+import torch
+
+from plait.parallel.pipeline.partition import chunk_plan, rank_chunk_plans
+from plait.parallel.pipeline.schedule import Action, Kind, ScheduleError, build_schedule, check_microbatches
+from plait.parallel.pipeline.simulate import peak_live_microbatches, simulate, validate
+from tests.dist_utils import run_ranks
+
+# schedules ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("pp,m", [(2, 4), (4, 8), (4, 16), (3, 5), (8, 8)])
+def test_one_f_one_b_and_gpipe_bubble(pp, m):
+    for name in ("1f1b", "gpipe"):
+        actions = build_schedule(name, pp, 1, m)
+        validate(actions, pp, 1, m)
+        timeline = simulate(actions, 1.0, 2.0)
+        assert timeline.bubble_fraction == pytest.approx((pp - 1) / m)
+        assert timeline.step_time == pytest.approx(3.0 * (m + pp - 1))
+
+
+@pytest.mark.parametrize("pp,v,m", [(2, 2, 4), (2, 2, 8), (4, 2, 8), (4, 2, 16), (4, 4, 8), (3, 3, 6), (2, 3, 2)])
+def test_interleaved_bubble(pp, v, m):
+    actions = build_schedule("1f1b", pp, v, m)  # 1f1b with vpp > 1 interleaves
+    validate(actions, pp, v, m)
+    timeline = simulate(actions, 1.0 / v, 2.0 / v)  # a chunk is 1/v of a rank's layers
+    assert timeline.bubble_fraction == pytest.approx((pp - 1) / (v * m))
+
+
+def test_simulated_step_times_match_the_reference_measurements():
+    # references.md: torch's simulator gives 660 ms (1F1B) and 570 ms (interleaved) for T=10 ms, 2 blocks per rank
+    assert simulate(build_schedule("1f1b", 4, 1, 8), 20.0, 40.0).step_time == pytest.approx(660.0)
+    assert simulate(build_schedule("interleaved", 4, 2, 8), 10.0, 20.0).step_time == pytest.approx(570.0)
+
+
+def test_peak_live_microbatches_from_the_lists():
+    for pp, m in ((4, 8), (2, 4)):
+        one_f_one_b = build_schedule("1f1b", pp, 1, m)
+        assert [peak_live_microbatches(a) for a in one_f_one_b] == [pp - r for r in range(pp)]
+        assert max(peak_live_microbatches(a) for a in build_schedule("gpipe", pp, 1, m)) == m
+
+
+def _swap(actions, rank, first, second):
+    broken = [list(a) for a in actions]
+    i, j = broken[rank].index(first), broken[rank].index(second)
+    broken[rank][i], broken[rank][j] = broken[rank][j], broken[rank][i]
+    return broken
+
+
+def test_validator_rejects_a_backward_before_its_forward():
+    actions = build_schedule("gpipe", 2, 1, 4)
+    broken = _swap(actions, 1, Action(Kind.F, 0, 1), Action(Kind.B, 0, 1))
+    with pytest.raises(ScheduleError, match="before its forward"):
+        validate(broken, 2, 1, 4)
+
+
+def test_validator_rejects_a_send_without_its_receive():
+    actions = build_schedule("1f1b", 2, 1, 4)
+    broken = [list(a) for a in actions]
+    broken[1].remove(Action(Kind.RECV_F, 2, 1))
+    with pytest.raises(ScheduleError, match="no matching receive"):
+        validate(broken, 2, 1, 4)
+
+
+def test_validator_rejects_a_deadlock():
+    # rank 0 waits for micro-batch 0's grad before sending micro-batch 1 forward; rank 1 needs
+    # micro-batch 1's activations before it runs micro-batch 0's backward (GPipe order)
+    actions = build_schedule("1f1b", 2, 1, 4)
+    actions[1] = build_schedule("gpipe", 2, 1, 4)[1]
+    broken = [list(a) for a in actions]
+    zero = broken[0]
+    zero.remove(Action(Kind.F, 1, 0))
+    zero.remove(Action(Kind.SEND_F, 1, 0))
+    index = zero.index(Action(Kind.B, 0, 0)) + 1
+    zero[index:index] = [Action(Kind.F, 1, 0), Action(Kind.SEND_F, 1, 0)]
+    with pytest.raises(ScheduleError, match="deadlocks"):
+        validate(broken, 2, 1, 4)
+
+
+def test_validator_rejects_missing_and_misplaced_computes():
+    actions = build_schedule("1f1b", 2, 1, 4)
+    missing = [list(a) for a in actions]
+    missing[0].remove(Action(Kind.B, 3, 0))
+    with pytest.raises(ScheduleError, match="exactly once"):
+        validate(missing, 2, 1, 4)
+    moved = [list(a) for a in actions]
+    moved[0].append(moved[1].pop(moved[1].index(Action(Kind.B, 3, 1))))
+    with pytest.raises(ScheduleError, match="belongs to rank 1"):
+        validate(moved, 2, 1, 4)
+
+
+def test_validator_rejects_a_forward_before_its_receive():
+    actions = build_schedule("1f1b", 2, 1, 4)
+    broken = _swap(actions, 1, Action(Kind.RECV_F, 0, 1), Action(Kind.F, 0, 1))
+    with pytest.raises(ScheduleError, match="before its input is received"):
+        validate(broken, 2, 1, 4)
+
+
+def test_microbatch_counts():
+    check_microbatches("interleaved", 4, 2, 8)
+    check_microbatches("1f1b", 4, 1, 3)
+    with pytest.raises(ScheduleError, match="multiple of parallel.pp=4"):
+        check_microbatches("interleaved", 4, 2, 6)
+    with pytest.raises(ScheduleError, match="parallel.schedule=zb"):
+        check_microbatches("zb", 4, 1, 8)
+
+
+def test_partition():
+    assert chunk_plan(3, 16, 4, 2).layers == [6, 7]
+    plans = rank_chunk_plans(1, 16, 4, 2)
+    assert [p.stage for p in plans] == [1, 5] and [p.layers for p in plans] == [[2, 3], [10, 11]]
+    assert chunk_plan(0, 8, 4, 2).has_embedding and chunk_plan(7, 8, 4, 2).has_head
+    with pytest.raises(ScheduleError, match="model.n_layers=6"):
+        chunk_plan(0, 6, 4, 2)
+
+
+# the runtime against one process ---------------------------------------------------------
+
+TINY = dict(vocab_size=64, dim=32, n_layers=8, n_heads=4, max_seq_len=32)
+CASES = {2: [("gpipe", 1, 4), ("1f1b", 1, 4), ("1f1b", 1, 8), ("interleaved", 2, 4), ("interleaved", 2, 8),
+             ("gpipe", 2, 8)],
+         4: [("gpipe", 1, 8), ("1f1b", 1, 4), ("1f1b", 1, 8), ("interleaved", 2, 4), ("interleaved", 2, 8)]}
+
+
+class _Probe(torch.autograd.Function):
+    """Identity whose autograd node holds a marker: the marker dies when the node does."""
+
+    @staticmethod
+    def forward(ctx, x, marker):
+        ctx.marker = marker
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class LiveCounter:
+    """Counts chunk forwards whose autograd graph is still alive (a forward hook on each chunk)."""
+
+    def __init__(self):
+        self.live = self.peak = 0
+
+    def hook(self, module, args, output):
+        if not torch.is_grad_enabled():
+            return output
+        marker = torch.empty(0)
+        self.live += 1
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(marker, self._dead)
+        return _Probe.apply(output, marker)
+
+    def _dead(self):
+        self.live -= 1
+
+
+def _relative(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def pipeline_worker(rank, world_size, cases):
+    from plait.parallel.grid import Grid
+    from plait.parallel.pipeline.runtime import PipelineRuntime
+    from plait.train.chunks import build_chunks, hidden_shape, named_parameters_of
+    from plait.train.config import ModelConfig
+    from plait.train.model import build_model
+    from plait.train.step import forward_backward
+
+    cfg = ModelConfig(**TINY)
+    grid = Grid.build(pp=world_size)
+    reference = {}
+    results = []
+    for schedule, vpp, m in cases:
+        generator = torch.Generator().manual_seed(m)
+        batch = torch.randint(0, cfg.vocab_size, (m, 2, 17), generator=generator)
+        if m not in reference:
+            model = build_model(cfg, seed=7)
+            loss = forward_backward(model, batch)
+            reference[m] = (float(loss), {n: p.grad.clone() for n, p in model.named_parameters()})
+        chunks = build_chunks(cfg, grid, vpp, seed=7)
+        counter = LiveCounter()
+        for chunk in chunks:
+            chunk.register_forward_hook(counter.hook)
+        runtime = PipelineRuntime(chunks, grid, schedule=schedule, vpp=vpp, microbatches=m,
+                                  hidden_shape=hidden_shape(2, 16, cfg.dim, 1, False))
+        calls = []
+        loss = runtime.run(batch[:, :, :-1], batch[:, :, 1:], lambda out, tgt: chunks[-1].loss(out, tgt),
+                           before_last_backward=calls.append)
+        ref_loss, ref_grads = reference[m]
+        grad_error = max(_relative(p.grad, ref_grads[n]) for n, p in named_parameters_of(chunks))
+        with torch.no_grad():
+            eval_loss = runtime.run(batch[:, :, :-1], batch[:, :, 1:], lambda out, tgt: chunks[-1].loss(out, tgt),
+                                    forward_only=True)
+        results.append(dict(case=(schedule, vpp, m), loss_error=abs(float(loss) - ref_loss) / ref_loss,
+                            eval_error=abs(float(eval_loss) - ref_loss) / ref_loss, grad_error=grad_error,
+                            n_params=sum(1 for _ in named_parameters_of(chunks)), n_reference=len(ref_grads),
+                            calls=calls,
+                            peak_live=counter.peak, live_after=counter.live))
+    return results
+
+
+@pytest.mark.parametrize("pp", [2, 4])
+def test_runtime_matches_one_process(pp):
+    results = run_ranks(pp, pipeline_worker, CASES[pp])
+    for index, (schedule, vpp, m) in enumerate(CASES[pp]):
+        per_rank = [results[rank][index] for rank in range(pp)]
+        for rank, result in enumerate(per_rank):
+            assert result["loss_error"] < 1e-5, (result, rank)
+            assert result["eval_error"] < 1e-5, (result, rank)
+            assert result["grad_error"] < 1e-5, (result, rank)
+            assert sorted(result["calls"]) == list(range(vpp)), result  # once per chunk
+            assert result["live_after"] == 0, result  # nothing kept after the step
+        assert sum(r["n_params"] for r in per_rank) == per_rank[0]["n_reference"]  # every weight once
+        peaks = [r["peak_live"] for r in per_rank]
+        if schedule == "1f1b":
+            assert max(peaks) <= pp and peaks[0] == min(pp, m), peaks
+        if schedule == "gpipe":
+            assert max(peaks) == m * vpp, peaks
