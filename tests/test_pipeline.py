@@ -93,6 +93,13 @@ def test_validator_rejects_missing_and_misplaced_computes():
         validate(moved, 2, 1, 4)
 
 
+def test_validator_rejects_messages_out_of_order():
+    actions = build_schedule("1f1b", 2, 1, 4)
+    broken = _swap(actions, 1, Action(Kind.RECV_F, 0, 1), Action(Kind.RECV_F, 1, 1))
+    with pytest.raises(ScheduleError, match="keep their order"):
+        validate(broken, 2, 1, 4)
+
+
 def test_validator_rejects_a_forward_before_its_receive():
     actions = build_schedule("1f1b", 2, 1, 4)
     broken = _swap(actions, 1, Action(Kind.RECV_F, 0, 1), Action(Kind.F, 0, 1))

@@ -8,7 +8,8 @@ it returns is the schedule's overhead-free time.
 `validate` rejects a schedule that could not run: a compute whose input is not there yet
 (a backward before its forward, a forward before its receive), a send of something not yet
 computed, a send without its receive (or a receive without its send), a missing or repeated
-compute, a stage on the wrong rank, or an order in which every unfinished rank waits on a
+compute, a stage on the wrong rank, two messages between the same ranks received in the
+other order than sent (NCCL matches by order), or an order in which every unfinished rank waits on a
 receive that no one will send (deadlock).
 """
 
@@ -101,6 +102,31 @@ def _check_structure(actions: Sequence[Sequence[Action]], pp: int, vpp: int, mic
             raise ScheduleError(f"a forward-only schedule holds a backward {action!r}")
 
 
+def _peer(action: Action, pp: int) -> int:
+    """The rank at the other end of a send or receive."""
+    step = 1 if action.kind in (Kind.SEND_F, Kind.RECV_B) else -1
+    return (action.stage + step) % pp
+
+
+def _check_pair_order(actions: Sequence[Sequence[Action]], pp: int) -> None:
+    """Between any two ranks, sends leave in the order their receives are posted.
+
+    NCCL matches point-to-point messages by order, not by tag, so a schedule that sends
+    two messages to one peer in the other order than the peer receives them would swap them.
+    """
+    for src in range(pp):
+        for dst in range(pp):
+            if src == dst:
+                continue
+            sent = [a for a in actions[src] if a.kind in (Kind.SEND_F, Kind.SEND_B) and _peer(a, pp) == dst]
+            received = [matching_send(a) for a in actions[dst]
+                        if a.kind in (Kind.RECV_F, Kind.RECV_B) and _peer(a, pp) == src]
+            for first, second in zip(sent, received):
+                if first != second:
+                    raise ScheduleError(f"rank {src} sends {first!r} to rank {dst} where rank {dst} "
+                                        f"expects {second!r}; messages between two ranks must keep their order")
+
+
 def execute(actions: Sequence[Sequence[Action]], cost: Callable[[Action], float]) -> Timeline:
     """Walk every rank's list on a shared clock; raises ScheduleError on a stall or a missing input."""
     pp = len(actions)
@@ -149,6 +175,7 @@ def validate(actions: Sequence[Sequence[Action]], pp: int, vpp: int, microbatche
     if len(actions) != pp:
         raise ScheduleError(f"the schedule has {len(actions)} rank lists for parallel.pp={pp}")
     _check_structure(actions, pp, vpp, microbatches, forward_only)
+    _check_pair_order(actions, pp)
     execute(actions, lambda action: 1.0)
 
 
