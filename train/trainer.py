@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from plait.data.corpus import prepare_corpus
 from plait.data.loader import Loader
 from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
+from plait.launch.faults import crash_if_due
 from plait.launch.rundir import resolve_run_dir
 from plait.optim.builder import build_optimizer
 from plait.optim.clip import clip_by_norm, global_grad_norm
@@ -147,6 +148,7 @@ class Trainer:
         if self.is_logger:
             log.info("run directory: %s", self.run_dir)
         while self.step_num < cfg.steps:
+            crash_if_due(self.step_num, self.grid.rank)  # PLAIT_FAULT_AT_STEP: restart tests only
             record = self.step()
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss is {record['loss']} at step {self.step_num}; lower optim.lr.")

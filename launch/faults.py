@@ -1,0 +1,31 @@
+"""Fault injection for restart tests: one environment variable, read in one place.
+
+`PLAIT_FAULT_AT_STEP=k` makes rank `PLAIT_FAULT_RANK` (default 0) exit with status 1 just
+before it trains step k, in the first torchrun round only (TORCHELASTIC_RESTART_COUNT 0),
+as a crashed worker would: the other ranks are left waiting in a collective until torchrun
+tears the round down and restarts it (`launch.max_restarts`).
+"""
+
+import logging
+import os
+from typing import Mapping, Optional
+
+log = logging.getLogger("plait")
+
+
+def fault_step(rank: int, environ: Optional[Mapping[str, str]] = None) -> Optional[int]:
+    """The step at which this rank should crash in this round, or None."""
+    env = os.environ if environ is None else environ
+    if not env.get("PLAIT_FAULT_AT_STEP") or int(env.get("TORCHELASTIC_RESTART_COUNT", 0)) != 0:
+        return None
+    if rank != int(env.get("PLAIT_FAULT_RANK", 0)):
+        return None
+    return int(env["PLAIT_FAULT_AT_STEP"])
+
+
+def crash_if_due(step: int, rank: int) -> None:
+    """Exit at once (no cleanup, like a crash) when PLAIT_FAULT_AT_STEP says so."""
+    if fault_step(rank) == step:
+        log.error("PLAIT_FAULT_AT_STEP=%d: rank %d crashes on purpose", step, rank)
+        logging.shutdown()
+        os._exit(1)
