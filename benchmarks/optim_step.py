@@ -1,0 +1,118 @@
+"""Optimizer step time and state bytes: plait Lion against lion-pytorch and torch AdamW.
+
+Every contender owns its own copy of the same parameters (a model-like mix of matrices
+and vectors, about `--params` in all) and reads one shared set of gradients. Contenders
+are stepped in turn, round by round, so load swings on a shared machine hit them alike;
+the table reports the median step time with min and max, and each contender's optimizer
+state in bytes.
+
+    python benchmarks/optim_step.py --params 100e6 --rounds 7 --out optim_step.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+
+def model_like_shapes(total: float, dim: int = 1024):
+    """Shapes of a LLaMA-ish stack: per layer Q|K|V, O, gate|up, down, two norms; until ~total."""
+    ffn = 8 * dim // 3
+    layer = [(3 * dim, dim), (dim, dim), (2 * ffn, dim), (dim, ffn), (dim,), (dim,)]
+    shapes, count = [(256 * 128, dim)], 256 * 128 * dim
+    while count < total:
+        for shape in layer:
+            shapes.append(shape)
+            count += torch.Size(shape).numel()
+    return shapes
+
+
+def contenders(deepspeed: bool):
+    import lion_pytorch
+
+    from plait.optim.lion import Lion
+
+    lr, wd = 1e-4, 0.1
+    table = {
+        "plait Lion (auto)": lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="auto"),
+        "plait Lion (foreach)": lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="foreach"),
+        "lion-pytorch": lambda ps: lion_pytorch.Lion(ps, lr=lr, weight_decay=wd),
+        "AdamW foreach": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, foreach=True),
+        "AdamW fused": lambda ps: torch.optim.AdamW(ps, lr=lr, weight_decay=wd, fused=True),
+    }
+    if deepspeed:
+        table["plait Lion (deepspeed)"] = lambda ps: Lion(ps, lr=lr, weight_decay=wd, impl="deepspeed")
+    return table
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
+               if torch.is_tensor(v) and v.ndim > 0)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, default=100e6)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--deepspeed", action="store_true", help="also time DeepSpeed's CPU Lion op (JIT build)")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shapes = model_like_shapes(args.params)
+    n_params = sum(torch.Size(s).numel() for s in shapes)
+    base = [torch.randn(s) * 0.02 for s in shapes]
+    grads = [torch.randn(s) * 1e-3 for s in shapes]
+    runs = {}
+    for name, make in contenders(args.deepspeed).items():
+        params = [torch.nn.Parameter(b.clone()) for b in base]
+        for p, g in zip(params, grads):
+            p.grad = g  # shared, read-only
+        optimizer = make(params)
+        optimizer.step()  # warm-up: state allocation, compilation
+        runs[name] = {"optimizer": optimizer, "times": []}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run["optimizer"].step()
+            run["times"].append(time.perf_counter() - start)
+    rows = []
+    for name, run in runs.items():
+        times = run["times"]
+        rows.append({"name": name, "median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+                     "max_ms": 1e3 * max(times), "state_bytes": state_bytes(run["optimizer"]),
+                     "impl": getattr(run["optimizer"], "impl", "")})
+    by = {row["name"]: row for row in rows}
+    plait = by["plait Lion (auto)"]
+    summary = {
+        "params": n_params,
+        "plait_lion_ms": plait["median_ms"],
+        "plait_vs_lion_pytorch": plait["median_ms"] / by["lion-pytorch"]["median_ms"],
+        "plait_vs_adamw_fused": plait["median_ms"] / by["AdamW fused"]["median_ms"],
+        "plait_vs_adamw_foreach": plait["median_ms"] / by["AdamW foreach"]["median_ms"],
+        "state_bytes_lion_over_adamw": plait["state_bytes"] / by["AdamW fused"]["state_bytes"],
+    }
+    print(f"{n_params / 1e6:.1f}M fp32 parameters, {args.threads} thread(s), {args.rounds} rounds (shared machine: noisy)")
+    print(f"{'contender':24s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'state MB':>9s} {'vs plait':>9s}")
+    for row in rows:
+        print(f"{row['name']:24s} {row['median_ms']:10.1f} {row['min_ms']:8.1f} {row['max_ms']:8.1f} "
+              f"{row['state_bytes'] / 1e6:9.1f} {row['median_ms'] / plait['median_ms']:9.2f}")
+    for key, value in summary.items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    result = {"benchmark": "optim_step", "device": f"cpu x{args.threads} threads", "rows": rows, "summary": summary}
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.out)
+    return result
+
+
+if __name__ == "__main__":
+    main()
