@@ -1,7 +1,7 @@
 """Build the optimizer named by the config over parameter groups (AdamW now; Lion plugs in)."""
 
 import logging
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -29,7 +29,12 @@ def build_optimizer(named_params: Dict[str, nn.Parameter], cfg: OptimConfig,
                     group_of: Optional[GroupKey] = None,
                     device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
     """The configured optimizer over `named_params`, grouped by `group_of` (muP passes its table)."""
-    groups = param_groups(named_params, cfg.weight_decay, group_of)
+    return make_optimizer(param_groups(named_params, cfg.weight_decay, group_of), cfg, device)
+
+
+def make_optimizer(groups: List[Dict], cfg: OptimConfig,
+                   device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    """The configured optimizer over ready-made param groups (ZeRO-1 passes its shard pieces)."""
     if cfg.name == "adamw":
         return _adamw(groups, cfg, device)
     if cfg.name == "lion":

@@ -1,0 +1,202 @@
+"""Data-parallel gradient reduction: contiguous buckets, each reduced the moment it is ready.
+
+Each model chunk's parameters get one flat gradient buffer laid out in reverse order of
+use (last layer first, embedding last) and cut into buckets of about `bucket_mb`. Every
+parameter's `.grad` is a view into that buffer, so autograd accumulates micro-batches
+in place. Only during the LAST micro-batch's backward (`start_overlap`), a
+post-accumulate-grad hook counts each bucket's ready parameters and launches the
+bucket's all-reduce (under ZeRO-1: reduce-scatter) asynchronously as soon as the bucket
+is complete, so the reduction of late layers overlaps the backward of early ones.
+`finish()` launches whatever is left, waits, and leaves averaged gradients (or, under
+ZeRO-1, this rank's averaged slice of every bucket).
+
+Buckets are padded to a multiple of dp so that every dp rank owns an equal, contiguous
+slice of each bucket (the ZeRO-1 shard). With dp=1 nothing is registered or sent.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.parallel.config import ParallelConfig
+from plait.parallel.grid import Grid
+
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+@dataclass
+class Bucket:
+    """A contiguous [start, end) range of the flat buffer and the parameters inside it."""
+
+    start: int
+    end: int
+    names: List[str]
+    pending: int = 0
+    work: Optional[object] = None
+    comm: Optional[torch.Tensor] = None  # what is sent (a cast copy when reducing in another dtype)
+    out: Optional[torch.Tensor] = None  # this rank's reduce-scattered slice (ZeRO-1)
+    launched_at: float = 0.0
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    def shard_range(self, dp_rank: int, dp: int) -> Tuple[int, int]:
+        """[start, end) of this rank's slice of the bucket in the flat buffer."""
+        length = self.size // dp
+        return self.start + dp_rank * length, self.start + (dp_rank + 1) * length
+
+
+@dataclass
+class ReductionTimes:
+    """Wall-clock stamps of one step's reductions, for the overlap measurement."""
+
+    launched: List[float] = field(default_factory=list)
+    backward_end: float = 0.0
+    finished: float = 0.0
+
+
+class ChunkGrads:
+    """One model chunk's flat gradient buffer, its buckets and its reduction hooks."""
+
+    def __init__(self, named_params: Sequence[Tuple[str, nn.Parameter]], grid: Grid, cfg: ParallelConfig,
+                 shard: bool = False):
+        self.grid, self.shard = grid, shard
+        self.group = grid.dp_group
+        self.dp, self.dp_rank = grid.dp, grid.dp_rank
+        self.params = [(name, p) for name, p in named_params if p.requires_grad]
+        self.comm_dtype = torch.float32 if cfg.reduce_in_fp32 else torch.bfloat16
+        self.average_in_collective = cfg.average_in_collective
+        self.overlap = cfg.overlap_grad_reduce
+        self.use_avg_op = cfg.average_in_collective and grid.backend == "nccl"
+        self.offsets: Dict[str, int] = {}
+        self.buckets = self._layout(cfg.bucket_mb)
+        first = self.params[0][1]
+        self.buffer = torch.zeros(self.buckets[-1].end if self.buckets else 0, dtype=first.dtype, device=first.device)
+        self.bucket_of: Dict[str, int] = {}
+        for index, bucket in enumerate(self.buckets):
+            for name in bucket.names:
+                self.bucket_of[name] = index
+        for name, param in self.params:
+            param.grad = self.grad_view(name, param)
+        self.last_microbatch = False
+        self.times = ReductionTimes()
+        self.hooks = []
+        if self.group is not None:
+            self.hooks = [param.register_post_accumulate_grad_hook(self._hook(name)) for name, param in self.params]
+
+    # layout -----------------------------------------------------------------
+    def _layout(self, bucket_mb: float) -> List[Bucket]:
+        """Buckets over the parameters in reverse order of use, each padded to a multiple of dp."""
+        element = self.params[0][1].element_size() if self.params else 4
+        limit = int(bucket_mb * 2**20 / element) if bucket_mb > 0 else None
+        buckets, names, start, cursor = [], [], 0, 0
+        for name, param in reversed(self.params):
+            self.offsets[name] = cursor
+            cursor += param.numel()
+            names.append(name)
+            if limit is not None and cursor - start >= limit:
+                cursor = self._close(buckets, names, start, cursor)
+                names, start = [], cursor
+        if names:
+            self._close(buckets, names, start, cursor)
+        return buckets
+
+    def _close(self, buckets: List[Bucket], names: List[str], start: int, cursor: int) -> int:
+        end = start + -(-(cursor - start) // self.dp) * self.dp
+        buckets.append(Bucket(start, end, list(names)))
+        return end
+
+    def grad_view(self, name: str, param: nn.Parameter) -> torch.Tensor:
+        offset = self.offsets[name]
+        return self.buffer[offset:offset + param.numel()].view_as(param)
+
+    # reduction --------------------------------------------------------------
+    def _hook(self, name: str):
+        def on_grad_ready(param: torch.Tensor) -> None:
+            if not (self.last_microbatch and self.overlap):
+                return
+            bucket = self.buckets[self.bucket_of[name]]
+            bucket.pending -= 1
+            if bucket.pending == 0:
+                self._launch(bucket)
+        return on_grad_ready
+
+    def start_overlap(self) -> None:
+        """Called right before the last micro-batch's backward: buckets now reduce as they fill."""
+        self.last_microbatch = True
+        for bucket in self.buckets:
+            bucket.pending = len(bucket.names)
+
+    def _launch(self, bucket: Bucket) -> None:
+        if bucket.work is not None or self.group is None:
+            return
+        view = self.buffer[bucket.start:bucket.end]
+        bucket.comm = view if view.dtype == self.comm_dtype else view.to(self.comm_dtype)
+        if self.average_in_collective and not self.use_avg_op:
+            bucket.comm.div_(self.dp)  # gloo has no AVG: pre-divide so the sum is the mean
+        op = dist.ReduceOp.AVG if self.use_avg_op else dist.ReduceOp.SUM
+        if self.shard:
+            bucket.out = torch.empty(bucket.size // self.dp, dtype=bucket.comm.dtype, device=view.device)
+            bucket.work = _reduce_scatter_tensor(bucket.out, bucket.comm, op=op, group=self.group, async_op=True)
+        else:
+            bucket.work = dist.all_reduce(bucket.comm, op=op, group=self.group, async_op=True)
+        self.times.launched.append(time.perf_counter())
+
+    def finish(self) -> None:
+        """Launch the buckets not yet launched, wait for all, and write averaged grads back."""
+        self.times.backward_end = time.perf_counter()
+        if self.group is None:
+            self.last_microbatch = False
+            return
+        for bucket in self.buckets:
+            self._launch(bucket)
+        divide = 1 if self.average_in_collective else self.dp
+        for bucket in self.buckets:
+            bucket.work.wait()
+            if self.shard:
+                lo, hi = bucket.shard_range(self.dp_rank, self.dp)
+                target, result = self.buffer[lo:hi], bucket.out
+            else:
+                target, result = self.buffer[bucket.start:bucket.end], bucket.comm
+            if result is not target:
+                target.copy_(result)
+            if divide != 1:
+                target.div_(divide)
+            bucket.work, bucket.comm, bucket.out = None, None, None
+        self.times.finished = time.perf_counter()
+        self.last_microbatch = False
+
+    def zero_grad(self) -> None:
+        self.buffer.zero_()
+
+
+class DataParallelGrads:
+    """Gradient buffers and bucketed reduction for every model chunk of this rank."""
+
+    def __init__(self, chunks: Sequence[nn.Module], grid: Grid, cfg: ParallelConfig, shard: bool = False):
+        self.grid, self.shard = grid, shard
+        self.chunks = [ChunkGrads(list(chunk.named_parameters()), grid, cfg, shard) for chunk in chunks]
+
+    def start_overlap(self, chunk_index: int = 0) -> None:
+        """Before chunk `chunk_index`'s last micro-batch backward: its buckets reduce as they fill."""
+        self.chunks[chunk_index].start_overlap()
+
+    def finish(self) -> None:
+        for chunk in self.chunks:
+            chunk.finish()
+
+    def zero_grad(self) -> None:
+        for chunk in self.chunks:
+            chunk.zero_grad()
+
+    def named_grads(self) -> List[Tuple[str, torch.Tensor]]:
+        """(name, full averaged grad) of every parameter (not meaningful under ZeRO-1: use the optimizer's)."""
+        return [(name, chunk.grad_view(name, param)) for chunk in self.chunks for name, param in chunk.params]
+
+    def reduction_times(self) -> List[ReductionTimes]:
+        return [chunk.times for chunk in self.chunks]

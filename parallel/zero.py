@@ -1,0 +1,171 @@
+"""ZeRO-1: each data-parallel rank keeps and updates only its shard of the optimizer state.
+
+The gradient buffers of `DataParallelGrads(shard=True)` are reduce-scattered, so dp rank
+r holds the averaged gradient of the r-th slice of every bucket. Parameters are moved
+into flat buffers with the same layout, so the r-th slice of a bucket is also a range of
+weights. For each parameter, its intersection with this rank's slices is a 1-D piece:
+a view of the (fp32) weights, with a view of the reduced gradient as its `.grad`. Any
+optimizer of `plait.optim` (AdamW, Lion) steps those pieces, so state exists only for
+1/dp of the model, then every bucket's weights are all-gathered back over dp.
+
+Pieces keep their parameter's group (learning-rate multiplier, weight decay), and every
+update is elementwise, so a ZeRO-1 step equals the unsharded step.
+"""
+
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.optim.groups import GroupKey, param_groups
+from plait.parallel.data_parallel import ChunkGrads, DataParallelGrads
+from plait.parallel.grid import Grid
+
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+class _Piece:
+    """This rank's part of one parameter: `tensor` views the weights, `tensor.grad` the reduced grad."""
+
+    def __init__(self, name: str, chunk: ChunkGrads, lo: int, hi: int, param_offset: int):
+        self.name, self.chunk, self.lo, self.hi = name, chunk, lo, hi
+        self.param_offset = param_offset  # where the piece starts inside its parameter (flattened)
+        self.tensor = chunk.param_buffer[lo:hi]
+        self.tensor.grad = chunk.buffer[lo:hi]
+
+
+def _move_params_into_buffer(chunk: ChunkGrads) -> None:
+    """Give the chunk a flat weight buffer laid out like its gradient buffer; params become views."""
+    chunk.param_buffer = torch.zeros_like(chunk.buffer)
+    for name, param in chunk.params:
+        offset = chunk.offsets[name]
+        view = chunk.param_buffer[offset:offset + param.numel()]
+        view.copy_(param.detach().reshape(-1))
+        param.data = view.view_as(param)
+
+
+def _pieces_of(chunk: ChunkGrads, grid: Grid) -> List[_Piece]:
+    pieces = []
+    for bucket in chunk.buckets:
+        lo, hi = bucket.shard_range(grid.dp_rank, grid.dp)
+        for name in bucket.names:
+            param = dict(chunk.params)[name]
+            start, end = chunk.offsets[name], chunk.offsets[name] + param.numel()
+            if max(start, lo) < min(end, hi):
+                pieces.append(_Piece(name, chunk, max(start, lo), min(end, hi), max(start, lo) - start))
+    return pieces
+
+
+class ZeroOptimizer:
+    """Steps this rank's shard with an inner optimizer and all-gathers the weights back.
+
+    `make_optimizer(groups)` builds the inner optimizer from param groups (the same
+    builder plain training uses). Exposes `param_groups` (for LR schedules), `step()`,
+    `grad_entries()` (name, grad piece) for norms and clipping, and name-keyed state
+    (`named_state` / `load_named_state`) for checkpoints that do not depend on dp.
+    """
+
+    def __init__(self, grads: DataParallelGrads, grid: Grid, make_optimizer: Callable[[List[Dict]], torch.optim.Optimizer],
+                 weight_decay: float, group_of: Optional[GroupKey] = None):
+        if not grads.shard:
+            raise ValueError("ZeroOptimizer needs DataParallelGrads(shard=True).")
+        self.grads, self.grid = grads, grid
+        self.pieces: List[_Piece] = []
+        full_params: Dict[str, nn.Parameter] = {}
+        for chunk in grads.chunks:
+            _move_params_into_buffer(chunk)
+            self.pieces += _pieces_of(chunk, grid)
+            full_params.update(dict(chunk.params))
+        self.full_params = full_params
+        piece_of = {piece.name: piece for piece in self.pieces}
+        groups = []
+        for group in param_groups(full_params, weight_decay, group_of):
+            names = [n for n in group["names"] if n in piece_of]
+            groups.append({**group, "names": names, "params": [piece_of[n].tensor for n in names]})
+        self.optimizer = make_optimizer([g for g in groups if g["params"]] or [{**groups[0], "params": [], "names": []}])
+
+    @property
+    def param_groups(self) -> List[Dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
+        """(parameter name, this rank's reduced gradient piece) for norms and clipping."""
+        return [(piece.name, piece.tensor.grad) for piece in self.pieces]
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.optimizer.step()
+        self._all_gather_weights()
+
+    def _all_gather_weights(self) -> None:
+        if self.grid.dp_group is None:
+            return
+        works = []
+        for chunk in self.grads.chunks:
+            for bucket in chunk.buckets:
+                lo, hi = bucket.shard_range(self.grid.dp_rank, self.grid.dp)
+                mine = chunk.param_buffer[lo:hi].clone()
+                works.append(_all_gather_tensor(chunk.param_buffer[bucket.start:bucket.end], mine,
+                                                group=self.grid.dp_group, async_op=True))
+        for work in works:
+            work.wait()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Gradients live in the reducer's buffers; zeroing them is the reducer's job."""
+        self.grads.zero_grad()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state tensors held by this rank (step counters excluded)."""
+        return sum(v.numel() * v.element_size() for s in self.optimizer.state.values()
+                   for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0)
+
+    # name-keyed state (checkpoints) --------------------------------------------------
+    @torch.no_grad()
+    def named_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{param name: {key: full tensor}}: pieces are summed over dp into full buffers."""
+        keys = sorted({k for s in self.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0})
+        out: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.full_params}
+        step = self._step_count()
+        for chunk in self.grads.chunks:
+            for key in keys:
+                flat = torch.zeros_like(chunk.buffer, dtype=torch.float32)
+                for piece in self.pieces:
+                    if piece.chunk is chunk and piece.tensor in self.optimizer.state:
+                        flat[piece.lo:piece.hi] = self.optimizer.state[piece.tensor][key].float()
+                if self.grid.dp_group is not None:
+                    dist.all_reduce(flat, group=self.grid.dp_group)
+                for name, param in chunk.params:
+                    offset = chunk.offsets[name]
+                    out[name][key] = flat[offset:offset + param.numel()].view_as(param).to(param.dtype).clone()
+        for name in out:
+            if keys:
+                out[name]["step"] = torch.tensor(step)
+        return {name: state for name, state in out.items() if state}
+
+    def _step_count(self) -> float:
+        steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        count = torch.tensor(max(steps) if steps else 0.0)
+        if self.grid.dp_group is not None:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.grid.dp_group)
+        return float(count)
+
+    @torch.no_grad()
+    def load_named_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Take this rank's pieces out of full, name-keyed state."""
+        for piece in self.pieces:
+            if piece.name not in state:
+                continue
+            entry = {}
+            for key, value in state[piece.name].items():
+                if key == "step":
+                    entry[key] = value.detach().clone().to(torch.float32)
+                else:
+                    flat = value.reshape(-1)
+                    entry[key] = flat[piece.param_offset:piece.param_offset + piece.hi - piece.lo].clone().to(
+                        device=piece.tensor.device, dtype=piece.tensor.dtype)
+            self.optimizer.state[piece.tensor] = entry
