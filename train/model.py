@@ -248,7 +248,10 @@ class Transformer(nn.Module):
         return logits * self.scales.logits if self.scales.logits != 1.0 else logits
 
     def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy in nats (vocab-parallel: logits are never gathered)."""
+        """Mean next-token cross-entropy in nats (vocab-parallel at tp > 1: logits are never gathered)."""
+        if self.grid.tp == 1:  # one rank holds every column: torch's fused kernel, padding sliced off
+            logits = logits if self.vocab == self.cfg.vocab_size else logits[..., :self.cfg.vocab_size]
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
         return vocab_parallel_cross_entropy(logits, targets, self.grid, self.cfg.vocab_size).mean()
 
     def param_specs(self) -> Dict[str, ShardSpec]:
