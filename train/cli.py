@@ -12,9 +12,10 @@ from omegaconf import DictConfig
 from plait.data.corpus import DataError
 from plait.launch.errors import LaunchError
 from plait.parallel.grid import LayoutError
+from plait.train.checkpoint import CheckpointError
 from plait.train.config import ConfigError, load_config
 
-USER_ERRORS = (ConfigError, DataError, LayoutError, LaunchError)
+USER_ERRORS = (ConfigError, DataError, LayoutError, LaunchError, CheckpointError)
 
 
 def setup_logging(level: str = "INFO") -> None:

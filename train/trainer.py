@@ -28,6 +28,7 @@ from plait.optim.clip import clip_by_norm, global_grad_norm
 from plait.optim.schedule import apply_lr
 from plait.parallel.grid import Grid
 from plait.parallel.tensor import all_reduce_coalesced, allreduce_partial_grads
+from plait.train import checkpoint as checkpoint_lib
 from plait.train import metrics as metrics_lib
 from plait.train.config import Config, micro_batch_size, to_yaml, validate
 from plait.train.model import Transformer, build_model
@@ -75,6 +76,12 @@ class Trainer:
         if self.is_logger:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self._forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self.checkpoint_dir = checkpoint_lib.checkpoint_root(cfg, self.run_dir)
+        self.checkpoint_step = None  # the step of the last checkpoint written or resumed from
+        resume_from = checkpoint_lib.resume_target(cfg, self.checkpoint_dir, self.grid)
+        if resume_from is not None:
+            checkpoint_lib.restore_trainer(self, resume_from)
+            self.checkpoint_step = self.step_num
 
     # construction -------------------------------------------------------------------
     def _build_model(self) -> Transformer:
@@ -160,8 +167,18 @@ class Trainer:
                 record["val_loss"] = self.evaluate()
                 self.sink.write(self.step_num, {"val_loss": record["val_loss"]})
             last = record
+            if checkpoint_lib.due(self.cfg, self.step_num):
+                self.save_checkpoint()
+        if self.cfg.checkpoint.save_final and self.checkpoint_step != self.step_num:
+            self.save_checkpoint()
         self.sink.close()
         return last
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint the current step under `checkpoint_dir` (collective: every rank calls it)."""
+        path = checkpoint_lib.save_trainer(self)
+        self.checkpoint_step = self.step_num
+        return path
 
     def close(self) -> None:
         self.sink.close()

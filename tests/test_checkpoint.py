@@ -1,0 +1,240 @@
+"""Checkpoints: exact resume after kill -9, resharding across layouts, damaged and foreign input.
+
+The kill test runs `python -m plait.train` (1 rank) and `torchrun -m plait.train` (tp=2)
+with a checkpoint every 5 of 20 steps, kills every process with SIGKILL once step 11 is
+logged, plants the temporary directory a kill during a save leaves behind, and resumes
+with `train.resume=auto`: the losses of steps 11..20 equal, bit for bit, those of a run
+that never stopped (fp32 on the CPU, one thread).
+
+The reshard test trains 3 steps at tp=2, saves, and loads the checkpoint at tp=1 and
+tp=4 (a vocabulary of 300 is padded to 384 rows at tp=2, 320 at tp=1 and 512 at tp=4,
+so padding rows are cut and added): the loss on a fixed batch matches to 1e-6 and the
+next 10 steps match the original layout's.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from plait.train.checkpoint import CheckpointError, ShardReader, latest_checkpoint
+from tests.dist_utils import run_ranks
+
+VOCAB = 300
+MORE_STEPS = 10
+
+
+def small_model(vocab=VOCAB, dim=64):
+    return [f"model.dim={dim}", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_dim=96",
+            f"model.vocab_size={vocab}"]
+
+
+def run_overrides(run_dir, cache, steps, *extra):
+    return [*small_model(), "train.seq_len=32", "train.batch_size=4", f"train.steps={steps}", "train.eval_every=0",
+            "train.log_every=1", "train.progress=false", "train.peak_flops=1e10", "train.threads=1",
+            "optim.warmup_steps=2", f"train.run_dir={run_dir}", f"data.cache_dir={cache}", *extra]
+
+
+def make_trainer(overrides, rank=0, world=1):
+    from plait.launch.env import ProcessEnv
+    from plait.train.config import load_config
+    from plait.train.trainer import Trainer
+
+    env = ProcessEnv(rank, 0, world, "torchrun") if world > 1 else None
+    return Trainer(load_config(overrides), env=env)
+
+
+# resharding ------------------------------------------------------------------------------
+def after_load(trainer):
+    """(loss on a fixed batch, losses of the next MORE_STEPS training steps)."""
+    fixed = trainer.evaluate(batches=1)
+    losses = [trainer.step()["loss"] for _ in range(MORE_STEPS)]
+    trainer.close()
+    return fixed, losses
+
+
+def save_worker(rank, world, tmp, cache, layout):
+    trainer = make_trainer(run_overrides(f"{tmp}/save", cache, 3 + MORE_STEPS, *layout,
+                                         f"checkpoint.dir={tmp}/ckpt"), rank, world)
+    for _ in range(3):
+        trainer.step()
+    trainer.save_checkpoint()
+    return after_load(trainer)
+
+
+def load_worker(rank, world, tmp, cache, layout):
+    trainer = make_trainer(run_overrides(f"{tmp}/load-{world}", cache, 3 + MORE_STEPS, *layout,
+                                         f"train.resume={tmp}/ckpt"), rank, world)
+    assert trainer.step_num == 3
+    return after_load(trainer)
+
+
+def test_reshard_tp(tmp_path, stdlib_tokens):
+    cache = stdlib_tokens[0].parent.parent
+    saved = run_ranks(2, save_worker, str(tmp_path), str(cache), ["parallel.tp=2"])[0]
+    index = json.loads((latest_checkpoint(tmp_path / "ckpt") / "index.json").read_text())
+    assert index["layout"]["tp"] == 2 and index["params"]["embed.weight"]["full_shape"] == [384, 64]
+    assert set(index["params"]["layers.0.attn.wqkv.weight"]["shards"]) == {"0", "1"}
+
+    loaded = {1: load_worker(0, 1, str(tmp_path), str(cache), ["parallel.tp=1"]),
+              4: run_ranks(4, load_worker, str(tmp_path), str(cache), ["parallel.tp=4"])[0]}
+    for tp, (fixed, losses) in loaded.items():
+        assert fixed == pytest.approx(saved[0], rel=1e-6, abs=0), f"tp={tp}"
+        assert losses == pytest.approx(saved[1], rel=1e-5, abs=0), f"tp={tp}"
+
+
+# kill -9 and resume ----------------------------------------------------------------------
+def read_losses(run_dir):
+    """{step: loss} from metrics.jsonl, the last record of each step winning (a resumed run appends)."""
+    losses = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def logged_steps(run_dir):
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+    return max((record["step"] for record in lines), default=0)
+
+
+def kill_tree(pid):
+    """SIGKILL a launched process and every process under it (torchrun starts its workers in new sessions)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for process in [*parent.children(recursive=True), parent]:
+        try:
+            process.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def launch(command, overrides, env):
+    return subprocess.Popen([*command, *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def kill_and_resume(tmp_path, cache, command, layout, steps=20):
+    """Reference run, a run killed after step 11 is logged, and its resume; returns their losses."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    common = [*layout, "checkpoint.every=5", "checkpoint.keep=2"]
+    reference = launch(command, run_overrides(tmp_path / "reference", cache, steps, *common), env)
+    run_dir = tmp_path / "killed"
+    killed = launch(command, run_overrides(run_dir, cache, steps, *common), env)
+    while logged_steps(run_dir) < 11 and killed.poll() is None:
+        time.sleep(0.005)
+    kill_tree(killed.pid)
+    killed.wait()
+    assert killed.returncode == -signal.SIGKILL, f"the run ended before the kill:\n{killed.stdout.read()}"
+    assert logged_steps(run_dir) < steps
+    checkpoints = run_dir / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == "step-00000010"
+    leftover = checkpoints / ".tmp-step-00000015"  # what a kill during the next save would leave
+    leftover.mkdir(exist_ok=True)
+    (leftover / "model-tp00-pp00.safetensors").write_bytes(b"half written")
+
+    resumed = launch(command, run_overrides(run_dir, cache, steps, *common, "train.resume=auto"), env)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert "resumed from" in output and "step-00000010 at step 10" in output, output
+    assert not leftover.exists()
+    output = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, output
+    return read_losses(tmp_path / "reference"), read_losses(run_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_kill_and_resume_is_exact(tmp_path, stdlib_tokens, ranks):
+    cache = stdlib_tokens[0].parent.parent
+    if ranks == 1:
+        command, layout = [sys.executable, "-m", "plait.train"], []
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                   "-m", "plait.train"]
+        layout = [f"parallel.tp={ranks}"]
+    reference, resumed = kill_and_resume(tmp_path, cache, command, layout)
+    assert sorted(reference) == list(range(1, 21))
+    assert [resumed[step] for step in range(11, 21)] == [reference[step] for step in range(11, 21)]
+    kept = sorted(path.name for path in (tmp_path / "killed" / "checkpoints").iterdir())
+    assert kept == ["latest", "step-00000015", "step-00000020"]
+
+
+# damaged and foreign input ------------------------------------------------------------------
+@pytest.fixture
+def saved_run(tmp_path, stdlib_tokens):
+    """A 2-step single-process run checkpointed every step (keep 2)."""
+    cache = stdlib_tokens[0].parent.parent
+    overrides = run_overrides(tmp_path / "run", cache, 3, "checkpoint.every=1", "checkpoint.keep=2")
+    trainer = make_trainer(overrides)
+    trainer.fit()
+    return tmp_path, cache, overrides
+
+
+def test_keep_last_and_layout_record(saved_run):
+    tmp_path, _, _ = saved_run
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000003"]
+    reader = ShardReader(root)
+    index = reader.index
+    assert index["step"] == 3 and index["layout"] == {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "vpp": 1,
+                                                      "zero": 0, "sequence_parallel": False}
+    for name, record in index["files"].items():
+        assert (reader.path / name).stat().st_size == record["bytes"]
+    state = reader.rank_state(0)
+    assert state["step"] == 3 and state["config"]["model"]["vocab_size"] == VOCAB
+    assert reader.tensors("optim-tp00-pp00.safetensors")["layers.1.mlp.w2.weight/exp_avg"].shape == (64, 96)
+    assert not any(p.suffix == ".pkl" or p.name.endswith((".pt", ".bin")) for p in reader.path.iterdir())
+
+
+def _resume_error(overrides, target):
+    with pytest.raises(CheckpointError) as caught:
+        make_trainer([*overrides, f"train.resume={target}"])
+    return str(caught.value)
+
+
+def test_damaged_checkpoints_are_named(saved_run):
+    tmp_path, _, overrides = saved_run
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
+    model_file = checkpoint / "model-tp00-pp00.safetensors"
+    data = model_file.read_bytes()
+    model_file.write_bytes(data[:len(data) // 2])
+    message = _resume_error(overrides, checkpoint)
+    assert str(model_file) in message and "truncated" in message
+
+    flipped = bytearray(data)
+    flipped[len(data) - 100] ^= 0x01
+    model_file.write_bytes(bytes(flipped))
+    message = _resume_error(overrides, checkpoint)
+    assert str(model_file) in message and "sha256" in message
+
+    message = _resume_error(overrides, tmp_path / "nowhere")
+    assert str(tmp_path / "nowhere") in message and "does not exist" in message
+
+
+def test_other_model_shape_names_the_keys(saved_run):
+    tmp_path, cache, _ = saved_run
+    other = run_overrides(tmp_path / "other", cache, 3, "model.ffn_dim=128")
+    message = _resume_error(other, tmp_path / "run" / "checkpoints")
+    assert "layers.0.mlp.w13.weight" in message and "[192, 64]" in message and "[256, 64]" in message
+    deeper = run_overrides(tmp_path / "other", cache, 3, "model.n_layers=3")
+    message = _resume_error(deeper, tmp_path / "run" / "checkpoints")
+    assert "missing: layers.2." in message
+
+
+def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, stdlib_tokens):
+    cache = stdlib_tokens[0].parent.parent
+    trainer = make_trainer(run_overrides(tmp_path / "fresh", cache, 3, "train.resume=auto"))
+    assert trainer.step_num == 0
+    trainer.close()

@@ -1,0 +1,210 @@
+"""Hugging Face Llama format: `plait export CKPT OUT`, and initializing a model from such a directory.
+
+Export reassembles every parameter in full from the checkpoint's tp shards (any layout),
+cuts the vocabulary padding, renames to `LlamaForCausalLM`'s names and writes
+`OUT/config.json` and `OUT/model.safetensors`:
+
+    embed.weight                  -> model.embed_tokens.weight
+    layers.i.attn_norm.weight     -> model.layers.i.input_layernorm.weight
+    layers.i.attn.wqkv.weight     -> model.layers.i.self_attn.{q,k,v}_proj.weight (split by segment)
+    layers.i.attn.wo.weight       -> model.layers.i.self_attn.o_proj.weight
+    layers.i.mlp_norm.weight      -> model.layers.i.post_attention_layernorm.weight
+    layers.i.mlp.w13.weight       -> model.layers.i.mlp.{gate,up}_proj.weight (split by segment)
+    layers.i.mlp.w2.weight        -> model.layers.i.mlp.down_proj.weight
+    norm.weight, head.weight      -> model.norm.weight, lm_head.weight (absent when tied)
+
+plait rotates (first half, second half) of each head, as HF Llama's `rotate_half` does, so
+q and k need no permutation. muP multipliers HF Llama does not have are folded into the
+weights: the embedding multiplier into the embedding, the logits multiplier into the
+final norm's gain (divided by the embedding multiplier when the head is tied), and an
+attention scale other than 1/sqrt(head_dim) into q_proj. Import undoes the same folding.
+"""
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save as safetensors_save
+
+from plait.train.checkpoint import CheckpointError, load_full_model, write_atomic
+
+HF_WEIGHTS = "model.safetensors"
+HF_CONFIG = "config.json"
+
+# plait name suffix -> HF name suffix, for the weights that map one to one
+_SIMPLE = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "attn.wo.weight": "self_attn.o_proj.weight",
+    "mlp_norm.weight": "post_attention_layernorm.weight",
+    "mlp.w2.weight": "mlp.down_proj.weight",
+}
+_FUSED = {
+    "attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
+
+
+def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
+    """`config.json` of a `LlamaForCausalLM` with plait's model shape (older and newer rope keys both)."""
+    head_dim = model["dim"] // model["n_heads"]
+    return {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "vocab_size": model["vocab_size"], "hidden_size": model["dim"], "intermediate_size": model["ffn_dim"],
+        "num_hidden_layers": model["n_layers"], "num_attention_heads": model["n_heads"],
+        "num_key_value_heads": model["n_kv_heads"], "head_dim": head_dim, "hidden_act": "silu",
+        "max_position_embeddings": model["max_seq_len"], "rms_norm_eps": model["norm_eps"],
+        "rope_theta": model["rope_theta"],
+        "rope_parameters": {"rope_type": "default", "rope_theta": model["rope_theta"]},
+        "tie_word_embeddings": bool(model["tie_embeddings"]), "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": 0.0, "initializer_range": model.get("init_std", 0.02), "use_cache": True,
+        "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32", "dtype": "float32",
+    }
+
+
+def _segments(model: Dict[str, Any], fused: str) -> List[int]:
+    head_dim = model["dim"] // model["n_heads"]
+    if fused == "attn.wqkv.weight":
+        return [model["n_heads"] * head_dim, model["n_kv_heads"] * head_dim, model["n_kv_heads"] * head_dim]
+    return [model["ffn_dim"], model["ffn_dim"]]
+
+
+def _fold_factors(model: Dict[str, Any], scales: Optional[Dict[str, Any]]) -> Dict[str, float]:
+    """Multipliers that move plait's muP scales into the weights HF Llama has."""
+    scales = scales or {}
+    embedding = float(scales.get("embedding", 1.0))
+    logits = float(scales.get("logits", 1.0))
+    head_dim = model["dim"] // model["n_heads"]
+    attention = scales.get("attention")
+    query = 1.0 if attention is None else float(attention) * math.sqrt(head_dim)
+    norm = logits / embedding if model["tie_embeddings"] else logits
+    return {"embed": embedding, "norm": norm, "query": query}
+
+
+def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
+          scales: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
+    """plait's full tensors (vocabulary padding cut) as HF Llama's state dict."""
+    fold = _fold_factors(model, scales)
+    out = {}
+    for name, tensor in full.items():
+        tensor = tensor.float() if tensor.dtype != torch.float32 else tensor
+        if name == "embed.weight":
+            out["model.embed_tokens.weight"] = tensor * fold["embed"] if fold["embed"] != 1.0 else tensor
+        elif name == "norm.weight":
+            out["model.norm.weight"] = tensor * fold["norm"] if fold["norm"] != 1.0 else tensor
+        elif name == "head.weight":
+            out["lm_head.weight"] = tensor
+        elif name.startswith("layers."):
+            _, index, rest = name.split(".", 2)
+            prefix = f"model.layers.{index}."
+            if rest in _SIMPLE:
+                out[prefix + _SIMPLE[rest]] = tensor
+            elif rest in _FUSED:
+                for part, hf_name in zip(tensor.split(_segments(model, rest), dim=0), _FUSED[rest]):
+                    if hf_name.endswith("q_proj.weight") and fold["query"] != 1.0:
+                        part = part * fold["query"]
+                    out[prefix + hf_name] = part
+            else:
+                raise CheckpointError(f"parameter {name} has no Hugging Face Llama counterpart.")
+        else:
+            raise CheckpointError(f"parameter {name} has no Hugging Face Llama counterpart.")
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
+def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
+            scales: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
+    """HF Llama's state dict as plait's full tensors (unpadded vocabulary), undoing `to_hf`'s folding."""
+    fold = _fold_factors(model, scales)
+    full = {"embed.weight": hf["model.embed_tokens.weight"] / fold["embed"] if fold["embed"] != 1.0
+            else hf["model.embed_tokens.weight"],
+            "norm.weight": hf["model.norm.weight"] / fold["norm"] if fold["norm"] != 1.0 else hf["model.norm.weight"]}
+    if not model["tie_embeddings"]:
+        full["head.weight"] = hf["lm_head.weight"]
+    for index in range(model["n_layers"]):
+        prefix = f"model.layers.{index}."
+        for rest, hf_name in _SIMPLE.items():
+            full[f"layers.{index}.{rest}"] = hf[prefix + hf_name]
+        for rest, hf_names in _FUSED.items():
+            parts = [hf[prefix + hf_name] for hf_name in hf_names]
+            if rest == "attn.wqkv.weight" and fold["query"] != 1.0:
+                parts[0] = parts[0] / fold["query"]
+            full[f"layers.{index}.{rest}"] = torch.cat(parts, dim=0)
+    return full
+
+
+def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Write `checkpoint` (any layout) as one HF Llama directory `out`; returns `out`."""
+    index, full = load_full_model(checkpoint)
+    model = index["model"]
+    tensors = {name: tensor.to(dtype) for name, tensor in to_hf(model, full, index.get("scales")).items()}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = hf_config(model)
+    config["torch_dtype"] = config["dtype"] = str(dtype).replace("torch.", "")
+    write_atomic(out / HF_WEIGHTS, safetensors_save(tensors, metadata={"format": "pt"}))
+    write_atomic(out / HF_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    return out
+
+
+_SHAPE_KEYS = {"vocab_size": "vocab_size", "hidden_size": "dim", "intermediate_size": "ffn_dim",
+               "num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+               "num_key_value_heads": "n_kv_heads", "tie_word_embeddings": "tie_embeddings"}
+
+
+def read_hf(directory: Path) -> (Dict[str, Any], Dict[str, torch.Tensor]):
+    """(config.json, state dict) of an HF Llama directory, with clear errors for what is missing."""
+    directory = Path(directory)
+    for name in (HF_CONFIG, HF_WEIGHTS):
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory / name} is missing; point at a Hugging Face Llama directory "
+                                  f"with {HF_CONFIG} and {HF_WEIGHTS}.")
+    config = json.loads((directory / HF_CONFIG).read_text())
+    return config, safetensors_load((directory / HF_WEIGHTS).read_bytes())
+
+
+@torch.no_grad()
+def init_from_hf(model, directory: Path) -> None:
+    """Copy an HF Llama directory's weights into a plait `Transformer` chunk (this rank's tp shards)."""
+    from plait.train.checkpoint import fit_rows
+    from plait.train.config import ffn_dim, kv_heads
+
+    config, hf = read_hf(directory)
+    cfg = model.cfg
+    ours = {"vocab_size": cfg.vocab_size, "dim": cfg.dim, "ffn_dim": ffn_dim(cfg), "n_layers": cfg.n_layers,
+            "n_heads": cfg.n_heads, "n_kv_heads": kv_heads(cfg), "tie_embeddings": bool(cfg.tie_embeddings)}
+    theirs = {key: config.get(hf_key, config.get("num_attention_heads") if hf_key == "num_key_value_heads" else None)
+              for hf_key, key in _SHAPE_KEYS.items()}
+    theirs["tie_embeddings"] = bool(theirs["tie_embeddings"])
+    wrong = [f"model.{key}={ours[key]} vs {theirs[key]}" for key in ours if ours[key] != theirs[key]]
+    if wrong:
+        raise CheckpointError(f"{Path(directory) / HF_CONFIG} does not fit this model: {', '.join(wrong)}; "
+                              f"set the model config to match.")
+    scales = {"embedding": model.scales.embedding, "logits": model.scales.logits, "attention": model.scales.attention}
+    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len}, hf, scales)
+    specs, grid = model.param_specs(), model.grid
+    for name, param in model.named_parameters():
+        spec = specs[name]
+        tensor = fit_rows(full[name].float(), spec) if spec.valid_rows is not None else full[name].float()
+        param.copy_(spec.shard(tensor, grid.tp_rank, grid.tp))
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`plait export CKPT OUT [--dtype float32|bfloat16|float16]`."""
+    parser = argparse.ArgumentParser(prog="plait export",
+                                     description="Write a plait checkpoint (any layout) as one Hugging Face "
+                                                 "Llama directory (config.json, model.safetensors).")
+    parser.add_argument("checkpoint", help="a checkpoint directory, or a checkpoint root (its latest is used)")
+    parser.add_argument("out", help="output directory")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    args = parser.parse_args(argv)
+    try:
+        out = export_checkpoint(Path(args.checkpoint), Path(args.out), getattr(torch, args.dtype))
+    except CheckpointError as error:
+        print(f"plait export: error: {error}", file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {out}")
+    return 0
