@@ -1,62 +1,159 @@
-"""Batches of token windows from (seed, step, dp rank) alone: a resumable, worker-free loader.
+"""The loader: batches from (seed, step, dp rank) alone; no workers, no per-sample Python, state = a few ints.
 
-For step k the global batch is `batch_size` windows of seq_len+1 tokens at offsets drawn
-from a generator seeded by (seed, k); dp rank r takes its contiguous slice and splits it
-into micro-batches. Nothing else is state, so resuming at step k replays exactly the
-batches an uninterrupted run sees, and the global batch is the same under any dp.
+For step k the global batch is positions [k B, (k+1) B) of the sampler (`plait.data.sampler`:
+blend, then per-epoch permutation, all computed on the fly). dp rank r takes the r-th
+contiguous slice of B / dp positions and splits it, in order, into `microbatches`
+micro-batches, so the global batch is the same whatever dp is, ranks of one step never read
+the same sample (within an epoch), and resuming at step k replays exactly the batches of an
+uninterrupted run. The windows are gathered where the tokens live: a unified tensor lets
+the GPU read them from pinned host memory in place (`plait.data.unified`).
+
+Sampling is a pure function, but is computed a chunk of positions at a time and memoized
+(the last chunk only), so its Python overhead is paid once per few hundred steps.
 """
 
-from pathlib import Path
-from typing import Optional
+import logging
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from plait.data.dataset import OpenShard, TokenDataset, TokenSpan
+from plait.data.errors import DataError
+from plait.data.sampler import Sampler
+from plait.data.shards import TokenShard
 
-class TokenWindows:
-    """Random windows of a memory-mapped uint16 token file."""
+log = logging.getLogger("plait")
 
-    def __init__(self, path: Path, seq_len: int):
-        self.path = Path(path)
-        self.tokens = np.memmap(self.path, dtype=np.uint16, mode="r")
-        self.seq_len = seq_len
-        if len(self.tokens) <= seq_len + 1:
-            raise ValueError(f"{self.path} holds {len(self.tokens)} tokens, fewer than one window of "
-                             f"train.seq_len+1={seq_len + 1}; use more text or a shorter train.seq_len.")
+CHUNK_POSITIONS = 8192
+TRAIN_STREAM, VAL_STREAM = 0, 1
 
-    def offsets(self, seed: int, step: int, count: int, stream: int = 0) -> np.ndarray:
-        generator = np.random.default_rng([seed, stream, step])
-        return generator.integers(0, len(self.tokens) - self.seq_len - 1, size=count)
 
-    def gather(self, offsets: np.ndarray) -> torch.Tensor:
-        index = offsets[:, None] + np.arange(self.seq_len + 1)
-        return torch.from_numpy(self.tokens[index].astype(np.int64))
+class _Stream:
+    """A blend of datasets read by global position, with the sampler's output memoized one chunk at a time."""
+
+    def __init__(self, datasets: Sequence[TokenDataset], weights: Sequence[float], seed: int, stream: int):
+        self.datasets = list(datasets)
+        self.sampler = Sampler([len(d) for d in datasets], weights, seed, stream, [d.name for d in datasets])
+        self._chunk, self._ids = -1, None
+
+    def samples(self, start: int, count: int):
+        """(dataset ids, sample ids) of positions [start, start + count)."""
+        first, last = start // CHUNK_POSITIONS, (start + count - 1) // CHUNK_POSITIONS
+        if first != last or count > CHUNK_POSITIONS:
+            return self.sampler(np.arange(start, start + count))
+        if first != self._chunk:
+            self._ids = self.sampler(np.arange(first * CHUNK_POSITIONS, (first + 1) * CHUNK_POSITIONS))
+            self._chunk = first
+        begin = start - first * CHUNK_POSITIONS
+        return self._ids[0][begin:begin + count], self._ids[1][begin:begin + count]
+
+    def gather(self, start: int, count: int) -> torch.Tensor:
+        dataset, sample = self.samples(start, count)
+        if len(self.datasets) == 1:
+            return self.datasets[0].gather(sample)
+        first = self.datasets[0]
+        out = torch.empty((count, first.seq_len + 1), dtype=torch.int64, device=first.device)
+        for d in np.unique(dataset):
+            rows = np.flatnonzero(dataset == d)
+            out.index_copy_(0, torch.from_numpy(rows).to(first.device), self.datasets[d].gather(sample[rows]))
+        return out
+
+
+def _as_list(items) -> list:
+    if items is None:
+        return []
+    return list(items) if isinstance(items, (list, tuple)) else [items]
 
 
 class Loader:
-    """`batch(step)` -> LongTensor [microbatches, micro_batch, seq_len+1] for this dp rank."""
+    """`batch(step)` -> LongTensor [microbatches, micro_batch, seq_len+1] for this dp rank; `val_batch(i)` alike."""
 
-    def __init__(self, train_path: Path, val_path: Optional[Path], seq_len: int, batch_size: int,
-                 microbatches: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 device: torch.device = torch.device("cpu")):
-        self.train = TokenWindows(train_path, seq_len)
-        self.val = TokenWindows(val_path, seq_len) if val_path is not None else None
-        self.batch_size, self.microbatches = batch_size, microbatches
-        self.dp_rank, self.dp_size, self.seed, self.device = dp_rank, dp_size, seed, device
-        self.micro_batch = batch_size // (dp_size * microbatches)
+    def __init__(self, train, val, seq_len: int, batch_size: int, microbatches: int, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0, device: torch.device = torch.device("cpu"),
+                 weights: Optional[Sequence[float]] = None):
+        """`train` and `val`: a TokenDataset, a shard path (`x.bin`, `x.idx` or `x`), or a list of them (a blend,
+        mixed by `weights`); `val` may be None. Paths are opened on `device` and closed by `close()`."""
+        self._closers: List = []
+        train = [self._dataset(t, seq_len, device) for t in _as_list(train)]
+        val = [self._dataset(v, seq_len, device) for v in _as_list(val)]
+        weights = list(weights) if weights is not None else [1.0] * len(train)
+        if batch_size % (dp_size * microbatches):
+            raise DataError(f"train.batch_size={batch_size} is not divisible by dp x microbatches = "
+                            f"{dp_size} x {microbatches}.")
+        self.batch_size, self.microbatches, self.dp_rank, self.dp_size = batch_size, microbatches, dp_rank, dp_size
+        self.per_rank = batch_size // dp_size
+        self.micro_batch = self.per_rank // microbatches
+        self.seq_len = seq_len
+        self.seed, self.step = seed, 0
+        self.weights = weights
+        self.val_weights = weights if len(val) == len(train) else [1.0] * len(val)
+        self._open_streams(train, val)
 
-    def _local(self, windows: TokenWindows, step: int, stream: int) -> torch.Tensor:
-        offsets = windows.offsets(self.seed, step, self.batch_size, stream)
-        per_rank = self.batch_size // self.dp_size
-        mine = offsets[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-        batch = windows.gather(mine).view(self.microbatches, self.micro_batch, -1)
-        return batch.to(self.device, non_blocking=True)
+    def _dataset(self, item, seq_len: int, device) -> TokenDataset:
+        if isinstance(item, TokenDataset):
+            if item.seq_len != seq_len:
+                raise DataError(f"{item.name} was opened for seq_len {item.seq_len}, not {seq_len}.")
+            return item
+        shard = OpenShard(TokenShard(item), torch.device(device))
+        self._closers.append(shard.close)
+        return TokenDataset([TokenSpan(shard, 0, len(shard.shard))], seq_len)
+
+    def _open_streams(self, train: Sequence[TokenDataset], val: Sequence[TokenDataset]) -> None:
+        self.train = _Stream(train, self.weights, self.seed, TRAIN_STREAM)
+        self.val = _Stream(val, self.val_weights, self.seed, VAL_STREAM) if val else None
+
+    def _local(self, stream: _Stream, step: int) -> torch.Tensor:
+        start = step * self.batch_size + self.dp_rank * self.per_rank
+        return stream.gather(start, self.per_rank).view(self.microbatches, self.micro_batch, self.seq_len + 1)
 
     def batch(self, step: int) -> torch.Tensor:
-        return self._local(self.train, step, 0)
+        """This rank's micro-batches of training step `step` (a pure function of seed, step, dp rank)."""
+        self.step = step + 1
+        return self._local(self.train, step)
+
+    def next(self) -> torch.Tensor:
+        """The batch after the last one read (step 0 first; continues from `load_state`)."""
+        return self.batch(self.step)
 
     def val_batch(self, index: int) -> torch.Tensor:
-        return self._local(self.val, index, 1)
+        """Validation batch `index`: the same for every run with this seed (its own sample stream)."""
+        if self.val is None:
+            raise DataError("the data has no validation split (too short for one window); set train.eval_every=0 "
+                            "or raise data.val_fraction.")
+        return self._local(self.val, index)
 
-    def state(self) -> dict:
-        return {"seed": self.seed}
+    def state(self) -> Dict[str, int]:
+        """Everything needed to resume exactly: the next step, the seed, and the batch size it assumes."""
+        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size}
+
+    def load_state(self, state: Dict[str, int]) -> None:
+        if int(state["batch_size"]) != self.batch_size:
+            raise DataError(f"the checkpoint's loader read batches of {state['batch_size']} but train.batch_size="
+                            f"{self.batch_size}; resume with train.batch_size={state['batch_size']}.")
+        if int(state["seed"]) != self.seed:
+            log.warning("data: resuming with the checkpoint's loader seed %s (not %s)", state["seed"], self.seed)
+            self.seed = int(state["seed"])
+            self._open_streams(self.train.datasets, self.val.datasets if self.val else [])
+        self.step = int(state["step"])
+
+    def close(self) -> None:
+        """Release the datasets' unified tensors (unregisters pinned host memory on CUDA)."""
+        for close in self._closers:
+            close()
+        self._closers = []
+
+    @classmethod
+    def from_config(cls, cfg, seq_len: int, batch_size: int, microbatches: int, dp_rank: int = 0, dp_size: int = 1,
+                    seed: int = 0, device: torch.device = torch.device("cpu"),
+                    model_vocab: Optional[int] = None) -> "Loader":
+        """Open every corpus `cfg` (a DataConfig) names, preparing text into the cache first when needed."""
+        from plait.data.sources import open_sources
+
+        sources, weights = open_sources(cfg, seq_len, torch.device(device), model_vocab)
+        vals = [s.val for s in sources]
+        val = vals if all(v is not None for v in vals) else [v for v in vals if v is not None]
+        loader = cls([s.train for s in sources], val, seq_len, batch_size, microbatches, dp_rank, dp_size, seed,
+                     device, weights)
+        loader._closers += [s.close for s in sources]
+        return loader

@@ -1,0 +1,5 @@
+"""The one exception of plait.data: a corpus or shard that cannot be used, in one sentence naming the file."""
+
+
+class DataError(ValueError):
+    """Bad data (missing, empty, truncated, corrupted, wrong dtype or vocabulary); the message names the path."""
