@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 TOOLS: Dict[str, str] = {
     # "name": "module:function" ; multi-word names ("data prepare") are matched first
     "export": "plait.train.export:main",
+    "mup coord-check": "plait.train.coord_check:main",
     "schedule": "plait.parallel.pipeline.cli:main",
 }
 

@@ -32,6 +32,7 @@ from plait.train import checkpoint as checkpoint_lib
 from plait.train import metrics as metrics_lib
 from plait.train.config import Config, micro_batch_size, to_yaml, validate
 from plait.train.model import Transformer, build_model
+from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.step import autocast, forward_backward
 
 log = logging.getLogger("plait")
@@ -63,7 +64,7 @@ class Trainer:
         self.named_params = dict(self.model.named_parameters())
         self.specs = self.model.param_specs()
         self.partial_grad_params = [p for n, p in self.named_params.items() if self.specs[n].tp_partial_grad]
-        self.optimizer = build_optimizer(self.named_params, cfg.optim, device=self.device)
+        self.optimizer = build_optimizer(self.named_params, cfg.optim, self.parametrization.group_of, self.device)
         self.loader = self._build_loader()
         self.run_dir = resolve_run_dir(cfg, self.grid)
         self.step_num = 0
@@ -86,7 +87,11 @@ class Trainer:
     # construction -------------------------------------------------------------------
     def _build_model(self) -> Transformer:
         cfg = self.cfg
-        model = build_model(cfg.model, self.grid, cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel)
+        self.parametrization = build_parametrization(cfg.model, cfg.optim)  # muP or standard, by optim.mup
+        model = build_model(cfg.model, self.grid, cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel,
+                            scales=self.parametrization.scales, std_of=self.parametrization.std_of)
+        if self.parametrization.zero_query:
+            zero_queries(model)
         model.to(self.device)
         n_params = sum(p.numel() for p in model.parameters())
         if self.is_logger:

@@ -1,0 +1,98 @@
+"""muP: the same init stds, learning rates and logit multiplier as the `mup` package; the
+standard parametrization through the same path; the coordinate check passes under muP and
+fails under the standard parametrization; tp=2 and ZeRO-1 give one process's losses."""
+
+import math
+
+import pytest
+import torch
+
+from plait.optim.builder import build_optimizer
+from plait.optim.config import OptimConfig
+from plait.optim.schedule import apply_lr
+from plait.train.config import ModelConfig
+from plait.train.model import Transformer, default_init_std
+from plait.train.parametrization import build_parametrization
+
+LR, WD = 1e-2, 0.1
+
+
+def small(dim):
+    return ModelConfig(dim=dim, n_layers=2, n_heads=4, vocab_size=256, max_seq_len=64, base_dim=32)
+
+
+def plait_lrs_and_wds(model, cfg, mup):
+    """{name: (lr, weight decay)} of each parameter's group once the schedule has set it."""
+    optim_cfg = OptimConfig(name="adamw", lr=LR, weight_decay=WD, warmup_steps=0, schedule="constant", mup=mup)
+    param = build_parametrization(cfg, optim_cfg)
+    optimizer = build_optimizer(dict(model.named_parameters()), optim_cfg, param.group_of)
+    apply_lr(optimizer, 5, 10, optim_cfg)
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}, param
+
+
+def test_mup_matches_the_mup_package():
+    import mup
+
+    cfg = small(128)  # width_mult 4 over base 32 (MLP fan-in 352 over 96)
+    model, base, delta = Transformer(cfg), Transformer(small(32)), Transformer(small(64))
+    mup.set_base_shapes(model, base, delta=delta)
+    ref = mup.MuAdam(model.parameters(), lr=LR, weight_decay=WD, impl=torch.optim.AdamW)
+    ref_of = {id(p): (g["lr"], g["weight_decay"]) for g in ref.param_groups for p in g["params"]}
+    ours, param = plait_lrs_and_wds(model, cfg, mup=True)
+    specs = model.param_specs()
+    hidden = 0
+    for name, p in model.named_parameters():
+        ref_lr, ref_wd = ref_of[id(p)]
+        assert ours[name][0] == pytest.approx(ref_lr, rel=1e-12), name
+        if p.ndim >= 2:
+            assert ours[name][1] == pytest.approx(ref_wd, rel=1e-12), name
+        else:
+            assert ours[name][1] == 0.0  # plait never decays norm gains or biases
+        if p.ndim < 2:
+            continue
+        hidden += p.infshape.ninf() == 2
+        torch.manual_seed(7)
+        with torch.no_grad():
+            mup.init.normal_(p, std=default_init_std(name, specs[name], cfg))
+        torch.manual_seed(7)
+        expected = torch.empty_like(p).normal_(0.0, param.std_of(name, specs[name]))
+        assert torch.equal(p.data, expected), f"init std of {name} differs from mup's"
+    assert hidden == 8 and ours["layers.0.mlp.w2.weight"][0] == pytest.approx(LR * 96 / 352)
+
+    class Readout(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.head = mup.MuReadout(dim, 256, bias=False, output_mult=1.0)
+
+    readout = Readout(128)
+    mup.set_base_shapes(readout, Readout(32), delta=Readout(64))
+    x = torch.randn(3, 128)
+    expected = readout.head(x)
+    assert torch.allclose(torch.nn.functional.linear(x, readout.head.weight) * param.scales.logits, expected,
+                          rtol=1e-6, atol=1e-7)
+    assert param.scales.attention == pytest.approx(math.sqrt(8) / 32)  # attn_mult * sqrt(base d_head) / d_head
+
+
+def test_standard_parametrization_is_the_same_path_with_unit_multipliers():
+    cfg = small(128)
+    model = Transformer(cfg)
+    ours, param = plait_lrs_and_wds(model, cfg, mup=False)
+    for name, p in model.named_parameters():
+        assert ours[name] == (LR, WD if p.ndim >= 2 else 0.0), name
+        entry = param.table[name]
+        assert (entry.init_mult, entry.lr_mult) == (1.0, 1.0)
+    assert (param.scales.embedding, param.scales.logits, param.scales.attention) == (1.0, 1.0, None)
+    assert {e.role for e in param.table.values()} == {"input", "hidden", "output", "vector"}
+
+
+def test_coordinate_check(stdlib_tokens):
+    """mup's criterion: under muP every hidden layer at width 4w within 1.2x of width w at steps 1-3."""
+    from plait.train.coord_check import coord_data, growth, worst_hidden
+
+    settings = dict(steps=3, seeds=3, optim="lion", lr=2e-3, base_dim=64)
+    mup_coords = coord_data([64, 256], True, str(stdlib_tokens[0]), **settings)
+    sp_coords = coord_data([64, 256], False, str(stdlib_tokens[0]), **settings)
+    assert worst_hidden(mup_coords) <= 1.2, growth(mup_coords)
+    assert growth(mup_coords)["logits"][1] <= 1.2  # the logits may shrink at init, never grow
+    assert worst_hidden(sp_coords) > 2.0, growth(sp_coords)

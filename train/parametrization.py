@@ -1,0 +1,116 @@
+"""Wire muP (plait.optim.mup) into the model: shapes in, init stds, groups and scales out.
+
+`plait.optim.mup` takes plain shapes; this module gets them from the model config. The
+base and delta shapes come from the same decoder built on the meta device (no memory)
+at `model.base_dim` and twice that, so each parameter's role is decided by its global,
+unsharded shape and does not change under tp or pp. With `optim.mup=false` the same
+path gives the standard parametrization (every multiplier 1).
+"""
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from plait.optim.config import OptimConfig
+from plait.optim.mup import ForwardScales, MupRole, forward_scales, group_key, mup_table
+from plait.parallel.grid import Grid
+from plait.parallel.sharding import ShardSpec
+from plait.train.config import ConfigError, ModelConfig, kv_heads
+from plait.train.model import Scales, Transformer, default_init_std
+
+log = logging.getLogger("plait")
+
+
+def as_model_config(cfg) -> ModelConfig:
+    """A plain ModelConfig from a dataclass or Hydra's DictConfig of one."""
+    return ModelConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(ModelConfig)})
+
+
+def base_widths(cfg: ModelConfig) -> Tuple[int, int]:
+    """(base_dim, base_head_dim): the configured ones, else the model's own (width_mult 1)."""
+    head_dim = cfg.dim // cfg.n_heads
+    base_dim = int(cfg.base_dim or cfg.dim)
+    base_head_dim = int(cfg.base_head_dim or (head_dim if base_dim == cfg.dim else base_dim // cfg.n_heads))
+    if base_dim % base_head_dim or base_head_dim % 2:
+        raise ConfigError(f"model.base_head_dim={base_head_dim} must be even and divide model.base_dim={base_dim}; "
+                          "set model.base_head_dim to an even divisor of the base width.")
+    return base_dim, base_head_dim
+
+
+def config_at_width(cfg: ModelConfig, dim: int, head_dim: int) -> ModelConfig:
+    """The same decoder at width `dim` with heads of `head_dim` (kv groups and MLP ratio kept)."""
+    n_heads = dim // head_dim
+    group = cfg.n_heads // kv_heads(cfg)
+    ffn = None if not cfg.ffn_dim else max(1, round(cfg.ffn_dim * dim / cfg.dim))
+    return dataclasses.replace(cfg, dim=dim, n_heads=n_heads, n_kv_heads=max(1, n_heads // group), ffn_dim=ffn)
+
+
+def full_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
+    """Every global parameter name's full shape, from a whole model on the meta device."""
+    model = Transformer(cfg, Grid.single(), device="meta")
+    specs = model.param_specs()
+    return {name: tuple(specs[name].full_shape if name in specs else param.shape)
+            for name, param in model.named_parameters()}
+
+
+def readout_name(cfg: ModelConfig) -> str:
+    return "embed.weight" if cfg.tie_embeddings else "head.weight"
+
+
+@dataclass
+class Parametrization:
+    """What muP (or the standard parametrization) sets: the table, init, groups, forward scales."""
+
+    table: Dict[str, MupRole]
+    scales: Scales
+    std_of: Callable[[str, ShardSpec], Optional[float]]
+    group_of: Callable
+    zero_query: bool
+
+
+def build_parametrization(model_cfg: ModelConfig, optim_cfg: OptimConfig) -> Parametrization:
+    """The parametrization `optim.mup` asks for, from the model config alone (any layout)."""
+    model_cfg = as_model_config(model_cfg)
+    base_dim, base_head_dim = base_widths(model_cfg)
+    head_dim = model_cfg.dim // model_cfg.n_heads
+    delta_head_dim = base_head_dim if head_dim == base_head_dim else 2 * base_head_dim  # grow what the target grows
+    base = full_shapes(config_at_width(model_cfg, base_dim, base_head_dim))
+    delta = full_shapes(config_at_width(model_cfg, 2 * base_dim, delta_head_dim))
+    readout = readout_name(model_cfg)
+    table = mup_table(full_shapes(model_cfg), base, delta, [readout], enabled=optim_cfg.mup)
+    numbers: ForwardScales = forward_scales(table[readout].width_mult, head_dim, base_head_dim,
+                                            optim_cfg.mup_input_mult, optim_cfg.mup_output_mult,
+                                            optim_cfg.mup_attn_mult, enabled=optim_cfg.mup)
+    zero_readout = optim_cfg.mup and optim_cfg.mup_zero_readout and not model_cfg.tie_embeddings
+
+    def std_of(name: str, spec: ShardSpec) -> Optional[float]:
+        if zero_readout and name == readout:
+            return 0.0
+        return default_init_std(name, spec, model_cfg) * table[name].init_mult
+
+    if optim_cfg.mup:
+        log.info("muP: width %d over base %d (head dim %d over %d), readout scale %.4g, attention scale %.4g",
+                 model_cfg.dim, base_dim, head_dim, base_head_dim, numbers.logits, numbers.attention)
+    return Parametrization(table, Scales(numbers.embedding, numbers.logits, numbers.attention), std_of,
+                           group_key(table), optim_cfg.mup and optim_cfg.mup_zero_query)
+
+
+@torch.no_grad()
+def zero_queries(model: Transformer) -> None:
+    """Zero the query rows of every fused Q|K|V weight (this rank's shard of each segment)."""
+    specs = model.param_specs()
+    for name, param in model.named_parameters():
+        if name.endswith("attn.wqkv.weight"):
+            param[: specs[name].segments[0] // model.grid.tp].zero_()
+
+
+def init_model(model: Transformer, seed: int, parametrization: Parametrization) -> None:
+    """Initialize `model` (layout-independent) with the parametrization's stds."""
+    from plait.train.model import init_parameters
+
+    init_parameters(model, seed, parametrization.std_of)
+    if parametrization.zero_query:
+        zero_queries(model)
