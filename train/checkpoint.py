@@ -565,13 +565,13 @@ def restore_trainer(trainer, path: Path) -> None:
     same = same_layout(reader.index, grid, int(trainer.cfg.parallel.vpp))
     rank_state = reader.rank_state(grid.rank if same else 0)
     trainer.step_num = int(rank_state["step"])
+    if rank_state.get("loader") is not None and hasattr(trainer.loader, "load_state"):
+        trainer.loader.load_state(rank_state["loader"])  # (seed, step, global batch): the same under any dp
     if same:
         _load_rng_state(trainer, rank_state["rng"])
-        if rank_state.get("loader") is not None and hasattr(trainer.loader, "load_state"):
-            trainer.loader.load_state(rank_state["loader"])
     else:
-        log.info("checkpoint: layout changed (%s -> %s); per-rank RNG not restored, the loader resumes from "
-                 "the step", reader.index.get("layout"), grid.layout.describe())
+        log.info("checkpoint: layout changed (%s -> %s); per-rank RNG streams start from the seed",
+                 reader.index.get("layout"), grid.layout.describe())
     log.info("checkpoint: resumed from %s at step %d", reader.path, trainer.step_num)
 
 
