@@ -32,6 +32,9 @@ def run(cfg: DictConfig) -> dict:
     from plait.train.trainer import Trainer
 
     setup_logging(cfg.logging.level)
+    if cfg.train.dry_run:  # plan only: shard shapes on the meta device, no process group
+        from plait.launch.plan import dry_run
+        return dry_run(cfg)
     try:
         trainer = Trainer(cfg)
     except USER_ERRORS as error:

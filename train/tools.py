@@ -12,6 +12,7 @@ TOOLS: Dict[str, str] = {
     # "name": "module:function" ; multi-word names ("data prepare") are matched first
     "export": "plait.train.export:main",
     "mup coord-check": "plait.train.coord_check:main",
+    "plan": "plait.launch.plan:main",
     "schedule": "plait.parallel.pipeline.cli:main",
 }
 

@@ -1,0 +1,259 @@
+"""Plan before you spend: shard shapes, memory, bubble and traffic for any world size, on no cluster.
+
+`plait plan model=70b parallel.tp=8 parallel.pp=8 launch.world_size=1024` (and
+`plait-train ... train.dry_run=true`) builds the grid arithmetic (`Layout`, no process
+groups) and each pipeline stage's model chunk on the meta device (real shard shapes, no
+memory), then prints per rank:
+
+- parameters, and bytes for weights, gradients and optimizer state (fp32 master weights
+  and grads; AdamW keeps 2 fp32 states, Lion 1; ZeRO-1 divides the state by dp);
+- activations saved for backward, counted tensor by tensor from this model's own forward
+  (`block_activation_elements`: checked against a real CPU forward in tests/test_plan.py),
+  times the micro-batches in flight under the schedule, with and without offload;
+- the pipeline bubble from the schedule simulator, and bytes each rank sends per step over
+  tp (ring all-reduce / all-gather / reduce-scatter), dp (grad all-reduce) and pp (p2p).
+
+All ranks of one pp stage hold the same shapes (tp splits evenly, dp replicates), so the
+table has one row per pp stage.
+"""
+
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from plait.parallel.grid import Grid, Layout
+
+GiB = 1024 ** 3
+
+
+@dataclass
+class StagePlan:
+    """One pp stage's figures (bytes unless named otherwise)."""
+
+    pp_rank: int
+    layers: int
+    params: int  # on each rank of this stage
+    full_params: int  # of the stage's whole chunk (tp shards summed, replicated norms once)
+    weights: int
+    grads: int
+    optimizer: int
+    optimizer_zero1: int
+    activations: int
+    activations_offload: int
+    inflight: int
+    tp_bytes: int
+    dp_bytes: int
+    pp_bytes: int
+
+    def total(self, zero1: bool, offload: bool) -> int:
+        return (self.weights + self.grads + (self.optimizer_zero1 if zero1 else self.optimizer)
+                + (self.activations_offload if offload else self.activations))
+
+
+@dataclass
+class Plan:
+    layout: Layout
+    micro_batch: int
+    microbatches: int
+    vpp: int
+    schedule: str
+    bubble: float
+    stages: List[StagePlan]
+    total_params: int
+
+
+def _element_size(precision: str) -> int:
+    return 2 if precision == "bf16" else 4
+
+
+def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool) -> int:
+    """Elements one block saves for backward per micro-batch of `tokens` (b x s) tokens.
+
+    Counted from this model's forward (see train/model.py), per token:
+    each RMSNorm saves its input, 1/rms and the normalized input ((2d + 1) on the sequence
+    shard under SP) and the linear after it saves its (gathered, full-d) input; attention
+    saves the fused Q|K|V output, rotated q and k, the SDPA output and its logsumexp (one
+    per head) and the output projection's (reshaped) input; the MLP saves the gate|up
+    output, silu(gate) and the product that feeds the down projection.
+    """
+    from plait.train.config import ffn_dim, kv_heads
+
+    d = model_cfg.dim
+    head_dim = d // model_cfg.n_heads
+    q = model_cfg.n_heads * head_dim // tp
+    kv = kv_heads(model_cfg) * head_dim // tp
+    f = ffn_dim(model_cfg) // tp
+    shard = tp if sequence_parallel and tp > 1 else 1
+    norm_and_input = (2 * d + 1) / shard + d
+    attention = norm_and_input + (q + 2 * kv) + q + kv + model_cfg.n_heads // tp + 2 * q
+    mlp = norm_and_input + 2 * f + f + f
+    return int(tokens * (attention + mlp))
+
+
+def head_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool, vocab_local: int) -> int:
+    """Final norm + head input, and the vocab-sharded logits the cross-entropy keeps (per micro-batch)."""
+    shard = tp if sequence_parallel and tp > 1 else 1
+    return int(tokens * ((2 * model_cfg.dim + 1) / shard + model_cfg.dim + vocab_local))
+
+
+def stand_in_grid(layout: Layout, rank: int) -> Grid:
+    """A Grid with this rank's coordinates and no process groups: enough to build shard shapes."""
+    return Grid(layout, rank, "none", torch.device("meta"))
+
+
+def _ring(nbytes: float, n: int, factor: float) -> float:
+    """Bytes one rank sends in a ring collective over `n` ranks (all-reduce: factor 2, gather/scatter: 1)."""
+    return factor * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: int) -> StagePlan:
+    from plait.parallel.pipeline.partition import rank_chunk_plans
+    from plait.train.model import Transformer
+
+    model_cfg, parallel, train = cfg.model, cfg.parallel, cfg.train
+    tp, dp, pp, vpp, m = layout.tp, layout.dp, layout.pp, parallel.vpp, parallel.microbatches
+    grid = stand_in_grid(layout, layout.rank_of(pp_rank, 0, 0))
+    sp = bool(parallel.sequence_parallel and tp > 1)
+    chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp)
+    params, full_params, vocab_local = 0, 0, 0
+    for chunk in chunks:
+        model = Transformer(model_cfg, grid, chunk.layers, has_embedding=chunk.has_embedding, has_head=chunk.has_head,
+                            sequence_parallel=sp, device="meta")
+        params += sum(p.numel() for p in model.parameters())
+        specs = model.param_specs()
+        full_params += sum(p.numel() * (tp if specs[name].is_sharded else 1)
+                           for name, p in model.named_parameters())
+        vocab_local = model.vocab // tp
+    layers = sum(len(chunk.layers) for chunk in chunks)
+    has_head = any(chunk.has_head for chunk in chunks)
+    has_embedding = any(chunk.has_embedding for chunk in chunks)
+    tokens = micro_batch * train.seq_len
+    size = _element_size(train.precision)
+    block = block_activation_elements(model_cfg, tokens, tp, sp) * size
+    head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local) * size if has_head else 0
+    per_chunk_layers = max(1, layers // len(chunks))
+    # in flight: `inflight` (micro-batch, chunk) forwards whose backward has not run yet
+    activations = inflight * per_chunk_layers * block + head
+    resident_blocks = min(layers, cfg.offload.keep_last + cfg.offload.prefetch)
+    activations_offload = min(activations, resident_blocks * block + head)
+    optimizer_per_param = 8 if cfg.optim.name == "adamw" else 4
+    hidden_bytes = tokens * model_cfg.dim * size
+    # tp: 4 all-reduces of [b, s, d] per block per micro-batch (2 forward, 2 backward; under SP
+    # the same bytes as all-gathers + reduce-scatters), the embedding's forward all-reduce,
+    # the head's backward all-reduce, and the cross-entropy's three [b, s] all-reduces
+    tp_ops = 4 * layers + int(has_embedding) + int(has_head)
+    tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + (_ring(3 * tokens * 4, tp, 2) if has_head else 0))
+    dp_bytes = _ring(params * 4, dp, 2)  # fp32 grads (ZeRO-1: reduce-scatter + all-gather, the same bytes)
+    boundary = hidden_bytes / (tp if sp else 1)
+    sends = sum((0 if chunk.has_head else 1) + (0 if chunk.has_embedding else 1) for chunk in chunks)
+    pp_bytes = m * sends * boundary if pp > 1 else 0
+    return StagePlan(pp_rank, layers, params, full_params, params * 4, params * 4, params * optimizer_per_param,
+                     -(-params * optimizer_per_param // dp), int(activations), int(activations_offload), inflight,
+                     int(tp_bytes), int(dp_bytes), int(pp_bytes))
+
+
+def _schedule_figures(parallel, pp: int) -> Tuple[float, List[int]]:
+    """(bubble fraction, in-flight chunk forwards per pp rank) from the schedule simulator."""
+    from plait.parallel.pipeline.schedule import build_schedule, compute_order
+    from plait.parallel.pipeline.simulate import peak_live_microbatches, simulate
+
+    if pp == 1:
+        return 0.0, [1]
+    actions = build_schedule(parallel.schedule, pp, parallel.vpp, parallel.microbatches)
+    order = compute_order(_schedule_name(parallel), pp, parallel.vpp, parallel.microbatches)
+    return simulate(actions).bubble_fraction, [peak_live_microbatches(rank) for rank in order]
+
+
+def _schedule_name(parallel) -> str:
+    from plait.parallel.pipeline.schedule import schedule_name
+
+    return schedule_name(parallel.schedule, parallel.vpp)
+
+
+def plan(cfg, world_size: int) -> Plan:
+    """Every pp stage's figures for `world_size` ranks (validates the config for it first)."""
+    from plait.train.config import micro_batch_size, validate
+
+    validate(cfg, world_size)
+    parallel = cfg.parallel
+    layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp)
+    micro_batch = micro_batch_size(cfg, layout.dp)
+    bubble, inflight = _schedule_figures(parallel, layout.pp)
+    if layout.pp == 1:
+        inflight = [1]  # forward_backward frees each micro-batch's activations before the next
+    stages = [_stage_plan(cfg, layout, r, micro_batch, inflight[r]) for r in range(layout.pp)]
+    total = sum(s.full_params for s in stages)
+    return Plan(layout, micro_batch, parallel.microbatches, parallel.vpp, _schedule_name(parallel), bubble,
+                stages, total)
+
+
+def _gib(nbytes: float) -> str:
+    return f"{nbytes / GiB:.2f}"
+
+
+def format_plan(result: Plan, cfg) -> str:
+    layout = result.layout
+    lines = [
+        f"plan: model {cfg.model.name} ({result.total_params / 1e9:.3f}B parameters with vocab padding), "
+        f"{layout.describe()}",
+        f"      micro-batch {result.micro_batch} x seq {cfg.train.seq_len}, {result.microbatches} micro-batches, "
+        f"schedule {result.schedule if layout.pp > 1 else 'none'} (vpp {result.vpp}), "
+        f"bubble {result.bubble:.1%} of ideal step time, precision {cfg.train.precision}, optimizer {cfg.optim.name}",
+        "per rank (GiB; every tp/dp rank of a stage is alike):",
+        f"{'stage':>5} {'layers':>6} {'params':>12} {'weights':>8} {'grads':>8} {'optim':>8} {'optim z1':>8} "
+        f"{'act':>8} {'act off':>8} {'inflight':>8} {'total':>8} {'z1+off':>8} {'tp sent':>9} {'dp sent':>9} "
+        f"{'pp sent':>9}",
+    ]
+    for s in result.stages:
+        lines.append(
+            f"{s.pp_rank:>5} {s.layers:>6} {s.params:>12,} {_gib(s.weights):>8} {_gib(s.grads):>8} "
+            f"{_gib(s.optimizer):>8} {_gib(s.optimizer_zero1):>8} {_gib(s.activations):>8} "
+            f"{_gib(s.activations_offload):>8} {s.inflight:>8} {_gib(s.total(False, False)):>8} "
+            f"{_gib(s.total(True, True)):>8} {_gib(s.tp_bytes):>9} {_gib(s.dp_bytes):>9} {_gib(s.pp_bytes):>9}")
+    lines.append("(sent: GiB each rank sends per step; act off: with activation offload, "
+                 "offload.keep_last + offload.prefetch blocks stay resident; z1: ZeRO-1 optimizer state)")
+    return "\n".join(lines)
+
+
+def world_size_for(cfg) -> int:
+    """launch.world_size, else launch.nodes x launch.procs_per_node."""
+    return int(cfg.launch.world_size or cfg.launch.nodes * cfg.launch.procs_per_node)
+
+
+def dry_run(cfg) -> dict:
+    """`plait-train ... train.dry_run=true`: print the plan for this launch's world size and stop.
+
+    Under torchrun or Slurm the launched world size is used; alone, launch.world_size (or
+    nodes x procs_per_node). Only rank 0 prints. A bad setting exits with one line (status 2).
+    """
+    from plait.launch.env import detect
+    from plait.parallel.pipeline.schedule import ScheduleError
+    from plait.train.cli import USER_ERRORS, fail
+
+    env = detect()
+    world_size = env.world_size if env.distributed else world_size_for(cfg)
+    try:
+        result = plan(cfg, world_size)
+    except USER_ERRORS + (ScheduleError,) as error:
+        fail(str(error))
+    if env.rank == 0:
+        print(format_plan(result, cfg), flush=True)
+    return {"params": float(sum(s.params for s in result.stages)), "bubble": result.bubble}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """`plait plan <overrides>`: print the plan for launch.world_size (or nodes x procs_per_node)."""
+    from plait.parallel.pipeline.schedule import ScheduleError
+    from plait.train.cli import USER_ERRORS
+    from plait.train.config import load_config
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg = load_config(argv)
+        print(format_plan(plan(cfg, world_size_for(cfg)), cfg))
+    except USER_ERRORS + (ScheduleError,) as error:
+        print(f"plait plan: error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,109 @@
+"""`plait plan`: its figures against real tensors on small configs, and a 70B plan on 1,024 ranks."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from plait.launch.plan import block_activation_elements, head_activation_elements, plan, stand_in_grid
+from plait.optim.builder import build_optimizer
+from plait.parallel.grid import Layout
+from plait.train.config import ffn_dim, kv_heads, load_config
+from plait.train.model import Transformer, padded_vocab
+
+SMALL = ["model=tiny", "train.seq_len=64", "train.batch_size=8"]
+
+
+def saved_activation_bytes(model: Transformer, run) -> int:
+    """Bytes of distinct storages autograd saves during `run()`, parameters and buffers excluded."""
+    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
+    seen = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in owned:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("optim", ["adamw", "lion"])
+def test_weights_grads_optimizer_match_real_tensors(optim):
+    cfg = load_config(SMALL + [f"optim={optim}", "parallel.tp=2", "launch.world_size=4"])
+    result = plan(cfg, 4)
+    stage = result.stages[0]
+    # the real rank-1 shard (tp rank 1 of 2), built on the CPU with the same stand-in grid
+    model = Transformer(cfg.model, stand_in_grid(Layout(4, 2, 1, 2), 1), device="cpu")
+    params = dict(model.named_parameters())
+    for p in params.values():
+        p.grad = torch.zeros_like(p)
+    optimizer = build_optimizer(params, cfg.optim)
+    optimizer.step()
+    weights = sum(p.numel() * p.element_size() for p in params.values())
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params.values())
+    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                if torch.is_tensor(t) and t.dim() > 0)
+    assert stage.params == sum(p.numel() for p in params.values())
+    assert stage.weights == pytest.approx(weights, rel=0.10)
+    assert stage.grads == pytest.approx(grads, rel=0.10)
+    assert stage.optimizer == pytest.approx(state, rel=0.10)
+    assert stage.optimizer_zero1 == pytest.approx(state / 2, rel=0.10)  # dp = 2
+
+
+def test_activations_match_a_real_forward():
+    """The plan's activations for one micro-batch against what a real CPU forward saves."""
+    cfg = load_config(SMALL)
+    b, s = 4, 64
+    model = Transformer(cfg.model)
+    ids = torch.randint(0, cfg.model.vocab_size, (b, s + 1))
+    measured = saved_activation_bytes(model, lambda: model.loss(model(ids[:, :-1]), ids[:, 1:]))
+    planned = 4 * (cfg.model.n_layers * block_activation_elements(cfg.model, b * s, 1, False)
+                   + head_activation_elements(cfg.model, b * s, 1, False, model.vocab))
+    assert planned == pytest.approx(measured, rel=0.10)
+    # the tp=2 shard of a block (no head): the stand-in grid's mappings are the identity, shapes are real
+    block = Transformer(cfg.model, stand_in_grid(Layout(2, 2, 1, 1), 0), layers=[0], has_embedding=False,
+                        has_head=False, device="cpu")
+    x = torch.randn(b, s, cfg.model.dim, requires_grad=True)
+    measured_tp2 = saved_activation_bytes(block, lambda: block(x))
+    assert 4 * block_activation_elements(cfg.model, b * s, 2, False) == pytest.approx(measured_tp2, rel=0.10)
+    # and the trainer's memory for a whole step is the plan's: one micro-batch alive at a time (pp=1)
+    result = plan(load_config(SMALL + ["parallel.microbatches=2"]), 1)
+    assert result.stages[0].activations == pytest.approx(measured, rel=0.10)
+
+
+def llama_params(model_cfg, vocab: int) -> int:
+    """Parameter count from the architecture (untied embedding and head, no biases)."""
+    d, f = model_cfg.dim, ffn_dim(model_cfg)
+    head_dim = d // model_cfg.n_heads
+    q, kv = model_cfg.n_heads * head_dim, kv_heads(model_cfg) * head_dim
+    block = d * (q + 2 * kv) + q * d + 3 * d * f + 2 * d
+    return 2 * vocab * d + model_cfg.n_layers * block + d
+
+
+def test_70b_on_1024_ranks_and_bubble():
+    cfg = load_config(["model=70b", "parallel.tp=8", "parallel.pp=8", "parallel.microbatches=32",
+                       "train.batch_size=512", "train.seq_len=4096", "train.precision=bf16", "launch.world_size=1024"])
+    result = plan(cfg, 1024)
+    assert (result.layout.tp, result.layout.dp, result.layout.pp) == (8, 16, 8)
+    assert result.total_params == llama_params(cfg.model, padded_vocab(32000, 8))  # 68.98B
+    assert sum(s.layers for s in result.stages) == 80
+    assert result.bubble == pytest.approx(7 / 32)  # 1F1B: (p - 1) / m
+    assert [s.inflight for s in result.stages] == [8 - r for r in range(8)]  # 1F1B keeps p - r alive
+    first = result.stages[0]
+    assert first.dp_bytes == pytest.approx(2 * 15 / 16 * first.params * 4)
+
+
+def test_plan_cli_and_bad_world_size():
+    big = subprocess.run([sys.executable, "-m", "plait.train.tools", "plan", "model=70b", "parallel.tp=8",
+                          "parallel.pp=8", "parallel.vpp=2", "parallel.microbatches=32", "train.batch_size=512",
+                          "launch.world_size=1024"], capture_output=True, text=True, timeout=120)
+    assert big.returncode == 0, big.stderr
+    assert "world 1024 = tp 8 x dp 16 x pp 8" in big.stdout and "interleaved" in big.stdout
+    bad = subprocess.run([sys.executable, "-m", "plait.train.tools", "plan", "parallel.tp=2", "launch.world_size=3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "parallel.tp" in bad.stderr and "world size 3" in bad.stderr
