@@ -151,18 +151,35 @@ class ReduceScatterToSequence(torch.autograd.Function):
         return _all_gather(grad, SEQ_DIM, ctx.group), None
 
 
-Mapping = Callable[[torch.Tensor], torch.Tensor]
-
-
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
+
+
+class RegionMap:
+    """A mapping bound to its tp group: `map(x)` is `function.apply(x, group)`.
+
+    A plain object rather than a closure, so tools (the communication benchmark) can see
+    which mapping a layer uses and on which group.
+    """
+
+    def __init__(self, function, group):
+        self.function, self.group = function, group
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function.apply(x, self.group)
+
+    def __repr__(self) -> str:
+        return f"RegionMap({self.function.__name__})"
+
+
+Mapping = Callable[[torch.Tensor], torch.Tensor]
 
 
 def mapping(function, group) -> Mapping:
     """`function` bound to `group`, or the identity when the group has one rank (no communication)."""
     if group is None or _world(group) == 1:
         return _identity
-    return lambda x: function.apply(x, group)
+    return RegionMap(function, group)
 
 
 # layers -------------------------------------------------------------------------
