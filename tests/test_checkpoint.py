@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from plait.launch.signals import REQUEUE_EXIT_CODE
 from plait.train.checkpoint import CheckpointError, ShardReader, latest_checkpoint
 from tests.dist_utils import run_ranks
 
@@ -120,43 +121,82 @@ def kill_tree(pid):
             pass
 
 
-def launch(command, overrides, env):
-    return subprocess.Popen([*command, *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
+class Run:
+    """One launched training command, its output in a file (a pipe could fill and block it)."""
+
+    def __init__(self, command, overrides, env, log_path):
+        self.log_path = Path(log_path)
+        with open(self.log_path, "w") as log_file:
+            self.process = subprocess.Popen([*command, *overrides], env=env, stdout=log_file,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait(self, timeout=600):
+        self.process.wait(timeout=timeout)
+        return self.process.returncode
+
+    @property
+    def output(self):
+        return self.log_path.read_text()
+
+
+def wait_for_step(run, run_dir, step):
+    while logged_steps(run_dir) < step and run.process.poll() is None:
+        time.sleep(0.002)
+
+
+def signal_one_rank(run, sig):
+    """Send `sig` to the last worker (torchrun) or to the process itself (one rank)."""
+    import psutil
+
+    children = psutil.Process(run.process.pid).children(recursive=True)
+    workers = [c for c in children if "plait.train" in " ".join(c.cmdline())] or [psutil.Process(run.process.pid)]
+    workers[-1].send_signal(sig)
 
 
 def kill_and_resume(tmp_path, cache, command, layout, steps=20):
-    """Reference run, a run killed after step 11 is logged, and its resume; returns their losses."""
+    """Reference run; a run killed (SIGKILL, every process) after step 11 is logged; its resume,
+    preempted (SIGTERM to one rank) after step 14; and a second resume. Returns their losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    common = [*layout, "checkpoint.every=5", "checkpoint.keep=2"]
-    reference = launch(command, run_overrides(tmp_path / "reference", cache, steps, *common), env)
+    common = [*layout, "checkpoint.every=5", "checkpoint.keep=2", "train.seq_len=128", "train.batch_size=8"]
+    reference = Run(command, run_overrides(tmp_path / "reference", cache, steps, *common), env, tmp_path / "ref.log")
     run_dir = tmp_path / "killed"
-    killed = launch(command, run_overrides(run_dir, cache, steps, *common), env)
-    while logged_steps(run_dir) < 11 and killed.poll() is None:
-        time.sleep(0.005)
-    kill_tree(killed.pid)
-    killed.wait()
-    assert killed.returncode == -signal.SIGKILL, f"the run ended before the kill:\n{killed.stdout.read()}"
+    killed = Run(command, run_overrides(run_dir, cache, steps, *common), env, tmp_path / "killed.log")
+    wait_for_step(killed, run_dir, 11)
+    kill_tree(killed.process.pid)
+    assert killed.wait() == -signal.SIGKILL, f"the run ended before the kill:\n{killed.output}"
     assert logged_steps(run_dir) < steps
     checkpoints = run_dir / "checkpoints"
-    assert latest_checkpoint(checkpoints).name == "step-00000010"
-    leftover = checkpoints / ".tmp-step-00000015"  # what a kill during the next save would leave
+    latest = latest_checkpoint(checkpoints)
+    assert latest.name in ("step-00000010", "step-00000015")
+    leftover = checkpoints / ".tmp-step-00000099"  # what a kill during a save leaves behind
     leftover.mkdir(exist_ok=True)
     (leftover / "model-tp00-pp00.safetensors").write_bytes(b"half written")
 
-    resumed = launch(command, run_overrides(run_dir, cache, steps, *common, "train.resume=auto"), env)
-    output = resumed.communicate(timeout=600)[0]
-    assert resumed.returncode == 0, output
-    assert "resumed from" in output and "step-00000010 at step 10" in output, output
+    resumed = Run(command, run_overrides(run_dir, cache, steps, *common, "train.resume=auto"), env,
+                  tmp_path / "resumed.log")
+    wait_for_step(resumed, run_dir, 14)
+    signal_one_rank(resumed, signal.SIGTERM)
+    code = resumed.wait()
+    output = resumed.output
+    assert f"resumed from {latest} at step {int(latest.name[5:])}" in output, output
     assert not leftover.exists()
-    output = reference.communicate(timeout=600)[0]
-    assert reference.returncode == 0, output
-    return read_losses(tmp_path / "reference"), read_losses(run_dir)
+    preempted = latest_checkpoint(checkpoints)
+    stopped_at = int(preempted.name[5:])
+    assert 14 <= stopped_at < steps, output
+    assert code == (REQUEUE_EXIT_CODE if len(command) == 3 else 1), output  # torchrun: a failed worker is 1
+    assert ShardReader(preempted).rank_state(0)["step"] == stopped_at
+
+    final = Run(command, run_overrides(run_dir, cache, steps, *common, "train.resume=auto"), env,
+                tmp_path / "final.log")
+    assert final.wait() == 0, final.output
+    assert f"at step {stopped_at}" in final.output
+    assert reference.wait() == 0, reference.output
+    return read_losses(tmp_path / "reference"), read_losses(run_dir), stopped_at
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", [1, 2])
-def test_kill_and_resume_is_exact(tmp_path, stdlib_tokens, ranks):
+def test_kill_preempt_and_resume_are_exact(tmp_path, stdlib_tokens, ranks):
     cache = stdlib_tokens[0].parent.parent
     if ranks == 1:
         command, layout = [sys.executable, "-m", "plait.train"], []
@@ -164,11 +204,12 @@ def test_kill_and_resume_is_exact(tmp_path, stdlib_tokens, ranks):
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                    "-m", "plait.train"]
         layout = [f"parallel.tp={ranks}"]
-    reference, resumed = kill_and_resume(tmp_path, cache, command, layout)
+    reference, resumed, stopped_at = kill_and_resume(tmp_path, cache, command, layout)
     assert sorted(reference) == list(range(1, 21))
     assert [resumed[step] for step in range(11, 21)] == [reference[step] for step in range(11, 21)]
     kept = sorted(path.name for path in (tmp_path / "killed" / "checkpoints").iterdir())
-    assert kept == ["latest", "step-00000015", "step-00000020"]
+    saved = sorted({stopped_at, 20, *(step for step in (15,) if step > stopped_at)})  # keep=2: the last two
+    assert kept == ["latest", *(f"step-{step:08d}" for step in saved[-2:])]
 
 
 # damaged and foreign input ------------------------------------------------------------------
@@ -238,3 +279,19 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, stdlib_tokens):
     trainer = make_trainer(run_overrides(tmp_path / "fresh", cache, 3, "train.resume=auto"))
     assert trainer.step_num == 0
     trainer.close()
+
+
+def test_init_from_checkpoint_or_hf_directory(saved_run):
+    from plait.train.checkpoint import load_full_model
+    from plait.train.export import export_checkpoint
+
+    tmp_path, cache, _ = saved_run
+    root = tmp_path / "run" / "checkpoints"
+    _, saved = load_full_model(root)
+    export_checkpoint(root, tmp_path / "hf")
+    for source in (root, tmp_path / "hf"):
+        trainer = make_trainer(run_overrides(tmp_path / "init", cache, 3, f"checkpoint.init_from={source}"))
+        assert trainer.step_num == 0 and not trainer.optimizer.state
+        for name, param in trainer.named_params.items():
+            assert torch.equal(param[:saved[name].shape[0]], saved[name]), (source, name)
+        trainer.close()

@@ -60,6 +60,20 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, damaged, or does not fit the model; one sentence naming the file or keys."""
 
 
+class Preempted(SystemExit):
+    """Raised by the training loop after a preemption signal: the step finished and the checkpoint is written.
+
+    A SystemExit whose code is the launch layer's requeue status, so an uncaught one ends
+    the process with that status (no traceback); a custom loop can catch it.
+    """
+
+    def __init__(self, step: int, path: Optional[Path] = None):
+        from plait.launch.signals import REQUEUE_EXIT_CODE
+
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.step, self.path = step, path
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -579,3 +593,18 @@ def due(cfg, step: int) -> bool:
     """Whether `checkpoint.every` asks for a checkpoint after `step`."""
     every = int(cfg.checkpoint.every)
     return every > 0 and step % every == 0
+
+
+@torch.no_grad()
+def init_weights(trainer, source: str) -> None:
+    """`checkpoint.init_from`: initial weights only (step 0, fresh optimizer), from a Hugging Face Llama
+    directory (config.json + model.safetensors) or from a plait checkpoint of any layout."""
+    path = Path(source)
+    if (path / "config.json").is_file() and not (path / INDEX).is_file():
+        from plait.train.export import init_from_hf
+
+        for chunk in _chunks(trainer):
+            init_from_hf(chunk, path)
+    else:
+        load_params(ShardReader(path), trainer.named_params, trainer.specs, trainer.grid)
+    log.info("checkpoint: initial weights from %s", path)

@@ -75,6 +75,7 @@ class CheckpointConfig:
     keep: int = 2
     dir: Optional[str] = None  # default: <run_dir>/checkpoints
     save_final: bool = True
+    init_from: Optional[str] = None  # initial weights only: a Hugging Face Llama directory or a plait checkpoint
 
 
 @dataclass

@@ -23,6 +23,7 @@ from plait.data.loader import Loader
 from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash_if_due
 from plait.launch.rundir import resolve_run_dir
+from plait.launch.signals import PreemptionFlag
 from plait.optim.builder import build_optimizer
 from plait.optim.clip import clip_by_norm, global_grad_norm
 from plait.optim.schedule import apply_lr
@@ -83,6 +84,8 @@ class Trainer:
         if resume_from is not None:
             checkpoint_lib.restore_trainer(self, resume_from)
             self.checkpoint_step = self.step_num
+        elif cfg.checkpoint.init_from:
+            checkpoint_lib.init_weights(self, cfg.checkpoint.init_from)
 
     # construction -------------------------------------------------------------------
     def _build_model(self) -> Transformer:
@@ -159,6 +162,7 @@ class Trainer:
         cfg, last = self.cfg.train, {}
         if self.is_logger:
             log.info("run directory: %s", self.run_dir)
+        preemption = PreemptionFlag()  # SIGTERM / SIGUSR1 only raise a flag; all ranks agree below
         while self.step_num < cfg.steps:
             crash_if_due(self.step_num, self.grid.rank)  # PLAIT_FAULT_AT_STEP: restart tests only
             record = self.step()
@@ -174,6 +178,10 @@ class Trainer:
             last = record
             if checkpoint_lib.due(self.cfg, self.step_num):
                 self.save_checkpoint()
+            if preemption.should_stop(self.grid):
+                preemption.restore()
+                self.stop_for_requeue()
+        preemption.restore()
         if self.cfg.checkpoint.save_final and self.checkpoint_step != self.step_num:
             self.save_checkpoint()
         self.sink.close()
@@ -184,6 +192,15 @@ class Trainer:
         path = checkpoint_lib.save_trainer(self)
         self.checkpoint_step = self.step_num
         return path
+
+    def stop_for_requeue(self) -> None:
+        """Preempted: checkpoint this step (unless just done), close the sinks, exit with the requeue status.
+
+        Raises `checkpoint.Preempted`, a SystemExit carrying `launch.signals.REQUEUE_EXIT_CODE`.
+        """
+        path = self.save_checkpoint() if self.checkpoint_step != self.step_num else None
+        self.sink.close()
+        raise checkpoint_lib.Preempted(self.step_num, path)
 
     def close(self) -> None:
         self.sink.close()
