@@ -1,7 +1,7 @@
 """Fault injection for restart tests: one environment variable, read in one place.
 
-`PLAIT_FAULT_AT_STEP=k` makes rank `PLAIT_FAULT_RANK` (default 0) exit with status 1 just
-before it trains step k, in the first torchrun round only (TORCHELASTIC_RESTART_COUNT 0),
+`PLAIT_FAULT_AT_STEP=k` makes rank `PLAIT_FAULT_RANK` (default 0) exit with status 1 once
+k steps are done (before it trains step k + 1), in the first torchrun round only (TORCHELASTIC_RESTART_COUNT 0),
 as a crashed worker would: the other ranks are left waiting in a collective until torchrun
 tears the round down and restarts it (`launch.max_restarts`).
 """
