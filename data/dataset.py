@@ -28,10 +28,10 @@ _STORAGE = {np.dtype(np.uint8): (np.uint8, torch.uint8), np.dtype(np.int8): (np.
 class OpenShard:
     """A shard's tokens as a `UnifiedTensor` on `device` (registered once, shared by its spans)."""
 
-    def __init__(self, shard: TokenShard, device: torch.device):
+    def __init__(self, shard: TokenShard, device: torch.device, mode: str = "auto"):
         self.shard = shard
         signed, self.bits_type = _STORAGE[shard.dtype]
-        self.unified = UnifiedTensor(shard.tokens.view(signed), device)
+        self.unified = UnifiedTensor(shard.tokens.view(signed), device, mode)
 
     def close(self) -> None:
         self.unified.close()

@@ -191,7 +191,10 @@ class _NoPool:
 def _pool(workers: int):
     if workers <= 1:
         return _NoPool()
-    return multiprocessing.get_context("spawn").Pool(workers)
+    # fork where there is one: workers need no re-import of the caller (plait-train has torch loaded)
+    # and only run numpy and tokenizers code
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    return multiprocessing.get_context(method).Pool(workers)
 
 
 def _progress(total: int, enabled: bool):

@@ -86,12 +86,15 @@ def open_source(path: Optional[str], cfg: DataConfig, seq_len: int, device: torc
 
 def _open_prepared(directory: Path, seq_len: int, device: torch.device, name: str) -> Source:
     meta = _read_meta(directory)
-    train, val = TokenShard(directory / "train"), TokenShard(directory / "val")
-    for shard in (train, val):
+    shards = [TokenShard(directory / "train")]
+    if meta.get("val_tokens", 1) > 0:  # prepared with val_fraction=0: no validation file to open
+        shards.append(TokenShard(directory / "val"))
+    for shard in shards:
         _check_meta(meta, shard, directory / "meta.json")
-    opened = [OpenShard(train, device), OpenShard(val, device)]
-    train_set = TokenDataset([TokenSpan(opened[0], 0, len(train))], seq_len, f"{name} (train)")
-    val_set = _maybe_dataset([TokenSpan(opened[1], 0, len(val))], seq_len, f"{name} (validation)")
+    opened = [OpenShard(shard, device) for shard in shards]
+    train_set = TokenDataset([TokenSpan(opened[0], 0, len(shards[0]))], seq_len, f"{name} (train)")
+    val_set = _maybe_dataset([TokenSpan(opened[1], 0, len(shards[1]))], seq_len, f"{name} (validation)") \
+        if len(opened) > 1 else None
     return Source(name, train_set, val_set, int(meta["vocab_size"]), opened)
 
 

@@ -243,3 +243,34 @@ def test_unified_tensor_gathers_on_the_gpu_from_registered_host_memory(two_shard
     assert torch.equal(staged.gather(torch.tensor([7, 8])).cpu(), shard.unified.host[[7, 8]])
     shard.close()
     assert shard.unified.closed
+
+
+def test_default_corpus_is_the_byte_level_stdlib_with_a_held_out_split(stdlib_tokens):
+    train_bin, val_bin = stdlib_tokens
+    cache = str(train_bin.parent.parent)
+    meta = json.loads((train_bin.parent / "meta.json").read_text())
+    assert meta["tokenizer"] == "byte" and meta["dtype"] == "uint16" and meta["val_tokens"] > 10_000
+    assert meta["train_tokens"] == len(TokenShard(train_bin)) and meta["val_documents"] > 0
+    loader = Loader.from_config(DataConfig(cache_dir=cache), 64, 4, 2, seed=0, model_vocab=256)
+    assert loader.batch(0).shape == (2, 2, 65) and int(loader.batch(3).max()) < 256
+    val_tokens = np.fromfile(val_bin, dtype=np.uint16)
+    row = loader.val_batch(0)[0, 0].numpy()
+    starts = np.flatnonzero(val_tokens[:len(val_tokens) - 64] == row[0])
+    assert any(np.array_equal(val_tokens[s:s + 65], row) for s in starts)  # validation reads the held-out file
+    loader.close()
+
+
+def test_prepared_without_validation_and_megatron_directory_hold_out_a_tail(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    prepare([str(corpus)], tmp_path / "noval", val_fraction=0.0, progress=False)
+    sources, _ = open_sources(DataConfig(path=str(tmp_path / "noval")), 16, CPU)
+    assert sources[0].val is None and len(sources[0].train) > 0
+    (tmp_path / "mega").mkdir()
+    for k in range(2):
+        write_megatron(tmp_path / "mega" / f"part{k}", [np.arange(1000) + 1000 * k])
+    sources, _ = open_sources(DataConfig(path=str(tmp_path / "mega"), val_fraction=0.1), 16, CPU)
+    train, val = sources[0].train, sources[0].val
+    assert [(s.start, s.end) for s in train.spans] == [(0, 900), (0, 900)]
+    assert [(s.start, s.end) for s in val.spans] == [(900, 1000), (900, 1000)]
+    rows = train.gather(np.arange(len(train)))
+    assert len(train) == 2 * (899 // 16) and int(rows.max()) < 1900 and int(rows[-1, 0]) >= 1000
