@@ -153,7 +153,7 @@ def round_store(env: ProcessEnv, timeout: datetime.timedelta) -> dist.Store:
                           is_master=env.rank == 0 and not use_agent_store, timeout=timeout,
                           wait_for_workers=False, multi_tenant=True)
     round_number = store.add(f"plait/restarts/rank{env.rank}", 1)
-    return dist.PrefixStore(f"plait/round{round_number}/", store)
+    return dist.PrefixStore(f"plait/round{round_number}", store)  # keys: plait/round<n>/<key>
 
 
 def init_process_group(env: ProcessEnv, device: torch.device, backend: str = "auto",
