@@ -10,6 +10,7 @@ from typing import Dict, List, Optional
 
 TOOLS: Dict[str, str] = {
     # "name": "module:function" ; multi-word names ("data prepare") are matched first
+    "data prepare": "plait.data.prepare:main",
     "export": "plait.train.export:main",
     "mup coord-check": "plait.train.coord_check:main",
     "plan": "plait.launch.plan:main",
