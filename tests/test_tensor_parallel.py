@@ -17,6 +17,7 @@ TOL = 1e-5
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
     return float((actual - expected).norm() / expected.norm().clamp_min(1e-30))
 
 
