@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-from plait.data.corpus import prepare_corpus
 from plait.data.loader import Loader
 from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash_if_due
@@ -106,11 +105,11 @@ class Trainer:
         cfg = self.cfg
         if self.grid.world_size > 1 and self.grid.rank != 0:
             dist.barrier()  # rank 0 tokenizes and caches the corpus first
-        train_path, val_path = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.data.val_fraction)
+        loader = Loader.from_config(cfg.data, cfg.train.seq_len, cfg.train.batch_size, cfg.parallel.microbatches,
+                                    self.grid.dp_rank, self.grid.dp, cfg.train.seed, self.device, cfg.model.vocab_size)
         if self.grid.world_size > 1 and self.grid.rank == 0:
             dist.barrier()
-        return Loader(train_path, val_path, cfg.train.seq_len, cfg.train.batch_size, cfg.parallel.microbatches,
-                      self.grid.dp_rank, self.grid.dp, cfg.train.seed, self.device)
+        return loader
 
     # one step ---------------------------------------------------------------------
     def _finish_grads(self) -> None:
