@@ -107,20 +107,6 @@ def _append(writer: ShardWriter, tokens: np.ndarray, lengths: np.ndarray) -> Non
         writer.add(doc)
 
 
-def _hold_out_tail(source: ShardWriter, target: ShardWriter, fraction: float) -> None:
-    """Move the last `fraction` of `source`'s tokens (at least one) into `target` as one document."""
-    source._handle.flush()
-    total = source.tokens
-    cut = min(max(1, int(total * (1 - fraction))), total - 1)
-    tail = np.fromfile(source._tmp_bin, dtype=source.dtype, offset=cut * source.dtype.itemsize)
-    source._handle.truncate(cut * source.dtype.itemsize)
-    source._handle.seek(0, os.SEEK_END)
-    ends = np.cumsum(source.lengths)
-    keep = int(np.searchsorted(ends, cut, side="left"))  # the document that holds token `cut`
-    source.lengths = source.lengths[:keep] + [cut - (int(ends[keep - 1]) if keep else 0)]
-    target.add(tail)
-
-
 def prepare(inputs: Sequence[str], out: Path, tokenizer: str = "byte", vocab_size: int = 8192,
             val_fraction: float = 0.02, workers: int = 1, dtype: Optional[str] = None, jsonl_key: str = "text",
             progress: bool = True, files: Optional[List[Path]] = None) -> dict:
@@ -167,8 +153,8 @@ def _write_shards(files, directory: Path, tok, spec: str, token_type, val_fracti
             bar.update(1)
     bar.close()
     if val_fraction > 0 and (not val.lengths or not train.lengths):
-        source, target = (train, val) if train.lengths else (val, train)
-        _hold_out_tail(source, target, val_fraction if train.lengths else 1 - val_fraction)
+        source, target = (train, val) if train.lengths else (val, train)  # hold out the stream's tail instead
+        target.add(source.take_tail(val_fraction if train.lengths else 1 - val_fraction))
     if train.tokens < 2:
         raise DataError(f"{', '.join(map(str, files[:3]))}: the corpus tokenizes to fewer than 2 tokens; give more text.")
     train.close()

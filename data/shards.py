@@ -127,6 +127,20 @@ class ShardWriter:
     def tokens(self) -> int:
         return sum(self.lengths)
 
+    def take_tail(self, fraction: float) -> np.ndarray:
+        """Remove and return the last `fraction` of the tokens written so far (at least one, and one is kept);
+        the document the cut falls in is shortened to end there."""
+        self._handle.flush()
+        total = self.tokens
+        cut = min(max(1, int(total * (1 - fraction))), total - 1)
+        tail = np.fromfile(self._tmp_bin, dtype=self.dtype, offset=cut * self.dtype.itemsize)
+        self._handle.truncate(cut * self.dtype.itemsize)
+        self._handle.seek(0, os.SEEK_END)
+        ends = np.cumsum(self.lengths)
+        keep = int(np.searchsorted(ends, cut, side="left"))  # the document that holds token `cut`
+        self.lengths = self.lengths[:keep] + [cut - (int(ends[keep - 1]) if keep else 0)]
+        return tail
+
     def close(self) -> None:
         self._handle.flush()
         os.fsync(self._handle.fileno())

@@ -181,6 +181,10 @@ def test_batches_equal_numpy_slices_and_are_pure_functions_of_seed_and_step(two_
         assert got.shape == (m, batch // m, seq_len + 1) and got.dtype == torch.int64
         assert np.array_equal(got.reshape(batch, -1).numpy(), reference)
         assert got.max() >= 256  # uint16 ids above int16's range survive the signed gather
+    straddling = Loader(two_shards / "b", None, seq_len, 12, 3, seed=11).batch(682)  # positions 8184..8195
+    _, ids = sampler(np.arange(682 * 12, 683 * 12))
+    reference = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in ids]).astype(np.int64)
+    assert np.array_equal(straddling.reshape(12, -1).numpy(), reference)
     again = Loader(two_shards / "b", None, seq_len, batch, m, seed=11)
     assert torch.equal(again.batch(57), loader.batch(57))
     assert not torch.equal(Loader(two_shards / "b", None, seq_len, batch, m, seed=12).batch(57), loader.batch(57))
@@ -274,3 +278,13 @@ def test_prepared_without_validation_and_megatron_directory_hold_out_a_tail(tmp_
     assert [(s.start, s.end) for s in val.spans] == [(900, 1000), (900, 1000)]
     rows = train.gather(np.arange(len(train)))
     assert len(train) == 2 * (899 // 16) and int(rows.max()) < 1900 and int(rows[-1, 0]) >= 1000
+
+
+def test_a_single_document_is_split_at_its_tail(tmp_path):
+    text = "".join(f"line {i}\n" for i in range(2000)).encode()
+    (tmp_path / "one.txt").write_bytes(text)
+    meta = prepare([str(tmp_path / "one.txt")], tmp_path / "out", val_fraction=0.1, progress=False)
+    train, val = TokenShard(tmp_path / "out" / "train"), TokenShard(tmp_path / "out" / "val")
+    assert meta["val_tokens"] == len(val) == len(text) + 1 - int((len(text) + 1) * 0.9)
+    joined = np.concatenate([train.tokens, val.tokens]).astype(np.uint8).tobytes()
+    assert joined == text + b"\x00" and list(train.lengths) == [len(train)]
