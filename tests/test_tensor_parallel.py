@@ -200,7 +200,8 @@ def check_model(grid, sp, errors, **model_kw):
     loss.backward()
     specs = model.param_specs()
     allreduce_partial_grads([p for n, p in model.named_parameters() if specs[n].tp_partial_grad], grid)
-    tag = f"model{'.sp' if sp else ''}{'.tied' if cfg.tie_embeddings else ''}.kv{cfg.n_kv_heads}"
+    tag = (f"model{'.sp' if sp else ''}{'.tied' if cfg.tie_embeddings else ''}{'.dropout' if cfg.dropout else ''}"
+           f".kv{cfg.n_kv_heads}")
     ref_loss = reference.loss(ref_logits.detach(), ids[:, 1:])
     errors[f"{tag}.loss"] = rel_err(loss.detach(), ref_loss)
     padded_logits = torch.zeros(ref_logits.shape[:-1] + (model.vocab,))  # padding columns are 0 in both
@@ -271,6 +272,9 @@ def layers_worker(rank, world):
         check_embedding(grid, sp, errors)
         check_model(grid, sp, errors, kv=4)
     check_model(grid, True, errors, kv=8, tie_embeddings=True)
+    # Without SP, residual dropout acts on replicated activations and draws from the replicated
+    # stream, whose seed does not depend on tp: the masks, hence loss and grads, equal one process.
+    check_model(grid, False, errors, kv=4, dropout=0.2)
     check_cross_entropy(grid, errors)
     check_dropout_streams(grid, errors)
     if world == 2:
