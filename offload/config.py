@@ -1,7 +1,26 @@
-"""The `offload` config group: where saved activations go during forward."""
+"""The `offload` config group: where saved activations go during forward.
 
+`backend=none` (the default) attaches nothing and costs nothing. Any other backend makes
+every saved activation of a model chunk pass through `plait.offload.ActivationCache`;
+`policy` and `keep_last` say, layer by layer, which are kept, offloaded or recomputed.
+"""
+
+import os
+import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
+
+BACKENDS = ("none", "auto", "host", "file", "aio", "gds")
+MODES = ("keep", "offload", "recompute")
+DEVICE_FILTERS = ("cuda", "all")
+
+
+class OffloadError(ValueError):
+    """A bad offload setting or an offload path that cannot be used (one sentence with the fix)."""
+
+
+class OffloadIOError(RuntimeError):
+    """Writing or reading saved activations failed mid-run (disk full, file removed, ...)."""
 
 
 @dataclass
@@ -9,9 +28,60 @@ class OffloadConfig:
     """`backend=none` keeps every saved activation resident (plain PyTorch)."""
 
     backend: str = "none"  # none | auto | host | file | aio | gds
-    path: Optional[str] = None
-    policy: str = "offload"  # keep | offload | recompute
-    keep_last: int = 1
-    min_bytes: int = 65536
-    device_filter: str = "cuda"  # cuda | all
-    prefetch: int = 2
+    path: Optional[str] = None  # parent directory of the per-run scratch folder (file, aio, gds)
+    policy: str = "offload"  # keep | offload | recompute, or one mode per layer: "recompute,offload,keep"
+    keep_last: int = 1  # the last K blocks of each chunk stay resident (needed first in backward)
+    min_bytes: int = 65536  # smaller saved tensors stay resident
+    device_filter: str = "cuda"  # cuda: only device tensors move; all: CPU tensors too (CPU runs, tests)
+    prefetch: int = 2  # offloaded layers read ahead of the backward pass
+    threads: int = 2  # I/O worker threads (file backend; host copies on CPU)
+    aio_block_size: int = 1 << 20
+    aio_queue_depth: int = 32
+
+
+def layer_modes(cfg: OffloadConfig, n_layers: int) -> List[str]:
+    """The mode of each of a chunk's `n_layers` blocks, in forward order.
+
+    One word applies to every block except the last `keep_last`, which are kept; a
+    comma-separated list gives one mode per block and is taken as written.
+    """
+    words = [word.strip() for word in cfg.policy.split(",")]
+    if len(words) > 1:
+        if len(words) != n_layers:
+            raise OffloadError(f"offload.policy lists {len(words)} modes but the chunk has {n_layers} layers; "
+                               f"give one mode per layer or a single mode.")
+        return words
+    keep = min(max(cfg.keep_last, 0), n_layers)
+    return [words[0]] * (n_layers - keep) + ["keep"] * keep
+
+
+def validate_offload(cfg: OffloadConfig) -> None:
+    """Check the settings and that `offload.path` is writable; raises OffloadError with the fix."""
+    if cfg.backend not in BACKENDS:
+        raise OffloadError(f"offload.backend={cfg.backend} is unknown; use one of {'|'.join(BACKENDS)}.")
+    for word in cfg.policy.split(","):
+        if word.strip() not in MODES:
+            raise OffloadError(f"offload.policy={cfg.policy} has mode '{word.strip()}'; "
+                               f"use {'|'.join(MODES)} or a comma-separated list of them.")
+    if cfg.device_filter not in DEVICE_FILTERS:
+        raise OffloadError(f"offload.device_filter={cfg.device_filter} is unknown; use cuda or all.")
+    for key in ("keep_last", "min_bytes", "prefetch"):
+        if getattr(cfg, key) < 0:
+            raise OffloadError(f"offload.{key}={getattr(cfg, key)} must be zero or positive.")
+    if cfg.threads < 1:
+        raise OffloadError(f"offload.threads={cfg.threads} must be at least 1.")
+    if cfg.backend in ("file", "aio", "gds"):
+        if not cfg.path:
+            raise OffloadError(f"offload.backend={cfg.backend} needs a directory: set offload.path=/path/on/ssd.")
+        check_writable(cfg.path)
+
+
+def check_writable(path: str) -> None:
+    """Create `path` if needed and write, then remove, a probe file in it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".plait-probe-"):
+            pass
+    except OSError as error:
+        raise OffloadError(f"offload.path={path} is not a writable directory ({error.strerror or error}); "
+                           f"point offload.path at a writable directory on a local SSD.") from None
