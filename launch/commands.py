@@ -104,8 +104,9 @@ def _sbatch_lines(launch: LaunchConfig, log_dir: str) -> List[str]:
 def sbatch_script(launch: LaunchConfig, overrides: Sequence[str], log_dir: str) -> str:
     """The batch script: one task per node runs torchrun; the rendezvous is the first node, id = job id.
 
-    On the warning signal (USR1, `launch.signal_s` before the limit) the script forwards
-    SIGTERM to the job step; the trainers finish their step, checkpoint and exit with
+    On the warning signal (USR1, `launch.signal_s` before the limit) the script sends
+    SIGTERM to the job step's processes (`scancel --signal=TERM`: srun itself, signalled,
+    would kill the step at once); the trainers finish their step, checkpoint and exit with
     REQUEUE_EXIT_CODE; the script then requeues the job (same job id, so the same run
     directory, and `train.resume=auto` picks up the checkpoint).
     """
@@ -133,7 +134,9 @@ rdzv_port={port}
 echo "plait: job $SLURM_JOB_ID on $SLURM_JOB_NODELIST, rendezvous $head_addr:$rdzv_port"
 
 preempted=0
-stop_step() {{ echo "plait: $1, stopping the job step"; kill -TERM "$step_pid" 2>/dev/null; }}
+# SIGTERM to the step's processes (torchrun agents and their workers), not to srun: srun
+# would kill the step outright, while the workers need a moment to finish and checkpoint
+stop_step() {{ echo "plait: $1, sending SIGTERM to the job step"; scancel --signal=TERM "$SLURM_JOB_ID"; }}
 trap 'preempted=1; stop_step "warning signal (USR1)"' USR1
 trap 'stop_step "SIGTERM"' TERM
 

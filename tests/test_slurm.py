@@ -171,3 +171,51 @@ def test_slurm_job_trains_tiny_model_on_two_nodes(slurm_cluster, tmp_path, stdli
     # the job held both nodes (one torchrun per node, 2 workers each)
     job = slurm_cluster._run("scontrol", "show", "job", job_id).stdout
     assert re.search(r"NumNodes=2\b", job) and "NodeList=node[1-2]" in job, job
+
+
+def _steps_logged(run_dir: Path) -> list:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if '"loss"' in line]
+
+
+def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path, stdlib_tokens):
+    """USR1 to the batch script (Slurm's --signal warning) -> SIGTERM to the step -> every rank
+    finishes its step, checkpoints and exits; the script requeues the job; the requeued job
+    resumes from that checkpoint (same job id, same run dir) and completes."""
+    run_dir, out_dir = tmp_path / "run", tmp_path / "slurm"
+    cache = str(Path(stdlib_tokens[0]).parent)
+    env = dict(slurm_cluster.env, OMP_NUM_THREADS="1", PLAIT_CACHE=cache, PYTHONUNBUFFERED="1")
+    steps = 40
+    command = [sys.executable, "-m", "plait.launch.cli", "launch=slurm", "launch.nodes=2",
+               "launch.procs_per_node=1", f"launch.output_dir={out_dir}", f"launch.rdzv_port={free_port()}",
+               "launch.time=00:10:00", "launch.job_name=preempt", "model=tiny", f"train.steps={steps}",
+               "train.batch_size=4", "train.seq_len=64", "train.eval_every=0", "train.log_every=1",
+               "train.peak_flops=1e12", "train.progress=false", "train.threads=1", f"data.cache_dir={cache}",
+               f"train.run_dir={run_dir}", "train.resume=auto"]
+    submitted = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"submitted job (\d+)", submitted.stdout).group(1)
+    deadline = time.monotonic() + 300
+    while len(_steps_logged(run_dir)) < 2 and time.monotonic() < deadline:
+        assert slurm_cluster.job_state(job_id) in ("PENDING", "RUNNING", "CONFIGURING"), slurm_cluster.job_state(job_id)
+        time.sleep(0.5)
+    slurm_cluster._run("scancel", "--batch", "--signal=USR1", job_id)  # what --signal=B:USR1@T sends
+    deadline = time.monotonic() + 300
+    log = out_dir / f"preempt-{job_id}.out"
+    while "requeueing" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    stopped_at = len(_steps_logged(run_dir))
+    slurm_cluster._run("scontrol", "release", job_id, check=False)  # requeued jobs may be held
+    slurm_cluster._run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+    state = slurm_cluster.wait(job_id, timeout=400)
+    text = log.read_text() if log.exists() else "(no job log)"
+    assert state == "COMPLETED", f"job {job_id} ended {state}\n{text[-5000:]}\n{slurm_cluster.logs()}"
+    assert "requeueing job" in text
+    assert text.count(f"plait: job {job_id} on") == 2  # the same job ran twice
+    logged = _steps_logged(run_dir)
+    # the first run stopped at a step boundary with a checkpoint; the second resumed right after it
+    assert stopped_at < steps and logged[-1] == steps
+    assert logged == list(range(1, stopped_at + 1)) + list(range(stopped_at + 1, steps + 1)), logged
+    assert any(run_dir.rglob("*.safetensors"))
