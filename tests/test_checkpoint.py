@@ -31,13 +31,22 @@ VOCAB = 300
 MORE_STEPS = 10
 
 
-def small_model(vocab=VOCAB, dim=64):
-    return [f"model.dim={dim}", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_dim=96",
+def _trainer_has_pipeline() -> bool:
+    from plait.train.trainer import Trainer
+
+    return hasattr(Trainer, "_build_pipeline")
+
+
+needs_pp_dp = pytest.mark.skipif(not _trainer_has_pipeline(), reason="the trainer has no pipeline/ZeRO path yet")
+
+
+def small_model(vocab=VOCAB, dim=64, layers=2):
+    return [f"model.dim={dim}", f"model.n_layers={layers}", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_dim=96",
             f"model.vocab_size={vocab}"]
 
 
-def run_overrides(run_dir, cache, steps, *extra):
-    return [*small_model(), "train.seq_len=32", "train.batch_size=4", f"train.steps={steps}", "train.eval_every=0",
+def run_overrides(run_dir, cache, steps, *extra, layers=2, batch=4, seq=32):
+    return [*small_model(layers=layers), f"train.seq_len={seq}", f"train.batch_size={batch}", f"train.steps={steps}", "train.eval_every=0",
             "train.log_every=1", "train.progress=false", "train.peak_flops=1e10", "train.threads=1",
             "optim.warmup_steps=2", f"train.run_dir={run_dir}", f"data.cache_dir={cache}", *extra]
 
@@ -53,41 +62,89 @@ def make_trainer(overrides, rank=0, world=1):
 
 # resharding ------------------------------------------------------------------------------
 def after_load(trainer):
-    """(loss on a fixed batch, losses of the next MORE_STEPS training steps)."""
+    """(loss on a fixed batch, losses of the next MORE_STEPS training steps), or None on ranks that
+    do not hold the loss (pipeline stages before the last, dp/tp ranks other than 0)."""
     fixed = trainer.evaluate(batches=1)
     losses = [trainer.step()["loss"] for _ in range(MORE_STEPS)]
     trainer.close()
-    return fixed, losses
+    grid = trainer.grid
+    return (fixed, losses) if grid.pp_rank == grid.pp - 1 and grid.dp_rank == 0 and grid.tp_rank == 0 else None
 
 
-def save_worker(rank, world, tmp, cache, layout):
+def save_worker(rank, world, tmp, cache, layout, **shape):
     trainer = make_trainer(run_overrides(f"{tmp}/save", cache, 3 + MORE_STEPS, *layout,
-                                         f"checkpoint.dir={tmp}/ckpt"), rank, world)
+                                         f"checkpoint.dir={tmp}/ckpt", **shape), rank, world)
     for _ in range(3):
         trainer.step()
     trainer.save_checkpoint()
     return after_load(trainer)
 
 
-def load_worker(rank, world, tmp, cache, layout):
-    trainer = make_trainer(run_overrides(f"{tmp}/load-{world}", cache, 3 + MORE_STEPS, *layout,
-                                         f"train.resume={tmp}/ckpt"), rank, world)
+def load_worker(rank, world, tmp, cache, layout, name="", **shape):
+    trainer = make_trainer(run_overrides(f"{tmp}/load-{world}{name}", cache, 3 + MORE_STEPS, *layout,
+                                         f"train.resume={tmp}/ckpt", **shape), rank, world)
     assert trainer.step_num == 3
     return after_load(trainer)
 
 
+def report_diffs(name, fixed, losses, saved):
+    worst = max(abs(a - b) / abs(b) for a, b in zip(losses, saved[1]))
+    print(f"reshard to {name}: fixed-batch loss rel diff {abs(fixed - saved[0]) / saved[0]:.1e}, "
+          f"next {MORE_STEPS} steps max rel diff {worst:.1e}")
+
+
+def the_result(results):
+    found = [result for result in results if result is not None]
+    assert len(found) == 1
+    return found[0]
+
+
 def test_reshard_tp(tmp_path, stdlib_tokens):
     cache = stdlib_tokens[0].parent.parent
-    saved = run_ranks(2, save_worker, str(tmp_path), str(cache), ["parallel.tp=2"])[0]
+    saved = the_result(run_ranks(2, save_worker, str(tmp_path), str(cache), ["parallel.tp=2"]))
     index = json.loads((latest_checkpoint(tmp_path / "ckpt") / "index.json").read_text())
     assert index["layout"]["tp"] == 2 and index["params"]["embed.weight"]["full_shape"] == [384, 64]
     assert set(index["params"]["layers.0.attn.wqkv.weight"]["shards"]) == {"0", "1"}
 
     loaded = {1: load_worker(0, 1, str(tmp_path), str(cache), ["parallel.tp=1"]),
-              4: run_ranks(4, load_worker, str(tmp_path), str(cache), ["parallel.tp=4"])[0]}
+              4: the_result(run_ranks(4, load_worker, str(tmp_path), str(cache), ["parallel.tp=4"]))}
     for tp, (fixed, losses) in loaded.items():
+        report_diffs(tp, fixed, losses, saved)
         assert fixed == pytest.approx(saved[0], rel=1e-6, abs=0), f"tp={tp}"
         assert losses == pytest.approx(saved[1], rel=1e-5, abs=0), f"tp={tp}"
+
+
+GRID_SAVE = ["parallel.tp=2", "parallel.pp=2", "parallel.vpp=2", "parallel.zero=1", "parallel.microbatches=4"]
+GRID_LOADS = {"tp4-pp1-dp2": ["parallel.tp=4", "parallel.microbatches=4"],
+              "tp1-pp4-dp2": ["parallel.pp=4", "parallel.microbatches=4"]}
+GRID_SHAPE = {"layers": 4, "batch": 8}
+
+
+def grid_worker(rank, world, tmp, cache):
+    """On 8 ranks: train and save at tp2 x pp2 (vpp2) x dp2 with ZeRO-1, then load at two other layouts."""
+    results = {"saved": save_worker(rank, world, tmp, cache, GRID_SAVE, **GRID_SHAPE)}
+    for name, layout in GRID_LOADS.items():
+        results[name] = load_worker(rank, world, tmp, cache, layout, name, **GRID_SHAPE)
+    return results
+
+
+@pytest.mark.slow
+@needs_pp_dp
+def test_reshard_across_tp_pp_vpp_dp_zero(tmp_path, stdlib_tokens):
+    cache = stdlib_tokens[0].parent.parent
+    results = run_ranks(8, grid_worker, str(tmp_path), str(cache))
+    index = json.loads((latest_checkpoint(tmp_path / "ckpt") / "index.json").read_text())
+    assert {key: index["layout"][key] for key in ("tp", "pp", "dp", "vpp", "zero")} == \
+        {"tp": 2, "pp": 2, "dp": 2, "vpp": 2, "zero": 1}
+    assert "layers.3.mlp.w13.weight/exp_avg_sq" in ShardReader(tmp_path / "ckpt").tensors("optim-tp01-pp01.safetensors")
+    saved = the_result([r["saved"] for r in results])
+    loaded = {name: the_result([r[name] for r in results]) for name in GRID_LOADS}
+    loaded["tp1-pp1-dp1"] = load_worker(0, 1, str(tmp_path), str(cache), ["parallel.microbatches=4"], "single",
+                                        **GRID_SHAPE)
+    for name, (fixed, losses) in loaded.items():
+        report_diffs(name, fixed, losses, saved)
+        assert fixed == pytest.approx(saved[0], rel=1e-6, abs=0), name
+        assert losses == pytest.approx(saved[1], rel=1e-5, abs=0), name
 
 
 # kill -9 and resume ----------------------------------------------------------------------
@@ -157,10 +214,12 @@ def kill_and_resume(tmp_path, cache, command, layout, steps=20):
     """Reference run; a run killed (SIGKILL, every process) after step 11 is logged; its resume,
     preempted (SIGTERM to one rank) after step 14; and a second resume. Returns their losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    common = [*layout, "checkpoint.every=5", "checkpoint.keep=2", "train.seq_len=128", "train.batch_size=8"]
-    reference = Run(command, run_overrides(tmp_path / "reference", cache, steps, *common), env, tmp_path / "ref.log")
+    common = [*layout, "checkpoint.every=5", "checkpoint.keep=2"]
+    shape = {"seq": 128, "batch": 8}  # steps long enough that the kill and the signal land mid-run
+    reference = Run(command, run_overrides(tmp_path / "reference", cache, steps, *common, **shape), env,
+                    tmp_path / "ref.log")
     run_dir = tmp_path / "killed"
-    killed = Run(command, run_overrides(run_dir, cache, steps, *common), env, tmp_path / "killed.log")
+    killed = Run(command, run_overrides(run_dir, cache, steps, *common, **shape), env, tmp_path / "killed.log")
     wait_for_step(killed, run_dir, 11)
     kill_tree(killed.process.pid)
     assert killed.wait() == -signal.SIGKILL, f"the run ended before the kill:\n{killed.output}"
@@ -172,7 +231,7 @@ def kill_and_resume(tmp_path, cache, command, layout, steps=20):
     leftover.mkdir(exist_ok=True)
     (leftover / "model-tp00-pp00.safetensors").write_bytes(b"half written")
 
-    resumed = Run(command, run_overrides(run_dir, cache, steps, *common, "train.resume=auto"), env,
+    resumed = Run(command, run_overrides(run_dir, cache, steps, *common, "train.resume=auto", **shape), env,
                   tmp_path / "resumed.log")
     wait_for_step(resumed, run_dir, 14)
     signal_one_rank(resumed, signal.SIGTERM)
@@ -186,7 +245,7 @@ def kill_and_resume(tmp_path, cache, command, layout, steps=20):
     assert code == (REQUEUE_EXIT_CODE if len(command) == 3 else 1), output  # torchrun: a failed worker is 1
     assert ShardReader(preempted).rank_state(0)["step"] == stopped_at
 
-    final = Run(command, run_overrides(run_dir, cache, steps, *common, "train.resume=auto"), env,
+    final = Run(command, run_overrides(run_dir, cache, steps, *common, "train.resume=auto", **shape), env,
                 tmp_path / "final.log")
     assert final.wait() == 0, final.output
     assert f"at step {stopped_at}" in final.output
@@ -194,18 +253,23 @@ def kill_and_resume(tmp_path, cache, command, layout, steps=20):
     return read_losses(tmp_path / "reference"), read_losses(run_dir), stopped_at
 
 
+KILL_LAYOUTS = {1: [], 2: ["parallel.tp=2"],
+                8: ["parallel.tp=2", "parallel.pp=2", "parallel.zero=1", "parallel.microbatches=2"]}
+KILL_MARKS = {8: [needs_pp_dp]}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [pytest.param(ranks, marks=KILL_MARKS.get(ranks, [])) for ranks in sorted(KILL_LAYOUTS)])
 def test_kill_preempt_and_resume_are_exact(tmp_path, stdlib_tokens, ranks):
     cache = stdlib_tokens[0].parent.parent
-    if ranks == 1:
-        command, layout = [sys.executable, "-m", "plait.train"], []
-    else:
+    command = [sys.executable, "-m", "plait.train"]
+    if ranks > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                    "-m", "plait.train"]
-        layout = [f"parallel.tp={ranks}"]
+    layout = KILL_LAYOUTS[ranks]
     reference, resumed, stopped_at = kill_and_resume(tmp_path, cache, command, layout)
     assert sorted(reference) == list(range(1, 21))
+    assert len(set(reference.values())) == 20 and min(reference.values()) > 1.0  # real, changing losses
     assert [resumed[step] for step in range(11, 21)] == [reference[step] for step in range(11, 21)]
     kept = sorted(path.name for path in (tmp_path / "killed" / "checkpoints").iterdir())
     saved = sorted({stopped_at, 20, *(step for step in (15,) if step > stopped_at)})  # keep=2: the last two
