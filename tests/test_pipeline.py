@@ -103,7 +103,7 @@ def test_validator_rejects_messages_out_of_order():
 def test_validator_rejects_a_forward_before_its_receive():
     actions = build_schedule("1f1b", 2, 1, 4)
     broken = _swap(actions, 1, Action(Kind.RECV_F, 0, 1), Action(Kind.F, 0, 1))
-    with pytest.raises(ScheduleError, match="before its input is received"):
+    with pytest.raises(ScheduleError, match="before its input.s receive is posted"):
         validate(broken, 2, 1, 4)
 
 

@@ -200,10 +200,30 @@ def micro_batch_size(cfg: Config, dp: int) -> int:
     return cfg.train.batch_size // per_step
 
 
+def validate_pipeline(parallel: ParallelConfig, model: ModelConfig) -> None:
+    """Pipeline rules: layers split evenly into pp x vpp chunks, micro-batch counts the schedule allows."""
+    from plait.parallel.pipeline.partition import check_partition
+    from plait.parallel.pipeline.schedule import ScheduleError, check_microbatches, schedule_name
+
+    if parallel.pp == 1:
+        _require(parallel.vpp == 1, f"parallel.vpp={parallel.vpp} needs parallel.pp > 1; set parallel.vpp=1 or raise pp.")
+        return
+    _require(not model.tie_embeddings,
+             f"model.tie_embeddings=true is not supported with parallel.pp={parallel.pp} (the embedding and "
+             f"head live on different stages); set model.tie_embeddings=false or parallel.pp=1.")
+    try:
+        check_partition(model.n_layers, parallel.pp, parallel.vpp)
+        check_microbatches(schedule_name(parallel.schedule, parallel.vpp), parallel.pp, parallel.vpp,
+                           parallel.microbatches)
+    except ScheduleError as error:
+        raise ConfigError(str(error)) from None
+
+
 def validate(cfg: Config, world_size: int = 1) -> int:
     """Check every relation between settings before any process group is made; returns dp."""
     dp = data_parallel_size(cfg.parallel, world_size)
     validate_model(cfg.model, cfg.parallel.tp)
+    validate_pipeline(cfg.parallel, cfg.model)
     micro_batch_size(cfg, dp)
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")

@@ -23,6 +23,7 @@ posts its sends and receives in the same order.
 """
 
 import contextlib
+import logging
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -33,6 +34,7 @@ from plait.parallel.grid import Grid
 from plait.parallel.pipeline.schedule import Action, Kind, build_schedule, local_stages, schedule_name
 from plait.parallel.pipeline.simulate import matching_send, validate
 
+log = logging.getLogger("plait")
 COMM = (Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind.RECV_B)
 
 
@@ -46,6 +48,23 @@ def _backward_from(output: torch.Tensor, grad: torch.Tensor) -> None:
         (output,), (grad,), False, False, (), True, True)
 
 
+def default_prefetch(backend: str) -> int:
+    """How many computes ahead receives are posted: 1 on gloo, 0 on NCCL (chosen once, logged once).
+
+    Gloo moves data only once the receive is posted, so a receive posted right before its
+    compute adds a round trip to every hop; posted one compute ahead, the data arrives while
+    that compute runs. NCCL keeps Megatron's order (receive posted with the previous sends).
+    """
+    prefetch = 0 if backend == "nccl" else 1
+    if backend not in _LOGGED:
+        _LOGGED.add(backend)
+        log.info("pipeline: %s backend, receives posted %d compute(s) ahead", backend, prefetch)
+    return prefetch
+
+
+_LOGGED: set = set()  # backends whose prefetch choice was logged (a log-once record, not group state)
+
+
 class PipelineRuntime:
     """Runs one pp rank's chunks through a schedule: `run(...)` does one step's forwards and backwards.
 
@@ -56,7 +75,7 @@ class PipelineRuntime:
 
     def __init__(self, chunks: Sequence[nn.Module], grid: Grid, *, schedule: str, vpp: int, microbatches: int,
                  hidden_shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                 free_sent_outputs: bool = True):
+                 free_sent_outputs: bool = True, prefetch: Optional[int] = None):
         self.grid, self.pp, self.vpp, self.microbatches = grid, grid.pp, vpp, microbatches
         self.n_stages = grid.pp * vpp
         stages = local_stages(grid.pp_rank, grid.pp, vpp)
@@ -65,8 +84,10 @@ class PipelineRuntime:
         self.chunk_of: Dict[int, nn.Module] = dict(zip(stages, chunks))
         self.chunk_index: Dict[int, int] = {stage: index for index, stage in enumerate(stages)}
         self.schedule = schedule_name(schedule, vpp)
-        all_train = build_schedule(self.schedule, grid.pp, vpp, microbatches)
-        all_eval = build_schedule(self.schedule, grid.pp, vpp, microbatches, forward_only=True)
+        self.prefetch = default_prefetch(grid.backend) if prefetch is None else prefetch
+        all_train = build_schedule(self.schedule, grid.pp, vpp, microbatches, prefetch=self.prefetch)
+        all_eval = build_schedule(self.schedule, grid.pp, vpp, microbatches, forward_only=True,
+                                  prefetch=self.prefetch)
         validate(all_train, grid.pp, vpp, microbatches)
         validate(all_eval, grid.pp, vpp, microbatches, forward_only=True)
         self.train_actions: List[Action] = all_train[grid.pp_rank]

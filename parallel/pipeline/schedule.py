@@ -10,11 +10,12 @@ chunks r, r + p, r + 2p, ...). Kinds:
   the grad of stage s's output.
 
 A schedule is built in two passes, like `torch.distributed.pipelining`: the compute order
-(`compute_order`), then `lower` adds the communication around each compute action: the
-receives a compute needs are posted right before it, its sends right after, and the runtime
-issues each run of consecutive communication actions as one batched isend/irecv (so after
-a forward, "send my output" and "receive the next backward's grad" go out together,
-Megatron's send_forward_recv_backward).
+(`compute_order`), then `lower` adds the communication around each compute action: a
+compute's sends right after it, its receives posted before it (right before it, or one or
+more computes ahead with `prefetch`), and the runtime issues each run of consecutive
+communication actions as one batched isend/irecv (so after a forward, "send my output" and
+"receive the next backward's grad" go out together, Megatron's send_forward_recv_backward).
+A RECV action posts the buffer; the compute that needs the data waits for it.
 
 Allowed micro-batch counts m: any m >= 1 for GPipe and 1F1B. Interleaved 1F1B (v > 1)
 needs m to be a multiple of p: Megatron's order walks the chunks in rounds of p micro-batches
@@ -164,26 +165,35 @@ def _sends(action: Action, n_stages: int) -> List[Action]:
     return []
 
 
-def lower(order: Sequence[Action], n_stages: int) -> List[Action]:
-    """Add communication: each compute's receives right before it, its sends right after."""
+def lower(order: Sequence[Action], n_stages: int, prefetch: int = 0) -> List[Action]:
+    """Add communication: each compute's sends right after it, its receives posted before it.
+
+    A receive only posts the buffer; the compute that needs it waits for the data. With
+    `prefetch` k, the receives of compute i + k + 1 are posted right after compute i (before
+    compute i + 1 runs), so the data can arrive while compute i + 1 runs instead of after it.
+    """
     actions: List[Action] = []
-    for action in order:
+    for action in order[:prefetch + 1]:
         actions += _receives(action, n_stages)
+    for index, action in enumerate(order):
         actions.append(action)
         actions += _sends(action, n_stages)
+        if index + prefetch + 1 < len(order):
+            actions += _receives(order[index + prefetch + 1], n_stages)
     return actions
 
 
 def build_schedule(schedule: str, pp: int, vpp: int, microbatches: int, *,
-                   forward_only: bool = False) -> List[List[Action]]:
+                   forward_only: bool = False, prefetch: int = 0) -> List[List[Action]]:
     """Each pp rank's full action list (compute and communication) for one step.
 
     `schedule` is gpipe, 1f1b or interleaved (1f1b with vpp > 1 is read as interleaved).
-    `forward_only` gives the forwards of GPipe's order (evaluation).
+    `forward_only` gives the forwards of GPipe's order (evaluation). `prefetch`: how many
+    computes ahead receives are posted (see `lower`).
     """
     schedule = schedule_name(schedule, vpp)
     n_stages = pp * vpp
-    return [lower(order, n_stages)
+    return [lower(order, n_stages, prefetch)
             for order in compute_order(schedule, pp, vpp, microbatches, forward_only=forward_only)]
 
 

@@ -1,8 +1,8 @@
 """Check a schedule and play it on a clock: the validator and the simulator share one walker.
 
-The walker executes every rank's action list with the runtime's semantics: a send never
-blocks (it is posted and the rank moves on), a receive blocks until its matching send has
-been posted, a compute takes its cost. Communication itself costs nothing, so the step time
+The walker executes every rank's action list with the runtime's semantics: sends and
+receives are posted and never block; a compute waits until the data it consumes has been
+sent (its receive must be posted before it), then takes its cost. Communication itself costs nothing, so the step time
 it returns is the schedule's overhead-free time.
 
 `validate` rejects a schedule that could not run: a compute whose input is not there yet
@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from plait.parallel.pipeline.schedule import Action, Kind, ScheduleError
+from plait.parallel.pipeline.schedule import COMPUTE, Action, Kind, ScheduleError
 
 
 @dataclass
@@ -56,16 +56,25 @@ def matching_recv(send: Action) -> Action:
     return Action(Kind.RECV_B, send.microbatch, send.stage - 1)
 
 
+def _inputs(action: Action, n_stages: int) -> List[Action]:
+    """The receives whose data a compute consumes."""
+    if action.kind == Kind.F and action.stage > 0:
+        return [Action(Kind.RECV_F, action.microbatch, action.stage)]
+    if action.kind == Kind.B and action.stage < n_stages - 1:
+        return [Action(Kind.RECV_B, action.microbatch, action.stage)]
+    return []
+
+
 def _missing_input(action: Action, done: set, n_stages: int) -> Optional[str]:
     """Why `action` cannot run yet on its rank (None when it can)."""
     mb, stage = action.microbatch, action.stage
     if action.kind == Kind.F and stage > 0 and Action(Kind.RECV_F, mb, stage) not in done:
-        return f"{action!r} runs before its input is received ({Action(Kind.RECV_F, mb, stage)!r})"
+        return f"{action!r} runs before its input's receive is posted ({Action(Kind.RECV_F, mb, stage)!r})"
     if action.kind == Kind.B:
         if Action(Kind.F, mb, stage) not in done:
             return f"backward {action!r} runs before its forward {Action(Kind.F, mb, stage)!r}"
         if stage < n_stages - 1 and Action(Kind.RECV_B, mb, stage) not in done:
-            return f"{action!r} runs before its output grad is received ({Action(Kind.RECV_B, mb, stage)!r})"
+            return f"{action!r} runs before its output grad's receive is posted ({Action(Kind.RECV_B, mb, stage)!r})"
     producer = _producer(action)
     if producer is not None and producer not in done:
         return f"{action!r} sends before {producer!r} has run"
@@ -141,22 +150,19 @@ def execute(actions: Sequence[Sequence[Action]], cost: Callable[[Action], float]
         for rank in range(pp):
             while pointer[rank] < len(actions[rank]):
                 action = actions[rank][pointer[rank]]
-                if action.kind in (Kind.RECV_F, Kind.RECV_B):
-                    send = matching_send(action)
-                    if send not in posted:
-                        break  # blocked: try the other ranks
-                    clock[rank] = max(clock[rank], posted[send])
-                else:
-                    problem = _missing_input(action, done[rank], n_stages)
-                    if problem:
-                        raise ScheduleError(f"rank {rank}: {problem}")
-                    if action.kind in (Kind.F, Kind.B):
-                        start = clock[rank]
-                        clock[rank] += cost(action)
-                        busy[rank] += cost(action)
-                        timeline.intervals[rank].append((action, start, clock[rank]))
-                    else:
-                        posted[action] = clock[rank]
+                problem = _missing_input(action, done[rank], n_stages)
+                if problem:
+                    raise ScheduleError(f"rank {rank}: {problem}")
+                if action.kind in COMPUTE:
+                    needed = [matching_send(recv) for recv in _inputs(action, n_stages)]
+                    if any(send not in posted for send in needed):
+                        break  # blocked on data not sent yet: try the other ranks
+                    start = max([clock[rank]] + [posted[send] for send in needed])
+                    clock[rank] = start + cost(action)
+                    busy[rank] += cost(action)
+                    timeline.intervals[rank].append((action, start, clock[rank]))
+                elif action.kind in (Kind.SEND_F, Kind.SEND_B):
+                    posted[action] = clock[rank]
                 done[rank].add(action)
                 pointer[rank] += 1
                 progressed = True

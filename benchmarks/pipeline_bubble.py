@@ -1,0 +1,247 @@
+"""Pipeline bubble: plait's GPipe, 1F1B and interleaved 1F1B against torch.distributed.pipelining.
+
+4 gloo ranks (spawned here, no ports). Each rank holds `--blocks` blocks whose compute is a
+fixed wait (forward T, backward 2T: `time.sleep`, so the 2 shared cores do not blur the
+result). With v chunks per rank a chunk holds blocks / v of them. For m in `--microbatches`,
+every round steps each contender once, in turn (plait gpipe, torch gpipe, plait 1f1b, ...),
+so load swings hit them alike. A step is timed from a barrier to the slowest rank's end.
+
+Reported per row: the median step time (min, max), the simulator's overhead-free step time
+for the same schedule (plait's simulator; it gives the same 660 and 570 ms as torch's for
+the reference setting), the overhead over it ("over sim"), the overhead over the same
+schedule simulated at the waits each step really had ("real-wait": sleeps overshoot on a
+loaded machine, this is what is left for the runtime itself), the measured bubble (step / ideal - 1, the
+ideal being m x 3T x blocks) and the theoretical bubble ((p-1)/m, or (p-1)/(v m)).
+
+    python benchmarks/pipeline_bubble.py --out pipeline_bubble.json
+"""
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+from torch import nn  # noqa: E402
+
+PP = 4
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)]
+TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
+
+
+SLEPT = {"F": [], "B": []}  # the real length of each wait this step: sleeps overshoot on a loaded machine
+
+
+def sleep(kind: str, seconds: float) -> None:
+    start = time.perf_counter()
+    time.sleep(seconds)
+    SLEPT[kind].append(time.perf_counter() - start)
+
+
+class Wait(torch.autograd.Function):
+    """y = x * w with a fixed compute time: forward sleeps T, backward 2T."""
+
+    @staticmethod
+    def forward(ctx, x, weight, seconds):
+        sleep("F", seconds)
+        ctx.save_for_backward(x, weight)
+        ctx.seconds = seconds
+        return x * weight
+
+    @staticmethod
+    def backward(ctx, grad):
+        sleep("B", 2 * ctx.seconds)
+        x, weight = ctx.saved_tensors
+        return grad * weight, (grad * x).sum().reshape(weight.shape), None
+
+
+class WaitBlock(nn.Module):
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(1))
+        self.seconds = seconds
+
+    def forward(self, x):
+        return Wait.apply(x, self.weight, self.seconds)
+
+
+def make_chunk(blocks: int, seconds: float) -> nn.Module:
+    return nn.Sequential(*[WaitBlock(seconds) for _ in range(blocks)])
+
+
+def loss_fn(output, target):
+    return output.float().mean()
+
+
+class PlaitContender:
+    def __init__(self, rank, schedule, vpp, m, args):
+        from plait.parallel.grid import Grid
+        from plait.parallel.pipeline.runtime import PipelineRuntime
+
+        self.chunks = [make_chunk(args.blocks // vpp, args.t_ms / 1e3) for _ in range(vpp)]
+        self.runtime = PipelineRuntime(self.chunks, Grid.build(pp=PP), schedule=schedule, vpp=vpp, microbatches=m,
+                                       hidden_shape=(args.micro_batch, args.hidden), prefetch=args.prefetch)
+        self.m = m
+
+    def step(self, x, target):
+        self.runtime.run(x.view(self.m, -1, x.shape[-1]), target.view(self.m, -1, x.shape[-1]), loss_fn)
+        for chunk in self.chunks:
+            chunk.zero_grad(set_to_none=True)
+
+
+class TorchContender:
+    def __init__(self, rank, schedule, vpp, m, args):
+        from torch.distributed import pipelining
+
+        self.chunks = [make_chunk(args.blocks // vpp, args.t_ms / 1e3) for _ in range(vpp)]
+        stages = [pipelining.PipelineStage(chunk, rank + k * PP, PP * vpp, torch.device("cpu"))
+                  for k, chunk in enumerate(self.chunks)]  # shapes inferred at the first step (warm-up)
+        cls = getattr(pipelining, TORCH_SCHEDULES[schedule])
+        self.schedule = cls(stages if vpp > 1 else stages[0], m, loss_fn=loss_fn)
+        self.rank = rank
+
+    def step(self, x, target):
+        if self.rank == 0:
+            self.schedule.step(x, target=target, return_outputs=False)
+        else:
+            self.schedule.step(target=target, return_outputs=False)
+        for chunk in self.chunks:
+            chunk.zero_grad(set_to_none=True)
+
+
+def timed(contender, x, target):
+    """(step time of the slowest rank, mean real forward wait, mean real backward wait) in seconds."""
+    SLEPT["F"].clear()
+    SLEPT["B"].clear()
+    dist.barrier()
+    start = time.perf_counter()
+    contender.step(x, target)
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    slept = torch.tensor([sum(SLEPT["F"]), len(SLEPT["F"]), sum(SLEPT["B"]), len(SLEPT["B"])], dtype=torch.float64)
+    dist.all_reduce(slept)
+    return float(elapsed), float(slept[0] / slept[1]), float(slept[2] / slept[3])
+
+
+def worker(rank, store_path, args, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=PP)
+    results = {}
+    try:
+        for m in args.microbatches:
+            contenders = {}
+            for schedule, vpp in SCHEDULES:
+                contenders[("plait", schedule)] = PlaitContender(rank, schedule, vpp, m, args)
+                contenders[("torch", schedule)] = TorchContender(rank, schedule, vpp, m, args)
+            x = torch.randn(m * args.micro_batch, args.hidden, generator=torch.Generator().manual_seed(m))
+            target = torch.zeros_like(x)
+            for _ in range(args.warmup):
+                for contender in contenders.values():
+                    timed(contender, x, target)
+            times = {key: [] for key in contenders}
+            for _ in range(args.rounds):
+                for key, contender in contenders.items():
+                    times[key].append(timed(contender, x, target))
+            results[m] = times
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        queue.put(results)
+
+
+def report(results, args) -> dict:
+    from plait.parallel.pipeline.schedule import build_schedule
+    from plait.parallel.pipeline.simulate import simulate
+
+    t = args.t_ms
+    rows, summary = [], {}
+    header = (f"{'m':>3} {'schedule':<12} {'who':<6} {'median ms':>10} {'min':>8} {'max':>8} {'sim ms':>8} "
+              f"{'over sim':>9} {'real-wait':>9} {'bubble':>7} {'theory':>7}")
+    lines = [header, "-" * len(header)]
+    for m, times in results.items():
+        for schedule, vpp in SCHEDULES:
+            sim = simulate(build_schedule(schedule, PP, vpp, m), t * args.blocks / vpp, 2 * t * args.blocks / vpp)
+            ideal = m * 3 * t * args.blocks
+            theory = (PP - 1) / (m * (vpp if schedule == "interleaved" else 1))
+            medians, excess = {}, {}
+            for who in ("plait", "torch"):
+                samples = [1e3 * step for step, _, _ in times[(who, schedule)]]
+                # the same schedule simulated at the waits this step really had: what is left is runtime overhead
+                at_real = [step / simulate(build_schedule(schedule, PP, vpp, m), f * args.blocks / vpp,
+                                                 b * args.blocks / vpp).step_time - 1
+                           for step, f, b in times[(who, schedule)]]
+                median = statistics.median(samples)
+                medians[who], excess[who] = median, statistics.median(at_real)
+                row = dict(m=m, schedule=schedule, vpp=vpp, contender=who, median_ms=median, min_ms=min(samples),
+                           max_ms=max(samples), simulated_ms=sim.step_time, over_simulated=median / sim.step_time - 1,
+                           over_simulated_at_real_waits=excess[who],
+                           real_forward_wait_ms=statistics.median(1e3 * f for _, f, _ in times[(who, schedule)]),
+                           measured_bubble=median / ideal - 1, theoretical_bubble=theory,
+                           simulated_bubble=sim.bubble_fraction)
+                rows.append(row)
+                lines.append(f"{m:>3} {schedule:<12} {who:<6} {median:>10.1f} {min(samples):>8.1f} {max(samples):>8.1f} "
+                             f"{sim.step_time:>8.1f} {100 * row['over_simulated']:>8.1f}% "
+                             f"{100 * excess[who]:>8.1f}% {row['measured_bubble']:>7.3f} {theory:>7.3f}")
+            summary[f"m{m}_{schedule}_plait_over_sim"] = medians["plait"] / sim.step_time - 1
+            summary[f"m{m}_{schedule}_torch_over_sim"] = medians["torch"] / sim.step_time - 1
+            summary[f"m{m}_{schedule}_plait_over_sim_at_real_waits"] = excess["plait"]
+            summary[f"m{m}_{schedule}_torch_over_sim_at_real_waits"] = excess["torch"]
+            summary[f"m{m}_{schedule}_torch_over_plait"] = medians["torch"] / medians["plait"]
+            lines.append(f"{'':>3} {schedule:<12} torch / plait = {medians['torch'] / medians['plait']:.3f}")
+    print("\n".join(lines))
+    return {"benchmark": "pipeline_bubble", "device": "cpu, 4 gloo ranks, compute as sleeps",
+            "settings": dict(pp=PP, t_ms=t, blocks_per_rank=args.blocks, rounds=args.rounds, warmup=args.warmup,
+                             micro_batch=args.micro_batch, hidden=args.hidden),
+            "rows": rows, "summary": summary}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--t-ms", type=float, default=10.0, help="forward time of one block (backward is 2x)")
+    parser.add_argument("--blocks", type=int, default=2, help="blocks per rank")
+    parser.add_argument("--microbatches", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--prefetch", type=int, default=None, help="plait: receives posted this many computes ahead "
+                        "(default: the runtime's choice, 1 on gloo)")
+    parser.add_argument("--out", default=None, help="write the JSON here")
+    args = parser.parse_args()
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "store")
+        processes = [context.Process(target=worker, args=(r, store, args, queue)) for r in range(PP)]
+        for process in processes:
+            process.start()
+        results = None
+        while results is None:
+            try:
+                results = queue.get(timeout=5)
+            except Exception:  # queue.Empty: stop waiting once any rank has died
+                if any(p.exitcode not in (None, 0) for p in processes):
+                    for process in processes:
+                        process.kill()
+                    raise SystemExit("a rank failed; see its traceback above")
+        for process in processes:
+            process.join()
+    payload = report(results, args)
+    if args.out:
+        directory = os.path.dirname(os.path.abspath(args.out))
+        handle, temporary = tempfile.mkstemp(dir=directory, suffix=".json")
+        with os.fdopen(handle, "w") as stream:
+            json.dump(payload, stream, indent=2)
+        os.replace(temporary, args.out)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
