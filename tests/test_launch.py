@@ -145,3 +145,18 @@ def test_preemption_flag_agreed_and_one_run_dir():
     assert str(run_dir_from_ids({"SLURM_JOB_ID": "77", "TORCHELASTIC_RUN_ID": "x"})) == "outputs/slurm-77"
     assert str(run_dir_from_ids({"TORCHELASTIC_RUN_ID": "r1"})) == "outputs/torchrun-r1"
     assert run_dir_from_ids({"TORCHELASTIC_RUN_ID": "none"}) is None
+
+
+def test_multirun_sweep_gives_one_job_per_point(tmp_path):
+    """`plait-launch -m` runs the app once per point, each with that point's overrides only."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "plait.launch.cli", "-m", "launch=slurm", "launch.dry_run=true",
+                             "launch.nodes=2", "optim.lr=1e-3,3e-3", "train.steps=5"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    scripts = result.stdout.split("#!/bin/bash")[1:]
+    assert len(scripts) == 2
+    assert "-m plait.train optim.lr=0.001 train.steps=5 &" in scripts[0]  # hydra normalizes sweep values
+    assert "-m plait.train optim.lr=0.003 train.steps=5 &" in scripts[1]
+    assert all("#SBATCH --nodes=2" in script for script in scripts)
