@@ -332,3 +332,33 @@ def test_hydra_offload_group(tmp_path):
     assert (cfg.offload.backend, cfg.offload.path) == ("file", str(tmp_path))
     assert load_config(["offload=host"]).offload.backend == "host"
     assert load_config(["offload=aio", f"offload.path={tmp_path}"]).offload.backend == "aio"
+
+
+def test_trainer_with_offload_matches_without(tmp_path, stdlib_tokens):
+    """plait's Trainer with offload=file: same losses and grad norms, bitwise; counters in the metrics."""
+    from plait.train import Trainer, load_config
+
+    cache = stdlib_tokens[0].parent.parent
+    base = ["model.dim=64", "model.n_layers=3", "model.n_heads=4", "train.seq_len=64", "train.batch_size=4",
+            "parallel.microbatches=2", "train.progress=false", "train.threads=1", "train.peak_flops=1e10",
+            f"data.cache_dir={cache}"]
+    records = {}
+    for name, extra in (("plain", []), ("offload", ["offload=file", f"offload.path={tmp_path / 'ssd'}",
+                                                    "offload.device_filter=all", "offload.min_bytes=4096"])):
+        trainer = Trainer(load_config(base + [f"train.run_dir={tmp_path / name}"] + extra))
+        records[name] = [trainer.step() for _ in range(2)]
+        trainer.close()
+    for plain, offloaded in zip(records["plain"], records["offload"]):
+        assert (plain["loss"], plain["grad_norm"]) == (offloaded["loss"], offloaded["grad_norm"])
+        assert offloaded["offload_written_bytes"] > 0 and offloaded["offload_resident_peak_bytes"] > 0
+        assert "offload_written_bytes" not in plain
+    assert scratch_files(str(tmp_path / "ssd")) == []
+
+
+def test_trainer_rejects_unwritable_offload_path(tmp_path):
+    from plait.train.config import load_config, validate
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OffloadError, match="is not a writable directory"):
+        validate(load_config(["offload=file", f"offload.path={blocker}/sub"]))

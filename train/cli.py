@@ -11,11 +11,12 @@ from omegaconf import DictConfig
 
 from plait.data.corpus import DataError
 from plait.launch.errors import LaunchError
+from plait.offload.config import OffloadError, OffloadIOError
 from plait.parallel.grid import LayoutError
 from plait.train.checkpoint import CheckpointError
 from plait.train.config import ConfigError, load_config
 
-USER_ERRORS = (ConfigError, DataError, LayoutError, LaunchError, CheckpointError)
+USER_ERRORS = (ConfigError, DataError, LayoutError, LaunchError, CheckpointError, OffloadError, OffloadIOError)
 
 
 def setup_logging(level: str = "INFO") -> None:

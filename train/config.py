@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from plait.data.config import DataConfig
 from plait.launch.config import LaunchConfig
-from plait.offload.config import OffloadConfig
+from plait.offload.config import OffloadConfig, validate_offload
 from plait.optim.config import OptimConfig
 from plait.parallel.config import ParallelConfig
 
@@ -236,4 +236,8 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     if cfg.data.path:
         _require(Path(cfg.data.path).expanduser().exists(),
                  f"data.path={cfg.data.path} does not exist; point it at a text file, a directory or prepared shards.")
+    validate_offload(cfg.offload)  # settings, and offload.path writable (OffloadError)
+    _require(cfg.offload.backend == "none" or not cfg.train.compile,
+             f"offload.backend={cfg.offload.backend} uses saved-tensor hooks, which train.compile=true does not "
+             f"support; set train.compile=false or offload.backend=none.")
     return dp

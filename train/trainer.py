@@ -61,6 +61,7 @@ class Trainer:
         self.micro_batch = micro_batch_size(cfg, self.grid.dp)
         torch.manual_seed(cfg.train.seed)
         self.model = self._build_model()
+        self.offload = self._build_offload([self.model])  # None unless offload.backend is set
         self.named_params = dict(self.model.named_parameters())
         self.specs = self.model.param_specs()
         self.partial_grad_params = [p for n, p in self.named_params.items() if self.specs[n].tp_partial_grad]
@@ -101,6 +102,17 @@ class Trainer:
                      self.grid.layout.describe())
         return model
 
+    def _build_offload(self, chunks):
+        """SSDTrain-style activation offload attached to each of this rank's chunks (None: backend none)."""
+        if self.cfg.offload.backend == "none":
+            return None
+        from plait.offload import ActivationOffload
+
+        offload = ActivationOffload(self.cfg.offload, self.grid, self.device)
+        for chunk in chunks:
+            offload.attach(chunk)
+        return offload
+
     def _build_loader(self) -> Loader:
         cfg = self.cfg
         if self.grid.world_size > 1 and self.grid.rank != 0:
@@ -122,7 +134,10 @@ class Trainer:
         start = time.perf_counter()
         lr = apply_lr(self.optimizer, self.step_num, self.cfg.train.steps, self.cfg.optim)
         batch = self.loader.batch(self.step_num)
+        if self.offload is not None:
+            self.offload.begin_step()  # also cleans up after a step that raised
         loss = forward_backward(self._forward_module(), batch, self.cfg.train.precision)
+        offload_metrics = self.offload.end_step() if self.offload is not None else {}
         self._finish_grads()
         entries = [(p.grad, self.specs[n]) for n, p in self.named_params.items()]
         norm = global_grad_norm(entries, self.grid)
@@ -135,7 +150,7 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / elapsed
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
-                "step_time_s": elapsed}
+                "step_time_s": elapsed, **offload_metrics}
 
     def _forward_module(self):
         return self._forward if self.cfg.train.compile else self.model
