@@ -42,7 +42,6 @@ class ProcessEnv:
     master_port: Optional[int] = None
     run_id: Optional[str] = None  # torchrun's run id or Slurm's job id: the same on every rank
     restart_count: int = 0  # torchrun's TORCHELASTIC_RESTART_COUNT (this agent's restarts so far)
-    elastic: bool = False  # under torchrun's elastic agent (its store outlives a restart)
 
     @property
     def distributed(self) -> bool:
@@ -105,7 +104,7 @@ def detect(environ: Optional[Mapping[str, str]] = None) -> ProcessEnv:
         return ProcessEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), int(env["WORLD_SIZE"]), "torchrun",
                           env.get("MASTER_ADDR"), int(env["MASTER_PORT"]) if env.get("MASTER_PORT") else None,
                           run_id if run_id and run_id != "none" else None,
-                          int(env.get("TORCHELASTIC_RESTART_COUNT", 0)), "TORCHELASTIC_RUN_ID" in env)
+                          int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
         job_id = env.get("SLURM_JOB_ID")
         addr = env.get("MASTER_ADDR") or head_node(env.get("SLURM_JOB_NODELIST", "localhost"))
