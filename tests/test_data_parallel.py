@@ -12,7 +12,7 @@ from dist_utils import run_ranks
 STEPS = 10
 BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.ffn_dim=128", "train.seq_len=32",
         "train.batch_size=16", "train.progress=false", "train.peak_flops=1e10", "optim.warmup_steps=2",
-        "optim.lr=3e-3", "train.eval_every=0", "checkpoint.save_final=false"]
+        "optim.lr=1e-3", "train.eval_every=0", "checkpoint.save_final=false"]
 
 
 def _train(rank, world, overrides, run_dir, cache):
@@ -36,6 +36,10 @@ def reference(tmp_path_factory, stdlib_tokens):
 
 LAYOUTS = {
     "dp2": (2, ["parallel.overlap_grad_reduce=true", "parallel.bucket_mb=0.05"]),
+    "tp2-pp2-vpp2-dp2-zero1": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=4",
+                                   "parallel.zero=1", "parallel.bucket_mb=0.05"]),
+    "tp2-dp4": (8, ["parallel.tp=2", "parallel.bucket_mb=0.05"]),
+    "pp2-dp4": (8, ["parallel.pp=2", "parallel.microbatches=2"]),
     "tp2-dp2-sp-zero1-fp32avg": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero=1",
                                      "parallel.average_in_collective=true"]),
 }
