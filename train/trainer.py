@@ -12,7 +12,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -23,14 +23,18 @@ from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash_if_due
 from plait.launch.rundir import resolve_run_dir
 from plait.launch.signals import PreemptionFlag
-from plait.optim.builder import build_optimizer
+from plait.optim.builder import build_optimizer, make_optimizer
 from plait.optim.clip import clip_by_norm, global_grad_norm
 from plait.optim.schedule import apply_lr
 from plait.parallel.grid import Grid
-from plait.parallel.tensor import all_reduce_coalesced, allreduce_partial_grads
+from plait.parallel.data_parallel import DataParallelGrads
+from plait.parallel.tensor import all_reduce_coalesced
+from plait.parallel.zero import ZeroOptimizer
 from plait.train import checkpoint as checkpoint_lib
 from plait.train import metrics as metrics_lib
 from plait.train.config import Config, micro_batch_size, to_yaml, validate
+from plait.parallel.pipeline.runtime import PipelineRuntime
+from plait.train.chunks import build_chunks, hidden_shape, named_parameters_of, param_specs_of
 from plait.train.model import Transformer, build_model
 from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.step import autocast, forward_backward
@@ -60,12 +64,15 @@ class Trainer:
         self.is_logger = self.grid.rank == 0
         self.micro_batch = micro_batch_size(cfg, self.grid.dp)
         torch.manual_seed(cfg.train.seed)
-        self.model = self._build_model()
-        self.offload = self._build_offload([self.model])  # None unless offload.backend is set
-        self.named_params = dict(self.model.named_parameters())
-        self.specs = self.model.param_specs()
-        self.partial_grad_params = [p for n, p in self.named_params.items() if self.specs[n].tp_partial_grad]
-        self.optimizer = build_optimizer(self.named_params, cfg.optim, self.parametrization.group_of, self.device)
+        self.chunks = self._build_chunks()  # this rank's model chunks (one unless pp > 1)
+        self.offload = self._build_offload(self.chunks)  # None unless offload.backend is set
+        self.model = self.chunks[0] if self.grid.pp == 1 else torch.nn.ModuleList(self.chunks)
+        self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
+        self.specs = param_specs_of(self.chunks)
+        self.param_group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups
+        self.grads = DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero > 0)
+        self.optimizer = self._build_optimizer()
+        self._log_layout()
         self.loader = self._build_loader()
         self.run_dir = resolve_run_dir(cfg, self.grid)
         self.step_num = 0
@@ -77,7 +84,8 @@ class Trainer:
             cfg.logging.tensorboard, OmegaConf.to_container(cfg, resolve=True) if self.is_logger else None)
         if self.is_logger:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self._forward = torch.compile(self.model) if cfg.train.compile else self.model
+        self._forward = torch.compile(self.model) if cfg.train.compile and self.grid.pp == 1 else self.model
+        self.pipeline = self._build_pipeline()  # None when pp == 1
         self.checkpoint_dir = checkpoint_lib.checkpoint_root(cfg, self.run_dir)
         self.checkpoint_step = None  # the step of the last checkpoint written or resumed from
         resume_from = checkpoint_lib.resume_target(cfg, self.checkpoint_dir, self.grid)
@@ -88,19 +96,26 @@ class Trainer:
             checkpoint_lib.init_weights(self, cfg.checkpoint.init_from)
 
     # construction -------------------------------------------------------------------
-    def _build_model(self) -> Transformer:
+    def _build_chunks(self) -> List[Transformer]:
+        """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
         cfg = self.cfg
         self.parametrization = build_parametrization(cfg.model, cfg.optim)  # muP or standard, by optim.mup
-        model = build_model(cfg.model, self.grid, cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel,
-                            scales=self.parametrization.scales, std_of=self.parametrization.std_of)
-        if self.parametrization.zero_query:
-            zero_queries(model)
-        model.to(self.device)
-        n_params = sum(p.numel() for p in model.parameters())
+        init = dict(scales=self.parametrization.scales, std_of=self.parametrization.std_of)
+        if self.grid.pp == 1:
+            chunks = [build_model(cfg.model, self.grid, cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel,
+                                  **init)]
+        else:
+            chunks = build_chunks(cfg.model, self.grid, cfg.parallel.vpp, cfg.train.seed,
+                                  sequence_parallel=cfg.parallel.sequence_parallel, **init)
+        for chunk in chunks:
+            if self.parametrization.zero_query:
+                zero_queries(chunk)
+            chunk.to(self.device)
+        n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
         if self.is_logger:
             log.info("model %s: %.2fM parameters on this rank (%s)", cfg.model.name, n_params / 1e6,
                      self.grid.layout.describe())
-        return model
+        return chunks
 
     def _build_offload(self, chunks):
         """SSDTrain-style activation offload attached to each of this rank's chunks (None: backend none)."""
@@ -113,6 +128,54 @@ class Trainer:
             offload.attach(chunk)
         return offload
 
+    def _build_pipeline(self) -> Optional[PipelineRuntime]:
+        """The schedule runtime over this rank's chunks when pp > 1 (compiled chunks with train.compile)."""
+        cfg = self.cfg
+        if self.grid.pp == 1:
+            return None
+        modules = [torch.compile(chunk) for chunk in self.chunks] if cfg.train.compile else self.chunks
+        shape = hidden_shape(self.micro_batch, cfg.train.seq_len, cfg.model.dim, self.grid.tp,
+                             cfg.parallel.sequence_parallel)
+        runtime = PipelineRuntime(modules, self.grid, schedule=cfg.parallel.schedule, vpp=cfg.parallel.vpp,
+                                  microbatches=cfg.parallel.microbatches, hidden_shape=shape)
+        if self.is_logger:
+            log.info("pipeline: %s schedule, pp %d x vpp %d, %d micro-batches", runtime.schedule, self.grid.pp,
+                     cfg.parallel.vpp, cfg.parallel.microbatches)
+        return runtime
+
+    def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.chunks[-1].loss(logits, targets)
+
+    def _log_layout(self) -> None:
+        """Rank 0 logs, for every rank, its grid coordinates, the layers it holds and its ZeRO-1 shard."""
+        layers = [int(i) for chunk in self.chunks for i in chunk.layers.keys()]
+        parts = [f"rank {self.grid.rank}: pp {self.grid.pp_rank} tp {self.grid.tp_rank} dp {self.grid.dp_rank}",
+                 f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"]
+        if any(chunk.has_embedding for chunk in self.chunks):
+            parts.append("embedding")
+        if any(chunk.has_head for chunk in self.chunks):
+            parts.append("head")
+        parts.append(f"{sum(p.numel() for p in self.named_params.values()) / 1e6:.2f}M params")
+        if isinstance(self.optimizer, ZeroOptimizer):
+            parts.append(f"ZeRO-1 shard {sum(p.hi - p.lo for p in self.optimizer.pieces) / 1e6:.2f}M")
+        line = ", ".join(parts)
+        lines = [line]
+        if self.grid.world_size > 1:
+            lines = [None] * self.grid.world_size
+            dist.all_gather_object(lines, line)
+        if self.is_logger:
+            log.info("layout: %s", self.grid.layout.describe())
+            for entry in lines:
+                log.info("  %s", entry)
+
+    def _build_optimizer(self):
+        """The configured optimizer, or ZeRO-1 around it (each dp rank steps its shard)."""
+        cfg = self.cfg
+        if cfg.parallel.zero > 0:
+            return ZeroOptimizer(self.grads, self.grid, lambda groups: make_optimizer(groups, cfg.optim, self.device),
+                                 cfg.optim.weight_decay, self.param_group_of)
+        return build_optimizer(self.named_params, cfg.optim, self.param_group_of, self.device)
+
     def _build_loader(self) -> Loader:
         cfg = self.cfg
         if self.grid.world_size > 1 and self.grid.rank != 0:
@@ -124,10 +187,22 @@ class Trainer:
         return loader
 
     # one step ---------------------------------------------------------------------
-    def _finish_grads(self) -> None:
-        """Sum sequence-parallel partial grads over tp, then average grads over dp."""
-        allreduce_partial_grads(self.partial_grad_params, self.grid)
-        all_reduce_coalesced([p.grad for p in self.named_params.values()], self.grid.dp_group, self.grid.dp)
+    def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
+        """(name, averaged grad) this rank updates: whole grads, or its ZeRO-1 pieces."""
+        if isinstance(self.optimizer, ZeroOptimizer):
+            return self.optimizer.grad_entries()
+        return self.grads.named_grads()
+
+    def _finish_grads(self) -> torch.Tensor:
+        """Wait for the dp reduction, sum sequence-parallel partial grads over tp, clip; returns the norm."""
+        self.grads.finish()
+        entries = self.grad_entries()
+        all_reduce_coalesced([g for n, g in entries if self.specs[n].tp_partial_grad],
+                             self.grid.tp_group if self.grid.tp > 1 else None)
+        norm = global_grad_norm([(g, self.specs[n]) for n, g in entries], self.grid,
+                                dp_sharded=isinstance(self.optimizer, ZeroOptimizer))
+        clip_by_norm([g for _, g in entries], self.cfg.optim.grad_clip, norm)
+        return norm
 
     def step(self) -> Dict[str, float]:
         """One optimizer step on the global batch of step `step_num`; returns its metrics."""
@@ -136,14 +211,17 @@ class Trainer:
         batch = self.loader.batch(self.step_num)
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
-        loss = forward_backward(self._forward_module(), batch, self.cfg.train.precision)
+        if self.pipeline is not None:
+            loss = self.pipeline.run(batch[:, :, :-1], batch[:, :, 1:], self._pipeline_loss,
+                                     before_last_backward=self.grads.start_overlap,
+                                     forward_context=lambda: autocast(self.device, self.cfg.train.precision))
+        else:
+            loss = forward_backward(self._forward_module(), batch, self.cfg.train.precision,
+                                    before_last_backward=self.grads.start_overlap)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
-        self._finish_grads()
-        entries = [(p.grad, self.specs[n]) for n, p in self.named_params.items()]
-        norm = global_grad_norm(entries, self.grid)
-        clip_by_norm([p.grad for p in self.named_params.values()], self.cfg.optim.grad_clip, norm)
+        norm = self._finish_grads()
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self.grads.zero_grad()
         loss = all_reduce_mean(loss, self.grid.dp_group)
         self.step_num += 1
         elapsed = time.perf_counter() - start
@@ -163,6 +241,10 @@ class Trainer:
         self.model.eval()
         for index in range(count):
             batch = self.loader.val_batch(index)
+            if self.pipeline is not None:  # forwards only, through the stages; the loss comes from the last
+                total += self.pipeline.run(batch[:, :, :-1], batch[:, :, 1:], self._pipeline_loss, forward_only=True,
+                                           forward_context=lambda: autocast(self.device, self.cfg.train.precision)) / count
+                continue
             for micro in batch:
                 with autocast(self.device, self.cfg.train.precision):
                     logits = self.model(micro[:, :-1])
