@@ -77,9 +77,13 @@ class CompiledLion:
     that changes lr every step does not recompile.
     """
 
+    _compiled: Optional[Callable] = None  # one compilation per process, shared by every optimizer
+
     def __init__(self, device: torch.device):
         self.device = device
-        self.kernel = torch.compile(_lion_single_pass, dynamic=True, fullgraph=True)
+        if CompiledLion._compiled is None:
+            CompiledLion._compiled = torch.compile(_lion_single_pass, dynamic=True, fullgraph=True)
+        self.kernel = CompiledLion._compiled
 
     def __call__(self, params, grads, moms, lr, weight_decay, beta1, beta2) -> None:
         numbers = (-lr, 1.0 - lr * weight_decay, beta1, 1.0 - beta1, beta2, 1.0 - beta2)

@@ -96,3 +96,68 @@ def test_coordinate_check(stdlib_tokens):
     assert worst_hidden(mup_coords) <= 1.2, growth(mup_coords)
     assert growth(mup_coords)["logits"][1] <= 1.2  # the logits may shrink at init, never grow
     assert worst_hidden(sp_coords) > 2.0, growth(sp_coords)
+
+
+STEPS = 4
+
+
+def parallel_overrides(run_dir, cache, tp=1, dp=1, zero=0):
+    return ["model.dim=64", "model.base_dim=32", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=96",
+            "optim=lion", "optim.mup=true", "optim.impl=foreach", "optim.lr=4e-3", "optim.warmup_steps=0",
+            "train.seq_len=32", "train.batch_size=4", f"train.steps={STEPS}", "train.eval_every=0",
+            "train.log_every=1", "train.progress=false", "train.peak_flops=1e10", "checkpoint.every=0",
+            f"train.run_dir={run_dir}", f"data.cache_dir={cache}",
+            f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.zero={zero}"]
+
+
+def losses_of(trainer):
+    try:
+        return [trainer.step()["loss"] for _ in range(STEPS)]
+    finally:
+        trainer.close()
+
+
+def mup_parallel_worker(rank, world, tmp, cache):
+    from plait.launch.env import ProcessEnv
+    from plait.train import Trainer, load_config
+
+    out = {}
+    for label, layout in (("tp2", dict(tp=2)), ("dp2-zero1", dict(dp=2, zero=1))):
+        cfg = load_config(parallel_overrides(f"{tmp}/{label}", cache, **layout))
+        trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
+        assert trainer.parametrization.scales.logits == 0.5  # width_mult 2 from global shapes on every rank
+        out[label] = losses_of(trainer)
+    return out
+
+
+def test_mup_lion_under_tp2_and_zero1_matches_one_process(tmp_path, stdlib_tokens):
+    from plait.train import Trainer, load_config
+    from tests.dist_utils import run_ranks
+
+    cache = stdlib_tokens[0].parent.parent
+    reference = losses_of(Trainer(load_config(parallel_overrides(tmp_path / "one", cache))))
+    assert reference[-1] < reference[0] - 0.05  # it trains
+    results = run_ranks(2, mup_parallel_worker, str(tmp_path), str(cache))
+    for label in ("tp2", "dp2-zero1"):
+        for rank in range(2):
+            assert results[rank][label] == pytest.approx(reference, rel=1e-5, abs=1e-5), (label, rank)
+
+
+def test_transfer_summary_measures_shift_and_cost():
+    """The benchmark's verdict on synthetic curves: a drifting optimum and its cost in nats."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "mup_transfer.py"
+    spec = importlib.util.spec_from_file_location("mup_transfer", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = []
+    for width, best in ((64, -8), (128, -9), (256, -10)):  # the optimum falls one step per doubling
+        for exp in range(-12, -6):
+            for seed in range(2):
+                rows.append({"param": "standard", "width": width, "lr": 2.0 ** exp, "seed": seed,
+                             "loss": 3.0 + 0.1 * (exp - best) ** 2 + 0.01 * seed})
+    summary = bench.summarize(rows, [64, 128, 256])["standard"]
+    assert summary["shift_steps"] == 2.0
+    assert summary["cost_at_largest"] == pytest.approx(0.4)  # 0.1 * (2 steps)^2
