@@ -16,7 +16,7 @@ first, so the format never depends on dp or ZeRO. Every rank writes its own trai
 
 Atomicity: every rank writes into `<root>/.tmp-step-XXXXXXXX`, each file under a
 temporary name, flushed, fsynced and renamed. After a barrier, rank 0 reads the ranks'
-JSON (each lists its files' byte counts and sha256), writes `index.json`, renames the
+JSON (each lists its files' byte counts and CRC-32), writes `index.json`, renames the
 directory to `step-XXXXXXXX`, moves `latest`, prunes to the last `keep`, and removes
 leftover `.tmp-*` directories of killed runs. A checkpoint without `index.json` is
 never read.
@@ -29,23 +29,23 @@ special case. No pickle is read or written anywhere.
 """
 
 import base64
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
+from plait.train.tensorfile import (TMP_PREFIX, CheckpointError, fsync_dir, read_safetensors, read_verified,
+                                    write_atomic, write_safetensors)
 
 log = logging.getLogger("plait")
 
@@ -53,11 +53,6 @@ FORMAT = "plait-checkpoint"
 VERSION = 1
 INDEX = "index.json"
 LATEST = "latest"
-TMP_PREFIX = ".tmp-"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, damaged, or does not fit the model; one sentence naming the file or keys."""
 
 
 class Preempted(SystemExit):
@@ -84,47 +79,6 @@ def shard_file(kind: str, tp_rank: int, pp_rank: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.json"
-
-
-# files: atomic writes, verified reads ------------------------------------------------
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> Dict[str, Any]:
-    """Write `data` to `path` via a temporary name (flush, fsync, rename); returns its size and sha256."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-
-
-def read_verified(path: Path, record: Optional[Dict[str, Any]]) -> bytes:
-    """The bytes of `path`, checked against the size and sha256 the index recorded."""
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete, pick another one.")
-    data = path.read_bytes()
-    if record is not None:
-        if len(data) != record["bytes"]:
-            raise CheckpointError(f"checkpoint file {path} has {len(data)} bytes but the index records "
-                                  f"{record['bytes']} (truncated or overwritten); pick another checkpoint.")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest != record["sha256"]:
-            raise CheckpointError(f"checkpoint file {path} fails its sha256 check (index {record['sha256'][:12]}..., "
-                                  f"file {digest[:12]}...): it is corrupted; pick another checkpoint.")
-    return data
 
 
 # what one rank writes ----------------------------------------------------------------
@@ -170,7 +124,7 @@ def _write_shards(tmp: Path, grid: Grid, request: SaveRequest) -> Dict[str, Any]
     files, params, state = {}, {}, {}
     model_name = shard_file("model", grid.tp_rank, grid.pp_rank)
     tensors = {name: _cpu(param) for name, param in request.named_params.items()}
-    files[model_name] = write_atomic(tmp / model_name, safetensors_save(tensors, metadata={"format": "pt"}))
+    files[model_name] = write_safetensors(tmp / model_name, tensors)
     for name, param in request.named_params.items():
         params[name] = {**_spec_record(request.specs[name]), "dtype": str(param.dtype).replace("torch.", ""),
                         "file": model_name}
@@ -184,7 +138,7 @@ def _write_shards(tmp: Path, grid: Grid, request: SaveRequest) -> Dict[str, Any]
                 tensors[f"{name}/{key}"] = _cpu(value)
                 kinds[key] = "param" if tuple(value.shape) == local_shape else "replicated"
             state[name] = {"keys": kinds, "file": optim_name}
-        files[optim_name] = write_atomic(tmp / optim_name, safetensors_save(tensors, metadata={"format": "pt"}))
+        files[optim_name] = write_safetensors(tmp / optim_name, tensors)
     return {"files": files, "params": params, "optim": state}
 
 
@@ -200,7 +154,7 @@ def _build_index(tmp: Path, grid: Grid, request: SaveRequest) -> Dict[str, Any]:
     for rank in range(grid.world_size):
         name = rank_file(rank)
         data = read_verified(tmp / name, None)
-        index["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        index["files"][name] = {"bytes": len(data), "crc32": zlib.crc32(data)}
         index["ranks"][str(rank)] = name
         written = json.loads(data).get("written", {})
         tp_rank = str(grid.layout.coords(rank)[2])
@@ -234,7 +188,7 @@ def save(root: Path, grid: Grid, request: SaveRequest, keep: int = 0) -> Path:
     if grid.rank == 0:
         index = _build_index(tmp, grid, request)
         write_atomic(tmp / INDEX, json.dumps(index, indent=1).encode())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _publish(root, tmp, final)
         prune(root, keep)
         log.info("checkpoint: step %d saved to %s", request.step, final)
@@ -253,9 +207,9 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
         shutil.rmtree(stale)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_atomic(root / LATEST, (final.name + "\n").encode())
-    _fsync_dir(root)
+    fsync_dir(root)
 
 
 def complete_checkpoints(root: Path) -> List[Path]:
@@ -343,12 +297,7 @@ class ShardReader:
 
     def tensors(self, file: str) -> Dict[str, torch.Tensor]:
         if file not in self._files:
-            data = read_verified(self.path / file, self.index["files"].get(file))
-            try:
-                self._files[file] = safetensors_load(data)
-            except Exception as error:  # a damaged header that still matched no hash record
-                raise CheckpointError(f"checkpoint file {self.path / file} is not readable safetensors "
-                                      f"({error}).") from None
+            self._files[file] = read_safetensors(self.path / file, self.index["files"].get(file))
         return self._files[file]
 
     def rank_state(self, rank: int) -> Dict[str, Any]:

@@ -29,9 +29,9 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save as safetensors_save
 
-from plait.train.checkpoint import CheckpointError, load_full_model, write_atomic
+from plait.train.checkpoint import CheckpointError, load_full_model
+from plait.train.tensorfile import write_atomic, write_safetensors
 
 HF_WEIGHTS = "model.safetensors"
 HF_CONFIG = "config.json"
@@ -145,7 +145,7 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
     out.mkdir(parents=True, exist_ok=True)
     config = hf_config(model)
     config["torch_dtype"] = config["dtype"] = str(dtype).replace("torch.", "")
-    write_atomic(out / HF_WEIGHTS, safetensors_save(tensors, metadata={"format": "pt"}))
+    write_safetensors(out / HF_WEIGHTS, tensors)
     write_atomic(out / HF_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
     return out
 
