@@ -1,1 +1,51 @@
-"""plait.data: text to tokens, token windows, and the step-indexed loader."""
+"""plait.data: text to token shards, token datasets, the unified tensor and the step-indexed loader.
+
+Public names are listed in `__all__`; modules and names not listed are private and may
+change. Construction takes explicit arguments (a config dataclass, a `Grid` or plain
+values), never hidden globals. Names are imported lazily on first use.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    # config and errors
+    "DataConfig": "plait.data.config",
+    "DataError": "plait.data.errors",
+    # text to shards
+    "prepare": "plait.data.prepare",
+    "prepare_text": "plait.data.corpus",
+    "TokenShard": "plait.data.shards",
+    "ShardWriter": "plait.data.shards",
+    # datasets, sampling and the loader
+    "TokenDataset": "plait.data.dataset",
+    "Sampler": "plait.data.sampler",
+    "UnifiedTensor": "plait.data.unified",
+    "Loader": "plait.data.loader",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # static tools see real imports; at run time they happen on first access
+    from plait.data.config import DataConfig
+    from plait.data.corpus import prepare_text
+    from plait.data.dataset import TokenDataset
+    from plait.data.errors import DataError
+    from plait.data.loader import Loader
+    from plait.data.prepare import prepare
+    from plait.data.sampler import Sampler
+    from plait.data.shards import ShardWriter, TokenShard
+    from plait.data.unified import UnifiedTensor
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = _EXPORTS[name].partition(":")  # "module" or "module:attribute"
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

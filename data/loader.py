@@ -13,7 +13,7 @@ Sampling is a pure function, but is computed a chunk of positions at a time and 
 """
 
 import logging
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -69,7 +69,7 @@ def _as_list(items) -> list:
 class Loader:
     """`batch(step)` -> LongTensor [microbatches, micro_batch, seq_len+1] for this dp rank; `val_batch(i)` alike."""
 
-    def __init__(self, train, val, seq_len: int, batch_size: int, microbatches: int, dp_rank: int = 0,
+    def __init__(self, train: Any, val: Any, seq_len: int, batch_size: int, microbatches: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, device: torch.device = torch.device("cpu"),
                  weights: Optional[Sequence[float]] = None):
         """`train` and `val`: a TokenDataset, a shard path (`x.bin`, `x.idx` or `x`), or a list of them (a blend,

@@ -1,1 +1,52 @@
-"""plait.launch: where am I running, and launching torchrun and Slurm jobs."""
+"""plait.launch: where am I running (torchrun, Slurm, one process), torchrun and sbatch commands, plans.
+
+Public names are listed in `__all__`; modules and names not listed are private and may
+change. Construction takes explicit arguments (a config dataclass, a `Grid` or plain
+values), never hidden globals. Names are imported lazily on first use.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    # the process environment
+    "ProcessEnv": "plait.launch.env",
+    "detect": "plait.launch.env",
+    "pick_device": "plait.launch.env",
+    "init_process_group": "plait.launch.env",
+    "check_layout": "plait.launch.env",
+    # commands
+    "LaunchConfig": "plait.launch.config",
+    "LaunchError": "plait.launch.errors",
+    "torchrun_command": "plait.launch.commands",
+    "sbatch_script": "plait.launch.commands",
+    # runs
+    "resolve_run_dir": "plait.launch.rundir",
+    "PreemptionFlag": "plait.launch.signals",
+    "plan": "plait.launch.plan",
+    "Plan": "plait.launch.plan",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # static tools see real imports; at run time they happen on first access
+    from plait.launch.commands import sbatch_script, torchrun_command
+    from plait.launch.config import LaunchConfig
+    from plait.launch.env import ProcessEnv, check_layout, detect, init_process_group, pick_device
+    from plait.launch.errors import LaunchError
+    from plait.launch.plan import Plan, plan
+    from plait.launch.rundir import resolve_run_dir
+    from plait.launch.signals import PreemptionFlag
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = _EXPORTS[name].partition(":")  # "module" or "module:attribute"
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -19,7 +19,7 @@ table has one row per pp stage.
 
 import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -54,6 +54,8 @@ class StagePlan:
 
 @dataclass
 class Plan:
+    """What every rank of a layout holds (per stage) and the step's bubble: `plait plan`'s result."""
+
     layout: Layout
     micro_batch: int
     microbatches: int
@@ -172,7 +174,7 @@ def _schedule_name(parallel) -> str:
     return schedule_name(parallel.schedule, parallel.vpp)
 
 
-def plan(cfg, world_size: int) -> Plan:
+def plan(cfg: Any, world_size: int) -> Plan:
     """Every pp stage's figures for `world_size` ranks (validates the config for it first)."""
     from plait.train.config import micro_batch_size, validate
 

@@ -14,7 +14,7 @@ Only rank 0 writes the config and the logs there.
 import datetime
 import os
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch.distributed as dist
 
@@ -29,7 +29,7 @@ def run_dir_from_ids(environ: Mapping[str, str], root: str = "outputs") -> Optio
     return None
 
 
-def resolve_run_dir(cfg, grid, environ: Optional[Mapping[str, str]] = None) -> Path:
+def resolve_run_dir(cfg: Any, grid: Any, environ: Optional[Mapping[str, str]] = None) -> Path:
     """The run directory every rank agrees on (see the module docstring for the order)."""
     if cfg.train.run_dir:
         return Path(cfg.train.run_dir)

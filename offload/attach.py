@@ -14,7 +14,7 @@ the step raised. The scratch folder is removed by `close()`, at exit and after C
 
 import contextlib
 import weakref
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -40,7 +40,13 @@ def _close(store, cache) -> None:
 
 
 class ActivationOffload:
-    def __init__(self, cfg: OffloadConfig, grid=None, device=None):
+    """Offloads the saved activations of the chunks it is attached to, through one store (host, file, aio, gds).
+
+    Built from an `OffloadConfig` (backend, path, policy), the rank (from `grid`, for file
+    names) and the compute device; `attach(chunk)` per model chunk, `step()` per step.
+    """
+
+    def __init__(self, cfg: OffloadConfig, grid: Optional[Any] = None, device: Optional[torch.device] = None):
         validate_offload(cfg)
         if cfg.backend == "none":
             raise OffloadError("offload.backend=none attaches nothing; choose host|file|aio|gds|auto to offload.")

@@ -1,1 +1,61 @@
-"""plait.optim: optimizers (AdamW, Lion), parameter groups, LR schedules, gradient clipping."""
+"""plait.optim: Lion and AdamW, muP, parameter groups, LR schedules, gradient clipping.
+
+Public names are listed in `__all__`; modules and names not listed are private and may
+change. Construction takes explicit arguments (a config dataclass, a `Grid` or plain
+values), never hidden globals. Names are imported lazily on first use.
+
+Nothing here imports `plait.train`: Lion and the muP table work on any `nn.Module`.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    # config and builders
+    "OptimConfig": "plait.optim.config",
+    "build_optimizer": "plait.optim.builder",
+    "make_optimizer": "plait.optim.builder",
+    "param_groups": "plait.optim.groups",
+    "standard_group": "plait.optim.groups",
+    # Lion
+    "Lion": "plait.optim.lion",
+    # muP
+    "MupRole": "plait.optim.mup",
+    "MupError": "plait.optim.mup",
+    "mup_table": "plait.optim.mup",
+    "group_key": "plait.optim.mup",
+    "ForwardScales": "plait.optim.mup",
+    "forward_scales": "plait.optim.mup",
+    # schedules, clipping, name-keyed state
+    "lr_factor": "plait.optim.schedule",
+    "apply_lr": "plait.optim.schedule",
+    "global_grad_norm": "plait.optim.clip",
+    "clip_by_norm": "plait.optim.clip",
+    "named_state": "plait.optim.state",
+    "load_named_state": "plait.optim.state",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # static tools see real imports; at run time they happen on first access
+    from plait.optim.builder import build_optimizer, make_optimizer
+    from plait.optim.clip import clip_by_norm, global_grad_norm
+    from plait.optim.config import OptimConfig
+    from plait.optim.groups import param_groups, standard_group
+    from plait.optim.lion import Lion
+    from plait.optim.mup import ForwardScales, MupError, MupRole, forward_scales, group_key, mup_table
+    from plait.optim.schedule import apply_lr, lr_factor
+    from plait.optim.state import load_named_state, named_state
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = _EXPORTS[name].partition(":")  # "module" or "module:attribute"
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

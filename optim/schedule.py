@@ -1,6 +1,7 @@
 """Learning-rate schedules: linear warm-up, then cosine (or linear, or constant) decay."""
 
 import math
+from typing import Any
 
 from plait.optim.config import OptimConfig
 
@@ -17,8 +18,11 @@ def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
 
 
-def apply_lr(optimizer, step: int, total_steps: int, cfg: OptimConfig) -> float:
-    """Set each group's lr to peak x factor x its own multiplier; returns the base lr."""
+def apply_lr(optimizer: Any, step: int, total_steps: int, cfg: OptimConfig) -> float:
+    """Set each group's lr to peak x factor x its own multiplier; returns the base lr.
+
+    `optimizer` is anything with `param_groups` (a torch optimizer or a `ZeroOptimizer`).
+    """
     lr = cfg.lr * lr_factor(step, total_steps, cfg)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_mult", 1.0)

@@ -1,1 +1,62 @@
-"""plait.parallel: the process grid, tensor-parallel layers, sharding specs, per-rank RNG."""
+"""plait.parallel: the process grid, tensor-parallel layers, pipeline schedules and runtime, data parallelism.
+
+Public names are listed in `__all__`; everything else (modules and names not listed) is
+private and may change. Every piece takes the `Grid` (or plain values) it needs as an
+argument: there is no module-level process-group state, so one piece can be used alone.
+
+Names are imported lazily on first use, so `import plait.parallel` stays cheap.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    # the grid
+    "Layout": "plait.parallel.grid",
+    "LayoutError": "plait.parallel.grid",
+    "Grid": "plait.parallel.grid",
+    "ParallelConfig": "plait.parallel.config",
+    # tensor and sequence parallelism
+    "ShardSpec": "plait.parallel.sharding",
+    "ColumnParallelLinear": "plait.parallel.tensor",
+    "RowParallelLinear": "plait.parallel.tensor",
+    "VocabParallelEmbedding": "plait.parallel.tensor",
+    "vocab_parallel_cross_entropy": "plait.parallel.tensor",
+    "all_reduce_coalesced": "plait.parallel.tensor",
+    "ParallelRNG": "plait.parallel.random",
+    # pipeline parallelism: schedules as data, and their runtime
+    "build_schedule": "plait.parallel.pipeline.schedule",
+    "simulate": "plait.parallel.pipeline.simulate",
+    "PipelineRuntime": "plait.parallel.pipeline.runtime",
+    # data parallelism and ZeRO-1
+    "DataParallelGrads": "plait.parallel.data_parallel",
+    "ZeroOptimizer": "plait.parallel.zero",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # static tools see real imports; at run time they happen on first access
+    from plait.parallel.config import ParallelConfig
+    from plait.parallel.data_parallel import DataParallelGrads
+    from plait.parallel.grid import Grid, Layout, LayoutError
+    from plait.parallel.pipeline.runtime import PipelineRuntime
+    from plait.parallel.pipeline.schedule import build_schedule
+    from plait.parallel.pipeline.simulate import simulate
+    from plait.parallel.random import ParallelRNG
+    from plait.parallel.sharding import ShardSpec
+    from plait.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
+                                       all_reduce_coalesced, vocab_parallel_cross_entropy)
+    from plait.parallel.zero import ZeroOptimizer
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = _EXPORTS[name].partition(":")  # "module" or "module:attribute"
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -194,7 +194,7 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, grid: Grid, *, bias: bool = False,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  segments: Optional[Sequence[int]] = None, valid_rows: Optional[int] = None,
-                 device=None, dtype=None):
+                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         tp, group = grid.tp, grid.tp_group
         segments = tuple(segments) if segments else (out_features,)
@@ -224,7 +224,7 @@ class RowParallelLinear(nn.Module):
     """
 
     def __init__(self, in_features: int, out_features: int, grid: Grid, *, bias: bool = False,
-                 sequence_parallel: bool = False, device=None, dtype=None):
+                 sequence_parallel: bool = False, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         tp, group = grid.tp, grid.tp_group
         if in_features % tp:
@@ -245,7 +245,7 @@ class VocabParallelEmbedding(nn.Module):
     and the partial embeddings are all-reduced (reduce-scattered over the sequence under SP)."""
 
     def __init__(self, vocab_size: int, padded_vocab: int, dim: int, grid: Grid, *,
-                 sequence_parallel: bool = False, device=None, dtype=None):
+                 sequence_parallel: bool = False, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         tp = grid.tp
         self.spec = ShardSpec((padded_vocab, dim), 0, valid_rows=vocab_size)
@@ -320,7 +320,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     return _VocabParallelCrossEntropy.apply(logits, targets, start, valid, group)
 
 
-def all_reduce_coalesced(tensors: Sequence[torch.Tensor], group, divide_by: int = 1) -> None:
+def all_reduce_coalesced(tensors: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], divide_by: int = 1) -> None:
     """Sum `tensors` over `group` in one flat all-reduce (then divide), writing back in place."""
     tensors = [t for t in tensors if t is not None]
     if group is None or not tensors:

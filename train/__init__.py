@@ -1,16 +1,68 @@
-"""plait.train: the transformer, the training step and loop, metrics, and the Hydra entry point."""
+"""plait.train: the transformer, the training step and loop, checkpoints, export, metrics, the entry point.
 
-from plait.train.config import Config, ConfigError, load_config, validate
-from plait.train.model import Scales, Transformer, build_model, init_parameters
+Public names are listed in `__all__`; modules and names not listed are private and may
+change. Construction takes explicit arguments (a config dataclass, a `Grid` or plain
+values), never hidden globals. Names are imported lazily on first use.
+
+Importing `plait.train` loads the config schemas (Hydra) only: `Trainer` and the rest
+come on first access, and nothing imports DeepSpeed or starts a process group.
+"""
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    # config
+    "Config": "plait.train.config",
+    "ModelConfig": "plait.train.config",
+    "ConfigError": "plait.train.config",
+    "load_config": "plait.train.config",
+    "validate": "plait.train.config",
+    # the model
+    "Transformer": "plait.train.model",
+    "Scales": "plait.train.model",
+    "build_model": "plait.train.model",
+    "init_parameters": "plait.train.model",
+    "build_chunks": "plait.train.chunks",
+    "hidden_shape": "plait.train.chunks",
+    "Parametrization": "plait.train.parametrization",
+    "build_parametrization": "plait.train.parametrization",
+    # the step and the loop
+    "forward_backward": "plait.train.step",
+    "Trainer": "plait.train.trainer",
+    "MetricsSink": "plait.train.metrics",
+    # checkpoints and export
+    "SaveRequest": "plait.train.checkpoint",
+    "save_checkpoint": "plait.train.checkpoint:save",
+    "ShardReader": "plait.train.checkpoint",
+    "load_params": "plait.train.checkpoint",
+    "latest_checkpoint": "plait.train.checkpoint",
+    "export_checkpoint": "plait.train.export",
+}
+
+__all__ = list(_EXPORTS)
+
+if TYPE_CHECKING:  # static tools see real imports; at run time they happen on first access
+    from plait.train.checkpoint import SaveRequest, ShardReader, latest_checkpoint, load_params
+    from plait.train.checkpoint import save as save_checkpoint
+    from plait.train.chunks import build_chunks, hidden_shape
+    from plait.train.config import Config, ConfigError, ModelConfig, load_config, validate
+    from plait.train.export import export_checkpoint
+    from plait.train.metrics import MetricsSink
+    from plait.train.model import Scales, Transformer, build_model, init_parameters
+    from plait.train.parametrization import Parametrization, build_parametrization
+    from plait.train.step import forward_backward
+    from plait.train.trainer import Trainer
 
 
-def __getattr__(name):
-    if name == "Trainer":  # keeps `import plait.train` light for config-only users
-        from plait.train.trainer import Trainer
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, _, attr = _EXPORTS[name].partition(":")  # "module" or "module:attribute"
+    value = getattr(importlib.import_module(module), attr or name)
+    globals()[name] = value
+    return value
 
-        return Trainer
-    raise AttributeError(name)
 
-
-__all__ = ["Config", "ConfigError", "load_config", "validate", "Transformer", "Scales",
-           "build_model", "init_parameters", "Trainer"]
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -6,7 +6,7 @@ drawn from (seed, name), so each chunk's weights equal the same-named weights of
 model built by `build_model`, under any pp x vpp.
 """
 
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -14,12 +14,14 @@ from torch import nn
 from plait.parallel.grid import Grid
 from plait.parallel.pipeline.partition import rank_chunk_plans
 from plait.parallel.random import ParallelRNG
+from plait.parallel.sharding import ShardSpec
 from plait.train.config import ModelConfig
 from plait.train.model import Scales, Transformer, init_parameters
 
 
 def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, seed: int = 0, *,
-                 sequence_parallel: bool = False, scales: Scales = Scales(), device=None, std_of=None,
+                 sequence_parallel: bool = False, scales: Scales = Scales(), device: Optional[torch.device] = None,
+                 std_of: Optional[Callable[[str, ShardSpec], Optional[float]]] = None,
                  rng: Optional[ParallelRNG] = None, pp_rank: Optional[int] = None,
                  pp: Optional[int] = None) -> List[Transformer]:
     """The chunks of pp rank `pp_rank` (default: the grid's) in model order: stages r, r + p, ...

@@ -12,7 +12,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -82,7 +82,7 @@ class MetricsSink:
     """Writes metrics records on rank 0: JSONL always, console lines, wandb/TensorBoard if enabled."""
 
     def __init__(self, run_dir: Path, total_steps: int, enabled: bool, progress: bool = True,
-                 wandb_cfg=None, tensorboard: bool = False, config: Optional[dict] = None):
+                 wandb_cfg: Optional[Any] = None, tensorboard: bool = False, config: Optional[dict] = None):
         self.enabled, self.total = enabled, total_steps
         self.jsonl = None
         self.bar = None

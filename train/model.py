@@ -197,7 +197,7 @@ class Transformer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, grid: Optional[Grid] = None, layers: Optional[Sequence[int]] = None, *,
                  has_embedding: bool = True, has_head: bool = True, sequence_parallel: bool = False,
-                 scales: Scales = Scales(), rng: Optional[ParallelRNG] = None, device=None):
+                 scales: Scales = Scales(), rng: Optional[ParallelRNG] = None, device: Optional[torch.device] = None):
         super().__init__()
         grid = grid or Grid.single()
         self.cfg, self.grid, self.scales = cfg, grid, scales
@@ -305,7 +305,9 @@ def init_parameters(model: Transformer, seed: int,
 
 
 def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *, sequence_parallel: bool = False,
-                scales: Scales = Scales(), device=None, std_of=None, rng: Optional[ParallelRNG] = None) -> Transformer:
+                scales: Scales = Scales(), device: Optional[torch.device] = None,
+                std_of: Optional[Callable[[str, ShardSpec], Optional[float]]] = None,
+                rng: Optional[ParallelRNG] = None) -> Transformer:
     """The whole decoder as one chunk (no pipeline), initialized from `seed`.
 
     With `model.dropout > 0` and no `rng` given, dropout draws from a `ParallelRNG`

@@ -6,6 +6,7 @@ Returns the step's mean loss on this rank (detached).
 """
 
 import contextlib
+from typing import Callable, Optional
 
 import torch
 
@@ -20,7 +21,7 @@ def autocast(device: torch.device, precision: str):
 
 
 def forward_backward(model: Transformer, batch: torch.Tensor, precision: str = "fp32",
-                     before_last_backward=None) -> torch.Tensor:
+                     before_last_backward: Optional[Callable[[], None]] = None) -> torch.Tensor:
     """Run every micro-batch of `batch` [m, b, s+1] forward and backward; returns the mean loss.
 
     `before_last_backward` is called before the last micro-batch's backward (the data-
