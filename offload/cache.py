@@ -248,7 +248,7 @@ class ActivationCache:
 
     # backward: prefetch ---------------------------------------------------------------
     def before_layer_backward(self, chunk_pass: Pass, slot: int, grad) -> None:
-        """Start reading block `slot` and the next `prefetch` offloaded blocks below it."""
+        """Start reading block `slot` (if offloaded) and the next `prefetch` offloaded blocks below it."""
         self.tracker.sample()
         with self.lock:
             ahead = 0
@@ -256,12 +256,13 @@ class ActivationCache:
                 entries = chunk_pass.slots.get(lower)
                 if not entries:
                     continue
+                if lower < slot:
+                    ahead += 1
+                    if ahead > self.prefetch:
+                        break
                 for entry in entries.values():
                     if not entry.released and entry.restored is None and entry.read is None:
                         self._start_read(entry)
-                ahead += 1
-                if ahead > self.prefetch:
-                    break
 
     # release ------------------------------------------------------------------------
     def drop(self, entry: Entry) -> None:
