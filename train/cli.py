@@ -36,12 +36,14 @@ def run(cfg: DictConfig) -> dict:
     if cfg.train.dry_run:  # plan only: shard shapes on the meta device, no process group
         from plait.launch.plan import dry_run
         return dry_run(cfg)
+    from plait.launch.env import detect
+
+    if detect().rank != 0:  # only rank 0 logs progress; the others speak up for warnings and errors
+        logging.getLogger("plait").setLevel(logging.WARNING)
     try:
         trainer = Trainer(cfg)
     except USER_ERRORS as error:
         fail(str(error))
-    if trainer.grid.rank != 0:
-        logging.getLogger("plait").setLevel(logging.WARNING)
     return trainer.fit()
 
 

@@ -150,7 +150,7 @@ class Trainer:
         """Rank 0 logs, for every rank, its grid coordinates, the layers it holds and its ZeRO-1 shard."""
         layers = [int(i) for chunk in self.chunks for i in chunk.layers.keys()]
         parts = [f"rank {self.grid.rank}: pp {self.grid.pp_rank} tp {self.grid.tp_rank} dp {self.grid.dp_rank}",
-                 f"layers {layers[0]}-{layers[-1]}" if layers else "no layers"]
+                 f"layers {','.join(map(str, layers))}" if layers else "no layers"]
         if any(chunk.has_embedding for chunk in self.chunks):
             parts.append("embedding")
         if any(chunk.has_head for chunk in self.chunks):
