@@ -197,6 +197,7 @@ def pipeline_worker(rank, world_size, cases):
         calls = []
         loss = runtime.run(batch[:, :, :-1], batch[:, :, 1:], lambda out, tgt: chunks[-1].loss(out, tgt),
                            before_last_backward=calls.append)
+        unfreed = runtime.peak_unfreed_outputs  # sent outputs whose data was still held, at most
         ref_loss, ref_grads = reference[m]
         grad_error = max(_relative(p.grad, ref_grads[n]) for n, p in named_parameters_of(chunks))
         with torch.no_grad():
@@ -206,7 +207,8 @@ def pipeline_worker(rank, world_size, cases):
                             eval_error=abs(float(eval_loss) - ref_loss) / ref_loss, grad_error=grad_error,
                             n_params=sum(1 for _ in named_parameters_of(chunks)), n_reference=len(ref_grads),
                             calls=calls,
-                            peak_live=counter.peak, live_after=counter.live))
+                            peak_live=counter.peak, live_after=counter.live,
+                            unfreed=unfreed))
     return results
 
 
@@ -225,5 +227,22 @@ def test_runtime_matches_one_process(pp):
         peaks = [r["peak_live"] for r in per_rank]
         if schedule == "1f1b":
             assert max(peaks) <= pp and peaks[0] == min(pp, m), peaks
+            # sent outputs' data is freed by their backward at the latest (gloo: once the schedule proves receipt)
+            assert max(r["unfreed"] for r in per_rank) <= pp, per_rank
         if schedule == "gpipe":
             assert max(peaks) == m * vpp, peaks
+
+
+def test_config_rejects_pipelines_that_cannot_run():
+    from plait.train.config import ConfigError, load_config, validate
+
+    validate(load_config(["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=8"]), 2)
+    bad = {("parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=3", "train.batch_size=12"): "multiple of parallel.pp=2",
+           ("parallel.pp=2", "parallel.vpp=4", "parallel.microbatches=8"): "model.n_layers=4 is not divisible",
+           ("parallel.pp=2", "model.tie_embeddings=true"): "model.tie_embeddings=true is not supported",
+           ("parallel.vpp=2",): "parallel.vpp=2 needs parallel.pp > 1",
+           ("parallel.pp=2", "parallel.schedule=zb"): "parallel.schedule=zb"}
+    for overrides, message in bad.items():
+        cfg = load_config(list(overrides))
+        with pytest.raises(ConfigError, match=message):
+            validate(cfg, 2 if "parallel.pp=2" in overrides else 1)

@@ -10,11 +10,13 @@ What moves where:
   micro-batches.
 - Each run of consecutive SEND/RECV actions goes out as one `batch_isend_irecv` (gloo or
   NCCL alike). A receive is waited on only when the compute that needs it starts; sends are
-  never waited on in the loop: a sent output's data is freed as soon as its send has
-  completed (polled before each compute), keeping only its autograd node, so a rank holds
-  about p micro-batches of activations under 1F1B instead of m (Megatron's
-  deallocate_output_tensor). This assumes a chunk's last op does not save its own output
+  waited on only once the schedule proves the peer has posted the receive (a later message
+  from that peer has arrived), so a wait never stalls. Then a sent output's data is freed,
+  keeping only its autograd node (Megatron's deallocate_output_tensor): the output is not
+  held until its backward. This assumes a chunk's last op does not save its own output
   (true for a residual add); pass `free_sent_outputs=False` otherwise.
+- Nothing of a micro-batch outlives its backward, so a rank holds the activations of at
+  most p micro-batches under 1F1B (p - r on rank r) and m under GPipe.
 
 Receives are pre-sized from `hidden_shape` ([micro_batch, seq (/tp under sequence
 parallelism), dim]); the message tag names (direction, micro-batch, sending stage), which
@@ -32,7 +34,7 @@ from torch import nn
 
 from plait.parallel.grid import Grid
 from plait.parallel.pipeline.schedule import Action, Kind, build_schedule, local_stages, schedule_name
-from plait.parallel.pipeline.simulate import matching_send, validate
+from plait.parallel.pipeline.simulate import matching_recv, matching_send, validate
 
 log = logging.getLogger("plait")
 COMM = (Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind.RECV_B)
@@ -46,6 +48,22 @@ def _backward_from(output: torch.Tensor, grad: torch.Tensor) -> None:
     """
     torch.autograd.Variable._execution_engine.run_backward(
         (output,), (grad,), False, False, (), True, True)
+
+
+def _peer_positions(actions: Sequence[Sequence[Action]], rank: int, pp: int) -> Dict[Action, Tuple[int, int]]:
+    """For each send and receive of `rank`: (peer pp rank, index of the matching action in the peer's list)."""
+    index_of = [{action: i for i, action in enumerate(rank_actions)} for rank_actions in actions]
+    positions = {}
+    for action in actions[rank]:
+        if action.kind in (Kind.SEND_F, Kind.SEND_B):
+            match = matching_recv(action)
+        elif action.kind in (Kind.RECV_F, Kind.RECV_B):
+            match = matching_send(action)
+        else:
+            continue
+        peer = match.stage % pp
+        positions[action] = (peer, index_of[peer][match])
+    return positions
 
 
 def default_prefetch(backend: str) -> int:
@@ -92,6 +110,8 @@ class PipelineRuntime:
         validate(all_eval, grid.pp, vpp, microbatches, forward_only=True)
         self.train_actions: List[Action] = all_train[grid.pp_rank]
         self.eval_actions: List[Action] = all_eval[grid.pp_rank]
+        self.peer_positions = {False: _peer_positions(all_train, grid.pp_rank, grid.pp),
+                               True: _peer_positions(all_eval, grid.pp_rank, grid.pp)}
         self.last_backward = {}  # stage -> index in train_actions of its last backward
         for index, action in enumerate(self.train_actions):
             if action.kind == Kind.B:
@@ -136,21 +156,25 @@ class PipelineRuntime:
             self.in_flight.append((work, action, tensor))
 
     def _take(self, kind: Kind, microbatch: int, stage: int) -> torch.Tensor:
+        """Wait for a receive; the peer has now passed the send, so every receive it posted before is posted."""
         work, buffer = self.received.pop((kind, microbatch, stage))
         work.wait()
+        peer, position = self.positions[Action(kind, microbatch, stage)]
+        self.peer_progress[peer] = max(self.peer_progress.get(peer, -1), position)
         return buffer
 
-    def _release_sent(self, wait_for: Optional[Tuple[Kind, int, int]] = None, wait_all: bool = False) -> None:
+    def _release_sent(self, wait_all: bool = False) -> None:
         """Drop finished sends and free the data of sent outputs (their autograd nodes stay).
 
-        Completion is polled (NCCL reports it; gloo only once waited on). A send is waited on
-        only where its receive is known to be posted: `wait_for` names the SEND_F of the
-        micro-batch whose backward is starting (its output grad has arrived, so the next stage
-        already received the output), and `wait_all` is the end of the step.
+        A send is waited on only where its receive is known to be posted, so waiting never
+        stalls: when a message from the peer arrived that the peer sent after posting that
+        receive (`peer_progress`, from the schedule's positions), or at the end of the step.
+        Gloo reports a send complete only once waited on; NCCL also reports it when polled.
         """
         still = []
         for work, action, tensor in self.in_flight:
-            if wait_all or (action.kind, action.microbatch, action.stage) == wait_for:
+            peer, position = self.positions[action]
+            if wait_all or position < self.peer_progress.get(peer, -1):
                 work.wait()
             elif not work.is_completed():
                 still.append((work, action, tensor))
@@ -158,6 +182,8 @@ class PipelineRuntime:
             if action.kind == Kind.SEND_F and self.free_sent_outputs and tensor.grad_fn is not None:
                 tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
         self.in_flight = still
+        self.peak_unfreed_outputs = max(self.peak_unfreed_outputs,
+                                        sum(1 for _, action, _ in self.in_flight if action.kind == Kind.SEND_F))
 
     # compute ---------------------------------------------------------------------
     def _forward(self, action: Action, inputs, targets, loss_fn, forward_context) -> None:
@@ -187,7 +213,7 @@ class PipelineRuntime:
             output.backward()
         else:
             grad = self._take(Kind.RECV_B, mb, stage)
-            self._release_sent(wait_for=(Kind.SEND_F, mb, stage))
+            self._release_sent()  # this output's send is certainly received now: free its data
             _backward_from(output, grad)
         x = self.inputs.pop((mb, stage), None)
         if stage > 0:
@@ -209,6 +235,9 @@ class PipelineRuntime:
         self.input_grads: Dict[Tuple[int, int], torch.Tensor] = {}
         self.received: Dict[tuple, tuple] = {}
         self.in_flight: List[tuple] = []
+        self.positions = self.peer_positions[forward_only]
+        self.peer_progress: Dict[int, int] = {}
+        self.peak_unfreed_outputs = 0
         self.loss_sum = torch.zeros((), device=self.device)
         index = 0
         while index < len(actions):
