@@ -33,7 +33,7 @@ def saved_activation_bytes(model: Transformer, run) -> int:
 
 @pytest.mark.parametrize("optim", ["adamw", "lion"])
 def test_weights_grads_optimizer_match_real_tensors(optim):
-    cfg = load_config(SMALL + [f"optim={optim}", "parallel.tp=2", "launch.world_size=4"])
+    cfg = load_config(SMALL + [f"optim={optim}", "optim.impl=foreach", "parallel.tp=2", "launch.world_size=4"])
     result = plan(cfg, 4)
     stage = result.stages[0]
     # the real rank-1 shard (tp rank 1 of 2), built on the CPU with the same stand-in grid
