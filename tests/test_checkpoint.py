@@ -1,16 +1,21 @@
-"""Checkpoints: exact resume after kill -9, resharding across layouts, damaged and foreign input.
+"""Checkpoints: exact resume after kill -9 and after preemption, resharding across layouts,
+damaged and foreign input.
 
-The kill test runs `python -m plait.train` (1 rank) and `torchrun -m plait.train` (tp=2)
-with a checkpoint every 5 of 20 steps, kills every process with SIGKILL once step 11 is
-logged, plants the temporary directory a kill during a save leaves behind, and resumes
-with `train.resume=auto`: the losses of steps 11..20 equal, bit for bit, those of a run
-that never stopped (fp32 on the CPU, one thread).
+The kill test runs `python -m plait.train` (1 rank) and `torchrun -m plait.train` at
+tp2 x pp2 x dp2 with ZeRO-1 (8 ranks) with a checkpoint every 5 of 20 steps, kills every
+process with SIGKILL once step 11 is logged, plants the temporary directory a kill during a
+save leaves behind, resumes with `train.resume=auto`, sends SIGTERM to one rank after step
+14 (all ranks finish the step, checkpoint and exit with the requeue status), and resumes
+again: the losses of steps 11..20 equal, bit for bit, those of a run that never stopped
+(fp32 on the CPU, one thread).
 
-The reshard test trains 3 steps at tp=2, saves, and loads the checkpoint at tp=1 and
-tp=4 (a vocabulary of 300 is padded to 384 rows at tp=2, 320 at tp=1 and 512 at tp=4,
-so padding rows are cut and added): the loss on a fixed batch matches to 1e-6 and the
-next 10 steps match the original layout's.
+The reshard test trains 3 steps at tp2 x pp2 (vpp 2) x dp2 with ZeRO-1 on 8 ranks, saves,
+and loads the checkpoint at tp4 x pp1 x dp2, tp1 x pp4 x dp2 and on one process (a
+vocabulary of 300 is padded to 384 rows at tp=2, 320 at tp=1 and 512 at tp=4, so padding
+rows are cut and added): the loss on a fixed batch matches to 1e-6 and the next 10 steps
+match the original layout's (relative 1e-5).
 """
+
 
 import json
 import os
@@ -30,15 +35,6 @@ from tests.dist_utils import run_ranks
 
 VOCAB = 300
 MORE_STEPS = 10
-
-
-def _trainer_has_pipeline() -> bool:
-    from plait.train.trainer import Trainer
-
-    return hasattr(Trainer, "_build_pipeline")
-
-
-needs_pp_dp = pytest.mark.skipif(not _trainer_has_pipeline(), reason="the trainer has no pipeline/ZeRO path yet")
 
 
 def small_model(vocab=VOCAB, dim=64, layers=2):
@@ -100,21 +96,6 @@ def the_result(results):
     return found[0]
 
 
-def test_reshard_tp(tmp_path, stdlib_tokens):
-    cache = stdlib_tokens[0].parent.parent
-    saved = the_result(run_ranks(2, save_worker, str(tmp_path), str(cache), ["parallel.tp=2"]))
-    index = json.loads((latest_checkpoint(tmp_path / "ckpt") / "index.json").read_text())
-    assert index["layout"]["tp"] == 2 and index["params"]["embed.weight"]["full_shape"] == [384, 64]
-    assert set(index["params"]["layers.0.attn.wqkv.weight"]["shards"]) == {"0", "1"}
-
-    loaded = {1: load_worker(0, 1, str(tmp_path), str(cache), ["parallel.tp=1"]),
-              4: the_result(run_ranks(4, load_worker, str(tmp_path), str(cache), ["parallel.tp=4"]))}
-    for tp, (fixed, losses) in loaded.items():
-        report_diffs(tp, fixed, losses, saved)
-        assert fixed == pytest.approx(saved[0], rel=1e-6, abs=0), f"tp={tp}"
-        assert losses == pytest.approx(saved[1], rel=1e-5, abs=0), f"tp={tp}"
-
-
 GRID_SAVE = ["parallel.tp=2", "parallel.pp=2", "parallel.vpp=2", "parallel.zero=1", "parallel.microbatches=4"]
 GRID_LOADS = {"tp4-pp1-dp2": ["parallel.tp=4", "parallel.microbatches=4"],
               "tp1-pp4-dp2": ["parallel.pp=4", "parallel.microbatches=4"]}
@@ -130,7 +111,6 @@ def grid_worker(rank, world, tmp, cache):
 
 
 @pytest.mark.slow
-@needs_pp_dp
 def test_reshard_across_tp_pp_vpp_dp_zero(tmp_path, stdlib_tokens):
     cache = stdlib_tokens[0].parent.parent
     results = run_ranks(8, grid_worker, str(tmp_path), str(cache))
@@ -254,13 +234,11 @@ def kill_and_resume(tmp_path, cache, command, layout, steps=20):
     return read_losses(tmp_path / "reference"), read_losses(run_dir), stopped_at
 
 
-KILL_LAYOUTS = {1: [], 2: ["parallel.tp=2"],
-                8: ["parallel.tp=2", "parallel.pp=2", "parallel.zero=1", "parallel.microbatches=2"]}
-KILL_MARKS = {8: [needs_pp_dp]}
+KILL_LAYOUTS = {1: [], 8: ["parallel.tp=2", "parallel.pp=2", "parallel.zero=1", "parallel.microbatches=2"]}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ranks", [pytest.param(ranks, marks=KILL_MARKS.get(ranks, [])) for ranks in sorted(KILL_LAYOUTS)])
+@pytest.mark.parametrize("ranks", sorted(KILL_LAYOUTS))
 def test_kill_preempt_and_resume_are_exact(tmp_path, stdlib_tokens, ranks):
     cache = stdlib_tokens[0].parent.parent
     command = [sys.executable, "-m", "plait.train"]
@@ -364,3 +342,20 @@ def test_init_from_checkpoint_or_hf_directory(saved_run):
         for name, param in trainer.named_params.items():
             assert torch.equal(param[:saved[name].shape[0]], saved[name]), (source, name)
         trainer.close()
+
+
+@pytest.mark.gpu
+def test_resume_on_cuda(tmp_path, stdlib_tokens):
+    """The CUDA path: parameters and optimizer state move through the CPU files, the CUDA RNG is saved."""
+    cache = stdlib_tokens[0].parent.parent
+    overrides = run_overrides(tmp_path / "gpu", cache, 6, "train.device=cuda", "checkpoint.every=3")
+    trainer = make_trainer(overrides)
+    losses = [trainer.step()["loss"] for _ in range(3)]
+    trainer.save_checkpoint()
+    losses += [trainer.step()["loss"] for _ in range(3)]
+    trainer.close()
+    resumed = make_trainer([*overrides, f"train.resume={tmp_path / 'gpu' / 'checkpoints'}"])
+    assert resumed.step_num == 3 and next(iter(resumed.named_params.values())).is_cuda
+    # CUDA kernels with atomics (embedding backward) are not bitwise reproducible run to run
+    assert [resumed.step()["loss"] for _ in range(3)] == pytest.approx(losses[3:], rel=1e-5)
+    resumed.close()
