@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from plait.offload.backends import make_store
 from plait.offload.cache import ActivationCache
 from plait.offload.config import OffloadConfig, OffloadError, layer_modes, validate_offload
+from plait.parallel.grid import Grid
 
 
 def _checkpointed(forward):
@@ -53,7 +54,8 @@ class ActivationOffload:
         self.cfg = cfg
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.store = make_store(cfg, self.device, rank=grid.rank if grid is not None else 0)
-        self.cache = ActivationCache(self.store, cfg.min_bytes, cfg.device_filter, cfg.prefetch)
+        self.cache = ActivationCache(self.store, cfg.min_bytes, cfg.device_filter, cfg.prefetch,
+                                     cfg.write_window)
         self.hooks: List = []
         self.wrapped: List[nn.Module] = []
         self.last_metrics: Dict[str, float] = {}

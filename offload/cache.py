@@ -89,8 +89,8 @@ def _is_weight_cast(tensor: torch.Tensor) -> bool:
 
 
 class ActivationCache:
-    def __init__(self, store: Store, min_bytes: int, device_filter: str, prefetch: int):
-        self.store, self.min_bytes, self.prefetch = store, min_bytes, prefetch
+    def __init__(self, store: Store, min_bytes: int, device_filter: str, prefetch: int, write_window: int = 2):
+        self.store, self.min_bytes, self.prefetch, self.write_window = store, min_bytes, prefetch, write_window
         self.all_devices = device_filter == "all"
         self.lock = threading.RLock()
         self.keys = itertools.count()
@@ -150,6 +150,23 @@ class ActivationCache:
         chunk_pass.slot = None
         if isinstance(output, torch.Tensor) and output.requires_grad:
             output.register_hook(partial(self.before_layer_backward, chunk_pass, slot))
+        self._bound_writes(chunk_pass, slot - self.write_window)
+
+    def _bound_writes(self, chunk_pass: Pass, oldest: int) -> None:
+        """Wait for the writes of blocks up to `oldest` (a slow disk then costs time, not memory)."""
+        waits = [entry.write for lower, entries in chunk_pass.slots.items() if lower <= oldest
+                 for entry in entries.values() if not entry.settled and entry.write is not None]
+        if not waits:
+            return
+        start = time.perf_counter()
+        for write in waits:
+            try:
+                write.result()
+            except Exception:  # cancelled, or failed: `reap` records the error
+                pass
+        with self.lock:
+            self.stats.exposed_s += time.perf_counter() - start
+        self.reap()
 
     # pack and unpack ----------------------------------------------------------------
     def eligible(self, tensor: torch.Tensor) -> bool:

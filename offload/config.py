@@ -34,6 +34,7 @@ class OffloadConfig:
     min_bytes: int = 65536  # smaller saved tensors stay resident
     device_filter: str = "cuda"  # cuda: only device tensors move; all: CPU tensors too (CPU runs, tests)
     prefetch: int = 2  # offloaded layers read ahead of the backward pass
+    write_window: int = 2  # forward waits for the writes of blocks this far behind (bounds memory in flight)
     threads: int = 2  # I/O worker threads (file backend; host copies on CPU)
     aio_block_size: int = 1 << 20
     aio_queue_depth: int = 32
@@ -65,7 +66,7 @@ def validate_offload(cfg: OffloadConfig) -> None:
                                f"use {'|'.join(MODES)} or a comma-separated list of them.")
     if cfg.device_filter not in DEVICE_FILTERS:
         raise OffloadError(f"offload.device_filter={cfg.device_filter} is unknown; use cuda or all.")
-    for key in ("keep_last", "min_bytes", "prefetch"):
+    for key in ("keep_last", "min_bytes", "prefetch", "write_window"):
         if getattr(cfg, key) < 0:
             raise OffloadError(f"offload.{key}={getattr(cfg, key)} must be zero or positive.")
     if cfg.threads < 1:
