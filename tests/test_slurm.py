@@ -207,7 +207,11 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     while "requeueing" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
         time.sleep(0.5)
     stopped_at = len(_steps_logged(run_dir))
-    slurm_cluster._run("scontrol", "release", job_id, check=False)  # requeued jobs may be held
+    # a requeued job waits until now + cred_expire (120 s by default) before it may start again;
+    # once it is pending, move its start time to now so the test does not sit out that delay
+    deadline = time.monotonic() + 60
+    while slurm_cluster.job_state(job_id) != "PENDING" and time.monotonic() < deadline:
+        time.sleep(0.5)
     slurm_cluster._run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
     state = slurm_cluster.wait(job_id, timeout=400)
     text = log.read_text() if log.exists() else "(no job log)"
