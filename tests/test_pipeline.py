@@ -246,3 +246,15 @@ def test_config_rejects_pipelines_that_cannot_run():
         cfg = load_config(list(overrides))
         with pytest.raises(ConfigError, match=message):
             validate(cfg, 2 if "parallel.pp=2" in overrides else 1)
+
+
+def test_schedule_tool_draws_text_and_png(tmp_path, capsys):
+    from plait.parallel.pipeline.cli import main
+
+    out = tmp_path / "interleaved.png"
+    assert main(["--pp", "4", "--vpp", "2", "--microbatches", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bubble 0.1875 (theory 0.1875)" in printed and printed.count("rank ") == 4 + 1  # 4 rows + the summary
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["--pp", "4", "--vpp", "2", "--microbatches", "6", "--no-png"]) == 2
+    assert "multiple of parallel.pp=4" in capsys.readouterr().err

@@ -70,6 +70,7 @@ def save_png(timeline: Timeline, pp: int, vpp: int, microbatches: int, path: str
     os.close(handle)
     try:
         figure.savefig(temporary, dpi=120)
+        os.chmod(temporary, 0o644)  # mkstemp makes it private; a figure is for sharing
         os.replace(temporary, target)
     finally:
         plt.close(figure)
