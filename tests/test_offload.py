@@ -362,3 +362,20 @@ def test_trainer_rejects_unwritable_offload_path(tmp_path):
     blocker.write_text("x")
     with pytest.raises(OffloadError, match="is not a writable directory"):
         validate(load_config(["offload=file", f"offload.path={blocker}/sub"]))
+
+
+def test_offload_lowers_peak_resident_activation_bytes(tmp_path):
+    """8 blocks, keep_last=1, prefetch=1, write window 1: well under the keep policy's peak."""
+    from plait.train.config import ModelConfig
+
+    cfg = ModelConfig(name="offload-deep", vocab_size=256, dim=64, n_layers=8, n_heads=4, max_seq_len=64)
+    tokens = batch(micro=1, rows=4, seq=64)
+    peaks = {}
+    for policy in ("keep", "offload", "recompute"):
+        model = build_model(cfg, seed=3)
+        offload = attach(model, offload_config("file", str(tmp_path), policy=policy, write_window=1,
+                                               keep_last=0 if policy == "recompute" else 1))
+        peaks[policy] = forward_backward(model, tokens, "fp32", offload)["offload_resident_peak_bytes"]
+        offload.close()
+    assert peaks["offload"] < 0.6 * peaks["keep"], peaks
+    assert peaks["recompute"] < 0.2 * peaks["keep"], peaks
