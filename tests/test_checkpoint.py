@@ -126,6 +126,27 @@ def test_reshard_across_tp_pp_vpp_dp_zero(tmp_path, stdlib_tokens):
         report_diffs(name, fixed, losses, saved)
         assert fixed == pytest.approx(saved[0], rel=1e-6, abs=0), name
         assert losses == pytest.approx(saved[1], rel=1e-5, abs=0), name
+    hf_loss = exported_fixed_loss(tmp_path, cache)
+    print(f"exported tp2 x pp2 x vpp2 x dp2 checkpoint: transformers' fixed-batch loss rel diff "
+          f"{abs(hf_loss - saved[0]) / saved[0]:.1e}")
+    assert hf_loss == pytest.approx(saved[0], rel=1e-5, abs=0)
+
+
+def exported_fixed_loss(tmp_path, cache):
+    """`plait export` of the 8-rank checkpoint, loaded by transformers: its loss on the same fixed batch."""
+    transformers = pytest.importorskip("transformers")
+    from plait.train.export import export_checkpoint
+
+    export_checkpoint(tmp_path / "ckpt", tmp_path / "hf")
+    model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True,
+                                                          dtype=torch.float32).eval()
+    trainer = make_trainer(run_overrides(tmp_path / "hf-batch", cache, 3, "parallel.microbatches=4", **GRID_SHAPE))
+    batch = trainer.loader.val_batch(0)
+    trainer.close()
+    with torch.no_grad():
+        losses = [torch.nn.functional.cross_entropy(model(micro[:, :-1]).logits.flatten(0, 1), micro[:, 1:].flatten())
+                  for micro in batch]
+    return float(sum(losses) / len(losses))
 
 
 # kill -9 and resume ----------------------------------------------------------------------
