@@ -328,8 +328,12 @@ def test_damaged_checkpoints_are_named(saved_run):
     message = _resume_error(overrides, checkpoint)
     assert str(model_file) in message and "crc32" in message
 
-    message = _resume_error(overrides, tmp_path / "nowhere")
-    assert str(tmp_path / "nowhere") in message and "does not exist" in message
+    from plait.train.config import ConfigError, load_config, validate
+
+    with pytest.raises(ConfigError, match=f"train.resume={tmp_path / 'nowhere'} does not exist"):
+        validate(load_config([*overrides, f"train.resume={tmp_path / 'nowhere'}"]))  # before any process group
+    with pytest.raises(CheckpointError, match=f"{tmp_path / 'run'} holds no complete checkpoint"):
+        make_trainer([*overrides, f"train.resume={tmp_path / 'run'}"])
 
 
 def test_other_model_shape_names_the_keys(saved_run):

@@ -236,6 +236,14 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     if cfg.data.path:
         _require(Path(cfg.data.path).expanduser().exists(),
                  f"data.path={cfg.data.path} does not exist; point it at a text file, a directory or prepared shards.")
+    if str(cfg.train.resume or "none") not in ("none", "auto"):
+        _require(Path(cfg.train.resume).expanduser().exists(),
+                 f"train.resume={cfg.train.resume} does not exist; pass a checkpoint directory, a checkpoint "
+                 f"root, auto or none.")
+    if cfg.checkpoint.init_from:
+        _require(Path(cfg.checkpoint.init_from).expanduser().exists(),
+                 f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist; pass a Hugging Face Llama "
+                 f"directory or a plait checkpoint.")
     validate_offload(cfg.offload)  # settings, and offload.path writable (OffloadError)
     _require(cfg.offload.backend == "none" or not cfg.train.compile,
              f"offload.backend={cfg.offload.backend} uses saved-tensor hooks, which train.compile=true does not "
