@@ -10,6 +10,8 @@ import inspect
 import subprocess
 import sys
 
+import re
+
 import pytest
 
 PACKAGES = ["plait.parallel", "plait.optim", "plait.offload", "plait.data", "plait.train", "plait.launch"]
@@ -66,3 +68,15 @@ def test_subpackage_imports_are_light():
             "print(heavy, dist.is_initialized())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[] False", out
+
+
+def test_api_page_lists_exactly_the_public_names():
+    """docs/api.md has one table row per public name of each subpackage, and no others."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    sections = dict(m.groups() for m in re.finditer(r"## `(plait\.\w+)`\n(.*?)(?=\n## |\Z)", text, flags=re.S))
+    for package in PACKAGES:
+        module = importlib.import_module(package)
+        listed = re.findall(r"^\| `(\w+)` \|", sections.get(package, ""), flags=re.M)
+        assert listed == list(module.__all__), (package, listed)
