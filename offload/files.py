@@ -51,7 +51,12 @@ class FileStore(Store):
         if data.is_cuda:
             buffer, event = self.staging.to_host(data)
             return self.submit(self._write_staged, key, buffer, event)
-        return self.submit(self._write, key, data)
+        return self.submit(self._write_boxed, key, [data])
+
+    def _write_boxed(self, key: int, box: list) -> None:
+        """The worker takes the tensor out of the box, so nothing holds it once the future is done
+        (the executor keeps a task's arguments alive until just after it sets the result)."""
+        self._write(key, box.pop())
 
     def _write_staged(self, key: int, buffer: torch.Tensor, event) -> None:
         event.synchronize()

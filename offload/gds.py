@@ -41,11 +41,11 @@ class GdsStore(FileStore):
 
     def write(self, key: int, data: torch.Tensor) -> Future:
         produced = torch.cuda.current_stream(data.device).record_event()
-        return self.submit(self._write_after, key, data, produced)
+        return self.submit(self._write_after, key, [data], produced)
 
-    def _write_after(self, key, data, produced) -> None:
+    def _write_after(self, key, box, produced) -> None:
         produced.synchronize()
-        self._write(key, data)
+        self._write(key, box.pop())
 
     def read(self, key: int, out: torch.Tensor) -> Future:
         out_ready = torch.cuda.current_stream(out.device).record_event()

@@ -29,9 +29,10 @@ class HostStore(Store):
             with self.lock:
                 self.saved[key] = buffer
             return EventFuture(event)
-        return self.submit(self._copy_out, key, data)
+        return self.submit(self._copy_out, key, [data])
 
-    def _copy_out(self, key: int, data: torch.Tensor) -> None:
+    def _copy_out(self, key: int, box: list) -> None:
+        data = box.pop()  # so the executor does not keep it alive past the future (see FileStore)
         buffer = self.buffers.take(data.numel())
         buffer.copy_(data)
         with self.lock:

@@ -52,8 +52,10 @@ class ResidentBytes:
     def track(self, storage) -> None:
         with self.lock:
             held = self.alive.get(id(storage))
-            if held is not None and held[0]() is storage:
-                return
+            if held is not None:
+                if held[0]() is storage:
+                    return
+                self.current -= held[1]  # a dead storage whose id was reused
             self.alive[id(storage)] = (weakref.ref(storage), storage.nbytes())
             self.current += storage.nbytes()
         self.sample()
