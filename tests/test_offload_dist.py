@@ -64,7 +64,8 @@ def offload_worker(rank, world_size, root):
     results = {}
     grid = Grid.build(tp=2)
     tokens = batch(micro=2, seed=4)
-    for backend, precision in CASES:
+    cases = CASES + ([("aio", "fp32")] if aio_available() else [])
+    for backend, precision in cases:
         expected, _ = tp_grads(grid, tokens, precision)
         actual, metrics = tp_grads(grid, tokens, precision, offload_config(backend, path))
         results[f"tp2-{backend}-{precision}"] = (same(actual, expected), metrics["offload_written_bytes"],
@@ -72,15 +73,32 @@ def offload_worker(rank, world_size, root):
     grid = Grid.build(pp=2)
     tokens = batch(micro=4, seed=5)
     expected, _ = pp_grads(grid, tokens)
-    actual, metrics = pp_grads(grid, tokens, offload_config("file", path, keep_last=0))
-    results["pp2-vpp2-file"] = (same(actual, expected), metrics["offload_written_bytes"],
-                                metrics["offload_read_bytes"], len(scratch_files(path)))
+    for backend in ["file", "host"] + (["aio"] if aio_available() else []):
+        actual, metrics = pp_grads(grid, tokens, offload_config(backend, path, keep_last=0))
+        results[f"pp2-vpp2-{backend}"] = (same(actual, expected), metrics["offload_written_bytes"],
+                                          metrics["offload_read_bytes"], len(scratch_files(path)))
     return results
+
+
+def aio_available() -> bool:
+    """The DeepSpeed aio op loads (built by tests/test_offload.py, or here on first use)."""
+    from plait.offload import OffloadError
+    from plait.offload.aio import load_aio_op
+
+    try:
+        load_aio_op()
+        return True
+    except OffloadError:
+        return False
 
 
 def test_offload_bitwise_under_tp2_and_interleaved_pp2():
     with tempfile.TemporaryDirectory() as root:
         results = run_ranks(2, offload_worker, root)
+    from tests.test_offload_dist import aio_available
+
+    if aio_available():  # CI installs libaio-dev: the aio cases must have run there
+        assert all("tp2-aio-fp32" in per_rank and "pp2-vpp2-aio" in per_rank for per_rank in results)
     for rank, per_rank in enumerate(results):
         for case, (equal, written, read, files_left) in per_rank.items():
             assert equal, f"rank {rank} {case}: gradients differ from the same layout without offload"
