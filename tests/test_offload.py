@@ -383,3 +383,15 @@ def test_offload_lowers_peak_resident_activation_bytes(tmp_path):
         offload.close()
     assert peaks["offload"] < 0.6 * peaks["keep"], peaks
     assert peaks["recompute"] < 0.2 * peaks["keep"], peaks
+
+
+def test_device_filter_cuda_leaves_cpu_tensors_alone(tmp_path, reference):
+    """The default filter moves only CUDA tensors: on CPU nothing is written, grads are unchanged."""
+    tokens, expected = reference
+    model = build_model(TINY, seed=3)
+    offload = attach(model, offload_config("file", str(tmp_path), device_filter="cuda"))
+    metrics = forward_backward(model, tokens, "fp32", offload)
+    assert_bitwise(grads(model), expected["fp32"])
+    assert metrics["offload_offloaded_bytes"] == metrics["offload_written_bytes"] == 0
+    assert metrics["offload_resident_peak_bytes"] == 0
+    offload.close()
