@@ -49,13 +49,13 @@ class ModelConfig:
 class TrainConfig:
     """The loop: steps, batch, precision, evaluation, seeds."""
 
-    steps: int = 400
+    steps: int = 250
     batch_size: int = 16  # global batch, in sequences, summed over dp and micro-batches
     seq_len: int = 256
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
     compile: bool = False
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
