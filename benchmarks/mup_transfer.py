@@ -145,6 +145,8 @@ def main(argv=None) -> Dict:
     if args.replot:
         with open(args.replot) as f:
             rows = json.load(f)["rows"]
+        counts = {seed: sum(r["seed"] == seed for r in rows) for seed in {r["seed"] for r in rows}}
+        rows = [r for r in rows if counts[r["seed"]] == max(counts.values())]  # complete seeds only
         summary = summarize(rows, sorted({r["width"] for r in rows}))
         plot(summary, args.png)
         print(json.dumps({k: {m: v[m] for m in ("best_lr", "shift_steps", "cost_at_largest")}
