@@ -97,6 +97,9 @@ def main(argv=None) -> dict:
         "plait_vs_adamw_fused": plait["median_ms"] / by["AdamW fused"]["median_ms"],
         "plait_vs_adamw_foreach": plait["median_ms"] / by["AdamW foreach"]["median_ms"],
         "state_bytes_lion_over_adamw": plait["state_bytes"] / by["AdamW fused"]["state_bytes"],
+        # fastest rounds: on a crowded machine the least-disturbed step is the kernel's own speed
+        "min_plait_vs_lion_pytorch": plait["min_ms"] / by["lion-pytorch"]["min_ms"],
+        "min_plait_vs_adamw_fused": plait["min_ms"] / by["AdamW fused"]["min_ms"],
     }
     print(f"{n_params / 1e6:.1f}M fp32 parameters, {args.threads} thread(s), {args.rounds} rounds (shared machine: noisy)")
     print(f"{'contender':24s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'state MB':>9s} {'vs plait':>9s}")
