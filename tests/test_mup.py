@@ -161,3 +161,18 @@ def test_transfer_summary_measures_shift_and_cost():
     summary = bench.summarize(rows, [64, 128, 256])["standard"]
     assert summary["shift_steps"] == 2.0
     assert summary["cost_at_largest"] == pytest.approx(0.4)  # 0.1 * (2 steps)^2
+
+
+def test_zero_readout_and_zero_query_options():
+    from plait.train.parametrization import init_model
+
+    cfg = small(64)
+    optim_cfg = OptimConfig(name="lion", mup=True, mup_zero_readout=True, mup_zero_query=True)
+    model = Transformer(cfg)
+    init_model(model, 0, build_parametrization(cfg, optim_cfg))
+    wqkv = model.layers["0"].attn.wqkv.weight
+    assert torch.count_nonzero(model.head.weight) == 0
+    assert torch.count_nonzero(wqkv[:64]) == 0 and torch.count_nonzero(wqkv[64:]) == wqkv[64:].numel()
+    default = Transformer(cfg)
+    init_model(default, 0, build_parametrization(cfg, OptimConfig(name="lion", mup=True)))
+    assert torch.count_nonzero(default.head.weight) == default.head.weight[:cfg.vocab_size].numel()
