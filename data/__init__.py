@@ -13,7 +13,7 @@ _EXPORTS = {
     "DataConfig": "plait.data.config",
     "DataError": "plait.data.errors",
     # text to shards
-    "prepare": "plait.data.prepare",
+    "prepare_shards": "plait.data.prepare:prepare",
     "prepare_text": "plait.data.corpus",
     "TokenShard": "plait.data.shards",
     "ShardWriter": "plait.data.shards",
@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.data.dataset import TokenDataset
     from plait.data.errors import DataError
     from plait.data.loader import Loader
-    from plait.data.prepare import prepare
+    from plait.data.prepare import prepare as prepare_shards
     from plait.data.sampler import Sampler
     from plait.data.shards import ShardWriter, TokenShard
     from plait.data.unified import UnifiedTensor

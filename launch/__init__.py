@@ -23,7 +23,7 @@ _EXPORTS = {
     # runs
     "resolve_run_dir": "plait.launch.rundir",
     "PreemptionFlag": "plait.launch.signals",
-    "plan": "plait.launch.plan",
+    "make_plan": "plait.launch.plan:plan",
     "Plan": "plait.launch.plan",
 }
 
@@ -34,7 +34,8 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.launch.config import LaunchConfig
     from plait.launch.env import ProcessEnv, check_layout, detect, init_process_group, pick_device
     from plait.launch.errors import LaunchError
-    from plait.launch.plan import Plan, plan
+    from plait.launch.plan import Plan
+    from plait.launch.plan import plan as make_plan
     from plait.launch.rundir import resolve_run_dir
     from plait.launch.signals import PreemptionFlag
 
