@@ -5,8 +5,9 @@ change. Construction takes explicit arguments (a config dataclass, a `Grid` or p
 values), never hidden globals. Names are imported lazily on first use.
 """
 
-import importlib
 from typing import TYPE_CHECKING
+
+from plait.parallel._exports import lazy_exports
 
 _EXPORTS = {
     # config and errors
@@ -38,14 +39,4 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.data.unified import UnifiedTensor
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    module, _, attr = _EXPORTS[name].partition(":")  # "module" or "module:attribute"
-    value = getattr(importlib.import_module(module), attr or name)
-    globals()[name] = value
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
