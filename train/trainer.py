@@ -7,7 +7,6 @@ the grid, the model (this rank's chunks), the optimizer, the loader and the metr
 and `plait.data`.
 """
 
-import datetime
 import logging
 import math
 import time
@@ -26,14 +25,14 @@ from plait.launch.signals import PreemptionFlag
 from plait.optim.builder import build_optimizer, make_optimizer
 from plait.optim.clip import clip_by_norm, global_grad_norm
 from plait.optim.schedule import apply_lr
-from plait.parallel.grid import Grid
 from plait.parallel.data_parallel import DataParallelGrads
+from plait.parallel.grid import Grid
+from plait.parallel.pipeline.runtime import PipelineRuntime
 from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.zero import ZeroOptimizer
 from plait.train import checkpoint as checkpoint_lib
 from plait.train import metrics as metrics_lib
 from plait.train.config import Config, micro_batch_size, to_yaml, validate
-from plait.parallel.pipeline.runtime import PipelineRuntime
 from plait.train.chunks import build_chunks, hidden_shape, named_parameters_of, param_specs_of
 from plait.train.model import Transformer, build_model
 from plait.train.parametrization import build_parametrization, zero_queries
@@ -216,7 +215,7 @@ class Trainer:
                                      before_last_backward=self.grads.start_overlap,
                                      forward_context=lambda: autocast(self.device, self.cfg.train.precision))
         else:
-            loss = forward_backward(self._forward_module(), batch, self.cfg.train.precision,
+            loss = forward_backward(self._forward, batch, self.cfg.train.precision,
                                     before_last_backward=self.grads.start_overlap)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
         norm = self._finish_grads()
@@ -229,9 +228,6 @@ class Trainer:
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
                 "step_time_s": elapsed, **offload_metrics}
-
-    def _forward_module(self):
-        return self._forward if self.cfg.train.compile else self.model
 
     @torch.no_grad()
     def evaluate(self, batches: Optional[int] = None) -> float:
