@@ -133,7 +133,7 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--microbatches", type=int, default=2)
-    parser.add_argument("--bucket-mb", type=float, default=1.0)
+    parser.add_argument("--bucket-mb", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default="dp_overlap.json")
