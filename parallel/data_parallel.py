@@ -15,7 +15,7 @@ slice of each bucket (the ZeRO-1 shard). With dp=1 nothing is registered or sent
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -39,7 +39,6 @@ class Bucket:
     work: Optional[object] = None
     comm: Optional[torch.Tensor] = None  # what is sent (a cast copy when reducing in another dtype)
     out: Optional[torch.Tensor] = None  # this rank's reduce-scattered slice (ZeRO-1)
-    launched_at: float = 0.0
 
     @property
     def size(self) -> int:
@@ -53,9 +52,8 @@ class Bucket:
 
 @dataclass
 class ReductionTimes:
-    """Wall-clock stamps of one step's reductions, for the overlap measurement."""
+    """Wall-clock stamps of one step's reduction, for the overlap measurement."""
 
-    launched: List[float] = field(default_factory=list)
     backward_end: float = 0.0
     finished: float = 0.0
 
@@ -145,7 +143,6 @@ class ChunkGrads:
             bucket.work = _reduce_scatter_tensor(bucket.out, bucket.comm, op=op, group=self.group, async_op=True)
         else:
             bucket.work = dist.all_reduce(bucket.comm, op=op, group=self.group, async_op=True)
-        self.times.launched.append(time.perf_counter())
 
     def finish(self) -> None:
         """Launch the buckets not yet launched, wait for all, and write averaged grads back."""
@@ -197,6 +194,3 @@ class DataParallelGrads:
     def named_grads(self) -> List[Tuple[str, torch.Tensor]]:
         """(name, full averaged grad) of every parameter (not meaningful under ZeRO-1: use the optimizer's)."""
         return [(name, chunk.grad_view(name, param)) for chunk in self.chunks for name, param in chunk.params]
-
-    def reduction_times(self) -> List[ReductionTimes]:
-        return [chunk.times for chunk in self.chunks]

@@ -46,11 +46,11 @@ def _move_params_into_buffer(chunk: ChunkGrads) -> None:
 
 
 def _pieces_of(chunk: ChunkGrads, grid: Grid) -> List[_Piece]:
-    pieces = []
+    pieces, params = [], dict(chunk.params)
     for bucket in chunk.buckets:
         lo, hi = bucket.shard_range(grid.dp_rank, grid.dp)
         for name in bucket.names:
-            param = dict(chunk.params)[name]
+            param = params[name]
             start, end = chunk.offsets[name], chunk.offsets[name] + param.numel()
             if max(start, lo) < min(end, hi):
                 pieces.append(_Piece(name, chunk, max(start, lo), min(end, hi), max(start, lo) - start))
