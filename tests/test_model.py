@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.train.config import ModelConfig
-from plait.train.model import apply_rotary, build_model, padded_vocab, rotary_tables
+from plait.train.model import apply_rotary, build_model, choose_attention, padded_vocab, rotary_tables
 
 SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, max_seq_len=64)
 
@@ -73,3 +73,18 @@ def test_loss_is_cross_entropy_in_nats():
     logits = model(tokens[:, :-1])
     expected = F.cross_entropy(logits.reshape(-1, logits.shape[-1])[:, :256], tokens[:, 1:].reshape(-1))
     torch.testing.assert_close(model.loss(logits, tokens[:, 1:]), expected)
+
+
+def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
+    """On CPU the attention kernel attends in fp32 (torch's bf16 CPU kernel is slower) and returns bf16."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 16, 8).bfloat16() for _ in range(3))
+    attend = choose_attention(torch.device("cpu"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v, 8 ** -0.5, False)
+    reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True).bfloat16()
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, reference)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_kernel = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert not torch.equal(bf16_kernel, reference)  # the choice changes the numbers, so this test can fail
