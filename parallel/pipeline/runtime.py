@@ -3,13 +3,15 @@
 What moves where:
 - F(mb, s): the chunk of stage s runs `chunk(x)` on micro-batch mb's input (token ids on
   stage 0, else the hidden states received from stage s - 1). The last stage turns the
-  output into the loss, scaled by 1/m so the accumulated grads are the grads of the step's
-  mean loss. Other stages keep (input, output) for the backward.
+  output into the micro-batch's loss; its backward starts from an output grad of 1/m, so
+  the accumulated grads are the grads of the step's mean loss. Other stages keep (input,
+  output) for the backward.
 - B(mb, s): backward from the loss (last stage) or from the received grad of the output;
   the grad of the input is then sent to stage s - 1. Grads accumulate in `.grad` over the
   micro-batches.
-- Each run of consecutive SEND/RECV actions goes out as one `batch_isend_irecv` (gloo or
-  NCCL alike). A receive is waited on only when the compute that needs it starts; sends are
+- Each run of consecutive SEND/RECV actions is posted at once: as one `batch_isend_irecv`
+  on NCCL (coalesced), straight to the process group's send/recv on gloo (nothing to
+  coalesce there, and every call on the critical path costs). A receive is waited on only when the compute that needs it starts; sends are
   waited on only once the schedule proves the peer has posted the receive (a later message
   from that peer has arrived), so a wait never stalls. Then a sent output's data is freed,
   keeping only its autograd node (Megatron's deallocate_output_tensor): the output is not
@@ -83,6 +85,25 @@ def default_prefetch(backend: str) -> int:
 _LOGGED: set = set()  # backends whose prefetch choice was logged (a log-once record, not group state)
 
 
+def batched_transport(group: dist.ProcessGroup) -> Callable:
+    """NCCL: one `batch_isend_irecv` per run of messages (coalesced into one launch, no cross-wait deadlock)."""
+    def post(recvs, sends) -> list:
+        ops = [dist.P2POp(dist.irecv, buffer, None, group, tag, group_peer=peer) for _, buffer, peer, tag in recvs]
+        ops += [dist.P2POp(dist.isend, tensor.detach(), None, group, tag, group_peer=peer)
+                for _, tensor, peer, tag in sends]
+        works = dist.batch_isend_irecv(ops)
+        return works if len(works) == len(ops) else [works[-1]] * len(ops)  # NCCL: one handle for the batch
+    return post
+
+
+def direct_transport(group: dist.ProcessGroup) -> Callable:
+    """Gloo: each message straight to the process group's send/recv (no batching to gain, less Python per hop)."""
+    def post(recvs, sends) -> list:
+        works = [group.recv([buffer], peer, tag) for _, buffer, peer, tag in recvs]
+        return works + [group.send([tensor.detach()], peer, tag) for _, tensor, peer, tag in sends]
+    return post
+
+
 class PipelineRuntime:
     """Runs one pp rank's chunks through a schedule: `run(...)` does one step's forwards and backwards.
 
@@ -117,9 +138,14 @@ class PipelineRuntime:
             if action.kind == Kind.B:
                 self.last_backward[action.stage] = index
         self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
+        self.placeholders, self.loss_grads = {}, {}
         self.device = grid.device
         self.free_sent_outputs = free_sent_outputs
         self.next_rank, self.prev_rank = grid.pp_peer(1), grid.pp_peer(-1)
+        if grid.pp_group is not None:  # peers as ranks within the pp group, the transport chosen once
+            self.next_peer = dist.get_group_rank(grid.pp_group, self.next_rank)
+            self.prev_peer = dist.get_group_rank(grid.pp_group, self.prev_rank)
+            self.transport = (batched_transport if grid.backend == "nccl" else direct_transport)(grid.pp_group)
         self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
         if grid.pp_group is not None:
             dist.barrier(group=grid.pp_group)  # NCCL: set the communicator up with every rank present
@@ -131,28 +157,22 @@ class PipelineRuntime:
         return (direction * self.microbatches + send.microbatch) * self.n_stages + send.stage
 
     def _post(self, batch: Sequence[Action]) -> None:
-        """Issue one run of communication actions as a single batched isend/irecv."""
-        recv_ops, send_ops, recvs, sends = [], [], [], []
+        """Issue one run of communication actions: receives first, then sends."""
+        recvs, sends = [], []
         for action in batch:
             if action.kind in (Kind.RECV_F, Kind.RECV_B):
                 buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
-                peer = self.prev_rank if action.kind == Kind.RECV_F else self.next_rank
-                recv_ops.append(dist.P2POp(dist.irecv, buffer, peer, self.grid.pp_group,
-                                           self._tag(matching_send(action))))
-                recvs.append((action, buffer))
+                peer = self.prev_peer if action.kind == Kind.RECV_F else self.next_peer
+                recvs.append((action, buffer, peer, self._tag(matching_send(action))))
             else:
                 key = (action.microbatch, action.stage)
                 tensor = self.outputs[key] if action.kind == Kind.SEND_F else self.input_grads.pop(key)
-                peer = self.next_rank if action.kind == Kind.SEND_F else self.prev_rank
-                send_ops.append(dist.P2POp(dist.isend, tensor.detach(), peer, self.grid.pp_group, self._tag(action)))
-                sends.append((action, tensor))
-        ops = recv_ops + send_ops
-        works = dist.batch_isend_irecv(ops)
-        if len(works) != len(ops):  # NCCL coalesces the batch into one handle
-            works = [works[-1]] * len(ops)
-        for (action, buffer), work in zip(recvs, works):
+                peer = self.next_peer if action.kind == Kind.SEND_F else self.prev_peer
+                sends.append((action, tensor, peer, self._tag(action)))
+        works = self.transport(recvs, sends)
+        for (action, buffer, _, _), work in zip(recvs, works):
             self.received[(action.kind, action.microbatch, action.stage)] = (work, buffer)
-        for (action, tensor), work in zip(sends, works[len(recvs):]):
+        for (action, tensor, _, _), work in zip(sends, works[len(recvs):]):
             self.in_flight.append((work, action, tensor))
 
     def _take(self, kind: Kind, microbatch: int, stage: int) -> torch.Tensor:
@@ -180,10 +200,24 @@ class PipelineRuntime:
                 still.append((work, action, tensor))
                 continue
             if action.kind == Kind.SEND_F and self.free_sent_outputs and tensor.grad_fn is not None:
-                tensor.data = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+                tensor.data = self._placeholder(tensor)
         self.in_flight = still
         self.peak_unfreed_outputs = max(self.peak_unfreed_outputs,
                                         sum(1 for _, action, _ in self.in_flight if action.kind == Kind.SEND_F))
+
+    def _placeholder(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An empty tensor of `tensor`'s dtype and device (one per kind, shared) to swap a freed output's data for."""
+        key = (tensor.dtype, tensor.device)
+        if key not in self.placeholders:
+            self.placeholders[key] = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return self.placeholders[key]
+
+    def _loss_grad(self, loss: torch.Tensor) -> torch.Tensor:
+        """The output grad of a micro-batch's loss, 1/m (so grads add up to the grad of the mean), built once."""
+        key = (loss.dtype, loss.device)
+        if key not in self.loss_grads:
+            self.loss_grads[key] = torch.full((), 1.0 / self.microbatches, dtype=loss.dtype, device=loss.device)
+        return self.loss_grads[key]
 
     # compute ---------------------------------------------------------------------
     def _forward(self, action: Action, inputs, targets, loss_fn, forward_context) -> None:
@@ -194,11 +228,12 @@ class PipelineRuntime:
             x = self._take(Kind.RECV_F, mb, stage)
             if torch.is_grad_enabled():
                 x.requires_grad_(True)
+        self._release_sent()
         with forward_context():
             output = self.chunk_of[stage](x)
         if stage == self.n_stages - 1:
-            output = loss_fn(output, targets[mb]) / self.microbatches
-            self.loss_sum += output.detach().float()
+            output = loss_fn(output, targets[mb])  # backward scales it by 1/m (`_loss_grad`)
+            self.losses.append(output.detach())
         if stage < self.n_stages - 1 or torch.is_grad_enabled():
             self.outputs[(mb, stage)] = output  # to send, and (with grad) to backward from
         if stage > 0 and torch.is_grad_enabled():
@@ -210,11 +245,11 @@ class PipelineRuntime:
             before_last_backward(self.chunk_index[stage])
         output = self.outputs.pop((mb, stage))
         if stage == self.n_stages - 1:
-            output.backward()
+            grad = self._loss_grad(output)
         else:
             grad = self._take(Kind.RECV_B, mb, stage)
-            self._release_sent()  # this output's send is certainly received now: free its data
-            _backward_from(output, grad)
+        self._release_sent()  # after the take: this output's send is certainly received now, its data freed
+        _backward_from(output, grad)
         x = self.inputs.pop((mb, stage), None)
         if stage > 0:
             self.input_grads[(mb, stage)] = x.grad
@@ -238,7 +273,7 @@ class PipelineRuntime:
         self.positions = self.peer_positions[forward_only]
         self.peer_progress: Dict[int, int] = {}
         self.peak_unfreed_outputs = 0
-        self.loss_sum = torch.zeros((), device=self.device)
+        self.losses: List[torch.Tensor] = []  # the last stage's micro-batch losses
         index = 0
         while index < len(actions):
             action = actions[index]
@@ -249,7 +284,6 @@ class PipelineRuntime:
                 self._post(actions[index:end])
                 index = end
                 continue
-            self._release_sent()
             if action.kind == Kind.F:
                 self._forward(action, inputs, targets, loss_fn, forward_context)
             else:
@@ -261,7 +295,10 @@ class PipelineRuntime:
 
     def _broadcast_loss(self) -> torch.Tensor:
         """The last stage's loss, made known to every rank of the pp group."""
-        loss = self.loss_sum
+        if self.losses:
+            loss = torch.stack(self.losses).float().sum() / self.microbatches
+        else:
+            loss = torch.zeros((), device=self.device)
         if self.grid.pp_group is not None:
             dist.broadcast(loss, src=self.last_stage_rank, group=self.grid.pp_group)
         return loss
