@@ -112,6 +112,7 @@ class ActivationOffload:
         cache.abandon_passes()
         cache.release_all()
         cache.wait_writes()
+        self.store.flush()  # every file of the step is gone before the step returns
         error, cache.error = cache.error, None
         stats = cache.stats
         stats.resident_peak_bytes = cache.tracker.peak

@@ -1,23 +1,38 @@
-"""File backend: one file per saved storage on a local SSD, written and read by a thread pool.
+"""File backend: saved storages packed into segment files on a local SSD, moved by a thread pool.
 
 Each rank writes into its own scratch folder `<offload.path>/plait-offload-<pid>-XXXX`,
 made at start-up and removed by `close()` (also at interpreter exit and after Ctrl-C).
+
+Where bytes go: each saved storage gets a region (a 4 KiB-aligned offset) in the open
+segment file; a segment is closed once it holds `segment_bytes`, and removed once every
+region in it was discarded; at the end of a step (`flush`) nothing is live, so every
+segment is gone before the step returns. One file per storage would cost a create and an
+unlink per tensor, and on a filesystem mounted with `discard` (online TRIM, common on cloud
+VMs) each unlink of written blocks is a synchronous TRIM: the offload benchmark's aio rows
+spent 0.4 s a step in them. Removal runs on a thread of its own, behind no I/O.
+
 Writes use `os.pwrite` and reads `os.preadv` straight from and into the tensors' memory
-(CPU) or a pooled pinned buffer (CUDA, staged on a side stream). A write that fails
-removes its partial file and raises `OffloadIOError` naming the path and the fix.
+(CPU) or a pooled pinned buffer (CUDA, staged on a side stream). A write that fails raises
+`OffloadIOError` naming the path and the fix; its region goes with its segment.
 """
 
 import errno
+import itertools
 import os
 import shutil
 import tempfile
-from concurrent.futures import Future
-from typing import Optional
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
 from plait.offload.config import OffloadIOError
 from plait.offload.store import CudaStaging, HostPool, Store
+
+ALIGN = 4096  # region offsets (O_DIRECT and cuFile need aligned file offsets)
+SEGMENT_BYTES = 64 << 20
 
 
 def io_error(path: str, action: str, error: OSError) -> OffloadIOError:
@@ -33,21 +48,95 @@ def byte_view(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.numpy()).cast("B")
 
 
+def aligned(nbytes: int) -> int:
+    return (nbytes + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass
+class Segment:
+    """One scratch file: `used` bytes handed out as regions, `live` of them not discarded yet."""
+
+    path: str
+    used: int = 0
+    live: int = 0
+    closed: bool = False
+
+
 class FileStore(Store):
     name = "file"
 
-    def __init__(self, path: str, device: torch.device, threads: int = 2, rank: int = 0):
+    def __init__(self, path: str, device: torch.device, threads: int = 2, rank: int = 0,
+                 segment_bytes: int = SEGMENT_BYTES):
         super().__init__(threads)
-        self.path = path
+        self.path, self.segment_bytes = path, segment_bytes
         self.dir = tempfile.mkdtemp(prefix=f"plait-offload-{os.getpid()}-r{rank}-", dir=path)
         self.staging: Optional[CudaStaging] = (CudaStaging(device, HostPool(pinned=True))
                                                if device.type == "cuda" else None)
+        self.regions: Dict[int, Tuple[Segment, int]] = {}  # key -> (segment, offset)
+        self.open_segment: Optional[Segment] = None
+        self.segment_names = itertools.count()
+        self.regions_lock = threading.Lock()
+        self.janitor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"plait-offload-{self.name}-rm")
+        self.removals: List[Future] = []
 
-    def file(self, key: int) -> str:
-        return os.path.join(self.dir, f"{key}.bin")
+    # regions --------------------------------------------------------------------------
+    def place(self, key: int, nbytes: int) -> Tuple[str, int]:
+        """Give `key` a region of `nbytes` in the open segment (opening a new one when it is full)."""
+        with self.regions_lock:
+            segment = self.open_segment
+            if segment is None or (segment.used and segment.used + nbytes > self.segment_bytes):
+                if segment is not None:
+                    self._close_segment(segment)
+                segment = Segment(os.path.join(self.dir, f"{next(self.segment_names)}.seg"))
+                self.open_segment = segment
+            offset = segment.used
+            segment.used += aligned(nbytes)
+            segment.live += 1
+            self.regions[key] = (segment, offset)
+            return segment.path, offset
+
+    def region(self, key: int) -> Tuple[str, int]:
+        with self.regions_lock:
+            segment, offset = self.regions[key]
+            return segment.path, offset
+
+    def discard(self, key: int) -> None:
+        """Forget `key`'s region; its segment is removed once closed and empty."""
+        with self.regions_lock:
+            placed = self.regions.pop(key, None)
+            if placed is None:
+                return
+            segment = placed[0]
+            segment.live -= 1
+            if segment.closed and segment.live == 0:
+                self._remove_later(segment.path)
+
+    def _close_segment(self, segment: Segment) -> None:
+        """No more regions go into `segment`; remove it now if none is live (caller holds the lock)."""
+        segment.closed = True
+        if self.open_segment is segment:
+            self.open_segment = None
+        if segment.live == 0:
+            self._remove_later(segment.path)
+
+    def _remove_later(self, name: str) -> None:
+        try:
+            self.removals.append(self.janitor.submit(self._remove, name))
+        except RuntimeError:  # closing: `close` removes the whole folder
+            pass
+
+    def flush(self) -> None:
+        """Close the open segment and wait until every empty segment is gone (the end of a step)."""
+        with self.regions_lock:
+            if self.open_segment is not None:
+                self._close_segment(self.open_segment)
+            removals, self.removals = self.removals, []
+        for removal in removals:
+            removal.result()
 
     # writes ---------------------------------------------------------------------------
     def write(self, key: int, data: torch.Tensor) -> Future:
+        self.place(key, data.numel())
         if data.is_cuda:
             buffer, event = self.staging.to_host(data)
             return self.submit(self._write_staged, key, buffer, event)
@@ -66,19 +155,18 @@ class FileStore(Store):
             self.staging.pool.give(buffer)
 
     def _write(self, key: int, data: torch.Tensor) -> None:
-        name = self.file(key)
+        name, offset = self.region(key)
         try:
-            self.write_bytes(name, data)
+            self.write_bytes(name, offset, data)
         except OSError as error:
-            self._remove(name)
             raise io_error(self.path, f"writing {data.numel()} bytes of saved activations", error) from error
 
-    def write_bytes(self, name: str, data: torch.Tensor) -> None:
-        view, offset = byte_view(data), 0
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def write_bytes(self, name: str, offset: int, data: torch.Tensor) -> None:
+        view, done = byte_view(data), 0
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT, 0o600)
         try:
-            while offset < len(view):
-                offset += os.pwrite(fd, view[offset:], offset)
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], offset + done)
         finally:
             os.close(fd)
 
@@ -98,27 +186,25 @@ class FileStore(Store):
         return None
 
     def _read(self, key: int, out: torch.Tensor) -> None:
+        name, offset = self.region(key)
         try:
-            self.read_bytes(self.file(key), out)
+            self.read_bytes(name, offset, out)
         except OSError as error:
             raise io_error(self.path, f"reading {out.numel()} bytes of saved activations back", error) from error
 
-    def read_bytes(self, name: str, out: torch.Tensor) -> None:
-        view, offset = byte_view(out), 0
+    def read_bytes(self, name: str, offset: int, out: torch.Tensor) -> None:
+        view, done = byte_view(out), 0
         fd = os.open(name, os.O_RDONLY)
         try:
-            while offset < len(view):
-                count = os.preadv(fd, [view[offset:]], offset)
+            while done < len(view):
+                count = os.preadv(fd, [view[done:]], offset + done)
                 if count == 0:
                     raise OSError(errno.EIO, f"{name} is shorter than expected")
-                offset += count
+                done += count
         finally:
             os.close(fd)
 
     # cleanup --------------------------------------------------------------------------
-    def discard(self, key: int) -> None:
-        self._remove(self.file(key))
-
     @staticmethod
     def _remove(name: str) -> None:
         try:
@@ -128,6 +214,7 @@ class FileStore(Store):
 
     def close(self) -> None:
         super().close()
+        self.janitor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     @property

@@ -56,10 +56,10 @@ class GdsStore(FileStore):
         self._read(key, out)
         return None
 
-    def write_bytes(self, name: str, data: torch.Tensor) -> None:
-        if self.handle.sync_pwrite(data, name) < 0:
-            raise OSError(5, f"GDS write of {name} failed")
+    def write_bytes(self, name: str, offset: int, data: torch.Tensor) -> None:
+        if self.handle.sync_pwrite(data, name, offset) < 0:
+            raise OSError(5, f"GDS write of {name} at {offset} failed")
 
-    def read_bytes(self, name: str, out: torch.Tensor) -> None:
-        if self.handle.sync_pread(out, name) < 0:
-            raise OSError(5, f"GDS read of {name} failed")
+    def read_bytes(self, name: str, offset: int, out: torch.Tensor) -> None:
+        if self.handle.sync_pread(out, name, offset) < 0:
+            raise OSError(5, f"GDS read of {name} at {offset} failed")

@@ -5,8 +5,8 @@ keys. `write(key, data)` starts copying `data` out and returns a future; the cal
 keeps `data` alive and unmodified until the future is done. `read(key, out)` starts
 filling `out` (same size, on the compute device) and returns a future whose result is
 a CUDA event the consumer must wait on, or None when `out` is ready as soon as the
-future is. `discard(key)` frees what a completed or never-started write left behind.
-`close()` removes everything. All backends have these semantics; the CPU ones are
+future is. `discard(key)` frees what a completed or never-started write left behind
+(maybe in the background: `flush()` waits until it is gone). `close()` removes everything. All backends have these semantics; the CPU ones are
 tested in CI, the CUDA paths (pinned staging, side stream, GDS) whenever a GPU is lent.
 """
 
@@ -149,6 +149,9 @@ class Store:
 
     def discard(self, key: int) -> None:
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Wait for discards still in progress (stores that remove in the background override this)."""
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

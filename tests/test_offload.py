@@ -223,7 +223,7 @@ def test_no_file_left_after_exception_in_backward(tmp_path, monkeypatch):
     model = build_model(TINY, seed=3)
     offload = attach(model, offload_config("file", str(tmp_path)))
 
-    def broken_read(self, name, out):
+    def broken_read(self, name, offset, out):
         raise OSError(errno.EIO, "injected read failure")
 
     monkeypatch.setattr(FileStore, "read_bytes", broken_read)
@@ -394,4 +394,33 @@ def test_device_filter_cuda_leaves_cpu_tensors_alone(tmp_path, reference):
     assert_bitwise(grads(model), expected["fp32"])
     assert metrics["offload_offloaded_bytes"] == metrics["offload_written_bytes"] == 0
     assert metrics["offload_resident_peak_bytes"] == 0
+    offload.close()
+
+
+def test_storages_share_segment_files_removed_once_empty(tmp_path, reference, monkeypatch):
+    """Many storages go into few segment files (not one file each), each removed once, all by the step's end."""
+    from plait.offload.files import FileStore
+
+    created, removed = set(), []
+    real_remove = FileStore._remove
+    monkeypatch.setattr(FileStore, "_remove", staticmethod(lambda name: (removed.append(name), real_remove(name))))
+    real_place = FileStore.place
+
+    def counting_place(self, key, nbytes):
+        name, offset = real_place(self, key, nbytes)
+        created.add(name)
+        return name, offset
+
+    monkeypatch.setattr(FileStore, "place", counting_place)
+    tokens, expected = reference
+    model = build_model(TINY, seed=3)
+    offload = attach(model, offload_config("file", str(tmp_path)))
+    offload.store.segment_bytes = 1 << 20
+    metrics = forward_backward(model, tokens, "fp32", offload)
+    assert_bitwise(grads(model), expected["fp32"])
+    entries = metrics["offload_written_bytes"] // 4096  # every saved storage here is at least 4 KiB
+    segments = -(-metrics["offload_written_bytes"] // (1 << 20))
+    assert 1 < len(created) <= segments + 2 < entries  # packed into segments, not one file per storage
+    assert sorted(removed) == sorted(created)  # each segment removed exactly once
+    assert scratch_files(str(tmp_path)) == []
     offload.close()
