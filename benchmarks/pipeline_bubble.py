@@ -1,8 +1,9 @@
 """Pipeline bubble: plait's GPipe, 1F1B and interleaved 1F1B against torch.distributed.pipelining.
 
 4 gloo ranks (spawned here, no ports). Each rank holds `--blocks` blocks whose compute is a
-fixed wait (forward T, backward 2T: a sleep to 0.3 ms before the deadline, then a spin,
-so the 2 shared cores do not blur the result and the wait ends on time). With v chunks per rank a chunk holds blocks / v of them. For m in `--microbatches`,
+fixed-duration block: forward T, backward 2T of wall time from the block's entry, its own
+tensor ops included (a sleep to 0.3 ms before the deadline, then a spin, so the 2 shared
+cores do not blur the result and the block ends on time). With v chunks per rank a chunk holds blocks / v of them. For m in `--microbatches`,
 every round steps each contender once, in turn (plait gpipe, torch gpipe, plait 1f1b, ...),
 so load swings hit them alike. A step is timed from a barrier to the slowest rank's end.
 
@@ -42,35 +43,38 @@ SLEPT = {"F": [], "B": []}  # the real length of each wait this step: sleeps ove
 SPIN_S = 3e-4  # the last part of each wait is spun, not slept: a sleep overshoots by 0.1 to 0.2 ms here
 
 
-def sleep(kind: str, seconds: float) -> None:
-    """Wait `seconds` on the clock: sleep to shortly before the deadline, spin the rest.
+def wait_until(kind: str, start: float, seconds: float) -> None:
+    """Hold until `start + seconds` on the clock: sleep to shortly before the deadline, spin the rest.
 
     The cores stay free for the other ranks (each spins 3% of its waits), and the wait ends
     on time instead of whenever the scheduler wakes the process.
     """
-    start = time.perf_counter()
     deadline = start + seconds
-    time.sleep(max(0.0, seconds - SPIN_S))
+    time.sleep(max(0.0, deadline - SPIN_S - time.perf_counter()))
     while time.perf_counter() < deadline:
         pass
     SLEPT[kind].append(time.perf_counter() - start)
 
 
 class Wait(torch.autograd.Function):
-    """y = x * w with a fixed compute time: forward sleeps T, backward 2T."""
+    """y = x * w taking a fixed time: forward T, backward 2T from entry, the block's own tensor ops included."""
 
     @staticmethod
     def forward(ctx, x, weight, seconds):
-        sleep("F", seconds)
+        start = time.perf_counter()
         ctx.save_for_backward(x, weight)
         ctx.seconds = seconds
-        return x * weight
+        out = x * weight
+        wait_until("F", start, seconds)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        sleep("B", 2 * ctx.seconds)
+        start = time.perf_counter()
         x, weight = ctx.saved_tensors
-        return grad * weight, (grad * x).sum().reshape(weight.shape), None
+        grads = grad * weight, (grad * x).sum().reshape(weight.shape), None
+        wait_until("B", start, 2 * ctx.seconds)
+        return grads
 
 
 class WaitBlock(nn.Module):
