@@ -5,7 +5,7 @@ Each mapping is a tiny autograd function whose docstring says what moves. Layers
 their mappings once, at construction: at tp=1 they are identities and nothing is sent.
 """
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -208,11 +208,24 @@ class ColumnParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.spec.local_shape(tp), device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features // tp, device=device, dtype=dtype)) if bias else None
         self.bias_spec = ShardSpec((out_features,), 0, self.spec.segments) if bias else None
+        self.local_segments = tuple(size // tp for size in segments)
         self.input_map = mapping(GatherFromSequence if sequence_parallel else CopyToRegion, group)
         self.output_map = mapping(GatherFromRegion, group) if gather_output else _identity
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.output_map(F.linear(self.input_map(x), self.weight, self.bias))
+
+    def forward_segments(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """This rank's output of each segment (Q, K, V or gate, up), one GEMM per segment.
+
+        The same values as splitting `forward(x)`, but the backward adds the segments' grads
+        into one weight grad instead of concatenating the activation grads (a copy of the
+        whole fused output per layer, 17 ms a step in the eager step benchmark).
+        """
+        x = self.input_map(x)
+        weights = self.weight.split(self.local_segments)
+        biases = self.bias.split(self.local_segments) if self.bias is not None else (None,) * len(weights)
+        return tuple(F.linear(x, weight, bias) for weight, bias in zip(weights, biases))
 
 
 class RowParallelLinear(nn.Module):

@@ -146,10 +146,8 @@ class Attention(nn.Module):
         self.attend = choose_attention(device if device is not None else grid.device)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        qkv = self.wqkv(x)
-        b, s, _ = qkv.shape
-        q, k, v = qkv.split([self.local_heads * self.head_dim, self.local_kv * self.head_dim,
-                             self.local_kv * self.head_dim], dim=-1)
+        q, k, v = self.wqkv.forward_segments(x)
+        b, s, _ = q.shape
         q = q.view(b, s, self.local_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.local_kv, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.local_kv, self.head_dim).transpose(1, 2)
@@ -169,7 +167,7 @@ class MLP(nn.Module):
         self.w2 = RowParallelLinear(hidden, cfg.dim, grid, sequence_parallel=sequence_parallel, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
+        gate, up = self.w13.forward_segments(x)
         return self.w2(F.silu(gate) * up)
 
 
