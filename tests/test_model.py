@@ -88,3 +88,27 @@ def test_cpu_attention_runs_in_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         bf16_kernel = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     assert not torch.equal(bf16_kernel, reference)  # the choice changes the numbers, so this test can fail
+
+
+def test_forward_segments_match_the_fused_output_and_its_grads():
+    """One GEMM per fused segment gives the split fused output and the same weight and input grads."""
+    from plait.parallel.grid import Grid
+    from plait.parallel.tensor import ColumnParallelLinear
+
+    torch.manual_seed(0)
+    layer = ColumnParallelLinear(16, 40, Grid.single(), segments=(24, 8, 8), bias=True)
+    torch.nn.init.normal_(layer.weight)
+    torch.nn.init.normal_(layer.bias)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    parts = layer.forward_segments(x)
+    fused = layer(x).split([24, 8, 8], dim=-1)
+    assert [p.shape[-1] for p in parts] == [24, 8, 8]
+    for part, expected in zip(parts, fused):
+        torch.testing.assert_close(part, expected, rtol=1e-6, atol=1e-6)
+    weights = [torch.randn_like(p) for p in parts]
+    grads_segments = torch.autograd.grad(sum((p * w).sum() for p, w in zip(parts, weights)),
+                                         (x, layer.weight, layer.bias))
+    grads_fused = torch.autograd.grad(sum((p * w).sum() for p, w in zip(fused, weights)),
+                                      (x, layer.weight, layer.bias))
+    for got, expected in zip(grads_segments, grads_fused):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
