@@ -258,3 +258,32 @@ def test_schedule_tool_draws_text_and_png(tmp_path, capsys):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["--pp", "4", "--vpp", "2", "--microbatches", "6", "--no-png"]) == 2
     assert "multiple of parallel.pp=4" in capsys.readouterr().err
+
+
+def transport_worker(rank, world_size):
+    """Ranks 1 and 2 form a group (group ranks 0 and 1): each transport moves a tensor both ways."""
+    import torch.distributed as dist
+
+    from plait.parallel.pipeline.runtime import batched_transport, direct_transport
+
+    group = dist.new_group([1, 2])
+    received = {}
+    if rank == 0:
+        return received
+    peer = 3 - rank  # global ranks
+    for name, make in (("batched", batched_transport), ("direct", direct_transport)):
+        post = make(group, (peer,))
+        buffer = torch.empty(4)
+        outgoing = torch.arange(4.0) + 10 * rank
+        works = post([(None, buffer, peer, 7)], [(None, outgoing, peer, 7)])
+        for work in works:
+            work.wait()
+        received[name] = buffer.tolist()
+    return received
+
+
+def test_transports_move_tensors_within_a_subgroup():
+    results = run_ranks(3, transport_worker)
+    for rank in (1, 2):
+        expected = (torch.arange(4.0) + 10 * (3 - rank)).tolist()
+        assert results[rank] == {"batched": expected, "direct": expected}

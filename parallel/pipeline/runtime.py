@@ -11,7 +11,8 @@ What moves where:
   micro-batches.
 - Each run of consecutive SEND/RECV actions is posted at once: as one `batch_isend_irecv`
   on NCCL (coalesced), straight to the process group's send/recv on gloo (nothing to
-  coalesce there, and every call on the critical path costs). A receive is waited on only when the compute that needs it starts; sends are
+  coalesce there, and every call on the critical path costs). A receive is waited on only
+  when the compute that needs it starts; sends are
   waited on only once the schedule proves the peer has posted the receive (a later message
   from that peer has arrived), so a wait never stalls. Then a sent output's data is freed,
   keeping only its autograd node (Megatron's deallocate_output_tensor): the output is not
@@ -85,22 +86,31 @@ def default_prefetch(backend: str) -> int:
 _LOGGED: set = set()  # backends whose prefetch choice was logged (a log-once record, not group state)
 
 
-def batched_transport(group: dist.ProcessGroup) -> Callable:
-    """NCCL: one `batch_isend_irecv` per run of messages (coalesced into one launch, no cross-wait deadlock)."""
+def batched_transport(group: dist.ProcessGroup, peers: Sequence[int]) -> Callable:
+    """NCCL: one `batch_isend_irecv` per run of messages (coalesced into one launch, no cross-wait deadlock).
+
+    The returned `post(recvs, sends)` takes (action, tensor, global peer rank, tag) tuples
+    and gives one work handle per message, receives first.
+    """
     def post(recvs, sends) -> list:
-        ops = [dist.P2POp(dist.irecv, buffer, None, group, tag, group_peer=peer) for _, buffer, peer, tag in recvs]
-        ops += [dist.P2POp(dist.isend, tensor.detach(), None, group, tag, group_peer=peer)
-                for _, tensor, peer, tag in sends]
+        ops = [dist.P2POp(dist.irecv, buffer, peer, group, tag) for _, buffer, peer, tag in recvs]
+        ops += [dist.P2POp(dist.isend, tensor.detach(), peer, group, tag) for _, tensor, peer, tag in sends]
         works = dist.batch_isend_irecv(ops)
         return works if len(works) == len(ops) else [works[-1]] * len(ops)  # NCCL: one handle for the batch
     return post
 
 
-def direct_transport(group: dist.ProcessGroup) -> Callable:
-    """Gloo: each message straight to the process group's send/recv (no batching to gain, less Python per hop)."""
+def direct_transport(group: dist.ProcessGroup, peers: Sequence[int]) -> Callable:
+    """Gloo: each message straight to the process group's send/recv (no batching to gain, less Python per hop).
+
+    Same `post(recvs, sends)` as `batched_transport`; the global peer ranks become ranks in
+    `group` through a table built once from `peers`.
+    """
+    in_group = {peer: dist.get_group_rank(group, peer) for peer in peers}
+
     def post(recvs, sends) -> list:
-        works = [group.recv([buffer], peer, tag) for _, buffer, peer, tag in recvs]
-        return works + [group.send([tensor.detach()], peer, tag) for _, tensor, peer, tag in sends]
+        works = [group.recv([buffer], in_group[peer], tag) for _, buffer, peer, tag in recvs]
+        return works + [group.send([tensor.detach()], in_group[peer], tag) for _, tensor, peer, tag in sends]
     return post
 
 
@@ -142,10 +152,9 @@ class PipelineRuntime:
         self.device = grid.device
         self.free_sent_outputs = free_sent_outputs
         self.next_rank, self.prev_rank = grid.pp_peer(1), grid.pp_peer(-1)
-        if grid.pp_group is not None:  # peers as ranks within the pp group, the transport chosen once
-            self.next_peer = dist.get_group_rank(grid.pp_group, self.next_rank)
-            self.prev_peer = dist.get_group_rank(grid.pp_group, self.prev_rank)
-            self.transport = (batched_transport if grid.backend == "nccl" else direct_transport)(grid.pp_group)
+        if grid.pp_group is not None:  # the transport, chosen once
+            transport = batched_transport if grid.backend == "nccl" else direct_transport
+            self.transport = transport(grid.pp_group, (self.next_rank, self.prev_rank))
         self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
         if grid.pp_group is not None:
             dist.barrier(group=grid.pp_group)  # NCCL: set the communicator up with every rank present
@@ -162,12 +171,12 @@ class PipelineRuntime:
         for action in batch:
             if action.kind in (Kind.RECV_F, Kind.RECV_B):
                 buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
-                peer = self.prev_peer if action.kind == Kind.RECV_F else self.next_peer
+                peer = self.prev_rank if action.kind == Kind.RECV_F else self.next_rank
                 recvs.append((action, buffer, peer, self._tag(matching_send(action))))
             else:
                 key = (action.microbatch, action.stage)
                 tensor = self.outputs[key] if action.kind == Kind.SEND_F else self.input_grads.pop(key)
-                peer = self.next_peer if action.kind == Kind.SEND_F else self.prev_peer
+                peer = self.next_rank if action.kind == Kind.SEND_F else self.prev_rank
                 sends.append((action, tensor, peer, self._tag(action)))
         works = self.transport(recvs, sends)
         for (action, buffer, _, _), work in zip(recvs, works):
