@@ -126,7 +126,12 @@ class FileStore(Store):
             pass
 
     def flush(self) -> None:
-        """Close the open segment and wait until every empty segment is gone (the end of a step)."""
+        """Close the open segment and wait until every empty segment is gone (the end of a step).
+
+        Reads or writes still running when the step released their entries discard from
+        their done-callbacks, so the workers are drained first.
+        """
+        self.drain()
         with self.regions_lock:
             if self.open_segment is not None:
                 self._close_segment(self.open_segment)

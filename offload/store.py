@@ -122,6 +122,7 @@ class Store:
     name = "store"
 
     def __init__(self, threads: int):
+        self.threads = threads
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"plait-offload-{self.name}")
         self.jitter: Optional[Callable[[], None]] = None  # tests inject random I/O delays here
         self.io_seconds = 0.0  # summed duration of the I/O tasks
@@ -149,6 +150,23 @@ class Store:
 
     def discard(self, key: int) -> None:
         raise NotImplementedError
+
+    def drain(self) -> None:
+        """Return once every task submitted so far has finished and run its done-callbacks.
+
+        One barrier task per worker: a worker takes it only after finishing its previous task
+        (callbacks included), and all of them meeting means no earlier task is left.
+        """
+        barrier = threading.Barrier(self.threads + 1)
+        try:
+            for _ in range(self.threads):
+                self.pool.submit(barrier.wait)
+        except RuntimeError:  # shut down: nothing runs any more
+            return
+        try:
+            barrier.wait(timeout=300)
+        except threading.BrokenBarrierError:  # a worker stuck on a dead disk: do not hang the step too
+            pass
 
     def flush(self) -> None:
         """Wait for discards still in progress (stores that remove in the background override this)."""
