@@ -102,24 +102,22 @@ def write_safetensors(path: Path, tensors: Dict[str, torch.Tensor],
     return {"bytes": len(prefix) + offset, "crc32": crc}
 
 
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete, pick another one.")
+
+
 def read_verified(path: Path, record: Optional[Dict[str, Any]]) -> bytes:
     """The bytes of `path`, checked against the size and CRC-32 in `record` (None: unchecked)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete, pick another one.")
+    _require_file(path)
     data = path.read_bytes()
-    if record is not None:
-        if len(data) != record["bytes"]:
-            raise CheckpointError(f"checkpoint file {path} has {len(data)} bytes but the index records "
-                                  f"{record['bytes']} (truncated or overwritten); pick another checkpoint.")
-        crc = zlib.crc32(data)
-        if crc != record["crc32"]:
-            raise CheckpointError(f"checkpoint file {path} fails its crc32 check (index {record['crc32']:08x}, "
-                                  f"file {crc:08x}): it is corrupted; pick another checkpoint.")
+    _check(path, len(data), lambda: zlib.crc32(data), record)
     return data
 
 
 def _check(path: Path, size: int, crc_of, record: Optional[Dict[str, Any]]) -> None:
+    """Compare a file's size, then its CRC-32 (`crc_of()`, computed only when the size matches), with `record`."""
     if record is None:
         return
     if size != record["bytes"]:
@@ -134,8 +132,7 @@ def _check(path: Path, size: int, crc_of, record: Optional[Dict[str, Any]]) -> N
 def read_safetensors(path: Path, record: Optional[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
     """{name: tensor} of a safetensors file, verified against `record`; tensors view a private file mapping."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file {path} is missing; the checkpoint is incomplete, pick another one.")
+    _require_file(path)
     size = path.stat().st_size
     if size == 0:
         _check(path, 0, lambda: 0, record)
