@@ -6,7 +6,8 @@ keeps `data` alive and unmodified until the future is done. `read(key, out)` sta
 filling `out` (same size, on the compute device) and returns a future whose result is
 a CUDA event the consumer must wait on, or None when `out` is ready as soon as the
 future is. `discard(key)` frees what a completed or never-started write left behind
-(maybe in the background: `flush()` waits until it is gone). `close()` removes everything. All backends have these semantics; the CPU ones are
+(maybe in the background: `flush()` waits until it is gone). `close()` removes
+everything. All backends have these semantics; the CPU ones are
 tested in CI, the CUDA paths (pinned staging, side stream, GDS) whenever a GPU is lent.
 """
 

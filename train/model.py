@@ -87,6 +87,11 @@ class RMSNorm(nn.Module):
         return self.norm(x, self.weight, self.eps)
 
 
+def _sdpa_native(q, k, v, scale: float, enable_gqa: bool) -> torch.Tensor:
+    """Causal SDPA in the inputs' dtype (the fused bf16 kernels on CUDA)."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+
+
 def _sdpa_fp32(q, k, v, scale: float, enable_gqa: bool) -> torch.Tensor:
     """Causal SDPA computed in fp32 whatever the autocast dtype, returned in q's dtype.
 
@@ -95,14 +100,8 @@ def _sdpa_fp32(q, k, v, scale: float, enable_gqa: bool) -> torch.Tensor:
     thread), so bf16 training on CPU attends in fp32; it is also the more exact choice.
     """
     with torch.autocast("cpu", enabled=False):
-        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True, scale=scale,
-                                             enable_gqa=enable_gqa)
+        out = _sdpa_native(q.float(), k.float(), v.float(), scale, enable_gqa)
     return out.to(q.dtype)
-
-
-def _sdpa_native(q, k, v, scale: float, enable_gqa: bool) -> torch.Tensor:
-    """Causal SDPA in the inputs' dtype (the fused bf16 kernels on CUDA)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
 
 
 def choose_attention(device: torch.device) -> Callable:
