@@ -141,26 +141,26 @@ class FileStore(Store):
 
     # writes ---------------------------------------------------------------------------
     def write(self, key: int, data: torch.Tensor) -> Future:
-        self.place(key, data.numel())
+        name, offset = self.place(key, data.numel())
         if data.is_cuda:
             buffer, event = self.staging.to_host(data)
-            return self.submit(self._write_staged, key, buffer, event)
-        return self.submit(self._write_boxed, key, [data])
+            return self.submit(self._write_staged, name, offset, buffer, event)
+        return self.submit(self._write_boxed, name, offset, [data])
 
-    def _write_boxed(self, key: int, box: list) -> None:
+    def _write_boxed(self, name: str, offset: int, box: list) -> None:
         """The worker takes the tensor out of the box, so nothing holds it once the future is done
         (the executor keeps a task's arguments alive until just after it sets the result)."""
-        self._write(key, box.pop())
+        self._write(name, offset, box.pop())
 
-    def _write_staged(self, key: int, buffer: torch.Tensor, event) -> None:
+    def _write_staged(self, name: str, offset: int, buffer: torch.Tensor, event) -> None:
         event.synchronize()
         try:
-            self._write(key, buffer)
+            self._write(name, offset, buffer)
         finally:
             self.staging.pool.give(buffer)
 
-    def _write(self, key: int, data: torch.Tensor) -> None:
-        name, offset = self.region(key)
+    def _write(self, name: str, offset: int, data: torch.Tensor) -> None:
+        """Write `data` at the region placed for it when the write was submitted."""
         try:
             self.write_bytes(name, offset, data)
         except OSError as error:

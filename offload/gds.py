@@ -40,12 +40,13 @@ class GdsStore(FileStore):
         self.handle = op.gds_handle(cfg.aio_block_size, cfg.aio_queue_depth, False, True, cfg.threads)
 
     def write(self, key: int, data: torch.Tensor) -> Future:
+        name, offset = self.place(key, data.numel())
         produced = torch.cuda.current_stream(data.device).record_event()
-        return self.submit(self._write_after, key, [data], produced)
+        return self.submit(self._write_after, name, offset, [data], produced)
 
-    def _write_after(self, key, box, produced) -> None:
+    def _write_after(self, name, offset, box, produced) -> None:
         produced.synchronize()
-        self._write(key, box.pop())
+        self._write(name, offset, box.pop())
 
     def read(self, key: int, out: torch.Tensor) -> Future:
         out_ready = torch.cuda.current_stream(out.device).record_event()
