@@ -2,9 +2,10 @@
 
 4 gloo ranks (spawned here, no ports). Each rank holds `--blocks` blocks whose compute is a
 fixed-duration block: forward T, backward 2T of wall time from the block's entry, its own
-tensor ops included (a sleep to 0.3 ms before the deadline, then a spin, so the 2 shared
-cores do not blur the result and the block ends on time). With v chunks per rank a chunk holds blocks / v of them. For m in `--microbatches`,
-every round steps each contender once, in turn (plait gpipe, torch gpipe, plait 1f1b, ...),
+tensor ops included (a sleep with 1 ns timer slack to 50 us before the deadline, then a
+spin, so the 2 shared cores do not blur the result and the block ends on time). While it
+runs, idle cores poll instead of halting (`--idle poll`, the default; see `polling_idle`).
+With v chunks per rank a chunk holds blocks / v of them. For m in `--microbatches`, every round steps each contender once, in turn (plait gpipe, torch gpipe, plait 1f1b, ...),
 so load swings hit them alike. A step is timed from a barrier to the slowest rank's end.
 
 Reported per row: the median step time (min, max), the simulator's overhead-free step time
@@ -18,9 +19,13 @@ ideal being m x 3T x blocks) and the theoretical bubble ((p-1)/m, or (p-1)/(v m)
 """
 
 import argparse
+import contextlib
+import ctypes
 import json
 import os
 import statistics
+import struct
+import sys
 import tempfile
 import time
 
@@ -33,6 +38,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
 
 PP = 4
+PR_SET_TIMERSLACK = 29  # prctl option (linux/prctl.h)
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)]
 TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
 
@@ -40,7 +46,43 @@ TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleave
 SLEPT = {"F": [], "B": []}  # the real length of each wait this step: sleeps overshoot on a loaded machine
 
 
-SPIN_S = 3e-4  # the last part of each wait is spun, not slept: a sleep overshoots by 0.1 to 0.2 ms here
+SPIN_S = 5e-5  # the last part of each wait is spun, not slept: a sleep overshoots by 20 to 70 us (see `precise_sleeps`)
+
+
+def precise_sleeps() -> None:
+    """This thread's timer slack to 1 ns (Linux): a sleep then ends within tens of us, not 50 us + wake-up late.
+
+    With the default slack every wait would have to spin longer to end on time, and four
+    ranks spinning at once on two cores delay each other's transitions.
+    """
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+
+
+@contextlib.contextmanager
+def polling_idle(enabled: bool):
+    """Keep idle cores polling instead of halting while the benchmark runs (Linux PM QoS, needs root).
+
+    Writing 0 to /dev/cpu_dma_latency asks for an idle state with no exit latency, held
+    while the file stays open (what `tuned`'s latency-performance profile does). On a VM a
+    halted vCPU gives its core back to the host, and the first tensor op after a 10 ms wait
+    then runs from cold caches (measured here: 55 us against 16 us polling, 2 us hot), a tax
+    on every transition between computes that no pipeline runtime controls. Yields what
+    was done, for the report.
+    """
+    if not enabled:
+        yield "default (not requested)"
+        return
+    try:
+        handle = os.open("/dev/cpu_dma_latency", os.O_WRONLY)
+    except OSError as error:
+        yield f"default (could not hold /dev/cpu_dma_latency: {error.strerror})"
+        return
+    try:
+        os.write(handle, struct.pack("i", 0))
+        yield "poll (/dev/cpu_dma_latency held at 0)"
+    finally:
+        os.close(handle)
 
 
 def wait_until(kind: str, start: float, seconds: float) -> None:
@@ -147,6 +189,7 @@ def timed(contender, x, target):
 
 def worker(rank, store_path, args, queue):
     torch.set_num_threads(1)
+    precise_sleeps()
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=PP)
     results = {}
     try:
@@ -171,7 +214,7 @@ def worker(rank, store_path, args, queue):
         queue.put(results)
 
 
-def report(results, args) -> dict:
+def report(results, args, idle: str) -> dict:
     from plait.parallel.pipeline.schedule import build_schedule
     from plait.parallel.pipeline.simulate import simulate
 
@@ -213,7 +256,7 @@ def report(results, args) -> dict:
     print("\n".join(lines))
     return {"benchmark": "pipeline_bubble", "device": "cpu, 4 gloo ranks, compute as sleeps",
             "settings": dict(pp=PP, t_ms=t, blocks_per_rank=args.blocks, rounds=args.rounds, warmup=args.warmup,
-                             micro_batch=args.micro_batch, hidden=args.hidden),
+                             micro_batch=args.micro_batch, hidden=args.hidden, idle=idle, spin_ms=1e3 * SPIN_S),
             "rows": rows, "summary": summary}
 
 
@@ -228,11 +271,14 @@ def main():
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--prefetch", type=int, default=None, help="plait: receives posted this many computes ahead "
                         "(default: the runtime's choice, 1 on gloo)")
+    parser.add_argument("--idle", choices=["poll", "default"], default="poll",
+                        help="idle cores poll (PM QoS, needs root; falls back to default) or use the kernel's default")
     parser.add_argument("--out", default=None, help="write the JSON here")
     args = parser.parse_args()
     context = mp.get_context("spawn")
     queue = context.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, polling_idle(args.idle == "poll") as idle:
+        print(f"idle cores: {idle}")
         store = os.path.join(tmp, "store")
         processes = [context.Process(target=worker, args=(r, store, args, queue)) for r in range(PP)]
         for process in processes:
@@ -248,7 +294,7 @@ def main():
                     raise SystemExit("a rank failed; see its traceback above")
         for process in processes:
             process.join()
-    payload = report(results, args)
+    payload = report(results, args, idle)
     if args.out:
         directory = os.path.dirname(os.path.abspath(args.out))
         handle, temporary = tempfile.mkstemp(dir=directory, suffix=".json")

@@ -109,8 +109,8 @@ def direct_transport(group: dist.ProcessGroup, peers: Sequence[int]) -> Callable
     in_group = {peer: dist.get_group_rank(group, peer) for peer in peers}
 
     def post(recvs, sends) -> list:
-        works = [group.recv([buffer], in_group[peer], tag) for _, buffer, peer, tag in recvs]
-        return works + [group.send([tensor.detach()], in_group[peer], tag) for _, tensor, peer, tag in sends]
+        sent = [group.send([tensor], in_group[peer], tag) for _, tensor, peer, tag in sends]  # a peer may wait on these
+        return [group.recv([buffer], in_group[peer], tag) for _, buffer, peer, tag in recvs] + sent
     return post
 
 
@@ -170,7 +170,8 @@ class PipelineRuntime:
         recvs, sends = [], []
         for action in batch:
             if action.kind in (Kind.RECV_F, Kind.RECV_B):
-                buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device)
+                wants_grad = action.kind == Kind.RECV_F and torch.is_grad_enabled()  # the chunk's input, a leaf
+                buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device, requires_grad=wants_grad)
                 peer = self.prev_rank if action.kind == Kind.RECV_F else self.next_rank
                 recvs.append((action, buffer, peer, self._tag(matching_send(action))))
             else:
@@ -234,9 +235,7 @@ class PipelineRuntime:
         if stage == 0:
             x = inputs[mb]
         else:
-            x = self._take(Kind.RECV_F, mb, stage)
-            if torch.is_grad_enabled():
-                x.requires_grad_(True)
+            x = self._take(Kind.RECV_F, mb, stage)  # requires grad when the step does (set at `_post`)
         self._release_sent()
         with forward_context():
             output = self.chunk_of[stage](x)
