@@ -275,7 +275,7 @@ def transport_worker(rank, world_size):
         post = make(group, (peer,))
         buffer = torch.empty(4)
         outgoing = torch.arange(4.0) + 10 * rank
-        works = post([(None, buffer, peer, 7)], [(None, outgoing, peer, 7)])
+        works = post([(buffer, peer, 7)], [(outgoing, peer, 7)])
         for work in works:
             work.wait()
         received[name] = buffer.tolist()

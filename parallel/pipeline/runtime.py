@@ -11,7 +11,8 @@ What moves where:
   micro-batches.
 - Each run of consecutive SEND/RECV actions is posted at once: as one `batch_isend_irecv`
   on NCCL (coalesced), straight to the process group's send/recv on gloo (nothing to
-  coalesce there, and every call on the critical path costs). A receive is waited on only
+  coalesce there, and every call on the critical path costs; sends go first, since a peer
+  may be waiting on them, and receives posted ahead are not). A receive is waited on only
   when the compute that needs it starts; sends are
   waited on only once the schedule proves the peer has posted the receive (a later message
   from that peer has arrived), so a wait never stalls. Then a sent output's data is freed,
@@ -29,7 +30,7 @@ posts its sends and receives in the same order.
 
 import contextlib
 import logging
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -41,6 +42,7 @@ from plait.parallel.pipeline.simulate import matching_recv, matching_send, valid
 
 log = logging.getLogger("plait")
 COMM = (Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind.RECV_B)
+RECV = (Kind.RECV_F, Kind.RECV_B)
 
 
 def _backward_from(output: torch.Tensor, grad: torch.Tensor) -> None:
@@ -53,20 +55,30 @@ def _backward_from(output: torch.Tensor, grad: torch.Tensor) -> None:
         (output,), (grad,), False, False, (), True, True)
 
 
-def _peer_positions(actions: Sequence[Sequence[Action]], rank: int, pp: int) -> Dict[Action, Tuple[int, int]]:
-    """For each send and receive of `rank`: (peer pp rank, index of the matching action in the peer's list)."""
-    index_of = [{action: i for i, action in enumerate(rank_actions)} for rank_actions in actions]
-    positions = {}
-    for action in actions[rank]:
-        if action.kind in (Kind.SEND_F, Kind.SEND_B):
-            match = matching_recv(action)
-        elif action.kind in (Kind.RECV_F, Kind.RECV_B):
-            match = matching_send(action)
-        else:
-            continue
-        peer = match.stage % pp
-        positions[action] = (peer, index_of[peer][match])
-    return positions
+class Receive(NamedTuple):
+    """A RECV action resolved once: which compute reads it, from whom, and how it is matched."""
+    key: tuple          # (is_forward, micro-batch, stage) of the compute that waits for it
+    peer: int           # global rank of the sender
+    tag: int
+    wants_grad: bool    # a forward input while training: the buffer is allocated as a grad-requiring leaf
+    peer_pp: int        # the sender's pp rank and the index of its matching send: once this
+    position: int       # message arrived, every action before that index on the peer has run
+
+
+class Send(NamedTuple):
+    """A SEND action resolved once: which tensor goes where."""
+    key: Tuple[int, int]  # (micro-batch, stage) of the output sent (SEND_F) or of the input whose grad is sent
+    is_output: bool       # SEND_F: the data is freed once the peer surely has it
+    peer: int
+    tag: int
+    peer_pp: int          # the receiver's pp rank and the index of its matching receive
+    position: int
+
+
+def message_tag(send: Action, microbatches: int, n_stages: int) -> int:
+    """The tag of the message a send starts: (direction, micro-batch, sending stage), the same on both ends."""
+    direction = 0 if send.kind == Kind.SEND_F else 1
+    return (direction * microbatches + send.microbatch) * n_stages + send.stage
 
 
 def default_prefetch(backend: str) -> int:
@@ -89,12 +101,12 @@ _LOGGED: set = set()  # backends whose prefetch choice was logged (a log-once re
 def batched_transport(group: dist.ProcessGroup, peers: Sequence[int]) -> Callable:
     """NCCL: one `batch_isend_irecv` per run of messages (coalesced into one launch, no cross-wait deadlock).
 
-    The returned `post(recvs, sends)` takes (action, tensor, global peer rank, tag) tuples
-    and gives one work handle per message, receives first.
+    The returned `post(recvs, sends)` takes (tensor, global peer rank, tag) triples and
+    gives one work handle per message, receives first.
     """
     def post(recvs, sends) -> list:
-        ops = [dist.P2POp(dist.irecv, buffer, peer, group, tag) for _, buffer, peer, tag in recvs]
-        ops += [dist.P2POp(dist.isend, tensor.detach(), peer, group, tag) for _, tensor, peer, tag in sends]
+        ops = [dist.P2POp(dist.irecv, buffer, peer, group, tag) for buffer, peer, tag in recvs]
+        ops += [dist.P2POp(dist.isend, tensor.detach(), peer, group, tag) for tensor, peer, tag in sends]
         works = dist.batch_isend_irecv(ops)
         return works if len(works) == len(ops) else [works[-1]] * len(ops)  # NCCL: one handle for the batch
     return post
@@ -109,8 +121,8 @@ def direct_transport(group: dist.ProcessGroup, peers: Sequence[int]) -> Callable
     in_group = {peer: dist.get_group_rank(group, peer) for peer in peers}
 
     def post(recvs, sends) -> list:
-        sent = [group.send([tensor], in_group[peer], tag) for _, tensor, peer, tag in sends]  # a peer may wait on these
-        return [group.recv([buffer], in_group[peer], tag) for _, buffer, peer, tag in recvs] + sent
+        sent = [group.send([tensor], in_group[peer], tag) for tensor, peer, tag in sends]  # a peer may wait on these
+        return [group.recv([buffer], in_group[peer], tag) for buffer, peer, tag in recvs] + sent
     return post
 
 
@@ -120,6 +132,11 @@ class PipelineRuntime:
     `chunks` are this rank's modules in model order (stages r, r + p, ...); each is called
     as `chunk(x)`, so wrappers and hooks on them work. `loss_fn(output, target)` gives the
     mean loss of one micro-batch on the last stage.
+
+    The action lists are resolved at construction into plans: each step a bound method and
+    its arguments (peers, tags, matching positions, buffer keys all worked out), so the
+    loop between two computes does no schedule lookups: every call there is on the critical
+    path, and on CPU, after a compute, runs from cold caches.
     """
 
     def __init__(self, chunks: Sequence[nn.Module], grid: Grid, *, schedule: str, vpp: int, microbatches: int,
@@ -141,12 +158,6 @@ class PipelineRuntime:
         validate(all_eval, grid.pp, vpp, microbatches, forward_only=True)
         self.train_actions: List[Action] = all_train[grid.pp_rank]
         self.eval_actions: List[Action] = all_eval[grid.pp_rank]
-        self.peer_positions = {False: _peer_positions(all_train, grid.pp_rank, grid.pp),
-                               True: _peer_positions(all_eval, grid.pp_rank, grid.pp)}
-        self.last_backward = {}  # stage -> index in train_actions of its last backward
-        for index, action in enumerate(self.train_actions):
-            if action.kind == Kind.B:
-                self.last_backward[action.stage] = index
         self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
         self.placeholders, self.loss_grads = {}, {}
         self.device = grid.device
@@ -156,41 +167,73 @@ class PipelineRuntime:
             transport = batched_transport if grid.backend == "nccl" else direct_transport
             self.transport = transport(grid.pp_group, (self.next_rank, self.prev_rank))
         self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
+        self.plans = {False: self._plan(all_train, forward_only=False), True: self._plan(all_eval, forward_only=True)}
         if grid.pp_group is not None:
             dist.barrier(group=grid.pp_group)  # NCCL: set the communicator up with every rank present
 
-    # communication ---------------------------------------------------------------
-    def _tag(self, send: Action) -> int:
-        """The message's tag: (direction, micro-batch, sending stage), identical on both ends."""
-        direction = 0 if send.kind == Kind.SEND_F else 1
-        return (direction * self.microbatches + send.microbatch) * self.n_stages + send.stage
-
-    def _post(self, batch: Sequence[Action]) -> None:
-        """Issue one run of communication actions: receives first, then sends."""
-        recvs, sends = [], []
-        for action in batch:
-            if action.kind in (Kind.RECV_F, Kind.RECV_B):
-                wants_grad = action.kind == Kind.RECV_F and torch.is_grad_enabled()  # the chunk's input, a leaf
-                buffer = torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device, requires_grad=wants_grad)
-                peer = self.prev_rank if action.kind == Kind.RECV_F else self.next_rank
-                recvs.append((action, buffer, peer, self._tag(matching_send(action))))
+    # the plan --------------------------------------------------------------------
+    def _plan(self, all_actions: Sequence[Sequence[Action]], forward_only: bool) -> List[tuple]:
+        """This rank's actions as (method, args) steps; each run of consecutive SEND/RECV actions is one `_post`."""
+        actions = all_actions[self.grid.pp_rank]
+        index_of = [{action: i for i, action in enumerate(rank_actions)} for rank_actions in all_actions]
+        last_backward = {action.stage: i for i, action in enumerate(actions) if action.kind == Kind.B}
+        plan, index = [], 0
+        while index < len(actions):
+            action = actions[index]
+            if action.kind in COMM:
+                end = index
+                while end < len(actions) and actions[end].kind in COMM:
+                    end += 1
+                batch = actions[index:end]
+                receives = tuple(self._receive(a, index_of, forward_only) for a in batch if a.kind in RECV)
+                sends = tuple(self._send(a, index_of) for a in batch if a.kind not in RECV)
+                plan.append((self._post, (receives, sends)))
+                index = end
+                continue
+            mb, stage = action.microbatch, action.stage
+            if action.kind == Kind.F:
+                plan.append((self._forward, (mb, stage, (True, mb, stage) if stage > 0 else None)))
             else:
-                key = (action.microbatch, action.stage)
-                tensor = self.outputs[key] if action.kind == Kind.SEND_F else self.input_grads.pop(key)
-                peer = self.next_rank if action.kind == Kind.SEND_F else self.prev_rank
-                sends.append((action, tensor, peer, self._tag(action)))
-        works = self.transport(recvs, sends)
-        for (action, buffer, _, _), work in zip(recvs, works):
-            self.received[(action.kind, action.microbatch, action.stage)] = (work, buffer)
-        for (action, tensor, _, _), work in zip(sends, works[len(recvs):]):
-            self.in_flight.append((work, action, tensor))
+                first_call = self.chunk_index[stage] if last_backward[stage] == index else None
+                received = (False, mb, stage) if stage < self.n_stages - 1 else None
+                plan.append((self._backward, (mb, stage, received, first_call)))
+            index += 1
+        return plan
 
-    def _take(self, kind: Kind, microbatch: int, stage: int) -> torch.Tensor:
+    def _receive(self, action: Action, index_of, forward_only: bool) -> Receive:
+        send = matching_send(action)
+        peer_pp = send.stage % self.pp
+        forward = action.kind == Kind.RECV_F
+        return Receive((forward, action.microbatch, action.stage), self.prev_rank if forward else self.next_rank,
+                       message_tag(send, self.microbatches, self.n_stages), forward and not forward_only,
+                       peer_pp, index_of[peer_pp][send])
+
+    def _send(self, action: Action, index_of) -> Send:
+        receive = matching_recv(action)
+        peer_pp = receive.stage % self.pp
+        forward = action.kind == Kind.SEND_F
+        return Send((action.microbatch, action.stage), forward, self.next_rank if forward else self.prev_rank,
+                    message_tag(action, self.microbatches, self.n_stages), peer_pp, index_of[peer_pp][receive])
+
+    # communication ---------------------------------------------------------------
+    def _post(self, receives: Sequence[Receive], sends: Sequence[Send]) -> None:
+        """Issue one run of communication actions (the transport orders them for its backend)."""
+        buffers = [torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device, requires_grad=r.wants_grad)
+                   for r in receives]
+        tensors = [self.outputs[s.key] if s.is_output else self.input_grads.pop(s.key) for s in sends]
+        works = self.transport([(b, r.peer, r.tag) for b, r in zip(buffers, receives)],
+                               [(t, s.peer, s.tag) for t, s in zip(tensors, sends)])
+        for receive, buffer, work in zip(receives, buffers, works):
+            self.received[receive.key] = (work, buffer, receive)
+        for send, tensor, work in zip(sends, tensors, works[len(receives):]):
+            self.in_flight.append((work, send, tensor))
+
+    def _take(self, key: tuple) -> torch.Tensor:
         """Wait for a receive; the peer has now passed the send, so every receive it posted before is posted."""
-        work, buffer = self.received.pop((kind, microbatch, stage))
+        work, buffer, receive = self.received.pop(key)
         work.wait()
-        peer, position = self.positions[Action(kind, microbatch, stage)]
-        self.peer_progress[peer] = max(self.peer_progress.get(peer, -1), position)
+        progress = self.peer_progress
+        progress[receive.peer_pp] = max(progress[receive.peer_pp], receive.position)
         return buffer
 
     def _release_sent(self, wait_all: bool = False) -> None:
@@ -198,22 +241,20 @@ class PipelineRuntime:
 
         A send is waited on only where its receive is known to be posted, so waiting never
         stalls: when a message from the peer arrived that the peer sent after posting that
-        receive (`peer_progress`, from the schedule's positions), or at the end of the step.
+        receive (`peer_progress`, from the plan's positions), or at the end of the step.
         Gloo reports a send complete only once waited on; NCCL also reports it when polled.
         """
         still = []
-        for work, action, tensor in self.in_flight:
-            peer, position = self.positions[action]
-            if wait_all or position < self.peer_progress.get(peer, -1):
+        for work, send, tensor in self.in_flight:
+            if wait_all or send.position < self.peer_progress[send.peer_pp]:
                 work.wait()
             elif not work.is_completed():
-                still.append((work, action, tensor))
+                still.append((work, send, tensor))
                 continue
-            if action.kind == Kind.SEND_F and self.free_sent_outputs and tensor.grad_fn is not None:
+            if send.is_output and self.free_sent_outputs and tensor.grad_fn is not None:
                 tensor.data = self._placeholder(tensor)
         self.in_flight = still
-        self.peak_unfreed_outputs = max(self.peak_unfreed_outputs,
-                                        sum(1 for _, action, _ in self.in_flight if action.kind == Kind.SEND_F))
+        self.peak_unfreed_outputs = max(self.peak_unfreed_outputs, sum(1 for _, send, _ in still if send.is_output))
 
     def _placeholder(self, tensor: torch.Tensor) -> torch.Tensor:
         """An empty tensor of `tensor`'s dtype and device (one per kind, shared) to swap a freed output's data for."""
@@ -230,32 +271,26 @@ class PipelineRuntime:
         return self.loss_grads[key]
 
     # compute ---------------------------------------------------------------------
-    def _forward(self, action: Action, inputs, targets, loss_fn, forward_context) -> None:
-        mb, stage = action.microbatch, action.stage
-        if stage == 0:
-            x = inputs[mb]
-        else:
-            x = self._take(Kind.RECV_F, mb, stage)  # requires grad when the step does (set at `_post`)
+    def _forward(self, mb: int, stage: int, received: Optional[tuple]) -> None:
+        """F(mb, stage): from the token ids (stage 0) or the received hidden states (a grad-requiring leaf)."""
+        x = self.step_inputs[mb] if received is None else self._take(received)
         self._release_sent()
-        with forward_context():
+        with self.forward_context():
             output = self.chunk_of[stage](x)
         if stage == self.n_stages - 1:
-            output = loss_fn(output, targets[mb])  # backward scales it by 1/m (`_loss_grad`)
+            output = self.loss_fn(output, self.step_targets[mb])  # backward scales it by 1/m (`_loss_grad`)
             self.losses.append(output.detach())
         if stage < self.n_stages - 1 or torch.is_grad_enabled():
             self.outputs[(mb, stage)] = output  # to send, and (with grad) to backward from
-        if stage > 0 and torch.is_grad_enabled():
+        if received is not None and torch.is_grad_enabled():
             self.inputs[(mb, stage)] = x
 
-    def _backward(self, index: int, action: Action, before_last_backward) -> None:
-        mb, stage = action.microbatch, action.stage
-        if before_last_backward is not None and self.last_backward[stage] == index:
-            before_last_backward(self.chunk_index[stage])
+    def _backward(self, mb: int, stage: int, received: Optional[tuple], last_of_chunk: Optional[int]) -> None:
+        """B(mb, stage): from the loss (last stage) or the received output grad; keeps the input's grad to send."""
+        if last_of_chunk is not None and self.before_last_backward is not None:
+            self.before_last_backward(last_of_chunk)
         output = self.outputs.pop((mb, stage))
-        if stage == self.n_stages - 1:
-            grad = self._loss_grad(output)
-        else:
-            grad = self._take(Kind.RECV_B, mb, stage)
+        grad = self._loss_grad(output) if received is None else self._take(received)
         self._release_sent()  # after the take: this output's send is certainly received now, its data freed
         _backward_from(output, grad)
         x = self.inputs.pop((mb, stage), None)
@@ -272,33 +307,21 @@ class PipelineRuntime:
         `before_last_backward(chunk_index)` runs right before each chunk's last backward.
         With `forward_only` (evaluation, call under torch.no_grad) only the forwards run.
         """
-        actions = self.eval_actions if forward_only else self.train_actions
+        self.step_inputs, self.step_targets, self.loss_fn = inputs, targets, loss_fn  # this step's, read by the steps
+        self.before_last_backward, self.forward_context = before_last_backward, forward_context
         self.outputs: Dict[Tuple[int, int], torch.Tensor] = {}
         self.inputs: Dict[Tuple[int, int], torch.Tensor] = {}
         self.input_grads: Dict[Tuple[int, int], torch.Tensor] = {}
         self.received: Dict[tuple, tuple] = {}
         self.in_flight: List[tuple] = []
-        self.positions = self.peer_positions[forward_only]
-        self.peer_progress: Dict[int, int] = {}
+        self.peer_progress: List[int] = [-1] * self.pp
         self.peak_unfreed_outputs = 0
         self.losses: List[torch.Tensor] = []  # the last stage's micro-batch losses
-        index = 0
-        while index < len(actions):
-            action = actions[index]
-            if action.kind in COMM:
-                end = index
-                while end < len(actions) and actions[end].kind in COMM:
-                    end += 1
-                self._post(actions[index:end])
-                index = end
-                continue
-            if action.kind == Kind.F:
-                self._forward(action, inputs, targets, loss_fn, forward_context)
-            else:
-                self._backward(index, action, before_last_backward)
-            index += 1
+        for method, args in self.plans[forward_only]:
+            method(*args)
         self._release_sent(wait_all=True)
         self.outputs.clear()
+        self.step_inputs = self.step_targets = self.loss_fn = None
         return self._broadcast_loss()
 
     def _broadcast_loss(self) -> torch.Tensor:
