@@ -167,6 +167,10 @@ class PipelineRuntime:
             transport = batched_transport if grid.backend == "nccl" else direct_transport
             self.transport = transport(grid.pp_group, (self.next_rank, self.prev_rank))
         self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
+        # gloo: the loss broadcast runs in the background (posted at the start on the other ranks,
+        # by the last stage once its last loss is known); NCCL: at the end, where a pending
+        # broadcast cannot hold up the stream the pipeline's messages share
+        self.early_loss = grid.pp_group is not None and grid.backend != "nccl"
         self.plans = {False: self._plan(all_train, forward_only=False), True: self._plan(all_eval, forward_only=True)}
         if grid.pp_group is not None:
             dist.barrier(group=grid.pp_group)  # NCCL: set the communicator up with every rank present
@@ -280,6 +284,8 @@ class PipelineRuntime:
         if stage == self.n_stages - 1:
             output = self.loss_fn(output, self.step_targets[mb])  # backward scales it by 1/m (`_loss_grad`)
             self.losses.append(output.detach())
+            if self.early_loss and len(self.losses) == self.microbatches:
+                self._share_loss(self._mean_loss())
         if stage < self.n_stages - 1 or torch.is_grad_enabled():
             self.outputs[(mb, stage)] = output  # to send, and (with grad) to backward from
         if received is not None and torch.is_grad_enabled():
@@ -317,6 +323,9 @@ class PipelineRuntime:
         self.peer_progress: List[int] = [-1] * self.pp
         self.peak_unfreed_outputs = 0
         self.losses: List[torch.Tensor] = []  # the last stage's micro-batch losses
+        self.loss, self.loss_work = None, None
+        if self.early_loss and self.grid.pp_rank != self.pp - 1:
+            self._share_loss(torch.zeros((), device=self.device))  # receives the last stage's, in the background
         for method, args in self.plans[forward_only]:
             method(*args)
         self._release_sent(wait_all=True)
@@ -324,12 +333,20 @@ class PipelineRuntime:
         self.step_inputs = self.step_targets = self.loss_fn = None
         return self._broadcast_loss()
 
+    def _mean_loss(self) -> torch.Tensor:
+        return torch.stack(self.losses).float().sum() / self.microbatches
+
+    def _share_loss(self, loss: torch.Tensor) -> None:
+        """Post the broadcast of the step's loss from the last stage (gloo: runs on its worker thread)."""
+        self.loss = loss
+        self.loss_work = dist.broadcast(loss, src=self.last_stage_rank, group=self.grid.pp_group, async_op=True)
+
     def _broadcast_loss(self) -> torch.Tensor:
         """The last stage's loss, made known to every rank of the pp group."""
-        if self.losses:
-            loss = torch.stack(self.losses).float().sum() / self.microbatches
-        else:
-            loss = torch.zeros((), device=self.device)
+        if self.loss_work is not None:  # posted during the step
+            self.loss_work.wait()
+            return self.loss
+        loss = self._mean_loss() if self.losses else torch.zeros((), device=self.device)
         if self.grid.pp_group is not None:
             dist.broadcast(loss, src=self.last_stage_rank, group=self.grid.pp_group)
         return loss
