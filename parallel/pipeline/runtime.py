@@ -165,12 +165,14 @@ class PipelineRuntime:
         self.next_rank, self.prev_rank = grid.pp_peer(1), grid.pp_peer(-1)
         if grid.pp_group is not None:  # the transport, chosen once
             transport = batched_transport if grid.backend == "nccl" else direct_transport
-            self.transport = transport(grid.pp_group, (self.next_rank, self.prev_rank))
+            self.pp_ranks = [grid.pp_peer(offset) for offset in range(grid.pp)]  # [0] is this rank
+            self.transport = transport(grid.pp_group, self.pp_ranks)
         self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
-        # gloo: the loss broadcast runs in the background (posted at the start on the other ranks,
-        # by the last stage once its last loss is known); NCCL: at the end, where a pending
-        # broadcast cannot hold up the stream the pipeline's messages share
+        # gloo: the loss travels as messages in the background (the other ranks post its receive
+        # at the start, the last stage sends it once its last loss is known); NCCL: a broadcast
+        # at the end, where a pending receive cannot hold up the stream the pipeline's messages share
         self.early_loss = grid.pp_group is not None and grid.backend != "nccl"
+        self.loss_tag = 2 * microbatches * self.n_stages  # past every activation and grad message's tag
         self.plans = {False: self._plan(all_train, forward_only=False), True: self._plan(all_eval, forward_only=True)}
         if grid.pp_group is not None:
             dist.barrier(group=grid.pp_group)  # NCCL: set the communicator up with every rank present
@@ -323,9 +325,10 @@ class PipelineRuntime:
         self.peer_progress: List[int] = [-1] * self.pp
         self.peak_unfreed_outputs = 0
         self.losses: List[torch.Tensor] = []  # the last stage's micro-batch losses
-        self.loss, self.loss_work = None, None
-        if self.early_loss and self.grid.pp_rank != self.pp - 1:
-            self._share_loss(torch.zeros((), device=self.device))  # receives the last stage's, in the background
+        self.loss, self.loss_works = None, []
+        if self.early_loss and self.grid.pp_rank != self.pp - 1:  # the last stage's loss lands here in the background
+            self.loss = torch.zeros((), device=self.device)
+            self.loss_works = self.transport([(self.loss, self.last_stage_rank, self.loss_tag)], [])
         for method, args in self.plans[forward_only]:
             method(*args)
         self._release_sent(wait_all=True)
@@ -337,14 +340,15 @@ class PipelineRuntime:
         return torch.stack(self.losses).float().sum() / self.microbatches
 
     def _share_loss(self, loss: torch.Tensor) -> None:
-        """Post the broadcast of the step's loss from the last stage (gloo: runs on its worker thread)."""
+        """Gloo, last stage: send the step's loss to every other pp rank (waited on at the end)."""
         self.loss = loss
-        self.loss_work = dist.broadcast(loss, src=self.last_stage_rank, group=self.grid.pp_group, async_op=True)
+        self.loss_works = self.transport([], [(loss, peer, self.loss_tag) for peer in self.pp_ranks[1:]])
 
     def _broadcast_loss(self) -> torch.Tensor:
         """The last stage's loss, made known to every rank of the pp group."""
-        if self.loss_work is not None:  # posted during the step
-            self.loss_work.wait()
+        if self.early_loss:  # its messages were posted during the step
+            for work in self.loss_works:
+                work.wait()
             return self.loss
         loss = self._mean_loss() if self.losses else torch.zeros((), device=self.device)
         if self.grid.pp_group is not None:
