@@ -5,8 +5,9 @@ fixed-duration block: forward T, backward 2T of wall time from the block's entry
 tensor ops included (a sleep with 1 ns timer slack to 50 us before the deadline, then a
 spin, so the 2 shared cores do not blur the result and the block ends on time). While it
 runs, idle cores poll instead of halting (`--idle poll`, the default; see `polling_idle`).
-With v chunks per rank a chunk holds blocks / v of them. For m in `--microbatches`, every round steps each contender once, in turn (plait gpipe, torch gpipe, plait 1f1b, ...),
-so load swings hit them alike. A step is timed from a barrier to the slowest rank's end.
+With v chunks per rank a chunk holds blocks / v of them. For m in `--microbatches`, every
+round steps each contender once, in turn (plait gpipe, torch gpipe, plait 1f1b, ...), so
+load swings hit them alike. A step is timed from a barrier to the slowest rank's end.
 
 Reported per row: the median step time (min, max), the simulator's overhead-free step time
 for the same schedule (plait's simulator; it gives the same 660 and 570 ms as torch's for

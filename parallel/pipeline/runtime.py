@@ -170,7 +170,7 @@ class PipelineRuntime:
         self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
         # gloo: the loss travels as messages in the background (the other ranks post its receive
         # at the start, the last stage sends it once its last loss is known); NCCL: a broadcast
-        # at the end, where a pending receive cannot hold up the stream the pipeline's messages share
+        # at the end (a receive posted early would hold up the stream the pipeline's messages share)
         self.early_loss = grid.pp_group is not None and grid.backend != "nccl"
         self.loss_tag = 2 * microbatches * self.n_stages  # past every activation and grad message's tag
         self.plans = {False: self._plan(all_train, forward_only=False), True: self._plan(all_eval, forward_only=True)}
@@ -200,9 +200,9 @@ class PipelineRuntime:
             if action.kind == Kind.F:
                 plan.append((self._forward, (mb, stage, (True, mb, stage) if stage > 0 else None)))
             else:
-                first_call = self.chunk_index[stage] if last_backward[stage] == index else None
+                last_of_chunk = self.chunk_index[stage] if last_backward[stage] == index else None
                 received = (False, mb, stage) if stage < self.n_stages - 1 else None
-                plan.append((self._backward, (mb, stage, received, first_call)))
+                plan.append((self._backward, (mb, stage, received, last_of_chunk)))
             index += 1
         return plan
 
