@@ -78,7 +78,7 @@ def test_crash_at_step_5_restarts_and_matches(two_node_run, tmp_path, stdlib_tok
                "train.resume=auto", "checkpoint.every=2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-6000:]}"
     assert "crashes on purpose" in output  # the fault fired in round 0 ...
     assert (tmp_path / "run" / "checkpoints").is_dir()
     restarted, reference = losses(tmp_path / "run"), dict(losses(reference_dir))
