@@ -42,7 +42,8 @@ def run_block(block: str, scratch, timeout: int = 300) -> str:
     done = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=directory, env=env, capture_output=True,
                           text=True, timeout=timeout)
     output = done.stdout + done.stderr
-    assert done.returncode == 0, f"`{block.strip()}` exited {done.returncode}:\n{output[-3000:]}"
+    assert done.returncode == 0, (f"`{block.strip()}` exited {done.returncode}:\nstdout:\n{done.stdout[-3000:]}\n"
+                                  f"stderr:\n{done.stderr[-6000:]}")
     return output
 
 
