@@ -133,7 +133,7 @@ class PipelineRuntime:
     as `chunk(x)`, so wrappers and hooks on them work. `loss_fn(output, target)` gives the
     mean loss of one micro-batch on the last stage.
 
-    The action lists are resolved at construction into plans: each step a bound method and
+    The action lists are resolved at construction into plans: each step a method and
     its arguments (peers, tags, matching positions, buffer keys all worked out), so the
     loop between two computes does no schedule lookups: every call there is on the critical
     path, and on CPU, after a compute, runs from cold caches.
@@ -179,7 +179,9 @@ class PipelineRuntime:
 
     # the plan --------------------------------------------------------------------
     def _plan(self, all_actions: Sequence[Sequence[Action]], forward_only: bool) -> List[tuple]:
-        """This rank's actions as (method, args) steps; each run of consecutive SEND/RECV actions is one `_post`."""
+        """This rank's actions as (function, args) steps, run as `function(self, *args)`; each run of consecutive
+        SEND/RECV actions is one `_post`. Plain functions, not bound methods: a plan holding `self` would make the
+        runtime a reference cycle, freed (with its process group) only by the garbage collector or at exit."""
         actions = all_actions[self.grid.pp_rank]
         index_of = [{action: i for i, action in enumerate(rank_actions)} for rank_actions in all_actions]
         last_backward = {action.stage: i for i, action in enumerate(actions) if action.kind == Kind.B}
@@ -193,16 +195,16 @@ class PipelineRuntime:
                 batch = actions[index:end]
                 receives = tuple(self._receive(a, index_of, forward_only) for a in batch if a.kind in RECV)
                 sends = tuple(self._send(a, index_of) for a in batch if a.kind not in RECV)
-                plan.append((self._post, (receives, sends)))
+                plan.append((PipelineRuntime._post, (receives, sends)))
                 index = end
                 continue
             mb, stage = action.microbatch, action.stage
             if action.kind == Kind.F:
-                plan.append((self._forward, (mb, stage, (True, mb, stage) if stage > 0 else None)))
+                plan.append((PipelineRuntime._forward, (mb, stage, (True, mb, stage) if stage > 0 else None)))
             else:
                 last_of_chunk = self.chunk_index[stage] if last_backward[stage] == index else None
                 received = (False, mb, stage) if stage < self.n_stages - 1 else None
-                plan.append((self._backward, (mb, stage, received, last_of_chunk)))
+                plan.append((PipelineRuntime._backward, (mb, stage, received, last_of_chunk)))
             index += 1
         return plan
 
@@ -329,8 +331,8 @@ class PipelineRuntime:
         if self.early_loss and self.grid.pp_rank != self.pp - 1:  # the last stage's loss lands here in the background
             self.loss = torch.zeros((), device=self.device)
             self.loss_works = self.transport([(self.loss, self.last_stage_rank, self.loss_tag)], [])
-        for method, args in self.plans[forward_only]:
-            method(*args)
+        for step, args in self.plans[forward_only]:
+            step(self, *args)
         self._release_sent(wait_all=True)
         self.outputs.clear()
         self.step_inputs = self.step_targets = self.loss_fn = None
