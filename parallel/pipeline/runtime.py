@@ -156,8 +156,6 @@ class PipelineRuntime:
                                   prefetch=self.prefetch)
         validate(all_train, grid.pp, vpp, microbatches)
         validate(all_eval, grid.pp, vpp, microbatches, forward_only=True)
-        self.train_actions: List[Action] = all_train[grid.pp_rank]
-        self.eval_actions: List[Action] = all_eval[grid.pp_rank]
         self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
         self.placeholders, self.loss_grads = {}, {}
         self.device = grid.device
