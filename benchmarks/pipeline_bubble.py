@@ -41,6 +41,7 @@ from torch import nn  # noqa: E402
 PP = 4
 PR_SET_TIMERSLACK = 29  # prctl option (linux/prctl.h)
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)]
+WHO = ("plait", "plait-dist", "torch")  # plait on its default transport, on the process group's send/recv, torch
 TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
 
 
@@ -139,13 +140,14 @@ def loss_fn(output, target):
 
 
 class PlaitContender:
-    def __init__(self, rank, schedule, vpp, m, args):
+    def __init__(self, rank, schedule, vpp, m, args, transport="auto"):
         from plait.parallel.grid import Grid
         from plait.parallel.pipeline.runtime import PipelineRuntime
 
         self.chunks = [make_chunk(args.blocks // vpp, args.t_ms / 1e3) for _ in range(vpp)]
         self.runtime = PipelineRuntime(self.chunks, Grid.build(pp=PP), schedule=schedule, vpp=vpp, microbatches=m,
-                                       hidden_shape=(args.micro_batch, args.hidden), prefetch=args.prefetch)
+                                       hidden_shape=(args.micro_batch, args.hidden), prefetch=args.prefetch,
+                                       transport=transport)
         self.m = m
 
     def step(self, x, target):
@@ -198,6 +200,7 @@ def worker(rank, store_path, args, queue):
             contenders = {}
             for schedule, vpp in SCHEDULES:
                 contenders[("plait", schedule)] = PlaitContender(rank, schedule, vpp, m, args)
+                contenders[("plait-dist", schedule)] = PlaitContender(rank, schedule, vpp, m, args, "dist")
                 contenders[("torch", schedule)] = TorchContender(rank, schedule, vpp, m, args)
             x = torch.randn(m * args.micro_batch, args.hidden, generator=torch.Generator().manual_seed(m))
             target = torch.zeros_like(x)
@@ -221,7 +224,7 @@ def report(results, args, idle: str) -> dict:
 
     t = args.t_ms
     rows, summary = [], {}
-    header = (f"{'m':>3} {'schedule':<12} {'who':<6} {'median ms':>10} {'min':>8} {'max':>8} {'sim ms':>8} "
+    header = (f"{'m':>3} {'schedule':<12} {'who':<10} {'median ms':>10} {'min':>8} {'max':>8} {'sim ms':>8} "
               f"{'over sim':>9} {'real-wait':>9} {'bubble':>7} {'theory':>7}")
     lines = [header, "-" * len(header)]
     for m, times in results.items():
@@ -230,7 +233,7 @@ def report(results, args, idle: str) -> dict:
             ideal = m * 3 * t * args.blocks
             theory = (PP - 1) / (m * (vpp if schedule == "interleaved" else 1))
             medians, excess = {}, {}
-            for who in ("plait", "torch"):
+            for who in WHO:
                 samples = [1e3 * step for step, _, _ in times[(who, schedule)]]
                 # the same schedule simulated at the waits this step really had: what is left is runtime overhead
                 at_real = [step / simulate(build_schedule(schedule, PP, vpp, m), f * args.blocks / vpp,
@@ -245,15 +248,18 @@ def report(results, args, idle: str) -> dict:
                            measured_bubble=median / ideal - 1, theoretical_bubble=theory,
                            simulated_bubble=sim.bubble_fraction)
                 rows.append(row)
-                lines.append(f"{m:>3} {schedule:<12} {who:<6} {median:>10.1f} {min(samples):>8.1f} {max(samples):>8.1f} "
+                lines.append(f"{m:>3} {schedule:<12} {who:<10} {median:>10.1f} {min(samples):>8.1f} {max(samples):>8.1f} "
                              f"{sim.step_time:>8.1f} {100 * row['over_simulated']:>8.1f}% "
                              f"{100 * excess[who]:>8.1f}% {row['measured_bubble']:>7.3f} {theory:>7.3f}")
             summary[f"m{m}_{schedule}_plait_over_sim"] = medians["plait"] / sim.step_time - 1
             summary[f"m{m}_{schedule}_torch_over_sim"] = medians["torch"] / sim.step_time - 1
             summary[f"m{m}_{schedule}_plait_over_sim_at_real_waits"] = excess["plait"]
             summary[f"m{m}_{schedule}_torch_over_sim_at_real_waits"] = excess["torch"]
+            summary[f"m{m}_{schedule}_plait_dist_over_sim"] = medians["plait-dist"] / sim.step_time - 1
             summary[f"m{m}_{schedule}_torch_over_plait"] = medians["torch"] / medians["plait"]
-            lines.append(f"{'':>3} {schedule:<12} torch / plait = {medians['torch'] / medians['plait']:.3f}")
+            summary[f"m{m}_{schedule}_torch_over_plait_dist"] = medians["torch"] / medians["plait-dist"]
+            lines.append(f"{'':>3} {schedule:<12} torch / plait = {medians['torch'] / medians['plait']:.3f}, "
+                         f"torch / plait-dist = {medians['torch'] / medians['plait-dist']:.3f}")
     print("\n".join(lines))
     return {"benchmark": "pipeline_bubble", "device": "cpu, 4 gloo ranks, compute as sleeps",
             "settings": dict(pp=PP, t_ms=t, blocks_per_rank=args.blocks, rounds=args.rounds, warmup=args.warmup,

@@ -20,6 +20,7 @@ class ParallelConfig:
     microbatches: int = 1
     sequence_parallel: bool = False
     schedule: str = "1f1b"  # gpipe | 1f1b (interleaved when vpp > 1)
+    pp_transport: str = "auto"  # auto | shm | dist: pipeline messages through /dev/shm (gloo, one host) or the process group
     zero: int = 0  # 0: replicated optimizer state, 1: ZeRO-1 sharded state
     bucket_mb: float = 25.0  # gradient bucket size for data-parallel reduction
     overlap_grad_reduce: bool = True

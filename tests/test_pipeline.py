@@ -1,5 +1,7 @@
 """Pipeline parallelism: schedules as data (validator, simulator), and the runtime against one process."""
 
+import os
+import tempfile
 import weakref
 
 import pytest
@@ -169,7 +171,7 @@ def _relative(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
-def pipeline_worker(rank, world_size, cases):
+def pipeline_worker(rank, world_size, cases, transport="auto"):
     from plait.parallel.grid import Grid
     from plait.parallel.pipeline.runtime import PipelineRuntime
     from plait.train.chunks import build_chunks, hidden_shape, named_parameters_of
@@ -193,7 +195,7 @@ def pipeline_worker(rank, world_size, cases):
         for chunk in chunks:
             chunk.register_forward_hook(counter.hook)
         runtime = PipelineRuntime(chunks, grid, schedule=schedule, vpp=vpp, microbatches=m,
-                                  hidden_shape=hidden_shape(2, 16, cfg.dim, 1, False))
+                                  hidden_shape=hidden_shape(2, 16, cfg.dim, 1, False), transport=transport)
         calls = []
         loss = runtime.run(batch[:, :, :-1], batch[:, :, 1:], lambda out, tgt: chunks[-1].loss(out, tgt),
                            before_last_backward=calls.append)
@@ -208,16 +210,17 @@ def pipeline_worker(rank, world_size, cases):
                             n_params=sum(1 for _ in named_parameters_of(chunks)), n_reference=len(ref_grads),
                             calls=calls,
                             peak_live=counter.peak, live_after=counter.live,
-                            unfreed=unfreed))
+                            unfreed=unfreed, transport=runtime.transport_name))
     return results
 
 
-@pytest.mark.parametrize("pp", [2, 4])
-def test_runtime_matches_one_process(pp):
-    results = run_ranks(pp, pipeline_worker, CASES[pp])
+@pytest.mark.parametrize("pp,transport", [(2, "shm"), (2, "dist"), (4, "auto"), (4, "dist")])
+def test_runtime_matches_one_process(pp, transport):
+    results = run_ranks(pp, pipeline_worker, CASES[pp], transport)
     for index, (schedule, vpp, m) in enumerate(CASES[pp]):
         per_rank = [results[rank][index] for rank in range(pp)]
         for rank, result in enumerate(per_rank):
+            assert result["transport"] == ("shm" if transport == "auto" else transport), result  # one host: shm
             assert result["loss_error"] < 1e-5, (result, rank)
             assert result["eval_error"] < 1e-5, (result, rank)
             assert result["grad_error"] < 1e-5, (result, rank)
@@ -241,7 +244,8 @@ def test_config_rejects_pipelines_that_cannot_run():
            ("parallel.pp=2", "parallel.vpp=4", "parallel.microbatches=8"): "model.n_layers=4 is not divisible",
            ("parallel.pp=2", "model.tie_embeddings=true"): "model.tie_embeddings=true is not supported",
            ("parallel.vpp=2",): "parallel.vpp=2 needs parallel.pp > 1",
-           ("parallel.pp=2", "parallel.schedule=zb"): "parallel.schedule=zb"}
+           ("parallel.pp=2", "parallel.schedule=zb"): "parallel.schedule=zb",
+           ("parallel.pp=2", "parallel.pp_transport=tcp"): "parallel.pp_transport=tcp is not one of auto, shm, dist"}
     for overrides, message in bad.items():
         cfg = load_config(list(overrides))
         with pytest.raises(ConfigError, match=message):
@@ -264,26 +268,83 @@ def transport_worker(rank, world_size):
     """Ranks 1 and 2 form a group (group ranks 0 and 1): each transport moves a tensor both ways."""
     import torch.distributed as dist
 
-    from plait.parallel.pipeline.runtime import batched_transport, direct_transport
+    from plait.parallel.pipeline.transport import SharedMemoryTransport, batched_transport, direct_transport
 
     group = dist.new_group([1, 2])
     received = {}
     if rank == 0:
         return received
     peer = 3 - rank  # global ranks
-    for name, make in (("batched", batched_transport), ("direct", direct_transport)):
-        post = make(group, (peer,))
-        buffer = torch.empty(4)
-        outgoing = torch.arange(4.0) + 10 * rank
-        works = post([(buffer, peer, 7)], [(outgoing, peer, 7)])
-        for work in works:
-            work.wait()
-        received[name] = buffer.tolist()
+    shm = SharedMemoryTransport(group, rank, [peer], slot_bytes=16, microbatches=2, pp=2, vpp=1)
+    received["files_left"] = [path for path in shm.paths if os.path.exists(path)]
+    received["files_made"] = len(shm.paths)
+    for name, post in (("batched", batched_transport(group, (peer,))), ("direct", direct_transport(group, (peer,))),
+                       ("shm", shm.post)):
+        for tag in (1, 6):  # two messages each way, waited on in send order (shm: two different slots)
+            buffer = torch.empty(4)
+            outgoing = torch.arange(4.0) + 10 * rank + tag
+            works = post([(buffer, peer, tag)], [(outgoing, peer, tag)])
+            for work in works:
+                work.wait()
+            received.setdefault(name, []).append(buffer.tolist())
     return received
 
 
 def test_transports_move_tensors_within_a_subgroup():
     results = run_ranks(3, transport_worker)
     for rank in (1, 2):
-        expected = (torch.arange(4.0) + 10 * (3 - rank)).tolist()
-        assert results[rank] == {"batched": expected, "direct": expected}
+        expected = [(torch.arange(4.0) + 10 * (3 - rank) + tag).tolist() for tag in (1, 6)]
+        assert results[rank]["files_left"] == [] and results[rank]["files_made"] == 2  # unlinked once both ends had them open
+        assert {name: results[rank][name] for name in ("batched", "direct", "shm")} == {
+            "batched": expected, "direct": expected, "shm": expected}
+
+
+def shm_misuse_worker(rank, world_size):
+    """A message of the wrong size, a receive whose sender never sends, and ranks with separate /dev/shm."""
+    import torch.distributed as dist
+
+    from plait.parallel.pipeline import transport
+    from plait.parallel.pipeline.transport import SharedMemoryTransport, TransportError, choose_transport
+
+    group, peer, errors = dist.group.WORLD, 1 - rank, {}
+    shm = SharedMemoryTransport(group, rank, [peer], slot_bytes=16, microbatches=1, pp=2, vpp=1, timeout_s=0.3)
+    try:
+        shm.post([], [(torch.zeros(5), peer, 0)])
+    except TransportError as error:
+        errors["size"] = str(error)
+    (work,) = shm.post([(torch.empty(4), peer, 1)], [])
+    try:
+        work.wait()  # nobody sends tag 1
+    except TransportError as error:
+        errors["timeout"] = str(error)
+    dist.barrier()
+    private = os.path.join(tempfile.gettempdir(), f"plait-test-shm-{os.getppid()}-{rank}")  # a /dev/shm of its own
+    os.makedirs(private, exist_ok=True)
+    transport.SHM_DIR = private
+    peers = [rank, peer]
+    _, chosen = choose_transport("auto", group, "gloo", rank, peers, slot_bytes=16, microbatches=1, pp=2, vpp=1)
+    try:
+        choose_transport("shm", group, "gloo", rank, peers, slot_bytes=16, microbatches=1, pp=2, vpp=1)
+    except TransportError as error:
+        errors["separate"] = str(error)
+    errors["left_in_private"] = os.listdir(private)
+    return chosen, errors
+
+
+def test_shared_memory_transport_refuses_what_it_cannot_carry():
+    for rank, (chosen, errors) in enumerate(run_ranks(2, shm_misuse_worker)):
+        assert chosen == "dist"  # auto: the peers cannot see each other's inboxes, so the process group
+        assert "does not fill the 16-byte slot" in errors["size"]
+        assert f"no pipeline message from rank {1 - rank} in 0 s" in errors["timeout"]
+        assert errors["separate"].startswith("parallel.pp_transport=shm cannot run here: rank ")
+        assert "cannot open rank" in errors["separate"] and errors["separate"].endswith("use parallel.pp_transport=auto.")
+        assert errors["left_in_private"] == []
+
+
+def test_shm_is_refused_for_device_tensors():
+    from plait.parallel.pipeline.transport import TransportError, choose_transport
+
+    with pytest.raises(TransportError, match="parallel.pp_transport=shm cannot run here: nccl tensors"):
+        choose_transport("shm", None, "nccl", 0, [0, 1], slot_bytes=16, microbatches=1, pp=2, vpp=1)
+    with pytest.raises(TransportError, match="parallel.pp_transport=tcp is not one of auto, shm, dist"):
+        choose_transport("tcp", None, "gloo", 0, [0, 1], slot_bytes=16, microbatches=1, pp=2, vpp=1)

@@ -13,10 +13,12 @@ from plait.data.corpus import DataError
 from plait.launch.errors import LaunchError
 from plait.offload.config import OffloadError, OffloadIOError
 from plait.parallel.grid import LayoutError
+from plait.parallel.pipeline.transport import TransportError
 from plait.train.checkpoint import CheckpointError
 from plait.train.config import ConfigError, load_config
 
-USER_ERRORS = (ConfigError, DataError, LayoutError, LaunchError, CheckpointError, OffloadError, OffloadIOError)
+USER_ERRORS = (ConfigError, DataError, LayoutError, LaunchError, CheckpointError, OffloadError, OffloadIOError,
+               TransportError)
 
 
 def setup_logging(level: str = "INFO") -> None:

@@ -204,7 +204,10 @@ def validate_pipeline(parallel: ParallelConfig, model: ModelConfig) -> None:
     """Pipeline rules: layers split evenly into pp x vpp chunks, micro-batch counts the schedule allows."""
     from plait.parallel.pipeline.partition import check_partition
     from plait.parallel.pipeline.schedule import ScheduleError, check_microbatches, schedule_name
+    from plait.parallel.pipeline.transport import TRANSPORTS
 
+    _require(parallel.pp_transport in TRANSPORTS,
+             f"parallel.pp_transport={parallel.pp_transport} is not one of {', '.join(TRANSPORTS)}.")
     if parallel.pp == 1:
         _require(parallel.vpp == 1, f"parallel.vpp={parallel.vpp} needs parallel.pp > 1; set parallel.vpp=1 or raise pp.")
         return

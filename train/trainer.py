@@ -136,10 +136,11 @@ class Trainer:
         shape = hidden_shape(self.micro_batch, cfg.train.seq_len, cfg.model.dim, self.grid.tp,
                              cfg.parallel.sequence_parallel)
         runtime = PipelineRuntime(modules, self.grid, schedule=cfg.parallel.schedule, vpp=cfg.parallel.vpp,
-                                  microbatches=cfg.parallel.microbatches, hidden_shape=shape)
+                                  microbatches=cfg.parallel.microbatches, hidden_shape=shape,
+                                  transport=cfg.parallel.pp_transport)
         if self.is_logger:
-            log.info("pipeline: %s schedule, pp %d x vpp %d, %d micro-batches", runtime.schedule, self.grid.pp,
-                     cfg.parallel.vpp, cfg.parallel.microbatches)
+            log.info("pipeline: %s schedule, pp %d x vpp %d, %d micro-batches, messages over %s", runtime.schedule,
+                     self.grid.pp, cfg.parallel.vpp, cfg.parallel.microbatches, runtime.transport_name)
         return runtime
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from torch import nn
 from plait.parallel.grid import Grid
 from plait.parallel.pipeline.schedule import Action, Kind, build_schedule, local_stages, schedule_name
 from plait.parallel.pipeline.simulate import matching_recv, matching_send, validate
+from plait.parallel.pipeline.transport import choose_transport, direct_transport
 
 log = logging.getLogger("plait")
 COMM = (Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind.RECV_B)
@@ -98,34 +99,6 @@ def default_prefetch(backend: str) -> int:
 _LOGGED: set = set()  # backends whose prefetch choice was logged (a log-once record, not group state)
 
 
-def batched_transport(group: dist.ProcessGroup, peers: Sequence[int]) -> Callable:
-    """NCCL: one `batch_isend_irecv` per run of messages (coalesced into one launch, no cross-wait deadlock).
-
-    The returned `post(recvs, sends)` takes (tensor, global peer rank, tag) triples and
-    gives one work handle per message, receives first.
-    """
-    def post(recvs, sends) -> list:
-        ops = [dist.P2POp(dist.irecv, buffer, peer, group, tag) for buffer, peer, tag in recvs]
-        ops += [dist.P2POp(dist.isend, tensor.detach(), peer, group, tag) for tensor, peer, tag in sends]
-        works = dist.batch_isend_irecv(ops)
-        return works if len(works) == len(ops) else [works[-1]] * len(ops)  # NCCL: one handle for the batch
-    return post
-
-
-def direct_transport(group: dist.ProcessGroup, peers: Sequence[int]) -> Callable:
-    """Gloo: each message straight to the process group's send/recv (no batching to gain, less Python per hop).
-
-    Same `post(recvs, sends)` as `batched_transport`; the global peer ranks become ranks in
-    `group` through a table built once from `peers`.
-    """
-    in_group = {peer: dist.get_group_rank(group, peer) for peer in peers}
-
-    def post(recvs, sends) -> list:
-        sent = [group.send([tensor], in_group[peer], tag) for tensor, peer, tag in sends]  # a peer may wait on these
-        return [group.recv([buffer], in_group[peer], tag) for buffer, peer, tag in recvs] + sent
-    return post
-
-
 class PipelineRuntime:
     """Runs one pp rank's chunks through a schedule: `run(...)` does one step's forwards and backwards.
 
@@ -141,7 +114,7 @@ class PipelineRuntime:
 
     def __init__(self, chunks: Sequence[nn.Module], grid: Grid, *, schedule: str, vpp: int, microbatches: int,
                  hidden_shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                 free_sent_outputs: bool = True, prefetch: Optional[int] = None):
+                 free_sent_outputs: bool = True, prefetch: Optional[int] = None, transport: str = "auto"):
         self.grid, self.pp, self.vpp, self.microbatches = grid, grid.pp, vpp, microbatches
         self.n_stages = grid.pp * vpp
         stages = local_stages(grid.pp_rank, grid.pp, vpp)
@@ -161,10 +134,15 @@ class PipelineRuntime:
         self.device = grid.device
         self.free_sent_outputs = free_sent_outputs
         self.next_rank, self.prev_rank = grid.pp_peer(1), grid.pp_peer(-1)
+        self.transport_name = "none"
         if grid.pp_group is not None:  # the transport, chosen once
-            transport = batched_transport if grid.backend == "nccl" else direct_transport
             self.pp_ranks = [grid.pp_peer(offset) for offset in range(grid.pp)]  # [0] is this rank
-            self.transport = transport(grid.pp_group, self.pp_ranks)
+            slot_bytes = torch.Size(self.hidden_shape).numel() * dtype.itemsize
+            self.transport, self.transport_name = choose_transport(
+                transport, grid.pp_group, grid.backend, grid.rank, self.pp_ranks, slot_bytes=slot_bytes,
+                microbatches=microbatches, pp=grid.pp, vpp=vpp)
+            self.loss_transport = (self.transport if self.transport_name == "dist"
+                                   else direct_transport(grid.pp_group, self.pp_ranks))
         self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
         # gloo: the loss travels as messages in the background (the other ranks post its receive
         # at the start, the last stage sends it once its last loss is known); NCCL: a broadcast
@@ -328,7 +306,7 @@ class PipelineRuntime:
         self.loss, self.loss_works = None, []
         if self.early_loss and self.grid.pp_rank != self.pp - 1:  # the last stage's loss lands here in the background
             self.loss = torch.zeros((), device=self.device)
-            self.loss_works = self.transport([(self.loss, self.last_stage_rank, self.loss_tag)], [])
+            self.loss_works = self.loss_transport([(self.loss, self.last_stage_rank, self.loss_tag)], [])
         for step, args in self.plans[forward_only]:
             step(self, *args)
         self._release_sent(wait_all=True)
@@ -342,7 +320,7 @@ class PipelineRuntime:
     def _share_loss(self, loss: torch.Tensor) -> None:
         """Gloo, last stage: send the step's loss to every other pp rank (waited on at the end)."""
         self.loss = loss
-        self.loss_works = self.transport([], [(loss, peer, self.loss_tag) for peer in self.pp_ranks[1:]])
+        self.loss_works = self.loss_transport([], [(loss, peer, self.loss_tag) for peer in self.pp_ranks[1:]])
 
     def _broadcast_loss(self) -> torch.Tensor:
         """The last stage's loss, made known to every rank of the pp group."""
