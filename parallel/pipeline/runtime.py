@@ -156,12 +156,13 @@ class PipelineRuntime:
     # the plan --------------------------------------------------------------------
     def _plan(self, all_actions: Sequence[Sequence[Action]], forward_only: bool) -> List[tuple]:
         """This rank's actions as (function, args) steps, run as `function(self, *args)`; each run of consecutive
-        SEND/RECV actions is one `_post`. Plain functions, not bound methods: a plan holding `self` would make the
+        SEND/RECV actions is one post (`_post_together` on NCCL, else `_post_sends_first`). Plain functions, not bound methods: a plan holding `self` would make the
         runtime a reference cycle, freed (with its process group) only by the garbage collector or at exit."""
         actions = all_actions[self.grid.pp_rank]
         index_of = [{action: i for i, action in enumerate(rank_actions)} for rank_actions in all_actions]
         last_backward = {action.stage: i for i, action in enumerate(actions) if action.kind == Kind.B}
         plan, index = [], 0
+        post = PipelineRuntime._post_together if self.grid.backend == "nccl" else PipelineRuntime._post_sends_first
         while index < len(actions):
             action = actions[index]
             if action.kind in COMM:
@@ -171,7 +172,7 @@ class PipelineRuntime:
                 batch = actions[index:end]
                 receives = tuple(self._receive(a, index_of, forward_only) for a in batch if a.kind in RECV)
                 sends = tuple(self._send(a, index_of) for a in batch if a.kind not in RECV)
-                plan.append((PipelineRuntime._post, (receives, sends)))
+                plan.append((post, (receives, sends)))
                 index = end
                 continue
             mb, stage = action.microbatch, action.stage
@@ -200,16 +201,33 @@ class PipelineRuntime:
                     message_tag(action, self.microbatches, self.n_stages), peer_pp, index_of[peer_pp][receive])
 
     # communication ---------------------------------------------------------------
-    def _post(self, receives: Sequence[Receive], sends: Sequence[Send]) -> None:
-        """Issue one run of communication actions (the transport orders them for its backend)."""
-        buffers = [torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device, requires_grad=r.wants_grad)
-                   for r in receives]
+    def _post_together(self, receives: Sequence[Receive], sends: Sequence[Send]) -> None:
+        """NCCL: one run of communication actions as one batch (coalesced: a send and a receive between two
+        ranks cannot hold each other up), so the receive buffers are allocated first."""
+        buffers = [self._buffer(r) for r in receives]
         tensors = [self.outputs[s.key] if s.is_output else self.input_grads.pop(s.key) for s in sends]
         works = self.transport([(b, r.peer, r.tag) for b, r in zip(buffers, receives)],
                                [(t, s.peer, s.tag) for t, s in zip(tensors, sends)])
-        for receive, buffer, work in zip(receives, buffers, works):
+        self._track(receives, buffers, works, sends, tensors, works[len(receives):])
+
+    def _post_sends_first(self, receives: Sequence[Receive], sends: Sequence[Send]) -> None:
+        """Gloo and shared memory: the sends leave before the receive buffers are even allocated (a peer may be
+        waiting on a send; the receives are posted a compute ahead and nobody waits on them yet)."""
+        tensors = [self.outputs[s.key] if s.is_output else self.input_grads.pop(s.key) for s in sends]
+        sent = self.transport((), [(t, s.peer, s.tag) for t, s in zip(tensors, sends)]) if sends else ()
+        buffers = [self._buffer(r) for r in receives]
+        works = self.transport([(b, r.peer, r.tag) for b, r in zip(buffers, receives)], ()) if receives else ()
+        self._track(receives, buffers, works, sends, tensors, sent)
+
+    def _buffer(self, receive: Receive) -> torch.Tensor:
+        """A receive buffer from `hidden_shape`; a forward input while training is a grad-requiring leaf."""
+        return torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device, requires_grad=receive.wants_grad)
+
+    def _track(self, receives, buffers, receive_works, sends, tensors, send_works) -> None:
+        """Remember posted receives (for their computes) and sends in flight (freed once complete)."""
+        for receive, buffer, work in zip(receives, buffers, receive_works):
             self.received[receive.key] = (work, buffer, receive)
-        for send, tensor, work in zip(sends, tensors, works[len(receives):]):
+        for send, tensor, work in zip(sends, tensors, send_works):
             self.in_flight.append((work, send, tensor))
 
     def _take(self, key: tuple) -> torch.Tensor:
