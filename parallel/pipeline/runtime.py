@@ -9,23 +9,24 @@ What moves where:
 - B(mb, s): backward from the loss (last stage) or from the received grad of the output;
   the grad of the input is then sent to stage s - 1. Grads accumulate in `.grad` over the
   micro-batches.
-- Each run of consecutive SEND/RECV actions is posted at once: as one `batch_isend_irecv`
-  on NCCL (coalesced), straight to the process group's send/recv on gloo (nothing to
-  coalesce there, and every call on the critical path costs; sends go first, since a peer
-  may be waiting on them, and receives posted ahead are not). A receive is waited on only
-  when the compute that needs it starts; sends are
-  waited on only once the schedule proves the peer has posted the receive (a later message
-  from that peer has arrived), so a wait never stalls. Then a sent output's data is freed,
-  keeping only its autograd node (Megatron's deallocate_output_tensor): the output is not
-  held until its backward. This assumes a chunk's last op does not save its own output
+- Each run of consecutive SEND/RECV actions is posted at once through the transport chosen
+  at construction (`transport.py`): on NCCL as one `batch_isend_irecv` (coalesced); on gloo
+  through shared memory when every pp rank is on this host, else straight to the process
+  group's send/recv. Off NCCL the sends leave first (a peer may be waiting on them; the
+  receives are posted a compute ahead and nobody waits on them yet). A receive is waited on
+  only when the compute that needs it starts; a gloo send is waited on only once the
+  schedule proves the peer has posted the receive (a later message from that peer has
+  arrived), so a wait never stalls (a shared-memory send is complete once posted). Then a
+  sent output's data is freed, keeping only its autograd node (Megatron's
+  deallocate_output_tensor): the output is not held until its backward. This assumes a chunk's last op does not save its own output
   (true for a residual add); pass `free_sent_outputs=False` otherwise.
 - Nothing of a micro-batch outlives its backward, so a rank holds the activations of at
   most p micro-batches under 1F1B (p - r on rank r) and m under GPipe.
 
 Receives are pre-sized from `hidden_shape` ([micro_batch, seq (/tp under sequence
 parallelism), dim]); the message tag names (direction, micro-batch, sending stage), which
-gloo matches on; NCCL ignores tags, so the validator also checks that every pair of ranks
-posts its sends and receives in the same order.
+gloo matches on; NCCL and shared memory match by order instead, which the validator checks
+(every pair of ranks posts its sends and receives in the same order).
 """
 
 import contextlib

@@ -143,11 +143,13 @@ def _slot_index(tag: int, microbatches: int, pp: int, vpp: int) -> int:
 class SharedMemoryTransport:
     """Pipeline messages between pp ranks on one host through /dev/shm: one inbox per neighbour that sends here.
 
-    A send never blocks (every message of a step has its own slot); a slot is written again
-    only in a later step, after the receiver is done with it, because that later send follows
-    the receiver's use along the schedule (a forward input's slot is rewritten after its
-    backward ran; a grad's slot after the next step's forward of that micro-batch). Message
-    sizes are fixed at construction (`slot_bytes`, from the runtime's hidden shape and dtype).
+    A send never blocks: every message of a step has its own slot, and a slot is written
+    again only in a later step, after the receiver has copied it out (the sender starts
+    that step only once its own step is over, which along the schedule comes after the
+    receiver's take: a forward input is taken before the backward whose grad the sender
+    waits for; a grad before the receiver's next step, whose forward the sender waits for;
+    in evaluation, before the last stage's loss that every rank waits for). Message sizes
+    are fixed at construction (`slot_bytes`, from the runtime's hidden shape and dtype).
 
     Construction is collective over `group`: each rank creates its inboxes, every peer opens
     them, and the files are unlinked once all are open, so nothing is left in /dev/shm even
