@@ -53,8 +53,10 @@ def _backward_from(output: torch.Tensor, grad: torch.Tensor) -> None:
     `torch.autograd.backward` checks grad.shape against output.shape, which fails once the
     output's data has been freed; the engine checks against the graph's own metadata.
     """
-    torch.autograd.Variable._execution_engine.run_backward(
-        (output,), (grad,), False, False, (), True, True)
+    _run_backward((output,), (grad,), False, False, (), True, True)
+
+
+_run_backward = torch.autograd.Variable._execution_engine.run_backward  # the engine's entry, looked up once
 
 
 class Receive(NamedTuple):
@@ -247,6 +249,8 @@ class PipelineRuntime:
         receive (`peer_progress`, from the plan's positions), or at the end of the step.
         Gloo reports a send complete only once waited on; NCCL also reports it when polled.
         """
+        if not self.in_flight:
+            return
         still = []
         for work, send, tensor in self.in_flight:
             if wait_all or send.position < self.peer_progress[send.peer_pp]:
@@ -254,17 +258,17 @@ class PipelineRuntime:
             elif not work.is_completed():
                 still.append((work, send, tensor))
                 continue
-            if send.is_output and self.free_sent_outputs and tensor.grad_fn is not None:
-                tensor.data = self._placeholder(tensor)
+            if send.is_output and self.free_sent_outputs and not tensor.is_leaf:  # is_leaf: no autograd node
+                tensor.data = self._placeholder(tensor.dtype)
         self.in_flight = still
-        self.peak_unfreed_outputs = max(self.peak_unfreed_outputs, sum(1 for _, send, _ in still if send.is_output))
+        if still:
+            self.peak_unfreed_outputs = max(self.peak_unfreed_outputs, sum(1 for _, send, _ in still if send.is_output))
 
-    def _placeholder(self, tensor: torch.Tensor) -> torch.Tensor:
-        """An empty tensor of `tensor`'s dtype and device (one per kind, shared) to swap a freed output's data for."""
-        key = (tensor.dtype, tensor.device)
-        if key not in self.placeholders:
-            self.placeholders[key] = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
-        return self.placeholders[key]
+    def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
+        """An empty tensor of `dtype` on this rank's device (one per dtype, shared) to swap a freed output's data for."""
+        if dtype not in self.placeholders:
+            self.placeholders[dtype] = torch.empty(0, dtype=dtype, device=self.device)
+        return self.placeholders[dtype]
 
     def _loss_grad(self, loss: torch.Tensor) -> torch.Tensor:
         """The output grad of a micro-batch's loss, 1/m (so grads add up to the grad of the mean), built once."""
