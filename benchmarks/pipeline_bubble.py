@@ -191,6 +191,8 @@ def timed(contender, x, target):
 
 
 def worker(rank, store_path, args, queue):
+    global SPIN_S
+    SPIN_S = args.spin_us * 1e-6
     torch.set_num_threads(1)
     precise_sleeps()
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=PP)
@@ -263,7 +265,7 @@ def report(results, args, idle: str) -> dict:
     print("\n".join(lines))
     return {"benchmark": "pipeline_bubble", "device": "cpu, 4 gloo ranks, compute as sleeps",
             "settings": dict(pp=PP, t_ms=t, blocks_per_rank=args.blocks, rounds=args.rounds, warmup=args.warmup,
-                             micro_batch=args.micro_batch, hidden=args.hidden, idle=idle, spin_ms=1e3 * SPIN_S),
+                             micro_batch=args.micro_batch, hidden=args.hidden, idle=idle, spin_ms=1e-3 * args.spin_us),
             "rows": rows, "summary": summary}
 
 
@@ -276,6 +278,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--spin-us", type=float, default=1e6 * SPIN_S,
+                        help="each wait spins this many microseconds before its deadline instead of sleeping")
     parser.add_argument("--prefetch", type=int, default=None, help="plait: receives posted this many computes ahead "
                         "(default: the runtime's choice, 1 on gloo)")
     parser.add_argument("--idle", choices=["poll", "default"], default="poll",
