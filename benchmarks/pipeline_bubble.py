@@ -41,7 +41,9 @@ from torch import nn  # noqa: E402
 PP = 4
 PR_SET_TIMERSLACK = 29  # prctl option (linux/prctl.h)
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2)]
-WHO = ("plait", "plait-dist", "torch")  # plait on its default transport, on the process group's send/recv, torch
+# plait on its default transport (shared memory here), plait on the process group's send/recv, torch; with
+# --floor also the chunks with no runtime around them (bare), and the messages and waits alone on each transport
+WHO = ("plait", "plait-dist", "torch", "bare", "floor", "floor-dist")
 TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleaved": "ScheduleInterleaved1F1B"}
 
 
@@ -176,6 +178,85 @@ class TorchContender:
             chunk.zero_grad(set_to_none=True)
 
 
+class FloorContender:
+    """The schedule on one transport with no runtime around it (`--floor`).
+
+    `model=False` ("floor"): each compute is its blocks' waits alone (no autograd) and each
+    message a reused buffer of the same size: this machine's floor, in this hour, for any
+    runtime on that transport. `model=True` ("bare"): the same chunks as plait's and torch's,
+    forward and backward through autograd, with nothing beyond what the data needs (no
+    freeing of sent outputs, no loss shared): what is left above it is the runtime's own
+    cost; between floor and bare is the model's (its module calls, autograd nodes and grad
+    accumulation), which every runtime pays. Receives are posted one compute ahead, like
+    plait's on gloo.
+    """
+
+    def __init__(self, rank, schedule, vpp, m, args, transport, model=False):
+        from plait.parallel.grid import Grid
+        from plait.parallel.pipeline.runtime import message_tag
+        from plait.parallel.pipeline.schedule import Kind, build_schedule, local_stages
+        from plait.parallel.pipeline.simulate import matching_send
+        from plait.parallel.pipeline.transport import choose_transport
+
+        grid = Grid.build(pp=PP)
+        peers = [grid.pp_peer(offset) for offset in range(PP)]
+        self.shape, self.m, self.model, self.last = (args.micro_batch, args.hidden), m, model, PP * vpp - 1
+        self.post, _ = choose_transport(transport, grid.pp_group, "gloo", rank, peers, slot_bytes=4 * args.micro_batch
+                                        * args.hidden, microbatches=m, pp=PP, vpp=vpp)
+        self.chunks = {stage: make_chunk(args.blocks // vpp, args.t_ms / 1e3) for stage in local_stages(rank, PP, vpp)}
+        self.message = torch.zeros(self.shape)  # floor: every send carries it, every receive lands in it
+        self.loss_grad = torch.full((), 1.0 / m)
+        self.plan = []  # ("compute", F?, mb, stage, key, waits) | ("send", peer, tag, F?, key) | ("recv", key, peer, tag)
+        for action in build_schedule(schedule, PP, vpp, m, prefetch=1)[rank]:
+            forward = action.kind in (Kind.F, Kind.SEND_F, Kind.RECV_F)
+            if action.kind in (Kind.F, Kind.B):
+                waits = [args.t_ms / 1e3 * (1 if forward else 2)] * (args.blocks // vpp)
+                self.plan.append(("compute", forward, action.microbatch, action.stage,
+                                  (forward, action.microbatch, action.stage), waits))
+            elif action.kind in (Kind.SEND_F, Kind.SEND_B):
+                self.plan.append(("send", peers[1 if forward else -1], message_tag(action, m, PP * vpp), forward,
+                                  (action.microbatch, action.stage)))
+            else:
+                self.plan.append(("recv", (forward, action.microbatch, action.stage), peers[-1 if forward else 1],
+                                  message_tag(matching_send(action), m, PP * vpp)))
+
+    def step(self, x, target):
+        inputs = x.view(self.m, -1, x.shape[-1])
+        received, sent, outputs, kept, grads = {}, [], {}, {}, {}
+        run_backward = torch.autograd.Variable._execution_engine.run_backward
+        for op in self.plan:
+            if op[0] == "compute":
+                _, forward, mb, stage, key, waits = op
+                data = None
+                if key in received:
+                    work, data = received.pop(key)
+                    work.wait()
+                if not self.model:
+                    for seconds in waits:
+                        wait_until("F" if forward else "B", time.perf_counter(), seconds)
+                elif forward:
+                    data = inputs[mb] if data is None else data
+                    output = self.chunks[stage](data)
+                    outputs[(mb, stage)] = loss_fn(output, None) if stage == self.last else output
+                    kept[(mb, stage)] = data
+                else:
+                    run_backward((outputs.pop((mb, stage)),), (self.loss_grad if data is None else data,),
+                                 False, False, (), True, True)
+                    grads[(mb, stage)] = kept.pop((mb, stage)).grad
+            elif op[0] == "send":
+                _, peer, tag, forward, key = op
+                tensor = (outputs[key] if forward else grads.pop(key)) if self.model else self.message
+                sent += self.post((), [(tensor, peer, tag)])
+            else:
+                _, key, peer, tag = op
+                buffer = torch.empty(self.shape, requires_grad=key[0]) if self.model else self.message
+                received[key] = (self.post([(buffer, peer, tag)], ())[0], buffer)
+        for work in sent:
+            work.wait()
+        for chunk in self.chunks.values():
+            chunk.zero_grad(set_to_none=True)
+
+
 def timed(contender, x, target):
     """(step time of the slowest rank, mean real forward wait, mean real backward wait) in seconds."""
     SLEPT["F"].clear()
@@ -204,6 +285,10 @@ def worker(rank, store_path, args, queue):
                 contenders[("plait", schedule)] = PlaitContender(rank, schedule, vpp, m, args)
                 contenders[("plait-dist", schedule)] = PlaitContender(rank, schedule, vpp, m, args, "dist")
                 contenders[("torch", schedule)] = TorchContender(rank, schedule, vpp, m, args)
+                if args.floor:
+                    contenders[("bare", schedule)] = FloorContender(rank, schedule, vpp, m, args, "auto", model=True)
+                    contenders[("floor", schedule)] = FloorContender(rank, schedule, vpp, m, args, "auto")
+                    contenders[("floor-dist", schedule)] = FloorContender(rank, schedule, vpp, m, args, "dist")
             x = torch.randn(m * args.micro_batch, args.hidden, generator=torch.Generator().manual_seed(m))
             target = torch.zeros_like(x)
             for _ in range(args.warmup):
@@ -235,7 +320,7 @@ def report(results, args, idle: str) -> dict:
             ideal = m * 3 * t * args.blocks
             theory = (PP - 1) / (m * (vpp if schedule == "interleaved" else 1))
             medians, excess = {}, {}
-            for who in WHO:
+            for who in [who for who in WHO if (who, schedule) in times]:
                 samples = [1e3 * step for step, _, _ in times[(who, schedule)]]
                 # the same schedule simulated at the waits this step really had: what is left is runtime overhead
                 at_real = [step / simulate(build_schedule(schedule, PP, vpp, m), f * args.blocks / vpp,
@@ -260,6 +345,9 @@ def report(results, args, idle: str) -> dict:
             summary[f"m{m}_{schedule}_plait_dist_over_sim"] = medians["plait-dist"] / sim.step_time - 1
             summary[f"m{m}_{schedule}_torch_over_plait"] = medians["torch"] / medians["plait"]
             summary[f"m{m}_{schedule}_torch_over_plait_dist"] = medians["torch"] / medians["plait-dist"]
+            for floor in ("bare", "floor", "floor-dist"):
+                if floor in medians:
+                    summary[f"m{m}_{schedule}_{floor.replace('-', '_')}_over_sim"] = medians[floor] / sim.step_time - 1
             lines.append(f"{'':>3} {schedule:<12} torch / plait = {medians['torch'] / medians['plait']:.3f}, "
                          f"torch / plait-dist = {medians['torch'] / medians['plait-dist']:.3f}")
     print("\n".join(lines))
@@ -280,6 +368,8 @@ def main():
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--spin-us", type=float, default=1e6 * SPIN_S,
                         help="each wait spins this many microseconds before its deadline instead of sleeping")
+    parser.add_argument("--floor", action="store_true", help="also run the chunks with no runtime around them "
+                        "(bare) and the messages and waits alone on each transport (floor, floor-dist)")
     parser.add_argument("--prefetch", type=int, default=None, help="plait: receives posted this many computes ahead "
                         "(default: the runtime's choice, 1 on gloo)")
     parser.add_argument("--idle", choices=["poll", "default"], default="poll",

@@ -79,11 +79,14 @@ SENT = _Sent()
 
 
 class _Receive:
-    """A shared-memory receive: `wait()` takes the sender's byte from the FIFO, then copies the slot out."""
-    __slots__ = ("inbox", "byte", "target", "source")
+    """A shared-memory receive: `wait()` takes the sender's byte from the FIFO, then copies the slot out.
 
-    def __init__(self, inbox: "_Inbox", byte: bytes, target: int, source: int):
-        self.inbox, self.byte, self.target, self.source = inbox, byte, target, source
+    It holds the buffer itself, not only its address, so the buffer lives until the copy.
+    """
+    __slots__ = ("inbox", "byte", "buffer", "source")
+
+    def __init__(self, inbox: "_Inbox", byte: bytes, buffer: torch.Tensor, source: int):
+        self.inbox, self.byte, self.buffer, self.source = inbox, byte, buffer, source
 
     def wait(self) -> bool:
         inbox = self.inbox
@@ -94,7 +97,7 @@ class _Receive:
         if byte != self.byte:
             raise TransportError(f"pipeline message from rank {inbox.peer} arrived out of order (slot byte {byte!r}, "
                                  f"expected {self.byte!r}); the schedule's pair order was broken")
-        ctypes.memmove(self.target, self.source, inbox.slot_bytes)
+        ctypes.memmove(self.buffer.data_ptr(), self.source, inbox.slot_bytes)
         return True
 
     def is_completed(self) -> bool:
@@ -233,8 +236,8 @@ class SharedMemoryTransport:
             outbox = self.outboxes[peer]
             memmove(outbox.address + offsets[tag], tensor.data_ptr(), slot_bytes)
             write(outbox.fifo, self.bytes[tag])
-        received = [_Receive(self.inboxes[peer], self.bytes[tag], buffer.data_ptr(),
-                             self.inboxes[peer].address + offsets[tag]) for buffer, peer, tag in recvs]
+        received = [_Receive(self.inboxes[peer], self.bytes[tag], buffer, self.inboxes[peer].address + offsets[tag])
+                    for buffer, peer, tag in recvs]
         return received + [SENT] * len(sends)
 
     def close(self) -> None:
