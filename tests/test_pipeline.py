@@ -318,6 +318,10 @@ def shm_misuse_worker(rank, world_size):
     except TransportError as error:
         errors["timeout"] = str(error)
     dist.barrier()
+    transport.AUTO_ROOM = 1e-12  # no room: auto takes the process group, on every rank alike
+    _, errors["no_room"] = choose_transport("auto", group, "gloo", rank, [rank, peer], slot_bytes=16, microbatches=1,
+                                            pp=2, vpp=1)
+    transport.AUTO_ROOM = 0.25
     private = os.path.join(tempfile.gettempdir(), f"plait-test-shm-{os.getppid()}-{rank}")  # a /dev/shm of its own
     os.makedirs(private, exist_ok=True)
     transport.SHM_DIR = private
@@ -334,6 +338,7 @@ def shm_misuse_worker(rank, world_size):
 def test_shared_memory_transport_refuses_what_it_cannot_carry():
     for rank, (chosen, errors) in enumerate(run_ranks(2, shm_misuse_worker)):
         assert chosen == "dist"  # auto: the peers cannot see each other's inboxes, so the process group
+        assert errors["no_room"] == "dist"
         assert "does not fill the 16-byte slot" in errors["size"]
         assert f"no pipeline message from rank {1 - rank} in 0 s" in errors["timeout"]
         assert errors["separate"].startswith("parallel.pp_transport=shm cannot run here: rank ")

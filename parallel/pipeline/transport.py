@@ -34,6 +34,7 @@ import torch.distributed as dist
 log = logging.getLogger("plait")
 TRANSPORTS = ("auto", "shm", "dist")
 SHM_DIR = "/dev/shm"
+AUTO_ROOM = 0.25  # auto takes shared memory only if a rank's inboxes fit in this share of /dev/shm's free space
 _LOGGED: set = set()  # (choice, reason) lines already logged in this process (a log-once record, not group state)
 
 
@@ -161,8 +162,8 @@ class SharedMemoryTransport:
     """
 
     def __init__(self, group: dist.ProcessGroup, rank: int, neighbours: Sequence[int], *, slot_bytes: int,
-                 microbatches: int, pp: int, vpp: int, timeout_s: float = 1800.0):
-        self.slot_bytes, self.timeout_s = slot_bytes, timeout_s
+                 microbatches: int, pp: int, vpp: int, timeout_s: float = 1800.0, room: float = 1.0):
+        self.slot_bytes, self.timeout_s, self.room = slot_bytes, timeout_s, room
         n_slots = 2 * microbatches * vpp
         self.offsets = [_slot_index(tag, microbatches, pp, vpp) * slot_bytes
                         for tag in range(2 * microbatches * pp * vpp)]  # tag -> byte offset in its inbox
@@ -193,6 +194,11 @@ class SharedMemoryTransport:
         created: Dict[int, str] = {}
         token = secrets.token_hex(8)
         try:
+            stats = os.statvfs(SHM_DIR)
+            free = stats.f_bavail * stats.f_frsize
+            if size * len(neighbours) > self.room * free:
+                return {}, (f"rank {rank}'s pipeline inboxes would take {size * len(neighbours) / 2**20:.0f} MiB, "
+                            f"over {self.room:.0%} of the {free / 2**20:.0f} MiB free in {SHM_DIR}")
             for sender in neighbours:
                 name = f"plait-pp-{token}-{sender}-to-{rank}"  # peers look it up in their own SHM_DIR
                 base = created[sender] = os.path.join(SHM_DIR, name)
@@ -262,9 +268,9 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
     """The `post` function for `requested` (auto | shm | dist) and the name of what was chosen, logged once.
 
     `peers` are the pp group's global ranks in pp order from this rank ([0] is this rank).
-    auto: shared memory on gloo where every peer can map this rank's inbox, else the
-    process group (batched on NCCL, direct on gloo). shm where it cannot work raises
-    TransportError naming the setting.
+    auto: shared memory on gloo where every peer can map this rank's inbox and the inboxes
+    take at most a quarter of /dev/shm's free space, else the process group (batched on
+    NCCL, direct on gloo). shm where it cannot work raises TransportError naming the setting.
     """
     if requested not in TRANSPORTS:
         raise TransportError(f"parallel.pp_transport={requested} is not one of {', '.join(TRANSPORTS)}.")
@@ -272,14 +278,13 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
     if requested != "dist":
         if backend != "gloo":
             reason = f"{backend} tensors are not in host memory"
-        elif not os.path.isdir(SHM_DIR):
-            reason = f"no {SHM_DIR} on this system"
-        else:
+        else:  # collective: every rank takes part and all agree on the outcome
             neighbours = sorted(set([peers[-1], peers[1 % len(peers)]]) - {rank})
             try:
                 transport = SharedMemoryTransport(group, rank, neighbours, slot_bytes=slot_bytes,
                                                   microbatches=microbatches, pp=pp, vpp=vpp,
-                                                  timeout_s=_group_timeout(group))
+                                                  timeout_s=_group_timeout(group),
+                                                  room=AUTO_ROOM if requested == "auto" else 1.0)
                 _log_once("pipeline messages: shared memory (every pp rank on one host)")
                 return transport.post, "shm"
             except TransportError as error:
