@@ -148,7 +148,7 @@ class PipelineRuntime:
                                    else direct_transport(grid.pp_group, self.pp_ranks))
         self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
         # gloo: the loss travels as messages in the background (the other ranks post its receive
-        # at the start, the last stage sends it once its last loss is known); NCCL: a broadcast
+        # at the start, the last stage sends it once its own computes are done); NCCL: a broadcast
         # at the end (a receive posted early would hold up the stream the pipeline's messages share)
         self.early_loss = grid.pp_group is not None and grid.backend != "nccl"
         self.loss_tag = 2 * microbatches * self.n_stages  # past every activation and grad message's tag
@@ -287,8 +287,6 @@ class PipelineRuntime:
         if stage == self.n_stages - 1:
             output = self.loss_fn(output, self.step_targets[mb])  # backward scales it by 1/m (`_loss_grad`)
             self.losses.append(output.detach())
-            if self.early_loss and len(self.losses) == self.microbatches:
-                self._share_loss(self._mean_loss())
         if stage < self.n_stages - 1 or torch.is_grad_enabled():
             self.outputs[(mb, stage)] = output  # to send, and (with grad) to backward from
         if received is not None and torch.is_grad_enabled():
@@ -332,6 +330,8 @@ class PipelineRuntime:
             self.loss_works = self.loss_transport([(self.loss, self.last_stage_rank, self.loss_tag)], [])
         for step, args in self.plans[forward_only]:
             step(self, *args)
+        if self.early_loss and self.grid.pp_rank == self.pp - 1:
+            self._share_loss(self._mean_loss())
         self._release_sent(wait_all=True)
         self.outputs.clear()
         self.step_inputs = self.step_targets = self.loss_fn = None
@@ -341,7 +341,12 @@ class PipelineRuntime:
         return torch.stack(self.losses).float().sum() / self.microbatches
 
     def _share_loss(self, loss: torch.Tensor) -> None:
-        """Gloo, last stage: send the step's loss to every other pp rank (waited on at the end)."""
+        """Gloo, last stage, once its own computes are done: send the step's loss to every other pp rank.
+
+        Not right after the last loss: in training the last stage's next compute is then on the
+        critical path (the drain starts there), while after its last backward it idles as the
+        other ranks finish theirs, so the messages cost nobody time and arrive before those end.
+        """
         self.loss = loss
         self.loss_works = self.loss_transport([], [(loss, peer, self.loss_tag) for peer in self.pp_ranks[1:]])
 
