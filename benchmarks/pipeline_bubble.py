@@ -6,8 +6,15 @@ tensor ops included (a sleep with 1 ns timer slack to 50 us before the deadline,
 spin, so the 2 shared cores do not blur the result and the block ends on time). While it
 runs, idle cores poll instead of halting (`--idle poll`, the default; see `polling_idle`).
 With v chunks per rank a chunk holds blocks / v of them. For m in `--microbatches`, every
-round steps each contender once, in turn (plait gpipe, torch gpipe, plait 1f1b, ...), so
-load swings hit them alike. A step is timed from a barrier to the slowest rank's end.
+round steps each contender once, in turn (plait gpipe, plait-dist gpipe, torch gpipe, plait
+1f1b, ...), so load swings hit them alike. A step is timed from a barrier to the slowest
+rank's end.
+
+Contenders: plait on its default transport (shared memory between ranks on one host),
+plait on the process group's send/recv ("plait-dist", torch's transport), and torch. With
+`--floor` also "bare" (the same chunks and schedule with no runtime around them) and
+"floor" / "floor-dist" (the messages and waits alone on each transport): what the machine
+itself charges, and what the model charges on top, so that what is left is the runtime's.
 
 Reported per row: the median step time (min, max), the simulator's overhead-free step time
 for the same schedule (plait's simulator; it gives the same 660 and 570 ms as torch's for
