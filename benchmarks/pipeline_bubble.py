@@ -213,7 +213,8 @@ class FloorContender:
         self.chunks = {stage: make_chunk(args.blocks // vpp, args.t_ms / 1e3) for stage in local_stages(rank, PP, vpp)}
         self.message = torch.zeros(self.shape)  # floor: every send carries it, every receive lands in it
         self.loss_grad = torch.full((), 1.0 / m)
-        self.plan = []  # ("compute", F?, mb, stage, key, waits) | ("send", peer, tag, F?, key) | ("recv", key, peer, tag)
+        # ("compute", forward?, mb, stage, key, waits) | ("send", peer, tag, forward?, key) | ("recv", key, peer, tag)
+        self.plan = []
         for action in build_schedule(schedule, PP, vpp, m, prefetch=1)[rank]:
             forward = action.kind in (Kind.F, Kind.SEND_F, Kind.RECV_F)
             if action.kind in (Kind.F, Kind.B):

@@ -294,7 +294,8 @@ def test_transports_move_tensors_within_a_subgroup():
     results = run_ranks(3, transport_worker)
     for rank in (1, 2):
         expected = [(torch.arange(4.0) + 10 * (3 - rank) + tag).tolist() for tag in (1, 6)]
-        assert results[rank]["files_left"] == [] and results[rank]["files_made"] == 2  # unlinked once both ends had them open
+        assert results[rank]["files_made"] == 2  # its inbox's slots and FIFO
+        assert results[rank]["files_left"] == []  # unlinked once both ends had them open
         assert {name: results[rank][name] for name in ("batched", "direct", "shm")} == {
             "batched": expected, "direct": expected, "shm": expected}
 
@@ -342,7 +343,8 @@ def test_shared_memory_transport_refuses_what_it_cannot_carry():
         assert "does not fill the 16-byte slot" in errors["size"]
         assert f"no pipeline message from rank {1 - rank} in 0 s" in errors["timeout"]
         assert errors["separate"].startswith("parallel.pp_transport=shm cannot run here: rank ")
-        assert "cannot open rank" in errors["separate"] and errors["separate"].endswith("use parallel.pp_transport=auto.")
+        assert "cannot open rank" in errors["separate"]
+        assert errors["separate"].endswith("use parallel.pp_transport=auto.")
         assert errors["left_in_private"] == []
 
 

@@ -18,8 +18,9 @@ What moves where:
   schedule proves the peer has posted the receive (a later message from that peer has
   arrived), so a wait never stalls (a shared-memory send is complete once posted). Then a
   sent output's data is freed, keeping only its autograd node (Megatron's
-  deallocate_output_tensor): the output is not held until its backward. This assumes a chunk's last op does not save its own output
-  (true for a residual add); pass `free_sent_outputs=False` otherwise.
+  deallocate_output_tensor): the output is not held until its backward. This assumes a
+  chunk's last op does not save its own output (true for a residual add); pass
+  `free_sent_outputs=False` otherwise.
 - Nothing of a micro-batch outlives its backward, so a rank holds the activations of at
   most p micro-batches under 1F1B (p - r on rank r) and m under GPipe.
 
@@ -159,8 +160,9 @@ class PipelineRuntime:
     # the plan --------------------------------------------------------------------
     def _plan(self, all_actions: Sequence[Sequence[Action]], forward_only: bool) -> List[tuple]:
         """This rank's actions as (function, args) steps, run as `function(self, *args)`; each run of consecutive
-        SEND/RECV actions is one post (`_post_together` on NCCL, else `_post_sends_first`). Plain functions, not bound methods: a plan holding `self` would make the
-        runtime a reference cycle, freed (with its process group) only by the garbage collector or at exit."""
+        SEND/RECV actions is one post (`_post_together` on NCCL, else `_post_sends_first`). Plain functions, not
+        bound methods: a plan holding `self` would make the runtime a reference cycle, freed (with its process
+        group) only by the garbage collector or at exit."""
         actions = all_actions[self.grid.pp_rank]
         index_of = [{action: i for i, action in enumerate(rank_actions)} for rank_actions in all_actions]
         last_backward = {action.stage: i for i, action in enumerate(actions) if action.kind == Kind.B}
@@ -262,7 +264,8 @@ class PipelineRuntime:
                 tensor.data = self._placeholder(tensor.dtype)
         self.in_flight = still
         if still:
-            self.peak_unfreed_outputs = max(self.peak_unfreed_outputs, sum(1 for _, send, _ in still if send.is_output))
+            unfreed = sum(1 for _, send, _ in still if send.is_output)
+            self.peak_unfreed_outputs = max(self.peak_unfreed_outputs, unfreed)
 
     def _placeholder(self, dtype: torch.dtype) -> torch.Tensor:
         """An empty tensor of `dtype` on this rank's device (one per dtype, shared) to swap a freed output's data for."""

@@ -290,7 +290,8 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
             except TransportError as error:
                 reason = str(error)
         if requested == "shm":
-            raise TransportError(f"parallel.pp_transport=shm cannot run here: {reason}; use parallel.pp_transport=auto.")
+            raise TransportError(f"parallel.pp_transport=shm cannot run here: {reason}; "
+                                 f"use parallel.pp_transport=auto.")
     make = batched_transport if backend == "nccl" else direct_transport
     _log_once(f"pipeline messages: {backend} send/recv ({reason})" if reason else f"pipeline messages: {backend}")
     return make(group, peers), "dist"
