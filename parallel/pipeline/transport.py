@@ -291,7 +291,7 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
                 reason = str(error)
         if requested == "shm":
             raise TransportError(f"parallel.pp_transport=shm cannot run here: {reason}; "
-                                 f"use parallel.pp_transport=auto.")
+                                 "use parallel.pp_transport=auto.")
     make = batched_transport if backend == "nccl" else direct_transport
     _log_once(f"pipeline messages: {backend} send/recv ({reason})" if reason else f"pipeline messages: {backend}")
     return make(group, peers), "dist"
