@@ -351,7 +351,10 @@ def test_shared_memory_transport_refuses_what_it_cannot_carry():
 def test_shm_is_refused_for_device_tensors():
     from plait.parallel.pipeline.transport import TransportError, choose_transport
 
-    with pytest.raises(TransportError, match="parallel.pp_transport=shm cannot run here: nccl tensors"):
-        choose_transport("shm", None, "nccl", 0, [0, 1], slot_bytes=16, microbatches=1, pp=2, vpp=1)
+    for backend in ("nccl", "gloo"):  # gloo can carry CUDA tensors too; shared memory cannot
+        with pytest.raises(TransportError, match=f"parallel.pp_transport=shm cannot run here: shared memory "
+                                                 f"carries host tensors over gloo, not cuda tensors over {backend}"):
+            choose_transport("shm", None, backend, 0, [0, 1], slot_bytes=16, microbatches=1, pp=2, vpp=1,
+                             device=torch.device("cuda", 0))
     with pytest.raises(TransportError, match="parallel.pp_transport=tcp is not one of auto, shm, dist"):
         choose_transport("tcp", None, "gloo", 0, [0, 1], slot_bytes=16, microbatches=1, pp=2, vpp=1)

@@ -144,7 +144,7 @@ class PipelineRuntime:
             slot_bytes = torch.Size(self.hidden_shape).numel() * dtype.itemsize
             self.transport, self.transport_name = choose_transport(
                 transport, grid.pp_group, grid.backend, grid.rank, self.pp_ranks, slot_bytes=slot_bytes,
-                microbatches=microbatches, pp=grid.pp, vpp=vpp)
+                microbatches=microbatches, pp=grid.pp, vpp=vpp, device=grid.device)
             self.loss_transport = (self.transport if self.transport_name == "dist"
                                    else direct_transport(grid.pp_group, self.pp_ranks))
         self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)

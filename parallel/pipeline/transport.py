@@ -264,10 +264,12 @@ def _unlink(base: str) -> None:
 
 
 def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, rank: int, peers: Sequence[int], *,
-                     slot_bytes: int, microbatches: int, pp: int, vpp: int) -> Tuple[Callable, str]:
+                     slot_bytes: int, microbatches: int, pp: int, vpp: int,
+                     device: torch.device = torch.device("cpu")) -> Tuple[Callable, str]:
     """The `post` function for `requested` (auto | shm | dist) and the name of what was chosen, logged once.
 
-    `peers` are the pp group's global ranks in pp order from this rank ([0] is this rank).
+    `peers` are the pp group's global ranks in pp order from this rank ([0] is this rank);
+    `device` is where the messages live (shared memory needs them in host memory).
     auto: shared memory on gloo where every peer can map this rank's inbox and the inboxes
     take at most a quarter of /dev/shm's free space, else the process group (batched on
     NCCL, direct on gloo). shm where it cannot work raises TransportError naming the setting.
@@ -276,8 +278,8 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
         raise TransportError(f"parallel.pp_transport={requested} is not one of {', '.join(TRANSPORTS)}.")
     reason = "asked for" if requested == "dist" else ""
     if requested != "dist":
-        if backend != "gloo":
-            reason = f"{backend} tensors are not in host memory"
+        if backend != "gloo" or device.type != "cpu":
+            reason = f"shared memory carries host tensors over gloo, not {device.type} tensors over {backend}"
         else:  # collective: every rank takes part and all agree on the outcome
             neighbours = sorted(set([peers[-1], peers[1 % len(peers)]]) - {rank})
             try:
