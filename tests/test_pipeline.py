@@ -323,16 +323,15 @@ def shm_misuse_worker(rank, world_size):
     _, errors["no_room"] = choose_transport("auto", group, "gloo", rank, [rank, peer], slot_bytes=16, microbatches=1,
                                             pp=2, vpp=1)
     transport.AUTO_ROOM = 0.25
-    private = os.path.join(tempfile.gettempdir(), f"plait-test-shm-{os.getppid()}-{rank}")  # a /dev/shm of its own
-    os.makedirs(private, exist_ok=True)
-    transport.SHM_DIR = private
-    peers = [rank, peer]
-    _, chosen = choose_transport("auto", group, "gloo", rank, peers, slot_bytes=16, microbatches=1, pp=2, vpp=1)
-    try:
-        choose_transport("shm", group, "gloo", rank, peers, slot_bytes=16, microbatches=1, pp=2, vpp=1)
-    except TransportError as error:
-        errors["separate"] = str(error)
-    errors["left_in_private"] = os.listdir(private)
+    with tempfile.TemporaryDirectory(prefix="plait-test-shm-") as private:  # a /dev/shm of its own
+        transport.SHM_DIR = private
+        peers = [rank, peer]
+        _, chosen = choose_transport("auto", group, "gloo", rank, peers, slot_bytes=16, microbatches=1, pp=2, vpp=1)
+        try:
+            choose_transport("shm", group, "gloo", rank, peers, slot_bytes=16, microbatches=1, pp=2, vpp=1)
+        except TransportError as error:
+            errors["separate"] = str(error)
+        errors["left_in_private"] = os.listdir(private)
     return chosen, errors
 
 
