@@ -2,8 +2,9 @@
 
 4 gloo ranks (spawned here, no ports). Each rank holds `--blocks` blocks whose compute is a
 fixed-duration block: forward T, backward 2T of wall time from the block's entry, its own
-tensor ops included (a sleep with 1 ns timer slack to 50 us before the deadline, then a
-spin, so the 2 shared cores do not blur the result and the block ends on time). While it
+tensor ops included (a sleep with 1 ns timer slack to 300 us before the deadline, the
+block's tensor ops, then a spin to the deadline: the 2 shared cores do not blur the result,
+the block ends on time, and it hands over with warm caches as a computing block would). While it
 runs, idle cores poll instead of halting (`--idle poll`, the default; see `polling_idle`).
 With v chunks per rank a chunk holds blocks / v of them. For m in `--microbatches`, every
 round steps each contender once, in turn (plait gpipe, plait-dist gpipe, torch gpipe, plait
@@ -57,6 +58,7 @@ TORCH_SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B", "interleave
 SLEPT = {"F": [], "B": []}  # the real length of each wait this step: sleeps overshoot on a loaded machine
 
 
+OPS_LEAD_S = 3e-4  # a block's tensor ops start this long before its deadline (0: at its entry)
 SPIN_S = 5e-5  # the last part of each wait is spun, not slept: a sleep overshoots by 20 to 70 us (see `precise_sleeps`)
 
 
@@ -96,17 +98,22 @@ def polling_idle(enabled: bool):
         os.close(handle)
 
 
-def wait_until(kind: str, start: float, seconds: float) -> None:
-    """Hold until `start + seconds` on the clock: sleep to shortly before the deadline, spin the rest.
+def wait_until(kind: str, start: float, seconds: float, ops=None):
+    """Hold until `start + seconds` on the clock, running `ops` near the end; returns what `ops` returns.
 
-    The cores stay free for the other ranks (each spins 3% of its waits), and the wait ends
-    on time instead of whenever the scheduler wakes the process.
+    Sleep to `OPS_LEAD_S` before the deadline, run the block's tensor ops, spin the rest: the
+    cores stay free for the other ranks while the block waits, the wait ends on time instead
+    of whenever the scheduler wakes the process, and the block hands over warm, as a block
+    that computed for its whole window would (the first tensor op after a 10 ms sleep runs
+    from cold caches, 40x slower than hot).
     """
     deadline = start + seconds
-    time.sleep(max(0.0, deadline - SPIN_S - time.perf_counter()))
+    time.sleep(max(0.0, deadline - max(SPIN_S, OPS_LEAD_S if ops else 0.0) - time.perf_counter()))
+    result = ops() if ops else None
     while time.perf_counter() < deadline:
         pass
     SLEPT[kind].append(time.perf_counter() - start)
+    return result
 
 
 class Wait(torch.autograd.Function):
@@ -117,17 +124,14 @@ class Wait(torch.autograd.Function):
         start = time.perf_counter()
         ctx.save_for_backward(x, weight)
         ctx.seconds = seconds
-        out = x * weight
-        wait_until("F", start, seconds)
-        return out
+        return wait_until("F", start, seconds, lambda: x * weight)
 
     @staticmethod
     def backward(ctx, grad):
         start = time.perf_counter()
         x, weight = ctx.saved_tensors
-        grads = grad * weight, (grad * x).sum().reshape(weight.shape), None
-        wait_until("B", start, 2 * ctx.seconds)
-        return grads
+        return wait_until("B", start, 2 * ctx.seconds,
+                          lambda: (grad * weight, (grad * x).sum().reshape(weight.shape), None))
 
 
 class WaitBlock(nn.Module):
@@ -208,12 +212,14 @@ class FloorContender:
         grid = Grid.build(pp=PP)
         peers = [grid.pp_peer(offset) for offset in range(PP)]
         self.shape, self.m, self.model, self.last = (args.micro_batch, args.hidden), m, model, PP * vpp - 1
-        self.post, _ = choose_transport(transport, grid.pp_group, "gloo", rank, peers, slot_bytes=4 * args.micro_batch
-                                        * args.hidden, microbatches=m, pp=PP, vpp=vpp)
+        chosen = choose_transport(transport, grid.pp_group, "gloo", rank, peers, slot_bytes=4 * args.micro_batch
+                                  * args.hidden, microbatches=m, pp=PP, vpp=vpp)
+        self.post, self.slot = chosen.post, chosen.slot  # on shared memory, receives land in the slots, as plait's
         self.chunks = {stage: make_chunk(args.blocks // vpp, args.t_ms / 1e3) for stage in local_stages(rank, PP, vpp)}
-        self.message = torch.zeros(self.shape)  # floor: every send carries it, every receive lands in it
+        self.message = torch.zeros(self.shape)  # floor: every send carries it, every slot-less receive lands in it
         self.loss_grad = torch.full((), 1.0 / m)
-        # ("compute", forward?, mb, stage, key, waits) | ("send", peer, tag, forward?, key) | ("recv", key, peer, tag)
+        # ("compute", forward?, mb, stage, key, waits) | ("send", peer, tag, forward?, key)
+        # | ("recv", key, peer, tag, slot or None)
         self.plan = []
         for action in build_schedule(schedule, PP, vpp, m, prefetch=1)[rank]:
             forward = action.kind in (Kind.F, Kind.SEND_F, Kind.RECV_F)
@@ -225,8 +231,10 @@ class FloorContender:
                 self.plan.append(("send", peers[1 if forward else -1], message_tag(action, m, PP * vpp), forward,
                                   (action.microbatch, action.stage)))
             else:
-                self.plan.append(("recv", (forward, action.microbatch, action.stage), peers[-1 if forward else 1],
-                                  message_tag(matching_send(action), m, PP * vpp)))
+                peer, tag = peers[-1 if forward else 1], message_tag(matching_send(action), m, PP * vpp)
+                slot = None if self.slot is None else self.slot(peer, tag).view(torch.float32).view(self.shape)
+                self.plan.append(("recv", (forward, action.microbatch, action.stage), peer, tag,
+                                  None if slot is None else slot.requires_grad_(forward)))
 
     def step(self, x, target):
         inputs = x.view(self.m, -1, x.shape[-1])
@@ -250,14 +258,18 @@ class FloorContender:
                 else:
                     run_backward((outputs.pop((mb, stage)),), (self.loss_grad if data is None else data,),
                                  False, False, (), True, True)
-                    grads[(mb, stage)] = kept.pop((mb, stage)).grad
+                    x = kept.pop((mb, stage))
+                    grads[(mb, stage)], x.grad = x.grad, None
             elif op[0] == "send":
                 _, peer, tag, forward, key = op
                 tensor = (outputs[key] if forward else grads.pop(key)) if self.model else self.message
                 sent += self.post((), [(tensor, peer, tag)])
             else:
-                _, key, peer, tag = op
-                buffer = torch.empty(self.shape, requires_grad=key[0]) if self.model else self.message
+                _, key, peer, tag, slot = op
+                if slot is not None:
+                    buffer = slot
+                else:
+                    buffer = torch.empty(self.shape, requires_grad=key[0]) if self.model else self.message
                 received[key] = (self.post([(buffer, peer, tag)], ())[0], buffer)
         for work in sent:
             work.wait()
@@ -280,8 +292,8 @@ def timed(contender, x, target):
 
 
 def worker(rank, store_path, args, queue):
-    global SPIN_S
-    SPIN_S = args.spin_us * 1e-6
+    global SPIN_S, OPS_LEAD_S
+    SPIN_S, OPS_LEAD_S = args.spin_us * 1e-6, args.ops_lead_us * 1e-6
     torch.set_num_threads(1)
     precise_sleeps()
     dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=PP)
@@ -361,7 +373,8 @@ def report(results, args, idle: str) -> dict:
     print("\n".join(lines))
     return {"benchmark": "pipeline_bubble", "device": "cpu, 4 gloo ranks, compute as sleeps",
             "settings": dict(pp=PP, t_ms=t, blocks_per_rank=args.blocks, rounds=args.rounds, warmup=args.warmup,
-                             micro_batch=args.micro_batch, hidden=args.hidden, idle=idle, spin_ms=1e-3 * args.spin_us),
+                             micro_batch=args.micro_batch, hidden=args.hidden, idle=idle, spin_ms=1e-3 * args.spin_us,
+                             ops_lead_ms=1e-3 * args.ops_lead_us),
             "rows": rows, "summary": summary}
 
 
@@ -374,6 +387,8 @@ def main():
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ops-lead-us", type=float, default=1e6 * OPS_LEAD_S,
+                        help="run each block's tensor ops this many microseconds before its deadline (0: at its entry)")
     parser.add_argument("--spin-us", type=float, default=1e6 * SPIN_S,
                         help="each wait spins this many microseconds before its deadline instead of sleeping")
     parser.add_argument("--floor", action="store_true", help="also run the chunks with no runtime around them "

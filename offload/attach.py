@@ -23,7 +23,6 @@ from torch.utils.checkpoint import checkpoint
 from plait.offload.backends import make_store
 from plait.offload.cache import ActivationCache
 from plait.offload.config import OffloadConfig, OffloadError, layer_modes, validate_offload
-from plait.parallel.grid import Grid
 
 
 def _checkpointed(forward):

@@ -205,7 +205,13 @@ def pipeline_worker(rank, world_size, cases, transport="auto"):
         with torch.no_grad():
             eval_loss = runtime.run(batch[:, :, :-1], batch[:, :, 1:], lambda out, tgt: chunks[-1].loss(out, tgt),
                                     forward_only=True)
+        for chunk in chunks:  # a second step: nothing of the first (a received buffer's grad) may leak into it
+            chunk.zero_grad(set_to_none=True)
+        again = runtime.run(batch[:, :, :-1], batch[:, :, 1:], lambda out, tgt: chunks[-1].loss(out, tgt))
+        again_error = max([abs(float(again) - ref_loss) / ref_loss]
+                          + [_relative(p.grad, ref_grads[n]) for n, p in named_parameters_of(chunks)])
         results.append(dict(case=(schedule, vpp, m), loss_error=abs(float(loss) - ref_loss) / ref_loss,
+                            again_error=again_error,
                             eval_error=abs(float(eval_loss) - ref_loss) / ref_loss, grad_error=grad_error,
                             n_params=sum(1 for _ in named_parameters_of(chunks)), n_reference=len(ref_grads),
                             calls=calls,
@@ -224,6 +230,7 @@ def test_runtime_matches_one_process(pp, transport):
             assert result["loss_error"] < 1e-5, (result, rank)
             assert result["eval_error"] < 1e-5, (result, rank)
             assert result["grad_error"] < 1e-5, (result, rank)
+            assert result["again_error"] < 1e-5, (result, rank)
             assert sorted(result["calls"]) == list(range(vpp)), result  # once per chunk
             assert result["live_after"] == 0, result  # nothing kept after the step
         assert sum(r["n_params"] for r in per_rank) == per_rank[0]["n_reference"]  # every weight once
@@ -287,6 +294,13 @@ def transport_worker(rank, world_size):
             for work in works:
                 work.wait()
             received.setdefault(name, []).append(buffer.tolist())
+    for tag in (1, 6):  # into the slot itself: read in place, nothing copied
+        slot = shm.slot(peer, tag).view(torch.float32)
+        works = shm.post([(slot, peer, tag)], [(torch.arange(4.0) + 10 * rank + tag, peer, tag)])
+        received.setdefault("slot_copies", []).append(works[0].source)
+        for work in works:
+            work.wait()
+        received.setdefault("shm-slot", []).append(slot.tolist())
     return received
 
 
@@ -296,8 +310,9 @@ def test_transports_move_tensors_within_a_subgroup():
         expected = [(torch.arange(4.0) + 10 * (3 - rank) + tag).tolist() for tag in (1, 6)]
         assert results[rank]["files_made"] == 2  # its inbox's slots and FIFO
         assert results[rank]["files_left"] == []  # unlinked once both ends had them open
-        assert {name: results[rank][name] for name in ("batched", "direct", "shm")} == {
-            "batched": expected, "direct": expected, "shm": expected}
+        assert {name: results[rank][name] for name in ("batched", "direct", "shm", "shm-slot")} == {
+            "batched": expected, "direct": expected, "shm": expected, "shm-slot": expected}
+        assert results[rank]["slot_copies"] == [None, None]  # no copy source: the data was read where it landed
 
 
 def shm_misuse_worker(rank, world_size):
@@ -320,13 +335,13 @@ def shm_misuse_worker(rank, world_size):
         errors["timeout"] = str(error)
     dist.barrier()
     transport.AUTO_ROOM = 1e-12  # no room: auto takes the process group, on every rank alike
-    _, errors["no_room"] = choose_transport("auto", group, "gloo", rank, [rank, peer], slot_bytes=16, microbatches=1,
-                                            pp=2, vpp=1)
+    errors["no_room"] = choose_transport("auto", group, "gloo", rank, [rank, peer], slot_bytes=16, microbatches=1,
+                                            pp=2, vpp=1).name
     transport.AUTO_ROOM = 0.25
     with tempfile.TemporaryDirectory(prefix="plait-test-shm-") as private:  # a /dev/shm of its own
         transport.SHM_DIR = private
         peers = [rank, peer]
-        _, chosen = choose_transport("auto", group, "gloo", rank, peers, slot_bytes=16, microbatches=1, pp=2, vpp=1)
+        chosen = choose_transport("auto", group, "gloo", rank, peers, slot_bytes=16, microbatches=1, pp=2, vpp=1).name
         try:
             choose_transport("shm", group, "gloo", rank, peers, slot_bytes=16, microbatches=1, pp=2, vpp=1)
         except TransportError as error:

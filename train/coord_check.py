@@ -13,7 +13,6 @@ by side) and optionally JSON.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
