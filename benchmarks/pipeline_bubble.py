@@ -212,14 +212,12 @@ class FloorContender:
         grid = Grid.build(pp=PP)
         peers = [grid.pp_peer(offset) for offset in range(PP)]
         self.shape, self.m, self.model, self.last = (args.micro_batch, args.hidden), m, model, PP * vpp - 1
-        chosen = choose_transport(transport, grid.pp_group, "gloo", rank, peers, slot_bytes=4 * args.micro_batch
-                                  * args.hidden, microbatches=m, pp=PP, vpp=vpp)
-        self.post, self.slot = chosen.post, chosen.slot  # on shared memory, receives land in the slots, as plait's
+        self.post, _ = choose_transport(transport, grid.pp_group, "gloo", rank, peers, slot_bytes=4 * args.micro_batch
+                                        * args.hidden, microbatches=m, pp=PP, vpp=vpp)
         self.chunks = {stage: make_chunk(args.blocks // vpp, args.t_ms / 1e3) for stage in local_stages(rank, PP, vpp)}
-        self.message = torch.zeros(self.shape)  # floor: every send carries it, every slot-less receive lands in it
+        self.message = torch.zeros(self.shape)  # floor: every send carries it, every receive lands in it
         self.loss_grad = torch.full((), 1.0 / m)
-        # ("compute", forward?, mb, stage, key, waits) | ("send", peer, tag, forward?, key)
-        # | ("recv", key, peer, tag, slot or None)
+        # ("compute", forward?, mb, stage, key, waits) | ("send", peer, tag, forward?, key) | ("recv", key, peer, tag)
         self.plan = []
         for action in build_schedule(schedule, PP, vpp, m, prefetch=1)[rank]:
             forward = action.kind in (Kind.F, Kind.SEND_F, Kind.RECV_F)
@@ -231,10 +229,8 @@ class FloorContender:
                 self.plan.append(("send", peers[1 if forward else -1], message_tag(action, m, PP * vpp), forward,
                                   (action.microbatch, action.stage)))
             else:
-                peer, tag = peers[-1 if forward else 1], message_tag(matching_send(action), m, PP * vpp)
-                slot = None if self.slot is None else self.slot(peer, tag).view(torch.float32).view(self.shape)
-                self.plan.append(("recv", (forward, action.microbatch, action.stage), peer, tag,
-                                  None if slot is None else slot.requires_grad_(forward)))
+                self.plan.append(("recv", (forward, action.microbatch, action.stage), peers[-1 if forward else 1],
+                                  message_tag(matching_send(action), m, PP * vpp)))
 
     def step(self, x, target):
         inputs = x.view(self.m, -1, x.shape[-1])
@@ -258,18 +254,14 @@ class FloorContender:
                 else:
                     run_backward((outputs.pop((mb, stage)),), (self.loss_grad if data is None else data,),
                                  False, False, (), True, True)
-                    x = kept.pop((mb, stage))
-                    grads[(mb, stage)], x.grad = x.grad, None
+                    grads[(mb, stage)] = kept.pop((mb, stage)).grad
             elif op[0] == "send":
                 _, peer, tag, forward, key = op
                 tensor = (outputs[key] if forward else grads.pop(key)) if self.model else self.message
                 sent += self.post((), [(tensor, peer, tag)])
             else:
-                _, key, peer, tag, slot = op
-                if slot is not None:
-                    buffer = slot
-                else:
-                    buffer = torch.empty(self.shape, requires_grad=key[0]) if self.model else self.message
+                _, key, peer, tag = op
+                buffer = torch.empty(self.shape, requires_grad=key[0]) if self.model else self.message
                 received[key] = (self.post([(buffer, peer, tag)], ())[0], buffer)
         for work in sent:
             work.wait()

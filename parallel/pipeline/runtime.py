@@ -13,8 +13,7 @@ What moves where:
   at construction (`transport.py`): on NCCL as one `batch_isend_irecv` (coalesced); on gloo
   through shared memory when every pp rank is on this host, else straight to the process
   group's send/recv. Off NCCL the sends leave first (a peer may be waiting on them; the
-  receives are posted a compute ahead and nobody waits on them yet). On shared memory a
-  receive's buffer is the message's slot: the chunk reads its input where it landed. A receive is waited on
+  receives are posted a compute ahead and nobody waits on them yet). A receive is waited on
   only when the compute that needs it starts; a gloo send is waited on only once the
   schedule proves the peer has posted the receive (a later message from that peer has
   arrived), so a wait never stalls (a shared-memory send is complete once posted). Then a
@@ -69,7 +68,6 @@ class Receive(NamedTuple):
     wants_grad: bool    # a forward input while training: the buffer is allocated as a grad-requiring leaf
     peer_pp: int        # the sender's pp rank and the index of its matching send: once this
     position: int       # message arrived, every action before that index on the peer has run
-    slot: Optional[torch.Tensor]  # shared memory: the message's slot as the buffer (read in place), else None
 
 
 class Send(NamedTuple):
@@ -140,11 +138,11 @@ class PipelineRuntime:
         self.device = grid.device
         self.free_sent_outputs = free_sent_outputs
         self.next_rank, self.prev_rank = grid.pp_peer(1), grid.pp_peer(-1)
-        self.transport_name, self.slot_of = "none", None
+        self.transport_name = "none"
         if grid.pp_group is not None:  # the transport, chosen once
             self.pp_ranks = [grid.pp_peer(offset) for offset in range(grid.pp)]  # [0] is this rank
             slot_bytes = torch.Size(self.hidden_shape).numel() * dtype.itemsize
-            self.transport, self.transport_name, self.slot_of = choose_transport(
+            self.transport, self.transport_name = choose_transport(
                 transport, grid.pp_group, grid.backend, grid.rank, self.pp_ranks, slot_bytes=slot_bytes,
                 microbatches=microbatches, pp=grid.pp, vpp=vpp, device=grid.device)
             self.loss_transport = (self.transport if self.transport_name == "dist"
@@ -196,13 +194,9 @@ class PipelineRuntime:
         send = matching_send(action)
         peer_pp = send.stage % self.pp
         forward = action.kind == Kind.RECV_F
-        peer, tag, wants_grad = self.prev_rank if forward else self.next_rank, message_tag(
-            send, self.microbatches, self.n_stages), forward and not forward_only
-        slot = None
-        if self.slot_of is not None:  # a leaf on the slot's bytes, received into every step
-            slot = self.slot_of(peer, tag).view(self.dtype).view(self.hidden_shape).requires_grad_(wants_grad)
-        return Receive((forward, action.microbatch, action.stage), peer, tag, wants_grad, peer_pp,
-                       index_of[peer_pp][send], slot)
+        return Receive((forward, action.microbatch, action.stage), self.prev_rank if forward else self.next_rank,
+                       message_tag(send, self.microbatches, self.n_stages), forward and not forward_only,
+                       peer_pp, index_of[peer_pp][send])
 
     def _send(self, action: Action, index_of) -> Send:
         receive = matching_recv(action)
@@ -231,11 +225,7 @@ class PipelineRuntime:
         self._track(receives, buffers, works, sends, tensors, sent)
 
     def _buffer(self, receive: Receive) -> torch.Tensor:
-        """A receive buffer from `hidden_shape`; a forward input while training is a grad-requiring leaf.
-
-        On shared memory it is the message's slot itself: nothing allocated, nothing copied."""
-        if receive.slot is not None:
-            return receive.slot
+        """A receive buffer from `hidden_shape`; a forward input while training is a grad-requiring leaf."""
         return torch.empty(self.hidden_shape, dtype=self.dtype, device=self.device, requires_grad=receive.wants_grad)
 
     def _track(self, receives, buffers, receive_works, sends, tensors, send_works) -> None:
@@ -316,7 +306,6 @@ class PipelineRuntime:
         x = self.inputs.pop((mb, stage), None)
         if stage > 0:
             self.input_grads[(mb, stage)] = x.grad
-            x.grad = None  # a slot's leaf is received into again next step
 
     # the step ----------------------------------------------------------------------
     def run(self, inputs, targets, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,

@@ -9,8 +9,7 @@ and `is_completed()`. The runtime waits on a receive right before the compute th
 - `direct_transport` (gloo): each message straight to the process group's send/recv.
 - `SharedMemoryTransport` (gloo, every pp rank on one host): a send copies the tensor into a
   slot of the receiver's inbox, a file in /dev/shm both map, and writes one byte into a FIFO;
-  a receive reads that byte and copies the slot out, or, when its buffer is the slot itself
-  (`slot(peer, tag)`, what the runtime receives into), copies nothing. On a CPU, each gloo message goes
+  a receive reads that byte and copies the slot out. On a CPU, each gloo message goes
   through loopback TCP and wakes two threads of the receiver (gloo's I/O loop, then the
   waiting one); this wakes only the waiting one and copies 3 times less code into cold
   caches. (The same idea as DeepSpeed's and oneCCL's shared-memory paths for CPU ranks.)
@@ -27,7 +26,7 @@ import os
 import secrets
 import select
 import socket
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -84,7 +83,6 @@ class _Receive:
     """A shared-memory receive: `wait()` takes the sender's byte from the FIFO, then copies the slot out.
 
     It holds the buffer itself, not only its address, so the buffer lives until the copy.
-    `source` is None when the buffer is the slot: the data is already where it is read.
     """
     __slots__ = ("inbox", "byte", "buffer", "source")
 
@@ -100,8 +98,7 @@ class _Receive:
         if byte != self.byte:
             raise TransportError(f"pipeline message from rank {inbox.peer} arrived out of order (slot byte {byte!r}, "
                                  f"expected {self.byte!r}); the schedule's pair order was broken")
-        if self.source is not None:
-            ctypes.memmove(self.buffer.data_ptr(), self.source, inbox.slot_bytes)
+        ctypes.memmove(self.buffer.data_ptr(), self.source, inbox.slot_bytes)
         return True
 
     def is_completed(self) -> bool:
@@ -157,10 +154,6 @@ class SharedMemoryTransport:
     waits for; a grad before the receiver's next step, whose forward the sender waits for;
     in evaluation, before the last stage's loss that every rank waits for). Message sizes
     are fixed at construction (`slot_bytes`, from the runtime's hidden shape and dtype).
-
-    The same order makes a slot safe to read in place until the end of the receiver's use of
-    it in that step (a forward input until its backward): `slot(peer, tag)` is the slot as
-    a tensor, and a receive into it copies nothing.
 
     Construction is collective over `group`: each rank creates its inboxes, every peer opens
     them, and the files are unlinked once all are open, so nothing is left in /dev/shm even
@@ -237,14 +230,8 @@ class SharedMemoryTransport:
                             f"{SHM_DIR} ({error.strerror}): the ranks do not share one host's shared memory")
         return None
 
-    def slot(self, peer: int, tag: int) -> torch.Tensor:
-        """The bytes of message `tag` from `peer` in this rank's inbox, as a uint8 tensor (shares the mapping)."""
-        start = self.offsets[tag]
-        return self.inboxes[peer].view[start:start + self.slot_bytes]
-
     def post(self, recvs, sends) -> list:
-        """Sends land in the peers' inboxes now; receives are handles that copy their slot out when waited on
-        (nothing to copy when the buffer is the slot)."""
+        """Sends land in the peers' inboxes now; receives are handles that copy their slot out when waited on."""
         offsets, slot_bytes, write, memmove = self.offsets, self.slot_bytes, os.write, ctypes.memmove
         for tensor, peer, tag in sends:
             if tensor.nbytes != slot_bytes or not tensor.is_contiguous():
@@ -255,11 +242,8 @@ class SharedMemoryTransport:
             outbox = self.outboxes[peer]
             memmove(outbox.address + offsets[tag], tensor.data_ptr(), slot_bytes)
             write(outbox.fifo, self.bytes[tag])
-        received = []
-        for buffer, peer, tag in recvs:
-            inbox = self.inboxes[peer]
-            source = inbox.address + offsets[tag]
-            received.append(_Receive(inbox, self.bytes[tag], buffer, None if buffer.data_ptr() == source else source))
+        received = [_Receive(self.inboxes[peer], self.bytes[tag], buffer, self.inboxes[peer].address + offsets[tag])
+                    for buffer, peer, tag in recvs]
         return received + [SENT] * len(sends)
 
     def close(self) -> None:
@@ -279,16 +263,9 @@ def _unlink(base: str) -> None:
             pass
 
 
-class Transport(NamedTuple):
-    """What `choose_transport` chose: its `post`, its name (shm | dist), and for shm `slot(peer, tag)`."""
-    post: Callable
-    name: str
-    slot: Optional[Callable[[int, int], torch.Tensor]] = None
-
-
 def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, rank: int, peers: Sequence[int], *,
                      slot_bytes: int, microbatches: int, pp: int, vpp: int,
-                     device: torch.device = torch.device("cpu")) -> Transport:
+                     device: torch.device = torch.device("cpu")) -> Tuple[Callable, str]:
     """The `post` function for `requested` (auto | shm | dist) and the name of what was chosen, logged once.
 
     `peers` are the pp group's global ranks in pp order from this rank ([0] is this rank);
@@ -311,7 +288,7 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
                                                   timeout_s=_group_timeout(group),
                                                   room=AUTO_ROOM if requested == "auto" else 1.0)
                 _log_once("pipeline messages: shared memory (every pp rank on one host)")
-                return Transport(transport.post, "shm", transport.slot)
+                return transport.post, "shm"
             except TransportError as error:
                 reason = str(error)
         if requested == "shm":
@@ -319,7 +296,7 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
                                  "use parallel.pp_transport=auto.")
     make = batched_transport if backend == "nccl" else direct_transport
     _log_once(f"pipeline messages: {backend} send/recv ({reason})" if reason else f"pipeline messages: {backend}")
-    return Transport(make(group, peers), "dist")
+    return make(group, peers), "dist"
 
 
 def _group_timeout(group: dist.ProcessGroup) -> float:
