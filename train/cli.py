@@ -46,7 +46,26 @@ def run(cfg: DictConfig) -> dict:
         trainer = Trainer(cfg)
     except USER_ERRORS as error:
         fail(str(error))
-    return trainer.fit()
+    try:
+        metrics = trainer.fit()
+    except SystemExit:  # preempted: checkpointed, leaving with the requeue status
+        end_process_group()
+        raise
+    end_process_group()
+    return metrics
+
+
+def end_process_group() -> None:
+    """Destroy the process group this run made, while the interpreter is still whole.
+
+    Left to interpreter exit, gloo's worker threads may still hold finished work whose
+    tensors need the GIL during finalization: a rank then aborts (SIGABRT, "terminate called
+    without an active exception") after a run that succeeded, and torchrun fails the job.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @hydra.main(config_path="pkg://plait.configs", config_name="config", version_base="1.3")
