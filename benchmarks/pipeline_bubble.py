@@ -204,7 +204,7 @@ class FloorContender:
 
     def __init__(self, rank, schedule, vpp, m, args, transport, model=False):
         from plait.parallel.grid import Grid
-        from plait.parallel.pipeline.runtime import message_tag
+        from plait.parallel.pipeline.runtime import _backward_from, message_tag
         from plait.parallel.pipeline.schedule import Kind, build_schedule, local_stages
         from plait.parallel.pipeline.simulate import matching_send
         from plait.parallel.pipeline.transport import choose_transport
@@ -212,10 +212,11 @@ class FloorContender:
         grid = Grid.build(pp=PP)
         peers = [grid.pp_peer(offset) for offset in range(PP)]
         self.shape, self.m, self.model, self.last = (args.micro_batch, args.hidden), m, model, PP * vpp - 1
-        self.post, _ = choose_transport(transport, grid.pp_group, "gloo", rank, peers, slot_bytes=4 * args.micro_batch
-                                        * args.hidden, microbatches=m, pp=PP, vpp=vpp)
-        self.chunks = {stage: make_chunk(args.blocks // vpp, args.t_ms / 1e3) for stage in local_stages(rank, PP, vpp)}
         self.message = torch.zeros(self.shape)  # floor: every send carries it, every receive lands in it
+        self.post, _ = choose_transport(transport, grid.pp_group, "gloo", rank, peers, slot_bytes=self.message.nbytes,
+                                        microbatches=m, pp=PP, vpp=vpp)
+        self.backward_from = _backward_from  # the engine entry plait's runtime calls (its output may be freed)
+        self.chunks = {stage: make_chunk(args.blocks // vpp, args.t_ms / 1e3) for stage in local_stages(rank, PP, vpp)}
         self.loss_grad = torch.full((), 1.0 / m)
         # ("compute", forward?, mb, stage, key, waits) | ("send", peer, tag, forward?, key) | ("recv", key, peer, tag)
         self.plan = []
@@ -235,7 +236,6 @@ class FloorContender:
     def step(self, x, target):
         inputs = x.view(self.m, -1, x.shape[-1])
         received, sent, outputs, kept, grads = {}, [], {}, {}, {}
-        run_backward = torch.autograd.Variable._execution_engine.run_backward
         for op in self.plan:
             if op[0] == "compute":
                 _, forward, mb, stage, key, waits = op
@@ -252,8 +252,7 @@ class FloorContender:
                     outputs[(mb, stage)] = loss_fn(output, None) if stage == self.last else output
                     kept[(mb, stage)] = data
                 else:
-                    run_backward((outputs.pop((mb, stage)),), (self.loss_grad if data is None else data,),
-                                 False, False, (), True, True)
+                    self.backward_from(outputs.pop((mb, stage)), self.loss_grad if data is None else data)
                     grads[(mb, stage)] = kept.pop((mb, stage)).grad
             elif op[0] == "send":
                 _, peer, tag, forward, key = op
