@@ -13,8 +13,14 @@ log = logging.getLogger("plait")
 
 
 def _adamw(groups, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
-    """torch's fused AdamW where the device has it (CPU and CUDA in torch >= 2.4), else foreach."""
+    """torch's fused AdamW where the device has it (CPU and CUDA in torch >= 2.4), else foreach.
+
+    AdamW's only kernels are torch's: `optim.impl=deepspeed` or `triton` (Lion's kernels)
+    says so in one log line and takes the fused one (as fast as DeepSpeed's FusedAdam).
+    """
     impl = cfg.impl if cfg.impl in ("fused", "foreach") else "fused"
+    if cfg.impl in ("deepspeed", "triton", "compiled"):
+        log.info("optimizer: optim.impl=%s has no AdamW kernel in plait; using torch's fused AdamW", cfg.impl)
     try:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                                       fused=impl == "fused", foreach=None if impl == "fused" else True)

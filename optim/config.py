@@ -17,7 +17,7 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     grad_clip: float = 1.0
-    impl: str = "auto"  # auto | fused | foreach | deepspeed | compiled
+    impl: str = "auto"  # auto | fused | foreach | triton | compiled | deepspeed (Lion's kernels; AdamW: torch fused or foreach)
     mup: bool = False
     mup_input_mult: float = 1.0
     mup_output_mult: float = 1.0

@@ -10,6 +10,8 @@ Every entry moves by exactly lr (plus decay), so Lion reads and writes 20 bytes 
 parameter (p, g, m in; p, m out) against AdamW's 28, and keeps half of AdamW's state.
 
 The kernel is chosen once, at construction, and logged once:
+- "triton": one Triton launch over every tensor of a group (`lion_triton.py`); the
+  default on CUDA where Triton is installed (CPU: only under TRITON_INTERPRET=1, for tests).
 - "compiled": a torch.compile'd single-pass kernel over each tensor, viewed 1-D (CPU via
   inductor's C++ backend, CUDA via Triton); the default wherever it compiles.
 - "deepspeed": DeepSpeed's fused ops (CPU: the JIT-built C++ `cpu_lion` op, built lazily
@@ -30,7 +32,7 @@ import torch
 
 log = logging.getLogger("plait")
 
-IMPLS = ("auto", "compiled", "deepspeed", "foreach", "fused")
+IMPLS = ("auto", "triton", "compiled", "deepspeed", "foreach", "fused")
 
 
 def foreach_lion(params: List[torch.Tensor], grads: List[torch.Tensor], moms: List[torch.Tensor],
@@ -147,8 +149,24 @@ def _compiled_kernel(device: torch.device) -> Optional[CompiledLion]:
     return None
 
 
+def _triton_kernel() -> Optional[Callable]:
+    """The multi-tensor Triton kernel, or None (logged) where Triton cannot run it."""
+    from plait.optim.lion_triton import TritonLion
+
+    try:
+        return TritonLion(fallback=foreach_lion)
+    except Exception as error:  # not installed, no device, or a backend that fails to build
+        log.info("lion: Triton kernel unavailable (%s)", str(error).splitlines()[0][:200])
+    return None
+
+
 def choose_kernel(impl: str, device: torch.device) -> Tuple[str, Callable]:
-    """The kernel for `impl` on `device`, with fallbacks; returns (name, kernel)."""
+    """The kernel for `impl` on `device`, with fallbacks; returns (name, kernel).
+
+    auto: Triton's multi-tensor kernel on CUDA, the compiled per-tensor kernel on CPU (or
+    where Triton is missing), the foreach rule where nothing compiles. "fused" is an alias
+    of auto. A kernel asked for by name that cannot run here says so and falls back.
+    """
     if impl not in IMPLS:
         raise ValueError(f"optim.impl={impl} is not one of {', '.join(IMPLS)}; pick one of those for Lion.")
     if impl == "deepspeed":
@@ -158,7 +176,11 @@ def choose_kernel(impl: str, device: torch.device) -> Tuple[str, Callable]:
         except Exception as error:
             log.info("lion: DeepSpeed op unavailable (%s); falling back", str(error).splitlines()[0][:200])
             impl = "auto"
-    kernel = _compiled_kernel(device) if impl in ("auto", "compiled", "fused") else None
+    if impl == "triton" or (impl in ("auto", "fused") and device.type == "cuda"):
+        kernel = _triton_kernel()
+        if kernel is not None:
+            return "triton", kernel
+    kernel = _compiled_kernel(device) if impl != "foreach" else None
     if kernel is not None:
         return "compiled", kernel
     if impl != "foreach":

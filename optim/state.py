@@ -4,9 +4,15 @@
 tensors (AdamW: exp_avg, exp_avg_sq; Lion: exp_avg) plus the step count, whatever the
 optimizer's own layout is. The ZeRO-1 optimizer offers the same two functions as
 methods (it gathers its dp shards), so checkpoints never depend on dp or ZeRO.
+
+Loading goes through the optimizer's own `load_state_dict` (`load_param_state`), so each
+state tensor lands on the device and in the dtype that optimizer itself would have made:
+fused AdamW keeps `step` as an fp32 tensor on the parameter's device, foreach AdamW keeps
+it on the CPU, moments follow their parameter. A hand-written placement missed that once
+(fused AdamW on CUDA refused a CPU `step` after resume).
 """
 
-from typing import Dict
+from typing import Dict, Mapping
 
 import torch
 from torch import nn
@@ -29,19 +35,32 @@ def named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Par
 
 
 @torch.no_grad()
+def load_param_state(optimizer: torch.optim.Optimizer, state: Mapping[torch.Tensor, Dict[str, torch.Tensor]]) -> None:
+    """Set the state of the given parameters (keys are the optimizer's own param tensors).
+
+    Builds the optimizer's `state_dict` form (state by parameter index, the current groups)
+    and hands it to `optimizer.load_state_dict`, which places every value the way that
+    optimizer does. Values are copied first: loading never aliases checkpoint memory.
+    Parameters not in `state` keep no state (as before their first step).
+    """
+    index_of = {}
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            index_of.setdefault(param, len(index_of))
+    by_index = {index_of[param]: {key: value.detach().clone() for key, value in entry.items()}
+                for param, entry in state.items()}
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(start, start + len(group["params"])))})
+        start += len(group["params"])
+    optimizer.load_state_dict({"state": by_index, "param_groups": groups})
+
+
 def load_named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Parameter],
                      state: NamedState) -> None:
-    """Put `state` (as `named_state` returns it) back into `optimizer`, on each parameter's device."""
+    """Put `state` (as `named_state` returns it) back into `optimizer`, placed as the optimizer places it."""
     if hasattr(optimizer, "load_named_state"):
         optimizer.load_named_state(state)
         return
-    for name, param in named_params.items():
-        if name not in state:
-            continue
-        entry = {}
-        for key, value in state[name].items():
-            if key == "step":
-                entry[key] = value.detach().clone().to(torch.float32)
-            else:
-                entry[key] = value.detach().clone().to(device=param.device, dtype=param.dtype)
-        optimizer.state[param] = entry
+    load_param_state(optimizer, {param: state[name] for name, param in named_params.items() if name in state})

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.optim.groups import GroupKey, param_groups
+from plait.optim.state import load_param_state
 from plait.parallel.data_parallel import ChunkGrads, DataParallelGrads
 from plait.parallel.grid import Grid
 
@@ -142,8 +143,8 @@ class ZeroOptimizer:
                 for name, param in chunk.params:
                     offset = chunk.offsets[name]
                     out[name][key] = flat[offset:offset + param.numel()].view_as(param).to(param.dtype).clone()
-        for name in out:
-            if keys:
+        if keys and step > 0:  # AdamW counts steps (the same max on every dp rank), Lion does not
+            for name in out:
                 out[name]["step"] = torch.tensor(step)
         return {name: state for name, state in out.items() if state}
 
@@ -156,16 +157,13 @@ class ZeroOptimizer:
 
     @torch.no_grad()
     def load_named_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
-        """Take this rank's pieces out of full, name-keyed state."""
+        """Take this rank's pieces out of full, name-keyed state (placed as the inner optimizer places it)."""
+        by_piece = {}
         for piece in self.pieces:
             if piece.name not in state:
                 continue
-            entry = {}
-            for key, value in state[piece.name].items():
-                if key == "step":
-                    entry[key] = value.detach().clone().to(torch.float32)
-                else:
-                    flat = value.reshape(-1)
-                    entry[key] = flat[piece.param_offset:piece.param_offset + piece.hi - piece.lo].clone().to(
-                        device=piece.tensor.device, dtype=piece.tensor.dtype)
-            self.optimizer.state[piece.tensor] = entry
+            length = piece.hi - piece.lo
+            by_piece[piece.tensor] = {
+                key: value if key == "step" else value.reshape(-1)[piece.param_offset:piece.param_offset + length]
+                for key, value in state[piece.name].items()}
+        load_param_state(self.optimizer, by_piece)

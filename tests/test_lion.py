@@ -94,3 +94,72 @@ def test_deepspeed_impl_falls_back_when_the_op_cannot_build(monkeypatch, caplog)
     assert "DeepSpeed op unavailable" in caplog.text
     with pytest.raises(ValueError, match="optim.impl"):
         Lion([torch.nn.Parameter(torch.ones(4))], impl="fastest")
+
+
+def test_adamw_with_a_lion_kernel_says_so_in_one_line(caplog):
+    from plait.optim.builder import build_optimizer
+    from plait.optim.config import OptimConfig
+
+    with caplog.at_level(logging.INFO, logger="plait"):
+        optimizer = build_optimizer({"w": torch.nn.Parameter(torch.ones(4))}, OptimConfig(impl="deepspeed"))
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    lines = [line for line in caplog.text.splitlines() if "optim.impl=deepspeed" in line]
+    assert len(lines) == 1 and "fused AdamW" in lines[0]
+
+
+def _paper_reference(starts, grads, hyper):
+    """The paper's rule over per-step grads, one tensor at a time: (params, momenta)."""
+    params = [s.clone() for s in starts]
+    moms = [torch.zeros_like(s) for s in starts]
+    for step_grads in grads:
+        for i, g in enumerate(step_grads):
+            paper_lion(params[i], g, moms[i], *hyper[i], 0.9, 0.99)
+    return params, moms
+
+
+def test_triton_kernel_equals_paper_rule_bitwise(monkeypatch):
+    """The multi-tensor Triton kernel (run by Triton's interpreter on CPU tensors) is the paper's rule,
+    bit for bit: many tensors of odd sizes across block edges, two groups with and without weight decay,
+    unaligned views into one flat buffer (ZeRO-1's pieces), and a NaN gradient (torch.sign(NaN) is 0: the
+    parameter takes no step, the momentum turns NaN, as in eager)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch.manual_seed(3)
+    sizes = [1, 3, 4095, 4096, 4097, 9000] + [int(n) for n in torch.randint(1, 300, (34,))]
+    flat = torch.randn(sum(sizes) + 1)[1:]  # offset by one element: no view is 16-byte aligned
+    starts = list(flat.split(sizes))
+    tensors = [s.clone() for s in starts[:20]] + [s.detach() for s in flat.clone().split(sizes)[20:]]
+    for t in tensors:
+        t.requires_grad_(True)
+    grads = [[torch.randn(n) for n in sizes] for _ in range(STEPS)]
+    grads[2][7][5] = float("nan")
+    hyper = {i: (3e-2, 0.5) if i % 2 == 0 else (1e-2, 0.0) for i in range(len(sizes))}
+    groups = [{"params": tensors[0::2], "lr": 3e-2, "weight_decay": 0.5},
+              {"params": tensors[1::2], "lr": 1e-2, "weight_decay": 0.0}]
+    optimizer = Lion(groups, lr=1e-3, betas=(0.9, 0.99), impl="triton")
+    assert optimizer.impl == "triton"
+    grad_buffer = torch.zeros(sum(sizes) + 1)[1:]  # grads as views of one flat buffer, as plait keeps them
+    for t, view in zip(tensors, grad_buffer.split(sizes)):
+        t.grad = view
+    for step_grads in grads:
+        for t, g in zip(tensors, step_grads):
+            t.grad.copy_(g)
+        optimizer.step()
+    ref_p, ref_m = _paper_reference(starts, grads, hyper)
+    for i in range(len(sizes)):
+        assert torch.equal(tensors[i].detach(), ref_p[i]), f"param {i} (size {sizes[i]}) differs"
+        assert torch.equal(optimizer.state[tensors[i]]["exp_avg"].nan_to_num(7.0), ref_m[i].nan_to_num(7.0))
+    assert optimizer.state[tensors[7]]["exp_avg"][5].isnan() and not tensors[7].detach().isnan().any()
+    kernel = optimizer._kernel
+    assert len(kernel._tables) == 2 and not any(t.aligned for t in kernel._tables.values())
+
+
+def test_triton_impl_without_triton_falls_back_in_one_line(monkeypatch, caplog):
+    """No CUDA and no interpreter: asking for the Triton kernel says why in the log and steps with another."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("Triton runs here")
+    with caplog.at_level(logging.INFO, logger="plait"):
+        optimizer = Lion([torch.nn.Parameter(torch.ones(4))], lr=0.1, impl="triton")
+    assert optimizer.impl in ("compiled", "foreach")
+    assert "Triton kernel unavailable" in caplog.text
