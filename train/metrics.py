@@ -34,27 +34,6 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.dim * seq_len
 
 
-def measure_peak_flops(device: torch.device, seconds: float = 0.3) -> float:
-    """A one-time measured matmul rate (FLOP/s), standing in for the datasheet peak.
-
-    The fastest of many 1024^3 matmuls is taken, so a busy machine lowers it less
-    than it lowers the training step (set `train.peak_flops` to use the datasheet).
-    """
-    size = 1024
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    a @ b
-    fastest, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        a @ b
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        fastest = min(fastest, time.perf_counter() - start)
-    return 2.0 * size ** 3 / fastest
-
-
 def peak_memory_bytes(device: torch.device) -> int:
     """Peak allocated CUDA memory, or the process's peak resident set on CPU."""
     if device.type == "cuda":

@@ -32,10 +32,11 @@ from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.zero import ZeroOptimizer
 from plait.train import checkpoint as checkpoint_lib
 from plait.train import metrics as metrics_lib
-from plait.train.config import Config, micro_batch_size, to_yaml, validate
+from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml, validate
 from plait.train.chunks import build_chunks, hidden_shape, named_parameters_of, param_specs_of
 from plait.train.model import Transformer, build_model
 from plait.train.parametrization import build_parametrization, zero_queries
+from plait.train.peaks import peak_flops
 from plait.train.step import autocast, forward_backward
 
 log = logging.getLogger("plait")
@@ -77,13 +78,18 @@ class Trainer:
         self.step_num = 0
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         self.flops_per_token = metrics_lib.flops_per_token(cfg.model, cfg.train.seq_len)
-        self.peak_flops = cfg.train.peak_flops or metrics_lib.measure_peak_flops(self.device)
+        self.peak_flops, peak_source = peak_flops(self.device, cfg.train.precision, cfg.train.peak_flops)
+        if self.is_logger:
+            log.info("mfu: against %.1f TFLOP/s per device (%s)", self.peak_flops / 1e12, peak_source)
         self.sink = metrics_lib.MetricsSink(
             self.run_dir, cfg.train.steps, self.is_logger, cfg.train.progress, cfg.logging.wandb,
             cfg.logging.tensorboard, OmegaConf.to_container(cfg, resolve=True) if self.is_logger else None)
         if self.is_logger:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self._forward = torch.compile(self.model) if cfg.train.compile and self.grid.pp == 1 else self.model
+        self.compile, why = compile_wanted(cfg.train.compile, self.device.type, cfg.offload.backend)
+        if self.is_logger:
+            log.info("compile: %s (%s)", "on" if self.compile else "off", why)
+        self._forward = torch.compile(self.model) if self.compile and self.grid.pp == 1 else self.model
         self.pipeline = self._build_pipeline()  # None when pp == 1
         self.checkpoint_dir = checkpoint_lib.checkpoint_root(cfg, self.run_dir)
         self.checkpoint_step = None  # the step of the last checkpoint written or resumed from
@@ -132,7 +138,7 @@ class Trainer:
         cfg = self.cfg
         if self.grid.pp == 1:
             return None
-        modules = [torch.compile(chunk) for chunk in self.chunks] if cfg.train.compile else self.chunks
+        modules = [torch.compile(chunk) for chunk in self.chunks] if self.compile else self.chunks
         shape = hidden_shape(self.micro_batch, cfg.train.seq_len, cfg.model.dim, self.grid.tp,
                              cfg.parallel.sequence_parallel)
         runtime = PipelineRuntime(modules, self.grid, schedule=cfg.parallel.schedule, vpp=cfg.parallel.vpp,
