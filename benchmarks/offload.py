@@ -10,6 +10,12 @@ plain PyTorch. Peak saved-activation bytes come from the offload cache's counter
 recompute: the block inputs it holds, not the one block rebuilt during its backward);
 on CUDA the peak allocated memory above the model is reported too.
 
+`offload-auto` is the host backend with `keep_last=auto` (the default): its row adds the
+adaptive plan's figures, the bound (bytes the link can carry while the forward runs) and
+the saving the plan reaches against it, measured as keep's peak minus its own. The file
+and aio rows are set beside the disk's own write bandwidth, measured in the same run with
+a plain O_DIRECT write of 256 MiB into the same directory.
+
     python benchmarks/offload.py --out offload.json [--rounds 3] [--path /local/nvme]
 """
 
@@ -43,7 +49,7 @@ def parse_args():
     parser.add_argument("--micro", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--path", default=None, help="directory for file/aio/gds (default: a temp dir)")
-    parser.add_argument("--keep-last", type=int, default=1)
+    parser.add_argument("--keep-last", default="1", help="keep_last of the fixed offload rows (auto has its own row)")
     parser.add_argument("--prefetch", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return parser.parse_args()
@@ -102,11 +108,38 @@ def build_contenders(args, cfg, device, path):
     backends = ["host", "file", "aio"] + (["gds"] if device.type == "cuda" else [])
     for backend in backends:
         with_offload(f"offload-{backend}", backend=backend, policy="offload")
+    with_offload("offload-auto", backend="host", policy="offload", keep_last="auto")
     with_offload("recompute", backend="host", policy="recompute", keep_last=0)
     if device.type == "cuda":
         contenders.append(Contender("save_on_cpu", model(),
                                     context=lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)))
     return contenders
+
+
+def disk_write_bandwidth(path: str, nbytes: int = 256 << 20) -> tuple:
+    """(bytes a second, how): a plain O_DIRECT write of `nbytes` from an aligned buffer, fsynced; where
+    the filesystem refuses O_DIRECT (tmpfs), a buffered write plus fsync, labelled so."""
+    import mmap
+
+    chunk = 8 << 20
+    buffer = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
+    buffer.write(b"\x5a" * chunk)
+    name = os.path.join(path, ".plait-disk-probe")
+    how = "O_DIRECT"
+    try:
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o600)
+    except OSError:
+        how, fd = "buffered+fsync", os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        start = time.perf_counter()
+        for _ in range(nbytes // chunk):
+            os.write(fd, buffer)
+        os.fsync(fd)
+        elapsed = time.perf_counter() - start
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    return nbytes / elapsed, how
 
 
 def summarize(values):
@@ -122,6 +155,7 @@ def main():
     tokens = torch.randint(0, 256, (args.micro, args.batch, args.seq + 1),
                            generator=torch.Generator().manual_seed(0)).to(device)
     path = args.path or tempfile.mkdtemp(prefix="plait-offload-bench-")
+    disk_bw, disk_how = disk_write_bandwidth(path)
     contenders = build_contenders(args, cfg, device, path)
     for round_index in range(args.warmup + args.rounds):
         for contender in contenders:
@@ -151,6 +185,17 @@ def main():
             "from_memory_bytes": last.get("offload_from_memory_bytes"),
             "io_s": last.get("offload_io_s"), "exposed_s": last.get("offload_exposed_s"),
         })
+        if c.name in ("offload-file", "offload-aio") and last.get("offload_written_bytes"):
+            # the step's extra time over keep, against the time the disk alone needs for the bytes written
+            extra = time_stats["median"] - keep_time
+            rows[-1]["disk_seconds_for_written"] = last["offload_written_bytes"] / disk_bw
+            rows[-1]["extra_time_over_disk_time"] = extra / rows[-1]["disk_seconds_for_written"]
+        if "offload_bound_bytes" in last:
+            rows[-1].update(link_bytes_per_s=last["offload_link_bytes_per_s"], bound_bytes=last["offload_bound_bytes"],
+                            planned_bytes=last["offload_planned_bytes"],
+                            blocks_offloaded=last["offload_blocks_offloaded"],
+                            saved_bytes=keep_peak - peak, saving_vs_bound=(keep_peak - peak) / max(
+                                last["offload_bound_bytes"], 1))
     print(f"device {device}, {args.layers} layers x dim {args.dim}, {args.micro} micro-batches of "
           f"{args.batch} x {args.seq}, {args.threads} thread(s), {args.rounds} rounds (median [min, max])")
     print(f"{'contender':<14} {'step s':>22} {'vs keep':>8} {'peak saved MB':>14} {'mem vs keep':>11} "
@@ -162,8 +207,21 @@ def main():
               f"{(peak or 0) / 2**20:14.1f} {row['activation_memory_vs_keep'] or float('nan'):11.2f} "
               f"{(row['written_bytes'] or 0) / 2**20:10.1f} {row['exposed_s'] or 0:9.3f} "
               f"{str(row['grads_bitwise_equal_plain']):>7}")
-    summary = {"keep_over_plain_time": keep_time / plain_time}
+    print(f"disk: {disk_bw / 1e9:.2f} GB/s ({disk_how} write of 256 MiB in {path})")
     for row in rows:
+        if "bound_bytes" in row:
+            print(f"{row['contender']}: {row['blocks_offloaded']} of {args.layers} blocks offloaded, link "
+                  f"{row['link_bytes_per_s'] / 1e9:.2f} GB/s, bound {row['bound_bytes'] / 2**20:.1f} MiB, "
+                  f"saved {row['saved_bytes'] / 2**20:.1f} MiB = {row['saving_vs_bound']:.2f} x bound")
+        if "disk_seconds_for_written" in row:
+            print(f"{row['contender']}: extra step time over keep = {row['extra_time_over_disk_time']:.2f} x the "
+                  f"disk's own time for the {row['written_bytes'] / 2**20:.0f} MiB written")
+    summary = {"keep_over_plain_time": keep_time / plain_time, "disk_bytes_per_s": disk_bw}
+    for row in rows:
+        if "saving_vs_bound" in row:
+            summary[f"{row['contender']}_saving_vs_bound"] = row["saving_vs_bound"]
+        if "extra_time_over_disk_time" in row:
+            summary[f"{row['contender']}_extra_time_over_disk_time"] = row["extra_time_over_disk_time"]
         if row["contender"].startswith("offload-") or row["contender"] == "recompute":
             summary[f"{row['contender']}_memory_reduction_vs_keep"] = 1 - row["activation_memory_vs_keep"]
             summary[f"{row['contender']}_time_vs_keep"] = row["time_vs_keep"]
@@ -172,7 +230,7 @@ def main():
         print(f"{key}: {value:.3f}")
     result = {"benchmark": "offload", "device": str(device) if device.type == "cpu"
               else torch.cuda.get_device_name(device), "rows": rows, "summary": summary,
-              "config": vars(args)}
+              "config": vars(args), "disk": {"bytes_per_s": disk_bw, "how": disk_how}}
     if args.out:
         with open(args.out, "w") as handle:
             json.dump(result, handle, indent=2)

@@ -111,6 +111,7 @@ def _ring(nbytes: float, n: int, factor: float) -> float:
 
 
 def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: int) -> StagePlan:
+    from plait.offload.config import keep_count
     from plait.parallel.pipeline.partition import rank_chunk_plans
     from plait.train.model import Transformer
 
@@ -138,7 +139,8 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     per_chunk_layers = max(1, layers // len(chunks))
     # in flight: `inflight` (micro-batch, chunk) forwards whose backward has not run yet
     activations = inflight * per_chunk_layers * block + head
-    resident_blocks = min(layers, cfg.offload.keep_last + cfg.offload.prefetch)
+    keep = keep_count(cfg.offload.keep_last)  # auto is decided at run time from the link: planned as 1
+    resident_blocks = min(layers, (1 if keep is None else keep) + cfg.offload.prefetch)
     activations_offload = min(activations, resident_blocks * block + head)
     optimizer_per_param = 8 if cfg.optim.name == "adamw" else 4
     hidden_bytes = tokens * model_cfg.dim * size

@@ -10,9 +10,15 @@ forward is wrapped on the instance, so parameter names do not change).
 Per step: `with offload.step(): ...` (or `begin_step()` / `end_step()`) resets the
 counters and, at the end, releases whatever is left and removes every file, also when
 the step raised. The scratch folder is removed by `close()`, at exit and after Ctrl-C.
+
+`keep_last=auto` with the `offload` policy (the default): the store's bandwidth is
+measured at construction, the first step runs as keep_last=1 and profiles each chunk's
+first forward, and at its end each chunk's modes become the prefix `adaptive.plan_offload`
+chooses (logged once; its figures join every step's counters).
 """
 
 import contextlib
+import logging
 import weakref
 from typing import Any, Dict, List, Optional
 
@@ -20,9 +26,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from plait.offload.adaptive import BlockTimer, ChunkProfile, OffloadPlan, measure_bandwidth, plan_offload
 from plait.offload.backends import make_store
 from plait.offload.cache import ActivationCache
-from plait.offload.config import OffloadConfig, OffloadError, layer_modes, validate_offload
+from plait.offload.config import OffloadConfig, OffloadError, keep_count, layer_modes, validate_offload
+
+log = logging.getLogger("plait")
 
 
 def _checkpointed(forward):
@@ -57,6 +66,14 @@ class ActivationOffload:
                                      cfg.write_window)
         self.hooks: List = []
         self.wrapped: List[nn.Module] = []
+        self.rank = grid.rank if grid is not None else 0
+        words = [word.strip() for word in cfg.policy.split(",")]
+        self.adaptive = keep_count(cfg.keep_last) is None and words == ["offload"]
+        self.bandwidth = measure_bandwidth(self.store, self.device) if self.adaptive else None
+        self.timer = BlockTimer(self.device)
+        self.chunk_modes: List[List[str]] = []  # per attached chunk, the modes its passes read (changed in place)
+        self.profiles: List = []  # per attached chunk, the profiled first forward (adaptive, until planned)
+        self.plans: Optional[List[OffloadPlan]] = None
         self.last_metrics: Dict[str, float] = {}
         self._io_start = 0.0
         self._closer = weakref.finalize(self, _close, self.store, self.cache)
@@ -65,9 +82,13 @@ class ActivationOffload:
         """Offload `chunk`'s saved activations from now on (call after moving it to its device)."""
         blocks = list(getattr(chunk, "layers", {}).values())
         modes = layer_modes(self.cfg, len(blocks))
+        index = len(self.chunk_modes)
+        self.chunk_modes.append(modes)
+        self.profiles.append(None)
         cache = self.cache
         cache.add_resident(list(chunk.parameters()) + list(chunk.buffers()))
-        self.hooks.append(chunk.register_forward_pre_hook(lambda module, args: cache.begin_pass(modes)))
+        self.hooks.append(chunk.register_forward_pre_hook(
+            lambda module, args: cache.begin_pass(modes, self._profile(index, len(blocks)))))
         self.hooks.append(chunk.register_forward_hook(lambda module, args, out: cache.end_pass(), always_call=True))
         for slot, (block, mode) in enumerate(zip(blocks, modes)):
             self.hooks.append(block.register_forward_pre_hook(self._enter(slot, mode)))
@@ -77,6 +98,38 @@ class ActivationOffload:
                 block.forward = _checkpointed(block.forward)
                 self.wrapped.append(block)
         return chunk
+
+    def _profile(self, index: int, n_blocks: int) -> Optional[ChunkProfile]:
+        """The profile to fill in this pass: the first training forward of each chunk, until the plan is made."""
+        if not self.adaptive or self.plans is not None or self.profiles[index] is not None:
+            return None
+        if not torch.is_grad_enabled():
+            return None
+        self.profiles[index] = ChunkProfile(n_blocks, self.timer)
+        return self.profiles[index]
+
+    def _plan(self) -> None:
+        """After the profiled step: each chunk offloads the prefix of blocks the link hides behind its forward."""
+        if any(profile is None or not profile.complete for profile in self.profiles):
+            self.profiles = [None] * len(self.profiles)  # an aborted step: profile the next one
+            return
+        self.plans = []
+        for modes, profile in zip(self.chunk_modes, self.profiles):
+            plan = plan_offload(profile.resolve(), self.bandwidth)
+            modes[:] = ["offload"] * plan.offloaded_blocks + ["keep"] * (len(modes) - plan.offloaded_blocks)
+            self.plans.append(plan)
+            if self.rank == 0:
+                log.info("activation offload: keep_last=auto: %s", plan.describe())
+        self.profiles = [None] * len(self.profiles)
+
+    def plan_metrics(self) -> Dict[str, float]:
+        """The adaptive plan's figures summed over this rank's chunks (empty before the plan)."""
+        if not self.plans:
+            return {}
+        return {"offload_link_bytes_per_s": self.bandwidth,
+                "offload_bound_bytes": sum(plan.bound_bytes for plan in self.plans),
+                "offload_planned_bytes": sum(plan.planned_bytes for plan in self.plans),
+                "offload_blocks_offloaded": sum(plan.offloaded_blocks for plan in self.plans)}
 
     def _enter(self, slot: int, mode: str):
         recompute = mode == "recompute"
@@ -116,8 +169,11 @@ class ActivationOffload:
         stats = cache.stats
         stats.resident_peak_bytes = cache.tracker.peak
         stats.io_s = self.store.io_seconds - self._io_start
+        if self.adaptive and self.plans is None and error is None:
+            self._plan()
         self.last_metrics = stats.metrics()
         self.last_metrics["offload_host_pool_bytes"] = getattr(self.store, "pool_bytes", 0)
+        self.last_metrics.update(self.plan_metrics())
         if error is not None and raise_errors:
             raise error
         return self.last_metrics

@@ -42,7 +42,7 @@ def make_store(cfg: OffloadConfig, device: torch.device, rank: int = 0) -> Store
     else:
         raise OffloadError(f"offload.backend={cfg.backend} does not offload; use host|file|aio|gds|auto.")
     if rank == 0:
-        log.info("activation offload: %s backend%s (policy %s, keep_last %d, min_bytes %d)", backend,
+        log.info("activation offload: %s backend%s (policy %s, keep_last %s, min_bytes %d)", backend,
                  f" in {cfg.path}" if backend in ("file", "aio", "gds") else "", cfg.policy, cfg.keep_last,
                  cfg.min_bytes)
     return store

@@ -67,10 +67,14 @@ class SavedHandle:
 
 
 class Pass:
-    """One forward call of one chunk: its per-layer modes, the running layer, its entries."""
+    """One forward call of one chunk: its per-layer modes, the running layer, its entries.
 
-    def __init__(self, modes: List[str]):
+    `profile` (adaptive keep's profiled forward) collects each block's time marks and saved bytes.
+    """
+
+    def __init__(self, modes: List[str], profile=None):
         self.modes = modes
+        self.profile = profile
         self.slot: Optional[int] = None  # block running now (None: embedding, head, between blocks)
         self.by_storage: Dict[tuple, Entry] = {}
         self.slots: Dict[int, Dict[int, Entry]] = defaultdict(dict)
@@ -111,11 +115,11 @@ class ActivationCache:
     def current(self) -> Optional[Pass]:
         return self.stack[-1] if self.stack else None
 
-    def begin_pass(self, modes: List[str]) -> None:
+    def begin_pass(self, modes: List[str], profile=None) -> None:
         if not torch.is_grad_enabled():
             self.stack.append(None)
             return
-        chunk_pass = Pass(modes)
+        chunk_pass = Pass(modes, profile)
         chunk_pass.hooks = torch.autograd.graph.saved_tensors_hooks(partial(self.pack, chunk_pass), self.unpack)
         chunk_pass.hooks.__enter__()
         self.stack.append(chunk_pass)
@@ -137,6 +141,8 @@ class ActivationCache:
         chunk_pass = self.current()
         if chunk_pass is None:  # no grad, or a recompute during backward
             return
+        if chunk_pass.profile is not None:
+            chunk_pass.profile.start(slot)
         self.reap()
         chunk_pass.slot = slot
         if held is not None and self.eligible(held):
@@ -146,6 +152,8 @@ class ActivationCache:
         chunk_pass = self.current()
         if chunk_pass is None:
             return
+        if chunk_pass.profile is not None:
+            chunk_pass.profile.end(slot)  # before the write-window wait: the block's own time
         self.tracker.sample()
         chunk_pass.slot = None
         if isinstance(output, torch.Tensor) and output.requires_grad:
@@ -187,6 +195,8 @@ class ActivationCache:
         storage = tensor.untyped_storage()
         self.tracker.track(storage)
         view_bytes = tensor.numel() * tensor.element_size()
+        if chunk_pass.profile is not None and chunk_pass.slot is not None:
+            chunk_pass.profile.saved(chunk_pass.slot, storage)
         with self.lock:
             if chunk_pass.mode() != "offload":
                 self.stats.kept_bytes += view_bytes

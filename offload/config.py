@@ -8,7 +8,7 @@ every saved activation of a model chunk pass through `plait.offload.ActivationCa
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, List, Optional
 
 BACKENDS = ("none", "auto", "host", "file", "aio", "gds")
 MODES = ("keep", "offload", "recompute")
@@ -30,7 +30,7 @@ class OffloadConfig:
     backend: str = "none"  # none | auto | host | file | aio | gds
     path: Optional[str] = None  # parent directory of the per-run scratch folder (file, aio, gds)
     policy: str = "offload"  # keep | offload | recompute, or one mode per layer: "recompute,offload,keep"
-    keep_last: int = 1  # the last K blocks of each chunk stay resident (needed first in backward)
+    keep_last: Any = "auto"  # auto: offload what the link hides behind the forward (adaptive.py); or the last K blocks stay
     min_bytes: int = 65536  # smaller saved tensors stay resident
     device_filter: str = "cuda"  # cuda: only device tensors move; all: CPU tensors too (CPU runs, tests)
     prefetch: int = 2  # offloaded layers read ahead of the backward pass
@@ -44,7 +44,8 @@ def layer_modes(cfg: OffloadConfig, n_layers: int) -> List[str]:
     """The mode of each of a chunk's `n_layers` blocks, in forward order.
 
     One word applies to every block except the last `keep_last`, which are kept; a
-    comma-separated list gives one mode per block and is taken as written.
+    comma-separated list gives one mode per block and is taken as written. `keep_last=auto`
+    starts as 1 (the profiled first step) and `ActivationOffload` replaces the modes after it.
     """
     words = [word.strip() for word in cfg.policy.split(",")]
     if len(words) > 1:
@@ -52,8 +53,14 @@ def layer_modes(cfg: OffloadConfig, n_layers: int) -> List[str]:
             raise OffloadError(f"offload.policy lists {len(words)} modes but the chunk has {n_layers} layers; "
                                f"give one mode per layer or a single mode.")
         return words
-    keep = min(max(cfg.keep_last, 0), n_layers)
+    configured = keep_count(cfg.keep_last)
+    keep = min(1 if configured is None else configured, n_layers)
     return [words[0]] * (n_layers - keep) + ["keep"] * keep
+
+
+def keep_count(keep_last: Any) -> Optional[int]:
+    """`offload.keep_last` as a count, or None for auto (decided from a profiled step)."""
+    return None if str(keep_last).lower() == "auto" else int(keep_last)
 
 
 def validate_offload(cfg: OffloadConfig) -> None:
@@ -66,7 +73,9 @@ def validate_offload(cfg: OffloadConfig) -> None:
                                f"use {'|'.join(MODES)} or a comma-separated list of them.")
     if cfg.device_filter not in DEVICE_FILTERS:
         raise OffloadError(f"offload.device_filter={cfg.device_filter} is unknown; use cuda or all.")
-    for key in ("keep_last", "min_bytes", "prefetch", "write_window"):
+    if str(cfg.keep_last).lower() != "auto" and (isinstance(cfg.keep_last, bool) or not str(cfg.keep_last).isdigit()):
+        raise OffloadError(f"offload.keep_last={cfg.keep_last} must be auto or a count of blocks (0 or more).")
+    for key in ("min_bytes", "prefetch", "write_window"):
         if getattr(cfg, key) < 0:
             raise OffloadError(f"offload.{key}={getattr(cfg, key)} must be zero or positive.")
     if cfg.threads < 1:

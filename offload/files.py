@@ -222,6 +222,9 @@ class FileStore(Store):
         self.janitor.shutdown(wait=True, cancel_futures=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def pools(self):
+        return [self.staging.pool] if self.staging is not None else []
+
     @property
     def pool_bytes(self) -> int:
         return self.staging.pool.bytes if self.staging is not None else 0

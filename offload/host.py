@@ -56,6 +56,9 @@ class HostStore(Store):
         if buffer is not None:
             self.buffers.give(buffer)
 
+    def pools(self):
+        return [self.buffers]
+
     @property
     def pool_bytes(self) -> int:
         return self.buffers.bytes

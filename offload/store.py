@@ -71,6 +71,11 @@ class HostPool:
         with self.lock:
             self.free.setdefault(buffer.numel(), []).append(buffer)
 
+    def drop(self, nbytes: int) -> None:
+        """Free the spare buffers of one size (a probe's, never to be asked for again)."""
+        with self.lock:
+            self.bytes -= nbytes * len(self.free.pop(nbytes, []))
+
     def clear(self) -> None:
         with self.lock:
             self.free.clear()
@@ -171,6 +176,10 @@ class Store:
 
     def flush(self) -> None:
         """Wait for discards still in progress (stores that remove in the background override this)."""
+
+    def pools(self) -> List[HostPool]:
+        """The host buffer pools this store owns (to drop a probe's buffers from)."""
+        return []
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
