@@ -384,3 +384,26 @@ def test_resume_on_cuda(tmp_path, stdlib_tokens):
     # CUDA kernels with atomics (embedding backward) are not bitwise reproducible run to run
     assert [resumed.step()["loss"] for _ in range(3)] == pytest.approx(losses[3:], rel=1e-5)
     resumed.close()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_resume_restores_the_dropout_streams(tmp_path, stdlib_tokens, device):
+    """Dropout draws from the parallel RNG's generators on the device (CUDA generators on a GPU): a resumed
+    run draws the same masks, and a run whose streams moved draws others."""
+    cache = stdlib_tokens[0].parent.parent
+    overrides = run_overrides(tmp_path / "drop", cache, 6, f"train.device={device}", "model.dropout=0.2",
+                              "train.compile=false")
+    trainer = make_trainer(overrides)
+    [trainer.step() for _ in range(3)]
+    trainer.save_checkpoint()
+    continued = [trainer.step()["loss"] for _ in range(3)]
+    trainer.close()
+    resumed = make_trainer([*overrides, f"train.resume={tmp_path / 'drop' / 'checkpoints'}"])
+    assert resumed.chunks[0].rng.sharded.device.type == device
+    assert [resumed.step()["loss"] for _ in range(3)] == pytest.approx(continued, rel=1e-5)
+    resumed.close()
+    shifted = make_trainer([*overrides, f"train.resume={tmp_path / 'drop' / 'checkpoints'}"])
+    rng = shifted.chunks[0].rng  # one draw moves both streams: the masks, and so the losses, must change
+    torch.rand(1, generator=rng.replicated, device=device), torch.rand(1, generator=rng.sharded, device=device)
+    assert [shifted.step()["loss"] for _ in range(3)] != pytest.approx(continued, rel=1e-5)
+    shifted.close()

@@ -49,8 +49,9 @@ def config_at_width(cfg: ModelConfig, dim: int, head_dim: int) -> ModelConfig:
 
 
 def full_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
-    """Every global parameter name's full shape, from a whole model on the meta device."""
-    model = Transformer(cfg, Grid.single(), device="meta")
+    """Every global parameter name's full shape, from a whole model on the meta device (shapes do not
+    depend on dropout, which would want a random stream the meta model has no use for)."""
+    model = Transformer(dataclasses.replace(cfg, dropout=0.0), Grid.single(), device="meta")
     specs = model.param_specs()
     return {name: tuple(specs[name].full_shape if name in specs else param.shape)
             for name, param in model.named_parameters()}

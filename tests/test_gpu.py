@@ -1,0 +1,152 @@
+"""Every CUDA path plait has, run on a GPU (`pytest -m gpu`; skipped without CUDA).
+
+Beside the ones here, these live with their component: resume on CUDA and the CUDA RNG
+(test_checkpoint.py), optimizer state placement on CUDA (test_optim_state.py), the
+unified-tensor gather (test_data.py), the datasheet MFU peak (test_peaks.py).
+
+CUDA kernels that accumulate with atomics (embedding backward, some reductions) are not
+bitwise reproducible run to run, so model-level comparisons use a tight tolerance; the
+Lion kernel, elementwise, is compared bit for bit.
+"""
+
+import logging
+
+import pytest
+import torch
+
+from plait.offload.gds import gds_available
+from plait.train.config import load_config
+from plait.train.model import build_model
+from tests.offload_utils import TINY, batch, forward_backward, grads, offload_config
+
+pytestmark = pytest.mark.gpu
+CUDA = torch.device("cuda")
+
+
+def cuda_model(seed: int = 0):
+    return build_model(TINY, seed=seed, device=CUDA)
+
+
+def cuda_offload_grads(tmp_path, backend: str, **settings):
+    """(reference grads, offloaded grads, metrics) of one step on CUDA: offload of device tensors only."""
+    tokens = batch().to(CUDA)
+    reference = cuda_model()
+    forward_backward(reference, tokens)
+    from plait.offload.attach import ActivationOffload
+
+    model = cuda_model()
+    offload = ActivationOffload(offload_config(backend, str(tmp_path), device_filter="cuda", **settings), None, CUDA)
+    offload.attach(model)
+    metrics = forward_backward(model, tokens, offload=offload)
+    return grads(reference), grads(model), metrics, offload
+
+
+def assert_close_grads(expected, actual):
+    for name, grad in expected.items():
+        torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["host", "file"])
+def test_offload_through_pinned_memory_on_a_side_stream(tmp_path, backend):
+    expected, actual, metrics, offload = cuda_offload_grads(tmp_path, backend, keep_last=1)
+    assert_close_grads(expected, actual)
+    assert metrics["offload_written_bytes"] > 0
+    staging = getattr(offload.store, "staging", None)
+    assert staging is not None and isinstance(staging.side, torch.cuda.Stream)
+    assert offload.store.pools() and all(pool.pinned for pool in offload.store.pools())
+    offload.close()
+
+
+@pytest.mark.skipif(not gds_available(), reason="GPUDirect Storage (DeepSpeed's GDS op, cuFile) not here")
+def test_gpudirect_storage_offload(tmp_path):
+    expected, actual, metrics, offload = cuda_offload_grads(tmp_path, "gds", keep_last=1)
+    assert_close_grads(expected, actual)
+    assert metrics["offload_written_bytes"] > 0
+    offload.close()
+
+
+def test_adaptive_keep_profiles_with_cuda_events(tmp_path):
+    from plait.offload.adaptive import BlockTimer
+    from plait.offload.attach import ActivationOffload
+
+    tokens = batch().to(CUDA)
+    model = cuda_model()
+    offload = ActivationOffload(offload_config("host", None, device_filter="cuda", keep_last="auto"), None, CUDA)
+    offload.attach(model)
+    assert offload.timer.cuda and isinstance(offload.timer, BlockTimer) and offload.bandwidth > 1e8
+    for _ in range(2):
+        metrics = forward_backward(model, tokens, offload=offload)
+    assert offload.plans and offload.plans[0].forward_s > 0 and metrics["offload_bound_bytes"] > 0
+    offload.close()
+
+
+def test_triton_lion_is_the_eager_rule_bitwise_on_cuda():
+    pytest.importorskip("triton")
+    from plait.optim.lion import Lion, foreach_lion
+
+    torch.manual_seed(0)
+    sizes = [1, 3, 4095, 4096, 4097, 100_003] + list(range(5, 200, 7))
+    tensors = [torch.randn(n, device=CUDA, requires_grad=True) for n in sizes]
+    ref_p = [t.detach().clone() for t in tensors]
+    ref_m = [torch.zeros_like(t) for t in ref_p]
+    optimizer = Lion([{"params": tensors[0::2], "lr": 3e-2, "weight_decay": 0.5},
+                      {"params": tensors[1::2], "lr": 1e-2, "weight_decay": 0.0}], impl="auto")
+    assert optimizer.impl == "triton"
+    for _ in range(5):
+        step_grads = [torch.randn(n, device=CUDA) for n in sizes]
+        for t, g in zip(tensors, step_grads):
+            t.grad = g
+        optimizer.step()
+        foreach_lion(ref_p[0::2], step_grads[0::2], ref_m[0::2], 3e-2, 0.5, 0.9, 0.99)
+        foreach_lion(ref_p[1::2], step_grads[1::2], ref_m[1::2], 1e-2, 0.0, 0.9, 0.99)
+    for i, t in enumerate(tensors):
+        assert torch.equal(t.detach(), ref_p[i]), f"param {i} (size {sizes[i]})"
+        assert torch.equal(optimizer.state[t]["exp_avg"], ref_m[i]), f"momentum {i}"
+
+
+def test_rms_norm_uses_apex_when_importable(caplog):
+    import importlib.util
+
+    import torch.nn.functional as F
+
+    from plait.train import model as model_lib
+
+    model_lib._RMS_NORM = None
+    with caplog.at_level(logging.INFO, logger="plait"):
+        norm = model_lib.rms_norm_function()
+    has_apex = importlib.util.find_spec("apex") is not None
+    assert ("apex fused kernel" in caplog.text) == has_apex, caplog.text
+    x, w = torch.randn(4, 7, 64, device=CUDA), torch.rand(64, device=CUDA) + 0.5
+    torch.testing.assert_close(norm(x, w, 1e-5), F.rms_norm(x, (64,), w, 1e-5), rtol=1e-5, atol=1e-6)
+
+
+def trainer_overrides(tmp_path, cache, *extra):
+    return ["model=tiny", "model.n_layers=2", "model.dim=128", "model.n_heads=4", "train.seq_len=64",
+            "train.batch_size=8", "train.steps=6", "train.eval_every=0", "train.log_every=1", "train.progress=false",
+            "train.device=cuda", f"train.run_dir={tmp_path}", f"data.cache_dir={cache}", "optim.warmup_steps=2", *extra]
+
+
+def losses_of(overrides, steps=3):
+    from plait.train.trainer import Trainer
+
+    trainer = Trainer(load_config(overrides))
+    losses = [trainer.step()["loss"] for _ in range(steps)]
+    compiled = trainer.compile
+    trainer.close()
+    return losses, compiled
+
+
+def test_bf16_autocast_trains_close_to_fp32(tmp_path, stdlib_tokens):
+    cache = stdlib_tokens[0].parent.parent
+    fp32, _ = losses_of(trainer_overrides(tmp_path / "fp32", cache, "train.compile=false"))
+    bf16, _ = losses_of(trainer_overrides(tmp_path / "bf16", cache, "train.compile=false", "train.precision=bf16"))
+    assert all(torch.isfinite(torch.tensor(bf16)))
+    assert bf16 == pytest.approx(fp32, rel=2e-2)
+
+
+def test_compile_auto_is_on_and_matches_eager(tmp_path, stdlib_tokens):
+    cache = stdlib_tokens[0].parent.parent
+    eager, compiled_eager = losses_of(trainer_overrides(tmp_path / "eager", cache, "train.compile=false"))
+    compiled, compiled_on = losses_of(trainer_overrides(tmp_path / "compiled", cache))
+    assert compiled_on and not compiled_eager
+    assert compiled == pytest.approx(eager, rel=1e-4)
