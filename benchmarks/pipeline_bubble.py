@@ -204,7 +204,8 @@ class FloorContender:
 
     def __init__(self, rank, schedule, vpp, m, args, transport, model=False):
         from plait.parallel.grid import Grid
-        from plait.parallel.pipeline.runtime import _backward_from, message_tag
+        from plait.common.compat import run_backward
+        from plait.parallel.pipeline.runtime import message_tag
         from plait.parallel.pipeline.schedule import Kind, build_schedule, local_stages
         from plait.parallel.pipeline.simulate import matching_send
         from plait.parallel.pipeline.transport import choose_transport
@@ -215,7 +216,7 @@ class FloorContender:
         self.message = torch.zeros(self.shape)  # floor: every send carries it, every receive lands in it
         self.post, _ = choose_transport(transport, grid.pp_group, "gloo", rank, peers, slot_bytes=self.message.nbytes,
                                         microbatches=m, pp=PP, vpp=vpp)
-        self.backward_from = _backward_from  # the engine entry plait's runtime calls (its output may be freed)
+        self.backward_from = run_backward  # the engine entry plait's runtime calls (its output may be freed)
         self.chunks = {stage: make_chunk(args.blocks // vpp, args.t_ms / 1e3) for stage in local_stages(rank, PP, vpp)}
         self.loss_grad = torch.full((), 1.0 / m)
         # ("compute", forward?, mb, stage, key, waits) | ("send", peer, tag, forward?, key) | ("recv", key, peer, tag)

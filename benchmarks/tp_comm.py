@@ -62,10 +62,10 @@ def _label_from_stack():
 
 
 def install_counters(recorder):
-    """Wrap torch.distributed's collectives (and the aliases plait.parallel.tensor bound) to count bytes."""
+    """Wrap torch.distributed's collectives (and the aliases plait.common.collectives bound) to count bytes."""
     import torch.distributed as dist
 
-    from plait.parallel import tensor as T
+    from plait.common import collectives as T
 
     def wrap(original, kind, elements_of):
         def counted(*args, **kwargs):
@@ -77,8 +77,8 @@ def install_counters(recorder):
     full_out = lambda out, inp, **k: (out, out.numel())  # all-gather: output size; reduce-scatter: input size
     full_in = lambda out, inp, **k: (inp, inp.numel())
     dist.all_reduce = wrap(dist.all_reduce, "all_reduce", lambda t, *a, **k: (t, t.numel()))
-    T._all_gather_tensor = wrap(T._all_gather_tensor, "all_gather", full_out)
-    T._reduce_scatter_tensor = wrap(T._reduce_scatter_tensor, "reduce_scatter", full_in)
+    T.all_gather_tensor = wrap(T.all_gather_tensor, "all_gather", full_out)
+    T.reduce_scatter_tensor = wrap(T.reduce_scatter_tensor, "reduce_scatter", full_in)
     for name in ("all_gather_single", "all_gather_into_tensor"):
         if hasattr(dist, name):
             setattr(dist, name, wrap(getattr(dist, name), "all_gather", full_out))

@@ -16,7 +16,6 @@ The mode is chosen once, at construction, and logged once per mode:
 - "host": the device is the CPU; the tensor is the host array itself, same API and results.
 """
 
-import logging
 import warnings
 import weakref
 from typing import Optional
@@ -24,16 +23,13 @@ from typing import Optional
 import numpy as np
 import torch
 
-log = logging.getLogger("plait")
-_LOGGED = set()
+from plait.common.logs import log_once
 
 HOST_REGISTER_PORTABLE, HOST_REGISTER_MAPPED, HOST_REGISTER_READ_ONLY = 1, 2, 8
 
 
 def _log_once(mode: str, why: str) -> None:
-    if mode not in _LOGGED:
-        _LOGGED.add(mode)
-        log.info("data: %s gather (%s)", mode, why)
+    log_once(f"data: {mode} gather ({why})")
 
 
 class _CudaView:

@@ -7,7 +7,7 @@ values), never hidden globals. Names are imported lazily on first use.
 
 from typing import TYPE_CHECKING
 
-from plait.parallel._exports import lazy_exports
+from plait.common.exports import lazy_exports
 
 _EXPORTS = {
     # the process environment

@@ -25,6 +25,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
+from plait.common.compat import is_param_cast
 from plait.offload.config import OffloadIOError
 from plait.offload.stats import OffloadStats, ResidentBytes
 from plait.offload.store import EventFuture, Store
@@ -82,14 +83,6 @@ class Pass:
 
     def mode(self) -> str:
         return "keep" if self.slot is None else self.modes[self.slot]
-
-
-def _is_weight_cast(tensor: torch.Tensor) -> bool:
-    """An autocast copy of a parameter (kept: it is the weight, not an activation)."""
-    fn = tensor.grad_fn
-    return (fn is not None and fn.name().startswith("ToCopyBackward") and len(fn.next_functions) == 1
-            and fn.next_functions[0][0] is not None
-            and fn.next_functions[0][0].name().endswith("AccumulateGrad"))
 
 
 class ActivationCache:
@@ -184,7 +177,7 @@ class ActivationCache:
             return False
         if isinstance(tensor, torch.nn.Parameter) or (tensor.is_leaf and tensor.requires_grad):
             return False
-        return id(tensor.untyped_storage()) not in self.resident_ids and not _is_weight_cast(tensor)
+        return id(tensor.untyped_storage()) not in self.resident_ids and not is_param_cast(tensor)  # autocast's copy of a weight: kept
 
     def pack(self, chunk_pass: Pass, tensor: torch.Tensor):
         self.reap()

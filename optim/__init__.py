@@ -9,7 +9,7 @@ Nothing here imports `plait.train`: Lion and the muP table work on any `nn.Modul
 
 from typing import TYPE_CHECKING
 
-from plait.parallel._exports import lazy_exports
+from plait.common.exports import lazy_exports
 
 _EXPORTS = {
     # config and builders

@@ -30,6 +30,8 @@ from typing import Callable, Iterable, List, Optional, Tuple
 
 import torch
 
+from plait.common.compat import inductor_fma
+
 log = logging.getLogger("plait")
 
 IMPLS = ("auto", "triton", "compiled", "deepspeed", "foreach", "fused")
@@ -50,12 +52,10 @@ def foreach_lion(params: List[torch.Tensor], grads: List[torch.Tensor], moms: Li
 
 def _fma(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """x * y + z rounded once, as eager's `z.add_(x, alpha=y)` computes it on CPU and CUDA."""
-    try:
-        from torch._inductor import inductor_prims
-
-        return inductor_prims.fma(x, y, z)
-    except (ImportError, AttributeError):  # older inductor: sum in fp64, round once
-        return (x.double() * y.double() + z.double()).to(z.dtype)
+    fma = inductor_fma()
+    if fma is not None:
+        return fma(x, y, z)
+    return (x.double() * y.double() + z.double()).to(z.dtype)  # older inductor: sum in fp64, round once
 
 
 def _lion_single_pass(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, neg_lr: torch.Tensor,

@@ -5,17 +5,19 @@ tensors (AdamW: exp_avg, exp_avg_sq; Lion: exp_avg) plus the step count, whateve
 optimizer's own layout is. The ZeRO-1 optimizer offers the same two functions as
 methods (it gathers its dp shards), so checkpoints never depend on dp or ZeRO.
 
-Loading goes through the optimizer's own `load_state_dict` (`load_param_state`), so each
+Loading goes through the optimizer's own `load_state_dict` (`plait.common.optimizer_state`), so each
 state tensor lands on the device and in the dtype that optimizer itself would have made:
 fused AdamW keeps `step` as an fp32 tensor on the parameter's device, foreach AdamW keeps
 it on the CPU, moments follow their parameter. A hand-written placement missed that once
 (fused AdamW on CUDA refused a CPU `step` after resume).
 """
 
-from typing import Dict, Mapping
+from typing import Dict
 
 import torch
 from torch import nn
+
+from plait.common.optimizer_state import load_param_state
 
 NamedState = Dict[str, Dict[str, torch.Tensor]]
 
@@ -32,29 +34,6 @@ def named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Par
         out[name] = {key: (value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value)))
                      for key, value in state.items()}
     return out
-
-
-@torch.no_grad()
-def load_param_state(optimizer: torch.optim.Optimizer, state: Mapping[torch.Tensor, Dict[str, torch.Tensor]]) -> None:
-    """Set the state of the given parameters (keys are the optimizer's own param tensors).
-
-    Builds the optimizer's `state_dict` form (state by parameter index, the current groups)
-    and hands it to `optimizer.load_state_dict`, which places every value the way that
-    optimizer does. Values are copied first: loading never aliases checkpoint memory.
-    Parameters not in `state` keep no state (as before their first step).
-    """
-    index_of = {}
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            index_of.setdefault(param, len(index_of))
-    by_index = {index_of[param]: {key: value.detach().clone() for key, value in entry.items()}
-                for param, entry in state.items()}
-    groups, start = [], 0
-    for group in optimizer.param_groups:
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": list(range(start, start + len(group["params"])))})
-        start += len(group["params"])
-    optimizer.load_state_dict({"state": by_index, "param_groups": groups})
 
 
 def load_named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Parameter],

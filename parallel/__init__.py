@@ -9,7 +9,7 @@ Names are imported lazily on first use, so `import plait.parallel` stays cheap.
 
 from typing import TYPE_CHECKING
 
-from plait.parallel._exports import lazy_exports
+from plait.common.exports import lazy_exports
 
 _EXPORTS = {
     # the grid

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.common import collectives
 from plait.parallel.config import ParallelConfig
 from plait.parallel.grid import Grid
 
-_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @dataclass
@@ -140,7 +140,7 @@ class ChunkGrads:
         op = dist.ReduceOp.AVG if self.use_avg_op else dist.ReduceOp.SUM
         if self.shard:
             bucket.out = torch.empty(bucket.size // self.dp, dtype=bucket.comm.dtype, device=view.device)
-            bucket.work = _reduce_scatter_tensor(bucket.out, bucket.comm, op=op, group=self.group, async_op=True)
+            bucket.work = collectives.reduce_scatter_tensor(bucket.out, bucket.comm, op=op, group=self.group, async_op=True)
         else:
             bucket.work = dist.all_reduce(bucket.comm, op=op, group=self.group, async_op=True)
 

@@ -12,14 +12,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from plait.common import collectives
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 
 SEQ_DIM = 1
 
-# torch 2.13 renamed the tensor collectives; use whichever this torch has (chosen once).
-_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 # collectives on a dimension ---------------------------------------------------
@@ -38,7 +36,7 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
     out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    _all_gather_tensor(out, x.contiguous(), group=group)
+    collectives.all_gather_tensor(out, x.contiguous(), group=group)
     return out if dim == 0 else torch.cat(out.chunk(world, dim=0), dim=dim)
 
 
@@ -46,7 +44,7 @@ def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
     world = _world(group)
     stacked = torch.cat(x.chunk(world, dim=dim), dim=0) if dim != 0 else x.contiguous()
     out = torch.empty((stacked.shape[0] // world,) + tuple(stacked.shape[1:]), dtype=x.dtype, device=x.device)
-    _reduce_scatter_tensor(out, stacked, group=group)
+    collectives.reduce_scatter_tensor(out, stacked, group=group)
     return out
 
 

@@ -19,11 +19,11 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.optim.groups import GroupKey, param_groups
-from plait.optim.state import load_param_state
+from plait.common import collectives
+from plait.common.optimizer_state import load_param_state
 from plait.parallel.data_parallel import ChunkGrads, DataParallelGrads
 from plait.parallel.grid import Grid
 
-_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class _Piece:
@@ -111,7 +111,7 @@ class ZeroOptimizer:
             for bucket in chunk.buckets:
                 lo, hi = bucket.shard_range(self.grid.dp_rank, self.grid.dp)
                 mine = chunk.param_buffer[lo:hi].clone()
-                works.append(_all_gather_tensor(chunk.param_buffer[bucket.start:bucket.end], mine,
+                works.append(collectives.all_gather_tensor(chunk.param_buffer[bucket.start:bucket.end], mine,
                                                 group=self.grid.dp_group, async_op=True))
         for work in works:
             work.wait()

@@ -239,9 +239,9 @@ def check_no_comm_at_tp1(rank, world, errors):
     originals = {name: getattr(dist, name) for name in
                  ("all_reduce", "all_gather_single", "reduce_scatter_single", "all_gather_into_tensor",
                   "reduce_scatter_tensor", "all_gather")}
-    from plait.parallel import tensor as T
+    from plait.common import collectives as T
 
-    module_originals = {"_all_gather_tensor": T._all_gather_tensor, "_reduce_scatter_tensor": T._reduce_scatter_tensor}
+    module_originals = {"all_gather_tensor": T.all_gather_tensor, "reduce_scatter_tensor": T.reduce_scatter_tensor}
     try:
         for name, fn in originals.items():
             setattr(dist, name, lambda *a, _n=name, **k: calls.append(_n))

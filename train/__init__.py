@@ -10,7 +10,7 @@ come on first access, and nothing imports DeepSpeed or starts a process group.
 
 from typing import TYPE_CHECKING
 
-from plait.parallel._exports import lazy_exports
+from plait.common.exports import lazy_exports
 
 _EXPORTS = {
     # config

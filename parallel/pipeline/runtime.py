@@ -38,6 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from plait.common.compat import run_backward
+from plait.common.logs import log_once
 from plait.parallel.grid import Grid
 from plait.parallel.pipeline.schedule import Action, Kind, build_schedule, local_stages, schedule_name
 from plait.parallel.pipeline.simulate import matching_recv, matching_send, validate
@@ -46,18 +48,6 @@ from plait.parallel.pipeline.transport import choose_transport, direct_transport
 log = logging.getLogger("plait")
 COMM = (Kind.SEND_F, Kind.SEND_B, Kind.RECV_F, Kind.RECV_B)
 RECV = (Kind.RECV_F, Kind.RECV_B)
-
-
-def _backward_from(output: torch.Tensor, grad: torch.Tensor) -> None:
-    """Backward from `output` with `grad`, calling the autograd engine directly.
-
-    `torch.autograd.backward` checks grad.shape against output.shape, which fails once the
-    output's data has been freed; the engine checks against the graph's own metadata.
-    """
-    _run_backward((output,), (grad,), False, False, (), True, True)
-
-
-_run_backward = torch.autograd.Variable._execution_engine.run_backward  # the engine's entry, looked up once
 
 
 class Receive(NamedTuple):
@@ -94,13 +84,8 @@ def default_prefetch(backend: str) -> int:
     that compute runs. NCCL keeps Megatron's order (receive posted with the previous sends).
     """
     prefetch = 0 if backend == "nccl" else 1
-    if backend not in _LOGGED:
-        _LOGGED.add(backend)
-        log.info("pipeline: %s backend, receives posted %d compute(s) ahead", backend, prefetch)
+    log_once(f"pipeline: {backend} backend, receives posted {prefetch} compute(s) ahead")
     return prefetch
-
-
-_LOGGED: set = set()  # backends whose prefetch choice was logged (a log-once record, not group state)
 
 
 class PipelineRuntime:
@@ -302,7 +287,7 @@ class PipelineRuntime:
         output = self.outputs.pop((mb, stage))
         grad = self._loss_grad(output) if received is None else self._take(received)
         self._release_sent()  # after the take: this output's send is certainly received now, its data freed
-        _backward_from(output, grad)
+        run_backward(output, grad)  # the engine itself: `output`'s data may be freed already
         x = self.inputs.pop((mb, stage), None)
         if stage > 0:
             self.input_grads[(mb, stage)] = x.grad

@@ -31,11 +31,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from plait.common.compat import group_timeout_s
+from plait.common.logs import log_once
+
 log = logging.getLogger("plait")
 TRANSPORTS = ("auto", "shm", "dist")
 SHM_DIR = "/dev/shm"
 AUTO_ROOM = 0.25  # auto takes shared memory only if a rank's inboxes fit in this share of /dev/shm's free space
-_LOGGED: set = set()  # (choice, reason) lines already logged in this process (a log-once record, not group state)
 
 
 class TransportError(RuntimeError):
@@ -285,9 +287,9 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
             try:
                 transport = SharedMemoryTransport(group, rank, neighbours, slot_bytes=slot_bytes,
                                                   microbatches=microbatches, pp=pp, vpp=vpp,
-                                                  timeout_s=_group_timeout(group),
+                                                  timeout_s=group_timeout_s(group),
                                                   room=AUTO_ROOM if requested == "auto" else 1.0)
-                _log_once("pipeline messages: shared memory (every pp rank on one host)")
+                log_once("pipeline messages: shared memory (every pp rank on one host)")
                 return transport.post, "shm"
             except TransportError as error:
                 reason = str(error)
@@ -295,19 +297,7 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
             raise TransportError(f"parallel.pp_transport=shm cannot run here: {reason}; "
                                  "use parallel.pp_transport=auto.")
     make = batched_transport if backend == "nccl" else direct_transport
-    _log_once(f"pipeline messages: {backend} send/recv ({reason})" if reason else f"pipeline messages: {backend}")
+    log_once(f"pipeline messages: {backend} send/recv ({reason})" if reason else f"pipeline messages: {backend}")
     return make(group, peers), "dist"
 
 
-def _group_timeout(group: dist.ProcessGroup) -> float:
-    """The process group's own timeout in seconds (a receive waits no longer than a collective would)."""
-    try:
-        return float(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
-    except (AttributeError, RuntimeError):
-        return 1800.0
-
-
-def _log_once(line: str) -> None:
-    if line not in _LOGGED:
-        _LOGGED.add(line)
-        log.info(line)

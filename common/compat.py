@@ -1,0 +1,49 @@
+"""Every private torch name plait touches, in one place; tests/test_compat.py fails loudly when a torch
+upgrade moves one.
+
+- `run_backward`: the autograd engine's entry. The pipeline runtime backwards from an output whose
+  data it already freed (Megatron's deallocate_output_tensor); `torch.autograd.backward` checks the
+  grad's shape against the output's data and fails, the engine checks against the graph.
+- `fma`: inductor's fused multiply-add prim, so a compiled kernel rounds as eager's `add_(x, alpha=)`.
+- `group_timeout_s`: a process group's own timeout (a pipeline receive waits no longer than a
+  collective would).
+- `is_param_cast`: whether a saved tensor is autocast's copy of a parameter (an autograd node whose
+  only input is a parameter's gradient accumulator), by the nodes' names.
+"""
+
+from typing import Callable, Optional
+
+import torch
+
+_engine_run_backward = torch.autograd.Variable._execution_engine.run_backward  # looked up once
+
+
+def run_backward(output: torch.Tensor, grad: torch.Tensor) -> None:
+    """Backward from `output` with `grad` through the engine (no shape check against freed data)."""
+    _engine_run_backward((output,), (grad,), False, False, (), True, True)
+
+
+def inductor_fma() -> Optional[Callable]:
+    """inductor's `fma(x, y, z)` prim, or None on a torch without it."""
+    try:
+        from torch._inductor import inductor_prims
+
+        return inductor_prims.fma
+    except (ImportError, AttributeError):
+        return None
+
+
+def group_timeout_s(group, default: float = 1800.0) -> float:
+    """The process group's own timeout in seconds (`default` where torch does not say)."""
+    try:
+        return float(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
+    except (AttributeError, RuntimeError):
+        return default
+
+
+def is_param_cast(tensor: torch.Tensor) -> bool:
+    """An autocast copy of a parameter: a ToCopy node whose one input is a gradient accumulator."""
+    fn = tensor.grad_fn
+    return (fn is not None and fn.name().startswith("ToCopyBackward") and len(fn.next_functions) == 1
+            and fn.next_functions[0][0] is not None
+            and fn.next_functions[0][0].name().endswith("AccumulateGrad"))

@@ -1,0 +1,49 @@
+"""Every private torch name plait touches (plait.common.compat) still exists and still does its job.
+
+If one of these fails after a torch upgrade, the name moved: fix `common/compat.py`, nothing else.
+"""
+
+import torch
+
+from plait.common import compat
+
+
+def test_engine_backward_runs_from_an_output_whose_data_was_freed():
+    x = torch.randn(3, 4, requires_grad=True)
+    out = (x * 2).sum(dim=1)
+    out.data = torch.empty(0)  # what the pipeline runtime does to a sent output
+    compat.run_backward(out, torch.ones(3))
+    assert torch.equal(x.grad, torch.full((3, 4), 2.0))
+
+
+def test_inductor_fma_rounds_once_when_compiled_as_eager_add_does():
+    fma = compat.inductor_fma()
+    assert fma is not None, "torch._inductor.inductor_prims.fma moved"
+    x, y, z = torch.tensor([1.0 + 2**-23]), torch.tensor([1.0 - 2**-23]), torch.tensor([-1.0])
+    compiled = torch.compile(lambda a, b, c: fma(a, b, c), fullgraph=True)
+    assert float(compiled(x, y, z)) == -(2**-46)  # one rounding keeps the tiny term; x * y + z loses it
+    assert float(x * y + z) == 0.0
+    assert float(z.clone().add_(x, alpha=float(y))) == -(2**-46)  # the eager rule the compiled kernel matches
+
+
+def test_group_timeout_of_a_gloo_group(tmp_path):
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=123))
+    try:
+        assert compat.group_timeout_s(dist.group.WORLD) == 123.0
+    finally:
+        dist.destroy_process_group()
+    assert compat.group_timeout_s(object(), default=7.0) == 7.0
+
+
+def test_param_cast_is_recognised_and_activations_are_not():
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cast = weight.to(torch.bfloat16)
+    activation = (weight * 2).to(torch.bfloat16)
+    assert compat.is_param_cast(cast)
+    assert not compat.is_param_cast(activation) and not compat.is_param_cast(torch.randn(2))
