@@ -23,8 +23,8 @@ import torch.distributed as dist
 from plait.data import Loader, prepare_text
 from plait.launch import detect, init_process_group, pick_device
 from plait.offload import ActivationOffload, OffloadConfig
-from plait.optim import OptimConfig, apply_lr, clip_by_norm, global_grad_norm, make_optimizer, named_state
-from plait.parallel import DataParallelGrads, Grid, ParallelConfig, PipelineRuntime, ZeroOptimizer
+from plait.optim import OptimConfig, apply_lr, clip_by_norm, make_optimizer, named_state, param_groups
+from plait.parallel import DataParallelGrads, Grid, ParallelConfig, PipelineRuntime, ZeroOptimizer, global_grad_norm
 from plait.train import (ModelConfig, SaveRequest, ShardReader, build_chunks, build_parametrization, hidden_shape,
                          load_params, save_checkpoint)
 from plait.train.checkpoint import layout_meta, model_meta  # what the index records (for export and resharding)
@@ -70,7 +70,7 @@ def main() -> None:
     # 4. data parallelism with ZeRO-1 around Lion; muP's groups carry the per-parameter lr multipliers
     grads = DataParallelGrads(chunks, grid, parallel_cfg, shard=True)
     optimizer = ZeroOptimizer(grads, grid, lambda groups: make_optimizer(groups, optim_cfg, device),
-                              optim_cfg.weight_decay, mup.group_of)
+                              param_groups(named_params, optim_cfg.weight_decay, mup.group_of))
 
     # 5. the interleaved 1F1B schedule over this rank's chunks
     micro_batch = batch_size // (grid.dp * parallel_cfg.microbatches)

@@ -30,7 +30,6 @@ _EXPORTS = {
     # schedules, clipping, name-keyed state
     "lr_factor": "plait.optim.schedule",
     "apply_lr": "plait.optim.schedule",
-    "global_grad_norm": "plait.optim.clip",
     "clip_by_norm": "plait.optim.clip",
     "named_state": "plait.optim.state",
     "load_named_state": "plait.optim.state",
@@ -40,7 +39,7 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # static tools see real imports; at run time they happen on first access
     from plait.optim.builder import build_optimizer, make_optimizer
-    from plait.optim.clip import clip_by_norm, global_grad_norm
+    from plait.optim.clip import clip_by_norm
     from plait.optim.config import OptimConfig
     from plait.optim.groups import param_groups, standard_group
     from plait.optim.lion import Lion

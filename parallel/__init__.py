@@ -29,6 +29,8 @@ _EXPORTS = {
     "build_schedule": "plait.parallel.pipeline.schedule",
     "simulate": "plait.parallel.pipeline.simulate",
     "PipelineRuntime": "plait.parallel.pipeline.runtime",
+    # the gradient norm over the layout
+    "global_grad_norm": "plait.parallel.grad_norm",
     # data parallelism and ZeRO-1
     "DataParallelGrads": "plait.parallel.data_parallel",
     "ZeroOptimizer": "plait.parallel.zero",
@@ -39,6 +41,7 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:  # static tools see real imports; at run time they happen on first access
     from plait.parallel.config import ParallelConfig
     from plait.parallel.data_parallel import DataParallelGrads
+    from plait.parallel.grad_norm import global_grad_norm
     from plait.parallel.grid import Grid, Layout, LayoutError
     from plait.parallel.pipeline.runtime import PipelineRuntime
     from plait.parallel.pipeline.schedule import build_schedule

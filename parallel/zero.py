@@ -12,13 +12,12 @@ Pieces keep their parameter's group (learning-rate multiplier, weight decay), an
 update is elementwise, so a ZeRO-1 step equals the unsharded step.
 """
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.optim.groups import GroupKey, param_groups
 from plait.common import collectives
 from plait.common.optimizer_state import load_param_state
 from plait.parallel.data_parallel import ChunkGrads, DataParallelGrads
@@ -61,14 +60,17 @@ def _pieces_of(chunk: ChunkGrads, grid: Grid) -> List[_Piece]:
 class ZeroOptimizer:
     """Steps this rank's shard with an inner optimizer and all-gathers the weights back.
 
-    `make_optimizer(groups)` builds the inner optimizer from param groups (the same
-    builder plain training uses). Exposes `param_groups` (for LR schedules), `step()`,
+    `groups` are the whole model's param groups as the optimizer layer makes them (each
+    with its `names` and hyper-parameters: lr multiplier, weight decay); ZeRO keeps each
+    group's settings and swaps its parameters for this rank's pieces of them.
+    `make_optimizer(groups)` builds the inner optimizer from those (the same builder plain
+    training uses). Exposes `param_groups` (for LR schedules), `step()`,
     `grad_entries()` (name, grad piece) for norms and clipping, and name-keyed state
     (`named_state` / `load_named_state`) for checkpoints that do not depend on dp.
     """
 
     def __init__(self, grads: DataParallelGrads, grid: Grid, make_optimizer: Callable[[List[Dict]], torch.optim.Optimizer],
-                 weight_decay: float, group_of: Optional[GroupKey] = None):
+                 groups: List[Dict]):
         if not grads.shard:
             raise ValueError("ZeroOptimizer needs DataParallelGrads(shard=True).")
         self.grads, self.grid = grads, grid
@@ -80,11 +82,11 @@ class ZeroOptimizer:
             full_params.update(dict(chunk.params))
         self.full_params = full_params
         piece_of = {piece.name: piece for piece in self.pieces}
-        groups = []
-        for group in param_groups(full_params, weight_decay, group_of):
+        mine = []
+        for group in groups:
             names = [n for n in group["names"] if n in piece_of]
-            groups.append({**group, "names": names, "params": [piece_of[n].tensor for n in names]})
-        self.optimizer = make_optimizer([g for g in groups if g["params"]] or [{**groups[0], "params": [], "names": []}])
+            mine.append({**group, "names": names, "params": [piece_of[n].tensor for n in names]})
+        self.optimizer = make_optimizer([g for g in mine if g["params"]] or [{**mine[0], "params": [], "names": []}])
 
     @property
     def param_groups(self) -> List[Dict]:

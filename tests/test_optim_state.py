@@ -19,6 +19,7 @@ from plait.parallel.data_parallel import DataParallelGrads
 from plait.parallel.grid import Grid
 from plait.parallel.zero import ZeroOptimizer
 from plait.optim.builder import make_optimizer
+from plait.optim.groups import param_groups
 
 VARIANTS = [("adamw", "fused"), ("adamw", "foreach"), ("lion", "compiled"), ("lion", "foreach"), ("lion", "triton")]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -43,7 +44,7 @@ def build(name, impl, zero, device):
     grid = Grid.single(torch.device(device))
     grads = DataParallelGrads([module], grid, ParallelConfig(zero=1), shard=True)
     optimizer = ZeroOptimizer(grads, grid, lambda groups: make_optimizer(groups, cfg, torch.device(device)),
-                              cfg.weight_decay)
+                              param_groups(named, cfg.weight_decay))
     return module, optimizer, named
 
 

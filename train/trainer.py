@@ -23,7 +23,9 @@ from plait.launch.faults import crash_if_due
 from plait.launch.rundir import resolve_run_dir
 from plait.launch.signals import PreemptionFlag
 from plait.optim.builder import build_optimizer, make_optimizer
-from plait.optim.clip import clip_by_norm, global_grad_norm
+from plait.optim.groups import param_groups
+from plait.optim.clip import clip_by_norm
+from plait.parallel.grad_norm import global_grad_norm
 from plait.optim.schedule import apply_lr
 from plait.parallel.data_parallel import DataParallelGrads
 from plait.parallel.grid import Grid
@@ -179,7 +181,7 @@ class Trainer:
         cfg = self.cfg
         if cfg.parallel.zero > 0:
             return ZeroOptimizer(self.grads, self.grid, lambda groups: make_optimizer(groups, cfg.optim, self.device),
-                                 cfg.optim.weight_decay, self.param_group_of)
+                                 param_groups(self.named_params, cfg.optim.weight_decay, self.param_group_of))
         return build_optimizer(self.named_params, cfg.optim, self.param_group_of, self.device)
 
     def _build_loader(self) -> Loader:
