@@ -1,4 +1,4 @@
-"""plait.launch: where am I running (torchrun, Slurm, one process), torchrun and sbatch commands, plans.
+"""plait.launch: where am I running (torchrun, Slurm, one process), torchrun and sbatch commands, signals.
 
 Public names are listed in `__all__`; modules and names not listed are private and may
 change. Construction takes explicit arguments (a config dataclass, a `Grid` or plain
@@ -21,11 +21,11 @@ _EXPORTS = {
     "LaunchError": "plait.launch.errors",
     "torchrun_command": "plait.launch.commands",
     "sbatch_script": "plait.launch.commands",
+    "launch": "plait.launch.submit",
     # runs
     "resolve_run_dir": "plait.launch.rundir",
     "PreemptionFlag": "plait.launch.signals",
-    "make_plan": "plait.launch.plan:plan",
-    "Plan": "plait.launch.plan",
+    "Preempted": "plait.launch.signals",
 }
 
 __all__ = list(_EXPORTS)
@@ -35,10 +35,9 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.launch.config import LaunchConfig
     from plait.launch.env import ProcessEnv, check_layout, detect, init_process_group, pick_device
     from plait.launch.errors import LaunchError
-    from plait.launch.plan import Plan
-    from plait.launch.plan import plan as make_plan
     from plait.launch.rundir import resolve_run_dir
-    from plait.launch.signals import PreemptionFlag
+    from plait.launch.signals import Preempted, PreemptionFlag
+    from plait.launch.submit import launch
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

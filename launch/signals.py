@@ -26,6 +26,18 @@ REQUEUE_EXIT_CODE = 75
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
+class Preempted(SystemExit):
+    """Raised by a training loop after a preemption signal: the step finished and the checkpoint is written.
+
+    A SystemExit whose code is the requeue status, so an uncaught one ends the process with
+    that status (no traceback); a custom loop can catch it. `path` is the checkpoint written.
+    """
+
+    def __init__(self, step: int, path: Optional[object] = None):
+        super().__init__(REQUEUE_EXIT_CODE)
+        self.step, self.path = step, path
+
+
 class PreemptionFlag:
     """Catches the preemption signals; `should_stop(grid)` is the agreed decision of all ranks.
 

@@ -12,7 +12,8 @@ import torch.distributed as dist
 
 from dist_utils import run_ranks
 from plait.launch import env as env_lib
-from plait.launch.cli import check_endpoint, launch, submit_slurm
+from plait.launch.submit import check_endpoint, submit_slurm
+from plait.train.launch_cli import validate_and_launch as launch
 from plait.launch.commands import (default_rdzv_id, local_command, sbatch_script, torchrun_command,
                                    training_overrides)
 from plait.launch.config import LaunchConfig
@@ -151,7 +152,7 @@ def test_multirun_sweep_gives_one_job_per_point(tmp_path):
     """`plait-launch -m` runs the app once per point, each with that point's overrides only."""
     import subprocess
 
-    result = subprocess.run([sys.executable, "-m", "plait.launch.cli", "-m", "launch=slurm", "launch.dry_run=true",
+    result = subprocess.run([sys.executable, "-m", "plait.train.launch_cli", "-m", "launch=slurm", "launch.dry_run=true",
                              "launch.nodes=2", "optim.lr=1e-3,3e-3", "train.steps=5"],
                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stderr

@@ -47,7 +47,7 @@ def two_node_run(tmp_path_factory, stdlib_tokens):
     tmp = tmp_path_factory.mktemp("two-node")
     cache = str(Path(stdlib_tokens[0]).parent)
     endpoint = f"127.0.0.1:{free_port()}"
-    command = [sys.executable, "-m", "plait.launch.cli", "launch=torchrun", "launch.nodes=2",
+    command = [sys.executable, "-m", "plait.train.launch_cli", "launch=torchrun", "launch.nodes=2",
                "launch.procs_per_node=2", f"launch.rdzv_endpoint={endpoint}", "launch.join_timeout_s=120",
                *TRAIN, f"data.cache_dir={cache}", f"train.run_dir={tmp / 'run'}"]
     nodes = [subprocess.Popen(command, env=launcher_env(cache), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -73,7 +73,7 @@ def test_crash_at_step_5_restarts_and_matches(two_node_run, tmp_path, stdlib_tok
     assert codes == [0, 0]
     cache = str(Path(stdlib_tokens[0]).parent)
     env = dict(launcher_env(cache), PLAIT_FAULT_AT_STEP="5", PLAIT_FAULT_RANK="1")
-    command = [sys.executable, "-m", "plait.launch.cli", "launch=local", "launch.procs_per_node=4",
+    command = [sys.executable, "-m", "plait.train.launch_cli", "launch=local", "launch.procs_per_node=4",
                "launch.max_restarts=1", *TRAIN, f"data.cache_dir={cache}", f"train.run_dir={tmp_path / 'run'}",
                "train.resume=auto", "checkpoint.every=2"]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=tmp_path)

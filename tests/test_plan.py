@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from plait.launch.plan import block_activation_elements, head_activation_elements, plan, stand_in_grid
+from plait.train.plan import block_activation_elements, head_activation_elements, plan, stand_in_grid
 from plait.optim.builder import build_optimizer
 from plait.parallel.grid import Layout
 from plait.train.config import ffn_dim, kv_heads, load_config

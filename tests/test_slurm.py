@@ -150,7 +150,7 @@ def test_slurm_job_trains_tiny_model_on_two_nodes(slurm_cluster, tmp_path, stdli
     run_dir, out_dir = tmp_path / "run", tmp_path / "slurm"
     cache = str(Path(stdlib_tokens[0]).parent)
     env = dict(slurm_cluster.env, OMP_NUM_THREADS="1", PLAIT_CACHE=cache, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "plait.launch.cli", "launch=slurm", "launch.nodes=2",
+    command = [sys.executable, "-m", "plait.train.launch_cli", "launch=slurm", "launch.nodes=2",
                "launch.procs_per_node=2", f"launch.output_dir={out_dir}", f"launch.rdzv_port={free_port()}",
                "launch.time=00:10:00", "parallel.tp=2", "model=tiny", "train.steps=20", "train.batch_size=4",
                "train.seq_len=64", "train.eval_every=0", "train.log_every=5", "train.peak_flops=1e12",
@@ -188,7 +188,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path
     cache = str(Path(stdlib_tokens[0]).parent)
     env = dict(slurm_cluster.env, OMP_NUM_THREADS="1", PLAIT_CACHE=cache, PYTHONUNBUFFERED="1")
     steps = 40
-    command = [sys.executable, "-m", "plait.launch.cli", "launch=slurm", "launch.nodes=2",
+    command = [sys.executable, "-m", "plait.train.launch_cli", "launch=slurm", "launch.nodes=2",
                "launch.procs_per_node=1", f"launch.output_dir={out_dir}", f"launch.rdzv_port={free_port()}",
                "launch.time=00:10:00", "launch.job_name=preempt", "model=tiny", f"train.steps={steps}",
                "train.batch_size=4", "train.seq_len=64", "train.eval_every=0", "train.log_every=1",

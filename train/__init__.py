@@ -39,6 +39,9 @@ _EXPORTS = {
     "load_params": "plait.train.checkpoint",
     "latest_checkpoint": "plait.train.checkpoint",
     "export_checkpoint": "plait.train.export",
+    # plans
+    "make_plan": "plait.train.plan:plan",
+    "Plan": "plait.train.plan",
 }
 
 __all__ = list(_EXPORTS)
@@ -52,6 +55,8 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.train.metrics import MetricsSink
     from plait.train.model import Scales, Transformer, build_model, init_parameters
     from plait.train.parametrization import Parametrization, build_parametrization
+    from plait.train.plan import Plan
+    from plait.train.plan import plan as make_plan
     from plait.train.step import forward_backward
     from plait.train.trainer import Trainer
 

@@ -55,20 +55,6 @@ INDEX = "index.json"
 LATEST = "latest"
 
 
-class Preempted(SystemExit):
-    """Raised by the training loop after a preemption signal: the step finished and the checkpoint is written.
-
-    A SystemExit whose code is the launch layer's requeue status, so an uncaught one ends
-    the process with that status (no traceback); a custom loop can catch it.
-    """
-
-    def __init__(self, step: int, path: Optional[Path] = None):
-        from plait.launch.signals import REQUEUE_EXIT_CODE
-
-        super().__init__(REQUEUE_EXIT_CODE)
-        self.step, self.path = step, path
-
-
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 

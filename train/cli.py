@@ -36,7 +36,7 @@ def run(cfg: DictConfig) -> dict:
 
     setup_logging(cfg.logging.level)
     if cfg.train.dry_run:  # plan only: shard shapes on the meta device, no process group
-        from plait.launch.plan import dry_run
+        from plait.train.plan import dry_run
         return dry_run(cfg)
     from plait.launch.env import detect
 

@@ -13,7 +13,7 @@ TOOLS: Dict[str, str] = {
     "data prepare": "plait.data.prepare:main",
     "export": "plait.train.export:main",
     "mup coord-check": "plait.train.coord_check:main",
-    "plan": "plait.launch.plan:main",
+    "plan": "plait.train.plan:main",
     "schedule": "plait.parallel.pipeline.cli:main",
 }
 

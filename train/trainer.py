@@ -21,7 +21,7 @@ from plait.data.loader import Loader
 from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash_if_due
 from plait.launch.rundir import resolve_run_dir
-from plait.launch.signals import PreemptionFlag
+from plait.launch.signals import Preempted, PreemptionFlag
 from plait.optim.builder import build_optimizer, make_optimizer
 from plait.optim.groups import param_groups
 from plait.optim.clip import clip_by_norm
@@ -297,11 +297,11 @@ class Trainer:
     def stop_for_requeue(self) -> None:
         """Preempted: checkpoint this step (unless just done), close the sinks, exit with the requeue status.
 
-        Raises `checkpoint.Preempted`, a SystemExit carrying `launch.signals.REQUEUE_EXIT_CODE`.
+        Raises `plait.launch.Preempted`, a SystemExit carrying `launch.signals.REQUEUE_EXIT_CODE`.
         """
         path = self.save_checkpoint() if self.checkpoint_step != self.step_num else None
         self.sink.close()
-        raise checkpoint_lib.Preempted(self.step_num, path)
+        raise Preempted(self.step_num, path)
 
     def close(self) -> None:
         self.sink.close()

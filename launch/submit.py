@@ -1,13 +1,8 @@
-"""`plait-launch`: the Hydra app that turns `launch=local|torchrun|slurm` into processes.
-
-    plait-launch launch.procs_per_node=2 parallel.tp=2              # torchrun here
-    plait-launch launch=torchrun launch.nodes=2 launch.rdzv_endpoint=node0:29500 launch.dry_run=true
-    plait-launch launch=slurm launch.nodes=4 launch.procs_per_node=8 launch.gpus_per_node=8
-    plait-launch -m launch=slurm optim.lr=1e-3,3e-3                  # one job per sweep point
+"""Running, printing or submitting a launch: `launch(spec, overrides)` for launch=local|torchrun|slurm.
 
 Every override that is not a `launch.*` key goes on to `-m plait.train` unchanged. The
-whole config is validated for the launched world size (nodes x procs_per_node) first, so
-a layout that cannot work fails here, not after a queue wait.
+`plait-launch` command (`plait.train.launch_cli`) validates the whole config for the
+launched world size first, then calls `launch` here.
 """
 
 import datetime
@@ -24,20 +19,11 @@ import time
 from pathlib import Path
 from typing import List, Sequence
 
-import hydra
-from omegaconf import DictConfig, OmegaConf
-
 from plait.launch.commands import local_command, sbatch_script, split_endpoint, torchrun_command
 from plait.launch.config import LaunchConfig
 from plait.launch.errors import LaunchError
-from plait.train import config as _schemas  # noqa: F401  (registers the config schemas with Hydra)
 
 log = logging.getLogger("plait")
-
-
-def fail(message: str, code: int = 2) -> None:
-    print(f"plait-launch: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(code)
 
 
 def _is_local_address(host: str) -> bool:
@@ -119,20 +105,10 @@ def run_command(command: List[str], dry_run: bool) -> int:
     return subprocess.run(command).returncode
 
 
-def launch(cfg: DictConfig, overrides: Sequence[str], job_num: int = 0) -> int:
-    """Validate `cfg` for the launched world size, then run, print or submit; returns an exit status."""
-    from plait.parallel.grid import LayoutError
-    from plait.train.config import ConfigError, validate
-
-    spec: LaunchConfig = cfg.launch
+def launch(spec: LaunchConfig, overrides: Sequence[str], job_num: int = 0) -> int:
+    """Run, print or submit `spec` (a validated launch config); returns an exit status."""
     if spec.name not in ("local", "torchrun", "slurm"):
         raise LaunchError(f"launch={spec.name} is not one of local, torchrun, slurm.")
-    world_size = spec.nodes * spec.procs_per_node
-    try:
-        validate(cfg, world_size)
-    except (ConfigError, LayoutError) as error:
-        raise type(error)(f"{error} (launch.nodes={spec.nodes} x launch.procs_per_node={spec.procs_per_node} "
-                          f"= {world_size} processes)") from None
     if spec.name == "local":
         return run_command(local_command(spec, overrides), spec.dry_run)
     if spec.name == "torchrun":
@@ -141,40 +117,3 @@ def launch(cfg: DictConfig, overrides: Sequence[str], job_num: int = 0) -> int:
             check_endpoint(spec)
         return run_command(command, spec.dry_run)
     return submit_slurm(spec, overrides, job_num)
-
-
-def _task_overrides() -> List[str]:
-    """This job's overrides (one sweep point's under -m), as the user typed them."""
-    from hydra.core.hydra_config import HydraConfig
-
-    return list(HydraConfig.get().overrides.task)
-
-
-def _job_num() -> int:
-    from hydra.core.hydra_config import HydraConfig
-
-    job = HydraConfig.get().job
-    return int(job.num) if OmegaConf.is_missing(job, "num") is False and job.num is not None else 0
-
-
-@hydra.main(config_path="pkg://plait.configs", config_name="config", version_base="1.3")
-def _hydra_main(cfg: DictConfig) -> int:
-    from plait.train.cli import USER_ERRORS
-
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        status = launch(cfg, _task_overrides(), _job_num())
-    except USER_ERRORS + (LaunchError,) as error:
-        fail(str(error))
-    if status:
-        sys.exit(status)
-    return status
-
-
-def main() -> None:
-    """Console entry point."""
-    _hydra_main()
-
-
-if __name__ == "__main__":
-    main()
