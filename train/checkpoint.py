@@ -528,18 +528,3 @@ def due(cfg, step: int) -> bool:
     """Whether `checkpoint.every` asks for a checkpoint after `step`."""
     every = int(cfg.checkpoint.every)
     return every > 0 and step % every == 0
-
-
-@torch.no_grad()
-def init_weights(trainer, source: str) -> None:
-    """`checkpoint.init_from`: initial weights only (step 0, fresh optimizer), from a Hugging Face Llama
-    directory (config.json + model.safetensors) or from a plait checkpoint of any layout."""
-    path = Path(source)
-    if (path / "config.json").is_file() and not (path / INDEX).is_file():
-        from plait.train.export import init_from_hf
-
-        for chunk in _chunks(trainer):
-            init_from_hf(chunk, path)
-    else:
-        load_params(ShardReader(path), trainer.named_params, trainer.specs, trainer.grid)
-    log.info("checkpoint: initial weights from %s", path)

@@ -35,6 +35,7 @@ from plait.parallel.zero import ZeroOptimizer
 from plait.train import checkpoint as checkpoint_lib
 from plait.train import metrics as metrics_lib
 from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml, validate
+from plait.train.export import init_from_hf
 from plait.train.chunks import build_chunks, hidden_shape, named_parameters_of, param_specs_of
 from plait.train.model import Transformer, build_model
 from plait.train.parametrization import build_parametrization, zero_queries
@@ -100,9 +101,20 @@ class Trainer:
             checkpoint_lib.restore_trainer(self, resume_from)
             self.checkpoint_step = self.step_num
         elif cfg.checkpoint.init_from:
-            checkpoint_lib.init_weights(self, cfg.checkpoint.init_from)
+            self._init_weights(Path(cfg.checkpoint.init_from))
 
     # construction -------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_weights(self, path: Path) -> None:
+        """`checkpoint.init_from`: initial weights only (step 0, fresh optimizer), from a Hugging Face Llama
+        directory (config.json + model.safetensors) or from a plait checkpoint of any layout."""
+        if (path / "config.json").is_file() and not (path / checkpoint_lib.INDEX).is_file():
+            for chunk in self.chunks:
+                init_from_hf(chunk, path)
+        else:
+            checkpoint_lib.load_params(checkpoint_lib.ShardReader(path), self.named_params, self.specs, self.grid)
+        log.info("checkpoint: initial weights from %s", path)
+
     def _build_chunks(self) -> List[Transformer]:
         """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
         cfg = self.cfg
