@@ -22,6 +22,7 @@ from plait.data.dataset import OpenShard, TokenDataset, TokenSpan
 from plait.data.errors import DataError
 from plait.data.sampler import Sampler
 from plait.data.shards import TokenShard
+from plait.parallel.layout import LayoutError, micro_batch_size
 
 log = logging.getLogger("plait")
 
@@ -78,12 +79,12 @@ class Loader:
         train = [self._dataset(t, seq_len, device) for t in _as_list(train)]
         val = [self._dataset(v, seq_len, device) for v in _as_list(val)]
         weights = list(weights) if weights is not None else [1.0] * len(train)
-        if batch_size % (dp_size * microbatches):
-            raise DataError(f"train.batch_size={batch_size} is not divisible by dp x microbatches = "
-                            f"{dp_size} x {microbatches}.")
+        try:
+            self.micro_batch = micro_batch_size(batch_size, dp_size, microbatches)
+        except LayoutError as error:
+            raise DataError(str(error)) from None
         self.batch_size, self.microbatches, self.dp_rank, self.dp_size = batch_size, microbatches, dp_rank, dp_size
         self.per_rank = batch_size // dp_size
-        self.micro_batch = self.per_rank // microbatches
         self.seq_len = seq_len
         self.seed, self.step = seed, 0
         self.weights = weights

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from plait.launch.errors import LaunchError
-from plait.parallel.grid import Layout, LayoutError
+from plait.parallel.layout import Layout, LayoutError
 
 log = logging.getLogger("plait")
 

@@ -13,8 +13,10 @@ from plait.common.exports import lazy_exports
 
 _EXPORTS = {
     # the grid
-    "Layout": "plait.parallel.grid",
-    "LayoutError": "plait.parallel.grid",
+    "Layout": "plait.parallel.layout",
+    "LayoutError": "plait.parallel.layout",
+    "validate_layout": "plait.parallel.layout:validate",
+    "Workload": "plait.parallel.layout",
     "Grid": "plait.parallel.grid",
     "ParallelConfig": "plait.parallel.config",
     # tensor and sequence parallelism
@@ -42,7 +44,9 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.parallel.config import ParallelConfig
     from plait.parallel.data_parallel import DataParallelGrads
     from plait.parallel.grad_norm import global_grad_norm
-    from plait.parallel.grid import Grid, Layout, LayoutError
+    from plait.parallel.grid import Grid
+    from plait.parallel.layout import Layout, LayoutError, Workload
+    from plait.parallel.layout import validate as validate_layout
     from plait.parallel.pipeline.runtime import PipelineRuntime
     from plait.parallel.pipeline.schedule import build_schedule
     from plait.parallel.pipeline.simulate import simulate

@@ -4,7 +4,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from plait.parallel.grid import Grid, Layout, LayoutError
+from plait.parallel.grid import Grid
+from plait.parallel.layout import Layout, LayoutError
 from tests.dist_utils import run_ranks
 
 
@@ -12,19 +13,19 @@ def test_coordinates_put_tp_innermost_then_dp_then_pp():
     layout = Layout.infer(16, tp=2, pp=2)
     assert layout.dp == 4
     for rank in range(16):
-        pp_rank, dp_rank, tp_rank = layout.coords(rank)
+        pp_rank, dp_rank, tp_rank = (layout.coords(rank)[name] for name in ("pp", "dp", "tp"))
         assert rank == tp_rank + 2 * dp_rank + 8 * pp_rank
-        assert layout.rank_of(pp_rank, dp_rank, tp_rank) == rank
-    assert layout.tp_groups()[:3] == [[0, 1], [2, 3], [4, 5]]
-    assert layout.dp_groups()[0] == [0, 2, 4, 6]
-    assert layout.pp_groups()[0] == [0, 8]
-    assert layout.mp_groups()[0] == [0, 1, 8, 9]  # tp x pp: one model replica, for grad norms
+        assert layout.rank_of(pp=pp_rank, dp=dp_rank, tp=tp_rank) == rank
+    assert layout.groups_of("tp")[:3] == [[0, 1], [2, 3], [4, 5]]
+    assert layout.groups_of("dp")[0] == [0, 2, 4, 6]
+    assert layout.groups_of("pp")[0] == [0, 8]
+    assert layout.groups_of("pp", "tp")[0] == [0, 1, 8, 9]  # tp x pp: one model replica, for grad norms
 
 
 @pytest.mark.parametrize("world, tp, pp", [(8, 2, 2), (12, 3, 1), (6, 1, 3), (1, 1, 1)])
 def test_each_kind_of_group_partitions_the_world(world, tp, pp):
     layout = Layout.infer(world, tp, pp)
-    sizes = {"tp": tp, "dp": world // (tp * pp), "pp": pp, "mp": tp * pp}
+    sizes = {"tp": tp, "dp": world // (tp * pp), "pp": pp, "cp": 1, "mp": tp * pp}
     for name, groups in layout.groups().items():
         assert sorted(r for g in groups for r in g) == list(range(world)), name
         assert {len(g) for g in groups} == {sizes[name]}, name
@@ -59,13 +60,13 @@ def grid_worker(rank, world):
     for tp, pp in ((2, 1), (2, 2), (1, 4)):
         grid = Grid.build(tp=tp, pp=pp)
         sums = {}
-        for name in ("tp", "dp", "pp", "mp"):
+        for name, dims in {"tp": ("tp",), "dp": ("dp",), "pp": ("pp",), "cp": ("cp",), "mp": ("pp", "tp")}.items():
             value = torch.tensor([float(rank)])
-            group = getattr(grid, f"{name}_group")
+            group = grid.group(*dims)
             if group is not None:
                 dist.all_reduce(value, group=group)
             sums[name] = float(value)
-        out[(tp, pp)] = dict(coords=(grid.pp_rank, grid.dp_rank, grid.tp_rank), ranks=dict(grid.group_ranks),
+        out[(tp, pp)] = dict(coords=grid.layout.coords(rank), ranks=dict(grid.group_ranks),
                              sums=sums, backend=grid.backend, peer=grid.pp_peer(1))
     return out
 
@@ -82,5 +83,5 @@ def test_groups_on_four_gloo_ranks_join_the_right_ranks():
                 expected = next(g for g in groups if rank in g)
                 assert got["ranks"][name] == expected
                 assert got["sums"][name] == float(sum(expected)), (tp, pp, rank, name)
-            pp_rank, dp_rank, tp_rank = layout.coords(rank)
-            assert got["peer"] == layout.rank_of((pp_rank + 1) % pp, dp_rank, tp_rank)
+            coords = layout.coords(rank)
+            assert got["peer"] == layout.rank_of(**{**coords, "pp": (coords["pp"] + 1) % pp})

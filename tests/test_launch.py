@@ -20,7 +20,7 @@ from plait.launch.config import LaunchConfig
 from plait.launch.errors import LaunchError
 from plait.launch.rundir import resolve_run_dir, run_dir_from_ids
 from plait.launch.signals import REQUEUE_EXIT_CODE, PreemptionFlag
-from plait.parallel.grid import LayoutError
+from plait.parallel.layout import LayoutError
 from plait.train.config import ConfigError, load_config
 
 

@@ -8,7 +8,7 @@ import torch
 
 from plait.train.plan import block_activation_elements, head_activation_elements, plan, stand_in_grid
 from plait.optim.builder import build_optimizer
-from plait.parallel.grid import Layout
+from plait.parallel.layout import Layout
 from plait.train.config import ffn_dim, kv_heads, load_config
 from plait.train.model import Transformer, padded_vocab
 

@@ -143,7 +143,7 @@ def _build_index(tmp: Path, grid: Grid, request: SaveRequest) -> Dict[str, Any]:
         index["files"][name] = {"bytes": len(data), "crc32": zlib.crc32(data)}
         index["ranks"][str(rank)] = name
         written = json.loads(data).get("written", {})
-        tp_rank = str(grid.layout.coords(rank)[2])
+        tp_rank = str(grid.layout.coords(rank)["tp"])
         index["files"].update(written.get("files", {}))
         for pname, record in written.get("params", {}).items():
             entry = index["params"].setdefault(pname, {key: value for key, value in record.items() if key != "file"})

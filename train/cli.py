@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 from plait.data.corpus import DataError
 from plait.launch.errors import LaunchError
 from plait.offload.config import OffloadError, OffloadIOError
-from plait.parallel.grid import LayoutError
+from plait.parallel.layout import LayoutError
 from plait.parallel.pipeline.transport import TransportError
 from plait.train.checkpoint import CheckpointError
 from plait.train.config import ConfigError, load_config

@@ -17,6 +17,9 @@ from plait.launch.config import LaunchConfig
 from plait.offload.config import OffloadConfig, validate_offload
 from plait.optim.config import OptimConfig
 from plait.parallel.config import ParallelConfig
+from plait.parallel.layout import Layout, LayoutError, Workload
+from plait.parallel.layout import micro_batch_size as layout_micro_batch_size
+from plait.parallel.layout import validate as validate_layout
 
 
 class ConfigError(ValueError):
@@ -156,69 +159,38 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def validate_model(model: ModelConfig, tp: int = 1) -> None:
-    """Shape rules of the decoder and of its split over `tp` ranks."""
+def validate_model(model: ModelConfig) -> None:
+    """Shape rules of the decoder itself (its split over a layout is `plait.parallel.layout`'s)."""
     for key in ("dim", "n_layers", "n_heads", "vocab_size"):
         _require(getattr(model, key) > 0, f"model.{key}={getattr(model, key)} must be positive.")
     _require(model.dim % model.n_heads == 0,
              f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}; pick a head count that divides the width.")
     _require(model.n_heads % kv_heads(model) == 0,
              f"model.n_kv_heads={kv_heads(model)} does not divide model.n_heads={model.n_heads}.")
-    _require(tp > 0, f"parallel.tp={tp} must be a positive integer.")
-    _require(model.n_heads % tp == 0,
-             f"parallel.tp={tp} does not divide model.n_heads={model.n_heads}; use a tp that divides the head count.")
-    _require(kv_heads(model) % tp == 0,
-             f"parallel.tp={tp} does not divide model.n_kv_heads={kv_heads(model)}; use a tp that divides the kv-head count.")
-    _require(ffn_dim(model) % tp == 0,
-             f"parallel.tp={tp} does not divide the MLP width {ffn_dim(model)} (model.ffn_dim); set model.ffn_dim to a multiple of tp.")
     _require((model.dim // model.n_heads) % 2 == 0, "model.dim / model.n_heads must be even for rotary positions.")
 
 
-def data_parallel_size(parallel: ParallelConfig, world_size: int) -> int:
-    """dp from the world size (checked against `parallel.dp` when that is given)."""
-    for key in ("tp", "pp", "vpp", "microbatches"):
-        _require(getattr(parallel, key) > 0, f"parallel.{key}={getattr(parallel, key)} must be a positive integer.")
-    model_parallel = parallel.tp * parallel.pp
-    _require(world_size % model_parallel == 0,
-             f"world size {world_size} is not a multiple of parallel.tp x parallel.pp = {model_parallel}; "
-             f"launch a multiple of {model_parallel} processes or change tp/pp.")
-    dp = world_size // model_parallel
-    if parallel.dp is not None:
-        _require(parallel.dp == dp,
-                 f"parallel.dp={parallel.dp} but world size {world_size} / (tp {parallel.tp} x pp {parallel.pp}) = {dp}; "
-                 f"drop parallel.dp or launch {parallel.dp * model_parallel} processes.")
-    return dp
+def workload(cfg: Config) -> Workload:
+    """What the layout must divide, from the model and the step."""
+    model = cfg.model
+    return Workload(n_heads=int(model.n_heads), n_kv_heads=kv_heads(model), ffn_dim=ffn_dim(model),
+                    n_layers=int(model.n_layers), seq_len=int(cfg.train.seq_len), batch_size=cfg.train.batch_size,
+                    tie_embeddings=bool(model.tie_embeddings))
+
+
+def check_layout(cfg: Config, world_size: int) -> Layout:
+    """The layout for `world_size` ranks under every layout rule (plait.parallel.layout), as a ConfigError."""
+    try:
+        return validate_layout(cfg.parallel, world_size, workload(cfg))
+    except LayoutError as error:
+        raise ConfigError(str(error)) from None
 
 
 def micro_batch_size(cfg: Config, dp: int) -> int:
-    """Sequences per micro-batch: batch_size / (dp x microbatches), which must divide."""
-    per_step = dp * cfg.parallel.microbatches
-    _require(cfg.train.batch_size > 0, f"train.batch_size={cfg.train.batch_size} must be positive.")
-    _require(cfg.train.batch_size % per_step == 0,
-             f"train.batch_size={cfg.train.batch_size} is not divisible by dp x parallel.microbatches = "
-             f"{dp} x {cfg.parallel.microbatches}; use a multiple of {per_step}.")
-    return cfg.train.batch_size // per_step
-
-
-def validate_pipeline(parallel: ParallelConfig, model: ModelConfig) -> None:
-    """Pipeline rules: layers split evenly into pp x vpp chunks, micro-batch counts the schedule allows."""
-    from plait.parallel.pipeline.partition import check_partition
-    from plait.parallel.pipeline.schedule import ScheduleError, check_microbatches, schedule_name
-    from plait.parallel.pipeline.transport import TRANSPORTS
-
-    _require(parallel.pp_transport in TRANSPORTS,
-             f"parallel.pp_transport={parallel.pp_transport} is not one of {', '.join(TRANSPORTS)}.")
-    if parallel.pp == 1:
-        _require(parallel.vpp == 1, f"parallel.vpp={parallel.vpp} needs parallel.pp > 1; set parallel.vpp=1 or raise pp.")
-        return
-    _require(not model.tie_embeddings,
-             f"model.tie_embeddings=true is not supported with parallel.pp={parallel.pp} (the embedding and "
-             f"head live on different stages); set model.tie_embeddings=false or parallel.pp=1.")
+    """Sequences per micro-batch: batch_size / (dp x microbatches)."""
     try:
-        check_partition(model.n_layers, parallel.pp, parallel.vpp)
-        check_microbatches(schedule_name(parallel.schedule, parallel.vpp), parallel.pp, parallel.vpp,
-                           parallel.microbatches)
-    except ScheduleError as error:
+        return layout_micro_batch_size(cfg.train.batch_size, dp, cfg.parallel.microbatches)
+    except LayoutError as error:
         raise ConfigError(str(error)) from None
 
 
@@ -238,18 +210,13 @@ def compile_wanted(train_compile: Any, device_type: str, offload_backend: str) -
 
 def validate(cfg: Config, world_size: int = 1) -> int:
     """Check every relation between settings before any process group is made; returns dp."""
-    dp = data_parallel_size(cfg.parallel, world_size)
-    validate_model(cfg.model, cfg.parallel.tp)
-    validate_pipeline(cfg.parallel, cfg.model)
-    micro_batch_size(cfg, dp)
+    validate_model(cfg.model)
+    dp = check_layout(cfg, world_size).dp
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
     _require(cfg.train.precision in ("fp32", "bf16"),
              f"train.precision={cfg.train.precision} is not one of fp32, bf16.")
     _require(cfg.optim.name in ("adamw", "lion"), f"optim.name={cfg.optim.name} is not one of adamw, lion.")
-    if cfg.parallel.sequence_parallel:
-        _require(cfg.train.seq_len % cfg.parallel.tp == 0,
-                 f"parallel.sequence_parallel=true needs train.seq_len={cfg.train.seq_len} divisible by parallel.tp={cfg.parallel.tp}.")
     if cfg.data.path:
         _require(Path(cfg.data.path).expanduser().exists(),
                  f"data.path={cfg.data.path} does not exist; point it at a text file, a directory or prepared shards.")

@@ -23,7 +23,8 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from plait.parallel.grid import Grid, Layout
+from plait.parallel.grid import Grid
+from plait.parallel.layout import Layout
 
 GiB = 1024 ** 3
 
@@ -117,7 +118,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
 
     model_cfg, parallel, train = cfg.model, cfg.parallel, cfg.train
     tp, dp, pp, vpp, m = layout.tp, layout.dp, layout.pp, parallel.vpp, parallel.microbatches
-    grid = stand_in_grid(layout, layout.rank_of(pp_rank, 0, 0))
+    grid = stand_in_grid(layout, layout.rank_of(pp=pp_rank))
     sp = bool(parallel.sequence_parallel and tp > 1)
     chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp)
     params, full_params, vocab_local = 0, 0, 0

@@ -132,7 +132,7 @@ class PipelineRuntime:
                 microbatches=microbatches, pp=grid.pp, vpp=vpp, device=grid.device)
             self.loss_transport = (self.transport if self.transport_name == "dist"
                                    else direct_transport(grid.pp_group, self.pp_ranks))
-        self.last_stage_rank = grid.layout.rank_of(grid.pp - 1, grid.dp_rank, grid.tp_rank)
+        self.last_stage_rank = grid.peer(pp=grid.pp - 1)
         # gloo: the loss travels as messages in the background (the other ranks post its receive
         # at the start, the last stage sends it once its own computes are done); NCCL: a broadcast
         # at the end (a receive posted early would hold up the stream the pipeline's messages share)
