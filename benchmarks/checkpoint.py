@@ -33,7 +33,7 @@ CONTENDERS = ("plait", "plait-nohash", "torch.save", "torch.dcp")
 
 def build_state(dim, layers):
     from plait.train.config import ModelConfig
-    from plait.train.model import build_model
+    from plait.train.build import build_model
 
     cfg = ModelConfig(dim=dim, n_layers=layers, n_heads=8, vocab_size=32000, max_seq_len=512)
     model = build_model(cfg, seed=0)
@@ -52,11 +52,12 @@ class Plait:
     def __init__(self, cfg, model, optimizer, verify=True):
         from plait.optim.state import named_state
         from plait.parallel.grid import Grid
+        from plait.parallel.parallelize import param_specs
         from plait.train.checkpoint import SaveRequest, layout_meta, model_meta
 
         self.grid, self.model, self.optimizer, self.verify = Grid.single(), model, optimizer, verify
         self.named = dict(model.named_parameters())
-        self.specs = model.param_specs()
+        self.specs = param_specs(model)
         self.request = lambda: SaveRequest(1, self.named, self.specs, named_state(optimizer, self.named),
                                            {"step": 1}, {**layout_meta(self.grid), **model_meta(cfg)})
 

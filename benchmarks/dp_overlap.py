@@ -26,7 +26,7 @@ CONTENDERS = ("plait-bucketed", "plait-one-bucket", "plait-no-overlap", "torch-d
 
 def _model(dim, layers, grid):
     from plait.train.config import ModelConfig
-    from plait.train.model import build_model
+    from plait.train.build import build_model
 
     cfg = ModelConfig(dim=dim, n_layers=layers, n_heads=8, vocab_size=256, max_seq_len=512)
     return build_model(cfg, grid, seed=0)

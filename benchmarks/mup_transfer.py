@@ -31,7 +31,7 @@ from plait.optim.config import OptimConfig  # noqa: E402
 from plait.optim.schedule import apply_lr  # noqa: E402
 from plait.train.config import ModelConfig  # noqa: E402
 from plait.train.coord_check import TokenBatches  # noqa: E402
-from plait.train.model import build_model  # noqa: E402
+from plait.train.build import build_model  # noqa: E402
 from plait.train.parametrization import build_parametrization  # noqa: E402
 
 

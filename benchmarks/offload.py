@@ -34,7 +34,7 @@ import torch  # noqa: E402
 
 from plait.offload import ActivationOffload, OffloadConfig, OffloadError  # noqa: E402
 from plait.train.config import ModelConfig  # noqa: E402
-from plait.train.model import build_model  # noqa: E402
+from plait.train.build import build_model  # noqa: E402
 
 
 def parse_args():

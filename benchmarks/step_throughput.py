@@ -35,7 +35,7 @@ def model_config(args):
 
 
 def plait_model(args):
-    from plait.train.model import build_model
+    from plait.train.build import build_model
 
     return build_model(model_config(args), seed=0, device=torch.device(args.device))
 

@@ -24,7 +24,8 @@ from plait.data import Loader, prepare_text
 from plait.launch import detect, init_process_group, pick_device
 from plait.offload import ActivationOffload, OffloadConfig
 from plait.optim import OptimConfig, apply_lr, clip_by_norm, make_optimizer, named_state, param_groups
-from plait.parallel import DataParallelGrads, Grid, ParallelConfig, PipelineRuntime, ZeroOptimizer, global_grad_norm
+from plait.parallel import (DataParallelGrads, Grid, ParallelConfig, PipelineRuntime, ZeroOptimizer, global_grad_norm,
+                            param_specs)
 from plait.train import (ModelConfig, SaveRequest, ShardReader, build_chunks, build_parametrization, hidden_shape,
                          load_params, save_checkpoint)
 from plait.train.checkpoint import layout_meta, model_meta  # what the index records (for export and resharding)
@@ -59,7 +60,7 @@ def main() -> None:
     chunks = build_chunks(model_cfg, grid, parallel_cfg.vpp, args.seed, scales=mup.scales, std_of=mup.std_of)
     chunks = [chunk.to(device) for chunk in chunks]
     named_params = {name: p for chunk in chunks for name, p in chunk.named_parameters()}  # global names
-    specs = {name: spec for chunk in chunks for name, spec in chunk.param_specs().items()}
+    specs = {name: spec for chunk in chunks for name, spec in param_specs(chunk).items()}
 
     # 3. activation offload: every saved activation of 1 KiB or more goes to host memory
     offload = ActivationOffload(OffloadConfig(backend="host", device_filter="all", min_bytes=1024, keep_last=0),

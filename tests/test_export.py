@@ -13,10 +13,12 @@ import pytest
 import torch
 
 from plait.parallel.grid import Grid
+from plait.parallel.parallelize import param_specs
 from plait.train.checkpoint import CheckpointError, SaveRequest, layout_meta, load_full_model, model_meta, save
 from plait.train.config import load_config
 from plait.train.export import HF_CONFIG, HF_WEIGHTS, init_from_hf
-from plait.train.model import Scales, build_model
+from plait.train.build import build_model
+from plait.train.model import Scales
 from plait.train.tools import main as tools_main
 
 transformers = pytest.importorskip("transformers")
@@ -39,7 +41,7 @@ def make_model(tie: bool, scales: Scales, seed: int = 7):
 
 def save_model(root, cfg, model, scales):
     grid = Grid.single()
-    request = SaveRequest(5, dict(model.named_parameters()), model.param_specs(),
+    request = SaveRequest(5, dict(model.named_parameters()), param_specs(model),
                           meta={**layout_meta(grid), **model_meta(cfg, scales)})
     return save(root, grid, request)
 

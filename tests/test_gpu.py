@@ -16,7 +16,7 @@ import torch
 
 from plait.offload.gds import gds_available
 from plait.train.config import load_config
-from plait.train.model import build_model
+from plait.train.build import build_model
 from tests.offload_utils import TINY, batch, forward_backward, grads, offload_config
 
 pytestmark = pytest.mark.gpu

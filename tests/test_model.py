@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from plait.train.config import ModelConfig
-from plait.train.model import apply_rotary, build_model, choose_attention, padded_vocab, rotary_tables
+from plait.parallel.parallelize import padded_vocab
+from plait.train.build import build_model
+from plait.train.model import apply_rotary, choose_attention, rotary_tables
 
 SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, max_seq_len=64)
 

@@ -11,7 +11,9 @@ from plait.optim.builder import build_optimizer
 from plait.optim.config import OptimConfig
 from plait.optim.schedule import apply_lr
 from plait.train.config import ModelConfig
-from plait.train.model import Transformer, default_init_std
+from plait.parallel.parallelize import param_specs
+from plait.train.build import default_init_std
+from plait.train.model import Transformer
 from plait.train.parametrization import build_parametrization
 
 LR, WD = 1e-2, 0.1
@@ -40,7 +42,7 @@ def test_mup_matches_the_mup_package():
     ref = mup.MuAdam(model.parameters(), lr=LR, weight_decay=WD, impl=torch.optim.AdamW)
     ref_of = {id(p): (g["lr"], g["weight_decay"]) for g in ref.param_groups for p in g["params"]}
     ours, param = plait_lrs_and_wds(model, cfg, mup=True)
-    specs = model.param_specs()
+    specs = param_specs(model)
     hidden = 0
     for name, p in model.named_parameters():
         ref_lr, ref_wd = ref_of[id(p)]

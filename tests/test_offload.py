@@ -14,7 +14,8 @@ from torch import nn
 
 from plait.offload import ActivationOffload, OffloadConfig, OffloadError, OffloadIOError, layer_modes
 from plait.offload.config import validate_offload
-from plait.train.model import Transformer, build_model, init_parameters
+from plait.train.build import build_model, init_parameters
+from plait.train.model import Transformer
 from tests.offload_utils import TINY, attach, batch, forward_backward, grads, offload_config, scratch_files
 
 POLICIES = ["offload", "recompute", "recompute,offload,offload,keep"]
@@ -285,7 +286,7 @@ def test_unwritable_path_fails_at_start_up(tmp_path):
 CTRL_C_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
-from plait.train.model import build_model
+from plait.train.build import build_model
 from tests.offload_utils import TINY, attach, batch, forward_backward, offload_config
 model = build_model(TINY, seed=3)
 offload = attach(model, offload_config("file", {path!r}))

@@ -12,7 +12,7 @@ import torch
 
 from plait.offload.adaptive import BlockProfile, plan_offload
 from plait.offload.config import OffloadError, layer_modes, validate_offload
-from plait.train.model import build_model
+from plait.train.build import build_model
 from tests.offload_utils import TINY, attach, batch, forward_backward, grads, offload_config
 
 MB = 10**6

@@ -17,7 +17,7 @@ CASES = [("file", "fp32"), ("file", "bf16"), ("host", "fp32")]
 
 def tp_grads(grid, tokens, precision, cfg=None):
     from plait.offload import ActivationOffload
-    from plait.train.model import build_model
+    from plait.train.build import build_model
 
     model = build_model(TINY, grid, seed=11, sequence_parallel=True)
     offload = None
@@ -33,7 +33,7 @@ def tp_grads(grid, tokens, precision, cfg=None):
 def pp_grads(grid, tokens, cfg=None):
     from plait.offload import ActivationOffload
     from plait.parallel.pipeline.runtime import PipelineRuntime
-    from plait.train.chunks import build_chunks, hidden_shape, named_parameters_of
+    from plait.train.build import build_chunks, hidden_shape, named_parameters_of
 
     chunks = build_chunks(TINY, grid, 2, seed=11)
     offload = None

@@ -174,9 +174,9 @@ def _relative(a, b):
 def pipeline_worker(rank, world_size, cases, transport="auto"):
     from plait.parallel.grid import Grid
     from plait.parallel.pipeline.runtime import PipelineRuntime
-    from plait.train.chunks import build_chunks, hidden_shape, named_parameters_of
+    from plait.train.build import build_chunks, hidden_shape, named_parameters_of
     from plait.train.config import ModelConfig
-    from plait.train.model import build_model
+    from plait.train.build import build_model
     from plait.train.step import forward_backward
 
     cfg = ModelConfig(**TINY)

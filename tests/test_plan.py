@@ -10,7 +10,9 @@ from plait.train.plan import block_activation_elements, head_activation_elements
 from plait.optim.builder import build_optimizer
 from plait.parallel.layout import Layout
 from plait.train.config import ffn_dim, kv_heads, load_config
-from plait.train.model import Transformer, padded_vocab
+from plait.parallel.parallelize import padded_vocab, parallelize
+from plait.train.build import LLAMA_PLAN, build_model
+from plait.train.model import Transformer
 
 SMALL = ["model=tiny", "train.seq_len=64", "train.batch_size=8"]
 
@@ -37,7 +39,7 @@ def test_weights_grads_optimizer_match_real_tensors(optim):
     result = plan(cfg, 4)
     stage = result.stages[0]
     # the real rank-1 shard (tp rank 1 of 2), built on the CPU with the same stand-in grid
-    model = Transformer(cfg.model, stand_in_grid(Layout(4, 2, 1, 2), 1), device="cpu")
+    model = build_model(cfg.model, stand_in_grid(Layout(4, 2, 1, 2), 1), device="cpu")
     params = dict(model.named_parameters())
     for p in params.values():
         p.grad = torch.zeros_like(p)
@@ -65,8 +67,8 @@ def test_activations_match_a_real_forward():
                    + head_activation_elements(cfg.model, b * s, 1, False, model.vocab))
     assert planned == pytest.approx(measured, rel=0.10)
     # the tp=2 shard of a block (no head): the stand-in grid's mappings are the identity, shapes are real
-    block = Transformer(cfg.model, stand_in_grid(Layout(2, 2, 1, 1), 0), layers=[0], has_embedding=False,
-                        has_head=False, device="cpu")
+    block = parallelize(Transformer(cfg.model, layers=[0], has_embedding=False, has_head=False, device="cpu"),
+                        stand_in_grid(Layout(2, 2, 1, 1), 0), LLAMA_PLAN)
     x = torch.randn(b, s, cfg.model.dim, requires_grad=True)
     measured_tp2 = saved_activation_bytes(block, lambda: block(x))
     assert 4 * block_activation_elements(cfg.model, b * s, 2, False) == pytest.approx(measured_tp2, rel=0.10)

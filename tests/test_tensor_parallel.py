@@ -186,7 +186,8 @@ def check_model(grid, sp, errors, **model_kw):
     from plait.parallel.grid import Grid
     from plait.parallel.tensor import allreduce_partial_grads
     from plait.train.config import ModelConfig
-    from plait.train.model import build_model
+    from plait.parallel.parallelize import param_specs
+    from plait.train.build import build_model
 
     cfg = ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=8, n_kv_heads=model_kw.pop("kv", 8),
                       ffn_dim=48, max_seq_len=32, **model_kw)
@@ -198,7 +199,7 @@ def check_model(grid, sp, errors, **model_kw):
     logits = model(ids[:, :-1])
     loss = model.loss(logits, ids[:, 1:])
     loss.backward()
-    specs = model.param_specs()
+    specs = param_specs(model)
     allreduce_partial_grads([p for n, p in model.named_parameters() if specs[n].tp_partial_grad], grid)
     tag = (f"model{'.sp' if sp else ''}{'.tied' if cfg.tie_embeddings else ''}{'.dropout' if cfg.dropout else ''}"
            f".kv{cfg.n_kv_heads}")

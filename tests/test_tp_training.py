@@ -11,6 +11,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+from plait.parallel.parallelize import param_specs
 from tests.dist_utils import run_ranks
 
 STEPS = 5
@@ -46,7 +47,7 @@ def train_and_capture(trainer):
         handle.remove()
         trainer.close()
     return ([r["loss"] for r in records], [r["grad_norm"] for r in records], captured,
-            dict(trainer.model.param_specs()))
+            dict(param_specs(trainer.model)))
 
 
 def tp_worker(rank, world, tmp, cache):

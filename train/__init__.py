@@ -22,10 +22,10 @@ _EXPORTS = {
     # the model
     "Transformer": "plait.train.model",
     "Scales": "plait.train.model",
-    "build_model": "plait.train.model",
-    "init_parameters": "plait.train.model",
-    "build_chunks": "plait.train.chunks",
-    "hidden_shape": "plait.train.chunks",
+    "build_model": "plait.train.build",
+    "init_parameters": "plait.train.build",
+    "build_chunks": "plait.train.build",
+    "hidden_shape": "plait.train.build",
     "Parametrization": "plait.train.parametrization",
     "build_parametrization": "plait.train.parametrization",
     # the step and the loop
@@ -49,11 +49,11 @@ __all__ = list(_EXPORTS)
 if TYPE_CHECKING:  # static tools see real imports; at run time they happen on first access
     from plait.train.checkpoint import SaveRequest, ShardReader, latest_checkpoint, load_params
     from plait.train.checkpoint import save as save_checkpoint
-    from plait.train.chunks import build_chunks, hidden_shape
+    from plait.train.build import build_chunks, hidden_shape
     from plait.train.config import Config, ConfigError, ModelConfig, load_config, validate
     from plait.train.export import export_checkpoint
     from plait.train.metrics import MetricsSink
-    from plait.train.model import Scales, Transformer, build_model, init_parameters
+    from plait.train.model import Scales, Transformer
     from plait.train.parametrization import Parametrization, build_parametrization
     from plait.train.plan import Plan
     from plait.train.plan import plan as make_plan

@@ -25,7 +25,8 @@ from plait.optim.builder import build_optimizer
 from plait.optim.config import OptimConfig
 from plait.optim.schedule import apply_lr
 from plait.train.config import ModelConfig
-from plait.train.model import Transformer, build_model
+from plait.train.build import build_model
+from plait.train.model import Transformer
 from plait.train.parametrization import build_parametrization, zero_queries
 
 Coords = Dict[int, Dict[str, List[float]]]  # width -> layer -> mean |output| per step

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from safetensors.torch import load as safetensors_load
 
+from plait.parallel.parallelize import param_specs
 from plait.train.checkpoint import CheckpointError, load_full_model
 from plait.train.tensorfile import write_atomic, write_safetensors
 
@@ -167,8 +168,9 @@ def read_hf(directory: Path) -> (Dict[str, Any], Dict[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def init_from_hf(model, directory: Path) -> None:
-    """Copy an HF Llama directory's weights into a plait `Transformer` chunk (this rank's tp shards)."""
+def init_from_hf(model, directory: Path, grid=None) -> None:
+    """Copy an HF Llama directory's weights into a plait `Transformer` chunk (this rank's tp shards of `grid`;
+    None: whole weights)."""
     from plait.train.checkpoint import fit_rows
     from plait.train.config import ffn_dim, kv_heads
 
@@ -185,11 +187,12 @@ def init_from_hf(model, directory: Path) -> None:
                               f"set the model config to match.")
     scales = {"embedding": model.scales.embedding, "logits": model.scales.logits, "attention": model.scales.attention}
     full = from_hf({**ours, "max_seq_len": cfg.max_seq_len}, hf, scales)
-    specs, grid = model.param_specs(), model.grid
+    specs = param_specs(model)
+    rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
     for name, param in model.named_parameters():
         spec = specs[name]
         tensor = fit_rows(full[name].float(), spec) if spec.valid_rows is not None else full[name].float()
-        param.copy_(spec.shard(tensor, grid.tp_rank, grid.tp))
+        param.copy_(spec.shard(tensor, rank, size))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

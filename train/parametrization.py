@@ -17,9 +17,11 @@ import torch
 from plait.optim.config import OptimConfig
 from plait.optim.mup import ForwardScales, MupRole, forward_scales, group_key, mup_table
 from plait.parallel.grid import Grid
+from plait.parallel.parallelize import param_specs
 from plait.parallel.sharding import ShardSpec
 from plait.train.config import ConfigError, ModelConfig, kv_heads
-from plait.train.model import Scales, Transformer, default_init_std
+from plait.train.build import default_init_std, init_parameters, shape_chunks
+from plait.train.model import Scales, Transformer
 
 log = logging.getLogger("plait")
 
@@ -51,8 +53,8 @@ def config_at_width(cfg: ModelConfig, dim: int, head_dim: int) -> ModelConfig:
 def full_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
     """Every global parameter name's full shape, from a whole model on the meta device (shapes do not
     depend on dropout, which would want a random stream the meta model has no use for)."""
-    model = Transformer(dataclasses.replace(cfg, dropout=0.0), Grid.single(), device="meta")
-    specs = model.param_specs()
+    (model,) = shape_chunks(cfg, Grid.single())
+    specs = param_specs(model)
     return {name: tuple(specs[name].full_shape if name in specs else param.shape)
             for name, param in model.named_parameters()}
 
@@ -102,16 +104,15 @@ def build_parametrization(model_cfg: ModelConfig, optim_cfg: OptimConfig) -> Par
 @torch.no_grad()
 def zero_queries(model: Transformer) -> None:
     """Zero the query rows of every fused Q|K|V weight (this rank's shard of each segment)."""
-    specs = model.param_specs()
+    specs = param_specs(model)
     for name, param in model.named_parameters():
-        if name.endswith("attn.wqkv.weight"):
-            param[: specs[name].segments[0] // model.grid.tp].zero_()
+        if name.endswith("attn.wqkv.weight"):  # this shard's query rows: its share of the query segment
+            spec = specs[name]
+            param[: spec.segments[0] * param.shape[0] // spec.full_shape[0]].zero_()
 
 
 def init_model(model: Transformer, seed: int, parametrization: Parametrization) -> None:
     """Initialize `model` (layout-independent) with the parametrization's stds."""
-    from plait.train.model import init_parameters
-
     init_parameters(model, seed, parametrization.std_of)
     if parametrization.zero_query:
         zero_queries(model)

@@ -114,7 +114,8 @@ def _ring(nbytes: float, n: int, factor: float) -> float:
 def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: int) -> StagePlan:
     from plait.offload.config import keep_count
     from plait.parallel.pipeline.partition import rank_chunk_plans
-    from plait.train.model import Transformer
+    from plait.parallel.parallelize import param_specs
+    from plait.train.build import shape_chunks
 
     model_cfg, parallel, train = cfg.model, cfg.parallel, cfg.train
     tp, dp, pp, vpp, m = layout.tp, layout.dp, layout.pp, parallel.vpp, parallel.microbatches
@@ -122,11 +123,9 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     sp = bool(parallel.sequence_parallel and tp > 1)
     chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp)
     params, full_params, vocab_local = 0, 0, 0
-    for chunk in chunks:
-        model = Transformer(model_cfg, grid, chunk.layers, has_embedding=chunk.has_embedding, has_head=chunk.has_head,
-                            sequence_parallel=sp, device="meta")
+    for model in shape_chunks(model_cfg, grid, vpp, sequence_parallel=sp, pp_rank=pp_rank):
         params += sum(p.numel() for p in model.parameters())
-        specs = model.param_specs()
+        specs = param_specs(model)
         full_params += sum(p.numel() * (tp if specs[name].is_sharded else 1)
                            for name, p in model.named_parameters())
         vocab_local = model.vocab // tp

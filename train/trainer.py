@@ -36,8 +36,8 @@ from plait.train import checkpoint as checkpoint_lib
 from plait.train import metrics as metrics_lib
 from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml, validate
 from plait.train.export import init_from_hf
-from plait.train.chunks import build_chunks, hidden_shape, named_parameters_of, param_specs_of
-from plait.train.model import Transformer, build_model
+from plait.train.build import build_chunks, hidden_shape, named_parameters_of, param_specs_of
+from plait.train.model import Transformer
 from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.peaks import peak_flops
 from plait.train.step import autocast, forward_backward
@@ -110,7 +110,7 @@ class Trainer:
         directory (config.json + model.safetensors) or from a plait checkpoint of any layout."""
         if (path / "config.json").is_file() and not (path / checkpoint_lib.INDEX).is_file():
             for chunk in self.chunks:
-                init_from_hf(chunk, path)
+                init_from_hf(chunk, path, self.grid)
         else:
             checkpoint_lib.load_params(checkpoint_lib.ShardReader(path), self.named_params, self.specs, self.grid)
         log.info("checkpoint: initial weights from %s", path)
@@ -119,17 +119,12 @@ class Trainer:
         """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
         cfg = self.cfg
         self.parametrization = build_parametrization(cfg.model, cfg.optim)  # muP or standard, by optim.mup
-        init = dict(scales=self.parametrization.scales, std_of=self.parametrization.std_of)
-        if self.grid.pp == 1:
-            chunks = [build_model(cfg.model, self.grid, cfg.train.seed, sequence_parallel=cfg.parallel.sequence_parallel,
-                                  **init)]
-        else:
-            chunks = build_chunks(cfg.model, self.grid, cfg.parallel.vpp, cfg.train.seed,
-                                  sequence_parallel=cfg.parallel.sequence_parallel, **init)
+        chunks = build_chunks(cfg.model, self.grid, cfg.parallel.vpp, cfg.train.seed, device=self.device,
+                              sequence_parallel=cfg.parallel.sequence_parallel, scales=self.parametrization.scales,
+                              std_of=self.parametrization.std_of)  # pp == 1: one chunk, the whole model
         for chunk in chunks:
             if self.parametrization.zero_query:
                 zero_queries(chunk)
-            chunk.to(self.device)
         n_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
         if self.is_logger:
             log.info("model %s: %.2fM parameters on this rank (%s)", cfg.model.name, n_params / 1e6,
