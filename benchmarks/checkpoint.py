@@ -52,7 +52,7 @@ class Plait:
     def __init__(self, cfg, model, optimizer, verify=True):
         from plait.optim.state import named_state
         from plait.parallel.grid import Grid
-        from plait.parallel.parallelize import param_specs
+        from plait.parallel.plans import param_specs
         from plait.train.checkpoint import SaveRequest, layout_meta, model_meta
 
         self.grid, self.model, self.optimizer, self.verify = Grid.single(), model, optimizer, verify

@@ -23,9 +23,8 @@ def fault_step(rank: int, environ: Optional[Mapping[str, str]] = None) -> Option
     return int(env["PLAIT_FAULT_AT_STEP"])
 
 
-def crash_if_due(step: int, rank: int) -> None:
-    """Exit at once (no cleanup, like a crash) when PLAIT_FAULT_AT_STEP says so."""
-    if fault_step(rank) == step:
-        log.error("PLAIT_FAULT_AT_STEP=%d: rank %d crashes on purpose", step, rank)
-        logging.shutdown()
-        os._exit(1)
+def crash(step: int, rank: int) -> None:
+    """Exit at once (no cleanup, like a crash), as PLAIT_FAULT_AT_STEP asked."""
+    log.error("PLAIT_FAULT_AT_STEP=%d: rank %d crashes on purpose", step, rank)
+    logging.shutdown()
+    os._exit(1)

@@ -21,8 +21,8 @@ _EXPORTS = {
     "ParallelConfig": "plait.parallel.config",
     # tensor and sequence parallelism
     "ShardSpec": "plait.parallel.sharding",
-    "parallelize": "plait.parallel.parallelize",
-    "param_specs": "plait.parallel.parallelize",
+    "parallelize": "plait.parallel.plans",
+    "param_specs": "plait.parallel.plans",
     "ColumnParallelLinear": "plait.parallel.tensor",
     "RowParallelLinear": "plait.parallel.tensor",
     "VocabParallelEmbedding": "plait.parallel.tensor",
@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.parallel.pipeline.schedule import build_schedule
     from plait.parallel.pipeline.simulate import simulate
     from plait.parallel.random import ParallelRNG
-    from plait.parallel.parallelize import param_specs, parallelize
+    from plait.parallel.plans import param_specs, parallelize
     from plait.parallel.sharding import ShardSpec
     from plait.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                        all_reduce_coalesced, vocab_parallel_cross_entropy)

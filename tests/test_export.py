@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from plait.parallel.grid import Grid
-from plait.parallel.parallelize import param_specs
+from plait.parallel.plans import param_specs
 from plait.train.checkpoint import CheckpointError, SaveRequest, layout_meta, load_full_model, model_meta, save
 from plait.train.config import load_config
 from plait.train.export import HF_CONFIG, HF_WEIGHTS, init_from_hf

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from plait.train.config import ModelConfig
-from plait.parallel.parallelize import padded_vocab
+from plait.parallel.plans import padded_vocab
 from plait.train.build import build_model
 from plait.train.model import apply_rotary, choose_attention, rotary_tables
 

@@ -11,7 +11,7 @@ from plait.optim.builder import build_optimizer
 from plait.optim.config import OptimConfig
 from plait.optim.schedule import apply_lr
 from plait.train.config import ModelConfig
-from plait.parallel.parallelize import param_specs
+from plait.parallel.plans import param_specs
 from plait.train.build import default_init_std
 from plait.train.model import Transformer
 from plait.train.parametrization import build_parametrization

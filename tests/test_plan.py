@@ -10,7 +10,7 @@ from plait.train.plan import block_activation_elements, head_activation_elements
 from plait.optim.builder import build_optimizer
 from plait.parallel.layout import Layout
 from plait.train.config import ffn_dim, kv_heads, load_config
-from plait.parallel.parallelize import padded_vocab, parallelize
+from plait.parallel.plans import padded_vocab, parallelize
 from plait.train.build import LLAMA_PLAN, build_model
 from plait.train.model import Transformer
 

@@ -186,7 +186,7 @@ def check_model(grid, sp, errors, **model_kw):
     from plait.parallel.grid import Grid
     from plait.parallel.tensor import allreduce_partial_grads
     from plait.train.config import ModelConfig
-    from plait.parallel.parallelize import param_specs
+    from plait.parallel.plans import param_specs
     from plait.train.build import build_model
 
     cfg = ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=8, n_kv_heads=model_kw.pop("kv", 8),

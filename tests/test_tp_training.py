@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from plait.parallel.parallelize import param_specs
+from plait.parallel.plans import param_specs
 from tests.dist_utils import run_ranks
 
 STEPS = 5

@@ -2,7 +2,7 @@
 
 `build_model` (the whole model) and `build_chunks` (this pp rank's pipeline chunks) both:
 1. build the plain `Transformer` (train/model.py) on the device it will run on;
-2. apply `LLAMA_PLAN` with `plait.parallel.parallelize`: which linears are column- or
+2. apply `LLAMA_PLAN` with `plait.parallel.plans`: which linears are column- or
    row-parallel, which embedding and head vocab-parallel, where sequence parallelism splits
    norms and dropout, and the vocab-parallel loss (at tp=1 every mapping is the identity);
 3. initialize every weight from (seed, name) alone: the full tensor is drawn on the CPU and
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from plait.parallel.grid import Grid
-from plait.parallel.parallelize import (Colwise, Rowwise, SequenceDropout, SequenceNorm, Style, VocabEmbedding,
+from plait.parallel.plans import (Colwise, Rowwise, SequenceDropout, SequenceNorm, Style, VocabEmbedding,
                                         VocabHead, VocabParallelOutput, param_specs, parallelize)
 from plait.parallel.pipeline.partition import rank_chunk_plans
 from plait.parallel.random import ParallelRNG

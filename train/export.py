@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from safetensors.torch import load as safetensors_load
 
-from plait.parallel.parallelize import param_specs
+from plait.parallel.plans import param_specs
 from plait.train.checkpoint import CheckpointError, load_full_model
 from plait.train.tensorfile import write_atomic, write_safetensors
 

@@ -7,7 +7,7 @@ embedding, a range of global layer indices, and the final norm and head. Paramet
 are global (`layers.7.attn.wqkv.weight`) whatever the split, so checkpoints and muP tables
 are keyed the same under any layout.
 
-Parallelism is applied to this model from outside (`plait.parallel.parallelize`, with the
+Parallelism is applied to this model from outside (`plait.parallel.plans`, with the
 plan in `plait.train.build`): linears become column- or row-parallel, the embedding and
 head vocab-parallel, and the model's three seams are rebound: `loss_fn` (vocab-parallel
 cross-entropy), `tied_input` (what the tied head's input passes through) and each residual

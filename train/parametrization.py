@@ -17,7 +17,7 @@ import torch
 from plait.optim.config import OptimConfig
 from plait.optim.mup import ForwardScales, MupRole, forward_scales, group_key, mup_table
 from plait.parallel.grid import Grid
-from plait.parallel.parallelize import param_specs
+from plait.parallel.plans import param_specs
 from plait.parallel.sharding import ShardSpec
 from plait.train.config import ConfigError, ModelConfig, kv_heads
 from plait.train.build import default_init_std, init_parameters, shape_chunks

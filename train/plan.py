@@ -114,7 +114,7 @@ def _ring(nbytes: float, n: int, factor: float) -> float:
 def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: int) -> StagePlan:
     from plait.offload.config import keep_count
     from plait.parallel.pipeline.partition import rank_chunk_plans
-    from plait.parallel.parallelize import param_specs
+    from plait.parallel.plans import param_specs
     from plait.train.build import shape_chunks
 
     model_cfg, parallel, train = cfg.model, cfg.parallel, cfg.train

@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 
 from plait.data.loader import Loader
 from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
-from plait.launch.faults import crash_if_due
+from plait.launch.faults import crash, fault_step
 from plait.launch.rundir import resolve_run_dir
 from plait.launch.signals import Preempted, PreemptionFlag
 from plait.optim.builder import build_optimizer, make_optimizer
@@ -40,7 +40,7 @@ from plait.train.build import build_chunks, hidden_shape, named_parameters_of, p
 from plait.train.model import Transformer
 from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.peaks import peak_flops
-from plait.train.step import autocast, forward_backward
+from plait.train.step import autocast
 
 log = logging.getLogger("plait")
 
@@ -74,7 +74,8 @@ class Trainer:
         self.specs = param_specs_of(self.chunks)
         self.param_group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups
         self.grads = DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero > 0)
-        self.optimizer = self._build_optimizer()
+        self.optimizer, self.grad_entries = self._build_optimizer()
+        self.grads_sharded_over_dp = cfg.parallel.zero > 0  # ZeRO-1: each dp rank holds a piece of every grad
         self._log_layout()
         self.loader = self._build_loader()
         self.run_dir = resolve_run_dir(cfg, self.grid)
@@ -92,8 +93,8 @@ class Trainer:
         self.compile, why = compile_wanted(cfg.train.compile, self.device.type, cfg.offload.backend)
         if self.is_logger:
             log.info("compile: %s (%s)", "on" if self.compile else "off", why)
-        self._forward = torch.compile(self.model) if self.compile and self.grid.pp == 1 else self.model
-        self.pipeline = self._build_pipeline()  # None when pp == 1
+        self.pipeline = self._build_pipeline()  # every layout's step, pp == 1 included (its trivial schedule)
+        self.crash_at = fault_step(self.grid.rank)  # PLAIT_FAULT_AT_STEP: restart tests only, read once
         self.checkpoint_dir = checkpoint_lib.checkpoint_root(cfg, self.run_dir)
         self.checkpoint_step = None  # the step of the last checkpoint written or resumed from
         resume_from = checkpoint_lib.resume_target(cfg, self.checkpoint_dir, self.grid)
@@ -142,24 +143,26 @@ class Trainer:
             offload.attach(chunk)
         return offload
 
-    def _build_pipeline(self) -> Optional[PipelineRuntime]:
-        """The schedule runtime over this rank's chunks when pp > 1 (compiled chunks with train.compile)."""
+    def _build_pipeline(self) -> PipelineRuntime:
+        """The schedule runtime over this rank's chunks (compiled with train.compile); at pp == 1 its 1F1B
+        schedule is forward and backward of each micro-batch in turn, with no message."""
         cfg = self.cfg
-        if self.grid.pp == 1:
-            return None
         modules = [torch.compile(chunk) for chunk in self.chunks] if self.compile else self.chunks
         shape = hidden_shape(self.micro_batch, cfg.train.seq_len, cfg.model.dim, self.grid.tp,
                              cfg.parallel.sequence_parallel)
         runtime = PipelineRuntime(modules, self.grid, schedule=cfg.parallel.schedule, vpp=cfg.parallel.vpp,
                                   microbatches=cfg.parallel.microbatches, hidden_shape=shape,
                                   transport=cfg.parallel.pp_transport)
-        if self.is_logger:
+        if self.is_logger and self.grid.pp > 1:
             log.info("pipeline: %s schedule, pp %d x vpp %d, %d micro-batches, messages over %s", runtime.schedule,
                      self.grid.pp, cfg.parallel.vpp, cfg.parallel.microbatches, runtime.transport_name)
         return runtime
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.chunks[-1].loss(logits, targets)
+
+    def _autocast(self):
+        return autocast(self.device, self.cfg.train.precision)
 
     def _log_layout(self) -> None:
         """Rank 0 logs, for every rank, its grid coordinates, the layers it holds and its ZeRO-1 shard."""
@@ -171,8 +174,8 @@ class Trainer:
         if any(chunk.has_head for chunk in self.chunks):
             parts.append("head")
         parts.append(f"{sum(p.numel() for p in self.named_params.values()) / 1e6:.2f}M params")
-        if isinstance(self.optimizer, ZeroOptimizer):
-            parts.append(f"ZeRO-1 shard {sum(p.hi - p.lo for p in self.optimizer.pieces) / 1e6:.2f}M")
+        if self.grads_sharded_over_dp:
+            parts.append(f"ZeRO-1 shard {sum(g.numel() for _, g in self.grad_entries()) / 1e6:.2f}M")
         line = ", ".join(parts)
         lines = [line]
         if self.grid.world_size > 1:
@@ -183,13 +186,15 @@ class Trainer:
             for entry in lines:
                 log.info("  %s", entry)
 
-    def _build_optimizer(self):
-        """The configured optimizer, or ZeRO-1 around it (each dp rank steps its shard)."""
+    def _build_optimizer(self) -> Tuple[object, Callable[[], List[Tuple[str, torch.Tensor]]]]:
+        """The configured optimizer (or ZeRO-1 around it: each dp rank steps its shard), and where the
+        grads it updates are read from: (name, averaged grad) whole, or this rank's ZeRO-1 pieces."""
         cfg = self.cfg
         if cfg.parallel.zero > 0:
-            return ZeroOptimizer(self.grads, self.grid, lambda groups: make_optimizer(groups, cfg.optim, self.device),
-                                 param_groups(self.named_params, cfg.optim.weight_decay, self.param_group_of))
-        return build_optimizer(self.named_params, cfg.optim, self.param_group_of, self.device)
+            optimizer = ZeroOptimizer(self.grads, self.grid, lambda groups: make_optimizer(groups, cfg.optim, self.device),
+                                      param_groups(self.named_params, cfg.optim.weight_decay, self.param_group_of))
+            return optimizer, optimizer.grad_entries
+        return build_optimizer(self.named_params, cfg.optim, self.param_group_of, self.device), self.grads.named_grads
 
     def _build_loader(self) -> Loader:
         cfg = self.cfg
@@ -202,12 +207,6 @@ class Trainer:
         return loader
 
     # one step ---------------------------------------------------------------------
-    def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
-        """(name, averaged grad) this rank updates: whole grads, or its ZeRO-1 pieces."""
-        if isinstance(self.optimizer, ZeroOptimizer):
-            return self.optimizer.grad_entries()
-        return self.grads.named_grads()
-
     def _finish_grads(self) -> torch.Tensor:
         """Wait for the dp reduction, sum sequence-parallel partial grads over tp, clip; returns the norm."""
         self.grads.finish()
@@ -215,7 +214,7 @@ class Trainer:
         all_reduce_coalesced([g for n, g in entries if self.specs[n].tp_partial_grad],
                              self.grid.tp_group if self.grid.tp > 1 else None)
         norm = global_grad_norm([(g, self.specs[n]) for n, g in entries], self.grid,
-                                dp_sharded=isinstance(self.optimizer, ZeroOptimizer))
+                                dp_sharded=self.grads_sharded_over_dp)
         clip_by_norm([g for _, g in entries], self.cfg.optim.grad_clip, norm)
         return norm
 
@@ -226,13 +225,8 @@ class Trainer:
         batch = self.loader.batch(self.step_num)
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
-        if self.pipeline is not None:
-            loss = self.pipeline.run(batch[:, :, :-1], batch[:, :, 1:], self._pipeline_loss,
-                                     before_last_backward=self.grads.start_overlap,
-                                     forward_context=lambda: autocast(self.device, self.cfg.train.precision))
-        else:
-            loss = forward_backward(self._forward, batch, self.cfg.train.precision,
-                                    before_last_backward=self.grads.start_overlap)
+        loss = self.pipeline.run(batch[:, :, :-1], batch[:, :, 1:], self._pipeline_loss,
+                                 before_last_backward=self.grads.start_overlap, forward_context=self._autocast)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
         norm = self._finish_grads()
         self.optimizer.step()
@@ -251,16 +245,10 @@ class Trainer:
         total = torch.zeros((), device=self.device)
         count = batches or self.cfg.train.eval_batches
         self.model.eval()
-        for index in range(count):
+        for index in range(count):  # forwards only, through the stages; the loss comes from the last
             batch = self.loader.val_batch(index)
-            if self.pipeline is not None:  # forwards only, through the stages; the loss comes from the last
-                total += self.pipeline.run(batch[:, :, :-1], batch[:, :, 1:], self._pipeline_loss, forward_only=True,
-                                           forward_context=lambda: autocast(self.device, self.cfg.train.precision)) / count
-                continue
-            for micro in batch:
-                with autocast(self.device, self.cfg.train.precision):
-                    logits = self.model(micro[:, :-1])
-                total += self.model.loss(logits, micro[:, 1:]).float() / (count * batch.shape[0])
+            total += self.pipeline.run(batch[:, :, :-1], batch[:, :, 1:], self._pipeline_loss, forward_only=True,
+                                       forward_context=self._autocast) / count
         self.model.train()
         return float(all_reduce_mean(total, self.grid.dp_group))
 
@@ -272,7 +260,8 @@ class Trainer:
             log.info("run directory: %s", self.run_dir)
         preemption = PreemptionFlag()  # SIGTERM / SIGUSR1 only raise a flag; all ranks agree below
         while self.step_num < cfg.steps:
-            crash_if_due(self.step_num, self.grid.rank)  # PLAIT_FAULT_AT_STEP: restart tests only
+            if self.step_num == self.crash_at:
+                crash(self.step_num, self.grid.rank)
             record = self.step()
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss is {record['loss']} at step {self.step_num}; lower optim.lr.")
