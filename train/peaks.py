@@ -53,10 +53,11 @@ def datasheet_peak(device_name: str, column: str) -> Optional[Tuple[str, float]]
     return None
 
 
-def measure_matmul_flops(device: torch.device, seconds: float = 0.3) -> float:
-    """The fastest of many 1024^3 matmuls (FLOP/s): a stand-in where no datasheet figure exists."""
+def measure_matmul_flops(device: torch.device, precision: str = "fp32", seconds: float = 0.3) -> float:
+    """The fastest of many 1024^3 matmuls in the run's precision (FLOP/s): a stand-in where no datasheet
+    figure exists."""
     size = 1024
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
@@ -83,6 +84,6 @@ def peak_flops(device: torch.device, precision: str, configured: float = 0.0) ->
     found = datasheet_peak(name, column) if device.type == "cuda" else None
     if found is not None:
         return found[1], f"datasheet {found[0]} {column} dense ({name})"
-    measured = measure_matmul_flops(device)
+    measured = measure_matmul_flops(device, precision)
     return measured, (f"measured 1024^3 matmul on {name}, no datasheet figure: MFU reads high and compares "
                       f"with no paper; set train.peak_flops")
