@@ -21,3 +21,29 @@ class DataConfig:
     tokenizer: str = "byte"  # byte | bpe (trained on the corpus) | path to a tokenizer.json
     vocab_size: int = 8192  # vocabulary of a BPE trained on the corpus
     workers: int = 1  # processes that tokenize text when it is first prepared
+
+
+TOKENIZERS = ("byte", "bpe")  # or a path to a tokenizer.json
+
+
+def validate_data(cfg: DataConfig) -> None:
+    """The `data` group's rules (DataError, one sentence naming the setting)."""
+    from pathlib import Path
+
+    from plait.common.checks import number
+    from plait.data.errors import DataError
+
+    number(DataError, "data.val_fraction", cfg.val_fraction, low=0, high=1, high_open=True)
+    number(DataError, "data.vocab_size", cfg.vocab_size, low=2, integer=True)
+    number(DataError, "data.workers", cfg.workers, low=1, integer=True)
+    if cfg.tokenizer not in TOKENIZERS and not Path(cfg.tokenizer).expanduser().is_file():
+        raise DataError(f"data.tokenizer={cfg.tokenizer} is not one of {', '.join(TOKENIZERS)} nor a tokenizer.json "
+                        f"file; pick byte, bpe or the path of a tokenizer.json.")
+    for index, weight in enumerate(cfg.weights):
+        number(DataError, f"data.weights[{index}]", weight, low=0)
+    if cfg.weights and len(cfg.weights) != len(cfg.paths):
+        raise DataError(f"data.weights has {len(cfg.weights)} entries but data.paths has {len(cfg.paths)}; "
+                        f"give one weight per path.")
+    for key, path in [("data.path", cfg.path)] + [(f"data.paths[{i}]", p) for i, p in enumerate(cfg.paths)]:
+        if path and not Path(path).expanduser().exists() and not Path(f"{path}.idx").exists():
+            raise DataError(f"{key}={path} does not exist; point it at a text file, a directory or prepared shards.")

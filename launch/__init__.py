@@ -26,6 +26,7 @@ _EXPORTS = {
     "resolve_run_dir": "plait.launch.rundir",
     "PreemptionFlag": "plait.launch.signals",
     "Preempted": "plait.launch.signals",
+    "Interrupted": "plait.launch.signals",
 }
 
 __all__ = list(_EXPORTS)
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.launch.env import ProcessEnv, check_layout, detect, init_process_group, pick_device
     from plait.launch.errors import LaunchError
     from plait.launch.rundir import resolve_run_dir
-    from plait.launch.signals import Preempted, PreemptionFlag
+    from plait.launch.signals import Interrupted, Preempted, PreemptionFlag
     from plait.launch.submit import launch
 
 

@@ -24,6 +24,7 @@ log = logging.getLogger("plait")
 REQUEUE_EXIT_CODE = 75
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+INTERRUPT_EXIT_CODE = 130  # the shell's status for a process ended by Ctrl-C (128 + SIGINT)
 
 
 class Preempted(SystemExit):
@@ -38,14 +39,26 @@ class Preempted(SystemExit):
         self.step, self.path = step, path
 
 
-class PreemptionFlag:
-    """Catches the preemption signals; `should_stop(grid)` is the agreed decision of all ranks.
+class Interrupted(SystemExit):
+    """Raised by a training loop after Ctrl-C: the step finished (and the checkpoint is written when
+    checkpoints are on). A SystemExit with the shell's Ctrl-C status, 130; `path` is the checkpoint."""
 
+    def __init__(self, step: int, path: Optional[object] = None):
+        super().__init__(INTERRUPT_EXIT_CODE)
+        self.step, self.path = step, path
+
+
+class PreemptionFlag:
+    """Catches the preemption signals and Ctrl-C; `decision(grid)` is the agreed decision of all ranks.
+
+    SIGTERM and SIGUSR1 mean preemption (checkpoint, then exit with the requeue status);
+    SIGINT (Ctrl-C) means stop (checkpoint if checkpoints are on, exit 130). The first Ctrl-C
+    only raises the flag; the default handler is back at once, so a second one stops now.
     Install it once per process (the main thread only: Python runs signal handlers there);
     `restore()` puts the previous handlers back.
     """
 
-    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS, install: bool = True):
+    def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS + (signal.SIGINT,), install: bool = True):
         self.received: Optional[int] = None
         self._previous: Dict[int, object] = {}
         if install and threading.current_thread() is threading.main_thread():
@@ -53,7 +66,13 @@ class PreemptionFlag:
                 self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self.received = signum
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+            if self.received is None:
+                self.received = signum
+            log.warning("Ctrl-C: finishing this step, then checkpoint (if on) and stop; Ctrl-C again stops now")
+            return
+        self.received = signum  # a preemption outranks Ctrl-C: the job is requeued
         log.warning("received %s: finishing this step, then checkpoint and requeue", signal.Signals(signum).name)
 
     def set(self, signum: int = signal.SIGTERM) -> None:
@@ -65,16 +84,19 @@ class PreemptionFlag:
         """Whether this rank was signalled (no communication)."""
         return self.received is not None
 
-    def should_stop(self, grid) -> bool:
-        """True on every rank when any rank was signalled: one all-reduce (max) over the world.
+    def decision(self, grid) -> Optional[str]:
+        """"requeue" when any rank was preempted, else "interrupt" when any got Ctrl-C, else None: the same
+        answer on every rank (one all-reduce, max, over the world; every rank calls it at the same step)."""
+        level = 0 if self.received is None else 1 if self.received == signal.SIGINT else 2
+        if grid.world_size > 1 and dist.is_initialized():
+            flag = torch.tensor([float(level)], device=grid.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            level = int(flag.item())
+        return {0: None, 1: "interrupt", 2: "requeue"}[level]
 
-        Every rank must call it at the same step boundary (it is collective).
-        """
-        if grid.world_size == 1 or not dist.is_initialized():
-            return self.local
-        flag = torch.tensor([1.0 if self.local else 0.0], device=grid.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+    def should_stop(self, grid) -> bool:
+        """True on every rank when any rank was signalled (collective, like `decision`)."""
+        return self.decision(grid) is not None
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import List, Sequence
 
+from plait.common.checks import choice, number
 from plait.launch.commands import local_command, sbatch_script, split_endpoint, torchrun_command
 from plait.launch.config import LaunchConfig
 from plait.launch.errors import LaunchError
@@ -104,15 +105,34 @@ def run_command(command: List[str], dry_run: bool) -> int:
     return subprocess.run(command).returncode
 
 
+def _run_local(spec: LaunchConfig, overrides: Sequence[str], job_num: int) -> int:
+    return run_command(local_command(spec, overrides), spec.dry_run)
+
+
+def _run_torchrun(spec: LaunchConfig, overrides: Sequence[str], job_num: int) -> int:
+    command = torchrun_command(spec, overrides)
+    if not spec.dry_run:
+        check_endpoint(spec)
+    return run_command(command, spec.dry_run)
+
+
+# launch=<name> -> how it runs: the keys are the choices validation accepts and lists
+LAUNCHERS = {"local": _run_local, "torchrun": _run_torchrun, "slurm": submit_slurm}
+
+
+def validate_launch(spec: LaunchConfig) -> None:
+    """The `launch` group's rules (LaunchError, one sentence naming the setting)."""
+    choice(LaunchError, "launch", spec.name, LAUNCHERS)
+    for key in ("nodes", "procs_per_node", "join_timeout_s", "connect_timeout_s"):
+        number(LaunchError, f"launch.{key}", getattr(spec, key), low=1, integer=True)
+    for key in ("max_restarts", "gpus_per_node", "signal_s"):
+        number(LaunchError, f"launch.{key}", getattr(spec, key), low=0, integer=True)
+    for key in ("world_size", "rdzv_port", "cpus_per_task"):
+        if getattr(spec, key) is not None:
+            number(LaunchError, f"launch.{key}", getattr(spec, key), low=1, integer=True)
+
+
 def launch(spec: LaunchConfig, overrides: Sequence[str], job_num: int = 0) -> int:
     """Run, print or submit `spec` (a validated launch config); returns an exit status."""
-    if spec.name not in ("local", "torchrun", "slurm"):
-        raise LaunchError(f"launch={spec.name} is not one of local, torchrun, slurm.")
-    if spec.name == "local":
-        return run_command(local_command(spec, overrides), spec.dry_run)
-    if spec.name == "torchrun":
-        command = torchrun_command(spec, overrides)
-        if not spec.dry_run:
-            check_endpoint(spec)
-        return run_command(command, spec.dry_run)
-    return submit_slurm(spec, overrides, job_num)
+    validate_launch(spec)
+    return LAUNCHERS[spec.name](spec, overrides, job_num)

@@ -5,10 +5,10 @@ every saved activation of a model chunk pass through `plait.offload.ActivationCa
 `policy` and `keep_last` say, layer by layer, which are kept, offloaded or recomputed.
 """
 
-import os
-import tempfile
 from dataclasses import dataclass
 from typing import Any, List, Optional
+
+from plait.common.paths import unwritable_reason
 
 BACKENDS = ("none", "auto", "host", "file", "aio", "gds")
 MODES = ("keep", "offload", "recompute")
@@ -87,11 +87,8 @@ def validate_offload(cfg: OffloadConfig) -> None:
 
 
 def check_writable(path: str) -> None:
-    """Create `path` if needed and write, then remove, a probe file in it."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path, prefix=".plait-probe-"):
-            pass
-    except OSError as error:
-        raise OffloadError(f"offload.path={path} is not a writable directory ({error.strerror or error}); "
-                           f"point offload.path at a writable directory on a local SSD.") from None
+    """`offload.path` is (or can be made as) a writable directory; nothing is created to find out."""
+    reason = unwritable_reason(path)
+    if reason is not None:
+        raise OffloadError(f"offload.path={path} is not a writable directory ({reason}); "
+                           f"point offload.path at a writable directory on a local SSD.")

@@ -69,6 +69,7 @@ class FileStore(Store):
                  segment_bytes: int = SEGMENT_BYTES):
         super().__init__(threads)
         self.path, self.segment_bytes = path, segment_bytes
+        os.makedirs(path, exist_ok=True)  # validation found it writable without making it
         self.dir = tempfile.mkdtemp(prefix=f"plait-offload-{os.getpid()}-r{rank}-", dir=path)
         self.staging: Optional[CudaStaging] = (CudaStaging(device, HostPool(pinned=True))
                                                if device.type == "cuda" else None)

@@ -1,7 +1,7 @@
 """Build the optimizer named by the config over parameter groups (AdamW now; Lion plugs in)."""
 
 import logging
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -31,6 +31,19 @@ def _adamw(groups, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimi
     return optimizer
 
 
+def _lion(groups, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+    from plait.optim.lion import Lion
+
+    return Lion(groups, lr=cfg.lr, betas=tuple(cfg.betas), impl=cfg.impl, device=device)
+
+
+# optim.name -> builder: the keys are the choices validation accepts and lists
+OPTIMIZERS: Dict[str, Callable[[List[Dict], OptimConfig, torch.device], torch.optim.Optimizer]] = {
+    "adamw": _adamw,
+    "lion": _lion,
+}
+
+
 def build_optimizer(named_params: Dict[str, nn.Parameter], cfg: OptimConfig,
                     group_of: Optional[GroupKey] = None,
                     device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
@@ -41,10 +54,6 @@ def build_optimizer(named_params: Dict[str, nn.Parameter], cfg: OptimConfig,
 def make_optimizer(groups: List[Dict], cfg: OptimConfig,
                    device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
     """The configured optimizer over ready-made param groups (ZeRO-1 passes its shard pieces)."""
-    if cfg.name == "adamw":
-        return _adamw(groups, cfg, device)
-    if cfg.name == "lion":
-        from plait.optim.lion import Lion
-
-        return Lion(groups, lr=cfg.lr, betas=tuple(cfg.betas), impl=cfg.impl)
-    raise ValueError(f"optim.name={cfg.name} is not one of adamw, lion.")
+    if cfg.name not in OPTIMIZERS:
+        raise ValueError(f"optim.name={cfg.name} is not one of {', '.join(OPTIMIZERS)}.")
+    return OPTIMIZERS[cfg.name](groups, cfg, device)

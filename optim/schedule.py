@@ -1,21 +1,27 @@
 """Learning-rate schedules: linear warm-up, then cosine (or linear, or constant) decay."""
 
 import math
-from typing import Any
+from typing import Any, Callable, Dict
 
 from plait.optim.config import OptimConfig
+
+# optim.schedule -> the decay from 1 to 0 over progress in [0, 1] (after warm-up); its keys are the choices
+SCHEDULES: Dict[str, Callable[[float], float]] = {
+    "cosine": lambda progress: 0.5 * (1.0 + math.cos(math.pi * progress)),
+    "linear": lambda progress: 1.0 - progress,
+    "constant": lambda progress: 1.0,
+}
 
 
 def lr_factor(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Multiplier of the peak learning rate at `step` (0-based)."""
     if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
-    if cfg.schedule == "constant":
+    if cfg.schedule == "constant":  # exactly 1 (the table's formula could round 1 - r + r to just below)
         return 1.0
     span = max(1, total_steps - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
-    decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if cfg.schedule == "cosine" else 1.0 - progress
-    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * SCHEDULES[cfg.schedule](progress)
 
 
 def apply_lr(optimizer: Any, step: int, total_steps: int, cfg: OptimConfig) -> float:

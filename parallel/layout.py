@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Any, Dict, List, Optional
 
+from plait.common.checks import choice, number
+
 DIMS = ("pp", "dp", "cp", "tp")  # outermost to innermost
 COMBOS = {"mp": ("pp", "tp")}  # named groups over several dimensions: mp = the ranks of one model replica
 
@@ -151,10 +153,7 @@ def check_pipeline(parallel: Any, n_layers: int, tie_embeddings: bool) -> None:
     """Pipeline rules: layers split evenly into pp x vpp chunks, micro-batch counts the schedule allows."""
     from plait.parallel.pipeline.partition import check_partition
     from plait.parallel.pipeline.schedule import ScheduleError, check_microbatches, schedule_name
-    from plait.parallel.pipeline.transport import TRANSPORTS
 
-    if parallel.pp_transport not in TRANSPORTS:
-        raise LayoutError(f"parallel.pp_transport={parallel.pp_transport} is not one of {', '.join(TRANSPORTS)}.")
     if parallel.pp == 1:
         if parallel.vpp != 1:
             raise LayoutError(f"parallel.vpp={parallel.vpp} needs parallel.pp > 1; set parallel.vpp=1 or raise pp.")
@@ -171,10 +170,29 @@ def check_pipeline(parallel: Any, n_layers: int, tie_embeddings: bool) -> None:
         raise LayoutError(str(error)) from None
 
 
-def validate(parallel: Any, world_size: int, workload: Optional[Workload] = None) -> Layout:
-    """Every layout rule for `world_size` ranks (and, with a workload, for that model and batch); the Layout."""
+ZERO_LEVELS = (0, 1)  # 0: replicated optimizer state; 1: ZeRO-1 (state sharded over dp)
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def check_settings(parallel: Any) -> None:
+    """The `parallel` group's own fields: degrees, and each choice against the table that builds it."""
+    from plait.parallel.pipeline.schedule import BUILDERS
+    from plait.parallel.pipeline.transport import TRANSPORTS
+
     for key in ("tp", "pp", "vpp", "microbatches"):
         _positive(f"parallel.{key}", getattr(parallel, key))
+    choice(LayoutError, "parallel.schedule", parallel.schedule, BUILDERS)
+    choice(LayoutError, "parallel.pp_transport", parallel.pp_transport, TRANSPORTS)
+    choice(LayoutError, "parallel.backend", parallel.backend, BACKENDS)
+    if parallel.zero not in ZERO_LEVELS:
+        raise LayoutError(f"parallel.zero={parallel.zero} is not one of {', '.join(map(str, ZERO_LEVELS))} "
+                          f"(ZeRO-2 and ZeRO-3 are not built yet); use parallel.zero=1 to shard optimizer state.")
+    number(LayoutError, "parallel.bucket_mb", parallel.bucket_mb, low=0, low_open=True)
+
+
+def validate(parallel: Any, world_size: int, workload: Optional[Workload] = None) -> Layout:
+    """Every layout rule for `world_size` ranks (and, with a workload, for that model and batch); the Layout."""
+    check_settings(parallel)
     layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp)
     if workload is None:
         return layout

@@ -163,21 +163,28 @@ def save(root: Path, grid: Grid, request: SaveRequest, keep: int = 0) -> Path:
     root = Path(root)
     final = root / step_dir_name(request.step)
     tmp = root / f"{TMP_PREFIX}{final.name}"
-    if grid.rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier(grid)
-    written = _write_shards(tmp, grid, request)
-    write_atomic(tmp / rank_file(grid.rank), json.dumps({**request.rank_state, "written": written}).encode())
-    _barrier(grid)
-    if grid.rank == 0:
-        index = _build_index(tmp, grid, request)
-        write_atomic(tmp / INDEX, json.dumps(index, indent=1).encode())
-        fsync_dir(tmp)
-        _publish(root, tmp, final)
-        prune(root, keep)
-        log.info("checkpoint: step %d saved to %s", request.step, final)
+    try:
+        if grid.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier(grid)
+        written = _write_shards(tmp, grid, request)
+        write_atomic(tmp / rank_file(grid.rank), json.dumps({**request.rank_state, "written": written}).encode())
+        _barrier(grid)
+        if grid.rank == 0:
+            index = _build_index(tmp, grid, request)
+            write_atomic(tmp / INDEX, json.dumps(index, indent=1).encode())
+            fsync_dir(tmp)
+            _publish(root, tmp, final)
+            prune(root, keep)
+            log.info("checkpoint: step %d saved to %s", request.step, final)
+    except OSError as error:  # a full or read-only disk: the earlier checkpoints are untouched
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = latest_checkpoint(root)
+        kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"checkpoint.dir={root}: saving step {request.step} failed ({error.strerror or error}); "
+                              f"{kept}; free space there or point checkpoint.dir elsewhere.") from None
     _barrier(grid)
     return final
 
@@ -231,15 +238,25 @@ def prune(root: Path, keep: int) -> None:
             shutil.rmtree(path)
 
 
-def latest_checkpoint(root: Path) -> Optional[Path]:
-    """The checkpoint `latest` names under `root`, else the newest complete one, else None."""
+def latest_checkpoint(root: Path, strict: bool = False) -> Optional[Path]:
+    """The checkpoint `latest` names under `root`, else the newest complete one, else None.
+
+    `latest` naming a checkpoint that is gone or incomplete is never silent: with `strict` it is
+    an error naming both, otherwise a warning before the newest complete one is taken.
+    """
     root = Path(root)
     pointer = root / LATEST
+    found = complete_checkpoints(root)
     if pointer.is_file():
-        path = root / pointer.read_text().strip()
+        named = pointer.read_text().strip()
+        path = root / named
         if (path / INDEX).is_file():
             return path
-    found = complete_checkpoints(root)
+        newest = found[-1].name if found else None
+        if strict:
+            hint = f"pass {root / newest} to take the newest complete one" if newest else "no complete one is left"
+            raise CheckpointError(f"{pointer} names {named}, which is missing or incomplete; {hint}.")
+        log.warning("checkpoint: %s names %s, which is missing or incomplete; taking %s", pointer, named, newest)
     return found[-1] if found else None
 
 
@@ -251,10 +268,10 @@ def resolve(path: Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist; pass a checkpoint directory "
                               f"(with {INDEX}) or a checkpoint root (with {LATEST}).")
-    found = latest_checkpoint(path)
+    found = latest_checkpoint(path, strict=True)
     if found is None:
         raise CheckpointError(f"{path} holds no complete checkpoint (no {INDEX} and no {LATEST}); "
-                              f"pick another directory or use train.resume=none.")
+                              f"pick another directory.")
     return found
 
 
@@ -508,6 +525,10 @@ def restore_trainer(trainer, path: Path) -> None:
 
     reader = ShardReader(path)
     grid = trainer.grid
+    if int(reader.index["step"]) > int(trainer.cfg.train.steps):
+        raise CheckpointError(f"{reader.path} is at step {reader.index['step']}, past train.steps="
+                              f"{trainer.cfg.train.steps}; raise train.steps to train on, or resume an earlier "
+                              f"checkpoint.")
     load_params(reader, trainer.named_params, trainer.specs, grid)
     optim_state = load_optim_state(reader, trainer.named_params, trainer.specs, grid)
     load_named_state(trainer.optimizer, trainer.named_params, optim_state)  # ZeRO-1 keeps its dp shard

@@ -3,8 +3,11 @@
 Bad settings end with one line on stderr and exit status 2, never a traceback.
 """
 
+import json
 import logging
+import os
 import sys
+import time
 
 import hydra
 from omegaconf import DictConfig
@@ -25,32 +28,82 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(message)s", stream=sys.stdout)
 
 
-def fail(message: str, code: int = 2) -> None:
-    print(f"plait-train: error: {message}", file=sys.stderr, flush=True)
+def fail(message: str, code: int = 2, speak: bool = True, program: str = "plait-train") -> None:
+    """End with one line on stderr (when this rank speaks for all) and `code`; torchrun's summary gets it too."""
+    line = f"{program}: error: {message}"
+    if speak:
+        print(line, file=sys.stderr, flush=True)
+    record_for_torchrun(line)
     sys.exit(code)
 
 
+def record_for_torchrun(line: str) -> None:
+    """Under torchrun, leave the sentence in the worker's error file: the launcher's failure summary then
+    shows it as the root cause instead of `<N/A>` (torch.distributed.elastic reads `message`)."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path or os.path.exists(path):
+        return
+    payload = {"message": {"message": line, "extraInfo": {"py_callstack": line, "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as handle:
+            json.dump(payload, handle)
+    except OSError:
+        pass
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Socket Timeout",
+             "connection was closed")
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """A collective failed because another rank is gone (gloo's and NCCL's words for it), not a bug of ours."""
+    import torch.distributed as dist
+
+    distributed_error = getattr(dist, "DistError", ())
+    return (distributed_error and isinstance(error, distributed_error)) or (
+        isinstance(error, RuntimeError) and any(words in str(error) for words in PEER_LOST))
+
+
 def run(cfg: DictConfig) -> dict:
-    """Train with `cfg` (or plan only, with train.dry_run=true); returns the last metrics."""
+    """Train with `cfg` (or plan only, with train.dry_run=true); returns the last metrics.
+
+    Every way a run ends reads as one line: a bad setting (rank 0 alone says it, every rank
+    exits 2), a run-time failure (nan loss, a full disk, a lost peer: exit 2, earlier checkpoints
+    intact), Ctrl-C (checkpoint if on, exit 130) and preemption (checkpoint, requeue status).
+    """
+    from plait.launch.env import detect
+    from plait.launch.signals import INTERRUPT_EXIT_CODE, Interrupted, Preempted
     from plait.train.trainer import Trainer
 
     setup_logging(cfg.logging.level)
     if cfg.train.dry_run:  # plan only: shard shapes on the meta device, no process group
         from plait.train.plan import dry_run
         return dry_run(cfg)
-    from plait.launch.env import detect
-
-    if detect().rank != 0:  # only rank 0 logs progress; the others speak up for warnings and errors
+    rank = detect().rank
+    if rank != 0:  # only rank 0 logs progress; the others speak up for warnings and errors
         logging.getLogger("plait").setLevel(logging.WARNING)
+    trainer = None
     try:
         trainer = Trainer(cfg)
-    except USER_ERRORS as error:
-        fail(str(error))
-    try:
         metrics = trainer.fit()
-    except SystemExit:  # preempted: checkpointed, leaving with the requeue status
+    except Interrupted as stop:
+        end_process_group()
+        saved = f"checkpoint {stop.path}; resume with train.resume=auto" if stop.path else "no checkpoint was written"
+        fail(f"interrupted (Ctrl-C) after step {stop.step}; {saved}.", INTERRUPT_EXIT_CODE, rank == 0)
+    except Preempted:  # checkpointed, leaving with the requeue status
         end_process_group()
         raise
+    except KeyboardInterrupt:
+        fail("interrupted (Ctrl-C) before a step finished; nothing was saved.", INTERRUPT_EXIT_CODE, rank == 0)
+    except USER_ERRORS + (FloatingPointError,) as error:  # the same on every rank (settings, data, nan loss)
+        fail(str(error), speak=rank == 0 or trainer is not None and not isinstance(error, FloatingPointError))
+    except Exception as error:
+        if not lost_a_peer(error):
+            raise
+        step = getattr(trainer, "checkpoint_step", None)
+        fail(f"rank {rank} lost contact with another rank ({str(error).splitlines()[0][:160]}): that rank ended "
+             f"or was killed first and its own log says why; checkpoints up to step {step} are intact, resume "
+             f"with train.resume=auto.")
     end_process_group()
     return metrics
 
@@ -89,17 +142,22 @@ def _one_line(error: BaseException) -> str:
     return text.replace(":; ", ": ").replace(".; ", ". ")
 
 
-def precheck(argv: list) -> None:
-    """Compose the config once from plain overrides so a type error or unknown key ends in one line.
+def compose(argv: list, program: str = "plait-train"):
+    """The composed config of plain overrides, or one line and exit 2: a type error, an unknown key or a
+    missing group option (`model=no-such`) never reaches the user as Hydra's multi-line text. Under
+    torchrun only rank 0 says it (every rank exits 2)."""
+    from plait.launch.env import detect
 
-    Hydra flags (--cfg, --multirun, ...) are left to Hydra itself.
-    """
-    if any(arg.startswith("-") for arg in argv):
-        return
     try:
-        load_config([arg for arg in argv if not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
+        return load_config([arg for arg in argv if not arg.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
     except Exception as error:  # any composition failure is the user's setting
-        fail(_one_line(error))
+        fail(_one_line(error), speak=detect().rank == 0, program=program)
+
+
+def precheck(argv: list, program: str = "plait-train") -> None:
+    """Compose once before Hydra's own app does; Hydra flags (--cfg, --multirun, ...) are left to Hydra."""
+    if not any(arg.startswith("-") for arg in argv):
+        compose(argv, program)
 
 
 def main() -> None:

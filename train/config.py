@@ -5,6 +5,7 @@ the relations between settings (heads divide width, batch divides, paths exist)
 and raises `ConfigError` with one sentence naming the setting and the fix.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
@@ -12,10 +13,16 @@ from typing import Any, List, Optional, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from plait.data.config import DataConfig
+from plait.common.checks import choice, number
+from plait.common.paths import unwritable_reason
+from plait.data.config import DataConfig, validate_data
+from plait.data.errors import DataError
 from plait.launch.config import LaunchConfig
-from plait.offload.config import OffloadConfig, validate_offload
+from plait.launch.errors import LaunchError
+from plait.launch.submit import validate_launch
+from plait.offload.config import OffloadConfig, OffloadError, validate_offload
 from plait.optim.config import OptimConfig
+from plait.optim.validate import OptimError, validate_optim
 from plait.parallel.config import ParallelConfig
 from plait.parallel.layout import Layout, LayoutError, Workload
 from plait.parallel.layout import micro_batch_size as layout_micro_batch_size
@@ -161,13 +168,85 @@ def _require(ok: bool, message: str) -> None:
 
 def validate_model(model: ModelConfig) -> None:
     """Shape rules of the decoder itself (its split over a layout is `plait.parallel.layout`'s)."""
-    for key in ("dim", "n_layers", "n_heads", "vocab_size"):
-        _require(getattr(model, key) > 0, f"model.{key}={getattr(model, key)} must be positive.")
+    for key in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
+        number(ConfigError, f"model.{key}", getattr(model, key), low=1, integer=True)
+    for key in ("n_kv_heads", "ffn_dim", "base_dim", "base_head_dim"):
+        if getattr(model, key) is not None:
+            number(ConfigError, f"model.{key}", getattr(model, key), low=1, integer=True)
+    number(ConfigError, "model.dropout", model.dropout, low=0, high=1, high_open=True)
+    number(ConfigError, "model.norm_eps", model.norm_eps, low=0, low_open=True)
+    number(ConfigError, "model.rope_theta", model.rope_theta, low=0, low_open=True)
+    number(ConfigError, "model.init_std", model.init_std, low=0)
     _require(model.dim % model.n_heads == 0,
              f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}; pick a head count that divides the width.")
     _require(model.n_heads % kv_heads(model) == 0,
              f"model.n_kv_heads={kv_heads(model)} does not divide model.n_heads={model.n_heads}.")
     _require((model.dim // model.n_heads) % 2 == 0, "model.dim / model.n_heads must be even for rotary positions.")
+
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "bf16")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+WANDB_MODES = ("disabled", "offline", "online")
+
+
+def validate_train(train: TrainConfig) -> None:
+    """The loop's own settings."""
+    number(ConfigError, "train.steps", train.steps, low=1, integer=True)
+    number(ConfigError, "train.seq_len", train.seq_len, low=1, integer=True)
+    number(ConfigError, "train.seed", train.seed, low=0, integer=True)
+    number(ConfigError, "train.eval_every", train.eval_every, low=0, integer=True, fix="0 turns evaluation off")
+    number(ConfigError, "train.eval_batches", train.eval_batches, low=1, integer=True)
+    number(ConfigError, "train.log_every", train.log_every, low=1, integer=True)
+    number(ConfigError, "train.threads", train.threads, low=0, integer=True, fix="0 keeps torch's default")
+    number(ConfigError, "train.peak_flops", train.peak_flops, low=0,
+           fix="give the device's dense FLOP/s, or 0 for the datasheet's")
+    choice(ConfigError, "train.precision", train.precision, PRECISIONS)
+    choice(ConfigError, "train.device", train.device, DEVICES)
+    choice(ConfigError, "train.compile", str(train.compile).lower(), COMPILE_CHOICES)
+    if str(train.resume or "none") not in ("none", "auto"):
+        _require(Path(train.resume).expanduser().exists(),
+                 f"train.resume={train.resume} does not exist; pass a checkpoint directory, a checkpoint "
+                 f"root, auto or none.")
+    _writable("train.run_dir", train.run_dir)
+
+
+def validate_checkpoint(checkpoint: CheckpointConfig) -> None:
+    number(ConfigError, "checkpoint.every", checkpoint.every, low=0, integer=True, fix="0 saves only at the end")
+    number(ConfigError, "checkpoint.keep", checkpoint.keep, low=0, integer=True, fix="0 keeps every checkpoint")
+    if checkpoint.init_from:
+        _require(Path(checkpoint.init_from).expanduser().exists(),
+                 f"checkpoint.init_from={checkpoint.init_from} does not exist; pass a Hugging Face Llama "
+                 f"directory or a plait checkpoint.")
+    _writable("checkpoint.dir", checkpoint.dir)
+
+
+def validate_logging(logging_cfg: LoggingConfig) -> None:
+    choice(ConfigError, "logging.level", str(logging_cfg.level).upper(), LOG_LEVELS)
+    choice(ConfigError, "logging.wandb.mode", logging_cfg.wandb.mode, WANDB_MODES)
+
+
+def _writable(key: str, path: Optional[str]) -> None:
+    """A directory the run will write, checked before any work (nothing is created to find out)."""
+    if path:
+        reason = unwritable_reason(path)
+        _require(reason is None, f"{key}={path} is not a writable directory ({reason}); point {key} at a "
+                                 f"directory this process can write.")
+
+
+def unknown_keys(node: Any, schema: Any = None, prefix: str = "") -> List[str]:
+    """Keys of the composed config that no schema field names (`+train.bogus=1` adds one past Hydra's check)."""
+    schema = schema or Config
+    names = {f.name: f for f in dataclasses.fields(schema)}
+    found = []
+    for key in node.keys():
+        if key == "hydra" and not prefix:
+            continue
+        if key not in names:
+            found.append(f"{prefix}{key}")
+        elif dataclasses.is_dataclass(names[key].type) and OmegaConf.is_config(node[key]):
+            found += unknown_keys(node[key], names[key].type, f"{prefix}{key}.")
+    return found
 
 
 def workload(cfg: Config) -> Workload:
@@ -209,30 +288,28 @@ def compile_wanted(train_compile: Any, device_type: str, offload_backend: str) -
 
 
 def validate(cfg: Config, world_size: int = 1) -> int:
-    """Check every relation between settings before any process group is made; returns dp."""
-    validate_model(cfg.model)
-    dp = check_layout(cfg, world_size).dp
+    """Check every setting and every relation between settings before any process group is made; returns dp.
+
+    Each group is checked by its owner (the layout by plait.parallel, the optimizer by plait.optim,
+    ...); whatever they raise reaches the caller as one ConfigError sentence.
+    """
+    extra = unknown_keys(cfg)
+    _require(not extra, f"{', '.join(extra)} {'is not a setting' if len(extra) == 1 else 'are not settings'} of "
+                        f"plait; check the spelling (`plait-train --cfg job` prints every setting).")
+    try:
+        validate_model(cfg.model)
+        validate_train(cfg.train)
+        validate_checkpoint(cfg.checkpoint)
+        validate_logging(cfg.logging)
+        validate_optim(cfg.optim)
+        validate_data(cfg.data)
+        validate_launch(cfg.launch)
+        validate_offload(cfg.offload)  # settings, and offload.path writable
+        dp = check_layout(cfg, world_size).dp
+    except (OptimError, DataError, LaunchError, OffloadError) as error:
+        raise ConfigError(str(error)) from None
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
-    _require(cfg.train.precision in ("fp32", "bf16"),
-             f"train.precision={cfg.train.precision} is not one of fp32, bf16.")
-    _require(cfg.optim.name in ("adamw", "lion"), f"optim.name={cfg.optim.name} is not one of adamw, lion.")
-    if cfg.data.path:
-        _require(Path(cfg.data.path).expanduser().exists(),
-                 f"data.path={cfg.data.path} does not exist; point it at a text file, a directory or prepared shards.")
-    if str(cfg.train.resume or "none") not in ("none", "auto"):
-        _require(Path(cfg.train.resume).expanduser().exists(),
-                 f"train.resume={cfg.train.resume} does not exist; pass a checkpoint directory, a checkpoint "
-                 f"root, auto or none.")
-    if cfg.checkpoint.init_from:
-        _require(Path(cfg.checkpoint.init_from).expanduser().exists(),
-                 f"checkpoint.init_from={cfg.checkpoint.init_from} does not exist; pass a Hugging Face Llama "
-                 f"directory or a plait checkpoint.")
-    _require(str(cfg.train.compile).lower() in COMPILE_CHOICES,
-             f"train.compile={cfg.train.compile} is not one of {', '.join(COMPILE_CHOICES)}.")
-    _require(cfg.train.peak_flops >= 0,
-             f"train.peak_flops={cfg.train.peak_flops} must be a positive FLOP/s per device, or 0 for the datasheet's.")
-    validate_offload(cfg.offload)  # settings, and offload.path writable (OffloadError)
     _require(cfg.offload.backend == "none" or str(cfg.train.compile).lower() != "true",
              f"offload.backend={cfg.offload.backend} uses saved-tensor hooks, which train.compile=true does not "
              f"support; set train.compile=false or offload.backend=none.")

@@ -23,6 +23,8 @@ attention scale other than 1/sqrt(head_dim) into q_proj. Import undoes the same 
 import argparse
 import json
 import math
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -30,6 +32,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from safetensors.torch import load as safetensors_load
 
+from plait.common.paths import unwritable_reason
 from plait.parallel.plans import param_specs
 from plait.train.checkpoint import CheckpointError, load_full_model
 from plait.train.tensorfile import write_atomic, write_safetensors
@@ -138,16 +141,34 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
 
 
 def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write `checkpoint` (any layout) as one HF Llama directory `out`; returns `out`."""
+    """Write `checkpoint` (any layout) as one HF Llama directory `out`; returns `out`.
+
+    A new `out` appears whole or not at all (written under a temporary name, then renamed).
+    """
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint} does not exist; pass a checkpoint directory (with index.json) or a "
+                              f"checkpoint root (with latest), e.g. <run_dir>/checkpoints.")
+    reason = unwritable_reason(str(out))
+    if reason is not None:
+        raise CheckpointError(f"{out} cannot take the export ({reason}); pass a new or empty directory.")
     index, full = load_full_model(checkpoint)
     model = index["model"]
     tensors = {name: tensor.to(dtype) for name, tensor in to_hf(model, full, index.get("scales")).items()}
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     config = hf_config(model)
     config["torch_dtype"] = config["dtype"] = str(dtype).replace("torch.", "")
-    write_safetensors(out / HF_WEIGHTS, tensors)
-    write_atomic(out / HF_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+    target = out if out.exists() else out.with_name(f".tmp-{out.name}.{os.getpid()}")
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        write_safetensors(target / HF_WEIGHTS, tensors)
+        write_atomic(target / HF_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+        if target != out:
+            os.replace(target, out)
+    except OSError as error:
+        if target != out:
+            shutil.rmtree(target, ignore_errors=True)
+        raise CheckpointError(f"writing {out} failed ({error.strerror or error}); nothing was left there, free "
+                              f"space or pick another directory.") from None
     return out
 
 

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from plait.launch.errors import LaunchError
 from plait.launch.submit import launch
-from plait.train.cli import USER_ERRORS
+from plait.train.cli import USER_ERRORS, precheck
 from plait.train.config import validate
 
 
@@ -69,6 +69,7 @@ def _hydra_main(cfg: DictConfig) -> int:
 
 def main() -> None:
     """Console entry point."""
+    precheck(sys.argv[1:], "plait-launch")
     _hydra_main()
 
 

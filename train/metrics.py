@@ -8,6 +8,7 @@ of context). Only rank 0 writes.
 
 import json
 import logging
+import os
 import resource
 import sys
 import time
@@ -89,6 +90,19 @@ class MetricsSink:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def forget_after(self, step: int) -> None:
+        """Drop the JSONL records past `step` (a resumed run trains those steps again), atomically."""
+        if self.jsonl is None:
+            return
+        path = Path(self.jsonl.name)
+        self.jsonl.close()
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+        self.jsonl = open(path, "a", buffering=1)
 
     def advance(self, step: int) -> None:
         if self.bar is not None:

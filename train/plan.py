@@ -250,12 +250,11 @@ def dry_run(cfg) -> dict:
 def main(argv: Optional[List[str]] = None) -> int:
     """`plait plan <overrides>`: print the plan for launch.world_size (or nodes x procs_per_node)."""
     from plait.parallel.pipeline.schedule import ScheduleError
-    from plait.train.cli import USER_ERRORS
-    from plait.train.config import load_config
+    from plait.train.cli import USER_ERRORS, compose
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    cfg = compose(argv, "plait plan")  # a bad override: one line, exit 2
     try:
-        cfg = load_config(argv)
         print(format_plan(plan(cfg, world_size_for(cfg)), cfg))
     except USER_ERRORS + (ScheduleError,) as error:
         print(f"plait plan: error: {error}", file=sys.stderr)

@@ -9,6 +9,7 @@ and `plait.data`.
 
 import logging
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
@@ -21,7 +22,7 @@ from plait.data.loader import Loader
 from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash, fault_step
 from plait.launch.rundir import resolve_run_dir
-from plait.launch.signals import Preempted, PreemptionFlag
+from plait.launch.signals import Interrupted, Preempted, PreemptionFlag
 from plait.optim.builder import build_optimizer, make_optimizer
 from plait.optim.groups import param_groups
 from plait.optim.clip import clip_by_norm
@@ -85,6 +86,19 @@ class Trainer:
         self.peak_flops, peak_source = peak_flops(self.device, cfg.train.precision, cfg.train.peak_flops)
         if self.is_logger:
             log.info("mfu: against %.1f TFLOP/s per device (%s)", self.peak_flops / 1e12, peak_source)
+        new_run_dir = not self.run_dir.exists()
+        try:
+            self._start_run()
+        except BaseException:  # a run that fails at start leaves no run directory behind
+            if hasattr(self, "sink"):
+                self.sink.close()
+            if self.is_logger and new_run_dir:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
+
+    def _start_run(self) -> None:
+        """Open the run directory and its sinks, build the step, resume or initialize the weights."""
+        cfg = self.cfg
         self.sink = metrics_lib.MetricsSink(
             self.run_dir, cfg.train.steps, self.is_logger, cfg.train.progress, cfg.logging.wandb,
             cfg.logging.tensorboard, OmegaConf.to_container(cfg, resolve=True) if self.is_logger else None)
@@ -101,6 +115,7 @@ class Trainer:
         if resume_from is not None:
             checkpoint_lib.restore_trainer(self, resume_from)
             self.checkpoint_step = self.step_num
+            self.sink.forget_after(self.step_num)  # a killed run logged steps past its checkpoint: they rerun
         elif cfg.checkpoint.init_from:
             self._init_weights(Path(cfg.checkpoint.init_from))
 
@@ -258,7 +273,7 @@ class Trainer:
         cfg, last = self.cfg.train, {}
         if self.is_logger:
             log.info("run directory: %s", self.run_dir)
-        preemption = PreemptionFlag()  # SIGTERM / SIGUSR1 only raise a flag; all ranks agree below
+        preemption = PreemptionFlag()  # SIGTERM / SIGUSR1 / Ctrl-C only raise a flag; all ranks agree below
         while self.step_num < cfg.steps:
             if self.step_num == self.crash_at:
                 crash(self.step_num, self.grid.rank)
@@ -275,9 +290,10 @@ class Trainer:
             last = record
             if checkpoint_lib.due(self.cfg, self.step_num):
                 self.save_checkpoint()
-            if preemption.should_stop(self.grid):
+            decision = preemption.decision(self.grid)
+            if decision is not None:
                 preemption.restore()
-                self.stop_for_requeue()
+                self.stop_for_requeue() if decision == "requeue" else self.stop_for_interrupt()
         preemption.restore()
         if self.cfg.checkpoint.save_final and self.checkpoint_step != self.step_num:
             self.save_checkpoint()
@@ -298,6 +314,16 @@ class Trainer:
         path = self.save_checkpoint() if self.checkpoint_step != self.step_num else None
         self.sink.close()
         raise Preempted(self.step_num, path)
+
+    def stop_for_interrupt(self) -> None:
+        """Ctrl-C: checkpoint this step if checkpoints are on (unless just done), close the sinks, exit 130.
+
+        Raises `plait.launch.Interrupted`, a SystemExit carrying 130.
+        """
+        wants = int(self.cfg.checkpoint.every) > 0 or self.cfg.checkpoint.save_final
+        path = self.save_checkpoint() if wants and self.checkpoint_step != self.step_num else None
+        self.sink.close()
+        raise Interrupted(self.step_num, path)
 
     def close(self) -> None:
         self.sink.close()

@@ -26,7 +26,7 @@ would leave a chunk waiting on a micro-batch that is scheduled later on another 
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 
 class ScheduleError(ValueError):
@@ -55,9 +55,6 @@ class Action:
         return f"{self.kind.value}{self.microbatch}s{self.stage}"
 
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved")
-
-
 def schedule_name(schedule: str, vpp: int) -> str:
     """The config's `parallel.schedule` plus `parallel.vpp` as a builder name (1f1b with v > 1 interleaves)."""
     if schedule == "1f1b" and vpp > 1:
@@ -67,8 +64,9 @@ def schedule_name(schedule: str, vpp: int) -> str:
 
 def check_microbatches(schedule: str, pp: int, vpp: int, microbatches: int) -> None:
     """Raise ScheduleError (one sentence naming the setting and the fix) for counts the schedule rejects."""
-    if schedule not in SCHEDULES:
-        raise ScheduleError(f"parallel.schedule={schedule} is not one of gpipe, 1f1b (interleaved when parallel.vpp > 1).")
+    if schedule not in BUILDERS:
+        raise ScheduleError(f"parallel.schedule={schedule} is not one of {', '.join(BUILDERS)} "
+                            f"(1f1b with parallel.vpp > 1 interleaves).")
     for name, value in (("parallel.pp", pp), ("parallel.vpp", vpp), ("parallel.microbatches", microbatches)):
         if not isinstance(value, int) or value < 1:
             raise ScheduleError(f"{name}={value} must be a positive integer.")
@@ -139,14 +137,20 @@ def _interleaved(rank: int, pp: int, vpp: int, m: int) -> List[Action]:
     return order
 
 
+# schedule name -> the compute order of one pp rank (rank, pp, vpp, m); the keys are the choices
+BUILDERS: Dict[str, Callable[[int, int, int, int], List[Action]]] = {
+    "gpipe": lambda rank, pp, vpp, m: _gpipe(rank, pp, vpp, m, forward_only=False),
+    "1f1b": lambda rank, pp, vpp, m: _one_f_one_b(rank, pp, m),
+    "interleaved": _interleaved,
+}
+
+
 def compute_order(schedule: str, pp: int, vpp: int, microbatches: int, *, forward_only: bool = False) -> List[List[Action]]:
     """Each rank's forwards and backwards in execution order (no communication yet)."""
     check_microbatches(schedule, pp, vpp, microbatches)
-    if forward_only or schedule == "gpipe":
-        return [_gpipe(r, pp, vpp, microbatches, forward_only) for r in range(pp)]
-    if schedule == "1f1b":
-        return [_one_f_one_b(r, pp, microbatches) for r in range(pp)]
-    return [_interleaved(r, pp, vpp, microbatches) for r in range(pp)]
+    if forward_only:
+        return [_gpipe(r, pp, vpp, microbatches, forward_only=True) for r in range(pp)]
+    return [BUILDERS[schedule](r, pp, vpp, microbatches) for r in range(pp)]
 
 
 def _receives(action: Action, n_stages: int) -> List[Action]:

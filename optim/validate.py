@@ -1,0 +1,29 @@
+"""The `optim` group's rules: every field against its range, every choice against the table that builds it."""
+
+from plait.common.checks import choice, number
+from plait.optim.builder import OPTIMIZERS
+from plait.optim.config import OptimConfig
+from plait.optim.lion import IMPLS
+from plait.optim.schedule import SCHEDULES
+
+
+class OptimError(ValueError):
+    """An optimizer setting that cannot work, in one sentence naming it."""
+
+
+def validate_optim(cfg: OptimConfig) -> None:
+    choice(OptimError, "optim.name", cfg.name, OPTIMIZERS)
+    choice(OptimError, "optim.schedule", cfg.schedule, SCHEDULES)
+    choice(OptimError, "optim.impl", cfg.impl, IMPLS)
+    number(OptimError, "optim.lr", cfg.lr, low=0, low_open=True)
+    number(OptimError, "optim.min_lr_ratio", cfg.min_lr_ratio, low=0, high=1)
+    number(OptimError, "optim.warmup_steps", cfg.warmup_steps, low=0, integer=True)
+    number(OptimError, "optim.weight_decay", cfg.weight_decay, low=0)
+    number(OptimError, "optim.eps", cfg.eps, low=0, low_open=True)
+    number(OptimError, "optim.grad_clip", cfg.grad_clip, low=0, fix="0 turns clipping off")
+    if len(cfg.betas) != 2:
+        raise OptimError(f"optim.betas={list(cfg.betas)} must be two numbers, e.g. [0.9, 0.95].")
+    for index, beta in enumerate(cfg.betas):
+        number(OptimError, f"optim.betas[{index}]", beta, low=0, high=1, high_open=True)
+    for key in ("mup_input_mult", "mup_output_mult", "mup_attn_mult"):
+        number(OptimError, f"optim.{key}", getattr(cfg, key), low=0, low_open=True)
