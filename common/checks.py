@@ -9,6 +9,15 @@ cosine, linear, constant.`).
 from typing import Any, Iterable, Optional, Type
 
 
+class SettingError(ValueError):
+    """A setting that cannot work, explained in one sentence naming it and the fix.
+
+    Every part's own error for its settings derives from it (LayoutError, OptimError,
+    OffloadError, DataError, LaunchError), so `except SettingError` (`plait.train.ConfigError`)
+    catches a bad config whichever part judged it.
+    """
+
+
 def number(error: Type[Exception], key: str, value: Any, *, low: Optional[float] = None, high: Optional[float] = None,
            low_open: bool = False, high_open: bool = False, integer: bool = False, fix: str = "") -> None:
     """`value` is a number (an integer if asked) in [low, high] (open ends where asked), else `error`."""

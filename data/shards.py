@@ -16,10 +16,11 @@ Opening a shard maps both files and checks their sizes against the header (O(1),
 so a truncated or mismatched file is reported by name before any training step.
 """
 
+import json
 import os
 import struct
 from pathlib import Path
-from typing import List, Union
+from typing import List, Optional, Union
 
 import numpy as np
 
@@ -101,9 +102,42 @@ class TokenShard:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def max_token(self, cache: Optional[Path] = None) -> int:
+        """The largest token id in the shard: one pass over the tokens, remembered in `cache` (a JSON file keyed
+        by the .bin's path, size and mtime), so opening the same shard again costs nothing."""
+        stat = self.bin_path.stat()
+        key = f"{self.bin_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+        known = _read_json(cache) if cache is not None else {}
+        if key in known:
+            return int(known[key])
+        largest = 0
+        for start in range(0, len(self.tokens), 1 << 26):  # 64M tokens at a time: bounded memory
+            largest = max(largest, int(self.tokens[start:start + (1 << 26)].max()))
+        if cache is not None:
+            _write_json(cache, {**known, key: largest})
+        return largest
+
     def doc_starts(self) -> np.ndarray:
         """Token offset where each document starts (D entries, Megatron's document index -> tokens)."""
         return self.pointers[self.documents[:-1]] // self.dtype.itemsize
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Best effort (a cache): temp name, then rename; a read-only cache just stays unwritten."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 class ShardWriter:

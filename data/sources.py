@@ -19,7 +19,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from plait.data.config import DataConfig
-from plait.data.corpus import prepare_text
+from plait.data.corpus import cache_root, prepare_text
 from plait.data.dataset import OpenShard, TokenDataset, TokenSpan, train_tokens
 from plait.data.errors import DataError
 from plait.data.shards import TokenShard, check_vocab_fits, prefix_of
@@ -80,6 +80,9 @@ def open_source(path: Optional[str], cfg: DataConfig, seq_len: int, device: torc
         return _open_shards(prefixes, cfg.val_fraction, seq_len, device, str(location))
     if not location.exists():
         raise DataError(f"data.path={path} does not exist; point it at text, a prepared directory or shards.")
+    if location.is_dir() and not any(location.iterdir()):
+        raise DataError(f"data.path={path} is an empty directory: it holds no non-empty text files, no Megatron "
+                        f".bin/.idx shards and no `plait data prepare` output; point data.path at one of those.")
     directory = prepare_text(path, cfg.cache_dir, cfg.val_fraction, cfg.tokenizer, cfg.vocab_size, cfg.workers)
     return _open_prepared(directory, seq_len, device, str(location))
 
@@ -116,6 +119,15 @@ def _maybe_dataset(spans, seq_len: int, name: str) -> Optional[TokenDataset]:
         return None
 
 
+def check_token_ids(shard: TokenShard, model_vocab: int, cache: Path) -> None:
+    """Every token id of the shard must be a row of the embedding (any format, any tp: padding rows are no
+    vocabulary); checked at open time from the shard's largest id (one pass, cached)."""
+    largest = shard.max_token(cache)
+    if largest >= model_vocab:
+        raise DataError(f"{shard.bin_path} holds token id {largest} but model.vocab_size={model_vocab}; set "
+                        f"model.vocab_size to at least {largest + 1} (or tokenize with the model's vocabulary).")
+
+
 def open_sources(cfg: DataConfig, seq_len: int, device: torch.device,
                  model_vocab: Optional[int] = None) -> Tuple[List[Source], List[float]]:
     """Every corpus the config names (`paths` + `weights`, else `path`), checked against the model's vocabulary."""
@@ -124,6 +136,11 @@ def open_sources(cfg: DataConfig, seq_len: int, device: torch.device,
     if len(weights) != len(paths):
         raise DataError(f"data.weights has {len(weights)} entries but data.paths has {len(paths)}; give one weight per path.")
     sources = [open_source(p, cfg, seq_len, device) for p in paths]
+    if model_vocab is not None:
+        cache = cache_root(cfg.cache_dir) / "shard-max-token.json"
+        for source in sources:
+            for opened in source.shards:
+                check_token_ids(opened.shard, model_vocab, cache)
     for source in sources:
         if model_vocab is not None and source.vocab_size is not None and source.vocab_size != model_vocab:
             if source.vocab_size > model_vocab:

@@ -1,5 +1,6 @@
 """The launch layer's user error: one sentence naming the setting and the fix."""
 
+from plait.common.checks import SettingError
 
-class LaunchError(ValueError):
+class LaunchError(SettingError):
     """A launch setting that cannot work (missing sbatch, unreachable rendezvous, ...)."""

@@ -8,6 +8,7 @@ every saved activation of a model chunk pass through `plait.offload.ActivationCa
 from dataclasses import dataclass
 from typing import Any, List, Optional
 
+from plait.common.checks import SettingError
 from plait.common.paths import unwritable_reason
 
 BACKENDS = ("none", "auto", "host", "file", "aio", "gds")
@@ -15,7 +16,7 @@ MODES = ("keep", "offload", "recompute")
 DEVICE_FILTERS = ("cuda", "all")
 
 
-class OffloadError(ValueError):
+class OffloadError(SettingError):
     """A bad offload setting or an offload path that cannot be used (one sentence with the fix)."""
 
 

@@ -1,13 +1,13 @@
 """The `optim` group's rules: every field against its range, every choice against the table that builds it."""
 
-from plait.common.checks import choice, number
+from plait.common.checks import SettingError, choice, number
 from plait.optim.builder import OPTIMIZERS
 from plait.optim.config import OptimConfig
 from plait.optim.lion import IMPLS
 from plait.optim.schedule import SCHEDULES
 
 
-class OptimError(ValueError):
+class OptimError(SettingError):
     """An optimizer setting that cannot work, in one sentence naming it."""
 
 

@@ -22,13 +22,13 @@ from dataclasses import dataclass
 from itertools import product
 from typing import Any, Dict, List, Optional
 
-from plait.common.checks import choice, number
+from plait.common.checks import SettingError, choice, number
 
 DIMS = ("pp", "dp", "cp", "tp")  # outermost to innermost
 COMBOS = {"mp": ("pp", "tp")}  # named groups over several dimensions: mp = the ranks of one model replica
 
 
-class LayoutError(ValueError):
+class LayoutError(SettingError):
     """A split of the world the model, the batch or the schedule does not allow, in one sentence."""
 
 

@@ -94,12 +94,15 @@ def run(cfg: DictConfig) -> dict:
         end_process_group()
         raise
     except KeyboardInterrupt:
+        end_process_group()
         fail("interrupted (Ctrl-C) before a step finished; nothing was saved.", INTERRUPT_EXIT_CODE, rank == 0)
     except USER_ERRORS + (FloatingPointError,) as error:  # the same on every rank (settings, data, nan loss)
+        end_process_group()
         fail(str(error), speak=rank == 0 or trainer is not None and not isinstance(error, FloatingPointError))
     except Exception as error:
         if not lost_a_peer(error):
             raise
+        end_process_group()
         step = getattr(trainer, "checkpoint_step", None)
         fail(f"rank {rank} lost contact with another rank ({str(error).splitlines()[0][:160]}): that rank ended "
              f"or was killed first and its own log says why; checkpoints up to step {step} are intact, resume "

@@ -13,24 +13,21 @@ from typing import Any, List, Optional, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from plait.common.checks import choice, number
+from plait.common.checks import SettingError, choice, number
 from plait.common.paths import unwritable_reason
 from plait.data.config import DataConfig, validate_data
-from plait.data.errors import DataError
 from plait.launch.config import LaunchConfig
-from plait.launch.errors import LaunchError
 from plait.launch.submit import validate_launch
-from plait.offload.config import OffloadConfig, OffloadError, validate_offload
+from plait.offload.config import OffloadConfig, validate_offload
 from plait.optim.config import OptimConfig
-from plait.optim.validate import OptimError, validate_optim
+from plait.optim.validate import validate_optim
 from plait.parallel.config import ParallelConfig
 from plait.parallel.layout import Layout, LayoutError, Workload
 from plait.parallel.layout import micro_batch_size as layout_micro_batch_size
 from plait.parallel.layout import validate as validate_layout
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work, explained in one sentence."""
+ConfigError = SettingError  # every part's setting errors derive from it (LayoutError, OptimError, OffloadError, ...)
 
 
 @dataclass
@@ -259,10 +256,7 @@ def workload(cfg: Config) -> Workload:
 
 def check_layout(cfg: Config, world_size: int) -> Layout:
     """The layout for `world_size` ranks under every layout rule (plait.parallel.layout), as a ConfigError."""
-    try:
-        return validate_layout(cfg.parallel, world_size, workload(cfg))
-    except LayoutError as error:
-        raise ConfigError(str(error)) from None
+    return validate_layout(cfg.parallel, world_size, workload(cfg))
 
 
 def micro_batch_size(cfg: Config, dp: int) -> int:
@@ -291,23 +285,20 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     """Check every setting and every relation between settings before any process group is made; returns dp.
 
     Each group is checked by its owner (the layout by plait.parallel, the optimizer by plait.optim,
-    ...); whatever they raise reaches the caller as one ConfigError sentence.
+    ...); each raises its own error class, all of them ConfigError (plait.common.checks.SettingError).
     """
     extra = unknown_keys(cfg)
     _require(not extra, f"{', '.join(extra)} {'is not a setting' if len(extra) == 1 else 'are not settings'} of "
                         f"plait; check the spelling (`plait-train --cfg job` prints every setting).")
-    try:
-        validate_model(cfg.model)
-        validate_train(cfg.train)
-        validate_checkpoint(cfg.checkpoint)
-        validate_logging(cfg.logging)
-        validate_optim(cfg.optim)
-        validate_data(cfg.data)
-        validate_launch(cfg.launch)
-        validate_offload(cfg.offload)  # settings, and offload.path writable
-        dp = check_layout(cfg, world_size).dp
-    except (OptimError, DataError, LaunchError, OffloadError) as error:
-        raise ConfigError(str(error)) from None
+    validate_model(cfg.model)
+    validate_train(cfg.train)
+    validate_checkpoint(cfg.checkpoint)
+    validate_logging(cfg.logging)
+    validate_optim(cfg.optim)
+    validate_data(cfg.data)
+    validate_launch(cfg.launch)
+    validate_offload(cfg.offload)  # settings, and offload.path writable
+    dp = check_layout(cfg, world_size).dp
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
     _require(cfg.offload.backend == "none" or str(cfg.train.compile).lower() != "true",

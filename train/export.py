@@ -177,6 +177,42 @@ _SHAPE_KEYS = {"vocab_size": "vocab_size", "hidden_size": "dim", "intermediate_s
                "num_key_value_heads": "n_kv_heads", "tie_word_embeddings": "tie_embeddings"}
 
 
+def _rope(config: Dict[str, Any]) -> Dict[str, Any]:
+    """The rotary settings of a config.json, older (`rope_theta`, `rope_scaling`) and newer (`rope_parameters`) keys."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
+    return {"theta": float(params.get("rope_theta", config.get("rope_theta", 10000.0))), "type": kind}
+
+
+def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
+    """Refuse, in one line naming the key, what plait's decoder does not compute, and any setting of the
+    directory that the model config does not share (rope_theta, rms_norm_eps), so no load is silently wrong."""
+    def refuse(what: str) -> None:
+        raise CheckpointError(f"{where}: {what}; plait's decoder cannot load it.")
+
+    if config.get("model_type", "llama") != "llama":
+        refuse(f"model_type={config['model_type']} is not llama")
+    if config.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act={config['hidden_act']} (plait's MLP is SwiGLU, silu)")
+    for key in ("attention_bias", "mlp_bias"):
+        if config.get(key):
+            refuse(f"{key}=true (plait's linears have no bias)")
+    rope = _rope(config)
+    if rope["type"] not in (None, "default"):
+        refuse(f"rope_scaling type {rope['type']} (plait's rotary positions are unscaled)")
+    heads = config.get("num_attention_heads")
+    if config.get("head_dim") is not None and heads and config["head_dim"] != config["hidden_size"] // heads:
+        refuse(f"head_dim={config['head_dim']} is not hidden_size / num_attention_heads = "
+               f"{config['hidden_size'] // heads} (plait's heads split the width)")
+    for hf_key, key, theirs in (("rope_theta", "rope_theta", rope["theta"]),
+                                ("rms_norm_eps", "norm_eps", float(config.get("rms_norm_eps", 1e-6)))):
+        ours = float(getattr(cfg, key))
+        if ours != theirs:
+            raise CheckpointError(f"{where} has {hf_key}={theirs:g} but model.{key}={ours:g}; set model.{key}="
+                                  f"{theirs:g} to load it.")
+
+
 def read_hf(directory: Path) -> (Dict[str, Any], Dict[str, torch.Tensor]):
     """(config.json, state dict) of an HF Llama directory, with clear errors for what is missing."""
     directory = Path(directory)
@@ -206,6 +242,7 @@ def init_from_hf(model, directory: Path, grid=None) -> None:
     if wrong:
         raise CheckpointError(f"{Path(directory) / HF_CONFIG} does not fit this model: {', '.join(wrong)}; "
                               f"set the model config to match.")
+    check_hf_config(config, cfg, Path(directory) / HF_CONFIG)
     scales = {"embedding": model.scales.embedding, "logits": model.scales.logits, "attention": model.scales.attention}
     full = from_hf({**ours, "max_seq_len": cfg.max_seq_len}, hf, scales)
     specs = param_specs(model)

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from plait.launch.errors import LaunchError
 from plait.launch.submit import launch
 from plait.train.cli import USER_ERRORS, precheck
+from plait.parallel.layout import LayoutError
 from plait.train.config import validate
 
 
@@ -35,9 +36,9 @@ def validate_and_launch(cfg: DictConfig, overrides: Sequence[str], job_num: int 
     world_size = spec.nodes * spec.procs_per_node
     try:
         validate(cfg, world_size)
-    except USER_ERRORS as error:
-        raise type(error)(f"{error} (launch.nodes={spec.nodes} x launch.procs_per_node={spec.procs_per_node} "
-                          f"= {world_size} processes)") from None
+    except LayoutError as error:  # the layout was judged for this many processes: say so
+        raise LayoutError(f"{error} (launch.nodes={spec.nodes} x launch.procs_per_node={spec.procs_per_node} "
+                                f"= {world_size} processes)") from None
     return launch(spec, overrides, job_num)
 
 

@@ -213,13 +213,29 @@ class Trainer:
 
     def _build_loader(self) -> Loader:
         cfg = self.cfg
-        if self.grid.world_size > 1 and self.grid.rank != 0:
-            dist.barrier()  # rank 0 tokenizes and caches the corpus first
-        loader = Loader.from_config(cfg.data, cfg.train.seq_len, cfg.train.batch_size, cfg.parallel.microbatches,
-                                    self.grid.dp_rank, self.grid.dp, cfg.train.seed, self.device, cfg.model.vocab_size)
-        if self.grid.world_size > 1 and self.grid.rank == 0:
-            dist.barrier()
-        return loader
+        return self._rank0_first(lambda: Loader.from_config(
+            cfg.data, cfg.train.seq_len, cfg.train.batch_size, cfg.parallel.microbatches, self.grid.dp_rank,
+            self.grid.dp, cfg.train.seed, self.device, cfg.model.vocab_size))
+
+    def _rank0_first(self, work: Callable):
+        """`work()` on rank 0 first (it tokenizes and caches the corpus), then on the others. If it fails on
+        rank 0, every rank raises rank 0's error (rank 0 alone reports it) instead of waiting for it forever."""
+        if self.grid.world_size == 1:
+            return work()
+        outcome: List = [None]
+        if self.grid.rank == 0:
+            try:
+                result = work()
+            except Exception as error:
+                outcome[0] = error
+                dist.broadcast_object_list(outcome, src=0)
+                raise
+            dist.broadcast_object_list(outcome, src=0)
+            return result
+        dist.broadcast_object_list(outcome, src=0)
+        if outcome[0] is not None:
+            raise outcome[0]
+        return work()
 
     # one step ---------------------------------------------------------------------
     def _finish_grads(self) -> torch.Tensor:

@@ -1,0 +1,75 @@
+"""A Hugging Face Llama directory loads into plait only when plait computes what it computes.
+
+For each config key plait honours (rope_theta, rms_norm_eps), a directory with that key moved
+from its default loads into a plait model set the same way, and the logits equal HF's to
+1e-5; with the model config left at the default, the load is refused naming the key. For each
+key plait does not implement (rope scaling, biases, another activation, a head size that is
+not width / heads), the load is refused in one line naming it.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from plait.train.build import build_model  # noqa: E402
+from plait.train.checkpoint import CheckpointError  # noqa: E402
+from plait.train.config import ModelConfig  # noqa: E402
+from plait.train.export import init_from_hf  # noqa: E402
+
+VOCAB, DIM, HEADS, KV, FFN, LAYERS = 300, 64, 4, 2, 96, 2
+
+
+def hf_directory(tmp_path, **changes):
+    settings = dict(vocab_size=VOCAB, hidden_size=DIM, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                    num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=64, rms_norm_eps=1e-5,
+                    rope_theta=10000.0, tie_word_embeddings=False)
+    config = transformers.LlamaConfig(**{**settings, **changes})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():  # norms too: a load that skipped one would show
+            param.add_(torch.randn_like(param) * 0.05)
+    directory = tmp_path / "hf"
+    model.save_pretrained(directory, safe_serialization=True)
+    return model, directory
+
+
+def plait_model(**changes):
+    cfg = ModelConfig(vocab_size=VOCAB, dim=DIM, n_layers=LAYERS, n_heads=HEADS, n_kv_heads=KV, ffn_dim=FFN,
+                      max_seq_len=64, **changes)
+    return build_model(cfg, seed=1)
+
+
+HONOURED = [({"rope_theta": 500000.0}, {"rope_theta": 500000.0}, "rope_theta"),
+            ({"rms_norm_eps": 1e-6}, {"norm_eps": 1e-6}, "rms_norm_eps")]
+
+
+@pytest.mark.parametrize("hf_change,plait_change,key", HONOURED, ids=[h[2] for h in HONOURED])
+def test_honoured_keys_give_hf_logits_and_a_mismatch_is_refused(tmp_path, hf_change, plait_change, key):
+    hf, directory = hf_directory(tmp_path, **hf_change)
+    ours = plait_model(**plait_change)
+    init_from_hf(ours, directory)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, reference = ours(ids)[..., :VOCAB], hf(ids).logits
+    assert ((logits - reference).abs().max() / reference.abs().max()).item() < 1e-5
+    with pytest.raises(CheckpointError, match=rf"has {key}=.* but model\.\w+=.*; set model\.\w+=") as info:
+        init_from_hf(plait_model(), directory)
+    assert "\n" not in str(info.value)
+
+
+REFUSED = [({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 32}}, "rope_scaling type llama3"),
+           ({"hidden_act": "gelu"}, "hidden_act=gelu"),
+           ({"attention_bias": True}, "attention_bias=true"),
+           ({"mlp_bias": True}, "mlp_bias=true"),
+           ({"head_dim": 32}, "head_dim=32 is not hidden_size / num_attention_heads = 16")]
+
+
+@pytest.mark.parametrize("hf_change,words", REFUSED, ids=[r[1].split("=")[0].split(" ")[0] for r in REFUSED])
+def test_what_plait_does_not_compute_is_refused_in_one_line(tmp_path, hf_change, words):
+    _, directory = hf_directory(tmp_path, **hf_change)
+    with pytest.raises(CheckpointError) as info:
+        init_from_hf(plait_model(), directory)
+    assert words in str(info.value) and "\n" not in str(info.value), str(info.value)
