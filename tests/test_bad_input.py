@@ -280,3 +280,67 @@ def test_token_ids_past_the_vocabulary_are_refused_at_any_tp(tmp_path, tp):
     assert lines and "holds token id 300 but model.vocab_size=256" in lines[0], result.stderr[-3000:]
     assert len([line for line in lines if line.startswith("plait-train: error:")]) == 1  # rank 0 alone says it
     assert not (tmp_path / "run").exists()
+
+
+def test_export_names_its_own_problems(tmp_path, capsys):
+    from plait.train.tools import main as tools_main
+
+    (tmp_path / "a-file").write_text("x")
+    for args, words in ((["export", str(tmp_path / "nonexistent"), str(tmp_path / "out")], "does not exist; pass a "
+                         "checkpoint directory"),
+                        (["export", str(tmp_path), str(tmp_path / "a-file")], "cannot take the export (it is a file")):
+        with pytest.raises(SystemExit) as exited:
+            tools_main(args)
+        err = capsys.readouterr().err
+        assert exited.value.code == 2 and words in err and "train.resume" not in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_a_full_offload_disk_mid_run_is_one_line(tmp_path, stdlib_tokens, capsys, monkeypatch):
+    import errno
+
+    from plait.offload import files
+    from plait.train.cli import run
+
+    cache = stdlib_tokens[0].parent.parent
+    cfg = load_config(SMALL + ["train.steps=3", f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={cache}",
+                               "offload=file", f"offload.path={tmp_path / 'scratch'}", "offload.device_filter=all",
+                               "offload.min_bytes=1024"])
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.FileStore, "write_bytes", full)
+    with pytest.raises(SystemExit) as exited:
+        run(cfg)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exited.value.code == 2 and len(lines) == 1 and "offload.path=" in lines[0] and "is full" in lines[0], err
+
+
+def test_a_killed_peer_is_one_line_on_the_survivor(tmp_path, stdlib_tokens):
+    """Two ranks started as torchrun would start them; rank 1 is killed with SIGKILL mid-run, and rank 0
+    ends with one line saying so (exit 2), not gloo's traceback."""
+    import socket
+
+    cache = stdlib_tokens[0].parent.parent
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "plait.train", *SMALL, "train.steps=100000", f"train.run_dir={tmp_path / 'run'}",
+               f"data.cache_dir={cache}"]
+    ranks = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for rank in range(2)]
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 2):
+        time.sleep(0.2)
+    ranks[1].kill()
+    _, err = ranks[0].communicate(timeout=180)
+    ranks[1].communicate(timeout=30)
+    assert ranks[0].returncode == 2, err[-3000:]
+    (line,) = [line for line in err.splitlines() if ": error: " in line]
+    assert "rank 0 lost contact with another rank" in line and "resume with train.resume=auto" in line
+    assert "Traceback" not in err
