@@ -102,6 +102,37 @@ def test_load_config_and_validate_accept_or_refuse_in_one_sentence(root):
     check()
 
 
+REPORTED = [  # what the review found accepted or a traceback, each with the words of its sentence now
+    (["+train.bogus=1"], "train.bogus is not a setting of plait"), (["train.steps=-5"], "train.steps=-5 must be >= 1"),
+    (["train.steps=0"], "train.steps=0 must be >= 1"), (["logging.level=LOUD"], "logging.level=LOUD is not one of"),
+    (["checkpoint.every=-1"], "checkpoint.every=-1 must be >= 0"), (["checkpoint.keep=-1"], "checkpoint.keep=-1 must"),
+    (["optim.warmup_steps=-10"], "optim.warmup_steps=-10 must be >= 0"), (["train.threads=-3"], "train.threads=-3"),
+    (["train.eval_every=-1"], "train.eval_every=-1 must be >= 0"), (["optim.lr=-1"], "optim.lr=-1.0 must be > 0"),
+    (["optim.betas=[1.5,0.9]"], "optim.betas[0]=1.5 must be >= 0 and < 1"), (["train.seq_len=0"], "train.seq_len=0"),
+    (["train.log_every=0"], "train.log_every=0 must be >= 1"), (["logging.wandb.mode=bogus"], "logging.wandb.mode=bogus"),
+    (["train.device=tpu"], "train.device=tpu is not one of auto, cpu, cuda"),
+    (["data.val_fraction=2"], "data.val_fraction=2.0 must be >= 0 and < 1"),
+    (["parallel.zero=3"], "parallel.zero=3 is not one of 0, 1"), (["optim.schedule=cosin"], "optim.schedule=cosin is not"),
+    (["model.dropout=1.5"], "model.dropout=1.5 must be >= 0 and < 1"), (["launch=slurm", "launch.nodes=0"],
+                                                                          "launch.nodes=0 must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("overrides,words", REPORTED, ids=[" ".join(r[0]) for r in REPORTED])
+def test_each_reported_bad_setting_is_one_sentence(overrides, words):
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(overrides), 1)
+    assert words in str(info.value) and one_sentence(str(info.value)), str(info.value)
+
+
+def test_unwritable_paths_are_found_before_any_work(root):
+    (root / "a-file").write_text("x")
+    for key in ("train.run_dir", "checkpoint.dir"):
+        with pytest.raises(ConfigError, match=rf"{key}=.*a-file.* is not a writable directory \(.*is a file"):
+            validate(load_config([f"{key}={root / 'a-file' / 'x'}"]), 1)
+    assert not (root / "a-file").is_dir()
+
+
 def run_cli(main, argv, capsys, monkeypatch):
     """(exit status, stderr) of a console entry point run in this process."""
     monkeypatch.setattr(sys, "argv", argv)
