@@ -68,7 +68,7 @@ class Plait:
 
     def load(self, root):
         from plait.optim.state import load_named_state
-        from plait.train.checkpoint import ShardReader, load_optim_state, load_params
+        from plait.train.reshard import ShardReader, load_optim_state, load_params
 
         reader = ShardReader(root)
         if not self.verify:

@@ -22,8 +22,13 @@ from plait.common.optimizer_state import load_param_state
 NamedState = Dict[str, Dict[str, torch.Tensor]]
 
 
-def named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Parameter]) -> NamedState:
-    """{param name: {state key: tensor}} with scalar steps as 0-d tensors."""
+def named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Parameter],
+                copy: bool = True) -> NamedState:
+    """{param name: {state key: tensor}} with scalar steps as 0-d tensors.
+
+    `copy=False` hands out the optimizer's own tensors (a checkpoint snapshots them before the
+    next step changes them); a ZeRO-1 optimizer gathers its shards into new tensors either way.
+    """
     if hasattr(optimizer, "named_state"):
         return optimizer.named_state()
     out: NamedState = {}
@@ -31,8 +36,8 @@ def named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Par
         state = optimizer.state.get(param)
         if not state:
             continue
-        out[name] = {key: (value.detach().clone() if torch.is_tensor(value) else torch.tensor(float(value)))
-                     for key, value in state.items()}
+        out[name] = {key: ((value.detach().clone() if copy else value.detach()) if torch.is_tensor(value)
+                           else torch.tensor(float(value))) for key, value in state.items()}
     return out
 
 

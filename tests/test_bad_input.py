@@ -212,14 +212,17 @@ def test_a_failed_start_leaves_no_run_directory(tmp_path, stdlib_tokens):
     assert not (tmp_path / "run").exists()
 
 
-def test_full_checkpoint_disk_names_the_directory_and_keeps_the_previous(tmp_path, stdlib_tokens, monkeypatch):
+@pytest.mark.parametrize("background", [False, True], ids=["sync", "async"])
+def test_full_checkpoint_disk_names_the_directory_and_keeps_the_previous(tmp_path, stdlib_tokens, monkeypatch,
+                                                                        background):
     import errno
 
     from plait.train import checkpoint as checkpoint_lib
     from plait.train.trainer import Trainer
 
     cache = stdlib_tokens[0].parent.parent
-    trainer = Trainer(load_config(SMALL + ["train.steps=4", f"train.run_dir={tmp_path}", f"data.cache_dir={cache}"]))
+    trainer = Trainer(load_config(SMALL + ["train.steps=4", f"train.run_dir={tmp_path}", f"data.cache_dir={cache}",
+                                           f"checkpoint.async_save={background}"]))
     trainer.step()
     first = trainer.save_checkpoint()
     trainer.step()
@@ -229,7 +232,8 @@ def test_full_checkpoint_disk_names_the_directory_and_keeps_the_previous(tmp_pat
 
     monkeypatch.setattr(checkpoint_lib, "write_safetensors", full)
     with pytest.raises(checkpoint_lib.CheckpointError) as info:
-        trainer.save_checkpoint()
+        trainer.save_checkpoint()  # in the background: the failure surfaces when the write is waited for
+        trainer.checkpointer.wait()
     message = str(info.value)
     assert f"checkpoint.dir={tmp_path / 'checkpoints'}" in message and "No space left" in message
     assert f"the previous checkpoint {first} is intact" in message and "\n" not in message

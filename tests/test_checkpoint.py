@@ -30,7 +30,8 @@ import safetensors.torch
 import torch
 
 from plait.launch.signals import REQUEUE_EXIT_CODE
-from plait.train.checkpoint import CheckpointError, ShardReader, latest_checkpoint
+from plait.train.checkpoint import CheckpointError, latest_checkpoint
+from plait.train.reshard import ShardReader
 from tests.dist_utils import run_ranks
 
 VOCAB = 300
@@ -354,7 +355,7 @@ def test_resume_auto_without_checkpoint_starts_fresh(tmp_path, stdlib_tokens):
 
 
 def test_init_from_checkpoint_or_hf_directory(saved_run):
-    from plait.train.checkpoint import load_full_model
+    from plait.train.reshard import load_full_model
     from plait.train.export import export_checkpoint
 
     tmp_path, cache, _ = saved_run

@@ -14,7 +14,8 @@ import torch
 
 from plait.parallel.grid import Grid
 from plait.parallel.plans import param_specs
-from plait.train.checkpoint import CheckpointError, SaveRequest, layout_meta, load_full_model, model_meta, save
+from plait.train.checkpoint import CheckpointError, SaveRequest, layout_meta, model_meta, save
+from plait.train.reshard import load_full_model
 from plait.train.config import load_config
 from plait.train.export import HF_CONFIG, HF_WEIGHTS, init_from_hf
 from plait.train.build import build_model

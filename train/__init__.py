@@ -35,8 +35,8 @@ _EXPORTS = {
     # checkpoints and export
     "SaveRequest": "plait.train.checkpoint",
     "save_checkpoint": "plait.train.checkpoint:save",
-    "ShardReader": "plait.train.checkpoint",
-    "load_params": "plait.train.checkpoint",
+    "ShardReader": "plait.train.reshard",
+    "load_params": "plait.train.reshard",
     "latest_checkpoint": "plait.train.checkpoint",
     "export_checkpoint": "plait.train.export",
     # plans
@@ -47,7 +47,8 @@ _EXPORTS = {
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:  # static tools see real imports; at run time they happen on first access
-    from plait.train.checkpoint import SaveRequest, ShardReader, latest_checkpoint, load_params
+    from plait.train.checkpoint import SaveRequest, latest_checkpoint
+    from plait.train.reshard import ShardReader, load_params
     from plait.train.checkpoint import save as save_checkpoint
     from plait.train.build import build_chunks, hidden_shape
     from plait.train.config import Config, ConfigError, ModelConfig, load_config, validate

@@ -82,6 +82,8 @@ class CheckpointConfig:
     keep: int = 2
     dir: Optional[str] = None  # default: <run_dir>/checkpoints
     save_final: bool = True
+    async_save: bool = True  # snapshot to host memory, write in the background (`async` is a Python keyword)
+    on_error: str = "stop"  # a failed write: stop (at the next save or the end, exit 2) | continue (say so)
     init_from: Optional[str] = None  # initial weights only: a Hugging Face Llama directory or a plait checkpoint
 
 
@@ -215,6 +217,7 @@ def validate_checkpoint(checkpoint: CheckpointConfig) -> None:
         _require(Path(checkpoint.init_from).expanduser().exists(),
                  f"checkpoint.init_from={checkpoint.init_from} does not exist; pass a Hugging Face Llama "
                  f"directory or a plait checkpoint.")
+    choice(ConfigError, "checkpoint.on_error", checkpoint.on_error, ("stop", "continue"))
     _writable("checkpoint.dir", checkpoint.dir)
 
 

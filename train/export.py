@@ -34,7 +34,7 @@ from safetensors.torch import load as safetensors_load
 
 from plait.common.paths import unwritable_reason
 from plait.parallel.plans import param_specs
-from plait.train.checkpoint import CheckpointError, load_full_model
+from plait.train.reshard import CheckpointError, load_full_model
 from plait.train.tensorfile import write_atomic, write_safetensors
 
 HF_WEIGHTS = "model.safetensors"
@@ -228,7 +228,7 @@ def read_hf(directory: Path) -> (Dict[str, Any], Dict[str, torch.Tensor]):
 def init_from_hf(model, directory: Path, grid=None) -> None:
     """Copy an HF Llama directory's weights into a plait `Transformer` chunk (this rank's tp shards of `grid`;
     None: whole weights)."""
-    from plait.train.checkpoint import fit_rows
+    from plait.train.reshard import fit_rows
     from plait.train.config import ffn_dim, kv_heads
 
     config, hf = read_hf(directory)

@@ -19,7 +19,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 
@@ -74,9 +74,11 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
-def write_safetensors(path: Path, tensors: Dict[str, torch.Tensor],
-                      metadata: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
-    """Write CPU `tensors` as one safetensors file, atomically; returns its size and CRC-32."""
+def write_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None,
+                      after_tensor: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
+    """Write CPU `tensors` as one safetensors file, atomically; returns its size and CRC-32.
+
+    `after_tensor()` runs after each tensor's bytes are written (tests stop a write there)."""
     header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
     # widest dtypes first, as the reference writer orders them: every tensor starts aligned to its element size
     tensors = dict(sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0])))
@@ -98,6 +100,8 @@ def write_safetensors(path: Path, tensors: Dict[str, torch.Tensor],
         raw = _raw(tensor)
         handle.write(raw)
         crc = zlib.crc32(raw, crc)
+        if after_tensor is not None:
+            after_tensor()
     _finish(handle, tmp, path)
     return {"bytes": len(prefix) + offset, "crc32": crc}
 

@@ -33,7 +33,9 @@ from plait.parallel.grid import Grid
 from plait.parallel.pipeline.runtime import PipelineRuntime
 from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.zero import ZeroOptimizer
-from plait.train import checkpoint as checkpoint_lib
+from plait.train import reshard
+from plait.train.checkpoint import INDEX, decode_bytes, encode_bytes, layout_meta, model_meta
+from plait.train.checkpointer import Checkpointer, TrainerState, checkpoint_root, due, resume_target
 from plait.train import metrics as metrics_lib
 from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml, validate
 from plait.train.export import init_from_hf
@@ -109,11 +111,14 @@ class Trainer:
             log.info("compile: %s (%s)", "on" if self.compile else "off", why)
         self.pipeline = self._build_pipeline()  # every layout's step, pp == 1 included (its trivial schedule)
         self.crash_at = fault_step(self.grid.rank)  # PLAIT_FAULT_AT_STEP: restart tests only, read once
-        self.checkpoint_dir = checkpoint_lib.checkpoint_root(cfg, self.run_dir)
+        self.checkpoint_dir = checkpoint_root(cfg, self.run_dir)
+        self.checkpointer = Checkpointer(self.checkpoint_dir, self.grid, self.device, keep=int(cfg.checkpoint.keep),
+                                         asynchronous=bool(cfg.checkpoint.async_save),
+                                         on_error=cfg.checkpoint.on_error)
         self.checkpoint_step = None  # the step of the last checkpoint written or resumed from
-        resume_from = checkpoint_lib.resume_target(cfg, self.checkpoint_dir, self.grid)
+        resume_from = resume_target(cfg, self.checkpoint_dir, self.grid)
         if resume_from is not None:
-            checkpoint_lib.restore_trainer(self, resume_from)
+            self.load_state(reshard.ShardReader(resume_from))
             self.checkpoint_step = self.step_num
             self.sink.forget_after(self.step_num)  # a killed run logged steps past its checkpoint: they rerun
         elif cfg.checkpoint.init_from:
@@ -124,11 +129,11 @@ class Trainer:
     def _init_weights(self, path: Path) -> None:
         """`checkpoint.init_from`: initial weights only (step 0, fresh optimizer), from a Hugging Face Llama
         directory (config.json + model.safetensors) or from a plait checkpoint of any layout."""
-        if (path / "config.json").is_file() and not (path / checkpoint_lib.INDEX).is_file():
+        if (path / "config.json").is_file() and not (path / INDEX).is_file():
             for chunk in self.chunks:
                 init_from_hf(chunk, path, self.grid)
         else:
-            checkpoint_lib.load_params(checkpoint_lib.ShardReader(path), self.named_params, self.specs, self.grid)
+            reshard.load_params(reshard.ShardReader(path), self.named_params, self.specs, self.grid)
         log.info("checkpoint: initial weights from %s", path)
 
     def _build_chunks(self) -> List[Transformer]:
@@ -260,6 +265,7 @@ class Trainer:
                                  before_last_backward=self.grads.start_overlap, forward_context=self._autocast)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
         norm = self._finish_grads()
+        self.checkpointer.before_update()  # a background save's snapshot is taken before the weights change
         self.optimizer.step()
         self.grads.zero_grad()
         loss = all_reduce_mean(loss, self.grid.dp_group)
@@ -304,7 +310,7 @@ class Trainer:
                 record["val_loss"] = self.evaluate()
                 self.sink.write(self.step_num, {"val_loss": record["val_loss"]})
             last = record
-            if checkpoint_lib.due(self.cfg, self.step_num):
+            if due(self.cfg, self.step_num):
                 self.save_checkpoint()
             decision = preemption.decision(self.grid)
             if decision is not None:
@@ -313,12 +319,13 @@ class Trainer:
         preemption.restore()
         if self.cfg.checkpoint.save_final and self.checkpoint_step != self.step_num:
             self.save_checkpoint()
+        self.checkpointer.wait()  # the last write is on disk before fit returns
         self.sink.close()
         return last
 
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step under `checkpoint_dir` (collective: every rank calls it)."""
-        path = checkpoint_lib.save_trainer(self)
+        path = self.checkpointer.save(self.state())
         self.checkpoint_step = self.step_num
         return path
 
@@ -328,6 +335,7 @@ class Trainer:
         Raises `plait.launch.Preempted`, a SystemExit carrying `launch.signals.REQUEUE_EXIT_CODE`.
         """
         path = self.save_checkpoint() if self.checkpoint_step != self.step_num else None
+        self.checkpointer.wait()  # finish the write before the job is requeued
         self.sink.close()
         raise Preempted(self.step_num, path)
 
@@ -338,8 +346,70 @@ class Trainer:
         """
         wants = int(self.cfg.checkpoint.every) > 0 or self.cfg.checkpoint.save_final
         path = self.save_checkpoint() if wants and self.checkpoint_step != self.step_num else None
+        self.checkpointer.wait()
         self.sink.close()
         raise Interrupted(self.step_num, path)
 
     def close(self) -> None:
+        """Finish any checkpoint still being written, close the sinks."""
+        if hasattr(self, "checkpointer"):
+            self.checkpointer.close()
         self.sink.close()
+
+    # what a checkpoint holds --------------------------------------------------------
+    def state(self) -> TrainerState:
+        """This rank's part of a checkpoint: live tensors (a save snapshots them), RNG, loader position, step."""
+        from plait.optim.schedule import lr_factor
+        from plait.optim.state import named_state
+
+        cfg = self.cfg
+        rank_state = {"step": self.step_num, "rank": self.grid.rank, "rng": self._rng_state(),
+                      "loader": self.loader.state(),
+                      "lr_schedule": {"step": self.step_num, "total_steps": int(cfg.train.steps),
+                                      "factor": lr_factor(self.step_num, int(cfg.train.steps), cfg.optim)},
+                      "config": OmegaConf.to_container(cfg, resolve=True)}
+        meta = {**layout_meta(self.grid, cfg.parallel.vpp, cfg.parallel.zero, cfg.parallel.sequence_parallel),
+                **model_meta(cfg.model, self.parametrization.scales), "optimizer": cfg.optim.name}
+        optim_state = named_state(self.optimizer, self.named_params, copy=False)  # collective under ZeRO-1
+        return TrainerState(self.step_num, self.named_params, self.specs, optim_state, rank_state, meta)
+
+    def load_state(self, reader: "reshard.ShardReader") -> None:
+        """Load model, optimizer, step, RNG and loader position from a checkpoint of any layout."""
+        from plait.optim.state import load_named_state
+
+        grid = self.grid
+        if int(reader.index["step"]) > int(self.cfg.train.steps):
+            raise reshard.CheckpointError(
+                f"{reader.path} is at step {reader.index['step']}, past train.steps={self.cfg.train.steps}; raise "
+                f"train.steps to train on, or resume an earlier checkpoint.")
+        reshard.load_params(reader, self.named_params, self.specs, grid)
+        optim_state = reshard.load_optim_state(reader, self.named_params, self.specs, grid)
+        load_named_state(self.optimizer, self.named_params, optim_state)  # ZeRO-1 keeps its dp shard
+        same = reshard.same_layout(reader.index, grid, int(self.cfg.parallel.vpp))
+        rank_state = reader.rank_state(grid.rank if same else 0)
+        self.step_num = int(rank_state["step"])
+        if rank_state.get("loader") is not None:
+            self.loader.load_state(rank_state["loader"])  # (seed, step, global batch): the same under any dp
+        if same:
+            self._load_rng_state(rank_state["rng"])
+        else:
+            log.info("checkpoint: layout changed (%s -> %s); per-rank RNG streams start from the seed",
+                     reader.index.get("layout"), grid.layout.describe())
+        log.info("checkpoint: resumed from %s at step %d", reader.path, self.step_num)
+
+    def _rng_state(self) -> Dict:
+        state = {"torch": encode_bytes(torch.get_rng_state())}
+        if self.device.type == "cuda":
+            state["cuda"] = encode_bytes(torch.cuda.get_rng_state(self.device))
+        rng = self.chunks[0].rng  # the ParallelRNG dropout draws from (one per rank, shared by its chunks)
+        if rng is not None:
+            state["parallel"] = {key: encode_bytes(value) for key, value in rng.state().items()}
+        return state
+
+    def _load_rng_state(self, state: Dict) -> None:
+        torch.set_rng_state(decode_bytes(state["torch"]))
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(decode_bytes(state["cuda"]), self.device)
+        rng = self.chunks[0].rng
+        if rng is not None and "parallel" in state:
+            rng.load_state({key: decode_bytes(value) for key, value in state["parallel"].items()})
