@@ -230,7 +230,8 @@ def test_full_checkpoint_disk_names_the_directory_and_keeps_the_previous(tmp_pat
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_lib, "write_safetensors", full)
+    for writer in ("write_safetensors", "write_arena"):  # streamed or from the host buffers: the disk is full
+        monkeypatch.setattr(checkpoint_lib, writer, full)
     with pytest.raises(checkpoint_lib.CheckpointError) as info:
         trainer.save_checkpoint()  # in the background: the failure surfaces when the write is waited for
         trainer.checkpointer.wait()

@@ -133,7 +133,8 @@ def test_a_full_disk_in_the_background_keeps_the_previous_checkpoint(tmp_path, s
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint_lib, "write_safetensors", full)
+    for writer in ("write_safetensors", "write_arena"):  # streamed or from the host buffers: the disk is full
+        monkeypatch.setattr(checkpoint_lib, writer, full)
     run.save_checkpoint()
     run.step()  # training goes on while the write fails in the background
     with caplog.at_level(logging.WARNING, logger="plait"):
@@ -212,3 +213,30 @@ def test_kill_at_every_phase_of_a_background_save_then_resume_exactly(tmp_path, 
         assert f"resumed from {latest}" in resumed.stdout, phase
         assert losses(run_dir) == expected, phase  # every step, the re-run ones too, bit for bit
         assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")], phase
+
+
+@pytest.mark.parametrize("where", ["disk", "shm"])
+def test_a_file_arena_writes_the_bytes_the_streaming_writer_writes(tmp_path, where):
+    """O_DIRECT from the laid-out buffer (padded to a page, truncated back), or plain writes where the
+    filesystem refuses O_DIRECT (tmpfs): the same file, byte for byte, with the same size and CRC-32."""
+    import tempfile
+    import zlib
+
+    from plait.train.filearena import FileArena, items_of, write_arena
+    from plait.train.tensorfile import write_safetensors
+
+    if where == "shm" and not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm")
+    directory = Path(tempfile.mkdtemp(dir="/dev/shm")) if where == "shm" else tmp_path
+    torch.manual_seed(0)
+    tensors = {"a": torch.randn(1000, 37), "b/exp_avg": torch.randn(5), "c": torch.arange(7, dtype=torch.int64),
+               "d": torch.randn(3, 3).bfloat16(), "e": torch.randn(40000)}
+    arena = FileArena(items_of(tensors))
+    for name, tensor in tensors.items():
+        arena.views[name].copy_(tensor)
+    record = write_arena(directory / "arena.safetensors", arena)
+    reference = write_safetensors(directory / "stream.safetensors", tensors)
+    data = (directory / "arena.safetensors").read_bytes()
+    assert data == (directory / "stream.safetensors").read_bytes()
+    assert record == reference == {"bytes": len(data), "crc32": zlib.crc32(data)} and len(data) % 4096
+    arena.close()

@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
+from plait.train.filearena import write_arena
 from plait.train.tensorfile import (TMP_PREFIX, CheckpointError, fsync_dir, read_verified, write_atomic,
                                     write_safetensors)
 
@@ -102,6 +103,7 @@ class SaveRequest:
     optim_state: Optional[Dict[str, Dict[str, torch.Tensor]]] = None
     rank_state: Dict[str, Any] = field(default_factory=dict)
     meta: Dict[str, Any] = field(default_factory=dict)  # layout, model config, scales, optimizer name: into index.json
+    arenas: Dict[str, Any] = field(default_factory=dict)  # "model" / "optim": a FileArena already holding the file
 
 
 Fault = Callable[[str], None]  # called at each phase of a write (tests kill the process there)
@@ -136,23 +138,31 @@ def _write_shards(tmp: Path, grid: Grid, request: SaveRequest, fault: Fault) -> 
         return {}
     files, params, state = {}, {}, {}
     model_name = shard_file("model", grid.tp_rank, grid.pp_rank)
-    tensors = {name: _cpu(param) for name, param in request.named_params.items()}
-    files[model_name] = write_safetensors(tmp / model_name, tensors, after_tensor=lambda: fault("tensor"))
+    files[model_name] = _write_file(tmp / model_name, request.arenas.get("model"), request.named_params, fault)
     for name, param in request.named_params.items():
         params[name] = {**_spec_record(request.specs[name]), "dtype": str(param.dtype).replace("torch.", ""),
                         "file": model_name}
     if request.optim_state:
         optim_name = shard_file("optim", grid.tp_rank, grid.pp_rank)
-        tensors = {}
         for name, entry in request.optim_state.items():
             local_shape = tuple(request.named_params[name].shape)
-            kinds = {}
-            for key, value in entry.items():
-                tensors[f"{name}/{key}"] = _cpu(value)
-                kinds[key] = "param" if tuple(value.shape) == local_shape else "replicated"
+            kinds = {key: "param" if tuple(value.shape) == local_shape else "replicated" for key, value in entry.items()}
             state[name] = {"keys": kinds, "file": optim_name}
-        files[optim_name] = write_safetensors(tmp / optim_name, tensors, after_tensor=lambda: fault("tensor"))
+        files[optim_name] = _write_file(tmp / optim_name, request.arenas.get("optim"),
+                                        optim_file_tensors(request.optim_state), fault)
     return {"files": files, "params": params, "optim": state}
+
+
+def optim_file_tensors(optim_state: Dict[str, Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """The optimizer file's tensors: `<param name>/<state key>`."""
+    return {f"{name}/{key}": value for name, entry in optim_state.items() for key, value in entry.items()}
+
+
+def _write_file(path: Path, arena, tensors: Dict[str, torch.Tensor], fault: Fault) -> Dict[str, Any]:
+    """One safetensors file: from its arena (the bytes already laid out: O_DIRECT) or streamed from the tensors."""
+    if arena is not None:
+        return write_arena(path, arena, after_chunk=lambda: fault("tensor"))
+    return write_safetensors(path, {name: _cpu(t) for name, t in tensors.items()}, after_tensor=lambda: fault("tensor"))
 
 
 def _build_index(tmp: Path, grid: Grid, request: SaveRequest) -> Dict[str, Any]:

@@ -10,8 +10,9 @@ host memory holds a snapshot), returns at once:
 - on CPU the same copies run on the writer thread, while the next step's forward and backward
   run (they only read the weights); `before_update`, called right before the optimizer step,
   waits for them, usually not at all;
-- the writer thread then writes the safetensors files straight from those buffers (one pass,
-  the checksum computed while writing, no second copy), fsyncs and renames them, agrees with
+- the writer thread then writes the safetensors files straight from those buffers, which are
+  laid out as the files are (`FileArena`: O_DIRECT in large sequential writes, the checksum
+  computed beside them, no second copy), fsyncs and renames them, agrees with
   the other ranks' writers over a process group of its own (gloo, so it never interleaves with
   the training's collectives) and lets rank 0 publish the index and move `latest`
   (`plait.train.checkpoint.write_checkpoint`).
@@ -44,8 +45,9 @@ import torch.distributed as dist
 
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
-from plait.train.checkpoint import (SaveRequest, agree_over, clean_temporaries, latest_checkpoint, resolve,
-                                    step_dir_name, write_checkpoint)
+from plait.train.checkpoint import (SaveRequest, agree_over, clean_temporaries, latest_checkpoint,
+                                    optim_file_tensors, resolve, step_dir_name, write_checkpoint)
+from plait.train.filearena import FileArena, items_of
 from plait.train.tensorfile import CheckpointError
 
 log = logging.getLogger("plait")
@@ -77,25 +79,6 @@ def due(cfg, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
-class HostBuffers:
-    """Host tensors kept from one save to the next (pinned for CUDA sources), one per (key, shape, dtype)."""
-
-    def __init__(self, pinned: bool):
-        self.pinned = pinned
-        self.buffers: Dict[str, torch.Tensor] = {}
-
-    def like(self, key: str, source: torch.Tensor) -> torch.Tensor:
-        buffer = self.buffers.get(key)
-        if buffer is None or buffer.shape != source.shape or buffer.dtype != source.dtype:
-            buffer = torch.empty(source.shape, dtype=source.dtype, pin_memory=self.pinned)
-            self.buffers[key] = buffer
-        return buffer
-
-    @property
-    def bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers.values())
-
-
 def state_bytes(state: TrainerState) -> int:
     tensors = list(state.named_params.values()) + [v for entry in state.optim_state.values() for v in entry.values()]
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -109,7 +92,7 @@ class Checkpointer:
         self.root, self.grid, self.device, self.keep = Path(root), grid, torch.device(device), keep
         self.asynchronous, self.on_error = asynchronous, on_error
         self.cuda = self.device.type == "cuda"
-        self.buffers = HostBuffers(pinned=self.cuda)
+        self.arenas: Dict[str, FileArena] = {}  # "model" / "optim": kept from one save to the next
         self.writer: Optional[ThreadPoolExecutor] = None
         self.group = None
         if asynchronous:
@@ -134,24 +117,51 @@ class Checkpointer:
         if waited > 0.01:
             log.info("checkpoint: waited %.2f s for step %s's write to finish before saving step %d", waited,
                      previous, state.step)
-        if not self.asynchronous or not self._fits_in_host_memory(state):
-            return write_checkpoint(self.root, self.grid, self._request(state, state.named_params, state.optim_state),
-                                    self.keep, agree_over(None, self.device, self.grid.world_size),
+        if not self._fits_in_host_memory(state):  # stream the files from the live tensors, in this thread
+            return write_checkpoint(self.root, self.grid, self._request(state, {}), self.keep,
+                                    agree_over(None, self.device, self.grid.world_size),
                                     lambda phase: self.fault(phase, state.step))
-        params = {name: self.buffers.like(f"p/{name}", t) for name, t in state.named_params.items()}
-        optim = {name: {key: self.buffers.like(f"o/{name}/{key}", t) for key, t in entry.items()}
-                 for name, entry in state.optim_state.items()}
-        sources = [(params[n], t) for n, t in state.named_params.items()]
-        sources += [(optim[n][k], t) for n, entry in state.optim_state.items() for k, t in entry.items()]
+        request, sources = self._request(state, self._arenas_for(state)), []
+        for kind, arena in request.arenas.items():
+            live = state.named_params if kind == "model" else optim_file_tensors(state.optim_state)
+            sources += [(arena.views[name], tensor) for name, tensor in live.items()]
+        if not self.asynchronous:
+            for view, source in sources:
+                view.copy_(source)
+            return write_checkpoint(self.root, self.grid, request, self.keep,
+                                    agree_over(None, self.device, self.grid.world_size),
+                                    lambda phase: self.fault(phase, state.step))
         self.copied.clear()
         if self.cuda:
             self._copy_on_side_stream(sources)
         self.pending_step = state.step
-        self.pending = self.writer.submit(self._write, self._request(state, params, optim), sources)
+        self.pending = self.writer.submit(self._write, request, sources)
         return self.root / step_dir_name(state.step)
 
-    def _request(self, state: TrainerState, params, optim) -> SaveRequest:
-        return SaveRequest(state.step, params, state.specs, optim, state.rank_state, state.meta)
+    def _arenas_for(self, state: TrainerState) -> Dict[str, FileArena]:
+        """The host buffers this rank's files are laid out in (dp rank 0 of each tp x pp position writes files;
+        the other dp ranks hold none), made once and kept while the shapes stay."""
+        if self.grid.dp_rank != 0:
+            return {}
+        files = {"model": state.named_params}
+        if state.optim_state:
+            files["optim"] = optim_file_tensors(state.optim_state)
+        for kind, tensors in files.items():
+            items = items_of(tensors)
+            if kind not in self.arenas or not self.arenas[kind].matches(items):
+                if kind in self.arenas:
+                    self.arenas.pop(kind).close()
+                self.arenas[kind] = FileArena(items, pinned=self.cuda)
+        return {kind: self.arenas[kind] for kind in files}
+
+    def _request(self, state: TrainerState, arenas: Dict[str, FileArena]) -> SaveRequest:
+        """What `write_checkpoint` writes: with arenas, the tensors are their views (the snapshot)."""
+        params, optim = state.named_params, state.optim_state
+        if "model" in arenas:
+            params = {name: arenas["model"].views[name] for name in params}
+        if "optim" in arenas:
+            optim = {name: {key: arenas["optim"].views[f"{name}/{key}"] for key in entry} for name, entry in optim.items()}
+        return SaveRequest(state.step, params, state.specs, optim, state.rank_state, state.meta, arenas)
 
     def _copy_on_side_stream(self, sources) -> None:
         """Start the device-to-host copies on the side stream, after what the compute stream has queued."""
@@ -213,7 +223,7 @@ class Checkpointer:
         free), else this save is written in the calling thread, said once."""
         import psutil
 
-        needed = state_bytes(state) - self.buffers.bytes
+        needed = state_bytes(state) - sum(arena.nbytes for arena in self.arenas.values())
         if needed <= 0 or needed < 0.5 * psutil.virtual_memory().available:
             return True
         if not self.said_sync:
@@ -223,12 +233,15 @@ class Checkpointer:
         return False
 
     def close(self) -> None:
-        """Finish the write in flight and stop the writer."""
+        """Finish the write in flight, stop the writer, free the host buffers."""
         try:
             self.wait()
         finally:
             if self.writer is not None:
                 self.writer.shutdown(wait=True)
+            for arena in self.arenas.values():
+                arena.close()
+            self.arenas = {}
 
 
 def _fault_from_environment(rank: int):

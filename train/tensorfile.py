@@ -19,7 +19,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -74,36 +74,43 @@ def _raw(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
+def safetensors_layout(items: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]],
+                       metadata: Optional[Dict[str, str]] = None) -> Tuple[bytes, Dict[str, Tuple[int, int]]]:
+    """(the file's prefix: length and JSON header, {name: (byte offset in the file, byte count)}) for tensors of
+    these dtypes and shapes, in the order the file holds them (widest dtypes first, as the reference writer
+    orders them: every tensor starts aligned to its element size)."""
+    header, offset, sizes = {"__metadata__": dict(metadata or {"format": "pt"})}, 0, {}
+    for name, (dtype, shape) in sorted(items.items(), key=lambda item: (-item[1][0].itemsize, item[0])):
+        if dtype not in _DTYPES:
+            raise TypeError(f"{name}: dtype {dtype} has no safetensors code")
+        size = torch.Size(shape).numel() * dtype.itemsize
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        sizes[name] = (offset, size)
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as the reference writer does
+    prefix = struct.pack("<Q", len(text)) + text
+    return prefix, {name: (len(prefix) + start, size) for name, (start, size) in sizes.items()}
+
+
 def write_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None,
                       after_tensor: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
     """Write CPU `tensors` as one safetensors file, atomically; returns its size and CRC-32.
 
     `after_tensor()` runs after each tensor's bytes are written (tests stop a write there)."""
-    header, offset = {"__metadata__": dict(metadata or {"format": "pt"})}, 0
-    # widest dtypes first, as the reference writer orders them: every tensor starts aligned to its element size
-    tensors = dict(sorted(tensors.items(), key=lambda item: (-item[1].element_size(), item[0])))
-    for name, tensor in tensors.items():
-        if tensor.dtype not in _DTYPES:
-            raise TypeError(f"{name}: dtype {tensor.dtype} has no safetensors code")
-        size = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                        "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as the reference writer does
-    prefix = struct.pack("<Q", len(text)) + text
+    prefix, places = safetensors_layout({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}, metadata)
     path, tmp = Path(path), _tmp_name(Path(path))
     crc = zlib.crc32(prefix)
     handle = open(tmp, "wb")
     handle.write(prefix)
-    for tensor in tensors.values():
-        raw = _raw(tensor)
+    for name in sorted(places, key=lambda name: places[name][0]):
+        raw = _raw(tensors[name])
         handle.write(raw)
         crc = zlib.crc32(raw, crc)
         if after_tensor is not None:
             after_tensor()
     _finish(handle, tmp, path)
-    return {"bytes": len(prefix) + offset, "crc32": crc}
+    return {"bytes": len(prefix) + sum(size for _, size in places.values()), "crc32": crc}
 
 
 def _require_file(path: Path) -> None:
