@@ -1,5 +1,19 @@
-"""Checkpoint save and load throughput: plait's safetensors shards against torch.save and
-torch.distributed.checkpoint, on the same model and AdamW state, in the same run.
+"""Checkpoint save and load throughput, and how long a save stops training: plait against torch.save
+and torch.distributed.checkpoint (DCP), on the same model and AdamW state, in the same run.
+
+Two parts. `--part stall` (the default first): a training run of a model of `--stall-dim`
+x `--stall-layers` (about 170M parameters by default, with AdamW state after one step,
+2 GB of checkpoint) on 1 torch thread, saved while it trains, round by round:
+  - plait sync: `checkpoint.async_save=false` (snapshot into the file buffers, O_DIRECT write,
+    fsync, rename, in the training thread);
+  - plait async: the default (the snapshot on the writer thread while the next forward and
+    backward run; `before_update` waits only if it is not done by the optimizer step);
+  - DCP async_save (its staging copy, then a writer thread), the peer;
+and reports the time `step()` is blocked by the save (the save call plus any wait before the
+next optimizer update), the write's own time and bandwidth against the disk's (a plain
+O_DIRECT write of the same bytes, measured in the same run), and how much slower the steps
+run while a background write is going.
+`--part throughput`: the older save/load rates:
 
 One process (tp=1), a LLaMA-shaped model with AdamW state after one step (params + 2
 moments, fp32). Each round saves and then loads once with every contender, in turn:
@@ -13,6 +27,7 @@ come from the page cache for everyone (the files were just written), so this com
 the software paths, not the disk.
 
     python benchmarks/checkpoint.py --out checkpoint.json [--dim 256 --layers 4 --rounds 5]
+    python benchmarks/checkpoint.py --part stall --out checkpoint_stall.json [--device cuda --stall-preset 1b]
 """
 
 import argparse
@@ -20,6 +35,7 @@ import json
 import os
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -115,8 +131,154 @@ class TorchDCP:
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+# the stall: how long a save stops training ---------------------------------------------------------
+def stall_trainer(args, root: Path):
+    """A Trainer over the stdlib corpus with a model of about 170M parameters (or the 1B preset)."""
+    from plait.train.config import load_config
+    from plait.train.trainer import Trainer
+
+    shape = (["model=1b", "train.seq_len=2048", "train.batch_size=8", "train.precision=bf16"]
+             if args.stall_preset == "1b" else
+             [f"model.dim={args.stall_dim}", f"model.n_layers={args.stall_layers}", "model.n_heads=16",
+              "model.vocab_size=32000", "train.seq_len=32", "train.batch_size=1"])
+    cfg = load_config([*shape, "train.steps=100000", "train.eval_every=0", "train.log_every=1000",
+                       "train.progress=false", f"train.device={args.device}", f"train.run_dir={root / 'run'}",
+                       "checkpoint.save_final=false", "train.compile=false", "optim.warmup_steps=1"])
+    return Trainer(cfg)
+
+
+class DCPAsync:
+    """torch.distributed.checkpoint.async_save of the model and optimizer state (its staging, then a thread)."""
+
+    def __init__(self, trainer, root: Path):
+        self.trainer, self.root, self.future, self.count = trainer, root, None, 0
+        self.stall_s, self.last_write = 0.0, {}
+
+    def save(self, state):
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.trainer.model, self.trainer.optimizer)
+        self.count += 1
+        self.started = time.perf_counter()
+        self.future = dcp.async_save({"model": model_state, "optim": optim_state},
+                                     checkpoint_id=str(self.root / f"step-{self.count}"))
+        return self.root
+
+    def before_update(self):
+        pass
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+    def wait(self) -> float:
+        if self.future is not None:
+            self.future.result()
+            self.last_write = {"seconds": time.perf_counter() - self.started,
+                               "bytes": dir_bytes(self.root / f"step-{self.count}")}
+            self.future = None
+        return 0.0
+
+    def close(self):
+        self.wait()
+
+
+def checkpointer(trainer, root: Path, asynchronous: bool):
+    from plait.train.checkpointer import Checkpointer
+
+    made = Checkpointer(root, trainer.grid, trainer.device, keep=1, asynchronous=asynchronous)
+    made.done = lambda: made.pending is None or made.pending.done()
+    return made
+
+
+def measure_stall(trainer, saver, rounds: int, base_steps: int = 3) -> dict:
+    """Per round: steps without a save (the base step time), a save, then steps until its write is done."""
+    blocked, writes, during, base = [], [], [], []
+    trainer.checkpointer = saver  # the trainer's step calls its before_update
+    if hasattr(saver, "prepare"):  # as Trainer.fit does after its first step
+        saver.prepare(trainer.state())
+    for _ in range(rounds):
+        saver.wait()
+        for _ in range(base_steps):
+            base.append(trainer.step()["step_time_s"])
+        start = time.perf_counter()
+        saver.save(trainer.state())
+        call = time.perf_counter() - start
+        saver.stall_s = 0.0
+        first = trainer.step()
+        blocked.append(call + saver.stall_s)
+        steps = [first["step_time_s"] - saver.stall_s]
+        while not saver.done():
+            steps.append(trainer.step()["step_time_s"])
+        saver.wait()
+        during += steps
+        writes.append(dict(saver.last_write))
+    seconds = [w["seconds"] for w in writes]
+    nbytes = writes[-1]["bytes"]
+    return {"blocked_s": statistics.median(blocked), "blocked_min_s": min(blocked), "blocked_max_s": max(blocked),
+            "write_s": statistics.median(seconds), "write_bytes": nbytes,
+            "write_gbps": nbytes / statistics.median(seconds) / 1e9,
+            "base_step_s": statistics.median(base), "step_during_write_s": statistics.median(during),
+            "slowdown_during_write": statistics.median(during) / statistics.median(base) - 1.0}
+
+
+def run_stall(args) -> dict:
+    import torch.distributed as dist
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from disk import disk_write_bandwidth
+
+    base = Path(args.dir or tempfile.mkdtemp(prefix="plait-ckpt-stall-"))
+    base.mkdir(parents=True, exist_ok=True)
+    if not dist.is_initialized():  # DCP's async_save wants a process group, even of one
+        dist.init_process_group("gloo", init_method=f"file://{base / 'store'}", rank=0, world_size=1)
+    trainer = stall_trainer(args, base)
+    n_params = sum(p.numel() for p in trainer.named_params.values())
+    trainer.step()  # AdamW state exists from here on
+    rows = {}
+    try:
+        savers = {"plait sync": checkpointer(trainer, base / "sync", False),
+                  "plait async": checkpointer(trainer, base / "async", True),
+                  "DCP async_save": DCPAsync(trainer, base / "dcp")}
+        for name, saver in savers.items():
+            rows[name] = measure_stall(trainer, saver, args.rounds)
+            saver.close()
+        disk_bps, how = disk_write_bandwidth(str(base), rows["plait async"]["write_bytes"])
+    finally:
+        trainer.close()
+        if args.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+    sync, plait, dcp_row = rows["plait sync"], rows["plait async"], rows["DCP async_save"]
+    summary = {"params": n_params, "checkpoint_bytes": plait["write_bytes"], "disk_gbps": disk_bps / 1e9,
+               "disk_how": how, "async_stall_s": plait["blocked_s"], "sync_save_s": sync["blocked_s"],
+               "dcp_async_stall_s": dcp_row["blocked_s"],
+               "async_stall_over_sync_save": plait["blocked_s"] / sync["blocked_s"],
+               "async_stall_over_dcp_stall": plait["blocked_s"] / dcp_row["blocked_s"],
+               "async_stall_steps": plait["blocked_s"] / plait["base_step_s"],
+               "async_write_over_disk": plait["write_gbps"] * 1e9 / disk_bps,
+               "slowdown_during_async_write": plait["slowdown_during_write"]}
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{args.threads} thread(s)"
+    print(f"save stall: {n_params / 1e6:.0f}M params + AdamW state ({plait['write_bytes'] / 1e9:.2f} GB of "
+          f"checkpoint), {device}, {args.rounds} rounds; disk {disk_bps / 1e9:.2f} GB/s ({how})")
+    print(f"{'contender':16s} {'blocked s':>10s} {'(min-max)':>15s} {'write s':>8s} {'GB/s':>6s} {'x disk':>7s} "
+          f"{'base step s':>11s} {'during write':>12s}")
+    for name, row in rows.items():
+        print(f"{name:16s} {row['blocked_s']:10.3f} ({row['blocked_min_s']:.3f}-{row['blocked_max_s']:.3f}) "
+              f"{row['write_s']:8.2f} {row['write_gbps']:6.2f} {row['write_gbps'] * 1e9 / disk_bps:7.2f} "
+              f"{row['base_step_s']:11.3f} {row['slowdown_during_write']:+11.1%}")
+    for key, value in summary.items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    return {"benchmark": "checkpoint_stall", "device": device, "rows": [{"contender": k, **v} for k, v in rows.items()],
+            "summary": summary}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["stall", "throughput", "both"], default="both")
+    parser.add_argument("--stall-dim", type=int, default=1024)
+    parser.add_argument("--stall-layers", type=int, default=8)
+    parser.add_argument("--stall-preset", choices=["none", "1b"], default="none")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5)
@@ -125,6 +287,17 @@ def main():
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    result = {}
+    if args.part in ("stall", "both"):
+        result["stall"] = run_stall(args)
+    if args.part in ("throughput", "both"):
+        result["throughput"] = run_throughput(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result if args.part == "both" else result[args.part], indent=2))
+    return result
+
+
+def run_throughput(args) -> dict:
     cfg, model, optimizer = build_state(args.dim, args.layers)
     n_params = sum(p.numel() for p in model.parameters())
     runners = {"plait": Plait(cfg, model, optimizer), "plait-nohash": Plait(cfg, model, optimizer, verify=False),
@@ -173,11 +346,8 @@ def main():
               f"{r['gbps_min']:7.3f} {r['gbps_max']:7.3f}")
     for key, value in summary.items():
         print(f"{key}: {value:.2f}")
-    result = {"benchmark": "checkpoint", "device": "cpu", "params": n_params, "rounds": args.rounds,
-              "rows": rows, "summary": summary}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
-    return result
+    return {"benchmark": "checkpoint", "device": "cpu", "params": n_params, "rounds": args.rounds,
+            "rows": rows, "summary": summary}
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Every GPU check of plait in one command, on one GPU, in about six minutes: one JSON, one table.
+"""Every GPU check of plait in one command, on one GPU, in about eight minutes: one JSON, one table.
 
 Runs, each in its own process with its own time limit (a step that fails or runs out is
 recorded and the rest go on):
@@ -12,7 +12,8 @@ recorded and the rest go on):
 5. the loader: GPU gather from registered host memory against DataLoader (loader.py);
 6. activation offload at two sizes (offload.py): keep, host, file, auto, recompute and
    torch's save_on_cpu, with the adaptive plan's bound and the disk's own bandwidth;
-7. checkpoint save and stall (checkpoint.py) when that benchmark is present.
+7. how long a checkpoint stops the 1B training (checkpoint.py --part stall): plait's
+   background save against its synchronous one and DCP's async_save, in step times.
 
 The table sets each headline figure beside the first GPU run's (2026-12-04, H200, the code
 at fe40faa), where there is one. `--smoke` shrinks every size so the harness itself can be
@@ -46,6 +47,7 @@ BEFORE = {
     "optim.plait_lion_ms": 11.12, "optim.lion_pytorch_triton_ms": 6.83, "optim.adamw_fused_ms": 11.07,
     "optim.lion_floor_ms": 5.75,
     "offload_small.offload-host_time_vs_keep": 1.23, "offload_large.offload-host_time_vs_keep": 1.00,
+    "checkpoint.sync_save_s": 31.2, "checkpoint.async_stall_steps": 102,  # issue 19: save_checkpoint() on the 1B
 }
 
 
@@ -142,6 +144,9 @@ def plan(args, out: Path) -> List[tuple]:
                            "--out", str(out / "offload_small.json")], 60, out / "offload_small.json"),
         ("offload_large", [py, str(BENCH / "offload.py"), "--device", device, "--rounds", "3", *large,
                            "--out", str(out / "offload_large.json")], 60, out / "offload_large.json"),
+        ("checkpoint", [py, str(BENCH / "checkpoint.py"), "--part", "stall", "--device", device, "--rounds", "2"]
+         + (["--stall-dim", "64", "--stall-layers", "2"] if smoke else ["--stall-preset", "1b"])
+         + ["--out", str(out / "checkpoint.json")], 240, out / "checkpoint.json"),
     ]
     return [step for step in steps if step[0] in args.only] if args.only else steps
 

@@ -32,6 +32,7 @@ import time  # noqa: E402
 
 import torch  # noqa: E402
 
+from disk import disk_write_bandwidth  # noqa: E402  (benchmarks/disk.py, beside this script)
 from plait.offload import ActivationOffload, OffloadConfig, OffloadError  # noqa: E402
 from plait.train.config import ModelConfig  # noqa: E402
 from plait.train.build import build_model  # noqa: E402
@@ -114,32 +115,6 @@ def build_contenders(args, cfg, device, path):
         contenders.append(Contender("save_on_cpu", model(),
                                     context=lambda: torch.autograd.graph.save_on_cpu(pin_memory=True)))
     return contenders
-
-
-def disk_write_bandwidth(path: str, nbytes: int = 256 << 20) -> tuple:
-    """(bytes a second, how): a plain O_DIRECT write of `nbytes` from an aligned buffer, fsynced; where
-    the filesystem refuses O_DIRECT (tmpfs), a buffered write plus fsync, labelled so."""
-    import mmap
-
-    chunk = 8 << 20
-    buffer = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT wants
-    buffer.write(b"\x5a" * chunk)
-    name = os.path.join(path, ".plait-disk-probe")
-    how = "O_DIRECT"
-    try:
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_DIRECT", 0), 0o600)
-    except OSError:
-        how, fd = "buffered+fsync", os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        start = time.perf_counter()
-        for _ in range(nbytes // chunk):
-            os.write(fd, buffer)
-        os.fsync(fd)
-        elapsed = time.perf_counter() - start
-    finally:
-        os.close(fd)
-        os.unlink(name)
-    return nbytes / elapsed, how
 
 
 def summarize(values):

@@ -152,3 +152,12 @@ def test_one_bad_layout_reads_the_same_from_every_entry_point(tmp_path, override
     }
     assert set(sentences.values()) == {expected}, sentences
     assert not (tmp_path / "run").exists()
+
+
+def test_the_gpu_recipe_exposes_every_package():
+    """benchmarks/gpu_env.sh links each part of plait by hand (no install on the GPU image): none may be missing."""
+    import tomllib
+
+    parts = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values()
+    linked = re.search(r"for part in ([a-z ]+); do", (ROOT / "benchmarks" / "gpu_env.sh").read_text()).group(1).split()
+    assert sorted(linked) == sorted(parts)

@@ -327,7 +327,7 @@ def test_damaged_checkpoints_are_named(saved_run):
     flipped[len(data) - 100] ^= 0x01
     model_file.write_bytes(bytes(flipped))
     message = _resume_error(overrides, checkpoint)
-    assert str(model_file) in message and "crc32" in message
+    assert str(model_file) in message and "fails its crc32c check" in message
 
     from plait.train.config import ConfigError, load_config, validate
 
@@ -335,6 +335,33 @@ def test_damaged_checkpoints_are_named(saved_run):
         validate(load_config([*overrides, f"train.resume={tmp_path / 'nowhere'}"]))  # before any process group
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'run'} holds no complete checkpoint"):
         make_trainer([*overrides, f"train.resume={tmp_path / 'run'}"])
+
+
+def test_format_1_checkpoints_checked_with_zlib_crc32_still_resume(saved_run):
+    """Version 1 indexes record zlib's CRC-32 per file; they still load, to the same tensors, and a flipped
+    byte is still caught."""
+    import zlib
+
+    tmp_path, _, overrides = saved_run
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000003"
+    index_file = checkpoint / "index.json"
+    index = json.loads(index_file.read_text())
+    index["version"] = 1
+    for name, record in index["files"].items():
+        del record["crc32c"]
+        record["crc32"] = zlib.crc32((checkpoint / name).read_bytes())
+    index_file.write_text(json.dumps(index))
+    trainer = make_trainer([*overrides, f"train.resume={checkpoint}"])
+    saved = ShardReader(checkpoint).tensors("model-tp00-pp00.safetensors")
+    assert trainer.step_num == 3 and set(saved) == set(trainer.named_params)
+    assert all(torch.equal(saved[name], param.detach()) for name, param in trainer.named_params.items())
+    trainer.close()
+    model_file = checkpoint / "model-tp00-pp00.safetensors"
+    flipped = bytearray(model_file.read_bytes())
+    flipped[-100] ^= 0x01
+    model_file.write_bytes(bytes(flipped))
+    message = _resume_error(overrides, checkpoint)
+    assert str(model_file) in message and "fails its crc32 check" in message
 
 
 def test_other_model_shape_names_the_keys(saved_run):

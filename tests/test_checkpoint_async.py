@@ -53,10 +53,14 @@ class Gate:
         monkeypatch.setattr(checkpoint_lib, "_write_part", held)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]  # CUDA: pinned buffers, side-stream copies
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_training_goes_on_while_the_write_runs_and_the_checkpoint_holds_the_saved_step(tmp_path, stdlib_tokens,
-                                                                                       monkeypatch):
+                                                                                       monkeypatch, device):
     cache = stdlib_tokens[0].parent.parent
-    run = trainer(tmp_path, cache)
+    run = trainer(tmp_path, cache, f"train.device={device}")
     run.step()
     saved = {name: p.detach().clone() for name, p in run.named_params.items()}
     gate = Gate(monkeypatch)
@@ -69,7 +73,7 @@ def test_training_goes_on_while_the_write_runs_and_the_checkpoint_holds_the_save
     run.checkpointer.wait()
     reader = ShardReader(path)
     for name, value in saved.items():
-        assert torch.equal(reader.full_param(name)[:value.shape[0]], value), name
+        assert torch.equal(reader.full_param(name)[:value.shape[0]], value.cpu()), name
     assert reader.rank_state(0)["step"] == 1 and latest_checkpoint(tmp_path / "checkpoints") == path
     run.close()
 
@@ -91,11 +95,12 @@ def test_a_second_save_waits_for_the_first_and_says_so(tmp_path, stdlib_tokens, 
     run.close()
 
 
-def test_background_and_foreground_saves_write_the_same_bytes(tmp_path, stdlib_tokens):
+@pytest.mark.parametrize("device", DEVICES)
+def test_background_and_foreground_saves_write_the_same_bytes(tmp_path, stdlib_tokens, device):
     cache = stdlib_tokens[0].parent.parent
     paths = {}
     for mode in ("true", "false"):
-        run = trainer(tmp_path / mode, cache, f"checkpoint.async_save={mode}")
+        run = trainer(tmp_path / mode, cache, f"checkpoint.async_save={mode}", f"train.device={device}")
         run.step()
         run.step()
         paths[mode] = run.save_checkpoint()
@@ -220,7 +225,8 @@ def test_a_file_arena_writes_the_bytes_the_streaming_writer_writes(tmp_path, whe
     """O_DIRECT from the laid-out buffer (padded to a page, truncated back), or plain writes where the
     filesystem refuses O_DIRECT (tmpfs): the same file, byte for byte, with the same size and CRC-32."""
     import tempfile
-    import zlib
+
+    import crc32c
 
     from plait.train.filearena import FileArena, items_of, write_arena
     from plait.train.tensorfile import write_safetensors
@@ -238,5 +244,5 @@ def test_a_file_arena_writes_the_bytes_the_streaming_writer_writes(tmp_path, whe
     reference = write_safetensors(directory / "stream.safetensors", tensors)
     data = (directory / "arena.safetensors").read_bytes()
     assert data == (directory / "stream.safetensors").read_bytes()
-    assert record == reference == {"bytes": len(data), "crc32": zlib.crc32(data)} and len(data) % 4096
+    assert record == reference == {"bytes": len(data), "crc32c": crc32c.crc32c(data)} and len(data) % 4096
     arena.close()

@@ -18,7 +18,7 @@ Atomicity (`write_checkpoint`): every rank writes into `<root>/.tmp-step-XXXXXXX
 file under a temporary name, flushed, fsynced and renamed. The ranks then agree that every
 part is on disk (`agree`, an all-reduce of "ok" over a group: the default one for a save
 in the training thread, a group of its own for the background writer); only then does rank
-0 read the ranks' JSON (each lists its files' byte counts and CRC-32), write `index.json`,
+0 read the ranks' JSON (each lists its files' byte counts and CRC-32C), write `index.json`,
 rename the directory to `step-XXXXXXXX`, move `latest`, prune to the last `keep` and remove
 leftover `.tmp-*` directories. A checkpoint without `index.json` is never read, and `latest`
 only ever names a complete one: a crash at any moment leaves the previous checkpoint as it
@@ -35,7 +35,6 @@ import logging
 import os
 import shutil
 import time
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
@@ -46,13 +45,13 @@ import torch.distributed as dist
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 from plait.train.filearena import write_arena
-from plait.train.tensorfile import (TMP_PREFIX, CheckpointError, fsync_dir, read_verified, write_atomic,
-                                    write_safetensors)
+from plait.train.tensorfile import (CHECKSUM, TMP_PREFIX, CheckpointError, checksum, fsync_dir, read_verified,
+                                    write_atomic, write_safetensors)
 
 log = logging.getLogger("plait")
 
 FORMAT = "plait-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: files checked with CRC-32C (1: zlib CRC-32, still read)
 INDEX = "index.json"
 LATEST = "latest"
 
@@ -172,7 +171,7 @@ def _build_index(tmp: Path, grid: Grid, request: SaveRequest) -> Dict[str, Any]:
     for rank in range(grid.world_size):
         name = rank_file(rank)
         data = read_verified(tmp / name, None)
-        index["files"][name] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+        index["files"][name] = {"bytes": len(data), CHECKSUM: checksum(data)}
         index["ranks"][str(rank)] = name
         written = json.loads(data).get("written", {})
         tp_rank = str(grid.layout.coords(rank)["tp"])

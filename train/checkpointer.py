@@ -106,6 +106,7 @@ class Checkpointer:
         self.copy_event = None  # CUDA: the side stream's copies of the latest save
         self.side = torch.cuda.Stream(self.device) if self.cuda else None
         self.stall_s = 0.0  # seconds the training thread last waited for a snapshot (before_update)
+        self.last_write: Dict[str, float] = {}  # bytes of files and seconds of the last write (benchmarks)
         self.said_sync = False  # a background save did not fit in host memory (said once)
         self.fault = _fault_from_environment(grid.rank)
 
@@ -114,7 +115,7 @@ class Checkpointer:
         """Checkpoint `state`'s step; returns the directory it will have (it exists once the write is done)."""
         previous = self.pending_step
         waited = self.wait()
-        if waited > 0.01:
+        if waited > 0.01 and previous is not None:
             log.info("checkpoint: waited %.2f s for step %s's write to finish before saving step %d", waited,
                      previous, state.step)
         if not self._fits_in_host_memory(state):  # stream the files from the live tensors, in this thread
@@ -128,15 +129,20 @@ class Checkpointer:
         if not self.asynchronous:
             for view, source in sources:
                 view.copy_(source)
-            return write_checkpoint(self.root, self.grid, request, self.keep,
-                                    agree_over(None, self.device, self.grid.world_size),
-                                    lambda phase: self.fault(phase, state.step))
+            return self._timed_write(request, agree_over(None, self.device, self.grid.world_size))
         self.copied.clear()
         if self.cuda:
             self._copy_on_side_stream(sources)
         self.pending_step = state.step
         self.pending = self.writer.submit(self._write, request, sources)
         return self.root / step_dir_name(state.step)
+
+    def prepare(self, state: TrainerState) -> None:
+        """Make the host buffers in the background now (a run that will save calls this at start), so the first
+        save finds them allocated and paged in instead of paying for that while training waits."""
+        if self.asynchronous and self.pending is None and self._fits_in_host_memory(state):
+            self.pending_step = None
+            self.pending = self.writer.submit(self._arenas_for, state)
 
     def _arenas_for(self, state: TrainerState) -> Dict[str, FileArena]:
         """The host buffers this rank's files are laid out in (dp rank 0 of each tp x pp position writes files;
@@ -186,9 +192,16 @@ class Checkpointer:
         finally:
             self.copied.set()  # the training thread may update the weights now
         del sources
-        return write_checkpoint(self.root, self.grid, request, self.keep,
-                                agree_over(self.group, torch.device("cpu"), self.grid.world_size),
+        return self._timed_write(request, agree_over(self.group, torch.device("cpu"), self.grid.world_size))
+
+    def _timed_write(self, request: SaveRequest, agree) -> Path:
+        """Write and publish; remember how many bytes of files this rank wrote, and how long writing took."""
+        start = time.perf_counter()
+        path = write_checkpoint(self.root, self.grid, request, self.keep, agree,
                                 lambda phase: self.fault(phase, request.step))
+        self.last_write = {"seconds": time.perf_counter() - start,
+                           "bytes": sum(arena.nbytes for arena in request.arenas.values())}
+        return path
 
     def before_update(self) -> None:
         """Call right before anything updates the weights or the optimizer state (the optimizer step)."""

@@ -5,7 +5,7 @@
 over the places the file holds each tensor. A background save copies the live tensors into
 those views (its snapshot, the only copy), and `write_arena` then sends the whole buffer to
 disk with O_DIRECT in large aligned chunks, the last one padded and the file truncated back
-to its size, while a second thread computes the CRC-32 of the same bytes: the write is not
+to its size, while a second thread computes the CRC-32C of the same bytes: the write is not
 slowed by the page cache or by the checksum, and nothing is copied again. Where the
 filesystem refuses O_DIRECT (tmpfs) the same buffer goes through ordinary writes. The bytes
 are those `tensorfile.write_safetensors` writes for the same tensors.
@@ -14,13 +14,12 @@ are those `tensorfile.write_safetensors` writes for the same tensors.
 import mmap
 import os
 import threading
-import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
-from plait.train.tensorfile import _finish, _tmp_name, safetensors_layout
+from plait.train.tensorfile import CHECKSUM, _finish, _tmp_name, checksum, safetensors_layout
 
 PAGE = 4096
 CHUNK = 32 << 20  # bytes per write: large and sequential
@@ -34,7 +33,8 @@ class FileArena:
         prefix, places = safetensors_layout(self.items)
         self.nbytes = len(prefix) + sum(size for _, size in places.values())
         padded = -(-self.nbytes // PAGE) * PAGE
-        self._map = mmap.mmap(-1, max(padded, PAGE))  # anonymous: page-aligned, zero-filled
+        populate = getattr(mmap, "MAP_POPULATE", 0)  # fault every page in now, not during a snapshot
+        self._map = mmap.mmap(-1, max(padded, PAGE), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
         self.buffer = torch.frombuffer(self._map, dtype=torch.uint8)
         if pinned:  # registered with CUDA in place, so side-stream copies land here directly
             torch.cuda.cudart().cudaHostRegister(self.buffer.data_ptr(), self.buffer.numel(), 0)
@@ -71,8 +71,8 @@ def write_arena(path: Path, arena: FileArena, after_chunk: Optional[Callable[[],
     path, tmp = Path(path), _tmp_name(Path(path))
     data = memoryview(arena._map)
     crc = {}
-    summer = threading.Thread(target=lambda: crc.update(value=zlib.crc32(data[:arena.nbytes])), daemon=True)
-    summer.start()  # zlib releases the GIL on large buffers: the checksum runs beside the writes
+    summer = threading.Thread(target=lambda: crc.update(value=checksum(data[:arena.nbytes])), daemon=True)
+    summer.start()  # the checksum releases the GIL: it runs beside the writes
     fd, direct = _open_direct(tmp)
     try:
         end = -(-arena.nbytes // PAGE) * PAGE if direct else arena.nbytes
@@ -90,4 +90,4 @@ def write_arena(path: Path, arena: FileArena, after_chunk: Optional[Callable[[],
     handle = os.fdopen(fd, "wb")
     _finish(handle, tmp, path)
     summer.join()
-    return {"bytes": arena.nbytes, "crc32": crc["value"]}
+    return {"bytes": arena.nbytes, CHECKSUM: crc["value"]}

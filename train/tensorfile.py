@@ -2,9 +2,9 @@
 
 `write_safetensors` streams tensors into the safetensors format (an 8-byte little-endian
 header length, a JSON header of dtype, shape and byte offsets, then the raw bytes) straight
-from each tensor's memory, computing the CRC-32 of what it writes on the way: one pass and
+from each tensor's memory, computing the CRC-32C of what it writes on the way: one pass and
 no serialized copy of the whole file in memory (`safetensors.torch.save` makes two).
-`read_safetensors` maps the file (copy-on-write), checks its size and CRC-32 on the mapped
+`read_safetensors` maps the file (copy-on-write), checks its size and CRC-32C on the mapped
 pages, and returns tensors that view the mapping: no read copy, no deserialize copy; the
 caller's `copy_` into its parameters is the only one. Tests check both against the
 safetensors library, and transformers reads the exported files.
@@ -21,6 +21,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import crc32c
 import torch
 
 TMP_PREFIX = ".tmp-"
@@ -29,6 +30,14 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
 _CODES = {code: dtype for dtype, code in _DTYPES.items()}
+
+
+CHECKSUM = "crc32c"  # CRC-32C (Castagnoli), hardware-accelerated: 10+ GB/s a core, so checking never slows I/O
+
+
+def checksum(data, value: int = 0) -> int:
+    """The running CRC-32C of `data` (any buffer) after `value`; releases the GIL on large buffers."""
+    return crc32c.crc32c(data, value)
 
 
 class CheckpointError(ValueError):
@@ -66,7 +75,7 @@ def write_atomic(path: Path, data: bytes) -> Dict[str, Any]:
     handle = open(tmp, "wb")
     handle.write(data)
     _finish(handle, tmp, path)
-    return {"bytes": len(data), "crc32": zlib.crc32(data)}
+    return {"bytes": len(data), CHECKSUM: checksum(data)}
 
 
 def _raw(tensor: torch.Tensor) -> memoryview:
@@ -100,17 +109,17 @@ def write_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Op
     `after_tensor()` runs after each tensor's bytes are written (tests stop a write there)."""
     prefix, places = safetensors_layout({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}, metadata)
     path, tmp = Path(path), _tmp_name(Path(path))
-    crc = zlib.crc32(prefix)
+    crc = checksum(prefix)
     handle = open(tmp, "wb")
     handle.write(prefix)
     for name in sorted(places, key=lambda name: places[name][0]):
         raw = _raw(tensors[name])
         handle.write(raw)
-        crc = zlib.crc32(raw, crc)
+        crc = checksum(raw, crc)
         if after_tensor is not None:
             after_tensor()
     _finish(handle, tmp, path)
-    return {"bytes": len(prefix) + sum(size for _, size in places.values()), "crc32": crc}
+    return {"bytes": len(prefix) + sum(size for _, size in places.values()), CHECKSUM: crc}
 
 
 def _require_file(path: Path) -> None:
@@ -123,20 +132,22 @@ def read_verified(path: Path, record: Optional[Dict[str, Any]]) -> bytes:
     path = Path(path)
     _require_file(path)
     data = path.read_bytes()
-    _check(path, len(data), lambda: zlib.crc32(data), record)
+    _check(path, len(data), data, record)
     return data
 
 
-def _check(path: Path, size: int, crc_of, record: Optional[Dict[str, Any]]) -> None:
-    """Compare a file's size, then its CRC-32 (`crc_of()`, computed only when the size matches), with `record`."""
+def _check(path: Path, size: int, data, record: Optional[Dict[str, Any]]) -> None:
+    """Compare a file's size, then its checksum (computed only when the size matches), with `record`: CRC-32C
+    for checkpoints of format 2, zlib's CRC-32 for format 1's."""
     if record is None:
         return
     if size != record["bytes"]:
         raise CheckpointError(f"checkpoint file {path} has {size} bytes but the index records "
                               f"{record['bytes']} (truncated or overwritten); pick another checkpoint.")
-    crc = crc_of()
-    if crc != record["crc32"]:
-        raise CheckpointError(f"checkpoint file {path} fails its crc32 check (index {record['crc32']:08x}, "
+    kind = CHECKSUM if CHECKSUM in record else "crc32"
+    crc = checksum(data) if kind == CHECKSUM else zlib.crc32(data)
+    if crc != record[kind]:
+        raise CheckpointError(f"checkpoint file {path} fails its {kind} check (index {record[kind]:08x}, "
                               f"file {crc:08x}): it is corrupted; pick another checkpoint.")
 
 
@@ -150,7 +161,7 @@ def read_safetensors(path: Path, record: Optional[Dict[str, Any]]) -> Dict[str, 
         raise CheckpointError(f"checkpoint file {path} is empty; pick another checkpoint.")
     with open(path, "rb") as handle:
         mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)  # writable for torch, never written back
-    _check(path, size, lambda: zlib.crc32(mapped), record)
+    _check(path, size, mapped, record)
     try:
         (length,) = struct.unpack("<Q", mapped[:8])
         header = json.loads(mapped[8:8 + length])

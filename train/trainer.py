@@ -296,10 +296,14 @@ class Trainer:
         if self.is_logger:
             log.info("run directory: %s", self.run_dir)
         preemption = PreemptionFlag()  # SIGTERM / SIGUSR1 / Ctrl-C only raise a flag; all ranks agree below
+        buffers_wanted = int(self.cfg.checkpoint.every) > 0  # made once the optimizer state exists (step 1)
         while self.step_num < cfg.steps:
             if self.step_num == self.crash_at:
                 crash(self.step_num, self.grid.rank)
             record = self.step()
+            if buffers_wanted:  # the snapshot buffers, made in the background while the next steps run
+                self.checkpointer.prepare(self.state())
+                buffers_wanted = False
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss is {record['loss']} at step {self.step_num}; lower optim.lr.")
             self.sink.advance(self.step_num)
