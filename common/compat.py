@@ -18,9 +18,15 @@ import torch
 _engine_run_backward = torch.autograd.Variable._execution_engine.run_backward  # looked up once
 
 
-def run_backward(output: torch.Tensor, grad: torch.Tensor) -> None:
-    """Backward from `output` with `grad` through the engine (no shape check against freed data)."""
-    _engine_run_backward((output,), (grad,), False, False, (), True, True)
+def run_backward(output, grad: torch.Tensor, *, inputs: tuple = (), keep_graph: bool = False) -> None:
+    """Backward from `output` (a tensor or a GradientEdge) with `grad` through the engine (no shape check
+    against freed data), accumulating into `.grad` of `inputs` only when given (tensors or GradientEdges)."""
+    _engine_run_backward((output,), (grad,), keep_graph, False, inputs, True, True)
+
+
+def run_backward_edges(edges: tuple, grads: tuple, inputs: tuple) -> None:
+    """Backward from several GradientEdges at once, accumulating into `.grad` of `inputs` only."""
+    _engine_run_backward(edges, grads, False, False, inputs, True, True)
 
 
 def inductor_fma() -> Optional[Callable]:

@@ -98,6 +98,9 @@ class ActivationCache:
         self.stats = OffloadStats()
         self.tracker = ResidentBytes()
         self.error: Optional[BaseException] = None
+        # a saved tensor is released at its first unpack, unless the backward runs in two halves (a zero-bubble
+        # schedule's I and W each unpack it): then at the end of the step (`release_all`)
+        self.release_on_unpack = True
 
     def add_resident(self, tensors: Iterable[torch.Tensor]) -> None:
         for tensor in tensors:
@@ -223,7 +226,7 @@ class ActivationCache:
         data = self._materialize(handle.entry)
         tensor = torch.empty(0, dtype=handle.dtype, device=handle.entry.device)
         tensor.set_(data.untyped_storage(), handle.offset, handle.size, handle.stride)
-        if not handle.used:
+        if not handle.used and self.release_on_unpack:
             handle.used = True
             self.drop(handle.entry)
         return tensor

@@ -176,12 +176,14 @@ BACKENDS = ("auto", "nccl", "gloo")
 
 def check_settings(parallel: Any) -> None:
     """The `parallel` group's own fields: degrees, and each choice against the table that builds it."""
-    from plait.parallel.pipeline.schedule import BUILDERS
+    from plait.parallel.pipeline.schedule import BUILDERS, V_SCHEDULES
     from plait.parallel.pipeline.transport import TRANSPORTS
 
     for key in ("tp", "pp", "vpp", "microbatches"):
         _positive(f"parallel.{key}", getattr(parallel, key))
     choice(LayoutError, "parallel.schedule", parallel.schedule, BUILDERS)
+    if parallel.schedule in V_SCHEDULES and parallel.vpp == 1 and parallel.pp > 1:
+        parallel.vpp = 2  # the V schedules run two chunks per rank; vpp left at its default means that
     choice(LayoutError, "parallel.pp_transport", parallel.pp_transport, TRANSPORTS)
     choice(LayoutError, "parallel.backend", parallel.backend, BACKENDS)
     if parallel.zero not in ZERO_LEVELS:

@@ -131,8 +131,10 @@ def test_partition():
 
 TINY = dict(vocab_size=64, dim=32, n_layers=8, n_heads=4, max_seq_len=32)
 CASES = {2: [("gpipe", 1, 4), ("1f1b", 1, 4), ("1f1b", 1, 8), ("interleaved", 2, 4), ("interleaved", 2, 8),
-             ("gpipe", 2, 8)],
-         4: [("gpipe", 1, 8), ("1f1b", 1, 4), ("1f1b", 1, 8), ("interleaved", 2, 4), ("interleaved", 2, 8)]}
+             ("gpipe", 2, 8), ("zbh1", 1, 4), ("zbh1", 1, 8), ("zbv", 2, 4), ("zbv", 2, 8), ("dualpipev", 2, 4),
+             ("dualpipev", 2, 8)],
+         4: [("gpipe", 1, 8), ("1f1b", 1, 4), ("1f1b", 1, 8), ("interleaved", 2, 4), ("interleaved", 2, 8),
+             ("zbh1", 1, 4), ("zbh1", 1, 8), ("zbv", 2, 4), ("zbv", 2, 8), ("dualpipev", 2, 8)]}
 
 
 class _Probe(torch.autograd.Function):
@@ -174,6 +176,7 @@ def _relative(a, b):
 def pipeline_worker(rank, world_size, cases, transport="auto"):
     from plait.parallel.grid import Grid
     from plait.parallel.pipeline.runtime import PipelineRuntime
+    from plait.parallel.pipeline.schedule import placement
     from plait.train.build import build_chunks, hidden_shape, named_parameters_of
     from plait.train.config import ModelConfig
     from plait.train.build import build_model
@@ -181,7 +184,7 @@ def pipeline_worker(rank, world_size, cases, transport="auto"):
 
     cfg = ModelConfig(**TINY)
     grid = Grid.build(pp=world_size)
-    reference = {}
+    reference, grads_of = {}, {}
     results = []
     for schedule, vpp, m in cases:
         generator = torch.Generator().manual_seed(m)
@@ -190,7 +193,7 @@ def pipeline_worker(rank, world_size, cases, transport="auto"):
             model = build_model(cfg, seed=7)
             loss = forward_backward(model, batch)
             reference[m] = (float(loss), {n: p.grad.clone() for n, p in model.named_parameters()})
-        chunks = build_chunks(cfg, grid, vpp, seed=7)
+        chunks = build_chunks(cfg, grid, vpp, seed=7, placement=placement(schedule))
         counter = LiveCounter()
         for chunk in chunks:
             chunk.register_forward_hook(counter.hook)
@@ -202,6 +205,9 @@ def pipeline_worker(rank, world_size, cases, transport="auto"):
         unfreed = runtime.peak_unfreed_outputs  # sent outputs whose data was still held, at most
         ref_loss, ref_grads = reference[m]
         grad_error = max(_relative(p.grad, ref_grads[n]) for n, p in named_parameters_of(chunks))
+        grads_of[(schedule, vpp, m)] = {n: p.grad.clone() for n, p in named_parameters_of(chunks)}
+        fused = grads_of.get(("1f1b", 1, m)) if schedule == "zbh1" else None  # same order of F and of B / I
+        same_as_fused = None if fused is None else all(torch.equal(p.grad, fused[n]) for n, p in named_parameters_of(chunks))
         with torch.no_grad():
             eval_loss = runtime.run(batch[:, :, :-1], batch[:, :, 1:], lambda out, tgt: chunks[-1].loss(out, tgt),
                                     forward_only=True)
@@ -214,7 +220,7 @@ def pipeline_worker(rank, world_size, cases, transport="auto"):
                             again_error=again_error,
                             eval_error=abs(float(eval_loss) - ref_loss) / ref_loss, grad_error=grad_error,
                             n_params=sum(1 for _ in named_parameters_of(chunks)), n_reference=len(ref_grads),
-                            calls=calls,
+                            calls=calls, same_as_fused=same_as_fused,
                             peak_live=counter.peak, live_after=counter.live,
                             unfreed=unfreed, transport=runtime.transport_name))
     return results
@@ -241,6 +247,11 @@ def test_runtime_matches_one_process(pp, transport):
             assert max(r["unfreed"] for r in per_rank) <= pp, per_rank
         if schedule == "gpipe":
             assert max(peaks) == m * vpp, peaks
+        if schedule == "zbh1":  # graphs live until W: 1F1B's peak (p) on every rank; grads bitwise 1F1B's
+            assert max(peaks) == min(pp, m), peaks
+            assert all(r["same_as_fused"] for r in per_rank), per_rank
+        if schedule == "zbv":  # two half chunks per micro-batch: 1F1B's activations
+            assert max(peaks) <= 2 * pp, peaks
 
 
 def test_config_rejects_pipelines_that_cannot_run():

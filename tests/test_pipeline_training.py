@@ -12,7 +12,9 @@ from tests.dist_utils import run_ranks
 
 STEPS = 4
 TOL = 1e-5
-PIPELINES = [("1f1b", 2), ("1f1b", 1)]  # (parallel.schedule, parallel.vpp): interleaved, then plain 1F1B
+# (parallel.schedule, parallel.vpp): interleaved, plain 1F1B, and the zero-bubble ones (the V schedules read
+# vpp=1 as their two chunks); zbh1 with activation offload to host memory (its I and W both unpack)
+PIPELINES = [("1f1b", 2), ("1f1b", 1), ("zbh1", 1), ("zbv", 1), ("dualpipev", 1), ("zbh1+offload", 1)]
 
 
 def overrides(run_dir, cache, pp=1, vpp=1, schedule="1f1b"):
@@ -33,14 +35,20 @@ def train(trainer):
 
 def pipeline_worker(rank, world, tmp, cache):
     from plait.launch.env import ProcessEnv
+    from plait.parallel.pipeline.schedule import chunks_per_rank
     from plait.train import Trainer, load_config
 
     results = []
-    for schedule, vpp in PIPELINES:
-        cfg = load_config(overrides(f"{tmp}/pp{world}-{schedule}-v{vpp}", cache, world, vpp, schedule))
+    for case, vpp in PIPELINES:
+        schedule, _, offload = case.partition("+")
+        extra = ["offload.backend=host", "offload.min_bytes=0", "offload.device_filter=all",
+                 "offload.keep_last=0"] if offload else []
+        cfg = load_config(overrides(f"{tmp}/pp{world}-{case}-v{vpp}", cache, world, vpp, schedule) + extra)
         trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
-        assert trainer.grid.pp == world and len(trainer.chunks) == vpp
+        assert trainer.grid.pp == world and len(trainer.chunks) == chunks_per_rank(trainer.schedule, vpp)
         results.append(train(trainer))
+        if offload:
+            assert trainer.offload.cache.stats.offloaded_bytes > 0
     return results
 
 
@@ -84,4 +92,24 @@ def test_tensor_and_pipeline_parallel_training_matches_one_process(tmp_path, ref
     """tp=2 with sequence parallelism inside each of 2 interleaved stages: hidden states travel as [b, s/2, dim]."""
     expected, cache = reference
     for rank, result in enumerate(run_ranks(4, tp_pp_worker, str(tmp_path), str(cache))):
+        check(result, expected, rank)
+
+
+def zero_bubble_grid_worker(rank, world, tmp, cache):
+    from plait.launch.env import ProcessEnv
+    from plait.train import Trainer, load_config
+
+    settings = [o for o in overrides(f"{tmp}/tp2-pp2-dp2-zbv", cache, 2, 1, "zbv") if "microbatches" not in o]
+    cfg = load_config(settings + ["parallel.microbatches=4", "parallel.tp=2", "parallel.sequence_parallel=true",
+                                  "parallel.zero=1"])  # the same 8 sequences a step: 2 dp ranks x 4 micro-batches
+    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
+    assert (trainer.grid.tp, trainer.grid.pp, trainer.grid.dp, len(trainer.chunks)) == (2, 2, 2, 2)
+    return train(trainer)
+
+
+def test_zero_bubble_on_tensor_pipeline_and_data_parallel_matches_one_process(tmp_path, reference):
+    """ZB-V (two chunks per rank in a V, backwards split in I and W) on tp=2 (sequence parallel) x pp=2 x
+    dp=2 with ZeRO-1, 8 ranks: the data-parallel reduction starts before each chunk's last W."""
+    expected, cache = reference
+    for rank, result in enumerate(run_ranks(8, zero_bubble_grid_worker, str(tmp_path), str(cache))):
         check(result, expected, rank)

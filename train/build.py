@@ -111,8 +111,9 @@ def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *,
 def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, seed: int = 0, *,
                  sequence_parallel: bool = False, scales: Scales = Scales(), device: Optional[torch.device] = None,
                  std_of: Optional[StdOf] = None, rng: Optional[ParallelRNG] = None, pp_rank: Optional[int] = None,
-                 pp: Optional[int] = None) -> List[Transformer]:
-    """The chunks of pp rank `pp_rank` (default: the grid's) in model order: stages r, r + p, ...
+                 pp: Optional[int] = None, placement: str = "loop") -> List[Transformer]:
+    """The chunks of pp rank `pp_rank` (default: the grid's) in model order: stages r, r + p, ... (or, with
+    placement "v", stages r and 2p - 1 - r).
 
     Stage 0 holds the embedding, the last stage the final norm and head.
     """
@@ -121,7 +122,7 @@ def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, se
     pp = grid.pp if pp is None else pp
     rng = _rng(cfg, grid, seed, device, rng)
     chunks = []
-    for plan in rank_chunk_plans(pp_rank, cfg.n_layers, pp, vpp):
+    for plan in rank_chunk_plans(pp_rank, cfg.n_layers, pp, vpp, placement):
         chunk = Transformer(cfg, plan.layers, has_embedding=plan.has_embedding, has_head=plan.has_head,
                             scales=scales, rng=rng, device=device)
         parallelize(chunk, grid, LLAMA_PLAN, sequence_parallel)
@@ -131,14 +132,14 @@ def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, se
 
 
 def shape_chunks(cfg: ModelConfig, grid: Grid, vpp: int = 1, *, sequence_parallel: bool = False,
-                 pp_rank: int = 0) -> List[Transformer]:
+                 pp_rank: int = 0, placement: str = "loop") -> List[Transformer]:
     """The chunks of pp rank `pp_rank` on the meta device: real shard shapes, no memory, no init, no
     dropout stream (shapes do not depend on it): what plans and muP's shape tables read."""
     settings = dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)  # or Hydra's DictConfig
     cfg = ModelConfig(**{**settings, "dropout": 0.0})
     return [parallelize(Transformer(cfg, plan.layers, has_embedding=plan.has_embedding, has_head=plan.has_head,
                                     device="meta"), grid, LLAMA_PLAN, sequence_parallel)
-            for plan in rank_chunk_plans(pp_rank, cfg.n_layers, grid.pp, vpp)]
+            for plan in rank_chunk_plans(pp_rank, cfg.n_layers, grid.pp, vpp, placement)]
 
 
 def named_parameters_of(chunks: Sequence[nn.Module]) -> Iterator[Tuple[str, nn.Parameter]]:

@@ -25,6 +25,7 @@ from plait.parallel.config import ParallelConfig
 from plait.parallel.layout import Layout, LayoutError, Workload
 from plait.parallel.layout import micro_batch_size as layout_micro_batch_size
 from plait.parallel.layout import validate as validate_layout
+from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES
 
 
 ConfigError = SettingError  # every part's setting errors derive from it (LayoutError, OptimError, OffloadError, ...)
@@ -273,14 +274,18 @@ def micro_batch_size(cfg: Config, dp: int) -> int:
 COMPILE_CHOICES = ("auto", "true", "false")
 
 
-def compile_wanted(train_compile: Any, device_type: str, offload_backend: str) -> Tuple[bool, str]:
+def compile_wanted(train_compile: Any, device_type: str, offload_backend: str,
+                   split_backward: bool = False) -> Tuple[bool, str]:
     """(compile?, why) for `train.compile`: auto compiles on CUDA (about 20% faster there, measured on an
-    H200) and not on CPU, nor with activation offload (its saved-tensor hooks do not trace)."""
+    H200) and not on CPU, nor with activation offload (its saved-tensor hooks do not trace), nor under a
+    zero-bubble schedule (a compiled chunk's backward is one autograd node: it cannot be split in I and W)."""
     choice = str(train_compile).lower()
     if choice != "auto":
         return choice == "true", f"train.compile={choice}"
     if offload_backend != "none":
         return False, "auto: off with activation offload"
+    if split_backward:
+        return False, "auto: off under a zero-bubble schedule"
     return device_type == "cuda", f"auto: {'on' if device_type == 'cuda' else 'off'} on {device_type}"
 
 
@@ -304,6 +309,10 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     dp = check_layout(cfg, world_size).dp
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
+    _require(not (cfg.parallel.pp > 1 and cfg.parallel.schedule in SPLIT_SCHEDULES
+                  and str(cfg.train.compile).lower() == "true"),
+             f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "
+             f"autograd node) cannot do; set train.compile=false or another parallel.schedule.")
     _require(cfg.offload.backend == "none" or str(cfg.train.compile).lower() != "true",
              f"offload.backend={cfg.offload.backend} uses saved-tensor hooks, which train.compile=true does not "
              f"support; set train.compile=false or offload.backend=none.")

@@ -31,6 +31,7 @@ from plait.optim.schedule import apply_lr
 from plait.parallel.data_parallel import DataParallelGrads
 from plait.parallel.grid import Grid
 from plait.parallel.pipeline.runtime import PipelineRuntime
+from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES, placement, schedule_name
 from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.zero import ZeroOptimizer
 from plait.train import reshard
@@ -70,6 +71,8 @@ class Trainer:
         self.is_logger = self.grid.rank == 0
         self.micro_batch = micro_batch_size(cfg, self.grid.dp)
         torch.manual_seed(cfg.train.seed)
+        # the schedule's builder name (pp == 1: forward and backward of each micro-batch in turn, whatever is set)
+        self.schedule = schedule_name(cfg.parallel.schedule, cfg.parallel.vpp) if self.grid.pp > 1 else "1f1b"
         self.chunks = self._build_chunks()  # this rank's model chunks (one unless pp > 1)
         self.offload = self._build_offload(self.chunks)  # None unless offload.backend is set
         self.model = self.chunks[0] if self.grid.pp == 1 else torch.nn.ModuleList(self.chunks)
@@ -106,10 +109,13 @@ class Trainer:
             cfg.logging.tensorboard, OmegaConf.to_container(cfg, resolve=True) if self.is_logger else None)
         if self.is_logger:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
-        self.compile, why = compile_wanted(cfg.train.compile, self.device.type, cfg.offload.backend)
+        self.compile, why = compile_wanted(cfg.train.compile, self.device.type, cfg.offload.backend,
+                                           self.schedule in SPLIT_SCHEDULES)
         if self.is_logger:
             log.info("compile: %s (%s)", "on" if self.compile else "off", why)
         self.pipeline = self._build_pipeline()  # every layout's step, pp == 1 included (its trivial schedule)
+        if self.offload is not None and self.pipeline.splits_backward:
+            self.offload.cache.release_on_unpack = False  # I and W both unpack: released at the step's end
         self.crash_at = fault_step(self.grid.rank)  # PLAIT_FAULT_AT_STEP: restart tests only, read once
         self.checkpoint_dir = checkpoint_root(cfg, self.run_dir)
         self.checkpointer = Checkpointer(self.checkpoint_dir, self.grid, self.device, keep=int(cfg.checkpoint.keep),
@@ -142,7 +148,8 @@ class Trainer:
         self.parametrization = build_parametrization(cfg.model, cfg.optim)  # muP or standard, by optim.mup
         chunks = build_chunks(cfg.model, self.grid, cfg.parallel.vpp, cfg.train.seed, device=self.device,
                               sequence_parallel=cfg.parallel.sequence_parallel, scales=self.parametrization.scales,
-                              std_of=self.parametrization.std_of)  # pp == 1: one chunk, the whole model
+                              std_of=self.parametrization.std_of,
+                              placement=placement(self.schedule))  # pp == 1: one chunk, the whole model
         for chunk in chunks:
             if self.parametrization.zero_query:
                 zero_queries(chunk)
@@ -170,7 +177,7 @@ class Trainer:
         modules = [torch.compile(chunk) for chunk in self.chunks] if self.compile else self.chunks
         shape = hidden_shape(self.micro_batch, cfg.train.seq_len, cfg.model.dim, self.grid.tp,
                              cfg.parallel.sequence_parallel)
-        runtime = PipelineRuntime(modules, self.grid, schedule=cfg.parallel.schedule, vpp=cfg.parallel.vpp,
+        runtime = PipelineRuntime(modules, self.grid, schedule=self.schedule, vpp=cfg.parallel.vpp,
                                   microbatches=cfg.parallel.microbatches, hidden_shape=shape,
                                   transport=cfg.parallel.pp_transport)
         if self.is_logger and self.grid.pp > 1:

@@ -2,7 +2,8 @@
 
 The model's `n_layers` blocks are cut into p x v equal, contiguous chunks in model order:
 virtual stage k holds layers [k L / (p v), (k + 1) L / (p v)); stage 0 also holds the
-embedding, the last stage the final norm and head. Stage k runs on pp rank k mod p.
+embedding, the last stage the final norm and head. Stage k runs on pp rank k mod p, or, under
+the V placement of ZB-V and DualPipeV, rank r holds stages r and 2p - 1 - r.
 """
 
 from dataclasses import dataclass
@@ -36,6 +37,6 @@ def chunk_plan(stage: int, n_layers: int, pp: int, vpp: int) -> ChunkPlan:
                      stage == 0, stage == pp * vpp - 1)
 
 
-def rank_chunk_plans(pp_rank: int, n_layers: int, pp: int, vpp: int) -> List[ChunkPlan]:
-    """The chunks of one pp rank, in model order (its stages pp_rank, pp_rank + p, ...)."""
-    return [chunk_plan(stage, n_layers, pp, vpp) for stage in local_stages(pp_rank, pp, vpp)]
+def rank_chunk_plans(pp_rank: int, n_layers: int, pp: int, vpp: int, placement: str = "loop") -> List[ChunkPlan]:
+    """The chunks of one pp rank, in model order (its stages pp_rank, pp_rank + p, ...; or the V's two)."""
+    return [chunk_plan(stage, n_layers, pp, vpp) for stage in local_stages(pp_rank, pp, vpp, placement)]

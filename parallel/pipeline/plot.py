@@ -1,8 +1,9 @@
 """Draw a simulated timeline: as text (one line per rank) and as a PNG (the paper's figure).
 
-Each box is one compute: its micro-batch gives the color (forward lighter, backward full),
-its label is the micro-batch number plus, with v > 1, the chunk letter (a = the rank's
-first chunk): lowercase for a forward, uppercase for a backward.
+Each box is one compute: its micro-batch gives the color (forward lighter, backward full,
+a weight-grad half W hatched), its label is the micro-batch number plus, with v > 1, the
+chunk letter (a = the rank's first chunk): lowercase for a forward, uppercase for a
+backward (whole, or its input half I), and a trailing "w" for W.
 """
 
 import os
@@ -16,7 +17,9 @@ from plait.parallel.pipeline.simulate import Timeline
 
 def _label(action: Action, pp: int, vpp: int) -> str:
     chunk = "abcdefghijklmnopqrstuvwxyz"[action.stage // pp] if vpp > 1 else ""
-    return f"{action.microbatch}{chunk if action.kind == Kind.F else chunk.upper()}"
+    if action.kind == Kind.F:
+        return f"{action.microbatch}{chunk}"
+    return f"{action.microbatch}{chunk.upper()}{'w' if action.kind == Kind.W else ''}"
 
 
 def render_text(timeline: Timeline, pp: int, vpp: int) -> str:
@@ -30,13 +33,14 @@ def render_text(timeline: Timeline, pp: int, vpp: int) -> str:
         cells: List[str] = ["." .rjust(width)] * slots
         for action, start, end in intervals:
             text = _label(action, pp, vpp)
-            if action.kind == Kind.B:
+            if action.kind in (Kind.B, Kind.I):
                 text = text if vpp > 1 else f"{text}'"
             for slot in range(int(round(start / unit)), int(round(end / unit))):
                 cells[slot] = text.rjust(width)
         lines.append(f"rank {rank} |" + "".join(cells) + "|")
-    legend = ("cells: micro-batch, then chunk (lowercase forward, uppercase backward)" if vpp > 1
-              else "cells: micro-batch (forward), micro-batch' (backward)")
+    legend = ("cells: micro-batch, then chunk (lowercase forward, uppercase backward or its input half, "
+              "w: weight half)" if vpp > 1
+              else "cells: micro-batch (forward), micro-batch' (backward or its input half), micro-batch w (weight half)")
     return "\n".join(lines + [legend])
 
 
@@ -56,7 +60,8 @@ def save_png(timeline: Timeline, pp: int, vpp: int, microbatches: int, path: str
             color = colors(action.microbatch % colors.N)
             forward = action.kind == Kind.F
             axes.add_patch(Rectangle((start, y + 0.1), end - start, 0.8, facecolor=color,
-                                     alpha=0.45 if forward else 1.0, edgecolor="black", linewidth=0.5))
+                                     alpha=0.45 if forward else 1.0, edgecolor="black", linewidth=0.5,
+                                     hatch="///" if action.kind == Kind.W else None))
             axes.text((start + end) / 2, y + 0.5, _label(action, pp, vpp), ha="center", va="center", fontsize=7)
     axes.set_xlim(0, timeline.step_time)
     axes.set_ylim(0, pp)

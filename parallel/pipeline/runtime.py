@@ -9,6 +9,12 @@ What moves where:
 - B(mb, s): backward from the loss (last stage) or from the received grad of the output;
   the grad of the input is then sent to stage s - 1. Grads accumulate in `.grad` over the
   micro-batches.
+- I(mb, s) and W(mb, s), the backward split for zero-bubble schedules (`split_backward.py`):
+  I computes and sends the input's grad and keeps what W needs; W later accumulates the
+  weight grads from it, with no second forward.
+- Where two consecutive stages share a rank (the V placement), the output is handed over
+  as the next stage's input (detached, a grad-requiring leaf) and its grad handed back,
+  with no message.
 - Each run of consecutive SEND/RECV actions is posted at once through the transport chosen
   at construction (`transport.py`): on NCCL as one `batch_isend_irecv` (coalesced); on gloo
   through shared memory when every pp rank is on this host, else straight to the process
@@ -41,8 +47,10 @@ from torch import nn
 from plait.common.compat import run_backward
 from plait.common.logs import log_once
 from plait.parallel.grid import Grid
-from plait.parallel.pipeline.schedule import Action, Kind, build_schedule, local_stages, schedule_name
+from plait.parallel.pipeline.schedule import (Action, Kind, build_schedule, local_stages, placement, schedule_name,
+                                              stage_ranks)
 from plait.parallel.pipeline.simulate import matching_recv, matching_send, validate
+from plait.parallel.pipeline.split_backward import backward_input, backward_weight
 from plait.parallel.pipeline.transport import choose_transport, direct_transport
 
 log = logging.getLogger("plait")
@@ -106,23 +114,28 @@ class PipelineRuntime:
                  free_sent_outputs: bool = True, prefetch: Optional[int] = None, transport: str = "auto"):
         self.grid, self.pp, self.vpp, self.microbatches = grid, grid.pp, vpp, microbatches
         self.n_stages = grid.pp * vpp
-        stages = local_stages(grid.pp_rank, grid.pp, vpp)
+        self.schedule = schedule_name(schedule, vpp)
+        style = placement(self.schedule)
+        self.stage_rank = stage_ranks(grid.pp, vpp, style)  # stage -> pp rank
+        stages = local_stages(grid.pp_rank, grid.pp, vpp, style)
         if len(chunks) != len(stages):
             raise ValueError(f"pp rank {grid.pp_rank} holds stages {stages} but got {len(chunks)} chunks")
         self.chunk_of: Dict[int, nn.Module] = dict(zip(stages, chunks))
         self.chunk_index: Dict[int, int] = {stage: index for index, stage in enumerate(stages)}
-        self.schedule = schedule_name(schedule, vpp)
+        self.params_of = {stage: [p for p in chunk.parameters() if p.requires_grad] for stage, chunk in zip(stages, chunks)}
+        self.holds_last_stage = self.stage_rank[-1] == grid.pp_rank
         self.prefetch = default_prefetch(grid.backend) if prefetch is None else prefetch
         all_train = build_schedule(self.schedule, grid.pp, vpp, microbatches, prefetch=self.prefetch)
         all_eval = build_schedule(self.schedule, grid.pp, vpp, microbatches, forward_only=True,
                                   prefetch=self.prefetch)
-        validate(all_train, grid.pp, vpp, microbatches)
-        validate(all_eval, grid.pp, vpp, microbatches, forward_only=True)
+        validate(all_train, grid.pp, vpp, microbatches, style=style)
+        validate(all_eval, grid.pp, vpp, microbatches, forward_only=True, style=style)
+        self.splits_backward = any(a.kind == Kind.W for a in all_train[grid.pp_rank])
         self.hidden_shape, self.dtype = tuple(hidden_shape), dtype
         self.placeholders, self.loss_grads = {}, {}
         self.device = grid.device
         self.free_sent_outputs = free_sent_outputs
-        self.next_rank, self.prev_rank = grid.pp_peer(1), grid.pp_peer(-1)
+        self.global_rank = [grid.peer(pp=r) for r in range(grid.pp)]  # pp rank -> global rank
         self.transport_name = "none"
         if grid.pp_group is not None:  # the transport, chosen once
             self.pp_ranks = [grid.pp_peer(offset) for offset in range(grid.pp)]  # [0] is this rank
@@ -132,7 +145,7 @@ class PipelineRuntime:
                 microbatches=microbatches, pp=grid.pp, vpp=vpp, device=grid.device)
             self.loss_transport = (self.transport if self.transport_name == "dist"
                                    else direct_transport(grid.pp_group, self.pp_ranks))
-        self.last_stage_rank = grid.peer(pp=grid.pp - 1)
+        self.last_stage_rank = self.global_rank[self.stage_rank[-1]]
         # gloo: the loss travels as messages in the background (the other ranks post its receive
         # at the start, the last stage sends it once its own computes are done); NCCL: a broadcast
         # at the end (a receive posted early would hold up the stream the pipeline's messages share)
@@ -150,7 +163,8 @@ class PipelineRuntime:
         group) only by the garbage collector or at exit."""
         actions = all_actions[self.grid.pp_rank]
         index_of = [{action: i for i, action in enumerate(rank_actions)} for rank_actions in all_actions]
-        last_backward = {action.stage: i for i, action in enumerate(actions) if action.kind == Kind.B}
+        last_backward = {action.stage: i for i, action in enumerate(actions) if action.kind in (Kind.B, Kind.W)}
+        here = self.grid.pp_rank
         plan, index = [], 0
         post = PipelineRuntime._post_together if self.grid.backend == "nccl" else PipelineRuntime._post_sends_first
         while index < len(actions):
@@ -166,28 +180,34 @@ class PipelineRuntime:
                 index = end
                 continue
             mb, stage = action.microbatch, action.stage
+            last_of_chunk = self.chunk_index[stage] if last_backward.get(stage) == index else None
+            hand_over = stage < self.n_stages - 1 and self.stage_rank[stage + 1] == here
+            hand_back = stage > 0 and self.stage_rank[stage - 1] == here
+            received = (False, mb, stage) if stage < self.n_stages - 1 else None
             if action.kind == Kind.F:
-                plan.append((PipelineRuntime._forward, (mb, stage, (True, mb, stage) if stage > 0 else None)))
+                plan.append((PipelineRuntime._forward, (mb, stage, (True, mb, stage) if stage > 0 else None, hand_over)))
+            elif action.kind == Kind.B:
+                plan.append((PipelineRuntime._backward, (mb, stage, received, last_of_chunk, hand_back)))
+            elif action.kind == Kind.I:
+                plan.append((PipelineRuntime._backward_input, (mb, stage, received, hand_back)))
             else:
-                last_of_chunk = self.chunk_index[stage] if last_backward[stage] == index else None
-                received = (False, mb, stage) if stage < self.n_stages - 1 else None
-                plan.append((PipelineRuntime._backward, (mb, stage, received, last_of_chunk)))
+                plan.append((PipelineRuntime._backward_weight, (mb, stage, last_of_chunk)))
             index += 1
         return plan
 
     def _receive(self, action: Action, index_of, forward_only: bool) -> Receive:
         send = matching_send(action)
-        peer_pp = send.stage % self.pp
+        peer_pp = self.stage_rank[send.stage]
         forward = action.kind == Kind.RECV_F
-        return Receive((forward, action.microbatch, action.stage), self.prev_rank if forward else self.next_rank,
+        return Receive((forward, action.microbatch, action.stage), self.global_rank[peer_pp],
                        message_tag(send, self.microbatches, self.n_stages), forward and not forward_only,
                        peer_pp, index_of[peer_pp][send])
 
     def _send(self, action: Action, index_of) -> Send:
         receive = matching_recv(action)
-        peer_pp = receive.stage % self.pp
+        peer_pp = self.stage_rank[receive.stage]
         forward = action.kind == Kind.SEND_F
-        return Send((action.microbatch, action.stage), forward, self.next_rank if forward else self.prev_rank,
+        return Send((action.microbatch, action.stage), forward, self.global_rank[peer_pp],
                     message_tag(action, self.microbatches, self.n_stages), peer_pp, index_of[peer_pp][receive])
 
     # communication ---------------------------------------------------------------
@@ -221,7 +241,10 @@ class PipelineRuntime:
             self.in_flight.append((work, send, tensor))
 
     def _take(self, key: tuple) -> torch.Tensor:
-        """Wait for a receive; the peer has now passed the send, so every receive it posted before is posted."""
+        """A tensor handed over on this rank, or wait for a receive (the peer has now passed the send, so every
+        receive it posted before is posted)."""
+        if key in self.handed:
+            return self.handed.pop(key)
         work, buffer, receive = self.received.pop(key)
         work.wait()
         progress = self.peer_progress
@@ -266,7 +289,7 @@ class PipelineRuntime:
         return self.loss_grads[key]
 
     # compute ---------------------------------------------------------------------
-    def _forward(self, mb: int, stage: int, received: Optional[tuple]) -> None:
+    def _forward(self, mb: int, stage: int, received: Optional[tuple], hand_over: bool) -> None:
         """F(mb, stage): from the token ids (stage 0) or the received hidden states (a grad-requiring leaf)."""
         x = self.step_inputs[mb] if received is None else self._take(received)
         self._release_sent()
@@ -275,22 +298,48 @@ class PipelineRuntime:
         if stage == self.n_stages - 1:
             output = self.loss_fn(output, self.step_targets[mb])  # backward scales it by 1/m (`_loss_grad`)
             self.losses.append(output.detach())
-        if stage < self.n_stages - 1 or torch.is_grad_enabled():
+        if hand_over:  # the next stage is on this rank: its input is this output, cut from this graph
+            self.handed[(True, mb, stage + 1)] = output.detach().requires_grad_(torch.is_grad_enabled())
+        if (stage < self.n_stages - 1 and not hand_over) or torch.is_grad_enabled():
             self.outputs[(mb, stage)] = output  # to send, and (with grad) to backward from
         if received is not None and torch.is_grad_enabled():
             self.inputs[(mb, stage)] = x
 
-    def _backward(self, mb: int, stage: int, received: Optional[tuple], last_of_chunk: Optional[int]) -> None:
-        """B(mb, stage): from the loss (last stage) or the received output grad; keeps the input's grad to send."""
-        if last_of_chunk is not None and self.before_last_backward is not None:
-            self.before_last_backward(last_of_chunk)
+    def _start_backward(self, mb: int, stage: int, received: Optional[tuple]):
+        """The output to backward from and its grad (the loss's 1/m on the last stage, else received or handed)."""
         output = self.outputs.pop((mb, stage))
         grad = self._loss_grad(output) if received is None else self._take(received)
         self._release_sent()  # after the take: this output's send is certainly received now, its data freed
-        run_backward(output, grad)  # the engine itself: `output`'s data may be freed already
-        x = self.inputs.pop((mb, stage), None)
-        if stage > 0:
+        return output, grad
+
+    def _keep_input_grad(self, mb: int, stage: int, x: Optional[torch.Tensor], hand_back: bool) -> None:
+        """The input's grad, to send to stage - 1, or to hand back to it on this rank."""
+        if hand_back:
+            self.handed[(False, mb, stage - 1)] = x.grad
+        elif stage > 0:
             self.input_grads[(mb, stage)] = x.grad
+
+    def _backward(self, mb: int, stage: int, received: Optional[tuple], last_of_chunk: Optional[int],
+                  hand_back: bool) -> None:
+        """B(mb, stage): from the loss (last stage) or the received output grad; keeps the input's grad to send."""
+        if last_of_chunk is not None and self.before_last_backward is not None:
+            self.before_last_backward(last_of_chunk)
+        output, grad = self._start_backward(mb, stage, received)
+        run_backward(output, grad)  # the engine itself: `output`'s data may be freed already
+        self._keep_input_grad(mb, stage, self.inputs.pop((mb, stage), None), hand_back)
+
+    def _backward_input(self, mb: int, stage: int, received: Optional[tuple], hand_back: bool) -> None:
+        """I(mb, stage): only the input's grad (kept to send); what the weight grads need waits for W."""
+        output, grad = self._start_backward(mb, stage, received)
+        x = self.inputs.pop((mb, stage), None)
+        self.pending_weights[(mb, stage)] = backward_input(output, grad, [x], self.params_of[stage])
+        self._keep_input_grad(mb, stage, x, hand_back)
+
+    def _backward_weight(self, mb: int, stage: int, last_of_chunk: Optional[int]) -> None:
+        """W(mb, stage): the weight grads of a micro-batch whose I has run; grads accumulate in `.grad`."""
+        if last_of_chunk is not None and self.before_last_backward is not None:
+            self.before_last_backward(last_of_chunk)
+        backward_weight(self.pending_weights.pop((mb, stage)))
 
     # the step ----------------------------------------------------------------------
     def run(self, inputs, targets, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
@@ -308,20 +357,23 @@ class PipelineRuntime:
         self.inputs: Dict[Tuple[int, int], torch.Tensor] = {}
         self.input_grads: Dict[Tuple[int, int], torch.Tensor] = {}
         self.received: Dict[tuple, tuple] = {}
+        self.handed: Dict[tuple, torch.Tensor] = {}  # (is_forward, mb, stage) -> a tensor passed on this rank
+        self.pending_weights: Dict[Tuple[int, int], object] = {}  # (mb, stage) -> what I left for W
         self.in_flight: List[tuple] = []
         self.peer_progress: List[int] = [-1] * self.pp
         self.peak_unfreed_outputs = 0
         self.losses: List[torch.Tensor] = []  # the last stage's micro-batch losses
         self.loss, self.loss_works = None, []
-        if self.early_loss and self.grid.pp_rank != self.pp - 1:  # the last stage's loss lands here in the background
+        if self.early_loss and not self.holds_last_stage:  # the last stage's loss lands here in the background
             self.loss = torch.zeros((), device=self.device)
             self.loss_works = self.loss_transport([(self.loss, self.last_stage_rank, self.loss_tag)], [])
         for step, args in self.plans[forward_only]:
             step(self, *args)
-        if self.early_loss and self.grid.pp_rank == self.pp - 1:
+        if self.early_loss and self.holds_last_stage:
             self._share_loss(self._mean_loss())
         self._release_sent(wait_all=True)
         self.outputs.clear()
+        self.handed.clear()
         self.step_inputs = self.step_targets = self.loss_fn = None
         return self._broadcast_loss()
 

@@ -2,22 +2,25 @@
 
 The walker executes every rank's action list with the runtime's semantics: sends and
 receives are posted and never block; a compute waits until the data it consumes has been
-sent (its receive must be posted before it), then takes its cost. Communication itself costs nothing, so the step time
-it returns is the schedule's overhead-free time.
+sent (its receive must be posted before it), or, for a hop between two stages on one rank,
+until the producing compute has run there; then it takes its cost. Communication itself
+costs nothing, so the step time it returns is the schedule's overhead-free time.
 
 `validate` rejects a schedule that could not run: a compute whose input is not there yet
-(a backward before its forward, a forward before its receive), a send of something not yet
-computed, a send without its receive (or a receive without its send), a missing or repeated
-compute, a stage on the wrong rank, two messages between the same ranks received in the
-other order than sent (NCCL matches by order), or an order in which every unfinished rank waits on a
-receive that no one will send (deadlock).
+(a backward before its forward, a W before its I, a forward before its receive), a send of
+something not yet computed, a send without its receive (or a receive without its send), a
+missing or repeated compute (each backward runs once, whole as B or split as I and W), a
+stage on the wrong rank, two messages between the same ranks received in the other order
+than sent (NCCL matches by order), more micro-batches in flight on a rank than a bound
+given, or an order in which every unfinished rank waits on a receive that no one will send
+(deadlock).
 """
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from plait.parallel.pipeline.schedule import COMPUTE, Action, Kind, ScheduleError
+from plait.parallel.pipeline.schedule import BACKWARDS, COMPUTE, Action, Kind, ScheduleError, stage_ranks
 
 
 @dataclass
@@ -34,15 +37,6 @@ class Timeline:
         return self.step_time / self.busy_time - 1.0 if self.busy_time else 0.0
 
 
-def _producer(action: Action) -> Optional[Action]:
-    """The compute a send ships the result of."""
-    if action.kind == Kind.SEND_F:
-        return Action(Kind.F, action.microbatch, action.stage)
-    if action.kind == Kind.SEND_B:
-        return Action(Kind.B, action.microbatch, action.stage)
-    return None
-
-
 def matching_send(recv: Action) -> Action:
     """The send a receive waits for: stage s's input comes from s-1's output, its output grad from s+1."""
     if recv.kind == Kind.RECV_F:
@@ -56,50 +50,64 @@ def matching_recv(send: Action) -> Action:
     return Action(Kind.RECV_B, send.microbatch, send.stage - 1)
 
 
-def _inputs(action: Action, n_stages: int) -> List[Action]:
-    """The receives whose data a compute consumes."""
-    if action.kind == Kind.F and action.stage > 0:
-        return [Action(Kind.RECV_F, action.microbatch, action.stage)]
-    if action.kind == Kind.B and action.stage < n_stages - 1:
-        return [Action(Kind.RECV_B, action.microbatch, action.stage)]
-    return []
+def stage_owners(actions: Sequence[Sequence[Action]]) -> Dict[int, int]:
+    """stage -> the rank whose list holds it (the placement, read off the schedule itself)."""
+    return {action.stage: rank for rank, rank_actions in enumerate(actions) for action in rank_actions}
 
 
-def _missing_input(action: Action, done: set, n_stages: int) -> Optional[str]:
+def _ran(kinds: Sequence[Kind], mb: int, stage: int, done: set) -> bool:
+    return any(Action(kind, mb, stage) in done for kind in kinds)
+
+
+def _missing_input(action: Action, done: set, owner: Dict[int, int], n_stages: int) -> Optional[str]:
     """Why `action` cannot run yet on its rank (None when it can)."""
-    mb, stage = action.microbatch, action.stage
-    if action.kind == Kind.F and stage > 0 and Action(Kind.RECV_F, mb, stage) not in done:
-        return f"{action!r} runs before its input's receive is posted ({Action(Kind.RECV_F, mb, stage)!r})"
-    if action.kind == Kind.B:
+    mb, stage, kind = action.microbatch, action.stage, action.kind
+    if kind == Kind.F and stage > 0:
+        if owner[stage - 1] != owner[stage] and Action(Kind.RECV_F, mb, stage) not in done:
+            return f"{action!r} runs before its input's receive is posted ({Action(Kind.RECV_F, mb, stage)!r})"
+        if owner[stage - 1] == owner[stage] and Action(Kind.F, mb, stage - 1) not in done:
+            return f"{action!r} runs before {Action(Kind.F, mb, stage - 1)!r}, on the same rank, made its input"
+    if kind in BACKWARDS:
         if Action(Kind.F, mb, stage) not in done:
             return f"backward {action!r} runs before its forward {Action(Kind.F, mb, stage)!r}"
-        if stage < n_stages - 1 and Action(Kind.RECV_B, mb, stage) not in done:
-            return f"{action!r} runs before its output grad's receive is posted ({Action(Kind.RECV_B, mb, stage)!r})"
-    producer = _producer(action)
-    if producer is not None and producer not in done:
-        return f"{action!r} sends before {producer!r} has run"
+        if stage < n_stages - 1:
+            if owner[stage + 1] != owner[stage] and Action(Kind.RECV_B, mb, stage) not in done:
+                return f"{action!r} runs before its output grad's receive is posted ({Action(Kind.RECV_B, mb, stage)!r})"
+            if owner[stage + 1] == owner[stage] and not _ran(BACKWARDS, mb, stage + 1, done):
+                return f"{action!r} runs before the backward of stage {stage + 1}, on the same rank, made its output grad"
+    if kind == Kind.W and Action(Kind.I, mb, stage) not in done:
+        return f"{action!r} runs before its input-grad half {Action(Kind.I, mb, stage)!r}"
+    if kind == Kind.SEND_F and Action(Kind.F, mb, stage) not in done:
+        return f"{action!r} sends before {Action(Kind.F, mb, stage)!r} has run"
+    if kind == Kind.SEND_B and not _ran(BACKWARDS, mb, stage, done):
+        return f"{action!r} sends before the backward of micro-batch {mb} on stage {stage} has run"
     return None
 
 
 def _check_structure(actions: Sequence[Sequence[Action]], pp: int, vpp: int, microbatches: int,
-                     forward_only: bool) -> None:
+                     forward_only: bool, style: str) -> None:
     """Every compute exactly once on the right rank; every send has its receive on the peer rank."""
+    ranks = stage_ranks(pp, vpp, style)
     n_stages = pp * vpp
     counts = Counter()
     for rank, rank_actions in enumerate(actions):
         for action in rank_actions:
             if not 0 <= action.stage < n_stages or not 0 <= action.microbatch < microbatches:
                 raise ScheduleError(f"rank {rank}: {action!r} is outside {n_stages} stages x {microbatches} micro-batches")
-            if action.stage % pp != rank:
-                raise ScheduleError(f"rank {rank}: {action!r} belongs to rank {action.stage % pp}")
+            if ranks[action.stage] != rank:
+                raise ScheduleError(f"rank {rank}: {action!r} belongs to rank {ranks[action.stage]}")
             counts[action] += 1
-    kinds = (Kind.F,) if forward_only else (Kind.F, Kind.B)
-    for kind in kinds:
-        for stage in range(n_stages):
-            for mb in range(microbatches):
-                if counts[Action(kind, mb, stage)] != 1:
-                    raise ScheduleError(f"{Action(kind, mb, stage)!r} appears {counts[Action(kind, mb, stage)]} times; "
-                                        f"every compute must run exactly once")
+    for stage in range(n_stages):
+        for mb in range(microbatches):
+            expected = {Kind.F: 1}
+            if not forward_only:
+                split = counts[Action(Kind.I, mb, stage)] > 0
+                expected.update({Kind.B: 0 if split else 1, Kind.I: int(split), Kind.W: int(split)})
+            for kind, count in expected.items():
+                if counts[Action(kind, mb, stage)] != count:
+                    raise ScheduleError(f"{Action(kind, mb, stage)!r} appears {counts[Action(kind, mb, stage)]} times "
+                                        f"where {count} is due; every forward and backward runs exactly once "
+                                        f"(a backward whole as B, or split as I then W)")
     for action, count in counts.items():
         if count != 1:
             raise ScheduleError(f"{action!r} appears {count} times")
@@ -107,39 +115,51 @@ def _check_structure(actions: Sequence[Sequence[Action]], pp: int, vpp: int, mic
             raise ScheduleError(f"send {action!r} has no matching receive {matching_recv(action)!r}")
         if action.kind in (Kind.RECV_F, Kind.RECV_B) and counts[matching_send(action)] != 1:
             raise ScheduleError(f"receive {action!r} has no matching send {matching_send(action)!r}")
-        if action.kind == Kind.B and forward_only:
+        if action.kind in (Kind.B, Kind.I, Kind.W) and forward_only:
             raise ScheduleError(f"a forward-only schedule holds a backward {action!r}")
 
 
-def _peer(action: Action, pp: int) -> int:
+def _peer(action: Action, owner: Dict[int, int]) -> int:
     """The rank at the other end of a send or receive."""
     step = 1 if action.kind in (Kind.SEND_F, Kind.RECV_B) else -1
-    return (action.stage + step) % pp
+    return owner[action.stage + step]
 
 
-def _check_pair_order(actions: Sequence[Sequence[Action]], pp: int) -> None:
+def _check_pair_order(actions: Sequence[Sequence[Action]], owner: Dict[int, int]) -> None:
     """Between any two ranks, sends leave in the order their receives are posted.
 
     NCCL matches point-to-point messages by order, not by tag, so a schedule that sends
     two messages to one peer in the other order than the peer receives them would swap them.
     """
+    pp = len(actions)
     for src in range(pp):
         for dst in range(pp):
             if src == dst:
                 continue
-            sent = [a for a in actions[src] if a.kind in (Kind.SEND_F, Kind.SEND_B) and _peer(a, pp) == dst]
+            sent = [a for a in actions[src] if a.kind in (Kind.SEND_F, Kind.SEND_B) and _peer(a, owner) == dst]
             received = [matching_send(a) for a in actions[dst]
-                        if a.kind in (Kind.RECV_F, Kind.RECV_B) and _peer(a, pp) == src]
+                        if a.kind in (Kind.RECV_F, Kind.RECV_B) and _peer(a, owner) == src]
             for first, second in zip(sent, received):
                 if first != second:
                     raise ScheduleError(f"rank {src} sends {first!r} to rank {dst} where rank {dst} "
                                         f"expects {second!r}; messages between two ranks must keep their order")
 
 
+def _remote_inputs(action: Action, owner: Dict[int, int], n_stages: int) -> List[Action]:
+    """The sends whose data a compute consumes (a hop within one rank has none)."""
+    stage = action.stage
+    if action.kind == Kind.F and stage > 0 and owner[stage - 1] != owner[stage]:
+        return [matching_send(Action(Kind.RECV_F, action.microbatch, stage))]
+    if action.kind in BACKWARDS and stage < n_stages - 1 and owner[stage + 1] != owner[stage]:
+        return [matching_send(Action(Kind.RECV_B, action.microbatch, stage))]
+    return []
+
+
 def execute(actions: Sequence[Sequence[Action]], cost: Callable[[Action], float]) -> Timeline:
     """Walk every rank's list on a shared clock; raises ScheduleError on a stall or a missing input."""
     pp = len(actions)
-    n_stages = 1 + max((a.stage for rank_actions in actions for a in rank_actions), default=0)
+    owner = stage_owners(actions)
+    n_stages = 1 + max(owner, default=0)
     pointer, clock = [0] * pp, [0.0] * pp
     done: List[set] = [set() for _ in range(pp)]
     posted: Dict[Action, float] = {}
@@ -150,11 +170,11 @@ def execute(actions: Sequence[Sequence[Action]], cost: Callable[[Action], float]
         for rank in range(pp):
             while pointer[rank] < len(actions[rank]):
                 action = actions[rank][pointer[rank]]
-                problem = _missing_input(action, done[rank], n_stages)
+                problem = _missing_input(action, done[rank], owner, n_stages)
                 if problem:
                     raise ScheduleError(f"rank {rank}: {problem}")
                 if action.kind in COMPUTE:
-                    needed = [matching_send(recv) for recv in _inputs(action, n_stages)]
+                    needed = _remote_inputs(action, owner, n_stages)
                     if any(send not in posted for send in needed):
                         break  # blocked on data not sent yet: try the other ranks
                     start = max([clock[rank]] + [posted[send] for send in needed])
@@ -176,29 +196,54 @@ def execute(actions: Sequence[Sequence[Action]], cost: Callable[[Action], float]
 
 
 def validate(actions: Sequence[Sequence[Action]], pp: int, vpp: int, microbatches: int, *,
-             forward_only: bool = False) -> None:
-    """Raise ScheduleError if the schedule is incomplete, mismatched, out of order or deadlocks."""
+             forward_only: bool = False, style: str = "loop",
+             max_live: Union[None, int, Sequence[int]] = None) -> None:
+    """Raise ScheduleError if the schedule is incomplete, mismatched, out of order or deadlocks.
+
+    `style` is the placement the stages must follow ("loop" or "v", see schedule.py);
+    `max_live`, one bound or one per rank, caps the chunk-forwards a rank holds before their
+    weight grads are done (`peak_live_microbatches`).
+    """
     if len(actions) != pp:
         raise ScheduleError(f"the schedule has {len(actions)} rank lists for parallel.pp={pp}")
-    _check_structure(actions, pp, vpp, microbatches, forward_only)
-    _check_pair_order(actions, pp)
+    _check_structure(actions, pp, vpp, microbatches, forward_only, style)
+    _check_pair_order(actions, stage_owners(actions))
     execute(actions, lambda action: 1.0)
+    if max_live is not None:
+        bounds = [max_live] * pp if isinstance(max_live, int) else list(max_live)
+        for rank, (rank_actions, bound) in enumerate(zip(actions, bounds)):
+            peak = peak_live_microbatches(rank_actions)
+            if peak > bound:
+                raise ScheduleError(f"rank {rank} holds {peak} micro-batches' activations at its peak, "
+                                    f"over the bound of {bound}")
 
 
-def unit_cost(forward: float = 1.0, backward: float = 2.0) -> Callable[[Action], float]:
-    """A cost function: every forward costs `forward`, every backward `backward`."""
-    return lambda action: forward if action.kind == Kind.F else backward
+def unit_cost(forward: float = 1.0, backward: float = 2.0, weight: Optional[float] = None) -> Callable[[Action], float]:
+    """A cost function: F costs `forward`, a whole backward B `backward`, of which W is `weight`
+    (half of it by default) and I the rest."""
+    weight = backward / 2 if weight is None else weight
+    costs = {Kind.F: forward, Kind.B: backward, Kind.I: backward - weight, Kind.W: weight}
+    return lambda action: costs[action.kind]
 
 
-def simulate(actions: Sequence[Sequence[Action]], forward: float = 1.0, backward: float = 2.0) -> Timeline:
-    """Each rank's timeline, the step time and the bubble for per-chunk costs (forward, backward)."""
-    return execute(actions, unit_cost(forward, backward))
+def simulate(actions: Sequence[Sequence[Action]], forward: float = 1.0, backward: float = 2.0,
+             weight: Optional[float] = None) -> Timeline:
+    """Each rank's timeline, the step time and the bubble for per-chunk costs: F, whole backward, its W part.
+
+    The paper's F = B = W = 1 (B there is the input half, I here) is `simulate(actions, 1, 2, 1)`.
+    """
+    return execute(actions, unit_cost(forward, backward, weight))
 
 
-def peak_live_microbatches(actions: Sequence[Action]) -> int:
-    """The most (micro-batch, stage) forwards whose backward has not yet run, in list order."""
+def peak_live_microbatches(actions: Sequence[Action], until: str = "weights") -> int:
+    """The most (micro-batch, stage) forwards a rank holds at once, in list order.
+
+    A forward's activations are held until its weight grads are done (`until="weights"`: B
+    or W), or, counting only what the input-grad half needs, until B or I (`until="input"`).
+    """
+    ends = (Kind.B, Kind.W) if until == "weights" else BACKWARDS
     live, peak = 0, 0
     for action in actions:
-        live += 1 if action.kind == Kind.F else -1 if action.kind == Kind.B else 0
+        live += 1 if action.kind == Kind.F else -1 if action.kind in ends else 0
         peak = max(peak, live)
     return peak

@@ -8,8 +8,8 @@ and `is_completed()`. The runtime waits on a receive right before the compute th
   one launch; NCCL matches messages by order, which the schedule validator checks.
 - `direct_transport` (gloo): each message straight to the process group's send/recv.
 - `SharedMemoryTransport` (gloo, every pp rank on one host): a send copies the tensor into a
-  slot of the receiver's inbox, a file in /dev/shm both map, and writes one byte into a FIFO;
-  a receive reads that byte and copies the slot out. On a CPU, each gloo message goes
+  slot of the receiver's inbox, a file in /dev/shm both map, and writes its slot id (two bytes) into a
+  FIFO; a receive reads ids until its own and copies the slot out. On a CPU, each gloo message goes
   through loopback TCP and wakes two threads of the receiver (gloo's I/O loop, then the
   waiting one); this wakes only the waiting one and copies 3 times less code into cold
   caches. (The same idea as DeepSpeed's and oneCCL's shared-memory paths for CPU ranks.)
@@ -82,7 +82,7 @@ SENT = _Sent()
 
 
 class _Receive:
-    """A shared-memory receive: `wait()` takes the sender's byte from the FIFO, then copies the slot out.
+    """A shared-memory receive: `wait()` reads slot ids from the FIFO up to its own, then copies the slot out.
 
     It holds the buffer itself, not only its address, so the buffer lives until the copy.
     """
@@ -92,14 +92,19 @@ class _Receive:
         self.inbox, self.byte, self.buffer, self.source = inbox, byte, buffer, source
 
     def wait(self) -> bool:
+        """Read the FIFO until this slot's byte; bytes of slots waited on later are remembered (a rank may
+        take two messages from one peer in another order than they were sent, as under a V placement)."""
         inbox = self.inbox
-        try:
-            byte = os.read(inbox.fifo, 1)
-        except BlockingIOError:  # not sent yet: sleep in the kernel until it is
-            byte = inbox.wait_byte()
-        if byte != self.byte:
-            raise TransportError(f"pipeline message from rank {inbox.peer} arrived out of order (slot byte {byte!r}, "
-                                 f"expected {self.byte!r}); the schedule's pair order was broken")
+        while self.byte not in inbox.arrived:
+            try:
+                byte = os.read(inbox.fifo, 2)
+            except BlockingIOError:  # not sent yet: sleep in the kernel until it is
+                byte = inbox.wait_byte()
+            if byte in inbox.arrived:
+                raise TransportError(f"pipeline message from rank {inbox.peer} for slot byte {byte!r} arrived twice "
+                                     f"before it was taken; the schedule's messages were broken")
+            inbox.arrived.add(byte)
+        inbox.arrived.remove(self.byte)
         ctypes.memmove(self.buffer.data_ptr(), self.source, inbox.slot_bytes)
         return True
 
@@ -108,10 +113,11 @@ class _Receive:
 
 
 class _Inbox:
-    """One direction between two ranks: the mapped slots and the FIFO (non-blocking) of one byte per message."""
+    """One direction between two ranks: the mapped slots and the FIFO (non-blocking) of one slot id (two bytes) per message."""
 
     def __init__(self, path: str, peer: int, slot_bytes: int, timeout_s: float):
         self.peer, self.slot_bytes, self.timeout_s = peer, slot_bytes, timeout_s
+        self.arrived = set()  # slot bytes read from the FIFO whose receive has not been waited on yet
         fd = os.open(path + ".slots", os.O_RDWR)
         try:
             self.map = mmap.mmap(fd, os.fstat(fd).st_size)
@@ -128,7 +134,7 @@ class _Inbox:
         if not self.poller.poll(1000 * self.timeout_s):
             raise TransportError(f"no pipeline message from rank {self.peer} in {self.timeout_s:.0f} s; "
                                  f"did that rank fail?")
-        return os.read(self.fifo, 1)
+        return os.read(self.fifo, 2)
 
     def close(self) -> None:
         if self.fifo >= 0:
@@ -169,7 +175,8 @@ class SharedMemoryTransport:
         n_slots = 2 * microbatches * vpp
         self.offsets = [_slot_index(tag, microbatches, pp, vpp) * slot_bytes
                         for tag in range(2 * microbatches * pp * vpp)]  # tag -> byte offset in its inbox
-        self.bytes = [bytes([_slot_index(tag, microbatches, pp, vpp) % 256]) for tag in range(len(self.offsets))]
+        # each message's slot id, two bytes (written and read whole: a FIFO write under PIPE_BUF is atomic)
+        self.bytes = [_slot_index(tag, microbatches, pp, vpp).to_bytes(2, "little") for tag in range(len(self.offsets))]
         self.inboxes: Dict[int, _Inbox] = {}  # sender's global rank -> inbox here
         self.outboxes: Dict[int, _Inbox] = {}  # receiver's global rank -> its inbox from here
         created, problem = self._create(rank, neighbours, n_slots * slot_bytes)
