@@ -19,7 +19,7 @@ class ParallelConfig:
     dp: Optional[int] = None
     microbatches: int = 1
     sequence_parallel: bool = False
-    schedule: str = "1f1b"  # gpipe | 1f1b (interleaved when vpp > 1)
+    schedule: str = "1f1b"  # gpipe | 1f1b (interleaved when vpp > 1) | zbh1 | zbv | dualpipev (zero-bubble)
     pp_transport: str = "auto"  # auto | shm | dist: pipeline messages through /dev/shm (gloo, one host) or the process group
     zero: int = 0  # 0: replicated optimizer state, 1: ZeRO-1 sharded state
     bucket_mb: float = 25.0  # gradient bucket size for data-parallel reduction

@@ -89,3 +89,26 @@ def test_crash_at_step_5_restarts_and_matches(two_node_run, tmp_path, stdlib_tok
     # ... and every step, the final one included, has the uncrashed run's loss
     for step, loss in restarted:
         assert loss == pytest.approx(reference[step], rel=1e-5, abs=1e-6), f"step {step}"
+
+
+def test_zero_bubble_under_torchrun_has_the_loss_curve_of_one_process(tmp_path, stdlib_tokens):
+    """`torchrun -m plait.train parallel.pp=2 parallel.schedule=zbv parallel.microbatches=8`: two ranks, each
+    with two chunks in a V and every backward split in I and W, log the losses `plait-train` logs alone."""
+    cache = str(Path(stdlib_tokens[0]).parent)
+    settings = ["model=tiny", "train.steps=6", "train.batch_size=8", "train.seq_len=64", "train.eval_every=0",
+                "train.log_every=1", "train.peak_flops=1e12", "train.progress=false", "train.threads=1",
+                f"data.cache_dir={cache}", "checkpoint.save_final=false"]
+    alone = [sys.executable, "-m", "plait.train", *settings, f"train.run_dir={tmp_path / 'alone'}"]
+    piped = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "plait.train",
+             *settings, "parallel.pp=2", "parallel.schedule=zbv", "parallel.microbatches=8",
+             f"train.run_dir={tmp_path / 'zbv'}"]
+    for command in (alone, piped):
+        result = subprocess.run(command, env=launcher_env(cache), capture_output=True, text=True, timeout=400,
+                                cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert "zbv schedule, pp 2 x vpp 2, 8 micro-batches" in result.stderr + result.stdout
+    expected = losses(tmp_path / "alone")
+    got = losses(tmp_path / "zbv")
+    assert [step for step, _ in got] == [step for step, _ in expected] == list(range(1, 7))
+    for (step, loss), (_, reference) in zip(got, expected):
+        assert loss == pytest.approx(reference, rel=1e-5), f"step {step}"

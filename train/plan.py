@@ -114,6 +114,7 @@ def _ring(nbytes: float, n: int, factor: float) -> float:
 def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: int) -> StagePlan:
     from plait.offload.config import keep_count
     from plait.parallel.pipeline.partition import rank_chunk_plans
+    from plait.parallel.pipeline.schedule import placement, stage_ranks
     from plait.parallel.plans import param_specs
     from plait.train.build import shape_chunks
 
@@ -121,9 +122,10 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     tp, dp, pp, vpp, m = layout.tp, layout.dp, layout.pp, parallel.vpp, parallel.microbatches
     grid = stand_in_grid(layout, layout.rank_of(pp=pp_rank))
     sp = bool(parallel.sequence_parallel and tp > 1)
-    chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp)
+    style = placement(_schedule_name(parallel))
+    chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp, style)
     params, full_params, vocab_local = 0, 0, 0
-    for model in shape_chunks(model_cfg, grid, vpp, sequence_parallel=sp, pp_rank=pp_rank):
+    for model in shape_chunks(model_cfg, grid, vpp, sequence_parallel=sp, pp_rank=pp_rank, placement=style):
         params += sum(p.numel() for p in model.parameters())
         specs = param_specs(model)
         full_params += sum(p.numel() * (tp if specs[name].is_sharded else 1)
@@ -151,7 +153,9 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + (_ring(3 * tokens * 4, tp, 2) if has_head else 0))
     dp_bytes = _ring(params * 4, dp, 2)  # fp32 grads (ZeRO-1: reduce-scatter + all-gather, the same bytes)
     boundary = hidden_bytes / (tp if sp else 1)
-    sends = sum((0 if chunk.has_head else 1) + (0 if chunk.has_embedding else 1) for chunk in chunks)
+    ranks = stage_ranks(pp, vpp, style)  # a hop between two stages of one rank (the V's turn) sends nothing
+    sends = sum(int(c.stage < pp * vpp - 1 and ranks[c.stage + 1] != pp_rank) + int(c.stage > 0 and ranks[c.stage - 1] != pp_rank)
+                for c in chunks)
     pp_bytes = m * sends * boundary if pp > 1 else 0
     return StagePlan(pp_rank, layers, params, full_params, params * 4, params * 4, params * optimizer_per_param,
                      -(-params * optimizer_per_param // dp), int(activations), int(activations_offload), inflight,
