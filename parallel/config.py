@@ -15,6 +15,8 @@ class ParallelConfig:
 
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallelism: each sequence split over cp ranks (long contexts)
+    cp_mode: str = "ring"  # ring | ulysses: how attention crosses the cp ranks
     vpp: int = 1
     dp: Optional[int] = None
     microbatches: int = 1

@@ -64,8 +64,8 @@ class ChunkGrads:
     def __init__(self, named_params: Sequence[Tuple[str, nn.Parameter]], grid: Grid, cfg: ParallelConfig,
                  shard: bool = False):
         self.grid, self.shard = grid, shard
-        self.group = grid.dp_group
-        self.dp, self.dp_rank = grid.dp, grid.dp_rank
+        self.group = grid.grad_group  # dp, times cp under context parallelism
+        self.dp, self.dp_rank = grid.grad_size, grid.grad_rank
         self.params = [(name, p) for name, p in named_params if p.requires_grad]
         self.comm_dtype = torch.float32 if cfg.reduce_in_fp32 else torch.bfloat16
         self.average_in_collective = cfg.average_in_collective

@@ -31,6 +31,6 @@ def global_grad_norm(entries: Iterable[Tuple[torch.Tensor, ShardSpec]], grid: Gr
     squares = local_sum_of_squares(entries, grid)
     if grid.mp_group is not None:
         dist.all_reduce(squares, group=grid.mp_group)
-    if dp_sharded and grid.dp_group is not None:
-        dist.all_reduce(squares, group=grid.dp_group)
+    if dp_sharded and grid.grad_group is not None:  # ZeRO pieces: over dp (times cp)
+        dist.all_reduce(squares, group=grid.grad_group)
     return squares.sqrt()

@@ -38,7 +38,7 @@ class Grid:
 
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, dp: Optional[int] = None,
-              device: Optional[torch.device] = None) -> "Grid":
+              device: Optional[torch.device] = None, cp: int = 1) -> "Grid":
         """Build the groups of the current default process group (or a single-process grid).
 
         Every rank must call this with the same degrees: making groups is collective, so
@@ -47,9 +47,9 @@ class Grid:
         """
         device = device or torch.device("cpu")
         if not dist.is_available() or not dist.is_initialized():
-            Layout.infer(1, tp, pp, dp)
+            Layout.infer(1, tp, pp, dp, cp)
             return cls.single(device)
-        layout = Layout.infer(dist.get_world_size(), tp, pp, dp)
+        layout = Layout.infer(dist.get_world_size(), tp, pp, dp, cp)
         rank = dist.get_rank()
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -98,8 +98,39 @@ class Grid:
         return self.layout.dp
 
     @property
+    def cp(self) -> int:
+        return self.layout.cp
+
+    @property
     def pp_rank(self) -> int:
         return self.coord("pp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self.coord("cp")
+
+    @property
+    def cp_group(self) -> Optional[dist.ProcessGroup]:
+        return self.group("cp")
+
+    @property
+    def cp_ranks(self) -> List[int]:
+        """The global ranks of this rank's cp group, in cp order (the ring)."""
+        return next(ranks for ranks in self.layout.groups_of("cp") if self.rank in ranks)
+
+    @property
+    def grad_group(self) -> Optional[dist.ProcessGroup]:
+        """The ranks holding the same weights and averaging their grads: dp, times cp (each cp rank saw part of
+        the same sequences). ZeRO shards over it too."""
+        return self.dp_group if self.cp == 1 else self.group(*COMBOS["dpcp"])
+
+    @property
+    def grad_size(self) -> int:
+        return self.dp * self.cp
+
+    @property
+    def grad_rank(self) -> int:
+        return self.dp_rank * self.cp + self.cp_rank
 
     @property
     def dp_rank(self) -> int:

@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional
 from plait.common.checks import SettingError, choice, number
 
 DIMS = ("pp", "dp", "cp", "tp")  # outermost to innermost
-COMBOS = {"mp": ("pp", "tp")}  # named groups over several dimensions: mp = the ranks of one model replica
+COMBOS = {"mp": ("pp", "tp"), "dpcp": ("dp", "cp")}  # named groups over several dimensions: mp = the ranks of
+# one model replica; dpcp = the ranks whose gradients are averaged (data and context parallel: the same weights)
 
 
 class LayoutError(SettingError):
@@ -126,6 +127,22 @@ class Workload:
     tie_embeddings: bool = False
 
 
+def check_context_parallel(layout: "Layout", mode: str, workload: "Workload", sequence_parallel: bool) -> None:
+    """cp splits every sequence into 2 cp equal chunks; Ulysses also scatters this rank's heads over cp."""
+    cp = layout.cp
+    if cp == 1:
+        return
+    if workload.seq_len % (2 * cp):
+        raise LayoutError(f"parallel.cp={cp} cuts each sequence into 2 x cp = {2 * cp} equal chunks but "
+                          f"train.seq_len={workload.seq_len} is not a multiple of {2 * cp}; use a multiple of {2 * cp}.")
+    if mode == "ulysses":
+        for key, count in (("model.n_heads", workload.n_heads), ("model.n_kv_heads", workload.n_kv_heads)):
+            if count % (layout.tp * cp):
+                raise LayoutError(f"parallel.cp_mode=ulysses scatters {key}={count} over parallel.tp x parallel.cp = "
+                                  f"{layout.tp} x {cp}, which does not divide it; use parallel.cp_mode=ring or a cp "
+                                  f"that divides the heads each tp rank holds.")
+
+
 def check_tensor_parallel(tp: int, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
     """tp must split the attention heads, the kv heads and the MLP width evenly."""
     _positive("parallel.tp", tp)
@@ -176,6 +193,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 
 def check_settings(parallel: Any) -> None:
     """The `parallel` group's own fields: degrees, and each choice against the table that builds it."""
+    from plait.parallel.context import CP_MODES
     from plait.parallel.pipeline.schedule import BUILDERS, V_SCHEDULES
     from plait.parallel.pipeline.transport import TRANSPORTS
 
@@ -190,18 +208,22 @@ def check_settings(parallel: Any) -> None:
         raise LayoutError(f"parallel.zero={parallel.zero} is not one of {', '.join(map(str, ZERO_LEVELS))} "
                           f"(ZeRO-2 and ZeRO-3 are not built yet); use parallel.zero=1 to shard optimizer state.")
     number(LayoutError, "parallel.bucket_mb", parallel.bucket_mb, low=0, low_open=True)
+    _positive("parallel.cp", parallel.cp)
+    choice(LayoutError, "parallel.cp_mode", parallel.cp_mode, CP_MODES)
 
 
 def validate(parallel: Any, world_size: int, workload: Optional[Workload] = None) -> Layout:
     """Every layout rule for `world_size` ranks (and, with a workload, for that model and batch); the Layout."""
     check_settings(parallel)
-    layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp)
+    layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp, parallel.cp)
     if workload is None:
         return layout
     check_tensor_parallel(layout.tp, workload.n_heads, workload.n_kv_heads, workload.ffn_dim)
+    check_context_parallel(layout, parallel.cp_mode, workload, parallel.sequence_parallel)
     check_pipeline(parallel, workload.n_layers, workload.tie_embeddings)
     micro_batch_size(workload.batch_size, layout.dp, parallel.microbatches)
-    if parallel.sequence_parallel and workload.seq_len % layout.tp:
-        raise LayoutError(f"parallel.sequence_parallel=true needs train.seq_len={workload.seq_len} divisible by "
+    if parallel.sequence_parallel and (workload.seq_len // layout.cp) % layout.tp:
+        raise LayoutError(f"parallel.sequence_parallel=true needs train.seq_len={workload.seq_len}"
+                          f"{f' / parallel.cp={layout.cp}' if layout.cp > 1 else ''} divisible by "
                           f"parallel.tp={layout.tp}.")
     return layout

@@ -11,6 +11,7 @@ walks the model once and, for each matching module:
 | `VocabHead()` | the output `Linear` becomes column-parallel over the vocabulary, padded the same way |
 | `SequenceNorm()` | a norm stays whole; under sequence parallelism its gain's grad is partial over tp |
 | `SequenceDropout()` | a residual dropout draws a mask per rank under sequence parallelism |
+| `ContextAttention(mode)` | under cp > 1 an attention attends over the whole sequence from its rank's zigzag share (ring or Ulysses) and takes its tokens' rotary rows |
 | `VocabParallelOutput()` | on the model itself: the loss becomes vocab-parallel cross-entropy, a tied head's input passes through copy-to-region (or a sequence gather), `model.vocab` is the padded size |
 
 Parameter names do not change, so checkpoints, muP tables and optimizers see the same names
@@ -26,6 +27,7 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
+from plait.parallel.context import ContextAttend, ZigzagRows
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 from plait.parallel.tensor import (ColumnParallelLinear, CopyToRegion, GatherFromSequence, RowParallelLinear,
@@ -106,6 +108,19 @@ class VocabHead(Style):
 class SequenceNorm(Style):
     def apply(self, module, grid, sequence_parallel):
         module.spec = ShardSpec(tuple(module.weight.shape), None, tp_partial_grad=sequence_parallel)
+        return None
+
+
+class ContextAttention(Style):
+    """Context parallelism on an attention module (nothing at cp = 1): its kernel and its rotary rows."""
+
+    def __init__(self, mode: str = "ring"):
+        self.mode = mode
+
+    def apply(self, module, grid, sequence_parallel):
+        if grid.cp > 1:
+            module.attend = ContextAttend(grid.cp_group, grid.cp_ranks, self.mode)
+            module.rope_rows = ZigzagRows(grid.cp, grid.cp_rank)
         return None
 
 

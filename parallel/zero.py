@@ -48,7 +48,7 @@ def _move_params_into_buffer(chunk: ChunkGrads) -> None:
 def _pieces_of(chunk: ChunkGrads, grid: Grid) -> List[_Piece]:
     pieces, params = [], dict(chunk.params)
     for bucket in chunk.buckets:
-        lo, hi = bucket.shard_range(grid.dp_rank, grid.dp)
+        lo, hi = bucket.shard_range(grid.grad_rank, grid.grad_size)
         for name in bucket.names:
             param = params[name]
             start, end = chunk.offsets[name], chunk.offsets[name] + param.numel()
@@ -106,15 +106,15 @@ class ZeroOptimizer:
         self._all_gather_weights()
 
     def _all_gather_weights(self) -> None:
-        if self.grid.dp_group is None:
+        if self.grid.grad_group is None:
             return
         works = []
         for chunk in self.grads.chunks:
             for bucket in chunk.buckets:
-                lo, hi = bucket.shard_range(self.grid.dp_rank, self.grid.dp)
+                lo, hi = bucket.shard_range(self.grid.grad_rank, self.grid.grad_size)
                 mine = chunk.param_buffer[lo:hi].clone()
                 works.append(collectives.all_gather_tensor(chunk.param_buffer[bucket.start:bucket.end], mine,
-                                                group=self.grid.dp_group, async_op=True))
+                                                group=self.grid.grad_group, async_op=True))
         for work in works:
             work.wait()
 
@@ -140,8 +140,8 @@ class ZeroOptimizer:
                 for piece in self.pieces:
                     if piece.chunk is chunk and piece.tensor in self.optimizer.state:
                         flat[piece.lo:piece.hi] = self.optimizer.state[piece.tensor][key].float()
-                if self.grid.dp_group is not None:
-                    dist.all_reduce(flat, group=self.grid.dp_group)
+                if self.grid.grad_group is not None:
+                    dist.all_reduce(flat, group=self.grid.grad_group)
                 for name, param in chunk.params:
                     offset = chunk.offsets[name]
                     out[name][key] = flat[offset:offset + param.numel()].view_as(param).to(param.dtype).clone()
@@ -153,8 +153,8 @@ class ZeroOptimizer:
     def _step_count(self) -> float:
         steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
         count = torch.tensor(max(steps) if steps else 0.0)
-        if self.grid.dp_group is not None:
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.grid.dp_group)
+        if self.grid.grad_group is not None:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.grid.grad_group)
         return float(count)
 
     @torch.no_grad()

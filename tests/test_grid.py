@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 
 from plait.parallel.grid import Grid
-from plait.parallel.layout import Layout, LayoutError
+from plait.parallel.layout import COMBOS, DIMS, Layout, LayoutError
 from tests.dist_utils import run_ranks
 
 
@@ -22,10 +22,12 @@ def test_coordinates_put_tp_innermost_then_dp_then_pp():
     assert layout.groups_of("pp", "tp")[0] == [0, 1, 8, 9]  # tp x pp: one model replica, for grad norms
 
 
-@pytest.mark.parametrize("world, tp, pp", [(8, 2, 2), (12, 3, 1), (6, 1, 3), (1, 1, 1)])
-def test_each_kind_of_group_partitions_the_world(world, tp, pp):
-    layout = Layout.infer(world, tp, pp)
-    sizes = {"tp": tp, "dp": world // (tp * pp), "pp": pp, "cp": 1, "mp": tp * pp}
+@pytest.mark.parametrize("world, tp, pp, cp", [(8, 2, 2, 1), (12, 3, 1, 1), (6, 1, 3, 1), (1, 1, 1, 1),
+                                               (16, 2, 2, 2), (12, 1, 1, 3)])
+def test_each_kind_of_group_partitions_the_world(world, tp, pp, cp):
+    layout = Layout.infer(world, tp, pp, cp=cp)
+    dp = world // (tp * pp * cp)
+    sizes = {"tp": tp, "dp": dp, "pp": pp, "cp": cp, "mp": tp * pp, "dpcp": dp * cp}
     for name, groups in layout.groups().items():
         assert sorted(r for g in groups for r in g) == list(range(world)), name
         assert {len(g) for g in groups} == {sizes[name]}, name
@@ -57,26 +59,30 @@ def test_single_process_grid_has_no_groups():
 def grid_worker(rank, world):
     """Build several grids on the same world; sum each rank's id over each of its groups."""
     out = {}
-    for tp, pp in ((2, 1), (2, 2), (1, 4)):
-        grid = Grid.build(tp=tp, pp=pp)
+    for tp, pp, cp in ((2, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2)):
+        grid = Grid.build(tp=tp, pp=pp, cp=cp)
         sums = {}
-        for name, dims in {"tp": ("tp",), "dp": ("dp",), "pp": ("pp",), "cp": ("cp",), "mp": ("pp", "tp")}.items():
+        for name, dims in {**{name: (name,) for name in DIMS}, **COMBOS}.items():
             value = torch.tensor([float(rank)])
             group = grid.group(*dims)
             if group is not None:
                 dist.all_reduce(value, group=group)
             sums[name] = float(value)
-        out[(tp, pp)] = dict(coords=grid.layout.coords(rank), ranks=dict(grid.group_ranks),
-                             sums=sums, backend=grid.backend, peer=grid.pp_peer(1))
+        out[(tp, pp, cp)] = dict(coords=grid.layout.coords(rank), ranks=dict(grid.group_ranks),
+                                 sums=sums, backend=grid.backend, peer=grid.pp_peer(1), cp_ranks=grid.cp_ranks,
+                                 grad=(grid.grad_rank, grid.grad_size))
     return out
 
 
 def test_groups_on_four_gloo_ranks_join_the_right_ranks():
     results = run_ranks(4, grid_worker)
-    for (tp, pp) in ((2, 1), (2, 2), (1, 4)):
-        layout = Layout.infer(4, tp, pp)
+    for (tp, pp, cp) in ((2, 1, 1), (2, 2, 1), (1, 4, 1), (2, 1, 2)):
+        layout = Layout.infer(4, tp, pp, cp=cp)
         for rank, result in enumerate(results):
-            got = result[(tp, pp)]
+            got = result[(tp, pp, cp)]
+            coords = layout.coords(rank)
+            assert got["cp_ranks"] == next(g for g in layout.groups_of("cp") if rank in g)
+            assert got["grad"] == (coords["dp"] * cp + coords["cp"], layout.dp * cp)  # its place in dp x cp
             assert got["coords"] == layout.coords(rank)
             assert got["backend"] == "gloo"
             for name, groups in layout.groups().items():

@@ -112,3 +112,24 @@ def test_zero_bubble_under_torchrun_has_the_loss_curve_of_one_process(tmp_path, 
     assert [step for step, _ in got] == [step for step, _ in expected] == list(range(1, 7))
     for (step, loss), (_, reference) in zip(got, expected):
         assert loss == pytest.approx(reference, rel=1e-5), f"step {step}"
+
+
+def test_context_parallel_under_torchrun_has_the_loss_curve_of_one_process(tmp_path, stdlib_tokens):
+    """`torchrun --nproc-per-node 4 -m plait.train parallel.cp=2 parallel.tp=2 train.seq_len=2048`: each
+    sequence split over 2 cp ranks (ring attention), each layer over 2 tp ranks; one process's losses."""
+    cache = str(Path(stdlib_tokens[0]).parent)
+    settings = ["model=tiny", "model.max_seq_len=2048", "train.steps=3", "train.batch_size=2", "train.seq_len=2048",
+                "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e12", "train.progress=false",
+                "train.threads=1", f"data.cache_dir={cache}", "checkpoint.save_final=false"]
+    alone = [sys.executable, "-m", "plait.train", *settings, f"train.run_dir={tmp_path / 'alone'}"]
+    split = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "plait.train",
+             *settings, "parallel.cp=2", "parallel.tp=2", f"train.run_dir={tmp_path / 'cp'}"]
+    for command in (alone, split):
+        result = subprocess.run(command, env=launcher_env(cache), capture_output=True, text=True, timeout=600,
+                                cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-4000:]
+    assert "world 4 = tp 2 x cp 2 x dp 1 x pp 1" in result.stderr + result.stdout
+    expected, got = losses(tmp_path / "alone"), losses(tmp_path / "cp")
+    assert [step for step, _ in got] == [step for step, _ in expected] == [1, 2, 3]
+    for (step, loss), (_, reference) in zip(got, expected):
+        assert loss == pytest.approx(reference, rel=1e-5), f"step {step}"

@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from plait.parallel.grid import Grid
-from plait.parallel.plans import (Colwise, Rowwise, SequenceDropout, SequenceNorm, Style, VocabEmbedding,
-                                        VocabHead, VocabParallelOutput, param_specs, parallelize)
+from plait.parallel.plans import (Colwise, ContextAttention, Rowwise, SequenceDropout, SequenceNorm, Style,
+                                  VocabEmbedding, VocabHead, VocabParallelOutput, param_specs, parallelize)
 from plait.parallel.pipeline.partition import rank_chunk_plans
 from plait.parallel.random import ParallelRNG
 from plait.parallel.sharding import ShardSpec
@@ -36,6 +36,7 @@ StdOf = Callable[[str, ShardSpec], Optional[float]]
 LLAMA_PLAN: Dict[str, Style] = {
     "embed": VocabEmbedding(),
     "layers.*.attn_norm": SequenceNorm(),
+    "layers.*.attn": ContextAttention("ring"),
     "layers.*.attn.wqkv": Colwise(),
     "layers.*.attn.wo": Rowwise(),
     "layers.*.mlp_norm": SequenceNorm(),
@@ -93,9 +94,14 @@ def _rng(cfg: ModelConfig, grid: Grid, seed: int, device: Optional[torch.device]
     return rng
 
 
+def llama_plan(cp_mode: str = "ring") -> Dict[str, Style]:
+    """LLAMA_PLAN with context parallelism's attention by `cp_mode` (ring or ulysses)."""
+    return LLAMA_PLAN if cp_mode == "ring" else {**LLAMA_PLAN, "layers.*.attn": ContextAttention(cp_mode)}
+
+
 def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *, sequence_parallel: bool = False,
                 scales: Scales = Scales(), device: Optional[torch.device] = None, std_of: Optional[StdOf] = None,
-                rng: Optional[ParallelRNG] = None) -> Transformer:
+                rng: Optional[ParallelRNG] = None, cp_mode: str = "ring") -> Transformer:
     """The whole decoder as one chunk (no pipeline), parallelized for `grid`, initialized from `seed`.
 
     With `model.dropout > 0` and no `rng` given, dropout draws from a `ParallelRNG`
@@ -103,7 +109,7 @@ def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *,
     """
     grid = grid or Grid.single()
     model = Transformer(cfg, scales=scales, rng=_rng(cfg, grid, seed, device, rng), device=device)
-    parallelize(model, grid, LLAMA_PLAN, sequence_parallel)
+    parallelize(model, grid, llama_plan(cp_mode), sequence_parallel)
     init_parameters(model, seed, std_of, grid)
     return model
 
@@ -111,7 +117,7 @@ def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *,
 def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, seed: int = 0, *,
                  sequence_parallel: bool = False, scales: Scales = Scales(), device: Optional[torch.device] = None,
                  std_of: Optional[StdOf] = None, rng: Optional[ParallelRNG] = None, pp_rank: Optional[int] = None,
-                 pp: Optional[int] = None, placement: str = "loop") -> List[Transformer]:
+                 pp: Optional[int] = None, placement: str = "loop", cp_mode: str = "ring") -> List[Transformer]:
     """The chunks of pp rank `pp_rank` (default: the grid's) in model order: stages r, r + p, ... (or, with
     placement "v", stages r and 2p - 1 - r).
 
@@ -125,7 +131,7 @@ def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, se
     for plan in rank_chunk_plans(pp_rank, cfg.n_layers, pp, vpp, placement):
         chunk = Transformer(cfg, plan.layers, has_embedding=plan.has_embedding, has_head=plan.has_head,
                             scales=scales, rng=rng, device=device)
-        parallelize(chunk, grid, LLAMA_PLAN, sequence_parallel)
+        parallelize(chunk, grid, llama_plan(cp_mode), sequence_parallel)
         init_parameters(chunk, seed, std_of, grid)
         chunks.append(chunk)
     return chunks
@@ -156,6 +162,8 @@ def param_specs_of(chunks: Sequence[nn.Module]) -> Dict[str, ShardSpec]:
     return specs
 
 
-def hidden_shape(micro_batch: int, seq_len: int, dim: int, tp: int, sequence_parallel: bool) -> Tuple[int, int, int]:
-    """The hidden states passed between stages: [micro_batch, seq (/tp under SP), dim]."""
+def hidden_shape(micro_batch: int, seq_len: int, dim: int, tp: int, sequence_parallel: bool,
+                 cp: int = 1) -> Tuple[int, int, int]:
+    """The hidden states passed between stages: [micro_batch, seq (/cp, /tp under SP), dim]."""
+    seq_len //= cp
     return (micro_batch, seq_len // tp if sequence_parallel and tp > 1 else seq_len, dim)

@@ -127,13 +127,14 @@ def model_meta(model_cfg, scales=None) -> Dict[str, Any]:
 
 
 def layout_meta(grid: Grid, vpp: int = 1, zero: int = 0, sequence_parallel: bool = False) -> Dict[str, Any]:
-    return {"layout": {"world_size": grid.world_size, "tp": grid.tp, "pp": grid.pp, "dp": grid.dp, "vpp": int(vpp),
+    return {"layout": {"world_size": grid.world_size, "tp": grid.tp, "pp": grid.pp, "dp": grid.dp, "cp": grid.cp,
+                       "vpp": int(vpp),
                        "zero": int(zero), "sequence_parallel": bool(sequence_parallel)}}
 
 
 def _write_shards(tmp: Path, grid: Grid, request: SaveRequest, fault: Fault) -> Dict[str, Any]:
-    """dp rank 0 of each (tp, pp) position writes its model and optimizer shards; returns what it wrote."""
-    if grid.dp_rank != 0:
+    """dp (and cp) rank 0 of each (tp, pp) position writes its model and optimizer shards; returns what it wrote."""
+    if grid.grad_rank != 0:
         return {}
     files, params, state = {}, {}, {}
     model_name = shard_file("model", grid.tp_rank, grid.pp_rank)

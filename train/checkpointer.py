@@ -147,7 +147,7 @@ class Checkpointer:
     def _arenas_for(self, state: TrainerState) -> Dict[str, FileArena]:
         """The host buffers this rank's files are laid out in (dp rank 0 of each tp x pp position writes files;
         the other dp ranks hold none), made once and kept while the shapes stay."""
-        if self.grid.dp_rank != 0:
+        if self.grid.grad_rank != 0:  # dp and cp ranks other than 0 hold the same weights: no files
             return {}
         files = {"model": state.named_params}
         if state.optim_state:

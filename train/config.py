@@ -309,6 +309,9 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     dp = check_layout(cfg, world_size).dp
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
+    _require(cfg.parallel.cp == 1 or cfg.model.dropout == 0,
+             f"model.dropout={cfg.model.dropout} with parallel.cp={cfg.parallel.cp} is not supported (each cp rank "
+             f"would need the mask of its own tokens); set model.dropout=0 or parallel.cp=1.")
     _require(not (cfg.parallel.pp > 1 and cfg.parallel.schedule in SPLIT_SCHEDULES
                   and str(cfg.train.compile).lower() == "true"),
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "

@@ -164,8 +164,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def first_rows(s: int, device) -> slice:
+    """The rotary rows of s tokens at the start of the sequence (context parallelism gives each rank others)."""
+    return slice(0, s)
+
+
 class Attention(nn.Module):
-    """Causal self-attention: fused Q|K|V projection, rotary positions, SDPA, output projection."""
+    """Causal self-attention: fused Q|K|V projection, rotary positions, SDPA, output projection.
+
+    Seams a parallel plan may set: `attend(q, k, v, scale, enable_gqa)` (the attention kernel) and
+    `rope_rows(s, device)` (the places in the sequence of the s tokens this module sees).
+    """
 
     def __init__(self, cfg: ModelConfig, scales: Scales, device=None):
         super().__init__()
@@ -175,6 +184,7 @@ class Attention(nn.Module):
         self.wo = Linear(q_size, cfg.dim, device=device)
         self.scale = scales.attention if scales.attention is not None else 1.0 / math.sqrt(self.head_dim)
         self.attend = choose_attention(device if device is not None else "cpu")  # build on the device it runs on
+        self.rope_rows: Callable = first_rows
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q, k, v = self.wqkv.forward_segments(x)
@@ -182,7 +192,8 @@ class Attention(nn.Module):
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # the heads this weight holds (all, or a shard's)
         k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos[:s], sin[:s]), apply_rotary(k, cos[:s], sin[:s])
+        rows = self.rope_rows(s, cos.device)
+        q, k = apply_rotary(q, cos[rows], sin[rows]), apply_rotary(k, cos[rows], sin[rows])
         out = self.attend(q, k, v, self.scale, q.shape[1] != k.shape[1])
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 

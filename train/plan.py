@@ -47,6 +47,7 @@ class StagePlan:
     tp_bytes: int
     dp_bytes: int
     pp_bytes: int
+    cp_bytes: int = 0
 
     def total(self, zero1: bool, offload: bool) -> int:
         return (self.weights + self.grads + (self.optimizer_zero1 if zero1 else self.optimizer)
@@ -101,6 +102,25 @@ def head_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel:
     return int(tokens * ((2 * model_cfg.dim + 1) / shard + model_cfg.dim + vocab_local))
 
 
+def context_bytes(model_cfg, tokens: int, tp: int, cp: int, mode: str, size: int) -> float:
+    """Bytes one cp rank sends per block per micro-batch of its `tokens`, forward and backward.
+
+    ring: K and V (this rank's kv heads) to the next rank cp - 1 times forward and again backward, and
+    their fp32 grads cp times; ulysses: four all-to-alls each way (q, k, v, out), each sending
+    (cp - 1) / cp of the tensor.
+    """
+    if cp == 1:
+        return 0.0
+    from plait.train.config import kv_heads
+
+    head_dim = model_cfg.dim // model_cfg.n_heads
+    kv = 2 * tokens * kv_heads(model_cfg) * head_dim // tp
+    if mode == "ring":
+        return (cp - 1) * kv * size * 2 + cp * kv * 4
+    q = tokens * model_cfg.n_heads * head_dim // tp
+    return 2 * (cp - 1) / cp * (2 * q + kv) * size
+
+
 def stand_in_grid(layout: Layout, rank: int) -> Grid:
     """A Grid with this rank's coordinates and no process groups: enough to build shard shapes."""
     return Grid(layout, rank, "none", torch.device("meta"))
@@ -134,7 +154,8 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     layers = sum(len(chunk.layers) for chunk in chunks)
     has_head = any(chunk.has_head for chunk in chunks)
     has_embedding = any(chunk.has_embedding for chunk in chunks)
-    tokens = micro_batch * train.seq_len
+    cp = layout.cp
+    tokens = micro_batch * train.seq_len // cp  # this cp rank's share of each sequence
     size = _element_size(train.precision)
     block = block_activation_elements(model_cfg, tokens, tp, sp) * size
     head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local) * size if has_head else 0
@@ -151,15 +172,16 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     # the head's backward all-reduce, and the cross-entropy's three [b, s] all-reduces
     tp_ops = 4 * layers + int(has_embedding) + int(has_head)
     tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + (_ring(3 * tokens * 4, tp, 2) if has_head else 0))
-    dp_bytes = _ring(params * 4, dp, 2)  # fp32 grads (ZeRO-1: reduce-scatter + all-gather, the same bytes)
+    dp_bytes = _ring(params * 4, dp * cp, 2)  # fp32 grads over dp x cp (ZeRO-1: reduce-scatter + all-gather, same)
+    cp_bytes = m * layers * context_bytes(model_cfg, tokens, tp, cp, parallel.cp_mode, size)
     boundary = hidden_bytes / (tp if sp else 1)
     ranks = stage_ranks(pp, vpp, style)  # a hop between two stages of one rank (the V's turn) sends nothing
     sends = sum(int(c.stage < pp * vpp - 1 and ranks[c.stage + 1] != pp_rank) + int(c.stage > 0 and ranks[c.stage - 1] != pp_rank)
                 for c in chunks)
     pp_bytes = m * sends * boundary if pp > 1 else 0
     return StagePlan(pp_rank, layers, params, full_params, params * 4, params * 4, params * optimizer_per_param,
-                     -(-params * optimizer_per_param // dp), int(activations), int(activations_offload), inflight,
-                     int(tp_bytes), int(dp_bytes), int(pp_bytes))
+                     -(-params * optimizer_per_param // (dp * cp)), int(activations), int(activations_offload),
+                     inflight, int(tp_bytes), int(dp_bytes), int(pp_bytes), int(cp_bytes))
 
 
 def _schedule_figures(parallel, pp: int) -> Tuple[float, List[int]]:
@@ -186,7 +208,7 @@ def plan(cfg: Any, world_size: int) -> Plan:
 
     validate(cfg, world_size)
     parallel = cfg.parallel
-    layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp)
+    layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp, parallel.cp)
     micro_batch = micro_batch_size(cfg, layout.dp)
     bubble, inflight = _schedule_figures(parallel, layout.pp)
     if layout.pp == 1:
@@ -212,14 +234,15 @@ def format_plan(result: Plan, cfg) -> str:
         "per rank (GiB; every tp/dp rank of a stage is alike):",
         f"{'stage':>5} {'layers':>6} {'params':>12} {'weights':>8} {'grads':>8} {'optim':>8} {'optim z1':>8} "
         f"{'act':>8} {'act off':>8} {'inflight':>8} {'total':>8} {'z1+off':>8} {'tp sent':>9} {'dp sent':>9} "
-        f"{'pp sent':>9}",
+        f"{'pp sent':>9} {'cp sent':>9}",
     ]
     for s in result.stages:
         lines.append(
             f"{s.pp_rank:>5} {s.layers:>6} {s.params:>12,} {_gib(s.weights):>8} {_gib(s.grads):>8} "
             f"{_gib(s.optimizer):>8} {_gib(s.optimizer_zero1):>8} {_gib(s.activations):>8} "
             f"{_gib(s.activations_offload):>8} {s.inflight:>8} {_gib(s.total(False, False)):>8} "
-            f"{_gib(s.total(True, True)):>8} {_gib(s.tp_bytes):>9} {_gib(s.dp_bytes):>9} {_gib(s.pp_bytes):>9}")
+            f"{_gib(s.total(True, True)):>8} {_gib(s.tp_bytes):>9} {_gib(s.dp_bytes):>9} {_gib(s.pp_bytes):>9} "
+            f"{_gib(s.cp_bytes):>9}")
     lines.append("(sent: GiB each rank sends per step; act off: with activation offload, "
                  "offload.keep_last + offload.prefetch blocks stay resident; z1: ZeRO-1 optimizer state)")
     return "\n".join(lines)

@@ -30,6 +30,7 @@ from plait.parallel.grad_norm import global_grad_norm
 from plait.optim.schedule import apply_lr
 from plait.parallel.data_parallel import DataParallelGrads
 from plait.parallel.grid import Grid
+from plait.parallel.context import split_sequence
 from plait.parallel.pipeline.runtime import PipelineRuntime
 from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES, placement, schedule_name
 from plait.parallel.tensor import all_reduce_coalesced
@@ -67,7 +68,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device, self.env.local_rank)
         init_process_group(self.env, self.device, cfg.parallel.backend)
-        self.grid = Grid.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, self.device)
+        self.grid = Grid.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, self.device, cp=cfg.parallel.cp)
         self.is_logger = self.grid.rank == 0
         self.micro_batch = micro_batch_size(cfg, self.grid.dp)
         torch.manual_seed(cfg.train.seed)
@@ -148,8 +149,8 @@ class Trainer:
         self.parametrization = build_parametrization(cfg.model, cfg.optim)  # muP or standard, by optim.mup
         chunks = build_chunks(cfg.model, self.grid, cfg.parallel.vpp, cfg.train.seed, device=self.device,
                               sequence_parallel=cfg.parallel.sequence_parallel, scales=self.parametrization.scales,
-                              std_of=self.parametrization.std_of,
-                              placement=placement(self.schedule))  # pp == 1: one chunk, the whole model
+                              std_of=self.parametrization.std_of, placement=placement(self.schedule),
+                              cp_mode=cfg.parallel.cp_mode)  # pp == 1: one chunk, the whole model
         for chunk in chunks:
             if self.parametrization.zero_query:
                 zero_queries(chunk)
@@ -176,7 +177,7 @@ class Trainer:
         cfg = self.cfg
         modules = [torch.compile(chunk) for chunk in self.chunks] if self.compile else self.chunks
         shape = hidden_shape(self.micro_batch, cfg.train.seq_len, cfg.model.dim, self.grid.tp,
-                             cfg.parallel.sequence_parallel)
+                             cfg.parallel.sequence_parallel, self.grid.cp)
         runtime = PipelineRuntime(modules, self.grid, schedule=self.schedule, vpp=cfg.parallel.vpp,
                                   microbatches=cfg.parallel.microbatches, hidden_shape=shape,
                                   transport=cfg.parallel.pp_transport)
@@ -268,14 +269,14 @@ class Trainer:
         batch = self.loader.batch(self.step_num)
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
-        loss = self.pipeline.run(batch[:, :, :-1], batch[:, :, 1:], self._pipeline_loss,
+        loss = self.pipeline.run(*self._inputs_and_targets(batch), self._pipeline_loss,
                                  before_last_backward=self.grads.start_overlap, forward_context=self._autocast)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
         norm = self._finish_grads()
         self.checkpointer.before_update()  # a background save's snapshot is taken before the weights change
         self.optimizer.step()
         self.grads.zero_grad()
-        loss = all_reduce_mean(loss, self.grid.dp_group)
+        loss = all_reduce_mean(loss, self.grid.grad_group)  # each dp (and cp) rank's share of the batch
         self.step_num += 1
         elapsed = time.perf_counter() - start
         tokens_per_s = self.tokens_per_step / elapsed
@@ -291,10 +292,16 @@ class Trainer:
         self.model.eval()
         for index in range(count):  # forwards only, through the stages; the loss comes from the last
             batch = self.loader.val_batch(index)
-            total += self.pipeline.run(batch[:, :, :-1], batch[:, :, 1:], self._pipeline_loss, forward_only=True,
+            total += self.pipeline.run(*self._inputs_and_targets(batch), self._pipeline_loss, forward_only=True,
                                        forward_context=self._autocast) / count
         self.model.train()
-        return float(all_reduce_mean(total, self.grid.dp_group))
+        return float(all_reduce_mean(total, self.grid.grad_group))
+
+    def _inputs_and_targets(self, batch: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Next-token inputs and targets of [m, b, seq + 1] tokens: this cp rank's zigzag share of each sequence
+        (all of it at cp = 1); every cp rank's share has as many tokens, so the mean of their losses is the loss."""
+        cp, rank = self.grid.cp, self.grid.cp_rank
+        return split_sequence(batch[:, :, :-1], cp, rank), split_sequence(batch[:, :, 1:], cp, rank)
 
     # the loop ---------------------------------------------------------------------
     def fit(self) -> Dict[str, float]:
