@@ -7,6 +7,8 @@ upgrade moves one.
 - `fma`: inductor's fused multiply-add prim, so a compiled kernel rounds as eager's `add_(x, alpha=)`.
 - `group_timeout_s`: a process group's own timeout (a pipeline receive waits no longer than a
   collective would).
+- `cpu_flash_attention`: the CPU flash-attention kernel and its backward, which return and take the
+  log-sum-exp that ring attention merges blocks by (SDPA's public call drops it).
 - `is_param_cast`: whether a saved tensor is autocast's copy of a parameter (an autograd node whose
   only input is a parameter's gradient accumulator), by the nodes' names.
 """
@@ -53,3 +55,26 @@ def is_param_cast(tensor: torch.Tensor) -> bool:
     return (fn is not None and fn.name().startswith("ToCopyBackward") and len(fn.next_functions) == 1
             and fn.next_functions[0][0] is not None
             and fn.next_functions[0][0].name().endswith("AccumulateGrad"))
+
+
+def cpu_flash_attention() -> Optional[tuple]:
+    """(forward, backward) of aten's CPU flash attention, or None on a torch without them.
+
+    forward(q, k, v, causal, scale) -> (out, logsumexp [b, h, s]); backward(out_grad, q, k, v, out,
+    logsumexp, causal, scale) -> (dq, dk, dv). The backward recomputes the probabilities from the
+    log-sum-exp and the output it is given, so with a merged output and log-sum-exp it returns one
+    block's share of the grads.
+    """
+    ops = torch.ops.aten
+    if not (hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu")
+            and hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu_backward")):
+        return None
+    forward_op = ops._scaled_dot_product_flash_attention_for_cpu
+    backward_op = ops._scaled_dot_product_flash_attention_for_cpu_backward
+
+    def forward(q, k, v, causal: bool, scale: float):
+        return forward_op(q, k, v, 0.0, causal, scale=scale)
+
+    def backward(out_grad, q, k, v, out, lse, causal: bool, scale: float):
+        return backward_op(out_grad, q, k, v, out, lse, 0.0, causal, scale=scale)
+    return forward, backward

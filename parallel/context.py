@@ -24,9 +24,11 @@ Two ways to attend across the ranks (`parallel.cp_mode`):
   q, k, v into head-sharded ones over the whole sequence, attention runs locally, and the
   inverse all-to-all turns the output back. Needs the (kv) heads divisible by cp.
 
-The attention of one block is computed in fp32 from its scores (the log-sum-exp is what
-the merge needs; torch's fused kernels return it only through private ops), then cast to
-the inputs' dtype. GQA: K and V travel with their own (fewer) heads and are repeated to the
+The attention of one block runs in fp32 through the CPU flash-attention kernel, which
+returns the log-sum-exp the merge needs and whose backward takes the merged output and
+log-sum-exp back (reached through `plait.common.compat`: SDPA's public call drops the
+log-sum-exp); elsewhere (CUDA, for now) from its scores. The output is cast to the inputs'
+dtype. GQA: K and V travel with their own (fewer) heads and are repeated to the
 query heads only to compute; their grads are summed back.
 """
 
@@ -35,6 +37,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
+from plait.common.compat import cpu_flash_attention
 
 CP_MODES = ("ring", "ulysses")
 
@@ -67,24 +71,36 @@ def _fold(grad: torch.Tensor, groups: int) -> torch.Tensor:
     return grad.view(b, h // groups, groups, s, d).sum(2)
 
 
-def _scores(q, k, scale, mask):
+def _causal_mask(q, k) -> torch.Tensor:
+    return torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+
+
+def manual_block_forward(q, k, v, causal: bool, scale: float):
+    """(out, lse) of q attending to one block k, v from its scores (fp32; causal: by local index)."""
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    return s if mask is None else s.masked_fill(~mask, float("-inf"))
-
-
-def block_forward(q, k, v, scale: float, mask: Optional[torch.Tensor]):
-    """(out, lse) of q attending to one block k, v (fp32, kv already repeated to q's heads)."""
-    s = _scores(q, k, scale, mask)
+    if causal:
+        s = s.masked_fill(~_causal_mask(q, k), float("-inf"))
     lse = torch.logsumexp(s, dim=-1)
     return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v), lse
 
 
-def block_backward(q, k, v, out_grad, delta, lse, scale: float, mask: Optional[torch.Tensor]):
-    """(dq, dk, dv) of one block given the merged lse and delta = rowsum(dO * O) (fp32)."""
-    p = torch.exp(_scores(q, k, scale, mask) - lse.unsqueeze(-1))
+def manual_block_backward(out_grad, q, k, v, out, lse, causal: bool, scale: float):
+    """(dq, dk, dv) of one block given the merged output and log-sum-exp of its query rows (fp32)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~_causal_mask(q, k), float("-inf"))
+    p = torch.exp(s - lse.unsqueeze(-1))
+    delta = (out_grad * out).sum(-1, keepdim=True)
     dv = torch.matmul(p.transpose(-1, -2), out_grad)
-    ds = p * (torch.matmul(out_grad, v.transpose(-1, -2)) - delta.unsqueeze(-1))
+    ds = p * (torch.matmul(out_grad, v.transpose(-1, -2)) - delta)
     return torch.matmul(ds, k) * scale, torch.matmul(ds.transpose(-1, -2), q) * scale, dv
+
+
+def block_kernels(device: torch.device) -> tuple:
+    """(forward, backward) for one block on `device`: the CPU flash kernel (it returns the log-sum-exp),
+    else the block's math from its scores (on CUDA until the fused kernels' private entry points are wired)."""
+    fused = cpu_flash_attention() if torch.device(device).type == "cpu" else None
+    return fused or (manual_block_forward, manual_block_backward)
 
 
 def merge(out, lse, rows, block_out, block_lse) -> None:
@@ -96,20 +112,22 @@ def merge(out, lse, rows, block_out, block_lse) -> None:
     lse[..., rows] = new
 
 
-def ring_steps(cp: int, rank: int, local: int, causal: bool, device) -> List[Tuple[slice, slice, Optional[torch.Tensor]]]:
-    """For each ring step (the block of rank - step): (query rows, key columns, mask) this rank computes."""
+def ring_steps(cp: int, rank: int, local: int, causal: bool) -> List[Tuple[slice, slice, bool]]:
+    """For each ring step (the block of rank - step): (query rows, key columns, causal) this rank computes.
+
+    Step 0 is this rank's own block: its two chunks in sequence order, so the causal mask by
+    position is the causal mask by local index."""
     everything = slice(0, local)
     if not causal:
-        return [(everything, everything, None)] * cp
+        return [(everything, everything, False)] * cp
     half = local // 2
-    mine = positions(2 * cp * half, cp, rank, device)
-    steps = [(everything, everything, mine.unsqueeze(1) >= mine.unsqueeze(0))]
+    steps = [(everything, everything, True)]
     for step in range(1, cp):
         source = (rank - step) % cp
         if source < rank:  # its first chunk precedes both of mine, its second follows both
-            steps.append((everything, slice(0, half), None))
+            steps.append((everything, slice(0, half), False))
         else:  # both its chunks precede my second one and follow my first
-            steps.append((slice(half, local), everything, None))
+            steps.append((slice(half, local), everything, False))
     return steps
 
 
@@ -152,12 +170,13 @@ def _ring_forward(q, k, v, scale, causal, group, ring):
     out = torch.zeros_like(qf)
     lse = torch.full(qf.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     kv = torch.stack([k, v]).contiguous()
-    for step, (rows, cols, mask) in enumerate(ring_steps(cp, rank, q.shape[2], causal, q.device)):
+    forward, _ = block_kernels(q.device)
+    for step, (rows, cols, masked) in enumerate(ring_steps(cp, rank, q.shape[2], causal)):
         works = []
         if step < cp - 1:  # the next block travels while this one computes
             incoming, works = _exchange(kv, next_rank, prev_rank, group)
-        key, value = (_expand(t[:, :, cols].float(), groups) for t in kv)
-        block_out, block_lse = block_forward(qf[:, :, rows], key, value, scale, mask)
+        key, value = (_expand(t[:, :, cols].float(), groups).contiguous() for t in kv)
+        block_out, block_lse = forward(qf[:, :, rows].contiguous(), key, value, masked, scale)
         merge(out, lse, rows, block_out, block_lse)
         for work in works:
             work.wait()
@@ -171,21 +190,21 @@ def _ring_backward(q, k, v, out, lse, out_grad, scale, causal, group, ring):
     cp, rank, next_rank, prev_rank = _neighbours(ring)
     groups = q.shape[1] // k.shape[1]
     qf, dof = q.float(), out_grad.float()
-    delta = (dof * out).sum(-1)
+    _, backward = block_kernels(q.device)
     dq = torch.zeros_like(qf)
     kv = torch.stack([k, v]).contiguous()
     dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # the grads of the block held
     grad_works: list = []
     sent_grads = None  # the grads being sent: alive until their send completes
-    for step, (rows, cols, mask) in enumerate(ring_steps(cp, rank, q.shape[2], causal, q.device)):
+    for step, (rows, cols, masked) in enumerate(ring_steps(cp, rank, q.shape[2], causal)):
         works = []
         if step < cp - 1:
             incoming, works = _exchange(kv, next_rank, prev_rank, group)
-        for work in grad_works:  # this block's grads so far, from the previous rank
+        key, value = (_expand(t[:, :, cols].float(), groups).contiguous() for t in kv)
+        dq_rows, dk, dv = backward(dof[:, :, rows].contiguous(), qf[:, :, rows].contiguous(), key, value,
+                                   out[:, :, rows].contiguous(), lse[..., rows].contiguous(), masked, scale)
+        for work in grad_works:  # this block's grads so far, from the previous rank (arrived while computing)
             work.wait()
-        key, value = (_expand(t[:, :, cols].float(), groups) for t in kv)
-        dq_rows, dk, dv = block_backward(qf[:, :, rows], key, value, dof[:, :, rows], delta[..., rows],
-                                         lse[..., rows], scale, mask)
         dq[:, :, rows] += dq_rows
         dkv[0][:, :, cols] += _fold(dk, groups)
         dkv[1][:, :, cols] += _fold(dv, groups)
@@ -224,6 +243,8 @@ class _AllToAll(torch.autograd.Function):
 
 def _all_to_all(x: torch.Tensor, group, split: int, join: int) -> torch.Tensor:
     world = dist.get_world_size(group)
+    if world == 1:
+        return x
     pieces = [piece.contiguous() for piece in x.chunk(world, dim=split)]
     received = [torch.empty_like(piece) for piece in pieces]
     dist.all_to_all(received, pieces, group=group)

@@ -47,3 +47,22 @@ def test_param_cast_is_recognised_and_activations_are_not():
     activation = (weight * 2).to(torch.bfloat16)
     assert compat.is_param_cast(cast)
     assert not compat.is_param_cast(activation) and not compat.is_param_cast(torch.randn(2))
+
+
+def test_cpu_flash_attention_returns_the_log_sum_exp_and_takes_it_back():
+    from plait.common.compat import cpu_flash_attention
+
+    kernels = cpu_flash_attention()
+    assert kernels is not None, "aten's CPU flash attention moved: ring attention falls back to its slower math"
+    forward, backward = kernels
+    q, k, v = (torch.randn(1, 2, 8, 4, requires_grad=True) for _ in range(3))
+    out, lse = forward(q.detach(), k.detach(), v.detach(), True, 0.5)
+    scores = (q @ k.transpose(-1, -2) * 0.5).masked_fill(torch.ones(8, 8, dtype=torch.bool).triu(1), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).detach())
+    expected = torch.softmax(scores, -1) @ v
+    torch.testing.assert_close(out, expected.detach())
+    out_grad = torch.randn_like(out)
+    expected.backward(out_grad)
+    for got, want in zip(backward(out_grad, q.detach(), k.detach(), v.detach(), out, lse, True, 0.5),
+                         (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want)

@@ -177,3 +177,26 @@ def test_split_backward_on_cuda_equals_the_whole_one():
         backward_weight(item)
     for (name, p), q in zip(split.named_parameters(), whole.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_context_parallel_attention_math_on_cuda_under_bf16_autocast(tmp_path):
+    """Ring and Ulysses attention on CUDA tensors in a one-rank group (no message, the blocks' math, the
+    merge and the autocast guard): fp32 inside whatever autocast asks, equal to SDPA over the sequence."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from plait.parallel.context import ring_attention, ulysses_attention
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(2, 4, 64, 16, device=CUDA, generator=generator, requires_grad=True) for _ in range(3))
+        expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.25)
+        for attend in (lambda: ring_attention(q, k, v, scale=0.25, causal=True, group=None, ring=[0]),
+                       lambda: ulysses_attention(q, k, v, scale=0.25, causal=True, group=None, cp=1)):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = attend()
+            assert out.dtype == torch.float32
+            torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    finally:
+        dist.destroy_process_group()
