@@ -21,7 +21,6 @@ medians of `--rounds` (min, max), the slowest rank's.
 """
 
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -31,6 +30,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from report import write_json  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -207,11 +207,7 @@ def main():
                "settings": dict(seq=args.seq, heads=args.heads, head_dim=args.head_dim, rounds=args.rounds),
                "rows": rows, "summary": summary}
     if args.out:
-        handle, temporary = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".json")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2)
-        os.replace(temporary, args.out)
-        print(f"wrote {args.out}")
+        write_json(args.out, payload)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ step over bare's.
 import argparse
 import contextlib
 import ctypes
-import json
 import os
 import statistics
 import struct
@@ -50,6 +49,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from report import write_json  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 from torch import nn  # noqa: E402
@@ -508,12 +508,7 @@ def main():
             process.join()
     payload = report(results, args, idle)
     if args.out:
-        directory = os.path.dirname(os.path.abspath(args.out))
-        handle, temporary = tempfile.mkstemp(dir=directory, suffix=".json")
-        with os.fdopen(handle, "w") as stream:
-            json.dump(payload, stream, indent=2)
-        os.replace(temporary, args.out)
-        print(f"wrote {args.out}")
+        write_json(args.out, payload)
 
 
 if __name__ == "__main__":
