@@ -1,4 +1,5 @@
-"""plait.parallel: the process grid, tensor-parallel layers, pipeline schedules and runtime, data parallelism.
+"""plait.parallel: the process grid, tensor-parallel layers, pipeline schedules and runtime, context and data
+parallelism.
 
 Public names are listed in `__all__`; everything else (modules and names not listed) is
 private and may change. Every piece takes the `Grid` (or plain values) it needs as an
@@ -33,6 +34,12 @@ _EXPORTS = {
     "build_schedule": "plait.parallel.pipeline.schedule",
     "simulate": "plait.parallel.pipeline.simulate",
     "PipelineRuntime": "plait.parallel.pipeline.runtime",
+    "backward_input": "plait.parallel.pipeline.split_backward",
+    "backward_weight": "plait.parallel.pipeline.split_backward",
+    # context parallelism
+    "split_sequence": "plait.parallel.context",
+    "ring_attention": "plait.parallel.context",
+    "ulysses_attention": "plait.parallel.context",
     # the gradient norm over the layout
     "global_grad_norm": "plait.parallel.grad_norm",
     # data parallelism and ZeRO-1
@@ -52,6 +59,8 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.parallel.pipeline.runtime import PipelineRuntime
     from plait.parallel.pipeline.schedule import build_schedule
     from plait.parallel.pipeline.simulate import simulate
+    from plait.parallel.pipeline.split_backward import backward_input, backward_weight
+    from plait.parallel.context import ring_attention, split_sequence, ulysses_attention
     from plait.parallel.random import ParallelRNG
     from plait.parallel.plans import param_specs, parallelize
     from plait.parallel.sharding import ShardSpec
