@@ -39,7 +39,7 @@ chunk ends. DualPipeV needs m >= 2p (its steady phase pairs every forward with a
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
 
 class ScheduleError(ValueError):
@@ -176,38 +176,29 @@ def _zb_v(rank: int, pp: int, m: int) -> List[Action]:
     counts = {(kind, stage): 0 for kind in COMPUTE for stage in (down, up)}
     order: List[Action] = []
 
-    def add(kind: Kind, stage: int, mb=None) -> None:
-        mb = counts[(kind, stage)] if mb is None else mb
-        counts[(kind, stage)] = mb + 1
-        order.append(Action(kind, mb, stage))
+    def add(*computes: Tuple[Kind, int]) -> None:
+        """Each (kind, stage) in turn, on the next micro-batch of that kind and stage."""
+        for kind, stage in computes:
+            order.append(Action(kind, counts[(kind, stage)], stage))
+            counts[(kind, stage)] += 1
 
-    for _ in range(2 * (pp - rank) - 1):
-        add(Kind.F, down)
-    for _ in range(rank):
-        add(Kind.F, up)
-        add(Kind.F, down)
+    F, I, W = Kind.F, Kind.I, Kind.W  # noqa: E741
+    for _ in range(2 * (pp - rank) - 1):  # warm-up: down the V,
+        add((F, down))
+    for _ in range(rank):  # the turn,
+        add((F, up), (F, down))
+    for _ in range(pp - rank):  # and the first micro-batches back up, whole
+        add((F, up), (I, up), (W, up))
+    while counts[(F, up)] < counts[(F, down)] or counts[(F, down)] < n:  # steady
+        if counts[(F, down)] < n:
+            add((F, down))
+        add((I, down), (W, down), (F, up), (I, up), (W, up))
+    for _ in range(rank):  # cool-down
+        add((I, down), (I, up))
     for _ in range(pp - rank):
-        add(Kind.F, up)
-        add(Kind.I, up)
-        add(Kind.W, up)
-    while counts[(Kind.F, up)] < counts[(Kind.F, down)] or counts[(Kind.F, down)] < n:
-        if counts[(Kind.F, down)] < n:
-            add(Kind.F, down)
-        add(Kind.I, down)
-        add(Kind.W, down)
-        add(Kind.F, up)
-        add(Kind.I, up)
-        add(Kind.W, up)
-    for _ in range(rank):
-        add(Kind.I, down)
-        add(Kind.I, up)
-    for _ in range(pp - rank):
-        add(Kind.I, down)
-        add(Kind.W, down)
-    while counts[(Kind.W, up)] < counts[(Kind.I, up)]:
-        add(Kind.W, up)
-    while counts[(Kind.W, down)] < counts[(Kind.I, down)]:
-        add(Kind.W, down)
+        add((I, down), (W, down))
+    add(*[(W, up)] * (counts[(I, up)] - counts[(W, up)]))
+    add(*[(W, down)] * (counts[(I, down)] - counts[(W, down)]))
     return [action for action in order if action.microbatch < m]
 
 
