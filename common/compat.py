@@ -13,6 +13,7 @@ upgrade moves one.
   only input is a parameter's gradient accumulator), by the nodes' names.
 """
 
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -57,6 +58,7 @@ def is_param_cast(tensor: torch.Tensor) -> bool:
             and fn.next_functions[0][0].name().endswith("AccumulateGrad"))
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_flash_attention() -> Optional[tuple]:
     """(forward, backward) of aten's CPU flash attention, or None on a torch without them.
 

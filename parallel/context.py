@@ -32,7 +32,8 @@ dtype. GQA: K and V travel with their own (fewer) heads and are repeated to the
 query heads only to compute; their grads are summed back.
 """
 
-from typing import List, Optional, Sequence, Tuple
+import functools
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -43,8 +44,11 @@ from plait.common.compat import cpu_flash_attention
 CP_MODES = ("ring", "ulysses")
 
 
+@functools.lru_cache(maxsize=64)
 def positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
-    """The places in the sequence of cp rank `rank`'s tokens: chunk rank, then chunk 2cp - 1 - rank."""
+    """The places in the sequence of cp rank `rank`'s tokens: chunk rank, then chunk 2cp - 1 - rank.
+
+    Made once per (seq_len, cp, rank, device) and shared: read it, do not write into it."""
     chunk = seq_len // (2 * cp)
     first = torch.arange(rank * chunk, (rank + 1) * chunk, device=device)
     second = torch.arange((2 * cp - 1 - rank) * chunk, (2 * cp - rank) * chunk, device=device)
@@ -71,25 +75,25 @@ def _fold(grad: torch.Tensor, groups: int) -> torch.Tensor:
     return grad.view(b, h // groups, groups, s, d).sum(2)
 
 
-def _causal_mask(q, k) -> torch.Tensor:
-    return torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+def _scores(q, k, causal: bool, scale: float) -> torch.Tensor:
+    """q k^T x scale, with -inf above the diagonal when causal (by local index)."""
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        s = s.masked_fill(~torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(),
+                          float("-inf"))
+    return s
 
 
 def manual_block_forward(q, k, v, causal: bool, scale: float):
     """(out, lse) of q attending to one block k, v from its scores (fp32; causal: by local index)."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(~_causal_mask(q, k), float("-inf"))
+    s = _scores(q, k, causal, scale)
     lse = torch.logsumexp(s, dim=-1)
     return torch.matmul(torch.exp(s - lse.unsqueeze(-1)), v), lse
 
 
 def manual_block_backward(out_grad, q, k, v, out, lse, causal: bool, scale: float):
     """(dq, dk, dv) of one block given the merged output and log-sum-exp of its query rows (fp32)."""
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
-        s = s.masked_fill(~_causal_mask(q, k), float("-inf"))
-    p = torch.exp(s - lse.unsqueeze(-1))
+    p = torch.exp(_scores(q, k, causal, scale) - lse.unsqueeze(-1))
     delta = (out_grad * out).sum(-1, keepdim=True)
     dv = torch.matmul(p.transpose(-1, -2), out_grad)
     ds = p * (torch.matmul(out_grad, v.transpose(-1, -2)) - delta)
@@ -162,45 +166,49 @@ def _neighbours(ring: Sequence[int]) -> Tuple[int, int, int, int]:
     return cp, rank, ring[(rank + 1) % cp], ring[(rank - 1) % cp]
 
 
-def _ring_forward(q, k, v, scale, causal, group, ring):
-    """(out fp32, lse) of this rank's queries over every rank's keys: K/V go round, each block merged."""
+def _ring_blocks(q, k, v, causal, group, ring) -> Iterator[Tuple[slice, slice, bool, torch.Tensor, torch.Tensor]]:
+    """Each ring step's (query rows, key columns, causal, keys, values), the keys and values in fp32 and
+    repeated to the query heads. The send of the block held and the receive of the next are posted before
+    the block is yielded, so the transfer runs while the caller computes; they are waited on when the
+    caller asks for the next block."""
     cp, rank, next_rank, prev_rank = _neighbours(ring)
     groups = q.shape[1] // k.shape[1]
-    qf = q.float()
-    out = torch.zeros_like(qf)
-    lse = torch.full(qf.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
     kv = torch.stack([k, v]).contiguous()
-    forward, _ = block_kernels(q.device)
     for step, (rows, cols, masked) in enumerate(ring_steps(cp, rank, q.shape[2], causal)):
         works = []
-        if step < cp - 1:  # the next block travels while this one computes
+        if step < cp - 1:
             incoming, works = _exchange(kv, next_rank, prev_rank, group)
         key, value = (_expand(t[:, :, cols].float(), groups).contiguous() for t in kv)
-        block_out, block_lse = forward(qf[:, :, rows].contiguous(), key, value, masked, scale)
-        merge(out, lse, rows, block_out, block_lse)
+        yield rows, cols, masked, key, value
         for work in works:
             work.wait()
         if step < cp - 1:
             kv = incoming
+
+
+def _ring_forward(q, k, v, scale, causal, group, ring):
+    """(out fp32, lse) of this rank's queries over every rank's keys: K/V go round, each block merged."""
+    qf = q.float()
+    out = torch.zeros_like(qf)
+    lse = torch.full(qf.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
+    forward, _ = block_kernels(q.device)
+    for rows, _, masked, key, value in _ring_blocks(q, k, v, causal, group, ring):
+        block_out, block_lse = forward(qf[:, :, rows].contiguous(), key, value, masked, scale)
+        merge(out, lse, rows, block_out, block_lse)
     return out, lse
 
 
 def _ring_backward(q, k, v, out, lse, out_grad, scale, causal, group, ring):
     """(dq, dk, dv): K/V go round again with their grads beside them; one last hop brings each rank its own."""
-    cp, rank, next_rank, prev_rank = _neighbours(ring)
+    _, _, next_rank, prev_rank = _neighbours(ring)
     groups = q.shape[1] // k.shape[1]
     qf, dof = q.float(), out_grad.float()
     _, backward = block_kernels(q.device)
     dq = torch.zeros_like(qf)
-    kv = torch.stack([k, v]).contiguous()
-    dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # the grads of the block held
+    dkv = torch.zeros((2,) + tuple(k.shape), dtype=torch.float32, device=q.device)  # the grads of the block held
     grad_works: list = []
     sent_grads = None  # the grads being sent: alive until their send completes
-    for step, (rows, cols, masked) in enumerate(ring_steps(cp, rank, q.shape[2], causal)):
-        works = []
-        if step < cp - 1:
-            incoming, works = _exchange(kv, next_rank, prev_rank, group)
-        key, value = (_expand(t[:, :, cols].float(), groups).contiguous() for t in kv)
+    for rows, cols, masked, key, value in _ring_blocks(q, k, v, causal, group, ring):
         dq_rows, dk, dv = backward(dof[:, :, rows].contiguous(), qf[:, :, rows].contiguous(), key, value,
                                    out[:, :, rows].contiguous(), lse[..., rows].contiguous(), masked, scale)
         for work in grad_works:  # this block's grads so far, from the previous rank (arrived while computing)
@@ -210,10 +218,6 @@ def _ring_backward(q, k, v, out, lse, out_grad, scale, causal, group, ring):
         dkv[1][:, :, cols] += _fold(dv, groups)
         sent_grads = dkv
         dkv, grad_works = _exchange(sent_grads, next_rank, prev_rank, group)  # to the next rank (the last: home)
-        for work in works:
-            work.wait()
-        if step < cp - 1:
-            kv = incoming
     for work in grad_works:
         work.wait()
     del sent_grads
@@ -251,14 +255,21 @@ def _all_to_all(x: torch.Tensor, group, split: int, join: int) -> torch.Tensor:
     return torch.cat(received, dim=join)
 
 
+@functools.lru_cache(maxsize=16)
+def _gathered_order(seq_len: int, cp: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(the place in the sequence of each token gathered from the cp ranks in rank order, the permutation that
+    puts them in sequence order), made once per shape."""
+    order = torch.cat([positions(seq_len, cp, r, device) for r in range(cp)])
+    return order, torch.argsort(order)
+
+
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
                       group: Optional[dist.ProcessGroup], cp: int) -> torch.Tensor:
     """DeepSpeed-Ulysses: heads scattered and the sequence gathered (all-to-all), attention on the whole
     sequence in its natural order, then back. q, k, v as for `ring_attention`."""
     local = q.shape[2]
     gathered = [_AllToAll.apply(t, group, 1, 2) for t in (q, k, v)]  # [b, h/cp, s, d], ranks' tokens in rank order
-    order = torch.cat([positions(local * cp, cp, r, q.device) for r in range(cp)])  # place of each gathered token
-    natural = torch.argsort(order)
+    order, natural = _gathered_order(local * cp, cp, q.device)
     qn, kn, vn = (t.index_select(2, natural) for t in gathered)
     with torch.autocast(q.device.type, enabled=False):
         out = F.scaled_dot_product_attention(qn.float(), kn.float(), vn.float(), is_causal=causal, scale=scale,
@@ -290,10 +301,7 @@ class ZigzagRows:
     """`rope_rows(s, device)` under cp > 1: the places of this rank's s tokens in a sequence of s x cp."""
 
     def __init__(self, cp: int, rank: int):
-        self.cp, self.rank, self.cache = cp, rank, {}
+        self.cp, self.rank = cp, rank
 
     def __call__(self, s: int, device) -> torch.Tensor:
-        key = (s, str(device))
-        if key not in self.cache:
-            self.cache[key] = positions(s * self.cp, self.cp, self.rank, device)
-        return self.cache[key]
+        return positions(s * self.cp, self.cp, self.rank, device)
