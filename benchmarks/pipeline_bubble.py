@@ -232,9 +232,8 @@ class FloorContender:
         from plait.parallel.grid import Grid
         from plait.common.compat import run_backward
         from plait.parallel.pipeline.runtime import message_tag
-        from plait.parallel.pipeline.schedule import (BACKWARDS, Kind, build_schedule, local_stages, placement,
-                                                      stage_ranks)
-        from plait.parallel.pipeline.simulate import matching_send
+        from plait.parallel.pipeline.schedule import (BACKWARDS, Kind, build_schedule, local_stages, matching_send,
+                                                      placement, stage_ranks)
         from plait.parallel.pipeline.split_backward import backward_input, backward_weight
         from plait.parallel.pipeline.transport import choose_transport
 

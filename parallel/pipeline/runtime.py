@@ -47,9 +47,9 @@ from torch import nn
 from plait.common.compat import run_backward
 from plait.common.logs import log_once
 from plait.parallel.grid import Grid
-from plait.parallel.pipeline.schedule import (Action, Kind, build_schedule, local_stages, placement, schedule_name,
-                                              stage_ranks)
-from plait.parallel.pipeline.simulate import matching_recv, matching_send, validate
+from plait.parallel.pipeline.schedule import (Action, Kind, build_schedule, local_stages, matching_recv, matching_send,
+                                              placement, schedule_name, stage_ranks)
+from plait.parallel.pipeline.simulate import validate
 from plait.parallel.pipeline.split_backward import backward_input, backward_weight
 from plait.parallel.pipeline.transport import choose_transport, direct_transport
 

@@ -322,7 +322,26 @@ def compute_order(schedule: str, pp: int, vpp: int, microbatches: int, *, forwar
     return [BUILDERS[schedule](r, pp, vpp, microbatches) for r in range(pp)]
 
 
-def _receives(action: Action, ranks: Sequence[int]) -> List[Action]:
+def matching_send(recv: Action) -> Action:
+    """The send a receive waits for: stage s's input comes from s-1's output, its output grad from s+1."""
+    if recv.kind == Kind.RECV_F:
+        return Action(Kind.SEND_F, recv.microbatch, recv.stage - 1)
+    return Action(Kind.SEND_B, recv.microbatch, recv.stage + 1)
+
+
+def matching_recv(send: Action) -> Action:
+    """The receive a send is matched with."""
+    if send.kind == Kind.SEND_F:
+        return Action(Kind.RECV_F, send.microbatch, send.stage + 1)
+    return Action(Kind.RECV_B, send.microbatch, send.stage - 1)
+
+
+def peer_of(action: Action, ranks) -> int:
+    """The rank at the other end of a send or receive (`ranks[s]`: the rank of stage s, a list or a dict)."""
+    return ranks[action.stage + (1 if action.kind in (Kind.SEND_F, Kind.RECV_B) else -1)]
+
+
+def receives_of(action: Action, ranks) -> List[Action]:
     """The receives a compute reads: a forward's input, a backward's output grad, when they cross ranks."""
     stage = action.stage
     if action.kind == Kind.F and stage > 0 and ranks[stage - 1] != ranks[stage]:
@@ -351,12 +370,12 @@ def lower(order: Sequence[Action], ranks: Sequence[int], prefetch: int = 0) -> L
     """
     actions: List[Action] = []
     for action in order[:prefetch + 1]:
-        actions += _receives(action, ranks)
+        actions += receives_of(action, ranks)
     for index, action in enumerate(order):
         actions.append(action)
         actions += _sends(action, ranks)
         if index + prefetch + 1 < len(order):
-            actions += _receives(order[index + prefetch + 1], ranks)
+            actions += receives_of(order[index + prefetch + 1], ranks)
     return actions
 
 
@@ -375,17 +394,6 @@ def build_schedule(schedule: str, pp: int, vpp: int, microbatches: int, *,
     return [post_in_send_order(lowered, rank, ranks) for rank in range(pp)]
 
 
-def _peer_of(action: Action, ranks: Sequence[int]) -> int:
-    """The rank at the other end of a send or receive."""
-    return ranks[action.stage + (1 if action.kind in (Kind.SEND_F, Kind.RECV_B) else -1)]
-
-
-def _counterpart(action: Action) -> Action:
-    """The receive a send is matched with."""
-    kind = Kind.RECV_F if action.kind == Kind.SEND_F else Kind.RECV_B
-    return Action(kind, action.microbatch, action.stage + (1 if action.kind == Kind.SEND_F else -1))
-
-
 def post_in_send_order(lowered: Sequence[Sequence[Action]], rank: int, ranks: Sequence[int]) -> List[Action]:
     """`rank`'s list with, for each peer, its receives posted in the order the peer sends them.
 
@@ -398,10 +406,10 @@ def post_in_send_order(lowered: Sequence[Sequence[Action]], rank: int, ranks: Se
     """
     actions = list(lowered[rank])
     receive_kinds = (Kind.RECV_F, Kind.RECV_B)
-    for peer in sorted({_peer_of(a, ranks) for a in actions if a.kind in receive_kinds}):
-        position = {a: i for i, a in enumerate(actions) if a.kind in receive_kinds and _peer_of(a, ranks) == peer}
-        sent = [_counterpart(a) for a in lowered[peer]
-                if a.kind in (Kind.SEND_F, Kind.SEND_B) and _peer_of(a, ranks) == rank]
+    for peer in sorted({peer_of(a, ranks) for a in actions if a.kind in receive_kinds}):
+        position = {a: i for i, a in enumerate(actions) if a.kind in receive_kinds and peer_of(a, ranks) == peer}
+        sent = [matching_recv(a) for a in lowered[peer]
+                if a.kind in (Kind.SEND_F, Kind.SEND_B) and peer_of(a, ranks) == rank]
         if sorted(position, key=position.get) == sent:
             continue
         slot, latest = {}, len(actions)

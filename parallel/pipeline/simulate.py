@@ -20,7 +20,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
-from plait.parallel.pipeline.schedule import BACKWARDS, COMPUTE, Action, Kind, ScheduleError, stage_ranks
+from plait.parallel.pipeline.schedule import (BACKWARDS, COMPUTE, Action, Kind, ScheduleError, matching_recv,
+                                              matching_send, peer_of, receives_of, stage_ranks)
 
 
 @dataclass
@@ -35,19 +36,6 @@ class Timeline:
     def bubble_fraction(self) -> float:
         """Idle time as a share of the ideal time: step / ideal - 1 ((p-1)/m for 1F1B)."""
         return self.step_time / self.busy_time - 1.0 if self.busy_time else 0.0
-
-
-def matching_send(recv: Action) -> Action:
-    """The send a receive waits for: stage s's input comes from s-1's output, its output grad from s+1."""
-    if recv.kind == Kind.RECV_F:
-        return Action(Kind.SEND_F, recv.microbatch, recv.stage - 1)
-    return Action(Kind.SEND_B, recv.microbatch, recv.stage + 1)
-
-
-def matching_recv(send: Action) -> Action:
-    if send.kind == Kind.SEND_F:
-        return Action(Kind.RECV_F, send.microbatch, send.stage + 1)
-    return Action(Kind.RECV_B, send.microbatch, send.stage - 1)
 
 
 def stage_owners(actions: Sequence[Sequence[Action]]) -> Dict[int, int]:
@@ -119,12 +107,6 @@ def _check_structure(actions: Sequence[Sequence[Action]], pp: int, vpp: int, mic
             raise ScheduleError(f"a forward-only schedule holds a backward {action!r}")
 
 
-def _peer(action: Action, owner: Dict[int, int]) -> int:
-    """The rank at the other end of a send or receive."""
-    step = 1 if action.kind in (Kind.SEND_F, Kind.RECV_B) else -1
-    return owner[action.stage + step]
-
-
 def _check_pair_order(actions: Sequence[Sequence[Action]], owner: Dict[int, int]) -> None:
     """Between any two ranks, sends leave in the order their receives are posted.
 
@@ -136,23 +118,13 @@ def _check_pair_order(actions: Sequence[Sequence[Action]], owner: Dict[int, int]
         for dst in range(pp):
             if src == dst:
                 continue
-            sent = [a for a in actions[src] if a.kind in (Kind.SEND_F, Kind.SEND_B) and _peer(a, owner) == dst]
+            sent = [a for a in actions[src] if a.kind in (Kind.SEND_F, Kind.SEND_B) and peer_of(a, owner) == dst]
             received = [matching_send(a) for a in actions[dst]
-                        if a.kind in (Kind.RECV_F, Kind.RECV_B) and _peer(a, owner) == src]
+                        if a.kind in (Kind.RECV_F, Kind.RECV_B) and peer_of(a, owner) == src]
             for first, second in zip(sent, received):
                 if first != second:
                     raise ScheduleError(f"rank {src} sends {first!r} to rank {dst} where rank {dst} "
                                         f"expects {second!r}; messages between two ranks must keep their order")
-
-
-def _remote_inputs(action: Action, owner: Dict[int, int], n_stages: int) -> List[Action]:
-    """The sends whose data a compute consumes (a hop within one rank has none)."""
-    stage = action.stage
-    if action.kind == Kind.F and stage > 0 and owner[stage - 1] != owner[stage]:
-        return [matching_send(Action(Kind.RECV_F, action.microbatch, stage))]
-    if action.kind in BACKWARDS and stage < n_stages - 1 and owner[stage + 1] != owner[stage]:
-        return [matching_send(Action(Kind.RECV_B, action.microbatch, stage))]
-    return []
 
 
 def execute(actions: Sequence[Sequence[Action]], cost: Callable[[Action], float]) -> Timeline:
@@ -174,7 +146,7 @@ def execute(actions: Sequence[Sequence[Action]], cost: Callable[[Action], float]
                 if problem:
                     raise ScheduleError(f"rank {rank}: {problem}")
                 if action.kind in COMPUTE:
-                    needed = _remote_inputs(action, owner, n_stages)
+                    needed = [matching_send(recv) for recv in receives_of(action, owner)]  # none within a rank
                     if any(send not in posted for send in needed):
                         break  # blocked on data not sent yet: try the other ranks
                     start = max([clock[rank]] + [posted[send] for send in needed])
