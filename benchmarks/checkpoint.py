@@ -17,9 +17,9 @@ run while a background write is going.
 
 One process (tp=1), a LLaMA-shaped model with AdamW state after one step (params + 2
 moments, fp32). Each round saves and then loads once with every contender, in turn:
-  - plait: safetensors + index, CRC-32 of every file on save and checked on load, fsync
+  - plait: safetensors + index, CRC-32C of every file on save and checked on load, fsync
     and rename (what `train.resume` does),
-  - plait-nohash: the same files read back without the CRC-32 check (the cost of checking),
+  - plait-nohash: the same files read back without the CRC-32C check (the cost of checking),
   - torch.save / torch.load (pickle, weights_only load), no fsync,
   - torch.distributed.checkpoint (dcp.save / dcp.load, no process group), no fsync.
 GB/s = checkpoint bytes on disk / wall time; medians over rounds, with min and max. Reads

@@ -197,7 +197,7 @@ def check_settings(parallel: Any) -> None:
     from plait.parallel.pipeline.schedule import BUILDERS, V_SCHEDULES
     from plait.parallel.pipeline.transport import TRANSPORTS
 
-    for key in ("tp", "pp", "vpp", "microbatches"):
+    for key in ("tp", "pp", "cp", "vpp", "microbatches"):
         _positive(f"parallel.{key}", getattr(parallel, key))
     choice(LayoutError, "parallel.schedule", parallel.schedule, BUILDERS)
     if parallel.schedule in V_SCHEDULES and parallel.vpp == 1 and parallel.pp > 1:
@@ -208,7 +208,6 @@ def check_settings(parallel: Any) -> None:
         raise LayoutError(f"parallel.zero={parallel.zero} is not one of {', '.join(map(str, ZERO_LEVELS))} "
                           f"(ZeRO-2 and ZeRO-3 are not built yet); use parallel.zero=1 to shard optimizer state.")
     number(LayoutError, "parallel.bucket_mb", parallel.bucket_mb, low=0, low_open=True)
-    _positive("parallel.cp", parallel.cp)
     choice(LayoutError, "parallel.cp_mode", parallel.cp_mode, CP_MODES)
 
 

@@ -67,7 +67,7 @@ def _open_direct(path: Path) -> Tuple[int, bool]:
 
 
 def write_arena(path: Path, arena: FileArena, after_chunk: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
-    """Write the arena's file to `path` atomically (temporary name, fsync, rename); returns its size and CRC-32."""
+    """Write the arena's file to `path` atomically (temporary name, fsync, rename); returns its size and CRC-32C."""
     path, tmp = Path(path), _tmp_name(Path(path))
     data = memoryview(arena._map)
     crc = {}

@@ -70,7 +70,7 @@ def _finish(handle, tmp: Path, path: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes) -> Dict[str, Any]:
-    """Write `data` to `path` via a temporary name (flush, fsync, rename); returns its size and CRC-32."""
+    """Write `data` to `path` via a temporary name (flush, fsync, rename); returns its size and CRC-32C."""
     path, tmp = Path(path), _tmp_name(Path(path))
     handle = open(tmp, "wb")
     handle.write(data)
@@ -104,7 +104,7 @@ def safetensors_layout(items: Dict[str, Tuple[torch.dtype, Tuple[int, ...]]],
 
 def write_safetensors(path: Path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None,
                       after_tensor: Optional[Callable[[], None]] = None) -> Dict[str, Any]:
-    """Write CPU `tensors` as one safetensors file, atomically; returns its size and CRC-32.
+    """Write CPU `tensors` as one safetensors file, atomically; returns its size and CRC-32C.
 
     `after_tensor()` runs after each tensor's bytes are written (tests stop a write there)."""
     prefix, places = safetensors_layout({name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}, metadata)
@@ -128,7 +128,7 @@ def _require_file(path: Path) -> None:
 
 
 def read_verified(path: Path, record: Optional[Dict[str, Any]]) -> bytes:
-    """The bytes of `path`, checked against the size and CRC-32 in `record` (None: unchecked)."""
+    """The bytes of `path`, checked against the size and checksum in `record` (None: unchecked)."""
     path = Path(path)
     _require_file(path)
     data = path.read_bytes()
