@@ -225,6 +225,7 @@ def test_full_checkpoint_disk_names_the_directory_and_keeps_the_previous(tmp_pat
                                            f"checkpoint.async_save={background}"]))
     trainer.step()
     first = trainer.save_checkpoint()
+    trainer.checkpointer.wait()  # the first checkpoint is whole on disk before the disk fills (async: not a race)
     trainer.step()
 
     def full(*args, **kwargs):
