@@ -80,3 +80,11 @@ def cpu_flash_attention() -> Optional[tuple]:
     def backward(out_grad, q, k, v, out, lse, causal: bool, scale: float):
         return backward_op(out_grad, q, k, v, out, lse, 0.0, causal, scale=scale)
     return forward, backward
+
+
+def flat_mesh(mesh, names: tuple):
+    """The 1-D DeviceMesh over the ranks of `mesh`'s dimensions `names` together (dp x cp for FSDP2, as
+    torchtitan shards over dp_shard x cp): DeviceMesh's `_flatten`; a single name is the mesh's own slice."""
+    if len(names) == 1:
+        return mesh[names[0]]
+    return mesh[names]._flatten("".join(names))

@@ -187,14 +187,14 @@ def check_pipeline(parallel: Any, n_layers: int, tie_embeddings: bool) -> None:
         raise LayoutError(str(error)) from None
 
 
-ZERO_LEVELS = (0, 1)  # 0: replicated optimizer state; 1: ZeRO-1 (state sharded over dp)
+ZERO_LEVELS = (0, 1, 2, 3)  # 0: replicated; 1: optimizer state sharded over dp; 2: + grads; 3: + weights (FSDP2)
 BACKENDS = ("auto", "nccl", "gloo")
 
 
 def check_settings(parallel: Any) -> None:
     """The `parallel` group's own fields: degrees, and each choice against the table that builds it."""
     from plait.parallel.context import CP_MODES
-    from plait.parallel.pipeline.schedule import BUILDERS, V_SCHEDULES
+    from plait.parallel.pipeline.schedule import BUILDERS, SPLIT_SCHEDULES, V_SCHEDULES
     from plait.parallel.pipeline.transport import TRANSPORTS
 
     for key in ("tp", "pp", "cp", "vpp", "microbatches"):
@@ -204,9 +204,12 @@ def check_settings(parallel: Any) -> None:
         parallel.vpp = 2  # the V schedules run two chunks per rank; vpp left at its default means that
     choice(LayoutError, "parallel.pp_transport", parallel.pp_transport, TRANSPORTS)
     choice(LayoutError, "parallel.backend", parallel.backend, BACKENDS)
-    if parallel.zero not in ZERO_LEVELS:
-        raise LayoutError(f"parallel.zero={parallel.zero} is not one of {', '.join(map(str, ZERO_LEVELS))} "
-                          f"(ZeRO-2 and ZeRO-3 are not built yet); use parallel.zero=1 to shard optimizer state.")
+    choice(LayoutError, "parallel.zero", parallel.zero, ZERO_LEVELS)
+    if parallel.zero >= 2 and parallel.pp > 1 and parallel.schedule in SPLIT_SCHEDULES:
+        raise LayoutError(f"parallel.zero={parallel.zero} does not run under the zero-bubble "
+                          f"parallel.schedule={parallel.schedule} (FSDP2 reduce-scatters a block's grads when its "
+                          f"input grad is done, before the split-off weight grads exist); use parallel.schedule=1f1b "
+                          f"or parallel.zero=1.")
     number(LayoutError, "parallel.bucket_mb", parallel.bucket_mb, low=0, low_open=True)
     choice(LayoutError, "parallel.cp_mode", parallel.cp_mode, CP_MODES)
 

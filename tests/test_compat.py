@@ -66,3 +66,18 @@ def test_cpu_flash_attention_returns_the_log_sum_exp_and_takes_it_back():
     for got, want in zip(backward(out_grad, q.detach(), k.detach(), v.detach(), out, lse, True, 0.5),
                          (q.grad, k.grad, v.grad)):
         torch.testing.assert_close(got, want)
+
+
+def _flat_mesh_ranks(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
+    flat = compat.flat_mesh(mesh, ("dp", "cp"))
+    return flat.size(), flat.get_local_rank(), mesh.get_local_rank("dp") * 2 + mesh.get_local_rank("cp")
+
+
+def test_flat_mesh_joins_two_dimensions_in_row_major_order():
+    from dist_utils import run_ranks
+
+    for size, flat_rank, row_major in run_ranks(4, _flat_mesh_ranks):
+        assert size == 4 and flat_rank == row_major

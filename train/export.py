@@ -225,9 +225,10 @@ def read_hf(directory: Path) -> (Dict[str, Any], Dict[str, torch.Tensor]):
 
 
 @torch.no_grad()
-def init_from_hf(model, directory: Path, grid=None) -> None:
+def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
     """Copy an HF Llama directory's weights into a plait `Transformer` chunk (this rank's tp shards of `grid`;
-    None: whole weights)."""
+    None: whole weights). `write(param, tensor)` stores a tp shard (default `param.copy_`; ZeRO-2/3 keeps
+    this rank's rows of it)."""
     from plait.train.reshard import fit_rows
     from plait.train.config import ffn_dim, kv_heads
 
@@ -250,7 +251,7 @@ def init_from_hf(model, directory: Path, grid=None) -> None:
     for name, param in model.named_parameters():
         spec = specs[name]
         tensor = fit_rows(full[name].float(), spec) if spec.valid_rows is not None else full[name].float()
-        param.copy_(spec.shard(tensor, rank, size))
+        (write or torch.Tensor.copy_)(param, spec.shard(tensor, rank, size))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -34,6 +34,8 @@ from plait.parallel.context import split_sequence
 from plait.parallel.pipeline.runtime import PipelineRuntime
 from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES, placement, schedule_name
 from plait.parallel.tensor import all_reduce_coalesced
+from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads
+from plait.parallel.shard_optimizer import ShardOptimizer
 from plait.parallel.zero import ZeroOptimizer
 from plait.train import reshard
 from plait.train.checkpoint import INDEX, decode_bytes, encode_bytes, layout_meta, model_meta
@@ -77,12 +79,13 @@ class Trainer:
         self.chunks = self._build_chunks()  # this rank's model chunks (one unless pp > 1)
         self.offload = self._build_offload(self.chunks)  # None unless offload.backend is set
         self.model = self.chunks[0] if self.grid.pp == 1 else torch.nn.ModuleList(self.chunks)
-        self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
         self.specs = param_specs_of(self.chunks)
+        self.grads = self._build_grads()  # before the names: under ZeRO-2/3 FSDP2 swaps in sharded parameters
+        self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
         self.param_group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups
-        self.grads = DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero > 0)
         self.optimizer, self.grad_entries = self._build_optimizer()
-        self.grads_sharded_over_dp = cfg.parallel.zero > 0  # ZeRO-1: each dp rank holds a piece of every grad
+        self.fsdp = cfg.parallel.zero in FSDP_LEVELS
+        self.grads_sharded_over_dp = cfg.parallel.zero > 0  # ZeRO-1/2/3: each dp rank holds a piece of every grad
         self._log_layout()
         self.loader = self._build_loader()
         self.run_dir = resolve_run_dir(cfg, self.grid)
@@ -138,10 +141,19 @@ class Trainer:
         directory (config.json + model.safetensors) or from a plait checkpoint of any layout."""
         if (path / "config.json").is_file() and not (path / INDEX).is_file():
             for chunk in self.chunks:
-                init_from_hf(chunk, path, self.grid)
+                init_from_hf(chunk, path, self.grid, self.grads.copy_whole if self.fsdp else None)
         else:
-            reshard.load_params(reshard.ShardReader(path), self.named_params, self.specs, self.grid)
+            self._load_params(reshard.ShardReader(path))
         log.info("checkpoint: initial weights from %s", path)
+
+    def _load_params(self, reader: "reshard.ShardReader") -> None:
+        """This rank's parameters from a checkpoint of any layout (ZeRO-2/3: whole, then this rank's rows)."""
+        if not self.fsdp:
+            reshard.load_params(reader, self.named_params, self.specs, self.grid)
+            return
+        whole = {name: torch.empty(param.shape, dtype=param.dtype) for name, param in self.named_params.items()}
+        reshard.load_params(reader, whole, self.specs, self.grid)
+        self.grads.load_full(whole)
 
     def _build_chunks(self) -> List[Transformer]:
         """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
@@ -203,7 +215,7 @@ class Trainer:
             parts.append("head")
         parts.append(f"{sum(p.numel() for p in self.named_params.values()) / 1e6:.2f}M params")
         if self.grads_sharded_over_dp:
-            parts.append(f"ZeRO-1 shard {sum(g.numel() for _, g in self.grad_entries()) / 1e6:.2f}M")
+            parts.append(f"ZeRO-{self.cfg.parallel.zero} shard {sum(g.numel() for _, g in self.grad_entries()) / 1e6:.2f}M")
         line = ", ".join(parts)
         lines = [line]
         if self.grid.world_size > 1:
@@ -214,12 +226,26 @@ class Trainer:
             for entry in lines:
                 log.info("  %s", entry)
 
+    def _build_grads(self):
+        """Where gradients are reduced: plait's bucketed reducer (zero 0/1: all-reduce or reduce-scatter into a
+        flat buffer), or FSDP2 (zero 2/3: reduce-scattered into each rank's shard as each block's backward ends)."""
+        cfg = self.cfg
+        if cfg.parallel.zero in FSDP_LEVELS:
+            return ShardedGrads(self.chunks, self.grid, cfg.parallel.zero, cfg.train.precision,
+                                cfg.parallel.reduce_in_fp32)
+        return DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero > 0)
+
     def _build_optimizer(self) -> Tuple[object, Callable[[], List[Tuple[str, torch.Tensor]]]]:
         """The configured optimizer (or ZeRO-1 around it: each dp rank steps its shard), and where the
         grads it updates are read from: (name, averaged grad) whole, or this rank's ZeRO-1 pieces."""
         cfg = self.cfg
+        make = lambda groups: make_optimizer(groups, cfg.optim, self.device)  # noqa: E731
+        if cfg.parallel.zero in FSDP_LEVELS:
+            optimizer = ShardOptimizer(self.grads, make, param_groups(self.named_params, cfg.optim.weight_decay,
+                                                                      self.param_group_of))
+            return optimizer, optimizer.grad_entries
         if cfg.parallel.zero > 0:
-            optimizer = ZeroOptimizer(self.grads, self.grid, lambda groups: make_optimizer(groups, cfg.optim, self.device),
+            optimizer = ZeroOptimizer(self.grads, self.grid, make,
                                       param_groups(self.named_params, cfg.optim.weight_decay, self.param_group_of))
             return optimizer, optimizer.grad_entries
         return build_optimizer(self.named_params, cfg.optim, self.param_group_of, self.device), self.grads.named_grads
@@ -388,8 +414,9 @@ class Trainer:
                       "config": OmegaConf.to_container(cfg, resolve=True)}
         meta = {**layout_meta(self.grid, cfg.parallel.vpp, cfg.parallel.zero, cfg.parallel.sequence_parallel),
                 **model_meta(cfg.model, self.parametrization.scales), "optimizer": cfg.optim.name}
-        optim_state = named_state(self.optimizer, self.named_params, copy=False)  # collective under ZeRO-1
-        return TrainerState(self.step_num, self.named_params, self.specs, optim_state, rank_state, meta)
+        optim_state = named_state(self.optimizer, self.named_params, copy=False)  # collective under ZeRO
+        params = self.grads.full_params() if self.fsdp else self.named_params  # ZeRO-2/3: gathered over dp
+        return TrainerState(self.step_num, params, self.specs, optim_state, rank_state, meta)
 
     def load_state(self, reader: "reshard.ShardReader") -> None:
         """Load model, optimizer, step, RNG and loader position from a checkpoint of any layout."""
@@ -400,7 +427,7 @@ class Trainer:
             raise reshard.CheckpointError(
                 f"{reader.path} is at step {reader.index['step']}, past train.steps={self.cfg.train.steps}; raise "
                 f"train.steps to train on, or resume an earlier checkpoint.")
-        reshard.load_params(reader, self.named_params, self.specs, grid)
+        self._load_params(reader)
         optim_state = reshard.load_optim_state(reader, self.named_params, self.specs, grid)
         load_named_state(self.optimizer, self.named_params, optim_state)  # ZeRO-1 keeps its dp shard
         same = reshard.same_layout(reader.index, grid, int(self.cfg.parallel.vpp))

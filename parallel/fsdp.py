@@ -1,0 +1,145 @@
+"""ZeRO-2 and ZeRO-3: parameters and gradients sharded over data parallelism by torch's FSDP2.
+
+`fully_shard` is applied to every transformer block and then to each model chunk (the
+chunk keeps the embedding, the final norm and the head), over the gradient group's mesh
+(dp, or dp x cp flattened under context parallelism). Each parameter becomes a DTensor
+whose rows are split over those ranks (torch.chunk's split of dim 0, padded inside FSDP).
+plait's tensor-parallel layers hold plain per-tp-rank tensors, so FSDP2 shards each tp
+shard over dp: tp x dp composes without a 2-D mesh.
+
+What moves when:
+- zero=3 (`reshard_after_forward=True`): a block's full weights are all-gathered right
+  before its forward and freed after it, gathered again before its backward; FSDP2 issues
+  the next block's gather while the current one computes (implicit prefetch, forward and
+  backward). Between steps a rank holds 1/dp of the weights.
+- zero=2 (`reshard_after_forward=False`): weights are gathered once a step, at the first
+  micro-batch's forward, and kept whole until the last micro-batch's backward of the chunk
+  (`start_overlap`), then resharded before the optimizer step.
+- Both: after every micro-batch's backward of a block, its gradients are reduce-scattered
+  (averaged) into this rank's shard and accumulated there; no whole gradient is kept.
+- `train.precision=bf16`: gathers in bf16 (MixedPrecisionPolicy), master shards stay fp32,
+  reduce-scatters in fp32 (`parallel.reduce_in_fp32`, the default) and chunk outputs in fp32
+  (the pipeline's messages keep their dtype).
+
+`ShardedGrads` offers the data-parallel reducer's interface (`start_overlap`, `finish`,
+`zero_grad`, `named_grads`) so the step is the same code under every zero level.
+"""
+
+from typing import Dict, Iterator, List, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from plait.common.compat import flat_mesh
+from plait.parallel.grid import Grid
+
+FSDP_LEVELS = (2, 3)
+
+
+def grad_mesh(grid: Grid):
+    """The 1-D mesh over this rank's gradient group: dp, times cp under context parallelism."""
+    return flat_mesh(grid.mesh, ("dp",) if grid.cp == 1 else ("dp", "cp"))
+
+
+def mixed_precision(precision: str, reduce_in_fp32: bool):
+    """FSDP2's policy: bf16 gathers under train.precision=bf16 (fp32 shards stay the master copy)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision != "bf16":
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16,
+                                reduce_dtype=torch.float32 if reduce_in_fp32 else torch.bfloat16,
+                                output_dtype=torch.float32)
+
+
+def shard_chunk(chunk: nn.Module, mesh, zero: int, policy) -> List[nn.Module]:
+    """fully_shard each block of `chunk`, then the chunk, over `mesh`; the sharded modules, blocks first."""
+    from torch.distributed.fsdp import fully_shard
+
+    reshard = zero == 3
+    modules = []
+    for block in chunk.layers.values():
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        modules.append(block)
+    fully_shard(chunk, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    modules.append(chunk)
+    return modules
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of a sharded tensor (a view sharing its storage); a plain tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def rows_of(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s rows of `full` as FSDP2 splits dim 0 (torch.chunk; ranks past the last chunk: none)."""
+    pieces = torch.chunk(full, size, dim=0)
+    return pieces[rank] if rank < len(pieces) else full[:0]
+
+
+class ShardedGrads:
+    """FSDP2 over this rank's chunks; the reducer's interface (see DataParallelGrads) on top of it."""
+
+    shard = True  # every gradient is a shard over the grad group
+
+    def __init__(self, chunks: Sequence[nn.Module], grid: Grid, zero: int, precision: str = "fp32",
+                 reduce_in_fp32: bool = True):
+        if zero not in FSDP_LEVELS:
+            raise ValueError(f"ShardedGrads serves zero in {FSDP_LEVELS}, not {zero}.")
+        self.grid, self.zero, self.chunks = grid, zero, list(chunks)
+        policy = mixed_precision(precision, reduce_in_fp32)
+        self.mesh = grad_mesh(grid)
+        self.rank, self.size = self.mesh.get_local_rank(), self.mesh.size()
+        self.modules = [shard_chunk(chunk, self.mesh, zero, policy) for chunk in self.chunks]
+        self._keep_weights_for_the_step()
+
+    def _keep_weights_for_the_step(self) -> None:
+        """ZeRO-2: weights gathered at a step's first forward stay whole through its micro-batches."""
+        if self.zero == 2:
+            for modules in self.modules:
+                for module in modules:
+                    module.set_reshard_after_backward(False)
+
+    def start_overlap(self, chunk_index: int = 0) -> None:
+        """Before chunk `chunk_index`'s last micro-batch backward: reshard each block once its grads are out."""
+        if self.zero == 2:
+            for module in self.modules[chunk_index]:
+                module.set_reshard_after_backward(True)
+
+    def finish(self) -> None:
+        """Every reduce-scatter has been waited by FSDP2's end-of-backward callback; no weight stays whole
+        past this point (the optimizer updates the shards, a whole copy would go stale)."""
+        for modules in self.modules:
+            for module in modules:
+                module.reshard()
+
+    def zero_grad(self) -> None:
+        for chunk in self.chunks:
+            for param in chunk.parameters():
+                param.grad = None
+        self._keep_weights_for_the_step()
+
+    def named_params(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        for chunk in self.chunks:
+            yield from chunk.named_parameters()
+
+    def named_grads(self) -> List[Tuple[str, torch.Tensor]]:
+        """(name, this rank's averaged grad rows) of every parameter that has a grad."""
+        return [(name, local(param.grad)) for name, param in self.named_params() if param.grad is not None]
+
+    # whole tensors (checkpoints) --------------------------------------------------------
+    @torch.no_grad()
+    def full_params(self) -> Dict[str, torch.Tensor]:
+        """{name: whole parameter (this tp shard), gathered over the grad group} (collective)."""
+        return {name: param.full_tensor() for name, param in self.named_params()}
+
+    @torch.no_grad()
+    def copy_whole(self, param: nn.Parameter, whole: torch.Tensor) -> None:
+        """Copy this rank's rows of `whole` (the parameter's whole tp shard) into its sharded parameter."""
+        local(param).copy_(rows_of(whole, self.rank, self.size))
+
+    def load_full(self, name_to_whole: Dict[str, torch.Tensor]) -> None:
+        """Copy this rank's rows of each whole parameter into its shard."""
+        params = dict(self.named_params())
+        for name, whole in name_to_whole.items():
+            self.copy_whole(params[name], whole)

@@ -1,0 +1,116 @@
+"""The optimizer under ZeRO-2/3: any plait optimizer stepping this rank's rows of every parameter.
+
+FSDP2 leaves each parameter a DTensor whose local rows (`to_local()`, a view of FSDP's
+own storage) are this rank's shard, and each gradient a DTensor of the same rows. The
+inner optimizer (AdamW, Lion: every kernel plait has) is built over those local views, so
+it runs on plain tensors and its state exists for 1/dp of the model; an update of a view
+is an update of the shard FSDP2 gathers next. Before each step the views take their
+gradients' local rows. Groups (muP's learning-rate multipliers, weight decay) are the
+whole model's, with each parameter swapped for its view; a rank whose shard of a small
+parameter is empty (fewer rows than ranks) leaves it out.
+
+Checkpoints see whole, name-keyed state (`named_state` gathers rows over the grad group,
+`load_named_state` keeps this rank's rows), as the ZeRO-1 optimizer offers, so a zero=3
+save loads at zero=0 and at another dp.
+"""
+
+from typing import Callable, Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from plait.common.optimizer_state import load_param_state
+from plait.parallel.fsdp import ShardedGrads, local, rows_of
+
+
+class ShardOptimizer:
+    """Steps this rank's rows of every FSDP2-sharded parameter with an inner optimizer."""
+
+    def __init__(self, grads: ShardedGrads, make_optimizer: Callable[[List[Dict]], torch.optim.Optimizer],
+                 groups: List[Dict]):
+        self.grads = grads
+        self.params: Dict[str, nn.Parameter] = dict(grads.named_params())
+        with torch.no_grad():
+            self.views: Dict[str, torch.Tensor] = {name: local(p) for name, p in self.params.items()}
+        mine = []
+        for group in groups:
+            names = [n for n in group["names"] if self.views[n].numel() > 0]
+            mine.append({**group, "names": names, "params": [self.views[n] for n in names]})
+        self.optimizer = make_optimizer([g for g in mine if g["params"]] or [{**mine[0], "params": [], "names": []}])
+
+    @property
+    def param_groups(self) -> List[Dict]:
+        return self.optimizer.param_groups
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
+        """(name, this rank's averaged gradient rows) for norms and clipping."""
+        return self.grads.named_grads()
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for name, param in self.params.items():
+            self.views[name].grad = None if param.grad is None else local(param.grad)
+        self.optimizer.step()
+        for view in self.views.values():
+            view.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.grads.zero_grad()
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state tensors held by this rank (step counters excluded)."""
+        return sum(v.numel() * v.element_size() for s in self.optimizer.state.values()
+                   for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
+
+    # name-keyed state (checkpoints) --------------------------------------------------
+    @torch.no_grad()
+    def named_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{param name: {key: whole tensor}}: every rank's rows gathered (collective over the grad group)."""
+        from torch.distributed.tensor import DTensor
+
+        keys = sorted({k for s in self.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0})
+        keys = self._agreed(keys)
+        step = self._step_count()
+        out: Dict[str, Dict[str, torch.Tensor]] = {}
+        for name, param in self.params.items():
+            view, entry = self.views[name], {}
+            for key in keys:
+                state = self.optimizer.state.get(view, {})
+                rows = state[key] if key in state else torch.zeros_like(view)
+                entry[key] = DTensor.from_local(rows, param.device_mesh, param.placements, shape=param.shape,
+                                                stride=param.stride()).full_tensor()
+            if keys and step > 0:  # AdamW counts steps (the same on every rank), Lion does not
+                entry["step"] = torch.tensor(step)
+            if entry:
+                out[name] = entry
+        return out
+
+    def _agreed(self, keys: List[str]) -> List[str]:
+        """The state keys of the ranks with any state (a rank with only empty shards has none)."""
+        if self.grads.size == 1:
+            return keys
+        every: List = [None] * self.grads.size
+        dist.all_gather_object(every, keys, group=self.grads.mesh.get_group())
+        return sorted({key for rank_keys in every for key in rank_keys})
+
+    def _step_count(self) -> float:
+        steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
+        count = torch.tensor(max(steps) if steps else 0.0, device=self.grads.grid.device)
+        if self.grads.size > 1:
+            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.grads.mesh.get_group())
+        return float(count)
+
+    @torch.no_grad()
+    def load_named_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
+        """Keep this rank's rows of whole, name-keyed state (placed as the inner optimizer places it)."""
+        by_view = {}
+        for name, view in self.views.items():
+            if name in state and view.numel() > 0:
+                by_view[view] = {key: value if key == "step" else rows_of(value, self.grads.rank, self.grads.size)
+                                 for key, value in state[name].items()}
+        load_param_state(self.optimizer, by_view)

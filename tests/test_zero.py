@@ -1,0 +1,147 @@
+"""ZeRO-2 and ZeRO-3 (FSDP2 under plait's layout) against zero=0 on the same layout.
+
+Each layout trains the same tiny model for 3 steps with AdamW and with Lion, clipping on
+(the clip threshold is below every step's norm, so every step clips); the losses, the
+gradient norms and every updated parameter must equal zero=0's (fp32, rel 1e-5). All
+runs of one layout share one set of spawned ranks (a Trainer per run).
+"""
+
+import gc
+from functools import partial
+import json
+import sys
+import warnings
+
+import pytest
+import torch
+
+from dist_utils import run_ranks
+from plait.train.checkpoint import latest_checkpoint
+
+STEPS = 3
+CLIP = 0.05
+BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.ffn_dim=128", "train.seq_len=32",
+        "train.batch_size=16", "train.progress=false", "train.peak_flops=1e10", "optim.warmup_steps=0",
+        "optim.lr=1e-3", "train.eval_every=0", "checkpoint.save_final=false", f"optim.grad_clip={CLIP}"]
+
+
+def _run(rank, world, overrides, run_dir, cache):
+    """(losses, norms, {name: whole parameter after the steps, as numpy: pickled by value}) of one run."""
+    from plait.launch.env import ProcessEnv
+    from plait.train import Trainer, load_config
+
+    cfg = load_config(BASE + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
+    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
+    records = [trainer.step() for _ in range(STEPS)]
+    params = {name: tensor.detach().numpy().copy() for name, tensor in trainer.state().named_params.items()}
+    trainer.close()
+    return [r["loss"] for r in records], [r["grad_norm"] for r in records], params
+
+
+def _runs(rank, world, layout, runs, run_dir, cache):
+    return {name: _run(rank, world, layout + extra, f"{run_dir}/{name}", cache) for name, extra in runs}
+
+
+RUNS = [(f"{optim}-zero{zero}", [f"optim={optim}", f"parallel.zero={zero}"])
+        for optim in ("adamw", "lion") for zero in (0, 2, 3)]
+LAYOUTS = {
+    "dp4": (4, ["parallel.bucket_mb=0.05"]),
+    "tp2-pp2-dp2": (8, ["parallel.tp=2", "parallel.pp=2", "parallel.microbatches=4", "parallel.bucket_mb=0.05"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_zero2_and_zero3_equal_zero0(layout, stdlib_tokens, tmp_path):
+    world, overrides = LAYOUTS[layout]
+    cache = stdlib_tokens[0].parent.parent
+    for rank_runs in run_ranks(world, _runs, overrides, RUNS, str(tmp_path), cache, timeout=900):
+        for optim in ("adamw", "lion"):
+            losses, norms, params = rank_runs[f"{optim}-zero0"]
+            assert min(norms) > CLIP  # every step clips
+            for zero in (2, 3):
+                their_losses, their_norms, their_params = rank_runs[f"{optim}-zero{zero}"]
+                assert their_losses == pytest.approx(losses, rel=1e-5), (optim, zero)
+                assert their_norms == pytest.approx(norms, rel=1e-5), (optim, zero)
+                assert their_params.keys() == params.keys()
+                for name, tensor in params.items():
+                    torch.testing.assert_close(torch.from_numpy(their_params[name]), torch.from_numpy(tensor),
+                                               rtol=1e-5, atol=1e-7,
+                                               msg=lambda m: f"{optim} zero={zero} {name}: {m}")
+
+
+def live_float_bytes() -> int:
+    """Bytes of every distinct floating-point tensor storage alive in this process: weights, grads, optimizer
+    state, FSDP's buffers and anything else a step leaves behind (measured, not computed). Wrapper tensors
+    count through their local tensors; the token data (int16) is not model state and is left out."""
+    from torch.distributed.tensor import DTensor
+
+    gc.collect()
+    storages = {}
+    with warnings.catch_warnings():  # isinstance on some of gc's objects touches deprecated torch names
+        warnings.simplefilter("ignore")
+        objects = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+    for obj in objects:
+        if not isinstance(obj, DTensor) and obj.device.type != "meta" and obj.is_floating_point():
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(storages.values())
+
+
+def _held(rank, world, zero, run_dir, cache):
+    """Floating-point tensor bytes the trainer adds to the process, after 3 steps (between steps)."""
+    from plait.launch.env import ProcessEnv
+    from plait.train import Trainer, load_config
+
+    cfg = load_config(BASE + [f"parallel.zero={zero}", f"train.run_dir={run_dir}/z{zero}", f"data.cache_dir={cache}"])
+    before = live_float_bytes()
+    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
+    for _ in range(STEPS):
+        trainer.step()
+    held = live_float_bytes() - before
+    trainer.close()
+    return held
+
+
+def _held_by_level(rank, world, run_dir, cache):
+    return {zero: _held(rank, world, zero, run_dir, cache) for zero in (0, 1, 2, 3)}
+
+
+def test_zero3_holds_one_over_dp_of_zero0(stdlib_tokens, tmp_path):
+    """dp=4: a zero=3 rank holds at most 1.15 / 4 of a zero=0 rank's weights + grads + state, measured."""
+    cache = stdlib_tokens[0].parent.parent
+    per_rank = run_ranks(4, _held_by_level, str(tmp_path), cache)
+    for held in per_rank:
+        print("live float bytes per rank by zero level: " + ", ".join(f"{z}: {b:,}" for z, b in held.items())
+              + f"; zero=3 / zero=0 = {held[3] / held[0]:.3f}")
+        assert held[3] <= 1.15 / 4 * held[0]
+        assert held[3] <= held[2] <= held[1] < held[0]  # each level holds less than the one before
+
+
+# checkpoints: exact resume after kill -9, and layout-free ------------------------------------
+@pytest.mark.slow
+def test_zero3_killed_and_preempted_resumes_exactly(tmp_path, stdlib_tokens):
+    from test_checkpoint import kill_and_resume
+
+    cache = stdlib_tokens[0].parent.parent
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m", "plait.train"]
+    reference, resumed, _ = kill_and_resume(tmp_path, cache, command, ["parallel.zero=3"])
+    assert len(set(reference.values())) == 20
+    assert [resumed[step] for step in range(11, 21)] == [reference[step] for step in range(11, 21)]
+
+
+def test_zero3_checkpoint_resumes_at_dp2_and_at_zero0(tmp_path, stdlib_tokens):
+    """Saved at dp=4 zero=3 after 3 steps; resumed at dp=2 zero=3 and at one process zero=0: the loss on a
+    fixed batch and the next steps' losses equal the saving run's own continuation."""
+    from test_checkpoint import MORE_STEPS, load_worker, save_worker, the_result
+
+    cache = str(stdlib_tokens[0].parent.parent)
+    saved = the_result(run_ranks(4, partial(save_worker, batch=8), str(tmp_path), cache, ["parallel.zero=3"]))
+    index = json.loads((latest_checkpoint(tmp_path / "ckpt") / "index.json").read_text())
+    assert (index["layout"]["dp"], index["layout"]["zero"]) == (4, 3)
+    loaded = {"dp2-zero3": the_result(run_ranks(2, partial(load_worker, batch=8), str(tmp_path), cache,
+                                                ["parallel.zero=3"], "z3")),
+              "dp1-zero0": load_worker(0, 1, str(tmp_path), cache, [], "z0", batch=8)}
+    for name, (fixed, losses) in loaded.items():
+        assert fixed == pytest.approx(saved[0], rel=1e-6, abs=0), name
+        assert losses == pytest.approx(saved[1], rel=1e-5, abs=0), name
+        assert len(losses) == MORE_STEPS
