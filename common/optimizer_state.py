@@ -28,3 +28,9 @@ def load_param_state(optimizer: torch.optim.Optimizer, state: Mapping[torch.Tens
                        "params": list(range(start, start + len(group["params"])))})
         start += len(group["params"])
     optimizer.load_state_dict({"state": by_index, "param_groups": groups})
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of `optimizer`'s state tensors (step counters excluded)."""
+    return sum(v.numel() * v.element_size() for s in optimizer.state.values()
+               for v in s.values() if torch.is_tensor(v) and v.ndim > 0)

@@ -191,6 +191,10 @@ class DataParallelGrads:
         for chunk in self.chunks:
             chunk.zero_grad()
 
+    def grad_bytes(self) -> int:
+        """Bytes of the gradient buffers this rank keeps (whole grads, padding included)."""
+        return sum(chunk.buffer.numel() * chunk.buffer.element_size() for chunk in self.chunks)
+
     def named_grads(self) -> List[Tuple[str, torch.Tensor]]:
         """(name, full averaged grad) of every parameter (not meaningful under ZeRO-1: use the optimizer's)."""
         return [(name, chunk.grad_view(name, param)) for chunk in self.chunks for name, param in chunk.params]

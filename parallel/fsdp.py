@@ -8,10 +8,12 @@ plait's tensor-parallel layers hold plain per-tp-rank tensors, so FSDP2 shards e
 shard over dp: tp x dp composes without a 2-D mesh.
 
 What moves when:
-- zero=3 (`reshard_after_forward=True`): a block's full weights are all-gathered right
-  before its forward and freed after it, gathered again before its backward; FSDP2 issues
-  the next block's gather while the current one computes (implicit prefetch, forward and
-  backward). Between steps a rank holds 1/dp of the weights.
+- zero=3 (`reshard_after_forward=True` on blocks): a block's full weights are all-gathered
+  right before its forward and freed after it, gathered again before its backward; FSDP2
+  issues the next block's gather while the current one computes (implicit prefetch,
+  forward and backward). The chunk's own weights (embedding, final norm, head) stay whole
+  from a micro-batch's forward to its backward (the head's backward comes first). Between
+  steps a rank holds 1/dp of the weights.
 - zero=2 (`reshard_after_forward=False`): weights are gathered once a step, at the first
   micro-batch's forward, and kept whole until the last micro-batch's backward of the chunk
   (`start_overlap`), then resharded before the optimizer step.
@@ -61,7 +63,9 @@ def shard_chunk(chunk: nn.Module, mesh, zero: int, policy) -> List[nn.Module]:
     for block in chunk.layers.values():
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
         modules.append(block)
-    fully_shard(chunk, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+    # the chunk's own weights (embedding, final norm, head) stay whole from forward to backward: the head's
+    # backward comes first, right after the loss, so a reshard would only gather them again (FSDP2's root rule)
+    fully_shard(chunk, mesh=mesh, reshard_after_forward=False, mp_policy=policy)
     modules.append(chunk)
     return modules
 
@@ -122,6 +126,10 @@ class ShardedGrads:
     def named_params(self) -> Iterator[Tuple[str, nn.Parameter]]:
         for chunk in self.chunks:
             yield from chunk.named_parameters()
+
+    def grad_bytes(self) -> int:
+        """Bytes of the gradient shards this rank holds now (none between steps)."""
+        return sum(grad.numel() * grad.element_size() for _, grad in self.named_grads())
 
     def named_grads(self) -> List[Tuple[str, torch.Tensor]]:
         """(name, this rank's averaged grad rows) of every parameter that has a grad."""

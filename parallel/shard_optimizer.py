@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.common.optimizer_state import load_param_state
+from plait.common.optimizer_state import load_param_state, state_bytes
 from plait.parallel.fsdp import ShardedGrads, local, rows_of
 
 
@@ -64,8 +64,7 @@ class ShardOptimizer:
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state tensors held by this rank (step counters excluded)."""
-        return sum(v.numel() * v.element_size() for s in self.optimizer.state.values()
-                   for v in s.values() if torch.is_tensor(v) and v.ndim > 0)
+        return state_bytes(self.optimizer)
 
     # name-keyed state (checkpoints) --------------------------------------------------
     @torch.no_grad()

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.common import collectives
-from plait.common.optimizer_state import load_param_state
+from plait.common.optimizer_state import load_param_state, state_bytes
 from plait.parallel.data_parallel import ChunkGrads, DataParallelGrads
 from plait.parallel.grid import Grid
 
@@ -124,8 +124,7 @@ class ZeroOptimizer:
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state tensors held by this rank (step counters excluded)."""
-        return sum(v.numel() * v.element_size() for s in self.optimizer.state.values()
-                   for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0)
+        return state_bytes(self.optimizer)
 
     # name-keyed state (checkpoints) --------------------------------------------------
     @torch.no_grad()

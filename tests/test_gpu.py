@@ -200,3 +200,34 @@ def test_context_parallel_attention_math_on_cuda_under_bf16_autocast(tmp_path):
             torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     finally:
         dist.destroy_process_group()
+
+
+def test_zero3_on_one_gpu_equals_zero0_and_gathers_in_bf16(tmp_path, stdlib_tokens):
+    """FSDP2 under plait on CUDA (NCCL, a one-rank world): fp32 zero=3 trains as zero=0; under bf16 it gathers
+    bf16 weights, keeps fp32 master shards, and trains close to fp32."""
+    import torch.distributed as dist
+
+    from plait.launch.env import ProcessEnv
+    from plait.train.trainer import Trainer
+
+    cache = stdlib_tokens[0].parent.parent
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=CUDA)
+    try:
+        def run(name, *extra):
+            trainer = Trainer(load_config(trainer_overrides(tmp_path / name, cache, "train.compile=false", *extra)),
+                              env=ProcessEnv(0, 0, 1, "torchrun"))
+            losses = [trainer.step()["loss"] for _ in range(3)]
+            dtypes = {p.dtype for p in trainer.named_params.values()}
+            trainer.close()
+            return losses, trainer.fsdp, dtypes
+
+        zero0, fsdp0, _ = run("zero0")
+        zero3, fsdp3, master = run("zero3", "parallel.zero=3")
+        bf16, _, master_bf16 = run("zero3-bf16", "parallel.zero=3", "train.precision=bf16")
+    finally:
+        dist.destroy_process_group()
+    assert fsdp3 and not fsdp0
+    assert zero3 == pytest.approx(zero0, rel=1e-4)
+    assert master == master_bf16 == {torch.float32}
+    assert bf16 == pytest.approx(zero0, rel=2e-2)

@@ -53,7 +53,7 @@ def test_weights_grads_optimizer_match_real_tensors(optim):
     assert stage.weights == pytest.approx(weights, rel=0.10)
     assert stage.grads == pytest.approx(grads, rel=0.10)
     assert stage.optimizer == pytest.approx(state, rel=0.10)
-    assert stage.optimizer_zero1 == pytest.approx(state / 2, rel=0.10)  # dp = 2
+    assert stage.held(1) == (stage.weights, stage.grads, pytest.approx(state / 2, rel=0.10))  # dp = 2
 
 
 def test_activations_match_a_real_forward():

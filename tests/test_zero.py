@@ -95,11 +95,10 @@ def _held(rank, world, zero, run_dir, cache):
     cfg = load_config(BASE + [f"parallel.zero={zero}", f"train.run_dir={run_dir}/z{zero}", f"data.cache_dir={cache}"])
     before = live_float_bytes()
     trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
-    for _ in range(STEPS):
-        trainer.step()
+    records = [trainer.step() for _ in range(STEPS)]
     held = live_float_bytes() - before
     trainer.close()
-    return held
+    return held, {key: records[-1][key] for key in ("weight_bytes", "grad_bytes", "optimizer_bytes")}
 
 
 def _held_by_level(rank, world, run_dir, cache):
@@ -107,10 +106,21 @@ def _held_by_level(rank, world, run_dir, cache):
 
 
 def test_zero3_holds_one_over_dp_of_zero0(stdlib_tokens, tmp_path):
-    """dp=4: a zero=3 rank holds at most 1.15 / 4 of a zero=0 rank's weights + grads + state, measured."""
+    """dp=4: a zero=3 rank holds at most 1.15 / 4 of a zero=0 rank's weights + grads + state, measured; the
+    step metrics' weights / grads / state bytes (at the update) are the planner's, divided as each level shards."""
+    from plait.train import load_config
+    from plait.train.plan import plan
+
     cache = stdlib_tokens[0].parent.parent
     per_rank = run_ranks(4, _held_by_level, str(tmp_path), cache)
-    for held in per_rank:
+    stage = plan(load_config(BASE), 4).stages[0]
+    for by_level in per_rank:
+        held = {zero: live for zero, (live, _) in by_level.items()}
+        for zero, (_, metrics) in by_level.items():  # the step metrics' split against the planner's figures
+            shards = (1, 1, 1) if zero == 0 else (1, 1, 4) if zero == 1 else (4, 4, 4)
+            planned = [stage.weights / shards[0], stage.grads / shards[1], stage.optimizer / shards[2]]
+            measured = [metrics["weight_bytes"], metrics["grad_bytes"], metrics["optimizer_bytes"]]
+            assert measured == pytest.approx(planned, rel=0.02), zero
         print("live float bytes per rank by zero level: " + ", ".join(f"{z}: {b:,}" for z, b in held.items())
               + f"; zero=3 / zero=0 = {held[3] / held[0]:.3f}")
         assert held[3] <= 1.15 / 4 * held[0]

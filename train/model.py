@@ -124,7 +124,10 @@ class RMSNorm(nn.Module):
         self.norm = rms_norm_function()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x, self.weight, self.eps)
+        # under ZeRO-2/3 with bf16 gathers the gain arrives in bf16 while autocast may hand the norm fp32 input:
+        # widen the gain (mixed dtypes miss the fused kernel); an fp32 gain is never narrowed
+        weight = self.weight if self.weight.element_size() >= x.element_size() else self.weight.to(x.dtype)
+        return self.norm(x, weight, self.eps)
 
 
 def _sdpa_native(q, k, v, scale: float, enable_gqa: bool) -> torch.Tensor:

@@ -6,7 +6,10 @@ groups) and each pipeline stage's model chunk on the meta device (real shard sha
 memory), then prints per rank:
 
 - parameters, and bytes for weights, gradients and optimizer state (fp32 master weights
-  and grads; AdamW keeps 2 fp32 states, Lion 1; ZeRO-1 divides the state by dp);
+  and grads; AdamW keeps 2 fp32 states, Lion 1) at the configured `parallel.zero`, and a
+  second table with each zero level's total and dp traffic (`StagePlan.held`, `dp_sent`:
+  ZeRO-1 divides the state by dp x cp, ZeRO-2 the grads too and gathers the weights for
+  the step, ZeRO-3 keeps a weight shard and gathers two blocks at a time);
 - activations saved for backward, counted tensor by tensor from this model's own forward
   (`block_activation_elements`: checked against a real CPU forward in tests/test_plan.py),
   times the micro-batches in flight under the schedule, with and without offload;
@@ -37,21 +40,48 @@ class StagePlan:
     layers: int
     params: int  # on each rank of this stage
     full_params: int  # of the stage's whole chunk (tp shards summed, replicated norms once)
-    weights: int
-    grads: int
-    optimizer: int
-    optimizer_zero1: int
+    weights: int  # fp32 master weights, whole (zero 0-1)
+    grads: int  # fp32 grads, whole (zero 0-1)
+    optimizer: int  # optimizer state, whole (zero 0)
     activations: int
     activations_offload: int
     inflight: int
     tp_bytes: int
-    dp_bytes: int
+    dp_bytes: int  # sent over dp (x cp) per step at zero 0 and 1: the grads' all-reduce
     pp_bytes: int
     cp_bytes: int = 0
+    shards: int = 1  # ranks of the grad group (dp x cp) that ZeRO shards over
+    block_weights: int = 0  # one block's weights on this rank, fp32 (ZeRO-3 gathers them whole)
+    gather_size: int = 4  # bytes per element of a ZeRO-2/3 gather (2 under bf16)
+    microbatches: int = 1
 
-    def total(self, zero1: bool, offload: bool) -> int:
-        return (self.weights + self.grads + (self.optimizer_zero1 if zero1 else self.optimizer)
-                + (self.activations_offload if offload else self.activations))
+    def held(self, zero: int) -> Tuple[int, int, int]:
+        """(weights, grads, optimizer state) this rank holds at its peak under `parallel.zero`.
+
+        1: state / n; 2: grads / n too, and the weights gathered whole for the step (in the gather dtype)
+        beside the fp32 shard; 3: the shard plus two blocks gathered (the one computing, the one
+        prefetched) and one block's grads before their reduce-scatter."""
+        n, w, g, o = self.shards, self.weights, self.grads, self.optimizer
+        if zero == 0:
+            return w, g, o
+        if zero == 1:
+            return w, g, -(-o // n)
+        gathered = w * self.gather_size // 4 if zero == 2 else 2 * self.block_weights * self.gather_size // 4
+        grads = -(-g // n) + (self.block_weights if zero == 3 else 0)
+        return -(-w // n) + gathered, grads, -(-o // n)
+
+    def dp_sent(self, zero: int) -> int:
+        """Bytes this rank sends over dp (x cp) per step: zero 0/1 all-reduce (ZeRO-1: reduce-scatter + all-gather,
+        the same bytes); 2: a reduce-scatter per micro-batch and one all-gather; 3: gathers before each
+        micro-batch's forward and backward."""
+        if zero <= 1 or self.shards == 1:
+            return self.dp_bytes if zero <= 1 else 0
+        share = (self.shards - 1) / self.shards
+        gather = share * self.weights * self.gather_size // 4
+        return int(self.microbatches * share * self.grads + gather * (1 if zero == 2 else 2 * self.microbatches))
+
+    def total(self, zero: int, offload: bool) -> int:
+        return sum(self.held(zero)) + (self.activations_offload if offload else self.activations)
 
 
 @dataclass
@@ -144,9 +174,10 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     sp = bool(parallel.sequence_parallel and tp > 1)
     style = placement(_schedule_name(parallel))
     chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp, style)
-    params, full_params, vocab_local = 0, 0, 0
+    params, full_params, vocab_local, block = 0, 0, 0, 0
     for model in shape_chunks(model_cfg, grid, vpp, sequence_parallel=sp, pp_rank=pp_rank, placement=style):
         params += sum(p.numel() for p in model.parameters())
+        block = max([block] + [sum(p.numel() for p in layer.parameters()) for layer in model.layers.values()])
         specs = param_specs(model)
         full_params += sum(p.numel() * (tp if specs[name].is_sharded else 1)
                            for name, p in model.named_parameters())
@@ -157,14 +188,14 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     cp = layout.cp
     tokens = micro_batch * train.seq_len // cp  # this cp rank's share of each sequence
     size = _element_size(train.precision)
-    block = block_activation_elements(model_cfg, tokens, tp, sp) * size
+    block_saved = block_activation_elements(model_cfg, tokens, tp, sp) * size
     head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local) * size if has_head else 0
     per_chunk_layers = max(1, layers // len(chunks))
     # in flight: `inflight` (micro-batch, chunk) forwards whose backward has not run yet
-    activations = inflight * per_chunk_layers * block + head
+    activations = inflight * per_chunk_layers * block_saved + head
     keep = keep_count(cfg.offload.keep_last)  # auto is decided at run time from the link: planned as 1
     resident_blocks = min(layers, (1 if keep is None else keep) + cfg.offload.prefetch)
-    activations_offload = min(activations, resident_blocks * block + head)
+    activations_offload = min(activations, resident_blocks * block_saved + head)
     optimizer_per_param = 8 if cfg.optim.name == "adamw" else 4
     hidden_bytes = tokens * model_cfg.dim * size
     # tp: 4 all-reduces of [b, s, d] per block per micro-batch (2 forward, 2 backward; under SP
@@ -180,8 +211,9 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
                 for c in chunks)
     pp_bytes = m * sends * boundary if pp > 1 else 0
     return StagePlan(pp_rank, layers, params, full_params, params * 4, params * 4, params * optimizer_per_param,
-                     -(-params * optimizer_per_param // (dp * cp)), int(activations), int(activations_offload),
-                     inflight, int(tp_bytes), int(dp_bytes), int(pp_bytes), int(cp_bytes))
+                     int(activations), int(activations_offload), inflight, int(tp_bytes), int(dp_bytes),
+                     int(pp_bytes), int(cp_bytes), shards=dp * cp, block_weights=block * 4, gather_size=size,
+                     microbatches=m)
 
 
 def _schedule_figures(parallel, pp: int) -> Tuple[float, List[int]]:
@@ -224,27 +256,34 @@ def _gib(nbytes: float) -> str:
 
 
 def format_plan(result: Plan, cfg) -> str:
-    layout = result.layout
+    layout, zero = result.layout, int(cfg.parallel.zero)
     lines = [
         f"plan: model {cfg.model.name} ({result.total_params / 1e9:.3f}B parameters with vocab padding), "
         f"{layout.describe()}",
         f"      micro-batch {result.micro_batch} x seq {cfg.train.seq_len}, {result.microbatches} micro-batches, "
         f"schedule {result.schedule if layout.pp > 1 else 'none'} (vpp {result.vpp}), "
-        f"bubble {result.bubble:.1%} of ideal step time, precision {cfg.train.precision}, optimizer {cfg.optim.name}",
-        "per rank (GiB; every tp/dp rank of a stage is alike):",
-        f"{'stage':>5} {'layers':>6} {'params':>12} {'weights':>8} {'grads':>8} {'optim':>8} {'optim z1':>8} "
-        f"{'act':>8} {'act off':>8} {'inflight':>8} {'total':>8} {'z1+off':>8} {'tp sent':>9} {'dp sent':>9} "
+        f"bubble {result.bubble:.1%} of ideal step time, precision {cfg.train.precision}, optimizer {cfg.optim.name}, "
+        f"parallel.zero={zero}",
+        f"per rank (GiB; every tp/dp rank of a stage is alike; weights, grads and optim at parallel.zero={zero}):",
+        f"{'stage':>5} {'layers':>6} {'params':>12} {'weights':>8} {'grads':>8} {'optim':>8} "
+        f"{'act':>8} {'act off':>8} {'inflight':>8} {'total':>8} {'+off':>8} {'tp sent':>9} {'dp sent':>9} "
         f"{'pp sent':>9} {'cp sent':>9}",
     ]
     for s in result.stages:
+        weights, grads, optimizer = s.held(zero)
         lines.append(
-            f"{s.pp_rank:>5} {s.layers:>6} {s.params:>12,} {_gib(s.weights):>8} {_gib(s.grads):>8} "
-            f"{_gib(s.optimizer):>8} {_gib(s.optimizer_zero1):>8} {_gib(s.activations):>8} "
-            f"{_gib(s.activations_offload):>8} {s.inflight:>8} {_gib(s.total(False, False)):>8} "
-            f"{_gib(s.total(True, True)):>8} {_gib(s.tp_bytes):>9} {_gib(s.dp_bytes):>9} {_gib(s.pp_bytes):>9} "
+            f"{s.pp_rank:>5} {s.layers:>6} {s.params:>12,} {_gib(weights):>8} {_gib(grads):>8} "
+            f"{_gib(optimizer):>8} {_gib(s.activations):>8} "
+            f"{_gib(s.activations_offload):>8} {s.inflight:>8} {_gib(s.total(zero, False)):>8} "
+            f"{_gib(s.total(zero, True)):>8} {_gib(s.tp_bytes):>9} {_gib(s.dp_sent(zero)):>9} {_gib(s.pp_bytes):>9} "
             f"{_gib(s.cp_bytes):>9}")
-    lines.append("(sent: GiB each rank sends per step; act off: with activation offload, "
-                 "offload.keep_last + offload.prefetch blocks stay resident; z1: ZeRO-1 optimizer state)")
+    lines.append("(sent: GiB each rank sends per step; act off / +off: with activation offload, "
+                 "offload.keep_last + offload.prefetch blocks stay resident)")
+    lines.append("by parallel.zero (GiB per rank, weights + grads + optim; dp sent per step):")
+    lines.append(f"{'stage':>5} " + " ".join(f"{f'zero={z}':>9} {'dp sent':>9}" for z in range(4)))
+    for s in result.stages:
+        lines.append(f"{s.pp_rank:>5} " + " ".join(f"{_gib(sum(s.held(z))):>9} {_gib(s.dp_sent(z)):>9}"
+                                                    for z in range(4)))
     return "\n".join(lines)
 
 

@@ -34,7 +34,7 @@ from plait.parallel.context import split_sequence
 from plait.parallel.pipeline.runtime import PipelineRuntime
 from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES, placement, schedule_name
 from plait.parallel.tensor import all_reduce_coalesced
-from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads
+from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads, local
 from plait.parallel.shard_optimizer import ShardOptimizer
 from plait.parallel.zero import ZeroOptimizer
 from plait.train import reshard
@@ -84,8 +84,7 @@ class Trainer:
         self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
         self.param_group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups
         self.optimizer, self.grad_entries = self._build_optimizer()
-        self.fsdp = cfg.parallel.zero in FSDP_LEVELS
-        self.grads_sharded_over_dp = cfg.parallel.zero > 0  # ZeRO-1/2/3: each dp rank holds a piece of every grad
+        self.grads_sharded_over_dp = cfg.parallel.zero == 1 or self.fsdp  # ZeRO: each dp rank holds a piece of every grad
         self._log_layout()
         self.loader = self._build_loader()
         self.run_dir = resolve_run_dir(cfg, self.grid)
@@ -230,21 +229,25 @@ class Trainer:
         """Where gradients are reduced: plait's bucketed reducer (zero 0/1: all-reduce or reduce-scatter into a
         flat buffer), or FSDP2 (zero 2/3: reduce-scattered into each rank's shard as each block's backward ends)."""
         cfg = self.cfg
-        if cfg.parallel.zero in FSDP_LEVELS:
+        self.fsdp = cfg.parallel.zero in FSDP_LEVELS and self.grid.mesh is not None
+        if cfg.parallel.zero in FSDP_LEVELS and not self.fsdp and self.is_logger:
+            log.info("parallel.zero=%d: one process, nothing to shard; weights, grads and state stay whole",
+                     cfg.parallel.zero)
+        if self.fsdp:
             return ShardedGrads(self.chunks, self.grid, cfg.parallel.zero, cfg.train.precision,
                                 cfg.parallel.reduce_in_fp32)
-        return DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero > 0)
+        return DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero == 1)
 
     def _build_optimizer(self) -> Tuple[object, Callable[[], List[Tuple[str, torch.Tensor]]]]:
         """The configured optimizer (or ZeRO-1 around it: each dp rank steps its shard), and where the
         grads it updates are read from: (name, averaged grad) whole, or this rank's ZeRO-1 pieces."""
         cfg = self.cfg
         make = lambda groups: make_optimizer(groups, cfg.optim, self.device)  # noqa: E731
-        if cfg.parallel.zero in FSDP_LEVELS:
+        if self.fsdp:
             optimizer = ShardOptimizer(self.grads, make, param_groups(self.named_params, cfg.optim.weight_decay,
                                                                       self.param_group_of))
             return optimizer, optimizer.grad_entries
-        if cfg.parallel.zero > 0:
+        if cfg.parallel.zero == 1:
             optimizer = ZeroOptimizer(self.grads, self.grid, make,
                                       param_groups(self.named_params, cfg.optim.weight_decay, self.param_group_of))
             return optimizer, optimizer.grad_entries
@@ -301,6 +304,7 @@ class Trainer:
         norm = self._finish_grads()
         self.checkpointer.before_update()  # a background save's snapshot is taken before the weights change
         self.optimizer.step()
+        held = self._held_bytes()  # after the update (the state exists), before the grads are let go
         self.grads.zero_grad()
         loss = all_reduce_mean(loss, self.grid.grad_group)  # each dp (and cp) rank's share of the batch
         self.step_num += 1
@@ -308,7 +312,16 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / elapsed
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
-                "step_time_s": elapsed, **offload_metrics}
+                "step_time_s": elapsed, **held, **offload_metrics}
+
+    def _held_bytes(self) -> Dict[str, int]:
+        """Bytes of weights, grads and optimizer state this rank holds (its shards under ZeRO), counted from
+        the live tensors: the step metrics' memory split."""
+        from plait.optim.state import state_bytes
+
+        weights = sum(local(p).numel() * p.element_size() for p in self.named_params.values())
+        return {"weight_bytes": weights, "grad_bytes": self.grads.grad_bytes(),
+                "optimizer_bytes": state_bytes(self.optimizer)}
 
     @torch.no_grad()
     def evaluate(self, batches: Optional[int] = None) -> float:
