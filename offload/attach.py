@@ -48,6 +48,16 @@ def _close(store, cache) -> None:
     store.close()
 
 
+def whole_weights(module: nn.Module) -> List[torch.Tensor]:
+    """`module`'s parameters as its forward sees them. Under ZeRO-2/3 FSDP2 swaps in whole weights gathered
+    just before (its pre-forward hook runs first) and frees them after: a view of one saved for backward
+    (a transposed weight) must stay resident, never be copied out while FSDP2 frees it. Sharded
+    (DTensor) parameters are not looked at: they are not the ones the forward uses."""
+    from torch.distributed.tensor import DTensor
+
+    return [p for p in module.parameters() if not isinstance(p, DTensor)]
+
+
 class ActivationOffload:
     """Offloads the saved activations of the chunks it is attached to, through one store (host, file, aio, gds).
 
@@ -87,8 +97,11 @@ class ActivationOffload:
         self.profiles.append(None)
         cache = self.cache
         cache.add_resident(list(chunk.parameters()) + list(chunk.buffers()))
-        self.hooks.append(chunk.register_forward_pre_hook(
-            lambda module, args: cache.begin_pass(modes, self._profile(index, len(blocks)))))
+        def begin(module, args):
+            cache.add_resident(whole_weights(module))
+            cache.begin_pass(modes, self._profile(index, len(blocks)))
+
+        self.hooks.append(chunk.register_forward_pre_hook(begin))
         self.hooks.append(chunk.register_forward_hook(lambda module, args, out: cache.end_pass(), always_call=True))
         for slot, (block, mode) in enumerate(zip(blocks, modes)):
             self.hooks.append(block.register_forward_pre_hook(self._enter(slot, mode)))
@@ -136,6 +149,7 @@ class ActivationOffload:
 
         def hook(module, args):
             held = args[0] if recompute and args and isinstance(args[0], torch.Tensor) else None
+            self.cache.add_resident(whole_weights(module))
             self.cache.enter_layer(slot, held)
 
         return hook

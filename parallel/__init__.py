@@ -45,6 +45,9 @@ _EXPORTS = {
     # data parallelism and ZeRO-1
     "DataParallelGrads": "plait.parallel.data_parallel",
     "ZeroOptimizer": "plait.parallel.zero",
+    # ZeRO-2 and ZeRO-3 (torch's FSDP2 under plait's layout)
+    "ShardedGrads": "plait.parallel.fsdp",
+    "ShardOptimizer": "plait.parallel.shard_optimizer",
 }
 
 __all__ = list(_EXPORTS)

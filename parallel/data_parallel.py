@@ -191,6 +191,9 @@ class DataParallelGrads:
         for chunk in self.chunks:
             chunk.zero_grad()
 
+    def reshard(self) -> None:
+        """Nothing to let go: weights are whole at every zero level this reducer serves (ZeRO-2/3's does)."""
+
     def grad_bytes(self) -> int:
         """Bytes of the gradient buffers this rank keeps (whole grads, padding included)."""
         return sum(chunk.buffer.numel() * chunk.buffer.element_size() for chunk in self.chunks)

@@ -113,6 +113,10 @@ class ShardedGrads:
     def finish(self) -> None:
         """Every reduce-scatter has been waited by FSDP2's end-of-backward callback; no weight stays whole
         past this point (the optimizer updates the shards, a whole copy would go stale)."""
+        self.reshard()
+
+    def reshard(self) -> None:
+        """Let go of every weight gathered whole (after an evaluation's forwards too: no backward reshards them)."""
         for modules in self.modules:
             for module in modules:
                 module.reshard()
@@ -139,6 +143,7 @@ class ShardedGrads:
     @torch.no_grad()
     def full_params(self) -> Dict[str, torch.Tensor]:
         """{name: whole parameter (this tp shard), gathered over the grad group} (collective)."""
+        self.reshard()  # the module's parameters are the sharded ones again
         return {name: param.full_tensor() for name, param in self.named_params()}
 
     @torch.no_grad()

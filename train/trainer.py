@@ -333,6 +333,7 @@ class Trainer:
             batch = self.loader.val_batch(index)
             total += self.pipeline.run(*self._inputs_and_targets(batch), self._pipeline_loss, forward_only=True,
                                        forward_context=self._autocast) / count
+        self.grads.reshard()  # ZeRO-2/3: weights the forwards gathered are let go (no backward did it)
         self.model.train()
         return float(all_reduce_mean(total, self.grid.grad_group))
 
