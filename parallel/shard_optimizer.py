@@ -20,11 +20,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from plait.common.optimizer_state import load_param_state, state_bytes
+from plait.common.optimizer_state import load_param_state
 from plait.parallel.fsdp import ShardedGrads, local, rows_of
+from plait.parallel.sharded_state import ShardedState
 
 
-class ShardOptimizer:
+class ShardOptimizer(ShardedState):
     """Steps this rank's rows of every FSDP2-sharded parameter with an inner optimizer."""
 
     def __init__(self, grads: ShardedGrads, make_optimizer: Callable[[List[Dict]], torch.optim.Optimizer],
@@ -33,19 +34,8 @@ class ShardOptimizer:
         self.params: Dict[str, nn.Parameter] = dict(grads.named_params())
         with torch.no_grad():
             self.views: Dict[str, torch.Tensor] = {name: local(p) for name, p in self.params.items()}
-        mine = []
-        for group in groups:
-            names = [n for n in group["names"] if self.views[n].numel() > 0]
-            mine.append({**group, "names": names, "params": [self.views[n] for n in names]})
-        self.optimizer = make_optimizer([g for g in mine if g["params"]] or [{**mine[0], "params": [], "names": []}])
-
-    @property
-    def param_groups(self) -> List[Dict]:
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
+        self.group, self.device = (grads.mesh.get_group() if grads.size > 1 else None), grads.grid.device
+        self._build(make_optimizer, groups, {name: view for name, view in self.views.items() if view.numel() > 0})
 
     def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
         """(name, this rank's averaged gradient rows) for norms and clipping."""
@@ -59,21 +49,13 @@ class ShardOptimizer:
         for view in self.views.values():
             view.grad = None
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.grads.zero_grad()
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state tensors held by this rank (step counters excluded)."""
-        return state_bytes(self.optimizer)
-
     # name-keyed state (checkpoints) --------------------------------------------------
     @torch.no_grad()
     def named_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """{param name: {key: whole tensor}}: every rank's rows gathered (collective over the grad group)."""
         from torch.distributed.tensor import DTensor
 
-        keys = sorted({k for s in self.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0})
-        keys = self._agreed(keys)
+        keys = self._agreed(self._state_keys())
         step = self._step_count()
         out: Dict[str, Dict[str, torch.Tensor]] = {}
         for name, param in self.params.items():
@@ -94,15 +76,8 @@ class ShardOptimizer:
         if self.grads.size == 1:
             return keys
         every: List = [None] * self.grads.size
-        dist.all_gather_object(every, keys, group=self.grads.mesh.get_group())
+        dist.all_gather_object(every, keys, group=self.group)
         return sorted({key for rank_keys in every for key in rank_keys})
-
-    def _step_count(self) -> float:
-        steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
-        count = torch.tensor(max(steps) if steps else 0.0, device=self.grads.grid.device)
-        if self.grads.size > 1:
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.grads.mesh.get_group())
-        return float(count)
 
     @torch.no_grad()
     def load_named_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:

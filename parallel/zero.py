@@ -19,9 +19,10 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.common import collectives
-from plait.common.optimizer_state import load_param_state, state_bytes
+from plait.common.optimizer_state import load_param_state
 from plait.parallel.data_parallel import ChunkGrads, DataParallelGrads
 from plait.parallel.grid import Grid
+from plait.parallel.sharded_state import ShardedState
 
 
 
@@ -57,16 +58,14 @@ def _pieces_of(chunk: ChunkGrads, grid: Grid) -> List[_Piece]:
     return pieces
 
 
-class ZeroOptimizer:
+class ZeroOptimizer(ShardedState):
     """Steps this rank's shard with an inner optimizer and all-gathers the weights back.
 
-    `groups` are the whole model's param groups as the optimizer layer makes them (each
-    with its `names` and hyper-parameters: lr multiplier, weight decay); ZeRO keeps each
-    group's settings and swaps its parameters for this rank's pieces of them.
-    `make_optimizer(groups)` builds the inner optimizer from those (the same builder plain
-    training uses). Exposes `param_groups` (for LR schedules), `step()`,
-    `grad_entries()` (name, grad piece) for norms and clipping, and name-keyed state
-    (`named_state` / `load_named_state`) for checkpoints that do not depend on dp.
+    `groups` are the whole model's param groups, each parameter swapped for this rank's
+    piece of it (`ShardedState`); `make_optimizer(groups)` builds the inner optimizer.
+    Exposes `step()`, `grad_entries()` (name, grad piece) for norms and clipping, and
+    name-keyed state (`named_state` / `load_named_state`) for checkpoints that do not
+    depend on dp.
     """
 
     def __init__(self, grads: DataParallelGrads, grid: Grid, make_optimizer: Callable[[List[Dict]], torch.optim.Optimizer],
@@ -81,20 +80,8 @@ class ZeroOptimizer:
             self.pieces += _pieces_of(chunk, grid)
             full_params.update(dict(chunk.params))
         self.full_params = full_params
-        piece_of = {piece.name: piece for piece in self.pieces}
-        mine = []
-        for group in groups:
-            names = [n for n in group["names"] if n in piece_of]
-            mine.append({**group, "names": names, "params": [piece_of[n].tensor for n in names]})
-        self.optimizer = make_optimizer([g for g in mine if g["params"]] or [{**mine[0], "params": [], "names": []}])
-
-    @property
-    def param_groups(self) -> List[Dict]:
-        return self.optimizer.param_groups
-
-    @property
-    def state(self):
-        return self.optimizer.state
+        self.group, self.device = grid.grad_group, grid.device
+        self._build(make_optimizer, groups, {piece.name: piece.tensor for piece in self.pieces})
 
     def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
         """(parameter name, this rank's reduced gradient piece) for norms and clipping."""
@@ -118,19 +105,11 @@ class ZeroOptimizer:
         for work in works:
             work.wait()
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """Gradients live in the reducer's buffers; zeroing them is the reducer's job."""
-        self.grads.zero_grad()
-
-    def state_bytes(self) -> int:
-        """Bytes of optimizer state tensors held by this rank (step counters excluded)."""
-        return state_bytes(self.optimizer)
-
     # name-keyed state (checkpoints) --------------------------------------------------
     @torch.no_grad()
     def named_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
         """{param name: {key: full tensor}}: pieces are summed over dp into full buffers."""
-        keys = sorted({k for s in self.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0})
+        keys = self._state_keys()
         out: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.full_params}
         step = self._step_count()
         for chunk in self.grads.chunks:
@@ -148,13 +127,6 @@ class ZeroOptimizer:
             for name in out:
                 out[name]["step"] = torch.tensor(step)
         return {name: state for name, state in out.items() if state}
-
-    def _step_count(self) -> float:
-        steps = [float(s["step"]) for s in self.optimizer.state.values() if "step" in s]
-        count = torch.tensor(max(steps) if steps else 0.0)
-        if self.grid.grad_group is not None:
-            dist.all_reduce(count, op=dist.ReduceOp.MAX, group=self.grid.grad_group)
-        return float(count)
 
     @torch.no_grad()
     def load_named_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:
