@@ -161,3 +161,31 @@ def test_zero3_checkpoint_resumes_at_dp2_and_at_zero0(tmp_path, stdlib_tokens):
         assert fixed == pytest.approx(saved[0], rel=1e-6, abs=0), name
         assert losses == pytest.approx(saved[1], rel=1e-5, abs=0), name
         assert len(losses) == MORE_STEPS
+
+
+def _evaluate_then_save(rank, world, run_dir, cache):
+    """zero=2 and 3: after an evaluation (forwards only: no backward reshards) the weights are sharded again,
+    and a checkpoint's whole parameters equal the ones the step before it left."""
+    from torch.distributed.tensor import DTensor
+
+    from plait.launch.env import ProcessEnv
+    from plait.train import Trainer, load_config
+
+    out = {}
+    for zero in (2, 3):
+        cfg = load_config(BASE + [f"parallel.zero={zero}", f"train.run_dir={run_dir}/z{zero}", f"data.cache_dir={cache}"])
+        trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
+        trainer.step()
+        before = {name: tensor.detach().clone() for name, tensor in trainer.state().named_params.items()}
+        trainer.evaluate(batches=1)
+        sharded = all(isinstance(p, DTensor) for chunk in trainer.chunks for p in chunk.parameters())
+        after = trainer.state().named_params
+        out[zero] = sharded and all(torch.equal(after[name], tensor) for name, tensor in before.items())
+        trainer.close()
+    return out
+
+
+def test_an_evaluation_leaves_the_weights_sharded(stdlib_tokens, tmp_path):
+    cache = stdlib_tokens[0].parent.parent
+    for result in run_ranks(2, _evaluate_then_save, str(tmp_path), cache):
+        assert result == {2: True, 3: True}
