@@ -24,6 +24,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 
+from plait.common.optimizer_state import state_bytes  # noqa: E402
+
 
 def model_like_shapes(total: float, dim: int = 1024):
     """Shapes of a LLaMA-ish stack: per layer Q|K|V, O, gate|up, down, two norms; until ~total."""
@@ -84,11 +86,6 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    return sum(v.numel() * v.element_size() for s in optimizer.state.values() for v in s.values()
-               if torch.is_tensor(v) and v.ndim > 0)
 
 
 def main(argv=None) -> dict:

@@ -17,7 +17,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from plait.common.optimizer_state import load_param_state, state_bytes as optimizer_state_bytes
+from plait.common.optimizer_state import load_param_state
 
 NamedState = Dict[str, Dict[str, torch.Tensor]]
 
@@ -39,11 +39,6 @@ def named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Par
         out[name] = {key: ((value.detach().clone() if copy else value.detach()) if torch.is_tensor(value)
                            else torch.tensor(float(value))) for key, value in state.items()}
     return out
-
-
-def state_bytes(optimizer) -> int:
-    """Bytes of the optimizer state tensors this rank holds (step counters excluded); ZeRO's own count."""
-    return optimizer.state_bytes() if hasattr(optimizer, "state_bytes") else optimizer_state_bytes(optimizer)
 
 
 def load_named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Parameter],

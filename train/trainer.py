@@ -23,6 +23,7 @@ from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash, fault_step
 from plait.launch.rundir import resolve_run_dir
 from plait.launch.signals import Interrupted, Preempted, PreemptionFlag
+from plait.common.optimizer_state import state_bytes
 from plait.optim.builder import build_optimizer, make_optimizer
 from plait.optim.groups import param_groups
 from plait.optim.clip import clip_by_norm
@@ -316,9 +317,7 @@ class Trainer:
 
     def _held_bytes(self) -> Dict[str, int]:
         """Bytes of weights, grads and optimizer state this rank holds (its shards under ZeRO), counted from
-        the live tensors: the step metrics' memory split."""
-        from plait.optim.state import state_bytes
-
+        the live tensors: the step metrics' memory split. A sharded optimizer's `state` is its inner one's."""
         weights = sum(local(p).numel() * p.element_size() for p in self.named_params.values())
         return {"weight_bytes": weights, "grad_bytes": self.grads.grad_bytes(),
                 "optimizer_bytes": state_bytes(self.optimizer)}
