@@ -173,6 +173,9 @@ class Store:
             barrier.wait(timeout=300)
         except threading.BrokenBarrierError:  # a worker stuck on a dead disk: do not hang the step too
             pass
+        except BaseException:  # Ctrl-C while waiting: free the workers, or the exit would join them forever
+            barrier.abort()
+            raise
 
     def flush(self) -> None:
         """Wait for discards still in progress (stores that remove in the background override this)."""

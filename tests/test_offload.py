@@ -313,6 +313,29 @@ def test_ctrl_c_leaves_no_file(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_ctrl_c_inside_drain_frees_the_workers():
+    """A Ctrl-C that lands while `drain` waits for the workers must let them go: a worker left waiting on the
+    barrier would make the interpreter's exit (which joins the pool) hang forever."""
+    from plait.offload.store import Store
+
+    store = Store(threads=1)
+    store.submit(time.sleep, 0.3)  # the worker is busy when the drain's barrier task is queued behind it
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.1)
+        with pytest.raises(KeyboardInterrupt):
+            store.drain()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    assert store.submit(lambda: 42).result(timeout=5) == 42  # the worker is free again
+    store.close()
+
+
 def test_layer_modes_and_config_errors():
     cfg = OffloadConfig(backend="host", policy="offload", keep_last=2)
     assert layer_modes(cfg, 4) == ["offload", "offload", "keep", "keep"]
