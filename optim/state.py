@@ -12,7 +12,7 @@ it on the CPU, moments follow their parameter. A hand-written placement missed t
 (fused AdamW on CUDA refused a CPU `step` after resume).
 """
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -23,14 +23,17 @@ NamedState = Dict[str, Dict[str, torch.Tensor]]
 
 
 def named_state(optimizer: torch.optim.Optimizer, named_params: Dict[str, nn.Parameter],
-                copy: bool = True) -> NamedState:
+                copy: bool = True, dest: Optional[Dict[str, int]] = None) -> NamedState:
     """{param name: {state key: tensor}} with scalar steps as 0-d tensors.
 
     `copy=False` hands out the optimizer's own tensors (a checkpoint snapshots them before the
-    next step changes them); a ZeRO-1 optimizer gathers its shards into new tensors either way.
+    next step changes them); a ZeRO optimizer gathers its shards into new tensors either way
+    (collective: every rank of the grad group calls it). `dest` ({name: global rank}): a ZeRO
+    optimizer gathers each parameter's state whole only where it goes (other ranks may get
+    fewer names; a replicated optimizer hands out every name, its own tensors, for free).
     """
     if hasattr(optimizer, "named_state"):
-        return optimizer.named_state()
+        return optimizer.named_state(dest)
     out: NamedState = {}
     for name, param in named_params.items():
         state = optimizer.state.get(param)

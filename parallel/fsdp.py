@@ -27,7 +27,7 @@ What moves when:
 `zero_grad`, `named_grads`) so the step is the same code under every zero level.
 """
 
-from typing import Dict, Iterator, List, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -73,6 +73,23 @@ def shard_chunk(chunk: nn.Module, mesh, zero: int, policy) -> List[nn.Module]:
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's rows of a sharded tensor (a view sharing its storage); a plain tensor as it is."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def gather_rows(rows: torch.Tensor, full_shape, group, dst: int, me: int) -> Optional[torch.Tensor]:
+    """The whole tensor from each group rank's `rows` (dim 0 split as torch.chunk, in group-rank order) on global
+    rank `dst` only, None on the others: one gather to the rank that needs it, not an all-gather to every rank."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size(group)
+    per_rank = -(-full_shape[0] // size)
+    padded = rows.new_zeros((per_rank, *full_shape[1:]))  # torch.chunk's pieces, the last ones short or empty
+    padded[:rows.shape[0]].copy_(rows)
+    if me != dst:
+        dist.gather(padded, None, dst=dst, group=group)
+        return None
+    pieces = [torch.empty_like(padded) for _ in range(size)]
+    dist.gather(padded, pieces, dst=dst, group=group)
+    return torch.cat(pieces)[:full_shape[0]]
 
 
 def rows_of(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -141,10 +158,22 @@ class ShardedGrads:
 
     # whole tensors (checkpoints) --------------------------------------------------------
     @torch.no_grad()
-    def full_params(self) -> Dict[str, torch.Tensor]:
-        """{name: whole parameter (this tp shard), gathered over the grad group} (collective)."""
+    def full_params(self, dest: Optional[Dict[str, int]] = None) -> Dict[str, torch.Tensor]:
+        """{name: whole parameter (this tp shard)} gathered over the grad group (collective): on every rank, or,
+        with `dest` ({name: global rank}), each on its rank only (a checkpoint writer's share)."""
         self.reshard()  # the module's parameters are the sharded ones again
-        return {name: param.full_tensor() for name, param in self.named_params()}
+        if dest is None:
+            return {name: param.full_tensor() for name, param in self.named_params()}
+        whole = {}
+        for name, param in self.named_params():
+            tensor = self.gather_to(param, local(param), dest[name])
+            if tensor is not None:
+                whole[name] = tensor
+        return whole
+
+    def gather_to(self, param: torch.Tensor, rows: torch.Tensor, dst: int) -> Optional[torch.Tensor]:
+        """`rows` (this rank's rows of a tensor shaped like sharded `param`) gathered whole on global rank `dst`."""
+        return gather_rows(rows, param.shape, self.mesh.get_group(), dst, self.grid.rank)
 
     @torch.no_grad()
     def copy_whole(self, param: nn.Parameter, whole: torch.Tensor) -> None:

@@ -132,6 +132,12 @@ class Grid:
     def grad_rank(self) -> int:
         return self.dp_rank * self.cp + self.cp_rank
 
+    def grad_member(self, grad_rank: int) -> int:
+        """The global rank of member `grad_rank` of this rank's grad group (same tp and pp coordinates)."""
+        coords = self.layout.coords(self.rank)
+        coords.update(dp=grad_rank // self.cp, cp=grad_rank % self.cp)
+        return self.layout.rank_of(**coords)
+
     @property
     def dp_rank(self) -> int:
         return self.coord("dp")

@@ -14,7 +14,7 @@ Checkpoints see whole, name-keyed state (`named_state` gathers rows over the gra
 save loads at zero=0 and at another dp.
 """
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -51,8 +51,9 @@ class ShardOptimizer(ShardedState):
 
     # name-keyed state (checkpoints) --------------------------------------------------
     @torch.no_grad()
-    def named_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """{param name: {key: whole tensor}}: every rank's rows gathered (collective over the grad group)."""
+    def named_state(self, dest: Optional[Dict[str, int]] = None) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{param name: {key: whole tensor}}: every rank's rows gathered (collective over the grad group) on every
+        rank, or, with `dest` ({name: global rank}), each parameter's state on its rank only."""
         from torch.distributed.tensor import DTensor
 
         keys = self._agreed(self._state_keys())
@@ -63,8 +64,13 @@ class ShardOptimizer(ShardedState):
             for key in keys:
                 state = self.optimizer.state.get(view, {})
                 rows = state[key] if key in state else torch.zeros_like(view)
-                entry[key] = DTensor.from_local(rows, param.device_mesh, param.placements, shape=param.shape,
-                                                stride=param.stride()).full_tensor()
+                if dest is None:
+                    entry[key] = DTensor.from_local(rows, param.device_mesh, param.placements, shape=param.shape,
+                                                    stride=param.stride()).full_tensor()
+                else:
+                    entry[key] = self.grads.gather_to(param, rows, dest[name])
+            if dest is not None and dest[name] != self.grads.grid.rank:
+                continue
             if keys and step > 0:  # AdamW counts steps (the same on every rank), Lion does not
                 entry["step"] = torch.tensor(step)
             if entry:

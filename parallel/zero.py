@@ -12,7 +12,7 @@ Pieces keep their parameter's group (learning-rate multiplier, weight decay), an
 update is elementwise, so a ZeRO-1 step equals the unsharded step.
 """
 
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -107,10 +107,12 @@ class ZeroOptimizer(ShardedState):
 
     # name-keyed state (checkpoints) --------------------------------------------------
     @torch.no_grad()
-    def named_state(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """{param name: {key: full tensor}}: pieces are summed over dp into full buffers."""
+    def named_state(self, dest: Optional[Dict[str, int]] = None) -> Dict[str, Dict[str, torch.Tensor]]:
+        """{param name: {key: full tensor}}: pieces are summed over dp into full buffers (collective); with `dest`
+        ({name: global rank}) each rank keeps only the state of the parameters whose rank it is."""
         keys = self._state_keys()
-        out: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.full_params}
+        out: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.full_params
+                                                   if dest is None or dest[name] == self.grid.rank}
         step = self._step_count()
         for chunk in self.grads.chunks:
             for key in keys:
@@ -121,6 +123,8 @@ class ZeroOptimizer(ShardedState):
                 if self.grid.grad_group is not None:
                     dist.all_reduce(flat, group=self.grid.grad_group)
                 for name, param in chunk.params:
+                    if name not in out:
+                        continue
                     offset = chunk.offsets[name]
                     out[name][key] = flat[offset:offset + param.numel()].view_as(param).to(param.dtype).clone()
         if keys and step > 0:  # AdamW counts steps (the same max on every dp rank), Lion does not

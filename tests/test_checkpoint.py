@@ -118,7 +118,11 @@ def test_reshard_across_tp_pp_vpp_dp_zero(tmp_path, stdlib_tokens):
     index = json.loads((latest_checkpoint(tmp_path / "ckpt") / "index.json").read_text())
     assert {key: index["layout"][key] for key in ("tp", "pp", "dp", "vpp", "zero")} == \
         {"tp": 2, "pp": 2, "dp": 2, "vpp": 2, "zero": 1}
-    assert "layers.3.mlp.w13.weight/exp_avg_sq" in ShardReader(tmp_path / "ckpt").tensors("optim-tp01-pp01.safetensors")
+    state_file = index["optimizer_state"]["layers.3.mlp.w13.weight"]["shards"]["1"]
+    assert state_file in ("optim-tp01-pp01-part000.safetensors", "optim-tp01-pp01-part001.safetensors")  # 2 writers
+    assert "layers.3.mlp.w13.weight/exp_avg_sq" in ShardReader(tmp_path / "ckpt").tensors(state_file)
+    assert sorted(f for f in index["files"] if f.startswith("model-tp00-pp00")) == \
+        ["model-tp00-pp00-part000.safetensors", "model-tp00-pp00-part001.safetensors"]
     saved = the_result([r["saved"] for r in results])
     loaded = {name: the_result([r[name] for r in results]) for name in GRID_LOADS}
     loaded["tp1-pp1-dp1"] = load_worker(0, 1, str(tmp_path), str(cache), ["parallel.microbatches=4"], "single",
@@ -131,6 +135,28 @@ def test_reshard_across_tp_pp_vpp_dp_zero(tmp_path, stdlib_tokens):
     print(f"exported tp2 x pp2 x vpp2 x dp2 checkpoint: transformers' fixed-batch loss rel diff "
           f"{abs(hf_loss - saved[0]) / saved[0]:.1e}")
     assert hf_loss == pytest.approx(saved[0], rel=1e-5, abs=0)
+
+
+def test_writers_share_a_position_by_bytes_and_agree_in_any_order():
+    """Each tensor has one writer; no writer gets more than its 1/parts of the bytes plus the largest tensor;
+    the split depends on names and shapes only (any dict order), tp-sharded tensors counted at their tp size."""
+    import random
+
+    from plait.parallel.sharding import ShardSpec
+    from plait.train.checkpoint import writers
+
+    rng = random.Random(0)
+    specs = {f"layers.{i}.w{j}": ShardSpec((rng.randint(1, 300), 64), dim=rng.choice([None, 0]))
+             for i in range(9) for j in range(3)}
+    sizes = {name: spec.local_shape(4)[0] * 64 for name, spec in specs.items()}
+    for parts in (1, 2, 3, 8):
+        owner = writers(specs, 4, parts)
+        shuffled = dict(rng.sample(sorted(specs.items()), len(specs)))
+        assert writers(shuffled, 4, parts) == owner
+        load = [sum(sizes[n] for n, p in owner.items() if p == part) for part in range(parts)]
+        assert sorted(owner) == sorted(specs) and set(owner.values()) == set(range(parts))
+        assert max(load) <= sum(load) / parts + max(sizes.values()), (parts, load)
+    assert set(writers(specs, 4, 1).values()) == {0}
 
 
 def exported_fixed_loss(tmp_path, cache):

@@ -208,6 +208,7 @@ def test_zero3_on_one_gpu_equals_zero0_and_gathers_in_bf16(tmp_path, stdlib_toke
     import torch.distributed as dist
 
     from plait.launch.env import ProcessEnv
+    from plait.train.reshard import ShardReader
     from plait.train.trainer import Trainer
 
     cache = stdlib_tokens[0].parent.parent
@@ -219,15 +220,22 @@ def test_zero3_on_one_gpu_equals_zero0_and_gathers_in_bf16(tmp_path, stdlib_toke
                               env=ProcessEnv(0, 0, 1, "torchrun"))
             losses = [trainer.step()["loss"] for _ in range(3)]
             dtypes = {p.dtype for p in trainer.named_params.values()}
+            saved = None
+            if trainer.fsdp:  # a checkpoint gathers each tensor on its writer (an NCCL gather) and holds them whole
+                path = trainer.save_checkpoint()
+                trainer.checkpointer.wait()
+                reader = ShardReader(path)
+                saved = all(torch.equal(reader.full_param(name), tensor.cpu())
+                            for name, tensor in trainer.state(whole=True).named_params.items())
             trainer.close()
-            return losses, trainer.fsdp, dtypes
+            return losses, trainer.fsdp, dtypes, saved
 
-        zero0, fsdp0, _ = run("zero0")
-        zero3, fsdp3, master = run("zero3", "parallel.zero=3")
-        bf16, _, master_bf16 = run("zero3-bf16", "parallel.zero=3", "train.precision=bf16")
+        zero0, fsdp0, _, _ = run("zero0")
+        zero3, fsdp3, master, saved = run("zero3", "parallel.zero=3")
+        bf16, _, master_bf16, _ = run("zero3-bf16", "parallel.zero=3", "train.precision=bf16")
     finally:
         dist.destroy_process_group()
-    assert fsdp3 and not fsdp0
+    assert fsdp3 and not fsdp0 and saved
     assert zero3 == pytest.approx(zero0, rel=1e-4)
     assert master == master_bf16 == {torch.float32}
     assert bf16 == pytest.approx(zero0, rel=2e-2)

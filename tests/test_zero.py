@@ -33,7 +33,7 @@ def _run(rank, world, overrides, run_dir, cache):
     cfg = load_config(BASE + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
     trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
     records = [trainer.step() for _ in range(STEPS)]
-    params = {name: tensor.detach().numpy().copy() for name, tensor in trainer.state().named_params.items()}
+    params = {name: tensor.detach().numpy().copy() for name, tensor in trainer.state(whole=True).named_params.items()}
     trainer.close()
     assert cfg.offload.backend == "none" or min(r["offload_offloaded_bytes"] for r in records) > 0  # it did offload
     return [r["loss"] for r in records], [r["grad_norm"] for r in records], params
@@ -154,6 +154,7 @@ def test_zero3_checkpoint_resumes_at_dp2_and_at_zero0(tmp_path, stdlib_tokens):
     saved = the_result(run_ranks(4, partial(save_worker, batch=8), str(tmp_path), cache, ["parallel.zero=3"]))
     index = json.loads((latest_checkpoint(tmp_path / "ckpt") / "index.json").read_text())
     assert (index["layout"]["dp"], index["layout"]["zero"]) == (4, 3)
+    _assert_written_in_four_shares(latest_checkpoint(tmp_path / "ckpt"), index)
     loaded = {"dp2-zero3": the_result(run_ranks(2, partial(load_worker, batch=8), str(tmp_path), cache,
                                                 ["parallel.zero=3"], "z3")),
               "dp1-zero0": load_worker(0, 1, str(tmp_path), cache, [], "z0", batch=8)}
@@ -161,6 +162,25 @@ def test_zero3_checkpoint_resumes_at_dp2_and_at_zero0(tmp_path, stdlib_tokens):
         assert fixed == pytest.approx(saved[0], rel=1e-6, abs=0), name
         assert losses == pytest.approx(saved[1], rel=1e-5, abs=0), name
         assert len(losses) == MORE_STEPS
+
+
+def _assert_written_in_four_shares(checkpoint, index):
+    """The 4 dp ranks each wrote a model and an optimizer file; every tensor is in exactly one of them, and no
+    writer holds more than a quarter of the bytes plus the largest tensor (each rank gathers only its share)."""
+    from plait.train.reshard import ShardReader
+
+    reader = ShardReader(checkpoint)
+    for kind, section in (("model", "params"), ("optim", "optimizer_state")):
+        files = sorted(f for f in index["files"] if f.startswith(kind))
+        assert files == [f"{kind}-tp00-pp00-part{part:03d}.safetensors" for part in range(4)], files
+        held = {f: reader.tensors(f) for f in files}
+        names = [key.split("/")[0] for tensors in held.values() for key in tensors]
+        assert sorted(set(names)) == sorted(index[section]) == sorted(index["params"])
+        if kind == "model":
+            assert len(names) == len(set(names))  # each parameter once
+        sizes = [sum(t.numel() * t.element_size() for t in tensors.values()) for tensors in held.values()]
+        largest = max(t.numel() * t.element_size() for tensors in held.values() for t in tensors.values())
+        assert max(sizes) <= sum(sizes) / 4 + largest, sizes
 
 
 def _evaluate_then_save(rank, world, run_dir, cache):
@@ -176,10 +196,10 @@ def _evaluate_then_save(rank, world, run_dir, cache):
         cfg = load_config(BASE + [f"parallel.zero={zero}", f"train.run_dir={run_dir}/z{zero}", f"data.cache_dir={cache}"])
         trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
         trainer.step()
-        before = {name: tensor.detach().clone() for name, tensor in trainer.state().named_params.items()}
+        before = {name: tensor.detach().clone() for name, tensor in trainer.state(whole=True).named_params.items()}
         trainer.evaluate(batches=1)
         sharded = all(isinstance(p, DTensor) for chunk in trainer.chunks for p in chunk.parameters())
-        after = trainer.state().named_params
+        after = trainer.state(whole=True).named_params
         out[zero] = sharded and all(torch.equal(after[name], tensor) for name, tensor in before.items())
         trainer.close()
     return out

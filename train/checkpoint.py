@@ -6,13 +6,19 @@ A checkpoint is one directory per step under the checkpoint root:
     <root>/step-00000020/index.json     layout, model shape, where each tensor lives, file sizes and hashes
     <root>/step-00000020/model-tp01-pp00.safetensors   tp rank 1's shard of pp stage 0's parameters
     <root>/step-00000020/optim-tp01-pp00.safetensors   the optimizer state of the same parameters
+                                        (-partNNN before .safetensors: one of several dp writers' share)
     <root>/step-00000020/rank-00003.json               rank 3's trainer state (step, RNG, loader, config)
 
-What moves where: the dp rank 0 of each (tp, pp) position writes its parameters (this
-rank's tp shard, keyed by the full model's names such as `layers.3.attn.wqkv.weight`)
-and their optimizer state (`<name>/<key>`, e.g. `layers.3.attn.wqkv.weight/exp_avg`).
-The optimizer state comes from `named_state`, which a ZeRO-1 optimizer gathers over dp
-first, so the format never depends on dp or ZeRO. Every rank writes its own trainer state.
+What moves where: the ranks of each (tp, pp) position's gradient group (dp, times cp)
+share the writing of its parameters (this tp shard, keyed by the full model's names such as
+`layers.3.attn.wqkv.weight`) and their optimizer state (`<name>/<key>`, e.g.
+`layers.3.attn.wqkv.weight/exp_avg`): each whole tensor goes to one of them (`writers`,
+balanced by bytes), which writes it into its own pair of files,
+`model-tp01-pp00-part003.safetensors` and `optim-...` (one writer: no `-partNNN`). So dp
+ranks write in parallel, each holds about 1/dp of the snapshot, and under ZeRO a rank
+gathers a whole tensor only to keep it if it writes it. The files hold whole tensors under
+their names, so the format never depends on dp or ZeRO. Every rank writes its own trainer
+state.
 
 Atomicity (`write_checkpoint`): every rank writes into `<root>/.tmp-step-XXXXXXXX`, each
 file under a temporary name, flushed, fsynced and renamed. The ranks then agree that every
@@ -32,6 +38,7 @@ Reading and resharding across layouts: `plait.train.reshard`. When and how a run
 import base64
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -60,8 +67,36 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def shard_file(kind: str, tp_rank: int, pp_rank: int) -> str:
-    return f"{kind}-tp{tp_rank:02d}-pp{pp_rank:02d}.safetensors"
+def shard_file(kind: str, tp_rank: int, pp_rank: int, part: int = 0, parts: int = 1) -> str:
+    """The file of (tp, pp) position's tensors that writer `part` of `parts` writes."""
+    share = f"-part{part:03d}" if parts > 1 else ""
+    return f"{kind}-tp{tp_rank:02d}-pp{pp_rank:02d}{share}.safetensors"
+
+
+def writers(specs: Dict[str, ShardSpec], tp: int, parts: int) -> Dict[str, int]:
+    """{parameter name: the writer (grad-group rank) that saves it and its optimizer state}.
+
+    Largest tensor first, each to the writer with the fewest bytes so far (ties: the lower
+    rank), so every writer gets about 1/parts of the bytes. It depends only on the names and
+    shapes, which every rank of a gradient group shares, so they all agree without a message.
+    """
+    load, owner = [0] * parts, {}
+    sizes = {name: math.prod(spec.local_shape(tp)) for name, spec in specs.items()}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        part = min(range(parts), key=lambda p: (load[p], p))
+        owner[name] = part
+        load[part] += sizes[name]
+    return owner
+
+
+def writer_ranks(specs: Dict[str, ShardSpec], grid: Grid) -> Dict[str, int]:
+    """{parameter name: the global rank that writes it}: `writers` over this rank's grad group."""
+    return {name: grid.grad_member(part) for name, part in writers(specs, grid.tp, grid.grad_size).items()}
+
+
+def own_names(specs: Dict[str, ShardSpec], grid: Grid) -> set:
+    """The names of the parameters (and their optimizer state) this rank writes into a checkpoint."""
+    return {name for name, rank in writer_ranks(specs, grid).items() if rank == grid.rank}
 
 
 def rank_file(rank: int) -> str:
@@ -133,23 +168,28 @@ def layout_meta(grid: Grid, vpp: int = 1, zero: int = 0, sequence_parallel: bool
 
 
 def _write_shards(tmp: Path, grid: Grid, request: SaveRequest, fault: Fault) -> Dict[str, Any]:
-    """dp (and cp) rank 0 of each (tp, pp) position writes its model and optimizer shards; returns what it wrote."""
-    if grid.grad_rank != 0:
+    """This rank's share (`own_names`) of its (tp, pp) position's parameters and optimizer state, in its own
+    pair of files; returns what it wrote."""
+    mine = own_names(request.specs, grid)
+    named_params = {name: tensor for name, tensor in request.named_params.items() if name in mine}
+    if not named_params:
         return {}
+    part = (grid.grad_rank, grid.grad_size)
     files, params, state = {}, {}, {}
-    model_name = shard_file("model", grid.tp_rank, grid.pp_rank)
-    files[model_name] = _write_file(tmp / model_name, request.arenas.get("model"), request.named_params, fault)
-    for name, param in request.named_params.items():
+    model_name = shard_file("model", grid.tp_rank, grid.pp_rank, *part)
+    files[model_name] = _write_file(tmp / model_name, request.arenas.get("model"), named_params, fault)
+    for name, param in named_params.items():
         params[name] = {**_spec_record(request.specs[name]), "dtype": str(param.dtype).replace("torch.", ""),
                         "file": model_name}
-    if request.optim_state:
-        optim_name = shard_file("optim", grid.tp_rank, grid.pp_rank)
-        for name, entry in request.optim_state.items():
-            local_shape = tuple(request.named_params[name].shape)
+    optim_state = {name: entry for name, entry in (request.optim_state or {}).items() if name in mine}
+    if optim_state:
+        optim_name = shard_file("optim", grid.tp_rank, grid.pp_rank, *part)
+        for name, entry in optim_state.items():
+            local_shape = tuple(named_params[name].shape)
             kinds = {key: "param" if tuple(value.shape) == local_shape else "replicated" for key, value in entry.items()}
             state[name] = {"keys": kinds, "file": optim_name}
         files[optim_name] = _write_file(tmp / optim_name, request.arenas.get("optim"),
-                                        optim_file_tensors(request.optim_state), fault)
+                                        optim_file_tensors(optim_state), fault)
     return {"files": files, "params": params, "optim": state}
 
 
@@ -259,7 +299,7 @@ def _fresh_directory(tmp: Path) -> None:
 
 
 def _write_part(tmp: Path, grid: Grid, request: SaveRequest, fault: Fault) -> None:
-    """This rank's files: its shards (dp rank 0 of each tp x pp position) and its JSON."""
+    """This rank's files: its share of its tp x pp position's tensors and its JSON."""
     fault("files")
     written = _write_shards(tmp, grid, request, fault)
     write_atomic(tmp / rank_file(grid.rank), json.dumps({**request.rank_state, "written": written}).encode())

@@ -36,7 +36,7 @@ import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -46,7 +46,7 @@ import torch.distributed as dist
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 from plait.train.checkpoint import (SaveRequest, agree_over, clean_temporaries, latest_checkpoint,
-                                    optim_file_tensors, resolve, step_dir_name, write_checkpoint)
+                                    optim_file_tensors, own_names, resolve, step_dir_name, write_checkpoint)
 from plait.train.filearena import FileArena, items_of
 from plait.train.tensorfile import CheckpointError
 
@@ -66,6 +66,12 @@ class TrainerState:
     optim_state: Dict[str, Dict[str, torch.Tensor]]
     rank_state: Dict[str, Any] = field(default_factory=dict)  # JSON: step, RNG, loader, LR schedule, config
     meta: Dict[str, Any] = field(default_factory=dict)  # into index.json: layout, model shape, scales, optimizer
+
+    def share(self, grid: Grid) -> "TrainerState":
+        """This state with only the tensors this rank writes (`own_names`; the rest are other dp ranks' share)."""
+        mine = own_names(self.specs, grid)
+        return replace(self, named_params={name: t for name, t in self.named_params.items() if name in mine},
+                       optim_state={name: entry for name, entry in self.optim_state.items() if name in mine})
 
 
 def checkpoint_root(cfg, run_dir: Path) -> Path:
@@ -113,6 +119,7 @@ class Checkpointer:
     # saving -------------------------------------------------------------------------------------------
     def save(self, state: TrainerState) -> Path:
         """Checkpoint `state`'s step; returns the directory it will have (it exists once the write is done)."""
+        state = state.share(self.grid)  # what this rank writes; the snapshot holds only that
         previous = self.pending_step
         waited = self.wait()
         if waited > 0.01 and previous is not None:
@@ -140,18 +147,16 @@ class Checkpointer:
     def prepare(self, state: TrainerState) -> None:
         """Make the host buffers in the background now (a run that will save calls this at start), so the first
         save finds them allocated and paged in instead of paying for that while training waits."""
+        state = state.share(self.grid)
         if self.asynchronous and self.pending is None and self._fits_in_host_memory(state):
             self.pending_step = None
             self.pending = self.writer.submit(self._arenas_for, state)
 
     def _arenas_for(self, state: TrainerState) -> Dict[str, FileArena]:
-        """The host buffers this rank's files are laid out in (dp rank 0 of each tp x pp position writes files;
-        the other dp ranks hold none), made once and kept while the shapes stay."""
-        if self.grid.grad_rank != 0:  # dp and cp ranks other than 0 hold the same weights: no files
-            return {}
-        files = {"model": state.named_params}
-        if state.optim_state:
-            files["optim"] = optim_file_tensors(state.optim_state)
+        """The host buffers this rank's files are laid out in (its share of its tp x pp position's tensors; a
+        rank with no share holds none), made once and kept while the shapes stay."""
+        files = {"model": state.named_params, "optim": optim_file_tensors(state.optim_state)}
+        files = {kind: tensors for kind, tensors in files.items() if tensors}
         for kind, tensors in files.items():
             items = items_of(tensors)
             if kind not in self.arenas or not self.arenas[kind].matches(items):

@@ -39,7 +39,7 @@ from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads, local
 from plait.parallel.shard_optimizer import ShardOptimizer
 from plait.parallel.zero import ZeroOptimizer
 from plait.train import reshard
-from plait.train.checkpoint import INDEX, decode_bytes, encode_bytes, layout_meta, model_meta
+from plait.train.checkpoint import INDEX, decode_bytes, encode_bytes, layout_meta, model_meta, writer_ranks
 from plait.train.checkpointer import Checkpointer, TrainerState, checkpoint_root, due, resume_target
 from plait.train import metrics as metrics_lib
 from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml, validate
@@ -414,8 +414,13 @@ class Trainer:
         self.sink.close()
 
     # what a checkpoint holds --------------------------------------------------------
-    def state(self) -> TrainerState:
-        """This rank's part of a checkpoint: live tensors (a save snapshots them), RNG, loader position, step."""
+    def state(self, whole: bool = False) -> TrainerState:
+        """This rank's part of a checkpoint: live tensors (a save snapshots them), RNG, loader position, step.
+
+        The tensors are this rank's writer share (`own_names`: about 1/dp of its tp x pp position's parameters
+        and their optimizer state; ZeRO gathers each tensor whole and keeps only those). `whole=True`: every
+        parameter and state of the position (ZeRO: all gathered on every rank of the grad group).
+        """
         from plait.optim.schedule import lr_factor
         from plait.optim.state import named_state
 
@@ -427,8 +432,12 @@ class Trainer:
                       "config": OmegaConf.to_container(cfg, resolve=True)}
         meta = {**layout_meta(self.grid, cfg.parallel.vpp, cfg.parallel.zero, cfg.parallel.sequence_parallel),
                 **model_meta(cfg.model, self.parametrization.scales), "optimizer": cfg.optim.name}
-        optim_state = named_state(self.optimizer, self.named_params, copy=False)  # collective under ZeRO
-        params = self.grads.full_params() if self.fsdp else self.named_params  # ZeRO-2/3: gathered over dp
+        dest = None if whole else writer_ranks(self.specs, self.grid)  # {name: the rank that writes it}
+        optim_state = named_state(self.optimizer, self.named_params, copy=False, dest=dest)  # collective under ZeRO
+        params = self.grads.full_params(dest) if self.fsdp else self.named_params  # ZeRO-2/3: gathered over dp
+        if dest is not None:
+            params = {name: tensor for name, tensor in params.items() if dest[name] == self.grid.rank}
+            optim_state = {name: entry for name, entry in optim_state.items() if dest[name] == self.grid.rank}
         return TrainerState(self.step_num, params, self.specs, optim_state, rank_state, meta)
 
     def load_state(self, reader: "reshard.ShardReader") -> None:
