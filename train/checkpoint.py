@@ -15,8 +15,8 @@ share the writing of its parameters (this tp shard, keyed by the full model's na
 `layers.3.attn.wqkv.weight/exp_avg`): each whole tensor goes to one of them (`writers`,
 balanced by bytes), which writes it into its own pair of files,
 `model-tp01-pp00-part003.safetensors` and `optim-...` (one writer: no `-partNNN`). So dp
-ranks write in parallel, each holds about 1/dp of the snapshot, and under ZeRO a rank
-gathers a whole tensor only to keep it if it writes it. The files hold whole tensors under
+ranks write in parallel, each holds about 1/dp of the snapshot, and under ZeRO-2/3 each
+tensor is gathered whole on its writer only. The files hold whole tensors under
 their names, so the format never depends on dp or ZeRO. Every rank writes its own trainer
 state.
 
