@@ -435,10 +435,8 @@ class Trainer:
         dest = None if whole else writer_ranks(self.specs, self.grid)  # {name: the rank that writes it}
         optim_state = named_state(self.optimizer, self.named_params, copy=False, dest=dest)  # collective under ZeRO
         params = self.grads.full_params(dest) if self.fsdp else self.named_params  # ZeRO-2/3: gathered over dp
-        if dest is not None:
-            params = {name: tensor for name, tensor in params.items() if dest[name] == self.grid.rank}
-            optim_state = {name: entry for name, entry in optim_state.items() if dest[name] == self.grid.rank}
-        return TrainerState(self.step_num, params, self.specs, optim_state, rank_state, meta)
+        state = TrainerState(self.step_num, params, self.specs, optim_state, rank_state, meta)
+        return state if whole else state.share(self.grid)
 
     def load_state(self, reader: "reshard.ShardReader") -> None:
         """Load model, optimizer, step, RNG and loader position from a checkpoint of any layout."""
