@@ -163,17 +163,14 @@ class Store:
         One barrier task per worker: a worker takes it only after finishing its previous task
         (callbacks included), and all of them meeting means no earlier task is left.
         """
-        barrier = threading.Barrier(self.threads + 1)
+        barrier = threading.Barrier(self.threads + 1, timeout=300)  # every wait, the workers' too, is bounded
         try:
             for _ in range(self.threads):
                 self.pool.submit(barrier.wait)
-        except RuntimeError:  # shut down: nothing runs any more
-            return
-        try:
-            barrier.wait(timeout=300)
-        except threading.BrokenBarrierError:  # a worker stuck on a dead disk: do not hang the step too
-            pass
-        except BaseException:  # Ctrl-C while waiting: free the workers, or the exit would join them forever
+            barrier.wait()
+        except RuntimeError:  # the pool is shut down, or the barrier broke (a worker stuck on a dead disk)
+            barrier.abort()
+        except BaseException:  # Ctrl-C while submitting or waiting: free the workers, or the exit joins them forever
             barrier.abort()
             raise
 

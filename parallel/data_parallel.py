@@ -16,7 +16,8 @@ slice of each bucket (the ZeRO-1 shard). With dp=1 nothing is registered or sent
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -176,7 +177,7 @@ class DataParallelGrads:
     """Gradient buffers and bucketed reduction for every model chunk of this rank."""
 
     def __init__(self, chunks: Sequence[nn.Module], grid: Grid, cfg: ParallelConfig, shard: bool = False):
-        self.grid, self.shard = grid, shard
+        self.grid, self.shard, self.modules = grid, shard, list(chunks)
         self.chunks = [ChunkGrads(list(chunk.named_parameters()), grid, cfg, shard) for chunk in chunks]
 
     def start_overlap(self, chunk_index: int = 0) -> None:
@@ -201,3 +202,18 @@ class DataParallelGrads:
     def named_grads(self) -> List[Tuple[str, torch.Tensor]]:
         """(name, full averaged grad) of every parameter (not meaningful under ZeRO-1: use the optimizer's)."""
         return [(name, chunk.grad_view(name, param)) for chunk in self.chunks for name, param in chunk.params]
+
+    # whole parameters (checkpoints): every rank holds them whole already ------------------------
+    def full_params(self, dest: Optional[Dict[str, int]] = None) -> Dict[str, torch.Tensor]:
+        """{name: the live parameter}: whole on every rank, so `dest` (where each is needed) costs nothing."""
+        return {name: param for module in self.modules for name, param in module.named_parameters()}
+
+    @contextmanager
+    def whole_for_writing(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """{name: the live parameter} to write whole values into (a checkpoint load): they are whole."""
+        yield self.full_params()
+
+    @torch.no_grad()
+    def copy_whole(self, param: nn.Parameter, whole: torch.Tensor) -> None:
+        """Write `whole` (the parameter's whole tp shard) into `param`."""
+        param.copy_(whole)

@@ -27,6 +27,7 @@ What moves when:
 `zero_grad`, `named_grads`) so the step is the same code under every zero level.
 """
 
+from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -180,8 +181,12 @@ class ShardedGrads:
         """Copy this rank's rows of `whole` (the parameter's whole tp shard) into its sharded parameter."""
         local(param).copy_(rows_of(whole, self.rank, self.size))
 
-    def load_full(self, name_to_whole: Dict[str, torch.Tensor]) -> None:
-        """Copy this rank's rows of each whole parameter into its shard."""
+    @contextmanager
+    def whole_for_writing(self) -> Iterator[Dict[str, torch.Tensor]]:
+        """{name: an empty whole tensor (host)} to write whole values into (a checkpoint load); on leaving, this
+        rank's rows of each are copied into its shard."""
         params = dict(self.named_params())
-        for name, whole in name_to_whole.items():
-            self.copy_whole(params[name], whole)
+        whole = {name: torch.empty(param.shape, dtype=param.dtype) for name, param in params.items()}
+        yield whole
+        for name, tensor in whole.items():
+            self.copy_whole(params[name], tensor)

@@ -284,7 +284,8 @@ def test_unwritable_path_fails_at_start_up(tmp_path):
 
 
 CTRL_C_SCRIPT = """
-import sys, torch
+import faulthandler, signal, sys, torch
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test dumps every thread's stack if it hangs
 sys.path.insert(0, {root!r})
 from plait.train.build import build_model
 from tests.offload_utils import TINY, attach, batch, forward_backward, offload_config
@@ -308,7 +309,15 @@ def test_ctrl_c_leaves_no_file(tmp_path):
     assert process.stdout.readline().strip() == "ready"
     time.sleep(0.3)  # in the middle of a later step
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=60)
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        if process.poll() is None:
+            process.send_signal(signal.SIGUSR1)  # every thread's stack into stderr
+            time.sleep(2)
+        process.kill()
+        _, err = process.communicate()
+        pytest.fail(f"still running 60 s after Ctrl-C (exit status {process.returncode}); its stderr:\n{err[-8000:]}")
     assert "KeyboardInterrupt" in err
     assert os.listdir(tmp_path) == []
 

@@ -141,19 +141,15 @@ class Trainer:
         directory (config.json + model.safetensors) or from a plait checkpoint of any layout."""
         if (path / "config.json").is_file() and not (path / INDEX).is_file():
             for chunk in self.chunks:
-                init_from_hf(chunk, path, self.grid, self.grads.copy_whole if self.fsdp else None)
+                init_from_hf(chunk, path, self.grid, self.grads.copy_whole)
         else:
             self._load_params(reshard.ShardReader(path))
         log.info("checkpoint: initial weights from %s", path)
 
     def _load_params(self, reader: "reshard.ShardReader") -> None:
         """This rank's parameters from a checkpoint of any layout (ZeRO-2/3: whole, then this rank's rows)."""
-        if not self.fsdp:
-            reshard.load_params(reader, self.named_params, self.specs, self.grid)
-            return
-        whole = {name: torch.empty(param.shape, dtype=param.dtype) for name, param in self.named_params.items()}
-        reshard.load_params(reader, whole, self.specs, self.grid)
-        self.grads.load_full(whole)
+        with self.grads.whole_for_writing() as whole:
+            reshard.load_params(reader, whole, self.specs, self.grid)
 
     def _build_chunks(self) -> List[Transformer]:
         """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
@@ -434,7 +430,7 @@ class Trainer:
                 **model_meta(cfg.model, self.parametrization.scales), "optimizer": cfg.optim.name}
         dest = None if whole else writer_ranks(self.specs, self.grid)  # {name: the rank that writes it}
         optim_state = named_state(self.optimizer, self.named_params, copy=False, dest=dest)  # collective under ZeRO
-        params = self.grads.full_params(dest) if self.fsdp else self.named_params  # ZeRO-2/3: gathered over dp
+        params = self.grads.full_params(dest)  # ZeRO-2/3: each gathered on its writer
         state = TrainerState(self.step_num, params, self.specs, optim_state, rank_state, meta)
         return state if whole else state.share(self.grid)
 
