@@ -11,6 +11,9 @@ upgrade moves one.
   log-sum-exp that ring attention merges blocks by (SDPA's public call drops it).
 - `is_param_cast`: whether a saved tensor is autocast's copy of a parameter (an autograd node whose
   only input is a parameter's gradient accumulator), by the nodes' names.
+- `fsdp_reduce_pending`: FSDP2's post-backward of every parameter group under a root module, then
+  its end-of-backward callback, run by hand after a split backward (torch.distributed.pipelining's
+  `perform_reduce_grad` does the same): the weight grads W accumulated after the last hook fired.
 """
 
 import functools
@@ -88,3 +91,19 @@ def flat_mesh(mesh, names: tuple):
     if len(names) == 1:
         return mesh[names[0]]
     return mesh[names]._flatten("".join(names))
+
+
+def fsdp_reduce_pending(root) -> None:
+    """Reduce-scatter every gradient FSDP2 still holds whole under `root` (a fully_shard-ed module, the root of
+    its blocks) into the shards, and wait for it, as the end of an autograd backward would: each parameter
+    group's `post_backward` (a no-op for a group with no whole grad) and the root's final callback."""
+    from torch.distributed.fsdp import fully_shard
+
+    state = fully_shard.state(root)
+    for member in state._state_ctx.all_states:
+        groups = getattr(member, "_fsdp_param_groups", None)  # torch >= 2.10: a list; before: one or None
+        if groups is None:
+            groups = [member._fsdp_param_group] if member._fsdp_param_group is not None else []
+        for group in groups:
+            group.post_backward()
+    state._root_post_backward_final_callback()

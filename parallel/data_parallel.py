@@ -184,6 +184,9 @@ class DataParallelGrads:
         """Before chunk `chunk_index`'s last micro-batch backward: its buckets reduce as they fill."""
         self.chunks[chunk_index].start_overlap()
 
+    def after_weights(self, chunk_index: int) -> None:
+        """After a split backward's W: nothing to do, each bucket's hooks fired as W accumulated into it."""
+
     def finish(self) -> None:
         for chunk in self.chunks:
             chunk.finish()

@@ -19,6 +19,12 @@ What moves when:
   (`start_overlap`), then resharded before the optimizer step.
 - Both: after every micro-batch's backward of a block, its gradients are reduce-scattered
   (averaged) into this rank's shard and accumulated there; no whole gradient is kept.
+- Zero-bubble schedules: a block's post-backward hook fires at I (its input's grad), before W
+  adds the weight grads, so it finds none to reduce. After each W the pipeline calls
+  `after_weights`, which runs FSDP2's post-backward by hand (`compat.fsdp_reduce_pending`):
+  that micro-batch's weight grads are reduce-scattered into the shards then, as a fused
+  backward's would be at its end, and no whole grad outlives its W. Under zero=3 the blocks
+  were resharded at I: W reads saved activations and grads, never the weights.
 - `train.precision=bf16`: gathers in bf16 (MixedPrecisionPolicy), master shards stay fp32,
   reduce-scatters in fp32 (`parallel.reduce_in_fp32`, the default) and chunk outputs in fp32
   (the pipeline's messages keep their dtype).
@@ -33,7 +39,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from plait.common.compat import flat_mesh
+from plait.common.compat import flat_mesh, fsdp_reduce_pending
 from plait.parallel.grid import Grid
 
 FSDP_LEVELS = (2, 3)
@@ -127,6 +133,10 @@ class ShardedGrads:
         if self.zero == 2:
             for module in self.modules[chunk_index]:
                 module.set_reshard_after_backward(True)
+
+    def after_weights(self, chunk_index: int) -> None:
+        """After a W of chunk `chunk_index` (split backward): reduce-scatter the weight grads it added, now."""
+        fsdp_reduce_pending(self.chunks[chunk_index])
 
     def finish(self) -> None:
         """Every reduce-scatter has been waited by FSDP2's end-of-backward callback; no weight stays whole

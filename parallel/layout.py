@@ -194,7 +194,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 def check_settings(parallel: Any) -> None:
     """The `parallel` group's own fields: degrees, and each choice against the table that builds it."""
     from plait.parallel.context import CP_MODES
-    from plait.parallel.pipeline.schedule import BUILDERS, SPLIT_SCHEDULES, V_SCHEDULES
+    from plait.parallel.pipeline.schedule import BUILDERS, V_SCHEDULES
     from plait.parallel.pipeline.transport import TRANSPORTS
 
     for key in ("tp", "pp", "cp", "vpp", "microbatches"):
@@ -205,11 +205,6 @@ def check_settings(parallel: Any) -> None:
     choice(LayoutError, "parallel.pp_transport", parallel.pp_transport, TRANSPORTS)
     choice(LayoutError, "parallel.backend", parallel.backend, BACKENDS)
     choice(LayoutError, "parallel.zero", parallel.zero, ZERO_LEVELS)
-    if parallel.zero >= 2 and parallel.pp > 1 and parallel.schedule in SPLIT_SCHEDULES:
-        raise LayoutError(f"parallel.zero={parallel.zero} does not run under the zero-bubble "
-                          f"parallel.schedule={parallel.schedule} (FSDP2 reduce-scatters a block's grads when its "
-                          f"input grad is done, before the split-off weight grads exist); use parallel.schedule=1f1b "
-                          f"or parallel.zero=1.")
     number(LayoutError, "parallel.bucket_mb", parallel.bucket_mb, low=0, low_open=True)
     choice(LayoutError, "parallel.cp_mode", parallel.cp_mode, CP_MODES)
 

@@ -81,3 +81,28 @@ def test_flat_mesh_joins_two_dimensions_in_row_major_order():
 
     for size, flat_rank, row_major in run_ranks(4, _flat_mesh_ranks):
         assert size == 4 and flat_rank == row_major
+
+
+def test_fsdp_reduce_pending_moves_a_held_whole_grad_into_the_shard(tmp_path):
+    """A grad FSDP2 kept whole (its hook did not reduce it) lands in the sharded parameter's grad once
+    `fsdp_reduce_pending` has run FSDP2's post-backward by hand (a one-rank world: the shard is the whole)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.Linear(4, 3, bias=False)
+        fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        x = torch.randn(5, 4)
+        model.set_requires_gradient_sync(False)  # the hook keeps the grad whole, as at a split backward's I
+        model(x).sum().backward()
+        model.set_requires_gradient_sync(True)
+        held_back = model.weight.grad is None
+        compat.fsdp_reduce_pending(model)
+        grad = model.weight.grad.to_local()
+    finally:
+        dist.destroy_process_group()
+    assert held_back
+    expected = torch.ones(5, 3).T @ x  # d(sum(x W^T))/dW
+    torch.testing.assert_close(grad, expected)

@@ -179,6 +179,27 @@ def test_split_backward_on_cuda_equals_the_whole_one():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_split_backward_under_fsdp_on_cuda_equals_the_fused_one(tmp_path):
+    """Zero-bubble under ZeRO-3 on CUDA (NCCL, a one-rank world): I's then W's, each W's grads reduce-scattered by
+    hand (FSDP2's post-backward on its own stream, waited by its end-of-backward callback), against FSDP2's fused
+    backward; W runs after I resharded the blocks, so it must not read the freed weights. To 1e-6 (atomics)."""
+    import torch.distributed as dist
+
+    from test_zero import split_against_fused
+
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=CUDA)
+    try:
+        input_grads, weight_grads = split_against_fused(0, 1, "cuda", zero=3)
+    finally:
+        dist.destroy_process_group()
+    for split, fused in input_grads:
+        torch.testing.assert_close(split, fused, rtol=1e-6, atol=1e-7)
+    for name, (split, fused) in weight_grads.items():
+        torch.testing.assert_close(split, fused, rtol=1e-6, atol=1e-7, msg=name)
+        assert split.abs().sum() > 0, name
+
+
 def test_context_parallel_attention_math_on_cuda_under_bf16_autocast(tmp_path):
     """Ring and Ulysses attention on CUDA tensors in a one-rank group (no message, the blocks' math, the
     merge and the autocast guard): fp32 inside whatever autocast asks, equal to SDPA over the sequence."""

@@ -296,7 +296,8 @@ class Trainer:
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
         loss = self.pipeline.run(*self._inputs_and_targets(batch), self._pipeline_loss,
-                                 before_last_backward=self.grads.start_overlap, forward_context=self._autocast)
+                                 before_last_backward=self.grads.start_overlap, after_weights=self.grads.after_weights,
+                                 forward_context=self._autocast)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
         norm = self._finish_grads()
         self.checkpointer.before_update()  # a background save's snapshot is taken before the weights change

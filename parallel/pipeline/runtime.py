@@ -122,7 +122,6 @@ class PipelineRuntime:
             raise ValueError(f"pp rank {grid.pp_rank} holds stages {stages} but got {len(chunks)} chunks")
         self.chunk_of: Dict[int, nn.Module] = dict(zip(stages, chunks))
         self.chunk_index: Dict[int, int] = {stage: index for index, stage in enumerate(stages)}
-        self.params_of = {stage: [p for p in chunk.parameters() if p.requires_grad] for stage, chunk in zip(stages, chunks)}
         self.holds_last_stage = self.stage_rank[-1] == grid.pp_rank
         self.prefetch = default_prefetch(grid.backend) if prefetch is None else prefetch
         all_train = build_schedule(self.schedule, grid.pp, vpp, microbatches, prefetch=self.prefetch)
@@ -191,7 +190,7 @@ class PipelineRuntime:
             elif action.kind == Kind.I:
                 plan.append((PipelineRuntime._backward_input, (mb, stage, received, hand_back)))
             else:
-                plan.append((PipelineRuntime._backward_weight, (mb, stage, last_of_chunk)))
+                plan.append((PipelineRuntime._backward_weight, (mb, stage, self.chunk_index[stage], last_of_chunk)))
             index += 1
         return plan
 
@@ -332,27 +331,33 @@ class PipelineRuntime:
         """I(mb, stage): only the input's grad (kept to send); what the weight grads need waits for W."""
         output, grad = self._start_backward(mb, stage, received)
         x = self.inputs.pop((mb, stage), None)
-        self.pending_weights[(mb, stage)] = backward_input(output, grad, [x], self.params_of[stage])
+        self.pending_weights[(mb, stage)] = backward_input(output, grad, [x])
         self._keep_input_grad(mb, stage, x, hand_back)
 
-    def _backward_weight(self, mb: int, stage: int, last_of_chunk: Optional[int]) -> None:
+    def _backward_weight(self, mb: int, stage: int, chunk_index: int, last_of_chunk: Optional[int]) -> None:
         """W(mb, stage): the weight grads of a micro-batch whose I has run; grads accumulate in `.grad`."""
         if last_of_chunk is not None and self.before_last_backward is not None:
             self.before_last_backward(last_of_chunk)
         backward_weight(self.pending_weights.pop((mb, stage)))
+        if self.after_weights is not None:
+            self.after_weights(chunk_index)
 
     # the step ----------------------------------------------------------------------
     def run(self, inputs, targets, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
             before_last_backward: Optional[Callable[[int], None]] = None,
+            after_weights: Optional[Callable[[int], None]] = None,
             forward_context: Callable = contextlib.nullcontext, forward_only: bool = False) -> torch.Tensor:
         """One step over `microbatches` micro-batches; returns the mean loss on every pp rank.
 
         `inputs[mb]` is read on the first stage and `targets[mb]` on the last.
         `before_last_backward(chunk_index)` runs right before each chunk's last backward.
+        `after_weights(chunk_index)` runs after each W (a split backward's weight grads of one micro-batch
+        are in `.grad`): for reducers whose hooks fired at I, before those grads existed (FSDP2's).
         With `forward_only` (evaluation, call under torch.no_grad) only the forwards run.
         """
         self.step_inputs, self.step_targets, self.loss_fn = inputs, targets, loss_fn  # this step's, read by the steps
-        self.before_last_backward, self.forward_context = before_last_backward, forward_context
+        self.before_last_backward, self.after_weights = before_last_backward, after_weights
+        self.forward_context = forward_context
         self.outputs: Dict[Tuple[int, int], torch.Tensor] = {}
         self.inputs: Dict[Tuple[int, int], torch.Tensor] = {}
         self.input_grads: Dict[Tuple[int, int], torch.Tensor] = {}

@@ -21,6 +21,10 @@ for plait's runtime):
   their caught grads back through a pre-hook, so a boundary node reached from another one is
   not counted twice.
 
+The weights are the leaves the graph reaches other than the input, unless the caller names them:
+the tensors the forward read, which under FSDP2 are the gathered parameters, not the sharded
+ones the module holds between steps.
+
 The weight grads equal the fused backward's bitwise: each is the same op on the same saved
 tensors and grads; only its time moves. Grads accumulate into `.grad` (so data-parallel
 hooks fire in W). A chunk whose input is not differentiable (the first stage, token ids)
@@ -76,9 +80,18 @@ def _closure(starts: Sequence[Node], parents: Dict[Node, List[Node]], stop: Set[
     return closure, met
 
 
-def _param_groups(root: Node, input_nodes: Sequence[Node], params: Sequence[torch.Tensor]) -> List[tuple]:
-    """[(boundary nodes, params)]: parameters merged where they share a boundary node."""
+def _graph_leaves(parents: Dict[Node, List[Node]], input_nodes: Sequence[Node]) -> List[torch.Tensor]:
+    """Every grad-requiring leaf the graph reaches (its AccumulateGrad nodes' tensors), the inputs excepted."""
+    inputs = set(input_nodes)
+    return [node.variable for node in parents if hasattr(node, "variable") and node not in inputs]
+
+
+def _param_groups(root: Node, input_nodes: Sequence[Node], params: Optional[Sequence[torch.Tensor]]) -> List[tuple]:
+    """[(boundary nodes, params)]: parameters merged where they share a boundary node; `params` None: every
+    leaf of the graph but the inputs."""
     parents = _reverse_edges(root)
+    if params is None:
+        params = _graph_leaves(parents, input_nodes)
     input_path, _ = _closure(input_nodes, parents, set())
     group_of: Dict[Node, int] = {}
     groups: List[tuple] = []  # (set of boundary nodes, list of params)
@@ -100,13 +113,17 @@ def _param_groups(root: Node, input_nodes: Sequence[Node], params: Sequence[torc
 
 
 def backward_input(output: torch.Tensor, grad: torch.Tensor, inputs: Sequence[torch.Tensor],
-                   params: Sequence[torch.Tensor]) -> PendingWeights:
-    """I: accumulate the grads of `inputs` (leaves) from `output`'s grad; return what W needs."""
+                   params: Optional[Sequence[torch.Tensor]] = None) -> PendingWeights:
+    """I: accumulate the grads of `inputs` (leaves) from `output`'s grad; return what W needs.
+
+    `params`: the weights W is to accumulate; None (the pipeline's choice): every leaf the graph reaches
+    other than the inputs, the tensors the forward actually read (under FSDP2, the gathered parameters,
+    not the sharded ones the module holds between steps)."""
     inputs = [x for x in inputs if x is not None and x.requires_grad]
     if not inputs:
         return PendingWeights([], whole=(output, grad))
     groups = _param_groups(output.grad_fn, [get_gradient_edge(x).node for x in inputs],
-                           [p for p in params if p.requires_grad])
+                           None if params is None else [p for p in params if p.requires_grad])
     caught: Dict[Node, tuple] = {}
     handles = [node.register_prehook(lambda grads, node=node: caught.__setitem__(node, grads))
                for nodes, _ in groups for node in nodes]
