@@ -6,6 +6,7 @@ rank raises in the test with that rank's traceback.
 """
 
 import os
+import pickle
 import tempfile
 import traceback
 from typing import Any, Callable, List
@@ -22,7 +23,9 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
-        queue.put((rank, "ok", result))
+        # by value: through the queue a tensor travels as a shared-memory handle that the parent fetches from this
+        # process, which may have exited by then (FileNotFoundError in the parent); plain pickle copies the bytes
+        queue.put((rank, "ok", pickle.dumps(result)))
     except BaseException:  # report every failure to the parent, with its traceback
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -34,7 +37,7 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300.0)
     """`fn(rank, world_size, *args)` on `world_size` gloo ranks; returns results in rank order.
 
     `fn` must be importable (a module-level function) and return picklable values
-    (tensors are fine).
+    (tensors are fine: they come back by value).
     """
     context = mp.get_context("spawn")
     queue = context.Queue()
@@ -49,7 +52,7 @@ def run_ranks(world_size: int, fn: Callable, *args: Any, timeout: float = 300.0)
             for _ in range(world_size):
                 rank, status, value = queue.get(timeout=timeout)
                 if status == "ok":
-                    results[rank] = value
+                    results[rank] = pickle.loads(value)
                 else:
                     errors.append(f"rank {rank} failed:\n{value}")
                     break
