@@ -11,10 +11,12 @@ synchronously (`checkpoint.async_save=false`, so the save's whole cost is on the
     `get_state_dict`, each replicated tensor written once; zero=3: the FSDP2 parameters and their optimizer
     rows as DTensors, each rank writing its rows; zero=1 has no DCP form of plait's flat ZeRO-1 pieces: not run).
 Reported: the save's wall time (from a barrier to the last rank done, median over rounds), the most bytes
-one rank wrote, and the most bytes one rank held for the save (plait: its snapshot share, gathered
-whole under ZeRO; DCP writes from the live tensors and rows: 0).
+one rank wrote, the most bytes one rank held for the save (plait: its snapshot share, gathered
+whole under ZeRO; DCP writes from the live tensors and rows: 0), and how far one rank's resident memory
+rose above its level before the save at its peak (with --memory, in a run of its own: `rss.py`; the share plus
+whatever a gather held on the way).
 
-    python benchmarks/checkpoint_dp.py --out checkpoint_dp.json [--dp 4 --dim 512 --layers 8 --zero 0 1 3]
+    python benchmarks/checkpoint_dp.py --out checkpoint_dp.json [--dp 4 --dim 512 --layers 8 --zero 0 1 3] [--memory]
 """
 
 import argparse
@@ -33,6 +35,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_json  # noqa: E402
+from rss import fix_mmap_threshold, peak_above, start_peak  # noqa: E402
 
 CONTENDERS = ("plait", "plait-1-writer", "DCP")
 
@@ -137,7 +140,8 @@ def _worker(rank, world, store, args, base, queue):
 
 
 def _rounds(rank, world, args, base):
-    """{(zero, contender): [(seconds, bytes written, bytes held) per round]} on this rank."""
+    """{(zero, contender): [(seconds, bytes written, bytes held, peak MB above the start) per round]} on this
+    rank."""
     import torch.distributed as dist
 
     results = {}
@@ -147,8 +151,10 @@ def _rounds(rank, world, args, base):
             for name in contenders(zero):
                 target = base / f"zero{zero}-{name}-{round_index}"
                 dist.barrier()
+                resident = start_peak() if args.memory else None
                 start = time.perf_counter()
                 _save_once(name, trainer, target)
+                peak = peak_above(resident) if args.memory else None
                 dist.barrier()
                 seconds = time.perf_counter() - start
                 held = _held(name, trainer)
@@ -156,7 +162,7 @@ def _rounds(rank, world, args, base):
                 dist.barrier()
                 if rank == 0:
                     shutil.rmtree(target, ignore_errors=True)
-                results.setdefault((zero, name), []).append((seconds, written, held))
+                results.setdefault((zero, name), []).append((seconds, written, held, peak))
         trainer.close()
     return results
 
@@ -192,9 +198,15 @@ def main():
     parser.add_argument("--zero", type=int, nargs="+", default=[0, 3])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary directory)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure each rank's peak resident memory during a save (rss.py: pins glibc's mmap "
+                             "threshold, so every big buffer is mapped fresh and saves slow down; take the times "
+                             "from a run without it)")
     parser.add_argument("--out", default="checkpoint_dp.json")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.memory:
+        fix_mmap_threshold()
     base = Path(tempfile.mkdtemp(prefix="plait-ckpt-dp-", dir=args.dir))
     try:
         per_rank = _spawn(args, base)
@@ -208,7 +220,8 @@ def main():
             rows.append({"zero": zero, "contender": name, "save_s": seconds,
                          "max_rank_written_bytes": max(r[-1][1] for r in rounds),
                          "total_written_bytes": sum(r[-1][1] for r in rounds),
-                         "max_rank_held_bytes": max(r[-1][2] for r in rounds)})
+                         "max_rank_held_bytes": max(r[-1][2] for r in rounds),
+                         "max_rank_peak_mb": max(entry[3] for r in rounds for entry in r) if args.memory else None})
     by = {(row["zero"], row["contender"]): row for row in rows}
     for row in rows:
         ours = by[(row["zero"], "plait")]
@@ -217,11 +230,14 @@ def main():
     print(f"dp={args.dp} (gloo), dim {args.dim}, {args.layers} layers, vocab {args.vocab}, AdamW; "
           f"synchronous saves, median of {args.rounds}")
     print(f"{'zero':>4} {'contender':<15} {'save s':>7} {'MB max/rank':>11} {'MB total':>9} {'MB held/rank':>12} "
-          f"{'plait time x':>12} {'plait max/rank x':>16}")
+          f"{'peak MB/rank':>12} {'plait time x':>12} {'plait max/rank x':>16}")
     for row in rows:
         print(f"{row['zero']:>4} {row['contender']:<15} {row['save_s']:>7.2f} {row['max_rank_written_bytes'] / 1e6:>11.1f} "
               f"{row['total_written_bytes'] / 1e6:>9.1f} {row['max_rank_held_bytes'] / 1e6:>12.1f} "
-              f"{row['plait_time_ratio']:>12.3f} {row['plait_max_written_ratio']:>16.3f}")
+              f"{row['max_rank_peak_mb'] or float('nan'):>12.1f} {row['plait_time_ratio']:>12.3f} "
+              f"{row['plait_max_written_ratio']:>16.3f}")
+    print("peak MB/rank (--memory): how far one rank's resident memory rose above its level before the save, at the "
+          "peak; times of a --memory run are slowed by it")
     write_json(args.out, {"benchmark": "checkpoint_dp", "device": "cpu (gloo)", "args": vars(args), "rows": rows})
 
 

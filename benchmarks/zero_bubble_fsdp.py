@@ -14,19 +14,20 @@ its own processes (so each process's peak resident memory is that contender's):
     torch-fsdp-block leaves the last stage's blocks without grads every step, and a chunk resharded after forward
     leaves the whole last chunk without (cause not looked into); the "no grad" column counts them.
 Each takes AdamW (torch's, foreach) over its parameters. Reported: median step time (forward, backward, optimizer),
-peak resident memory above the process's memory before the model was built (max over ranks), and the first step's
-loss (the same weights and batches: equal losses say the contenders do the same work).
+peak resident memory above the process's memory before the model was built (max over ranks, with --memory), and the
+first and last steps' losses (the same weights and batches: equal losses say the contenders do the same work).
 
-    python benchmarks/zero_bubble_fsdp.py --out zero_bubble_fsdp.json
+    python benchmarks/zero_bubble_fsdp.py --out zero_bubble_fsdp.json             # step times
+    python benchmarks/zero_bubble_fsdp.py --memory --out zero_bubble_fsdp-mem.json  # peak memory (slower steps)
 """
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -34,19 +35,10 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_json  # noqa: E402
+from rss import fix_mmap_threshold, peak_above, start_peak  # noqa: E402
 
 PP, DP = 2, 2
 CONTENDERS = ("plait-zero0", "plait-zero2", "plait-zero3", "torch-fsdp-block", "torch-fsdp-chunk")
-
-
-def _rss_mb() -> float:
-    """Peak resident memory of this process so far, MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _current_rss_mb() -> float:
-    with open("/proc/self/statm") as stream:
-        return int(stream.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def _chunks(args, grid):
@@ -135,12 +127,25 @@ def _worker(rank, world, store, name, args, queue):
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch.distributed as dist
 
-    from plait.parallel.grid import Grid
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        queue.put((rank, _steps(name, args)))
+    except BaseException:  # the parent stops every rank and shows this one's traceback
+        queue.put((rank, traceback.format_exc()))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def _steps(name, args):
+    """(step times, losses, peak MB or None, parameters left without grad) of contender `name` on this rank."""
+    import torch.distributed as dist
+
+    from plait.parallel.grid import Grid
+
     grid = Grid.build(pp=PP, dp=DP)
-    before = _current_rss_mb()
+    before = start_peak() if args.memory else None
     if name.startswith("torch"):
         contender = Torch(args, grid, per_block=name.endswith("block"))
     else:
@@ -156,8 +161,7 @@ def _worker(rank, world, store, name, args, queue):
         missing = max(missing, contender.missing)
         if round_index >= args.warmup:
             times.append(time.perf_counter() - start)
-    queue.put((rank, times, losses, _rss_mb() - before, missing))
-    dist.destroy_process_group()
+    return times, losses, peak_above(before) if args.memory else None, missing
 
 
 def _spawn(name, args):
@@ -170,9 +174,18 @@ def _spawn(name, args):
                  for r in range(world)]
         for proc in procs:
             proc.start()
-        results = dict((rank, rest) for rank, *rest in (queue.get(timeout=1800) for _ in procs))
-        for proc in procs:
-            proc.join()
+        results = {}
+        try:
+            for _ in procs:
+                rank, result = queue.get(timeout=1800)
+                if isinstance(result, str):
+                    raise RuntimeError(f"{name}: rank {rank} failed:\n{result}")
+                results[rank] = result
+        finally:
+            for proc in procs:
+                proc.join(timeout=5 if len(results) == world else 0.1)
+                if proc.is_alive():
+                    proc.kill()
     return [results[rank] for rank in range(world)]
 
 
@@ -187,19 +200,21 @@ def main(argv=None):
     parser.add_argument("--bucket-mb", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--memory", action="store_true",
+                        help="measure each rank's peak resident memory (rss.py: pins glibc's mmap threshold, which "
+                             "slows every contender's steps; take the times from a run without it)")
     parser.add_argument("--out", default="zero_bubble_fsdp.json")
     args = parser.parse_args(argv)
 
-    # glibc's default mmap threshold rises to 32 MB as big blocks are freed, after which freed tensors stay in the
-    # heap and the peak resident memory counts every free-and-reallocate churn; a fixed threshold makes every big
-    # tensor its own mapping, returned on free, so the peak is the live bytes' (the workers inherit it at spawn)
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 20))
+    if args.memory:
+        fix_mmap_threshold()  # the workers' peaks follow their live tensors (rss.py)
     rows = {}
     for name in CONTENDERS:
         per_rank = _spawn(name, args)
         step_s = statistics.median(max(times) for times in zip(*(r[0] for r in per_rank)))
         rows[name] = {"step_s": step_s, "first_loss": per_rank[0][1][0], "last_loss": per_rank[0][1][-1],
-                      "peak_mb": max(r[2] for r in per_rank), "params_without_grad": sum(r[3] for r in per_rank)}
+                      "peak_mb": max(r[2] for r in per_rank) if args.memory else None,
+                      "params_without_grad": sum(r[3] for r in per_rank)}
         print(f"{name}: done", flush=True)
     torch_row = rows["torch-fsdp-chunk"]
     print(f"\nZB-V, pp={PP} x dp={DP} gloo ranks, dim {args.dim} x {args.layers} layers, vocab {args.vocab}, "
@@ -207,9 +222,10 @@ def main(argv=None):
     print(f"{'contender':<17} {'step s':>7} {'x torch':>7} {'peak MB':>8} {'x torch':>7} {'loss 1':>8} "
           f"{'loss last':>9} {'no grad':>7}")
     for name, row in rows.items():
-        print(f"{name:<17} {row['step_s']:7.3f} {row['step_s'] / torch_row['step_s']:7.2f} {row['peak_mb']:8.1f} "
-              f"{row['peak_mb'] / torch_row['peak_mb']:7.2f} {row['first_loss']:8.4f} {row['last_loss']:9.4f} "
-              f"{row['params_without_grad']:7d}")
+        peak = (f"{row['peak_mb']:8.1f} {row['peak_mb'] / torch_row['peak_mb']:7.2f}" if args.memory
+                else f"{'-':>8} {'-':>7}")
+        print(f"{name:<17} {row['step_s']:7.3f} {row['step_s'] / torch_row['step_s']:7.2f} {peak} "
+              f"{row['first_loss']:8.4f} {row['last_loss']:9.4f} {row['params_without_grad']:7d}")
     print("x torch: against torch-fsdp-chunk; no grad: parameters (all ranks) a step left without a grad")
     write_json(args.out, {"settings": vars(args), "rows": rows})
     return 0

@@ -108,29 +108,56 @@ class ZeroOptimizer(ShardedState):
     # name-keyed state (checkpoints) --------------------------------------------------
     @torch.no_grad()
     def named_state(self, dest: Optional[Dict[str, int]] = None) -> Dict[str, Dict[str, torch.Tensor]]:
-        """{param name: {key: full tensor}}: pieces are summed over dp into full buffers (collective); with `dest`
-        ({name: global rank}) each rank keeps only the state of the parameters whose rank it is."""
+        """{param name: {key: full tensor}} (collective), bucket by bucket: each bucket's slices, one per dp rank,
+        are gathered whole where its parameters are written (`dest`: {name: global rank}; every rank without it),
+        and each rank keeps the state of its own parameters; it holds at most one bucket of one state tensor
+        beyond those."""
         keys = self._state_keys()
         out: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.full_params
                                                    if dest is None or dest[name] == self.grid.rank}
         step = self._step_count()
         for chunk in self.grads.chunks:
-            for key in keys:
-                flat = torch.zeros_like(chunk.buffer, dtype=torch.float32)
-                for piece in self.pieces:
-                    if piece.chunk is chunk and piece.tensor in self.optimizer.state:
-                        flat[piece.lo:piece.hi] = self.optimizer.state[piece.tensor][key].float()
-                if self.grid.grad_group is not None:
-                    dist.all_reduce(flat, group=self.grid.grad_group)
-                for name, param in chunk.params:
-                    if name not in out:
+            params = dict(chunk.params)
+            for bucket in chunk.buckets:
+                for key in keys:
+                    whole = self._gather_bucket(chunk, bucket, key, dest)
+                    if whole is None:
                         continue
-                    offset = chunk.offsets[name]
-                    out[name][key] = flat[offset:offset + param.numel()].view_as(param).to(param.dtype).clone()
+                    for name in bucket.names:
+                        if name in out:
+                            offset = chunk.offsets[name] - bucket.start
+                            param = params[name]
+                            out[name][key] = whole[offset:offset + param.numel()].view_as(param).to(param.dtype).clone()
         if keys and step > 0:  # AdamW counts steps (the same max on every dp rank), Lion does not
             for name in out:
                 out[name]["step"] = torch.tensor(step)
         return {name: state for name, state in out.items() if state}
+
+    def _slice_of(self, chunk: ChunkGrads, bucket, key: str) -> torch.Tensor:
+        """This rank's slice of `bucket` for state `key` (fp32; zeros where no parameter lies: the padding)."""
+        lo, hi = bucket.shard_range(self.grid.grad_rank, self.grid.grad_size)
+        mine = torch.zeros(hi - lo, dtype=torch.float32, device=chunk.buffer.device)
+        for piece in self.pieces:
+            if piece.chunk is chunk and lo <= piece.lo < hi and piece.tensor in self.optimizer.state:
+                mine[piece.lo - lo:piece.hi - lo] = self.optimizer.state[piece.tensor][key].float()
+        return mine
+
+    def _gather_bucket(self, chunk: ChunkGrads, bucket, key: str,
+                       dest: Optional[Dict[str, int]]) -> Optional[torch.Tensor]:
+        """State `key` over the whole bucket, on the rank that writes all of its parameters (one gather; None on
+        the others), or on every rank (one all-gather) where the bucket has several writers or `dest` is None."""
+        mine = self._slice_of(chunk, bucket, key)
+        if self.grid.grad_group is None:
+            return mine
+        writers = {dest[name] for name in bucket.names} if dest is not None else set()
+        if len(writers) != 1:
+            whole = mine.new_empty(bucket.size)
+            collectives.all_gather_tensor(whole, mine, group=self.grid.grad_group)
+            return whole
+        writer = writers.pop()
+        pieces = [torch.empty_like(mine) for _ in range(self.grid.grad_size)] if writer == self.grid.rank else None
+        dist.gather(mine, pieces, dst=writer, group=self.grid.grad_group)
+        return torch.cat(pieces) if pieces is not None else None
 
     @torch.no_grad()
     def load_named_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:

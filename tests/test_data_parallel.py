@@ -59,3 +59,54 @@ def test_zero1_state_bytes_are_one_over_dp(dp, reference, tmp_path):
     for losses, _, state_bytes in results:
         assert state_bytes == pytest.approx(ref_bytes / dp, rel=0.02)
         assert losses == pytest.approx(ref_losses, rel=1e-5)
+
+
+def _zero1_state_for_writers(rank, world):
+    """ZeRO-1 over dp=2 with 1 KiB buckets, one AdamW step: (this rank's state with `dest`, every parameter's whole
+    state, the largest tensor one of named_state's collectives moved, the largest bucket, the bucket count)."""
+    import torch
+    import torch.distributed as dist
+
+    from plait.common import collectives
+    from plait.optim.builder import make_optimizer
+    from plait.optim.config import OptimConfig
+    from plait.optim.groups import param_groups
+    from plait.parallel.config import ParallelConfig
+    from plait.parallel.data_parallel import DataParallelGrads
+    from plait.parallel.grid import Grid
+    from plait.parallel.zero import ZeroOptimizer
+
+    grid = Grid.build(dp=world)
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(*(torch.nn.Linear(16, 16) for _ in range(4)))
+    named = dict(module.named_parameters())
+    grads = DataParallelGrads([module], grid, ParallelConfig(zero=1, bucket_mb=1 / 1024), shard=True)
+    cfg = OptimConfig(name="adamw", impl="foreach", lr=1e-2)
+    optimizer = ZeroOptimizer(grads, grid, lambda groups: make_optimizer(groups, cfg), param_groups(named, 0.1))
+    grads.start_overlap()
+    module(torch.randn(8, 16, generator=torch.Generator().manual_seed(rank))).pow(2).mean().backward()
+    grads.finish()
+    optimizer.step()
+    moved = []
+    for holder, name in ((dist, "gather"), (dist, "all_reduce"), (collectives, "all_gather_tensor")):
+        original = getattr(holder, name)
+        setattr(holder, name, lambda tensor, *args, original=original, **kwargs:
+                (moved.append(tensor.numel()), original(tensor, *args, **kwargs))[1])
+    dest = {name: index % world for index, name in enumerate(named)}  # the writers alternate
+    mine = optimizer.named_state(dest)
+    whole = optimizer.named_state()
+    buckets = grads.chunks[0].buckets
+    to_numpy = lambda state: {n: {k: v.numpy() for k, v in entry.items()} for n, entry in state.items()}  # noqa: E731
+    return to_numpy(mine), to_numpy(whole), max(moved), max(b.size for b in buckets), len(buckets), dest
+
+
+def test_zero1_named_state_gathers_bucket_by_bucket_to_the_writers():
+    """Each rank gets exactly the state of the parameters it writes, equal to the state gathered everywhere, and no
+    collective on the way moves more than one bucket (not the whole state: a rank never holds all of it)."""
+    for rank, (mine, whole, moved, bucket, buckets, dest) in enumerate(run_ranks(2, _zero1_state_for_writers)):
+        assert buckets >= 4
+        assert sorted(mine) == sorted(name for name, writer in dest.items() if writer == rank)
+        for name, entry in mine.items():
+            assert entry.keys() == whole[name].keys() == {"exp_avg", "exp_avg_sq", "step"}
+            assert all((entry[key] == whole[name][key]).all() for key in entry), name
+        assert moved <= bucket
