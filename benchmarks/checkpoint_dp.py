@@ -26,14 +26,13 @@ import statistics
 import sys
 import tempfile
 import time
-import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import spawn_world  # noqa: E402
 from report import write_json  # noqa: E402
 from rss import fix_mmap_threshold, peak_above, start_peak  # noqa: E402
 
@@ -124,21 +123,6 @@ def _written_by_rank(name, target: Path, rank: int, grid) -> int:
     return sum(path.stat().st_size for path in mine) if part or rank == 0 else 0
 
 
-def _worker(rank, world, store, args, base, queue):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        queue.put((rank, _rounds(rank, world, args, base)))
-    except BaseException:  # the parent stops every rank and shows this one's traceback
-        queue.put((rank, traceback.format_exc()))
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
 def _rounds(rank, world, args, base):
     """{(zero, contender): [(seconds, bytes written, bytes held, peak MB above the start) per round]} on this
     rank."""
@@ -167,28 +151,6 @@ def _rounds(rank, world, args, base):
     return results
 
 
-def _spawn(args, base: Path):
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    store = base / "store"
-    procs = [context.Process(target=_worker, args=(r, args.dp, str(store), args, base, queue)) for r in range(args.dp)]
-    for proc in procs:
-        proc.start()
-    per_rank = {}
-    try:
-        for _ in procs:
-            rank, result = queue.get(timeout=3600)
-            if isinstance(result, str):
-                raise RuntimeError(f"rank {rank} failed:\n{result}")
-            per_rank[rank] = result
-    finally:
-        for proc in procs:
-            proc.join(timeout=5 if len(per_rank) == len(procs) else 0.1)
-            if proc.is_alive():
-                proc.kill()
-    return per_rank
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dp", type=int, default=4)
@@ -209,7 +171,7 @@ def main():
         fix_mmap_threshold()
     base = Path(tempfile.mkdtemp(prefix="plait-ckpt-dp-", dir=args.dir))
     try:
-        per_rank = _spawn(args, base)
+        per_rank = spawn_world(args.dp, _rounds, args, base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
     rows = []

@@ -22,18 +22,15 @@ first and last steps' losses (the same weights and batches: equal losses say the
 """
 
 import argparse
-import os
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ranks import spawn_world  # noqa: E402
 from report import write_json  # noqa: E402
 from rss import fix_mmap_threshold, peak_above, start_peak  # noqa: E402
 
@@ -123,22 +120,7 @@ class Torch:
         return float(loss)
 
 
-def _worker(rank, world, store, name, args, queue):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        queue.put((rank, _steps(name, args)))
-    except BaseException:  # the parent stops every rank and shows this one's traceback
-        queue.put((rank, traceback.format_exc()))
-        raise
-    finally:
-        dist.destroy_process_group()
-
-
-def _steps(name, args):
+def _steps(rank, world, name, args):
     """(step times, losses, peak MB or None, parameters left without grad) of contender `name` on this rank."""
     import torch.distributed as dist
 
@@ -164,31 +146,6 @@ def _steps(name, args):
     return times, losses, peak_above(before) if args.memory else None, missing
 
 
-def _spawn(name, args):
-    """[(times, losses, peak MB)] of each rank of a fresh PP x DP world running contender `name`."""
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    world = PP * DP
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [context.Process(target=_worker, args=(r, world, os.path.join(tmp, "store"), name, args, queue))
-                 for r in range(world)]
-        for proc in procs:
-            proc.start()
-        results = {}
-        try:
-            for _ in procs:
-                rank, result = queue.get(timeout=1800)
-                if isinstance(result, str):
-                    raise RuntimeError(f"{name}: rank {rank} failed:\n{result}")
-                results[rank] = result
-        finally:
-            for proc in procs:
-                proc.join(timeout=5 if len(results) == world else 0.1)
-                if proc.is_alive():
-                    proc.kill()
-    return [results[rank] for rank in range(world)]
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dim", type=int, default=512)
@@ -210,7 +167,7 @@ def main(argv=None):
         fix_mmap_threshold()  # the workers' peaks follow their live tensors (rss.py)
     rows = {}
     for name in CONTENDERS:
-        per_rank = _spawn(name, args)
+        per_rank = spawn_world(PP * DP, _steps, name, args, timeout=1800)  # a world of its own per contender
         step_s = statistics.median(max(times) for times in zip(*(r[0] for r in per_rank)))
         rows[name] = {"step_s": step_s, "first_loss": per_rank[0][1][0], "last_loss": per_rank[0][1][-1],
                       "peak_mb": max(r[2] for r in per_rank) if args.memory else None,
