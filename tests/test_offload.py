@@ -286,9 +286,10 @@ def test_unwritable_path_fails_at_start_up(tmp_path):
 CTRL_C_SCRIPT = """
 import faulthandler, signal, sys, torch
 faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test dumps every thread's stack if it hangs
-# a shell gives a program Ctrl-C as KeyboardInterrupt; a test harness may hand its children SIGINT ignored
-# or blocked (inherited across exec: a stress run saw the child train on through the SIGINT), so say what
-# was inherited and start from what a terminal gives
+# a shell gives a program Ctrl-C as KeyboardInterrupt; but a pytest started in the background of a
+# non-interactive shell (`pytest &`, as a harness may) has SIGINT ignored, as POSIX shells do to `&` jobs,
+# and the child inherits that across exec (it then trains on through the SIGINT); so say what was
+# inherited and start from what a terminal gives
 print("inherited SIGINT handler", signal.getsignal(signal.SIGINT), "blocked", signal.pthread_sigmask(signal.SIG_BLOCK, []),
       file=sys.stderr, flush=True)
 signal.signal(signal.SIGINT, signal.default_int_handler)
