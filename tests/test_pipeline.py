@@ -33,6 +33,30 @@ def test_interleaved_bubble(pp, v, m):
     assert timeline.bubble_fraction == pytest.approx((pp - 1) / (v * m))
 
 
+@pytest.mark.parametrize("pp", range(2, 9))
+def test_interleaved_takes_any_microbatch_count(pp):
+    """m not a multiple of p: groups of at least p micro-batches, the larger first; the bubble
+    stays (p-1)/(v m) for every m >= p, and each rank holds 2(p - r - 1) + (v - 1) g + 1
+    chunk-forwards at its peak (g: the first group's size; Megatron's count with g = p)."""
+    from plait.parallel.pipeline.schedule import microbatch_groups
+
+    for v in (2, 3, 4):
+        for m in range(1, 3 * pp + 2):
+            actions = build_schedule("1f1b", pp, v, m)
+            validate(actions, pp, v, m)
+            groups = microbatch_groups(pp, m)
+            assert sum(groups) == m and groups == sorted(groups, reverse=True)
+            assert min(groups) >= pp or groups == [m]
+            bubble = simulate(actions, 1.0 / v, 2.0 / v).bubble_fraction
+            if m >= pp:
+                assert bubble == pytest.approx((pp - 1) / (v * m)), (v, m)
+            else:  # one group shorter than the ring: chunks wait, as 1F1B's does with m < p
+                assert (pp - 1) / (v * m) < bubble <= simulate(build_schedule("1f1b", pp, 1, m)).bubble_fraction + 1e-9
+            peaks = [peak_live_microbatches(a) for a in actions]
+            assert peaks == [min(v * m, 2 * (pp - r - 1) + (v - 1) * groups[0] + 1) for r in range(pp)], (v, m)
+    assert microbatch_groups(4, 8) == [4, 4] and microbatch_groups(4, 13) == [5, 4, 4] and microbatch_groups(4, 3) == [3]
+
+
 def test_simulated_step_times_match_the_reference_measurements():
     # references.md: torch's simulator gives 660 ms (1F1B) and 570 ms (interleaved) for T=10 ms, 2 blocks per rank
     assert simulate(build_schedule("1f1b", 4, 1, 8), 20.0, 40.0).step_time == pytest.approx(660.0)
@@ -112,8 +136,9 @@ def test_validator_rejects_a_forward_before_its_receive():
 def test_microbatch_counts():
     check_microbatches("interleaved", 4, 2, 8)
     check_microbatches("1f1b", 4, 1, 3)
-    with pytest.raises(ScheduleError, match="multiple of parallel.pp=4"):
-        check_microbatches("interleaved", 4, 2, 6)
+    check_microbatches("interleaved", 4, 2, 6)
+    with pytest.raises(ScheduleError, match="parallel.microbatches=0 must be a positive integer"):
+        check_microbatches("interleaved", 4, 2, 0)
     with pytest.raises(ScheduleError, match="parallel.schedule=zb"):
         check_microbatches("zb", 4, 1, 8)
 
@@ -131,9 +156,10 @@ def test_partition():
 
 TINY = dict(vocab_size=64, dim=32, n_layers=8, n_heads=4, max_seq_len=32)
 CASES = {2: [("gpipe", 1, 4), ("1f1b", 1, 4), ("1f1b", 1, 8), ("interleaved", 2, 4), ("interleaved", 2, 8),
-             ("gpipe", 2, 8), ("zbh1", 1, 4), ("zbh1", 1, 8), ("zbv", 2, 4), ("zbv", 2, 8), ("dualpipev", 2, 4),
+             ("interleaved", 2, 3), ("interleaved", 2, 5), ("gpipe", 2, 8), ("zbh1", 1, 4), ("zbh1", 1, 8), ("zbv", 2, 4), ("zbv", 2, 8), ("dualpipev", 2, 4),
              ("dualpipev", 2, 8)],
          4: [("gpipe", 1, 8), ("1f1b", 1, 4), ("1f1b", 1, 8), ("interleaved", 2, 4), ("interleaved", 2, 8),
+             ("interleaved", 2, 6), ("interleaved", 2, 3),
              ("zbh1", 1, 4), ("zbh1", 1, 8), ("zbv", 2, 4), ("zbv", 2, 8), ("dualpipev", 2, 8)]}
 
 
@@ -258,7 +284,8 @@ def test_config_rejects_pipelines_that_cannot_run():
     from plait.train.config import ConfigError, load_config, validate
 
     validate(load_config(["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=8"]), 2)
-    bad = {("parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=3", "train.batch_size=12"): "multiple of parallel.pp=2",
+    validate(load_config(["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=3", "train.batch_size=12"]), 2)
+    bad = {("parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=0"): "parallel.microbatches=0",
            ("parallel.pp=2", "parallel.vpp=4", "parallel.microbatches=8"): "model.n_layers=4 is not divisible",
            ("parallel.pp=2", "model.tie_embeddings=true"): "model.tie_embeddings=true is not supported",
            ("parallel.vpp=2",): "parallel.vpp=2 needs parallel.pp > 1",
@@ -278,8 +305,10 @@ def test_schedule_tool_draws_text_and_png(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "bubble 0.1875 (theory 0.1875)" in printed and printed.count("rank ") == 4 + 1  # 4 rows + the summary
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert main(["--pp", "4", "--vpp", "2", "--microbatches", "6", "--no-png"]) == 2
-    assert "multiple of parallel.pp=4" in capsys.readouterr().err
+    assert main(["--pp", "4", "--vpp", "2", "--microbatches", "6", "--no-png"]) == 0  # groups of 6: not a multiple of p
+    assert "bubble 0.2500 (theory 0.2500)" in capsys.readouterr().out
+    assert main(["--pp", "4", "--vpp", "2", "--microbatches", "0", "--no-png"]) == 2
+    assert "parallel.microbatches=0" in capsys.readouterr().err
 
 
 def transport_worker(rank, world_size):

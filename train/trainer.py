@@ -33,7 +33,7 @@ from plait.parallel.data_parallel import DataParallelGrads
 from plait.parallel.grid import Grid
 from plait.parallel.context import split_sequence
 from plait.parallel.pipeline.runtime import PipelineRuntime
-from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES, placement, schedule_name
+from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES, microbatch_groups, placement, schedule_name
 from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads, local
 from plait.parallel.shard_optimizer import ShardOptimizer
@@ -190,8 +190,11 @@ class Trainer:
                                   microbatches=cfg.parallel.microbatches, hidden_shape=shape,
                                   transport=cfg.parallel.pp_transport)
         if self.is_logger and self.grid.pp > 1:
-            log.info("pipeline: %s schedule, pp %d x vpp %d, %d micro-batches, messages over %s", runtime.schedule,
-                     self.grid.pp, cfg.parallel.vpp, cfg.parallel.microbatches, runtime.transport_name)
+            groups = ""
+            if runtime.schedule == "interleaved":
+                groups = " (in groups of " + "+".join(map(str, microbatch_groups(self.grid.pp, runtime.microbatches))) + ")"
+            log.info("pipeline: %s schedule, pp %d x vpp %d, %d micro-batches%s, messages over %s", runtime.schedule,
+                     self.grid.pp, cfg.parallel.vpp, cfg.parallel.microbatches, groups, runtime.transport_name)
         return runtime
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -30,14 +30,17 @@ communication actions as one batched isend/irecv (so after a forward, "send my o
 "receive the next backward's grad" go out together, Megatron's send_forward_recv_backward).
 A RECV action posts the buffer; the compute that needs the data waits for it.
 
-Allowed micro-batch counts m: any m >= 1 for GPipe, 1F1B, ZB-H1 and ZB-V. Interleaved 1F1B
-(v > 1) needs m to be a multiple of p: Megatron's order walks the chunks in rounds of p
-micro-batches (p forwards on chunk 0, then p on chunk 1, ...), so that the first
-micro-batch of a round comes back around the ring exactly when the round on the previous
-chunk ends. DualPipeV needs m >= 2p (its steady phase pairs every forward with a backward).
+Allowed micro-batch counts m: any m >= 1 for GPipe, 1F1B, interleaved 1F1B, ZB-H1 and
+ZB-V. Interleaved 1F1B walks the chunks in groups of at least p micro-batches (p forwards
+on chunk 0, then p on chunk 1, ...; Megatron's rounds of p when p divides m, else m // p
+groups of near-equal size, the larger first), so that the first micro-batch of a group
+comes back around the ring by the time the group on the previous chunk ends; with m < p
+there is one group and chunks wait for the ring (a larger bubble, as 1F1B's with m < p).
+DualPipeV needs m >= 2p (its steady phase pairs every forward with a backward).
 """
 
 from dataclasses import dataclass
+from itertools import accumulate
 from enum import Enum
 from typing import Callable, Dict, List, Sequence, Tuple
 
@@ -114,10 +117,6 @@ def check_microbatches(schedule: str, pp: int, vpp: int, microbatches: int) -> N
     if schedule in V_SCHEDULES and vpp != 2:
         raise ScheduleError(f"the {schedule} schedule runs two chunks per rank (a V) but parallel.vpp={vpp}; "
                             f"set parallel.vpp=2 (or leave it at 1, read as 2).")
-    if schedule == "interleaved" and microbatches % pp:
-        raise ScheduleError(
-            f"interleaved 1F1B needs parallel.microbatches={microbatches} to be a multiple of parallel.pp={pp} "
-            f"(micro-batches go round the ring in groups of pp); use {pp * max(1, -(-microbatches // pp))}.")
     if schedule == "dualpipev" and microbatches < 2 * pp:
         raise ScheduleError(f"dualpipev needs parallel.microbatches={microbatches} to be at least 2 x parallel.pp "
                             f"= {2 * pp} (its steady phase pairs each forward with a backward); use {2 * pp} or more.")
@@ -281,35 +280,36 @@ V_SCHEDULES = ("zbv", "dualpipev")  # two chunks per rank, placed in a V
 SPLIT_SCHEDULES = ("zbh1", "zbv", "dualpipev")  # backwards split in I and W (zero-bubble)
 
 
+def microbatch_groups(pp: int, m: int) -> List[int]:
+    """How interleaved 1F1B splits m micro-batches into the groups it walks through each chunk.
+
+    max(1, m // p) groups of near-equal size, the larger first: each holds at least p
+    micro-batches when m >= p (so the first of a group is back around the ring when the
+    group's previous chunk ends) and the first is the largest (the warm-up covers it).
+    With m a multiple of p these are Megatron's rounds of p.
+    """
+    count = max(1, m // pp)
+    return [m // count + (1 if index < m % count else 0) for index in range(count)]
+
+
 def _interleaved(rank: int, pp: int, vpp: int, m: int) -> List[Action]:
     """Megatron's interleaved 1F1B: the k-th forward (backward) of a rank is a fixed (chunk, mb).
 
-    Forwards go in rounds of p micro-batches per chunk, chunk 0 to v-1; backwards the same
-    with the chunks reversed. Warm-up: (p - r - 1) * 2 + (v - 1) * p forwards, capped at m v.
+    Forwards walk each group of micro-batches (`microbatch_groups`) through the chunks 0 to
+    v-1, group after group; backwards the same with the chunks reversed. Warm-up:
+    (p - r - 1) * 2 + (v - 1) * g forwards, g the first group's size, capped at m v.
     """
+    sizes = microbatch_groups(pp, m)
+    table = [(mb, chunk) for first, size in zip(accumulate([0] + sizes), sizes)
+             for chunk in range(vpp) for mb in range(first, first + size)]
+    forwards = [Action(Kind.F, mb, rank + chunk * pp) for mb, chunk in table]
+    backwards = [Action(Kind.B, mb, rank + (vpp - 1 - chunk) * pp) for mb, chunk in table]
     total = m * vpp
-
-    def chunk_and_mb(k: int, forward: bool):
-        in_group = k % (pp * vpp)
-        chunk = in_group // pp
-        if not forward:
-            chunk = vpp - 1 - chunk
-        return rank + chunk * pp, (k // (pp * vpp)) * pp + in_group % pp
-
-    def forward(k):
-        stage, mb = chunk_and_mb(k, True)
-        return Action(Kind.F, mb, stage)
-
-    def backward(k):
-        stage, mb = chunk_and_mb(k, False)
-        return Action(Kind.B, mb, stage)
-
-    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * pp, total)
-    order = [forward(k) for k in range(warmup)]
+    warmup = min((pp - rank - 1) * 2 + (vpp - 1) * sizes[0], total)
+    order = forwards[:warmup]
     for k in range(total - warmup):
-        order += [forward(warmup + k), backward(k)]
-    order += [backward(k) for k in range(total - warmup, total)]
-    return order
+        order += [forwards[warmup + k], backwards[k]]
+    return order + backwards[total - warmup:]
 
 
 def compute_order(schedule: str, pp: int, vpp: int, microbatches: int, *, forward_only: bool = False) -> List[List[Action]]:
