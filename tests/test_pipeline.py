@@ -57,6 +57,21 @@ def test_interleaved_takes_any_microbatch_count(pp):
     assert microbatch_groups(4, 8) == [4, 4] and microbatch_groups(4, 13) == [5, 4, 4] and microbatch_groups(4, 3) == [3]
 
 
+def test_interleaved_with_a_short_last_group_stalls_or_deadlocks():
+    """Why the remainder is spread: groups of p with a last one shorter than p wait on the ring."""
+    from plait.parallel.pipeline.schedule import _interleaved, lower, stage_ranks
+
+    def built(pp, v, m, sizes):
+        return [lower(_interleaved(r, pp, v, m, sizes), stage_ranks(pp, v)) for r in range(pp)]
+
+    spread = simulate(built(4, 2, 9, [5, 4]), 0.5, 1.0).bubble_fraction
+    short_last = simulate(built(4, 2, 9, [4, 4, 1]), 0.5, 1.0).bubble_fraction
+    assert spread == pytest.approx(3 / 18) and short_last > 2 * spread
+    with pytest.raises(ScheduleError, match="deadlocks"):
+        validate(built(4, 3, 5, [4, 1]), 4, 3, 5)
+    validate(built(4, 3, 5, [5]), 4, 3, 5)
+
+
 def test_simulated_step_times_match_the_reference_measurements():
     # references.md: torch's simulator gives 660 ms (1F1B) and 570 ms (interleaved) for T=10 ms, 2 blocks per rank
     assert simulate(build_schedule("1f1b", 4, 1, 8), 20.0, 40.0).step_time == pytest.approx(660.0)

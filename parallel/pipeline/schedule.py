@@ -292,14 +292,15 @@ def microbatch_groups(pp: int, m: int) -> List[int]:
     return [m // count + (1 if index < m % count else 0) for index in range(count)]
 
 
-def _interleaved(rank: int, pp: int, vpp: int, m: int) -> List[Action]:
+def _interleaved(rank: int, pp: int, vpp: int, m: int, sizes: Sequence[int] = ()) -> List[Action]:
     """Megatron's interleaved 1F1B: the k-th forward (backward) of a rank is a fixed (chunk, mb).
 
     Forwards walk each group of micro-batches (`microbatch_groups`) through the chunks 0 to
     v-1, group after group; backwards the same with the chunks reversed. Warm-up:
     (p - r - 1) * 2 + (v - 1) * g forwards, g the first group's size, capped at m v.
+    `sizes` replaces the groups (tests show why others fail).
     """
-    sizes = microbatch_groups(pp, m)
+    sizes = list(sizes) or microbatch_groups(pp, m)
     table = [(mb, chunk) for first, size in zip(accumulate([0] + sizes), sizes)
              for chunk in range(vpp) for mb in range(first, first + size)]
     forwards = [Action(Kind.F, mb, rank + chunk * pp) for mb, chunk in table]
