@@ -1,4 +1,4 @@
-"""plait.optim: Lion and AdamW, muP, parameter groups, LR schedules, gradient clipping.
+"""plait.optim: Lion and AdamW, muP, parameter groups, LR schedules, gradient clipping, fp16 loss scaling.
 
 Public names are listed in `__all__`; modules and names not listed are private and may
 change. Construction takes explicit arguments (a config dataclass, a `Grid` or plain
@@ -31,6 +31,7 @@ _EXPORTS = {
     "lr_factor": "plait.optim.schedule",
     "apply_lr": "plait.optim.schedule",
     "clip_by_norm": "plait.optim.clip",
+    "LossScaler": "plait.optim.loss_scale",
     "named_state": "plait.optim.state",
     "load_named_state": "plait.optim.state",
 }
@@ -42,6 +43,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.optim.clip import clip_by_norm
     from plait.optim.config import OptimConfig
     from plait.optim.groups import param_groups, standard_group
+    from plait.optim.loss_scale import LossScaler
     from plait.optim.lion import Lion
     from plait.optim.mup import ForwardScales, MupError, MupRole, forward_scales, group_key, mup_table
     from plait.optim.schedule import apply_lr, lr_factor

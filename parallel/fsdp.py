@@ -51,13 +51,16 @@ def grad_mesh(grid: Grid):
 
 
 def mixed_precision(precision: str, reduce_in_fp32: bool):
-    """FSDP2's policy: bf16 gathers under train.precision=bf16 (fp32 shards stay the master copy)."""
+    """FSDP2's policy: bf16 (fp16) gathers under train.precision=bf16 (fp16); the fp32 shards stay the master
+    copy. Under fp16 the weight grads come out of backward in fp16 too, scaled: an overflow there is an inf in
+    the shard, and the step is skipped."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision != "bf16":
+    if precision not in ("bf16", "fp16"):
         return MixedPrecisionPolicy()
-    return MixedPrecisionPolicy(param_dtype=torch.bfloat16,
-                                reduce_dtype=torch.float32 if reduce_in_fp32 else torch.bfloat16,
+    half = torch.bfloat16 if precision == "bf16" else torch.float16
+    return MixedPrecisionPolicy(param_dtype=half,
+                                reduce_dtype=torch.float32 if reduce_in_fp32 else half,
                                 output_dtype=torch.float32)
 
 

@@ -144,6 +144,32 @@ def test_bf16_autocast_trains_close_to_fp32(tmp_path, stdlib_tokens):
     assert bf16 == pytest.approx(fp32, rel=2e-2)
 
 
+def test_fp16_with_a_dynamic_loss_scale_skips_overflows_and_trains_on_cuda(tmp_path, stdlib_tokens):
+    """fp16 autocast on CUDA (compiled, as auto chooses): at the default scale (2^16) it trains close to fp32;
+    from 2^30 the first steps overflow and are skipped (the weights do not move, the skip is counted), the
+    scale halves until the grads fit, and it trains from there."""
+    from plait.train.trainer import Trainer
+
+    cache = stdlib_tokens[0].parent.parent
+    fp32, _ = losses_of(trainer_overrides(tmp_path / "fp32", cache))
+    fp16, _ = losses_of(trainer_overrides(tmp_path / "fp16", cache, "train.precision=fp16"))
+    assert fp16 == pytest.approx(fp32, rel=2e-2)
+    trainer = Trainer(load_config(trainer_overrides(tmp_path / "high", cache, "train.steps=30", "train.precision=fp16",
+                                                    "train.loss_scale_initial=1073741824",
+                                                    "train.loss_scale_hysteresis=1")))
+    records, untouched = [], []
+    for _ in range(30):
+        before = [p.detach().clone() for p in trainer.named_params.values()]
+        records.append(trainer.step())
+        untouched.append(all(torch.equal(b, p) for b, p in zip(before, trainer.named_params.values())))
+    trainer.close()
+    skips = [r["skipped_steps"] for r in records]
+    assert untouched == [now > before for before, now in zip([0] + skips, skips)]  # a skip is a step not taken
+    first = untouched.index(False)
+    assert first > 0 and records[first]["loss_scale"] == 2.0 ** (30 - first)  # halved at each skip until it fit
+    assert sum(untouched) < 30 - 10 and records[-1]["loss"] < records[first]["loss"]
+
+
 def test_compile_auto_is_on_and_matches_eager(tmp_path, stdlib_tokens):
     cache = stdlib_tokens[0].parent.parent
     eager, compiled_eager = losses_of(trainer_overrides(tmp_path / "eager", cache, "train.compile=false"))

@@ -61,7 +61,12 @@ class TrainConfig:
     batch_size: int = 16  # global batch, in sequences, summed over dp and micro-batches
     seq_len: int = 256
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16 (autocast; master weights stay fp32)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; master weights stay fp32; fp16 scales the loss)
+    loss_scale: Optional[float] = None  # fp16 only: null scales dynamically, a number is a static scale
+    loss_scale_initial: float = 65536.0  # fp16, dynamic: the first scale (2^16)
+    loss_scale_window: int = 1000  # fp16, dynamic: steps without an overflow before the scale doubles
+    loss_scale_hysteresis: int = 2  # fp16, dynamic: overflows (each skips its step) before the scale halves
+    loss_scale_min: float = 1.0  # fp16, dynamic: the scale never goes below this
     compile: str = "auto"  # auto (on for CUDA, off on CPU and with activation offload) | true | false
     eval_every: int = 50
     eval_batches: int = 8
@@ -185,7 +190,7 @@ def validate_model(model: ModelConfig) -> None:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -202,6 +207,7 @@ def validate_train(train: TrainConfig) -> None:
     number(ConfigError, "train.peak_flops", train.peak_flops, low=0,
            fix="give the device's dense FLOP/s, or 0 for the datasheet's")
     choice(ConfigError, "train.precision", train.precision, PRECISIONS)
+    validate_loss_scale(train)
     choice(ConfigError, "train.device", train.device, DEVICES)
     choice(ConfigError, "train.compile", str(train.compile).lower(), COMPILE_CHOICES)
     if str(train.resume or "none") not in ("none", "auto"):
@@ -209,6 +215,23 @@ def validate_train(train: TrainConfig) -> None:
                  f"train.resume={train.resume} does not exist; pass a checkpoint directory, a checkpoint "
                  f"root, auto or none.")
     _writable("train.run_dir", train.run_dir)
+
+
+def validate_loss_scale(train: TrainConfig) -> None:
+    """The fp16 loss-scale settings (a static scale given under another precision would do nothing: refused)."""
+    _require(train.loss_scale is None or train.precision == "fp16",
+             f"train.loss_scale={train.loss_scale} applies to train.precision=fp16 only (fp32 and bf16 need no "
+             f"scaling); set train.precision=fp16 or drop train.loss_scale.")
+    if train.loss_scale is not None:
+        number(ConfigError, "train.loss_scale", train.loss_scale, low=0, low_open=True,
+               fix="give a positive scale, or null for a dynamic one")
+    number(ConfigError, "train.loss_scale_initial", train.loss_scale_initial, low=0, low_open=True)
+    number(ConfigError, "train.loss_scale_min", train.loss_scale_min, low=0, low_open=True)
+    number(ConfigError, "train.loss_scale_window", train.loss_scale_window, low=1, integer=True)
+    number(ConfigError, "train.loss_scale_hysteresis", train.loss_scale_hysteresis, low=1, integer=True)
+    _require(train.loss_scale_min <= train.loss_scale_initial,
+             f"train.loss_scale_min={train.loss_scale_min} is above train.loss_scale_initial="
+             f"{train.loss_scale_initial}; lower the minimum or raise the initial scale.")
 
 
 def validate_checkpoint(checkpoint: CheckpointConfig) -> None:

@@ -8,7 +8,8 @@ first); a device that is not in the table (a CPU, an unlisted GPU) falls back to
 matmul measured once at start, and says so, since that reads high and compares with
 nothing. `train.peak_flops` overrides both.
 
-Precision: `bf16` (autocast) uses the bf16 column; `fp32` uses tf32 where torch lets fp32
+Precision: `bf16` and `fp16` (autocast) use the bf16 column (NVIDIA's dense fp16 and bf16
+tensor-core peaks are the same figure on every card listed); `fp32` uses tf32 where torch lets fp32
 matmuls run on tensor cores (`torch.get_float32_matmul_precision()` is high or medium),
 else the plain fp32 (CUDA-core) column.
 """
@@ -39,7 +40,7 @@ DATASHEET: Tuple[Tuple[str, Dict[str, float]], ...] = (
 
 def matmul_precision(precision: str) -> str:
     """The datasheet column a run's matmuls use: bf16, tf32 or fp32."""
-    if precision == "bf16":
+    if precision in ("bf16", "fp16"):
         return "bf16"
     return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
@@ -57,7 +58,7 @@ def measure_matmul_flops(device: torch.device, precision: str = "fp32", seconds:
     """The fastest of many 1024^3 matmuls in the run's precision (FLOP/s): a stand-in where no datasheet
     figure exists."""
     size = 1024
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b

@@ -99,7 +99,7 @@ class Plan:
 
 
 def _element_size(precision: str) -> int:
-    return 2 if precision == "bf16" else 4
+    return 2 if precision in ("bf16", "fp16") else 4
 
 
 def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool) -> int:

@@ -13,19 +13,24 @@ import torch
 from plait.train.model import Transformer
 
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast(device: torch.device, precision: str):
-    """bf16 autocast for the forward when asked; the weights stay fp32 either way."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 or fp16 autocast for the forward when asked; the weights stay fp32 either way."""
+    if precision in AUTOCAST_DTYPES:
+        return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
     return contextlib.nullcontext()
 
 
 def forward_backward(model: Transformer, batch: torch.Tensor, precision: str = "fp32",
-                     before_last_backward: Optional[Callable[[], None]] = None) -> torch.Tensor:
+                     before_last_backward: Optional[Callable[[], None]] = None,
+                     loss_scale: float = 1.0) -> torch.Tensor:
     """Run every micro-batch of `batch` [m, b, s+1] forward and backward; returns the mean loss.
 
     `before_last_backward` is called before the last micro-batch's backward (the data-
-    parallel reducer uses it to start overlapping gradient reduction only then).
+    parallel reducer uses it to start overlapping gradient reduction only then). The grads
+    come out multiplied by `loss_scale` (fp16's, `plait.optim.LossScaler`; the loss does not).
     """
     micro = batch.shape[0]
     total = torch.zeros((), device=batch.device)
@@ -36,6 +41,6 @@ def forward_backward(model: Transformer, batch: torch.Tensor, precision: str = "
         loss = model.loss(logits, targets) / micro
         if index == micro - 1 and before_last_backward is not None:
             before_last_backward()
-        loss.backward()
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
         total += loss.detach()
     return total

@@ -27,6 +27,7 @@ from plait.common.optimizer_state import state_bytes
 from plait.optim.builder import build_optimizer, make_optimizer
 from plait.optim.groups import param_groups
 from plait.optim.clip import clip_by_norm
+from plait.optim.loss_scale import LossScaler
 from plait.parallel.grad_norm import global_grad_norm
 from plait.optim.schedule import apply_lr
 from plait.parallel.data_parallel import DataParallelGrads
@@ -86,6 +87,12 @@ class Trainer:
         self.param_group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups
         self.optimizer, self.grad_entries = self._build_optimizer()
         self.grads_sharded_over_dp = cfg.parallel.zero == 1 or self.fsdp  # ZeRO: each dp rank holds a piece of every grad
+        self.loss_scaler = LossScaler.from_config(cfg.train) if cfg.train.precision == "fp16" else None
+        if self.loss_scaler is not None and self.is_logger:
+            scaler = self.loss_scaler
+            log.info("fp16: loss scale %s", f"dynamic from {scaler.scale:g} (x2 after {scaler.window} steps without "
+                     f"an overflow, /2 from the {scaler.hysteresis}th overflow on)" if scaler.dynamic
+                     else f"static {scaler.scale:g}")
         self._log_layout()
         self.loader = self._build_loader()
         self.run_dir = resolve_run_dir(cfg, self.grid)
@@ -280,15 +287,18 @@ class Trainer:
         return work()
 
     # one step ---------------------------------------------------------------------
-    def _finish_grads(self) -> torch.Tensor:
-        """Wait for the dp reduction, sum sequence-parallel partial grads over tp, clip; returns the norm."""
+    def _finish_grads(self, loss_scale: float) -> torch.Tensor:
+        """Wait for the dp reduction, sum sequence-parallel partial grads over tp, unscale (fp16) and clip;
+        returns the norm of the unscaled grads: inf or nan on every rank if any grad overflowed (under fp16 the
+        grads are then left as they are: the step is skipped)."""
         self.grads.finish()
         entries = self.grad_entries()
         all_reduce_coalesced([g for n, g in entries if self.specs[n].tp_partial_grad],
                              self.grid.tp_group if self.grid.tp > 1 else None)
         norm = global_grad_norm([(g, self.specs[n]) for n, g in entries], self.grid,
-                                dp_sharded=self.grads_sharded_over_dp)
-        clip_by_norm([g for _, g in entries], self.cfg.optim.grad_clip, norm)
+                                dp_sharded=self.grads_sharded_over_dp) / loss_scale
+        if self.loss_scaler is None or torch.isfinite(norm):
+            clip_by_norm([g for _, g in entries], self.cfg.optim.grad_clip, norm, loss_scale)
         return norm
 
     def step(self) -> Dict[str, float]:
@@ -298,22 +308,31 @@ class Trainer:
         batch = self.loader.batch(self.step_num)
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
+        scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         loss = self.pipeline.run(*self._inputs_and_targets(batch), self._pipeline_loss,
                                  before_last_backward=self.grads.start_overlap, after_weights=self.grads.after_weights,
-                                 forward_context=self._autocast)
+                                 forward_context=self._autocast, loss_scale=scale)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
-        norm = self._finish_grads()
+        norm = self._finish_grads(scale)
+        # fp16: an inf or nan grad anywhere skips the step on every rank (the norm is summed over all of them)
+        overflow = self.loss_scaler is not None and not bool(torch.isfinite(norm))
         self.checkpointer.before_update()  # a background save's snapshot is taken before the weights change
-        self.optimizer.step()
+        if not overflow:
+            self.optimizer.step()
+        self.updated = not overflow  # (the optimizer state exists once a step has updated)
         held = self._held_bytes()  # after the update (the state exists), before the grads are let go
         self.grads.zero_grad()
         loss = all_reduce_mean(loss, self.grid.grad_group)  # each dp (and cp) rank's share of the batch
         self.step_num += 1
         elapsed = time.perf_counter() - start
         tokens_per_s = self.tokens_per_step / elapsed
+        scaling = {}
+        if self.loss_scaler is not None:
+            self.loss_scaler.update(overflow)
+            scaling = {"loss_scale": scale, "skipped_steps": self.loss_scaler.skipped}
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
-                "step_time_s": elapsed, **held, **offload_metrics}
+                "step_time_s": elapsed, **scaling, **held, **offload_metrics}
 
     def _held_bytes(self) -> Dict[str, int]:
         """Bytes of weights, grads and optimizer state this rank holds (its shards under ZeRO), counted from
@@ -349,12 +368,12 @@ class Trainer:
         if self.is_logger:
             log.info("run directory: %s", self.run_dir)
         preemption = PreemptionFlag()  # SIGTERM / SIGUSR1 / Ctrl-C only raise a flag; all ranks agree below
-        buffers_wanted = int(self.cfg.checkpoint.every) > 0  # made once the optimizer state exists (step 1)
+        buffers_wanted = int(self.cfg.checkpoint.every) > 0  # made once the optimizer state exists (the first update)
         while self.step_num < cfg.steps:
             if self.step_num == self.crash_at:
                 crash(self.step_num, self.grid.rank)
             record = self.step()
-            if buffers_wanted:  # the snapshot buffers, made in the background while the next steps run
+            if buffers_wanted and self.updated:  # the snapshot buffers, made in the background as the next steps run
                 self.checkpointer.prepare(self.state())
                 buffers_wanted = False
             if not math.isfinite(record["loss"]):
@@ -430,6 +449,8 @@ class Trainer:
                       "lr_schedule": {"step": self.step_num, "total_steps": int(cfg.train.steps),
                                       "factor": lr_factor(self.step_num, int(cfg.train.steps), cfg.optim)},
                       "config": OmegaConf.to_container(cfg, resolve=True)}
+        if self.loss_scaler is not None:  # fp16's scale and counters (the same on every rank)
+            rank_state["loss_scale"] = self.loss_scaler.state_dict()
         meta = {**layout_meta(self.grid, cfg.parallel.vpp, cfg.parallel.zero, cfg.parallel.sequence_parallel),
                 **model_meta(cfg.model, self.parametrization.scales), "optimizer": cfg.optim.name}
         dest = None if whole else writer_ranks(self.specs, self.grid)  # {name: the rank that writes it}
@@ -455,6 +476,8 @@ class Trainer:
         self.step_num = int(rank_state["step"])
         if rank_state.get("loader") is not None:
             self.loader.load_state(rank_state["loader"])  # (seed, step, global batch): the same under any dp
+        if self.loss_scaler is not None and rank_state.get("loss_scale") is not None:
+            self.loss_scaler.load_state_dict(rank_state["loss_scale"])  # else (from fp32 or bf16) it starts afresh
         if same:
             self._load_rng_state(rank_state["rng"])
         else:

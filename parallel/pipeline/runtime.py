@@ -281,10 +281,12 @@ class PipelineRuntime:
         return self.placeholders[dtype]
 
     def _loss_grad(self, loss: torch.Tensor) -> torch.Tensor:
-        """The output grad of a micro-batch's loss, 1/m (so grads add up to the grad of the mean), built once."""
-        key = (loss.dtype, loss.device)
+        """The output grad of a micro-batch's loss, 1/m (so grads add up to the grad of the mean) times the
+        loss scale, built once per scale."""
+        key = (loss.dtype, loss.device, self.loss_scale)
         if key not in self.loss_grads:
-            self.loss_grads[key] = torch.full((), 1.0 / self.microbatches, dtype=loss.dtype, device=loss.device)
+            self.loss_grads[key] = torch.full((), self.loss_scale / self.microbatches, dtype=loss.dtype,
+                                              device=loss.device)
         return self.loss_grads[key]
 
     # compute ---------------------------------------------------------------------
@@ -346,15 +348,18 @@ class PipelineRuntime:
     def run(self, inputs, targets, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
             before_last_backward: Optional[Callable[[int], None]] = None,
             after_weights: Optional[Callable[[int], None]] = None,
-            forward_context: Callable = contextlib.nullcontext, forward_only: bool = False) -> torch.Tensor:
+            forward_context: Callable = contextlib.nullcontext, forward_only: bool = False,
+            loss_scale: float = 1.0) -> torch.Tensor:
         """One step over `microbatches` micro-batches; returns the mean loss on every pp rank.
 
         `inputs[mb]` is read on the first stage and `targets[mb]` on the last.
         `before_last_backward(chunk_index)` runs right before each chunk's last backward.
         `after_weights(chunk_index)` runs after each W (a split backward's weight grads of one micro-batch
         are in `.grad`): for reducers whose hooks fired at I, before those grads existed (FSDP2's).
-        With `forward_only` (evaluation, call under torch.no_grad) only the forwards run.
+        With `forward_only` (evaluation, call under torch.no_grad) only the forwards run. The grads come out
+        multiplied by `loss_scale` (fp16's: the loss's grad is seeded with it; the returned loss is not scaled).
         """
+        self.loss_scale = loss_scale
         self.step_inputs, self.step_targets, self.loss_fn = inputs, targets, loss_fn  # this step's, read by the steps
         self.before_last_backward, self.after_weights = before_last_backward, after_weights
         self.forward_context = forward_context
