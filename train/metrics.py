@@ -54,6 +54,8 @@ def format_line(step: int, total: int, metrics: Dict[str, float]) -> str:
             parts.append(f"tok/s {value:,.0f}")
         elif key in ("mfu",):
             parts.append(f"mfu {100 * value:.2f}%")
+        elif key in ("loss_scale",):
+            parts.append(f"{key} {value:g}")
         elif key.endswith("bytes"):
             parts.append(f"{key[:-6]} {value / 2**20:.0f}MiB")
         elif isinstance(value, float):
