@@ -12,7 +12,9 @@ class OptimConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
-    schedule: str = "cosine"  # cosine | linear | constant
+    schedule: str = "cosine"  # cosine | linear | constant | wsd (warmup-stable-decay)
+    decay_fraction: float = 0.2  # wsd: the share of train.steps that decays, at the end
+    decay_shape: str = "sqrt"  # wsd: linear | cosine | sqrt (1 - sqrt(progress))
     weight_decay: float = 0.1
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8

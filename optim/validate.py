@@ -4,7 +4,7 @@ from plait.common.checks import SettingError, choice, number
 from plait.optim.builder import OPTIMIZERS
 from plait.optim.config import OptimConfig
 from plait.optim.lion import IMPLS
-from plait.optim.schedule import SCHEDULES
+from plait.optim.schedule import DECAYS, SCHEDULES
 
 
 class OptimError(SettingError):
@@ -14,6 +14,8 @@ class OptimError(SettingError):
 def validate_optim(cfg: OptimConfig) -> None:
     choice(OptimError, "optim.name", cfg.name, OPTIMIZERS)
     choice(OptimError, "optim.schedule", cfg.schedule, SCHEDULES)
+    choice(OptimError, "optim.decay_shape", cfg.decay_shape, DECAYS)
+    number(OptimError, "optim.decay_fraction", cfg.decay_fraction, low=0, high=1, low_open=True)
     choice(OptimError, "optim.impl", cfg.impl, IMPLS)
     number(OptimError, "optim.lr", cfg.lr, low=0, low_open=True)
     number(OptimError, "optim.min_lr_ratio", cfg.min_lr_ratio, low=0, high=1)

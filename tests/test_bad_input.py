@@ -44,7 +44,8 @@ NUMBERS = {  # key -> values that may or may not be in range
     "train.loss_scale": st.sampled_from(["-1", "0", "1024", "null", "big"]), "train.loss_scale_window": st.integers(-1, 3),
 }
 CHOICES = {  # key -> names, some of which are not in the table that builds them
-    "optim.name": ["adamw", "lion", "adam", "sgd"], "optim.schedule": ["cosine", "cosin", "linear", "step"],
+    "optim.name": ["adamw", "lion", "adam", "sgd"], "optim.schedule": ["cosine", "cosin", "linear", "wsd", "step"],
+    "optim.decay_shape": ["sqrt", "linear", "exponential"],
     "optim.impl": ["auto", "foreach", "fastest"], "parallel.schedule": ["1f1b", "gpipe", "zbv", "interleaved"],
     "parallel.pp_transport": ["auto", "shm", "carrier-pigeon"], "parallel.backend": ["auto", "gloo", "mpi"],
     "train.device": ["cpu", "auto", "tpu"], "train.precision": ["fp32", "bf16", "fp16", "fp8"],
