@@ -26,6 +26,7 @@ class ParallelConfig:
     zero: int = 0  # 0: replicated optimizer state, 1: ZeRO-1 sharded state
     bucket_mb: float = 25.0  # gradient bucket size for data-parallel reduction
     overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = False  # ZeRO-1: each step's weight all-gathers overlap the next forward
     reduce_in_fp32: bool = True
     average_in_collective: bool = False
     backend: str = "auto"  # auto | nccl | gloo

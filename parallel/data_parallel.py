@@ -84,6 +84,8 @@ class ChunkGrads:
             param.grad = self.grad_view(name, param)
         self.last_microbatch = False
         self.times = ReductionTimes()
+        self.param_buffer: Optional[torch.Tensor] = None  # ZeRO-1's flat weights, laid out like `buffer`
+        self.param_gathers: Dict[int, object] = {}  # bucket index -> its weights' all-gather, in flight
         self.hooks = []
         if self.group is not None:
             self.hooks = [param.register_post_accumulate_grad_hook(self._hook(name)) for name, param in self.params]
@@ -172,6 +174,31 @@ class ChunkGrads:
     def zero_grad(self) -> None:
         self.buffer.zero_()
 
+    # ZeRO-1's weights -----------------------------------------------------------
+    def launch_param_gathers(self) -> None:
+        """All-gather every bucket's weights from the dp ranks' slices (asynchronously), the bucket the forward
+        uses first first: buckets lie in reverse order of use, and a group runs its collectives in order."""
+        if self.group is None:
+            return
+        for index in reversed(range(len(self.buckets))):
+            bucket = self.buckets[index]
+            lo, hi = bucket.shard_range(self.dp_rank, self.dp)
+            mine = self.param_buffer[lo:hi].clone()
+            self.param_gathers[index] = collectives.all_gather_tensor(
+                self.param_buffer[bucket.start:bucket.end], mine, group=self.group, async_op=True)
+
+    def wait_params(self, indices: Optional[Sequence[int]] = None) -> None:
+        """Wait for the weights of the buckets `indices` (all when None) to be whole."""
+        for index in (list(self.param_gathers) if indices is None else indices):
+            work = self.param_gathers.pop(index, None)
+            if work is not None:
+                work.wait()
+
+    def bucket_indices_of(self, module: nn.Module, prefix: str) -> List[int]:
+        """The buckets holding `module`'s own parameters (named `prefix` + their name within it)."""
+        return sorted({self.bucket_of[prefix + name] for name, param in module.named_parameters(recurse=False)
+                       if prefix + name in self.bucket_of})
+
 
 class DataParallelGrads:
     """Gradient buffers and bucketed reduction for every model chunk of this rank."""
@@ -206,9 +233,30 @@ class DataParallelGrads:
         """(name, full averaged grad) of every parameter (not meaningful under ZeRO-1: use the optimizer's)."""
         return [(name, chunk.grad_view(name, param)) for chunk in self.chunks for name, param in chunk.params]
 
+    # ZeRO-1's weight all-gathers -------------------------------------------------------------
+    def wait_params(self) -> None:
+        """Wait for every weight all-gather in flight (ZeRO-1 with overlapped gathers; nothing otherwise)."""
+        for chunk in self.chunks:
+            chunk.wait_params()
+
+    def wait_params_in_forward(self) -> List[object]:
+        """Forward pre-hooks on every module with parameters of its own: each waits for its buckets' gathers
+        only, so the gathers of later layers overlap the forward of earlier ones (Megatron's
+        --overlap-param-gather). Returns the hook handles."""
+        handles = []
+        for module, chunk in zip(self.modules, self.chunks):
+            for prefix, sub in module.named_modules():
+                indices = chunk.bucket_indices_of(sub, f"{prefix}." if prefix else "")
+                if indices:
+                    handles.append(sub.register_forward_pre_hook(
+                        lambda _module, _args, chunk=chunk, indices=indices: chunk.wait_params(indices)))
+        return handles
+
     # whole parameters (checkpoints): every rank holds them whole already ------------------------
     def full_params(self, dest: Optional[Dict[str, int]] = None) -> Dict[str, torch.Tensor]:
-        """{name: the live parameter}: whole on every rank, so `dest` (where each is needed) costs nothing."""
+        """{name: the live parameter}: whole on every rank (once any weight gather in flight has landed), so
+        `dest` (where each is needed) costs nothing."""
+        self.wait_params()
         return {name: param for module in self.modules for name, param in module.named_parameters()}
 
     @contextmanager

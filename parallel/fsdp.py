@@ -152,6 +152,9 @@ class ShardedGrads:
             for module in modules:
                 module.reshard()
 
+    def wait_params(self) -> None:
+        """Nothing in flight between steps: FSDP2 gathers each block's weights in its own forward."""
+
     def zero_grad(self) -> None:
         for chunk in self.chunks:
             for param in chunk.parameters():

@@ -205,6 +205,10 @@ def check_settings(parallel: Any) -> None:
     choice(LayoutError, "parallel.pp_transport", parallel.pp_transport, TRANSPORTS)
     choice(LayoutError, "parallel.backend", parallel.backend, BACKENDS)
     choice(LayoutError, "parallel.zero", parallel.zero, ZERO_LEVELS)
+    if parallel.overlap_param_gather and parallel.zero != 1:
+        raise LayoutError(f"parallel.overlap_param_gather=true overlaps ZeRO-1's weight all-gathers, but "
+                          f"parallel.zero={parallel.zero}; set parallel.zero=1 (ZeRO-2/3 gather each block in its "
+                          f"own forward already) or drop parallel.overlap_param_gather.")
     number(LayoutError, "parallel.bucket_mb", parallel.bucket_mb, low=0, low_open=True)
     choice(LayoutError, "parallel.cp_mode", parallel.cp_mode, CP_MODES)
 

@@ -210,7 +210,10 @@ class ColumnParallelLinear(nn.Module):
         self.input_map = mapping(GatherFromSequence if sequence_parallel else CopyToRegion, group)
         self.output_map = mapping(GatherFromRegion, group) if gather_output else _identity
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segmented: bool = False):
+        """This rank's output, or with `segmented` each segment's (`forward_segments`), through the call."""
+        if segmented:
+            return self.forward_segments(x)
         return self.output_map(F.linear(self.input_map(x), self.weight, self.bias))
 
     def forward_segments(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:

@@ -80,6 +80,7 @@ class ZeroOptimizer(ShardedState):
             self.pieces += _pieces_of(chunk, grid)
             full_params.update(dict(chunk.params))
         self.full_params = full_params
+        self.hooks: List[object] = []  # the forward pre-hooks that wait for the weights (overlapped gathers)
         self.group, self.device = grid.grad_group, grid.device
         self._build(make_optimizer, groups, {piece.name: piece.tensor for piece in self.pieces})
 
@@ -89,21 +90,21 @@ class ZeroOptimizer(ShardedState):
 
     @torch.no_grad()
     def step(self) -> None:
+        """Step this rank's pieces, then all-gather every bucket's weights: waited for here, or (after
+        `overlap_gathers_with_forward`) by the next forward, module by module."""
+        self.grads.wait_params()  # a gather still in flight (no forward since the last step) lands first
         self.optimizer.step()
-        self._all_gather_weights()
-
-    def _all_gather_weights(self) -> None:
-        if self.grid.grad_group is None:
-            return
-        works = []
         for chunk in self.grads.chunks:
-            for bucket in chunk.buckets:
-                lo, hi = bucket.shard_range(self.grid.grad_rank, self.grid.grad_size)
-                mine = chunk.param_buffer[lo:hi].clone()
-                works.append(collectives.all_gather_tensor(chunk.param_buffer[bucket.start:bucket.end], mine,
-                                                group=self.grid.grad_group, async_op=True))
-        for work in works:
-            work.wait()
+            chunk.launch_param_gathers()
+        if not self.hooks:
+            self.grads.wait_params()
+
+    def overlap_gathers_with_forward(self) -> None:
+        """Leave each step's weight all-gathers in flight: the next forward waits for each bucket right before
+        the first module that reads it (forward pre-hooks), and a checkpoint's read of the weights waits for
+        all. Not under torch.compile (a compiled forward cannot wait on a collective module by module)."""
+        if not self.hooks:
+            self.hooks = self.grads.wait_params_in_forward()
 
     # name-keyed state (checkpoints) --------------------------------------------------
     @torch.no_grad()

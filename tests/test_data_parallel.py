@@ -110,3 +110,83 @@ def test_zero1_named_state_gathers_bucket_by_bucket_to_the_writers():
             assert entry.keys() == whole[name].keys() == {"exp_avg", "exp_avg_sq", "step"}
             assert all((entry[key] == whole[name][key]).all() for key in entry), name
         assert moved <= bucket
+
+
+class _LateGather:
+    """An all-gather whose result lands only when waited for (the worst a real one may do): a forward that read
+    its weights before waiting would read the previous step's."""
+
+    def __init__(self, output, whole):
+        self.output, self.whole = output, whole
+
+    def wait(self):
+        self.output.copy_(self.whole)
+        return True
+
+
+def _overlapped_gathers(rank, world, run_dir, cache):
+    """pp2 x dp2 ZeRO-1 with tiny buckets, gathers that land late: (losses, norms, val loss, final weights) with
+    the gathers waited after each step, overlapped with the next forward, and overlapped with the waits removed;
+    and how many gathers were left in flight after a step."""
+    import torch
+
+    from plait.common import collectives
+    from plait.launch.env import ProcessEnv
+    from plait.train import Trainer, load_config
+
+    real = collectives.all_gather_tensor
+
+    def late(output, tensor, group=None, async_op=False):
+        if not async_op:
+            return real(output, tensor, group=group)
+        whole = torch.empty_like(output)
+        real(whole, tensor, group=group)
+        return _LateGather(output, whole)
+
+    collectives.all_gather_tensor = late
+    outcomes = {}
+    for case in ("waited", "overlapped", "unhooked"):
+        overlap = "true" if case != "waited" else "false"
+        cfg = load_config(BASE + ["parallel.pp=2", "parallel.microbatches=2", "parallel.zero=1",
+                                  "parallel.bucket_mb=0.02", f"parallel.overlap_param_gather={overlap}",
+                                  "train.eval_batches=2", f"train.run_dir={run_dir}/{case}", f"data.cache_dir={cache}"])
+        trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
+        if case == "unhooked":
+            for handle in trainer.optimizer.hooks:
+                handle.remove()
+        records, in_flight = [], 0
+        for step in range(4):
+            records.append(trainer.step())
+            in_flight = max(in_flight, sum(len(chunk.param_gathers) for chunk in trainer.grads.chunks))
+            if step == 1:
+                trainer.save_checkpoint()  # reads the weights whole: waits for the gathers
+        val = trainer.evaluate()
+        weights = {name: p.detach().clone() for name, p in trainer.grads.full_params().items()}
+        trainer.close()
+        outcomes[case] = ([r["loss"] for r in records], [r["grad_norm"] for r in records], val, weights, in_flight)
+    return outcomes
+
+
+def test_zero1_weight_gathers_overlapped_with_the_forward_equal_waited_ones(tmp_path, stdlib_tokens):
+    """parallel.overlap_param_gather=true leaves each step's all-gathers in flight (one per bucket) and each module
+    waits for its own bucket before its forward: with gathers that land only when waited for, the losses, grad
+    norms, validation loss, a checkpoint taken mid-run and the final weights equal, bit for bit, those of gathers
+    waited right after the step; with the waits removed the forwards read stale weights and the losses differ."""
+    import torch
+
+    cache = stdlib_tokens[0].parent.parent
+    for outcome in run_ranks(4, _overlapped_gathers, str(tmp_path), str(cache)):
+        waited, overlapped, unhooked = outcome["waited"], outcome["overlapped"], outcome["unhooked"]
+        assert waited[4] == 0 and overlapped[4] >= 4  # gathers left in flight after a step, one per bucket
+        assert overlapped[:3] == waited[:3]
+        assert all(torch.equal(overlapped[3][name], waited[3][name]) for name in waited[3])
+        assert unhooked[0][1:] != waited[0][1:]  # the test's late gathers do bite
+
+
+def test_overlap_param_gather_needs_zero1():
+    from plait.train.config import ConfigError, load_config, validate
+
+    validate(load_config(["parallel.overlap_param_gather=true", "parallel.zero=1"]))
+    for zero in (0, 3):
+        with pytest.raises(ConfigError, match=f"but parallel.zero={zero}; set parallel.zero=1"):
+            validate(load_config(["parallel.overlap_param_gather=true", f"parallel.zero={zero}"]))

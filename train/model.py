@@ -93,7 +93,11 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, segmented: bool = False):
+        """The output, or with `segmented` each segment's (`forward_segments`): through the module's call, so
+        its hooks (ZeRO-1's wait for the weights, offload's) see both."""
+        if segmented:
+            return self.forward_segments(x)
         return F.linear(x, self.weight, self.bias)
 
     def forward_segments(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
@@ -190,7 +194,7 @@ class Attention(nn.Module):
         self.rope_rows: Callable = first_rows
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.wqkv.forward_segments(x)
+        q, k, v = self.wqkv(x, segmented=True)
         b, s, _ = q.shape
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # the heads this weight holds (all, or a shard's)
         k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
@@ -211,7 +215,7 @@ class MLP(nn.Module):
         self.w2 = Linear(hidden, cfg.dim, device=device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13.forward_segments(x)
+        gate, up = self.w13(x, segmented=True)
         return self.w2(F.silu(gate) * up)
 
 

@@ -125,6 +125,12 @@ class Trainer:
         if self.is_logger:
             log.info("compile: %s (%s)", "on" if self.compile else "off", why)
         self.pipeline = self._build_pipeline()  # every layout's step, pp == 1 included (its trivial schedule)
+        if cfg.parallel.overlap_param_gather:  # (validated: ZeRO-1)
+            if self.compile and self.is_logger:
+                log.info("parallel.overlap_param_gather: off under train.compile (a compiled forward cannot wait "
+                         "for one bucket's all-gather per module); each step waits for its gathers")
+            if not self.compile:
+                self.optimizer.overlap_gathers_with_forward()
         if self.offload is not None and self.pipeline.splits_backward:
             self.offload.cache.release_on_unpack = False  # I and W both unpack: released at the step's end
         self.crash_at = fault_step(self.grid.rank)  # PLAIT_FAULT_AT_STEP: restart tests only, read once
@@ -427,9 +433,11 @@ class Trainer:
         raise Interrupted(self.step_num, path)
 
     def close(self) -> None:
-        """Finish any checkpoint still being written, close the sinks."""
+        """Finish any checkpoint still being written and any weight all-gather in flight, close the sinks."""
         if hasattr(self, "checkpointer"):
             self.checkpointer.close()
+        if hasattr(self, "grads"):
+            self.grads.wait_params()
         self.sink.close()
 
     # what a checkpoint holds --------------------------------------------------------
