@@ -92,8 +92,13 @@ def record(model_cfg: ModelConfig, optim_cfg: OptimConfig, train_path: str, seed
     batches = TokenBatches(train_path, seq_len, batch, seed)
     found: Dict[str, List[float]] = {}
 
+    def mean_abs(output) -> float:
+        """Mean |x| over the output's elements (over every segment's, for a fused layer run segmented)."""
+        parts = output if isinstance(output, tuple) else (output,)
+        return float(sum(part.detach().abs().sum() for part in parts) / sum(part.numel() for part in parts))
+
     def hook(name):
-        return lambda module, inputs, output: found.setdefault(name, []).append(float(output.detach().abs().mean()))
+        return lambda module, inputs, output: found.setdefault(name, []).append(mean_abs(output))
 
     handles = [module.register_forward_hook(hook(name)) for name, module in watched_modules(model).items()]
     try:

@@ -14,6 +14,7 @@ TOOLS: Dict[str, str] = {
     "export": "plait.train.export:main",
     "mup coord-check": "plait.train.coord_check:main",
     "plan": "plait.train.plan:main",
+    "plot": "plait.train.curves:main",
     "schedule": "plait.parallel.pipeline.cli:main",
 }
 
