@@ -29,8 +29,8 @@ from plait.parallel.sharded_state import ShardedState
 class _Piece:
     """This rank's part of one parameter: `tensor` views the weights, `tensor.grad` the reduced grad."""
 
-    def __init__(self, name: str, chunk: ChunkGrads, lo: int, hi: int, param_offset: int):
-        self.name, self.chunk, self.lo, self.hi = name, chunk, lo, hi
+    def __init__(self, name: str, chunk: ChunkGrads, bucket, lo: int, hi: int, param_offset: int):
+        self.name, self.chunk, self.bucket, self.lo, self.hi = name, chunk, bucket, lo, hi
         self.param_offset = param_offset  # where the piece starts inside its parameter (flattened)
         self.tensor = chunk.param_buffer[lo:hi]
         self.tensor.grad = chunk.buffer[lo:hi]
@@ -54,7 +54,7 @@ def _pieces_of(chunk: ChunkGrads, grid: Grid) -> List[_Piece]:
             param = params[name]
             start, end = chunk.offsets[name], chunk.offsets[name] + param.numel()
             if max(start, lo) < min(end, hi):
-                pieces.append(_Piece(name, chunk, max(start, lo), min(end, hi), max(start, lo) - start))
+                pieces.append(_Piece(name, chunk, bucket, max(start, lo), min(end, hi), max(start, lo) - start))
     return pieces
 
 
@@ -80,6 +80,9 @@ class ZeroOptimizer(ShardedState):
             self.pieces += _pieces_of(chunk, grid)
             full_params.update(dict(chunk.params))
         self.full_params = full_params
+        self.pieces_of_bucket: Dict[int, List[_Piece]] = {}  # id(bucket) -> this rank's pieces in it
+        for piece in self.pieces:
+            self.pieces_of_bucket.setdefault(id(piece.bucket), []).append(piece)
         self.hooks: List[object] = []  # the forward pre-hooks that wait for the weights (overlapped gathers)
         self.group, self.device = grid.grad_group, grid.device
         self._build(make_optimizer, groups, {piece.name: piece.tensor for piece in self.pieces})
@@ -138,8 +141,8 @@ class ZeroOptimizer(ShardedState):
         """This rank's slice of `bucket` for state `key` (fp32; zeros where no parameter lies: the padding)."""
         lo, hi = bucket.shard_range(self.grid.grad_rank, self.grid.grad_size)
         mine = torch.zeros(hi - lo, dtype=torch.float32, device=chunk.buffer.device)
-        for piece in self.pieces:
-            if piece.chunk is chunk and lo <= piece.lo < hi and piece.tensor in self.optimizer.state:
+        for piece in self.pieces_of_bucket.get(id(bucket), ()):
+            if piece.tensor in self.optimizer.state:
                 mine[piece.lo - lo:piece.hi - lo] = self.optimizer.state[piece.tensor][key].float()
         return mine
 
