@@ -96,8 +96,34 @@ def _worker(rank, world, store, args, queue):
     dist.destroy_process_group()
 
 
-def _stats(values):
+def spread(values):
+    """Median, min and max of a contender's per-round values."""
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def print_table(rows, ratio_key, ratio_label, cost_key, cost_label):
+    """One line per (dp, contender): median step ms (min-max), the ratio to the peer, the cost and its hidden share."""
+    print(f"{'dp':>3} {'contender':<22} {'step ms (min-max)':>20} {ratio_label:>8} {cost_label:>11} {'hidden':>7}")
+    for row in rows:
+        step = row["step_s"]
+        cost = f"{1e3 * row[cost_key]['median']:.1f}" if cost_key in row else "-"
+        hidden = f"{100 * row['hidden_fraction']:.0f}%" if "hidden_fraction" in row else "-"
+        print(f"{row['dp']:>3} {row['contender']:<22} {1e3 * step['median']:>8.1f} ({1e3 * step['min']:.0f}-"
+              f"{1e3 * step['max']:.0f}) {row[ratio_key]:>8.3f} {cost:>11} {hidden:>7}")
+
+
+def workload_args(parser, out):
+    """The data-parallel benchmarks' shared settings: dp sizes, the model and batch, buckets, rounds, --out."""
+    parser.add_argument("--dp", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--microbatches", type=int, default=2)
+    parser.add_argument("--bucket-mb", type=float, default=4.0)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--out", default=out)
 
 
 def run(dp, args):
@@ -116,10 +142,10 @@ def run(dp, args):
     no_overlap = statistics.median(exposed["plait-no-overlap"])
     ddp = statistics.median(times["torch-ddp"])
     for name in CONTENDERS:
-        row = {"dp": dp, "contender": name, "step_s": _stats(times[name]),
+        row = {"dp": dp, "contender": name, "step_s": spread(times[name]),
                "vs_ddp": statistics.median(times[name]) / ddp}
         if name in exposed:
-            row["exposed_s"] = _stats(exposed[name])
+            row["exposed_s"] = spread(exposed[name])
             row["hidden_fraction"] = max(0.0, 1.0 - statistics.median(exposed[name]) / no_overlap)
         rows.append(row)
     return rows
@@ -127,26 +153,11 @@ def run(dp, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dp", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--microbatches", type=int, default=2)
-    parser.add_argument("--bucket-mb", type=float, default=4.0)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default="dp_overlap.json")
+    workload_args(parser, "dp_overlap.json")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     rows = [row for dp in args.dp for row in run(dp, args)]
-    print(f"{'dp':>3} {'contender':<18} {'step ms (min-max)':>24} {'x DDP':>7} {'exposed ms':>11} {'hidden':>7}")
-    for row in rows:
-        step = row["step_s"]
-        exposed = f"{1e3 * row['exposed_s']['median']:.1f}" if "exposed_s" in row else "-"
-        hidden = f"{100 * row['hidden_fraction']:.0f}%" if "hidden_fraction" in row else "-"
-        print(f"{row['dp']:>3} {row['contender']:<18} {1e3 * step['median']:>8.1f} ({1e3 * step['min']:.0f}-"
-              f"{1e3 * step['max']:.0f}){'':>4} {row['vs_ddp']:>7.3f} {exposed:>11} {hidden:>7}")
+    print_table(rows, "vs_ddp", "x DDP", "exposed_s", "exposed ms")
     summary = {}
     for row in rows:
         key = f"dp{row['dp']}_{row['contender']}"

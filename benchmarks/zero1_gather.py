@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dp_overlap import print_table, spread, workload_args  # noqa: E402
 from ranks import spawn_world  # noqa: E402
 from report import write_json  # noqa: E402
 
@@ -126,20 +127,16 @@ def _worker(rank, world, args):
     return times, waited
 
 
-def _stats(values):
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
-
-
 def run(dp, args):
     times, waited = spawn_world(dp, _worker, args)[0]  # rank 0's view
     peer = statistics.median(times["torch-zero-redundancy"])
     base = statistics.median(waited["plait-waited"])
     rows = []
     for name in CONTENDERS:
-        row = {"dp": dp, "contender": name, "step_s": _stats(times[name]),
+        row = {"dp": dp, "contender": name, "step_s": spread(times[name]),
                "vs_torch": statistics.median(times[name]) / peer}
         if waited[name]:
-            row["waited_s"] = _stats(waited[name])
+            row["waited_s"] = spread(waited[name])
             row["hidden_fraction"] = max(0.0, 1.0 - statistics.median(waited[name]) / base)
         rows.append(row)
     return rows
@@ -147,27 +144,12 @@ def run(dp, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dp", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
+    workload_args(parser, "zero1_gather.json")
     parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--micro-batch", type=int, default=4)
-    parser.add_argument("--microbatches", type=int, default=2)
-    parser.add_argument("--bucket-mb", type=float, default=4.0)
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--out", default="zero1_gather.json")
     args = parser.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     rows = [row for dp in args.dp for row in run(dp, args)]
-    print(f"{'dp':>3} {'contender':<22} {'step ms (min-max)':>20} {'x torch':>8} {'waited ms':>10} {'hidden':>7}")
-    for row in rows:
-        step = row["step_s"]
-        waited = f"{1e3 * row['waited_s']['median']:.1f}" if "waited_s" in row else "-"
-        hidden = f"{100 * row['hidden_fraction']:.0f}%" if "hidden_fraction" in row else "-"
-        print(f"{row['dp']:>3} {row['contender']:<22} {1e3 * step['median']:>8.1f} ({1e3 * step['min']:.0f}-"
-              f"{1e3 * step['max']:.0f}) {row['vs_torch']:>8.3f} {waited:>10} {hidden:>7}")
+    print_table(rows, "vs_torch", "x torch", "waited_s", "waited ms")
     write_json(args.out, {"benchmark": "zero1_gather", "device": "cpu (gloo)", "rows": rows,
                           "summary": {f"dp{r['dp']}_{r['contender']}_vs_torch": r["vs_torch"] for r in rows}})
 
