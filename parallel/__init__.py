@@ -45,6 +45,8 @@ _EXPORTS = {
     # data parallelism and ZeRO-1
     "DataParallelGrads": "plait.parallel.data_parallel",
     "ZeroOptimizer": "plait.parallel.zero",
+    # tied embeddings across pipeline stages
+    "TiedWeights": "plait.parallel.tied",
     # ZeRO-2 and ZeRO-3 (torch's FSDP2 under plait's layout)
     "ShardedGrads": "plait.parallel.fsdp",
     "ShardOptimizer": "plait.parallel.shard_optimizer",
@@ -69,6 +71,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.parallel.sharding import ShardSpec
     from plait.parallel.tensor import (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding,
                                        all_reduce_coalesced, vocab_parallel_cross_entropy)
+    from plait.parallel.tied import TiedWeights
     from plait.parallel.zero import ZeroOptimizer
 
 

@@ -63,7 +63,7 @@ class ChunkGrads:
     """One model chunk's flat gradient buffer, its buckets and its reduction hooks."""
 
     def __init__(self, named_params: Sequence[Tuple[str, nn.Parameter]], grid: Grid, cfg: ParallelConfig,
-                 shard: bool = False):
+                 shard: bool = False, alone: Sequence[str] = ()):
         self.grid, self.shard = grid, shard
         self.group = grid.grad_group  # dp, times cp under context parallelism
         self.dp, self.dp_rank = grid.grad_size, grid.grad_rank
@@ -73,7 +73,7 @@ class ChunkGrads:
         self.overlap = cfg.overlap_grad_reduce
         self.use_avg_op = cfg.average_in_collective and grid.backend == "nccl"
         self.offsets: Dict[str, int] = {}
-        self.buckets = self._layout(cfg.bucket_mb)
+        self.buckets = self._layout(cfg.bucket_mb, set(alone))
         first = self.params[0][1]
         self.buffer = torch.zeros(self.buckets[-1].end if self.buckets else 0, dtype=first.dtype, device=first.device)
         self.bucket_of: Dict[str, int] = {}
@@ -91,16 +91,20 @@ class ChunkGrads:
             self.hooks = [param.register_post_accumulate_grad_hook(self._hook(name)) for name, param in self.params]
 
     # layout -----------------------------------------------------------------
-    def _layout(self, bucket_mb: float) -> List[Bucket]:
-        """Buckets over the parameters in reverse order of use, each padded to a multiple of dp."""
+    def _layout(self, bucket_mb: float, alone: set) -> List[Bucket]:
+        """Buckets over the parameters in reverse order of use, each padded to a multiple of dp; a parameter
+        named in `alone` gets a bucket of its own (its dp slices then depend on its own size only)."""
         element = self.params[0][1].element_size() if self.params else 4
         limit = int(bucket_mb * 2**20 / element) if bucket_mb > 0 else None
         buckets, names, start, cursor = [], [], 0, 0
         for name, param in reversed(self.params):
+            if name in alone and names:  # close the bucket before it
+                cursor = self._close(buckets, names, start, cursor)
+                names, start = [], cursor
             self.offsets[name] = cursor
             cursor += param.numel()
             names.append(name)
-            if limit is not None and cursor - start >= limit:
+            if name in alone or limit is not None and cursor - start >= limit:
                 cursor = self._close(buckets, names, start, cursor)
                 names, start = [], cursor
         if names:
@@ -203,9 +207,11 @@ class ChunkGrads:
 class DataParallelGrads:
     """Gradient buffers and bucketed reduction for every model chunk of this rank."""
 
-    def __init__(self, chunks: Sequence[nn.Module], grid: Grid, cfg: ParallelConfig, shard: bool = False):
+    def __init__(self, chunks: Sequence[nn.Module], grid: Grid, cfg: ParallelConfig, shard: bool = False,
+                 alone: Sequence[str] = ()):
+        """`alone`: parameters that get a bucket of their own (tied embeddings, `plait.parallel.tied`)."""
         self.grid, self.shard, self.modules = grid, shard, list(chunks)
-        self.chunks = [ChunkGrads(list(chunk.named_parameters()), grid, cfg, shard) for chunk in chunks]
+        self.chunks = [ChunkGrads(list(chunk.named_parameters()), grid, cfg, shard, alone) for chunk in chunks]
 
     def start_overlap(self, chunk_index: int = 0) -> None:
         """Before chunk `chunk_index`'s last micro-batch backward: its buckets reduce as they fill."""

@@ -67,13 +67,15 @@ def init_parameters(model: Transformer, seed: int, std_of: Optional[StdOf] = Non
 
     `std_of(name, spec)` gives the init std (None or a negative value: keep ones, for
     norm gains; 0: zeros). Vocabulary padding rows are zero. `grid`: whose tp shard to keep
-    (None: the model holds whole weights).
+    (None: the model holds whole weights). A tied copy (`Transformer.tied_copies`) is drawn as
+    the weight it mirrors, so both start equal without a message.
     """
     std_of = std_of or (lambda name, spec: default_init_std(name, spec, model.cfg))
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
     specs = param_specs(model)
-    for name, param in model.named_parameters():
-        spec = specs[name]
+    mirrors = model.tied_copies()
+    for own_name, param in model.named_parameters():
+        spec, name = specs[own_name], mirrors.get(own_name, own_name)
         if param.device.type == "meta":
             continue
         if len(spec.full_shape) == 1 and not name.endswith("bias"):

@@ -248,9 +248,11 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
     full = from_hf({**ours, "max_seq_len": cfg.max_seq_len}, hf, scales)
     specs = param_specs(model)
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
+    mirrors = model.tied_copies()  # a last stage's tied head reads the embedding
     for name, param in model.named_parameters():
         spec = specs[name]
-        tensor = fit_rows(full[name].float(), spec) if spec.valid_rows is not None else full[name].float()
+        source = full[mirrors.get(name, name)].float()
+        tensor = fit_rows(source, spec) if spec.valid_rows is not None else source
         (write or torch.Tensor.copy_)(param, spec.shard(tensor, rank, size))
 
 

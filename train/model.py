@@ -20,7 +20,7 @@ import functools
 import logging
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol, Sequence, Tuple
+from typing import Callable, Dict, Optional, Protocol, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -297,6 +297,12 @@ class Transformer(nn.Module):
     @property
     def has_embedding(self) -> bool:
         return self.embed is not None
+
+    def tied_copies(self) -> Dict[str, str]:
+        """{copy: the weight it mirrors}: under tied embeddings, a last pipeline stage without the embedding
+        holds its own head weight that stays equal to the embedding's (initialized alike, grads summed with
+        it every step: `plait.parallel.tied.TiedWeights`); elsewhere nothing."""
+        return {"head.weight": "embed.weight"} if self.cfg.tie_embeddings and self.head is not None else {}
 
     @property
     def has_head(self) -> bool:

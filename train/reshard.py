@@ -77,15 +77,17 @@ def fit_rows(full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
 
 
 def check_compatible(index: Dict[str, Any], path: Path, specs: Dict[str, ShardSpec],
-                     names: Iterable[str]) -> None:
-    """Raise one error listing missing parameters and shape mismatches (padding rows aside)."""
-    saved = index["params"]
-    missing = [name for name in names if name not in saved]
+                     names: Iterable[str], sources: Optional[Dict[str, str]] = None) -> None:
+    """Raise one error listing missing parameters and shape mismatches (padding rows aside). `sources`: the
+    checkpoint name a parameter is read from where it is not its own (a tied copy reads the embedding)."""
+    saved, sources = index["params"], sources or {}
+    names = list(names)
+    missing = [sources.get(name, name) for name in names if sources.get(name, name) not in saved]
     mismatched = []
     for name in names:
-        if name not in saved:
+        if sources.get(name, name) not in saved:
             continue
-        theirs, ours = saved[name], specs[name]
+        theirs, ours = saved[sources.get(name, name)], specs[name]
         their_shape, our_shape = list(theirs["full_shape"]), list(ours.full_shape)
         if ours.valid_rows is not None:  # compare real rows, not tp-dependent padding
             their_shape[0], our_shape[0] = theirs["valid_rows"], ours.valid_rows
@@ -109,22 +111,26 @@ def _shape_summary(model: Dict[str, Any]) -> str:
 
 @torch.no_grad()
 def load_params(reader: ShardReader, named_params: Dict[str, torch.Tensor], specs: Dict[str, ShardSpec],
-                grid: Grid) -> None:
-    """Copy this rank's slice of every parameter from the checkpoint (re-sliced for this layout)."""
-    check_compatible(reader.index, reader.path, specs, named_params)
+                grid: Grid, sources: Optional[Dict[str, str]] = None) -> None:
+    """Copy this rank's slice of every parameter from the checkpoint (re-sliced for this layout); `sources`
+    names the checkpoint tensor a parameter reads where it is not its own (a tied copy: the embedding)."""
+    sources = sources or {}
+    check_compatible(reader.index, reader.path, specs, named_params, sources)
     for name, param in named_params.items():
-        param.copy_(reader.local_param(name, specs[name], grid.tp_rank, grid.tp))
+        param.copy_(reader.local_param(sources.get(name, name), specs[name], grid.tp_rank, grid.tp))
 
 
 def load_optim_state(reader: ShardReader, named_params: Dict[str, torch.Tensor], specs: Dict[str, ShardSpec],
-                     grid: Grid) -> Dict[str, Dict[str, torch.Tensor]]:
-    """This rank's named optimizer state (tp shard, full over dp), as `load_named_state` takes it."""
-    saved = reader.index.get("optimizer_state", {})
+                     grid: Grid, sources: Optional[Dict[str, str]] = None) -> Dict[str, Dict[str, torch.Tensor]]:
+    """This rank's named optimizer state (tp shard, full over dp), as `load_named_state` takes it (`sources`:
+    as in `load_params`)."""
+    saved, sources = reader.index.get("optimizer_state", {}), sources or {}
     state = {}
     for name in named_params:
-        if name in saved:
-            state[name] = {key: reader.local_state(name, key, specs[name], grid.tp_rank, grid.tp)
-                           for key in saved[name]["keys"]}
+        source = sources.get(name, name)
+        if source in saved:
+            state[name] = {key: reader.local_state(source, key, specs[name], grid.tp_rank, grid.tp)
+                           for key in saved[source]["keys"]}
     return state
 
 

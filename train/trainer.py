@@ -34,7 +34,9 @@ from plait.parallel.data_parallel import DataParallelGrads
 from plait.parallel.grid import Grid
 from plait.parallel.context import split_sequence
 from plait.parallel.pipeline.runtime import PipelineRuntime
-from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES, microbatch_groups, placement, schedule_name
+from plait.parallel.pipeline.schedule import (SPLIT_SCHEDULES, chunks_per_rank, microbatch_groups, placement,
+                                              schedule_name, stage_ranks)
+from plait.parallel.tied import FIRST as TIED_FIRST, LAST as TIED_LAST, TiedWeights
 from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads, local
 from plait.parallel.shard_optimizer import ShardOptimizer
@@ -79,12 +81,18 @@ class Trainer:
         # the schedule's builder name (pp == 1: forward and backward of each micro-batch in turn, whatever is set)
         self.schedule = schedule_name(cfg.parallel.schedule, cfg.parallel.vpp) if self.grid.pp > 1 else "1f1b"
         self.chunks = self._build_chunks()  # this rank's model chunks (one unless pp > 1)
+        # tied embeddings under a pipeline: the last stage's head copy ({copy: embedding}) and their grad sum
+        self.mirrors = {name: source for chunk in self.chunks for name, source in chunk.tied_copies().items()}
+        self.tied = (TiedWeights(self.grid, stage_ranks(self.grid.pp, chunks_per_rank(self.schedule, cfg.parallel.vpp),
+                                                        placement(self.schedule)))
+                     if cfg.model.tie_embeddings and self.grid.pp > 1 else None)
         self.offload = self._build_offload(self.chunks)  # None unless offload.backend is set
         self.model = self.chunks[0] if self.grid.pp == 1 else torch.nn.ModuleList(self.chunks)
         self.specs = param_specs_of(self.chunks)
         self.grads = self._build_grads()  # before the names: under ZeRO-2/3 FSDP2 swaps in sharded parameters
         self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
-        self.param_group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups
+        group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups; a tied copy's is
+        self.param_group_of = lambda name, param: group_of(self.mirrors.get(name, name), param)  # its source's
         self.optimizer, self.grad_entries = self._build_optimizer()
         self.grads_sharded_over_dp = cfg.parallel.zero == 1 or self.fsdp  # ZeRO: each dp rank holds a piece of every grad
         self.loss_scaler = LossScaler.from_config(cfg.train) if cfg.train.precision == "fp16" else None
@@ -162,7 +170,7 @@ class Trainer:
     def _load_params(self, reader: "reshard.ShardReader") -> None:
         """This rank's parameters from a checkpoint of any layout (ZeRO-2/3: whole, then this rank's rows)."""
         with self.grads.whole_for_writing() as whole:
-            reshard.load_params(reader, whole, self.specs, self.grid)
+            reshard.load_params(reader, whole, self.specs, self.grid, self.mirrors)
 
     def _build_chunks(self) -> List[Transformer]:
         """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
@@ -249,7 +257,8 @@ class Trainer:
         if self.fsdp:
             return ShardedGrads(self.chunks, self.grid, cfg.parallel.zero, cfg.train.precision,
                                 cfg.parallel.reduce_in_fp32)
-        return DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero == 1)
+        alone = (TIED_FIRST, TIED_LAST) if self.tied is not None else ()  # ZeRO-1 slices of the two alike
+        return DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero == 1, alone=alone)
 
     def _build_optimizer(self) -> Tuple[object, Callable[[], List[Tuple[str, torch.Tensor]]]]:
         """The configured optimizer (or ZeRO-1 around it: each dp rank steps its shard), and where the
@@ -301,7 +310,12 @@ class Trainer:
         entries = self.grad_entries()
         all_reduce_coalesced([g for n, g in entries if self.specs[n].tp_partial_grad],
                              self.grid.tp_group if self.grid.tp > 1 else None)
-        norm = global_grad_norm([(g, self.specs[n]) for n, g in entries], self.grid,
+        if self.tied is not None:  # the embedding's and the head copy's grads summed: one matrix, counted once
+            self.tied.sync(entries)
+            entries_for_norm = [(n, g) for n, g in entries if not self.tied.is_copy(n)]
+        else:
+            entries_for_norm = entries
+        norm = global_grad_norm([(g, self.specs[n]) for n, g in entries_for_norm], self.grid,
                                 dp_sharded=self.grads_sharded_over_dp) / loss_scale
         if self.loss_scaler is None or torch.isfinite(norm):
             clip_by_norm([g for _, g in entries], self.cfg.optim.grad_clip, norm, loss_scale)
@@ -464,7 +478,12 @@ class Trainer:
         dest = None if whole else writer_ranks(self.specs, self.grid)  # {name: the rank that writes it}
         optim_state = named_state(self.optimizer, self.named_params, copy=False, dest=dest)  # collective under ZeRO
         params = self.grads.full_params(dest)  # ZeRO-2/3: each gathered on its writer
-        state = TrainerState(self.step_num, params, self.specs, optim_state, rank_state, meta)
+        specs = self.specs
+        if self.mirrors:  # a tied copy is not saved: the embedding stands for it (any layout reads it from there)
+            params = {n: p for n, p in params.items() if n not in self.mirrors}
+            optim_state = {n: s for n, s in optim_state.items() if n not in self.mirrors}
+            specs = {n: s for n, s in specs.items() if n not in self.mirrors}
+        state = TrainerState(self.step_num, params, specs, optim_state, rank_state, meta)
         return state if whole else state.share(self.grid)
 
     def load_state(self, reader: "reshard.ShardReader") -> None:
@@ -477,7 +496,7 @@ class Trainer:
                 f"{reader.path} is at step {reader.index['step']}, past train.steps={self.cfg.train.steps}; raise "
                 f"train.steps to train on, or resume an earlier checkpoint.")
         self._load_params(reader)
-        optim_state = reshard.load_optim_state(reader, self.named_params, self.specs, grid)
+        optim_state = reshard.load_optim_state(reader, self.named_params, self.specs, grid, self.mirrors)
         load_named_state(self.optimizer, self.named_params, optim_state)  # ZeRO-1 keeps its dp shard
         same = reshard.same_layout(reader.index, grid, int(self.cfg.parallel.vpp))
         rank_state = reader.rank_state(grid.rank if same else 0)

@@ -1,0 +1,63 @@
+"""Tied embeddings across pipeline stages: the last stage's head weight kept equal to the first stage's embedding.
+
+With `model.tie_embeddings=true` one matrix is both the embedding (stage 0) and the output
+head (the last stage). Under a pipeline those stages may sit on different ranks, so, as in
+Megatron-LM, the last stage holds a copy: drawn from the same seed as the embedding (equal
+from the start, `Transformer.tied_copies`), given the same optimizer group, and after every
+backward the two grads are summed (`sync`), so both copies take the same update and stay
+equal bit for bit. The sum runs between the two ranks that hold them, one pair per (tp, cp,
+dp) position (the "embedding group"), or on one rank where a V schedule puts the last stage
+beside the first.
+
+Under ZeRO-1 each side's weight has a gradient bucket of its own (`DataParallelGrads(alone=...)`)
+so that dp rank r's slice of the embedding's grad covers the same elements as its slice of
+the head's: the pieces are summed as they are. The global grad norm counts the matrix once
+(`is_copy`), and checkpoints hold only the embedding (the copy is read from it on load).
+"""
+
+from typing import Dict, Iterable, List, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from plait.parallel.grid import Grid
+
+FIRST, LAST = "embed.weight", "head.weight"  # the tied matrix as the embedding, and the last stage's copy
+
+
+class TiedWeights:
+    """The embedding group of this rank and the sum of the tied grads over it."""
+
+    def __init__(self, grid: Grid, stage_ranks: Sequence[int]):
+        """`stage_ranks[s]`: the pp rank of virtual stage s. Collective: every rank makes every group."""
+        self.grid = grid
+        self.first_rank, self.last_rank = stage_ranks[0], stage_ranks[-1]
+        self.local = self.first_rank == self.last_rank  # a V: both on one rank, summed in place
+        self.group = None
+        if self.local or grid.mesh is None:
+            return
+        for ranks in grid.layout.groups_of("pp"):  # ordered by pp coordinate
+            pair = [ranks[self.first_rank], ranks[self.last_rank]]
+            group = dist.new_group(pair)
+            if grid.rank in pair:
+                self.group = group
+
+    @staticmethod
+    def is_copy(name: str) -> bool:
+        """The last stage's copy: left out of the grad norm and of checkpoints (the embedding stands for it)."""
+        return name == LAST
+
+    @torch.no_grad()
+    def sync(self, entries: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        """Sum the tied matrix's grads (whole, or ZeRO-1 pieces: the same slices on both sides) over its holders."""
+        grads: Dict[str, List[torch.Tensor]] = {FIRST: [], LAST: []}
+        for name, grad in entries:
+            if name in grads and grad.numel():
+                grads[name].append(grad)
+        if self.local:
+            for first, last in zip(grads[FIRST], grads[LAST]):
+                first.add_(last)
+                last.copy_(first)
+            return
+        for grad in grads[FIRST] + grads[LAST]:  # one side holds one kind; each piece pairs with its twin
+            dist.all_reduce(grad, group=self.group)
