@@ -175,10 +175,6 @@ def check_pipeline(parallel: Any, n_layers: int, tie_embeddings: bool) -> None:
         if parallel.vpp != 1:
             raise LayoutError(f"parallel.vpp={parallel.vpp} needs parallel.pp > 1; set parallel.vpp=1 or raise pp.")
         return
-    if tie_embeddings and parallel.zero in (2, 3):
-        raise LayoutError(f"model.tie_embeddings=true with parallel.pp={parallel.pp} keeps a copy of the embedding "
-                          f"on the last stage, which parallel.zero={parallel.zero} (FSDP2) does not sum with it; "
-                          f"use parallel.zero=0 or 1, or model.tie_embeddings=false.")
     try:
         check_partition(n_layers, parallel.pp, parallel.vpp)
         check_microbatches(schedule_name(parallel.schedule, parallel.vpp), parallel.pp, parallel.vpp,

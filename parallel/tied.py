@@ -11,7 +11,8 @@ beside the first.
 
 Under ZeRO-1 each side's weight has a gradient bucket of its own (`DataParallelGrads(alone=...)`)
 so that dp rank r's slice of the embedding's grad covers the same elements as its slice of
-the head's: the pieces are summed as they are. The global grad norm counts the matrix once
+the head's: the pieces are summed as they are. Under ZeRO-2/3 both are FSDP2 shards of the
+same shape over the same dp mesh, so dp rank r holds the same rows of each: summed alike. The global grad norm counts the matrix once
 (`is_copy`), and checkpoints hold only the embedding (the copy is read from it on load).
 """
 
@@ -49,7 +50,8 @@ class TiedWeights:
 
     @torch.no_grad()
     def sync(self, entries: Iterable[Tuple[str, torch.Tensor]]) -> None:
-        """Sum the tied matrix's grads (whole, or ZeRO-1 pieces: the same slices on both sides) over its holders."""
+        """Sum the tied matrix's grads (whole, ZeRO-1 pieces or FSDP2 rows: the same slices on both sides) over
+        its holders."""
         grads: Dict[str, List[torch.Tensor]] = {FIRST: [], LAST: []}
         for name, grad in entries:
             if name in grads and grad.numel():

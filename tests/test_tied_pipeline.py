@@ -1,6 +1,7 @@
 """Tied embeddings under a pipeline: the last stage's head copy stays equal to the embedding, bit for bit, and
 the run trains as one process does (losses and grad norms to 1e-5, fp32) under 1F1B, interleaved, ZB-H1 and
-ZB-V (whose last stage sits beside the embedding on rank 0), with tp2 and with dp2 under ZeRO-1; checkpoints
+ZB-V (whose last stage sits beside the embedding on rank 0), with tp2, and with dp2 under ZeRO-1, ZeRO-3 and
+ZeRO-2 with ZB-V; checkpoints
 hold the embedding alone and move between pp=2 and one process both ways."""
 
 import pytest
@@ -41,7 +42,9 @@ def train(trainer, steps=STEPS):
 CASES = {2: {"1f1b": ["parallel.pp=2"], "interleaved": ["parallel.pp=2", "parallel.vpp=2"],
              "zbh1": ["parallel.pp=2", "parallel.schedule=zbh1"], "zbv": ["parallel.pp=2", "parallel.schedule=zbv"]},
          4: {"tp2-pp2": ["parallel.tp=2", "parallel.pp=2"],
-             "pp2-dp2-zero1": ["parallel.pp=2", "parallel.zero=1", "parallel.bucket_mb=0.01"]}}
+             "pp2-dp2-zero1": ["parallel.pp=2", "parallel.zero=1", "parallel.bucket_mb=0.01"],
+             "pp2-dp2-zero3": ["parallel.pp=2", "parallel.zero=3"],
+             "zbv-dp2-zero2": ["parallel.pp=2", "parallel.schedule=zbv", "parallel.zero=2"]}}
 
 
 def worker(rank, world, tmp, cache):
@@ -122,11 +125,3 @@ def test_tied_checkpoints_hold_the_embedding_alone_and_move_between_layouts(refe
         assert after["losses"] == pytest.approx(continued, rel=TOL), rank  # pp=2 -> one process
         started = embed if embed is not None else head  # one process -> pp=2: both copies read the embedding
         assert torch.equal(started, one_embed), rank
-
-
-def test_tied_embeddings_refuse_fsdp_under_a_pipeline():
-    from plait.train.config import ConfigError, load_config, validate
-
-    with pytest.raises(ConfigError, match="parallel.zero=3 \\(FSDP2\\) does not sum with it"):
-        validate(load_config(["model.tie_embeddings=true", "parallel.pp=2", "parallel.zero=3",
-                              "model.n_layers=4"]), 4)
