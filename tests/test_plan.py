@@ -109,3 +109,14 @@ def test_plan_cli_and_bad_world_size():
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2
     assert "parallel.tp" in bad.stderr and "world size 3" in bad.stderr
+
+
+def test_tied_embeddings_under_a_pipeline_hold_a_copy_counted_once():
+    """The last stage holds the tied head's copy (its weights count it), the model's total does not."""
+    base = ["model=tiny", "model.tie_embeddings=true", "train.seq_len=64", "train.batch_size=8",
+            "parallel.microbatches=4"]
+    one = plan(load_config(base + ["launch.world_size=1"]), 1)
+    piped = plan(load_config(base + ["parallel.pp=2", "launch.world_size=2"]), 2)
+    untied = plan(load_config(base + ["model.tie_embeddings=false", "parallel.pp=2", "launch.world_size=2"]), 2)
+    assert piped.total_params == one.total_params < untied.total_params
+    assert [s.params for s in piped.stages] == [s.params for s in untied.stages]  # the copy is held

@@ -179,8 +179,9 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
         params += sum(p.numel() for p in model.parameters())
         block = max([block] + [sum(p.numel() for p in layer.parameters()) for layer in model.layers.values()])
         specs = param_specs(model)
+        copies = model.tied_copies()  # a tied head's copy of the embedding: held here, counted once in the model
         full_params += sum(p.numel() * (tp if specs[name].is_sharded else 1)
-                           for name, p in model.named_parameters())
+                           for name, p in model.named_parameters() if name not in copies)
         vocab_local = model.vocab // tp
     layers = sum(len(chunk.layers) for chunk in chunks)
     has_head = any(chunk.has_head for chunk in chunks)
