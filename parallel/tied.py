@@ -12,8 +12,9 @@ beside the first.
 Under ZeRO-1 each side's weight has a gradient bucket of its own (`DataParallelGrads(alone=...)`)
 so that dp rank r's slice of the embedding's grad covers the same elements as its slice of
 the head's: the pieces are summed as they are. Under ZeRO-2/3 both are FSDP2 shards of the
-same shape over the same dp mesh, so dp rank r holds the same rows of each: summed alike. The global grad norm counts the matrix once
-(`is_copy`), and checkpoints hold only the embedding (the copy is read from it on load).
+same shape over the same dp mesh, so dp rank r holds the same rows of each: summed alike.
+The global grad norm counts the matrix once (`is_copy`), and checkpoints hold only the
+embedding (the copy is read from it on load).
 """
 
 from typing import Dict, Iterable, List, Sequence, Tuple

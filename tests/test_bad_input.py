@@ -41,7 +41,8 @@ NUMBERS = {  # key -> values that may or may not be in range
     "parallel.microbatches": st.integers(-1, 9), "parallel.zero": st.integers(-1, 4),
     "launch.nodes": st.integers(-1, 3), "launch.procs_per_node": st.integers(-1, 9),
     "offload.keep_last": st.sampled_from(["auto", "-1", "2", "lots"]), "offload.min_bytes": st.integers(-1, 10),
-    "train.loss_scale": st.sampled_from(["-1", "0", "1024", "null", "big"]), "train.loss_scale_window": st.integers(-1, 3),
+    "train.loss_scale": st.sampled_from(["-1", "0", "1024", "null", "big"]),
+    "train.loss_scale_window": st.integers(-1, 3),
 }
 CHOICES = {  # key -> names, some of which are not in the table that builds them
     "optim.name": ["adamw", "lion", "adam", "sgd"], "optim.schedule": ["cosine", "cosin", "linear", "wsd", "step"],

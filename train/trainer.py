@@ -83,9 +83,7 @@ class Trainer:
         self.chunks = self._build_chunks()  # this rank's model chunks (one unless pp > 1)
         # tied embeddings under a pipeline: the last stage's head copy ({copy: embedding}) and their grad sum
         self.mirrors = {name: source for chunk in self.chunks for name, source in chunk.tied_copies().items()}
-        self.tied = (TiedWeights(self.grid, stage_ranks(self.grid.pp, chunks_per_rank(self.schedule, cfg.parallel.vpp),
-                                                        placement(self.schedule)))
-                     if cfg.model.tie_embeddings and self.grid.pp > 1 else None)
+        self.tied = self._build_tied()  # None unless tied and pp > 1
         self.offload = self._build_offload(self.chunks)  # None unless offload.backend is set
         self.model = self.chunks[0] if self.grid.pp == 1 else torch.nn.ModuleList(self.chunks)
         self.specs = param_specs_of(self.chunks)
@@ -189,6 +187,13 @@ class Trainer:
                      self.grid.layout.describe())
         return chunks
 
+    def _build_tied(self) -> Optional[TiedWeights]:
+        """The embedding group summing the tied matrix's two grads (collective: every rank makes every group)."""
+        if not (self.cfg.model.tie_embeddings and self.grid.pp > 1):
+            return None
+        vpp = chunks_per_rank(self.schedule, self.cfg.parallel.vpp)
+        return TiedWeights(self.grid, stage_ranks(self.grid.pp, vpp, placement(self.schedule)))
+
     def _build_offload(self, chunks):
         """SSDTrain-style activation offload attached to each of this rank's chunks (None: backend none)."""
         if self.cfg.offload.backend == "none":
@@ -213,7 +218,8 @@ class Trainer:
         if self.is_logger and self.grid.pp > 1:
             groups = ""
             if runtime.schedule == "interleaved":
-                groups = " (in groups of " + "+".join(map(str, microbatch_groups(self.grid.pp, runtime.microbatches))) + ")"
+                sizes = microbatch_groups(self.grid.pp, runtime.microbatches)
+                groups = f" (in groups of {'+'.join(map(str, sizes))})"
             log.info("pipeline: %s schedule, pp %d x vpp %d, %d micro-batches%s, messages over %s", runtime.schedule,
                      self.grid.pp, cfg.parallel.vpp, cfg.parallel.microbatches, groups, runtime.transport_name)
         return runtime

@@ -40,8 +40,8 @@ DualPipeV needs m >= 2p (its steady phase pairs every forward with a backward).
 """
 
 from dataclasses import dataclass
-from itertools import accumulate
 from enum import Enum
+from itertools import accumulate
 from typing import Callable, Dict, List, Sequence, Tuple
 
 
