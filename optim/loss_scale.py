@@ -9,8 +9,8 @@ some grad to inf or nan: that step is skipped (no update, on every rank) and S s
 The dynamic rule is Megatron's and DeepSpeed's: S starts at `initial` (2^16, torch's and
 DeepSpeed's default); an overflow skips the step and, from the `hysteresis`-th overflow
 since the last growth on, halves S (never below `minimum`); `window` steps in a row
-without one double it and forgive the overflows seen. A static scale (`train.loss_scale=S`) never moves, but an overflow
-still skips its step.
+without one double it and forgive the overflows seen. A static scale
+(`train.loss_scale=S`) never moves, but an overflow still skips its step.
 
 Whether a step overflowed comes from the global grad norm (`plait.parallel.global_grad_norm`),
 which is summed over every tensor-, pipeline- and (sharded) data-parallel rank: a single
@@ -30,7 +30,7 @@ class LossScaler:
     scale: float = 2.0 ** 16
     dynamic: bool = True
     window: int = 1000  # steps without an overflow before the scale doubles
-    hysteresis: int = 2  # overflows tolerated (each still skips its step) before the scale halves
+    hysteresis: int = 2  # the overflow (since the last growth) from which each one halves the scale
     minimum: float = 1.0
     good_steps: int = 0  # steps since the last overflow or growth
     overflows_left: int = 0  # overflows still tolerated before the next halving; set from hysteresis

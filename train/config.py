@@ -65,7 +65,7 @@ class TrainConfig:
     loss_scale: Optional[float] = None  # fp16 only: null scales dynamically, a number is a static scale
     loss_scale_initial: float = 65536.0  # fp16, dynamic: the first scale (2^16)
     loss_scale_window: int = 1000  # fp16, dynamic: steps without an overflow before the scale doubles
-    loss_scale_hysteresis: int = 2  # fp16, dynamic: overflows (each skips its step) before the scale halves
+    loss_scale_hysteresis: int = 2  # fp16, dynamic: the overflow since the last growth from which each halves
     loss_scale_min: float = 1.0  # fp16, dynamic: the scale never goes below this
     compile: str = "auto"  # auto (on for CUDA, off on CPU and with activation offload) | true | false
     eval_every: int = 50
