@@ -334,6 +334,20 @@ def test_keep_last_and_layout_record(saved_run):
         assert sorted(reference) == sorted(ours) and all(torch.equal(reference[k], ours[k]) for k in ours)
 
 
+def test_milestones_outlive_the_last_k(tmp_path, stdlib_tokens):
+    """checkpoint.keep=1 with checkpoint.keep_every=4: of the saves at 2, 4, ..., 10 the milestones 4 and 8 stay
+    beside the newest; a resume still takes the newest."""
+    cache = stdlib_tokens[0].parent.parent
+    overrides = run_overrides(tmp_path / "run", cache, 10, "checkpoint.every=2", "checkpoint.keep=1",
+                              "checkpoint.keep_every=4")
+    trainer = make_trainer(overrides)
+    trainer.fit()
+    trainer.close()
+    root = tmp_path / "run" / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000004", "step-00000008", "step-00000010"]
+    assert latest_checkpoint(root).name == "step-00000010"
+
+
 def _resume_error(overrides, target):
     with pytest.raises(CheckpointError) as caught:
         make_trainer([*overrides, f"train.resume={target}"])

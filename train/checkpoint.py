@@ -241,11 +241,12 @@ def agree_over(group, device: torch.device, world_size: int) -> Agree:
 
 
 def write_checkpoint(root: Path, grid: Grid, request: SaveRequest, keep: int, agree: Agree,
-                     fault: Fault = _no_fault) -> Path:
+                     fault: Fault = _no_fault, keep_every: int = 0) -> Path:
     """Write one checkpoint (every rank calls this with its part); returns its directory.
 
     The directory appears under its final name, and `latest` moves to it, only once every
-    rank's files are on disk. `keep` > 0 prunes to the newest `keep` checkpoints. A failure
+    rank's files are on disk. `keep` > 0 prunes to the newest `keep` checkpoints (and the
+    milestones at multiples of `keep_every`). A failure
     on any rank (a full or read-only disk) is a CheckpointError on every rank, naming
     `checkpoint.dir`; the temporary directory is removed and `latest` is untouched.
     """
@@ -264,7 +265,7 @@ def write_checkpoint(root: Path, grid: Grid, request: SaveRequest, keep: int, ag
         problem = problem or "another rank could not write its part"
     if agree(problem is None):
         if grid.rank == 0:
-            _prune_quietly(root, keep)
+            _prune_quietly(root, keep, keep_every)
         return final
     if grid.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -275,10 +276,10 @@ def write_checkpoint(root: Path, grid: Grid, request: SaveRequest, keep: int, ag
                           f"checkpoint.dir elsewhere.")
 
 
-def _prune_quietly(root: Path, keep: int) -> None:
+def _prune_quietly(root: Path, keep: int, keep_every: int = 0) -> None:
     """Prune after publishing: a failure to remove an old checkpoint costs disk, not the new one."""
     try:
-        prune(root, keep)
+        prune(root, keep, keep_every)
     except OSError as error:
         log.warning("checkpoint: could not remove old checkpoints under %s (%s)", root, error.strerror or error)
 
@@ -355,14 +356,21 @@ def clean_temporaries(root: Path) -> List[Path]:
     return removed
 
 
-def prune(root: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (and never the one `latest` names); drop temporaries."""
+def step_of(path: Path) -> int:
+    """The step a checkpoint directory (`step-XXXXXXXX`) holds."""
+    return int(Path(path).name.split("-", 1)[1])
+
+
+def prune(root: Path, keep: int, keep_every: int = 0) -> None:
+    """Keep the newest `keep` complete checkpoints, every milestone (a step that is a multiple of `keep_every`,
+    when > 0) and the one `latest` names; drop temporaries."""
     clean_temporaries(root)
     if keep <= 0:
         return
     latest = latest_checkpoint(root)
     for path in complete_checkpoints(root)[:-keep]:
-        if latest is None or path.resolve() != latest.resolve():
+        milestone = keep_every > 0 and step_of(path) % keep_every == 0
+        if not milestone and (latest is None or path.resolve() != latest.resolve()):
             shutil.rmtree(path)
 
 

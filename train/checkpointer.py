@@ -94,8 +94,9 @@ class Checkpointer:
     """Saves one rank's part of each checkpoint under `root`, in the background or in the calling thread."""
 
     def __init__(self, root: Path, grid: Grid, device: torch.device, *, keep: int = 0, asynchronous: bool = True,
-                 on_error: str = "stop"):
+                 on_error: str = "stop", keep_every: int = 0):
         self.root, self.grid, self.device, self.keep = Path(root), grid, torch.device(device), keep
+        self.keep_every = keep_every  # milestones: checkpoints at multiples of this step are never pruned
         self.asynchronous, self.on_error = asynchronous, on_error
         self.cuda = self.device.type == "cuda"
         self.arenas: Dict[str, FileArena] = {}  # "model" / "optim": kept from one save to the next
@@ -128,7 +129,7 @@ class Checkpointer:
         if not self._fits_in_host_memory(state):  # stream the files from the live tensors, in this thread
             return write_checkpoint(self.root, self.grid, self._request(state, {}), self.keep,
                                     agree_over(None, self.device, self.grid.world_size),
-                                    lambda phase: self.fault(phase, state.step))
+                                    lambda phase: self.fault(phase, state.step), self.keep_every)
         request, sources = self._request(state, self._arenas_for(state)), []
         for kind, arena in request.arenas.items():
             live = state.named_params if kind == "model" else optim_file_tensors(state.optim_state)
@@ -203,7 +204,7 @@ class Checkpointer:
         """Write and publish; remember how many bytes of files this rank wrote, and how long writing took."""
         start = time.perf_counter()
         path = write_checkpoint(self.root, self.grid, request, self.keep, agree,
-                                lambda phase: self.fault(phase, request.step))
+                                lambda phase: self.fault(phase, request.step), self.keep_every)
         self.last_write = {"seconds": time.perf_counter() - start,
                            "bytes": sum(arena.nbytes for arena in request.arenas.values())}
         return path

@@ -82,10 +82,11 @@ class TrainConfig:
 
 @dataclass
 class CheckpointConfig:
-    """Checkpoints: every N steps (0: only at the end), keep the last K."""
+    """Checkpoints: every N steps (0: only at the end), keep the last K (and milestones)."""
 
     every: int = 0
     keep: int = 2
+    keep_every: int = 0  # milestones: checkpoints at multiples of this step are never pruned (0: none)
     dir: Optional[str] = None  # default: <run_dir>/checkpoints
     save_final: bool = True
     async_save: bool = True  # snapshot to host memory, write in the background (`async` is a Python keyword)
@@ -237,6 +238,8 @@ def validate_loss_scale(train: TrainConfig) -> None:
 def validate_checkpoint(checkpoint: CheckpointConfig) -> None:
     number(ConfigError, "checkpoint.every", checkpoint.every, low=0, integer=True, fix="0 saves only at the end")
     number(ConfigError, "checkpoint.keep", checkpoint.keep, low=0, integer=True, fix="0 keeps every checkpoint")
+    number(ConfigError, "checkpoint.keep_every", checkpoint.keep_every, low=0, integer=True,
+           fix="0 keeps no milestones beyond checkpoint.keep")
     if checkpoint.init_from:
         _require(Path(checkpoint.init_from).expanduser().exists(),
                  f"checkpoint.init_from={checkpoint.init_from} does not exist; pass a Hugging Face Llama "

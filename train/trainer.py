@@ -142,6 +142,7 @@ class Trainer:
         self.crash_at = fault_step(self.grid.rank)  # PLAIT_FAULT_AT_STEP: restart tests only, read once
         self.checkpoint_dir = checkpoint_root(cfg, self.run_dir)
         self.checkpointer = Checkpointer(self.checkpoint_dir, self.grid, self.device, keep=int(cfg.checkpoint.keep),
+                                         keep_every=int(cfg.checkpoint.keep_every),
                                          asynchronous=bool(cfg.checkpoint.async_save),
                                          on_error=cfg.checkpoint.on_error)
         self.checkpoint_step = None  # the step of the last checkpoint written or resumed from
