@@ -44,6 +44,9 @@ def test_refusals_are_one_line(tmp_path, capsys):
     write_log(tmp_path / "cut", [{"step": 1, "loss": 5.0}])
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as handle:
         handle.write('{"step": 2, "lo')
+    assert read_run(str(tmp_path / "cut")).loss == {1: 5.0}  # a run still writing its last record
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as handle:
+        handle.write('\n{"step": 3, "loss": 4.0}\n')  # a damaged line inside the log is an error
     cases = {(str(tmp_path / "empty"),): "holds no metrics.jsonl",
              (str(tmp_path / "cut"),): "line 2 is not JSON",
              (str(tmp_path / "cut"), "--smooth", "1"): "--smooth 1.0 must be in [0, 1)"}

@@ -2,12 +2,13 @@
 
 A run is a run directory (or its `metrics.jsonl`): rank 0's records, `loss` (and `lr`,
 `tokens_per_s`, ...) on logged steps and `val_loss` on evaluation steps. A step recorded
-twice (a log written before plait cut a resumed run's log back to its checkpoint) keeps its
-last record, the one the run went on from. The PNG draws each run's training loss against
-the step, its validation loss as dots, and with `--lr` the learning rate in a second panel;
-`--smooth a` draws the training loss as an exponential moving average (a = 0.9 keeps 90% of
-the running value). The table gives, per run: steps logged, the last loss, the best
-validation loss and its step, and the median tokens/s.
+twice (a log written before plait cut a resumed run's log back to its checkpoint) keeps
+its last record, the one the run went on from; a last line still being written is left
+out. The PNG draws each run's training loss against the step, its validation loss as dots,
+and with `--lr` the learning rate in a second panel; `--smooth a` draws the training loss
+as an exponential moving average (a = 0.9 keeps 90% of the running value). The table
+gives, per run: steps logged, the last loss, the best validation loss and its step, and
+the median tokens/s.
 
     plait plot outputs/2026-12-05/10-00-00 outputs/2026-12-05/11-30-00 --out loss.png
 """
@@ -52,12 +53,16 @@ def read_run(run: str, name: Optional[str] = None) -> Curves:
     """A run's series; a later record of a step replaces an earlier one."""
     path = metrics_file(run)
     curves = Curves(name or (path.parent.name if path.name == "metrics.jsonl" else path.stem))
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    text = path.read_text()
+    lines = text.splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            if number == len(lines) and not text.endswith("\n"):
+                break  # the last record of a run still writing it
             raise RunError(f"{path} line {number} is not JSON; was the file cut short by a full disk?") from None
         step = int(record.get("step", 0))
         for key in ("loss", "val_loss", "lr", "tokens_per_s"):
