@@ -13,7 +13,7 @@ Under ZeRO-1 each side's weight has a gradient bucket of its own (`DataParallelG
 so that dp rank r's slice of the embedding's grad covers the same elements as its slice of
 the head's: the pieces are summed as they are. Under ZeRO-2/3 both are FSDP2 shards of the
 same shape over the same dp mesh, so dp rank r holds the same rows of each: summed alike.
-The global grad norm counts the matrix once (`is_copy`), and checkpoints hold only the
+The trainer counts the matrix once in the global grad norm, and checkpoints hold only the
 embedding (the copy is read from it on load).
 """
 
@@ -24,15 +24,15 @@ import torch.distributed as dist
 
 from plait.parallel.grid import Grid
 
-FIRST, LAST = "embed.weight", "head.weight"  # the tied matrix as the embedding, and the last stage's copy
 
 
 class TiedWeights:
     """The embedding group of this rank and the sum of the tied grads over it."""
 
-    def __init__(self, grid: Grid, stage_ranks: Sequence[int]):
-        """`stage_ranks[s]`: the pp rank of virtual stage s. Collective: every rank makes every group."""
-        self.grid = grid
+    def __init__(self, grid: Grid, stage_ranks: Sequence[int], names: Tuple[str, str]):
+        """`stage_ranks[s]`: the pp rank of virtual stage s; `names`: the matrix's name on the first stage and its
+        copy's on the last (the model's `TIED_NAMES`). Collective: every rank makes every group."""
+        self.grid, (self.first, self.last) = grid, names
         self.first_rank, self.last_rank = stage_ranks[0], stage_ranks[-1]
         self.local = self.first_rank == self.last_rank  # a V: both on one rank, summed in place
         self.group = None
@@ -44,23 +44,18 @@ class TiedWeights:
             if grid.rank in pair:
                 self.group = group
 
-    @staticmethod
-    def is_copy(name: str) -> bool:
-        """The last stage's copy: left out of the grad norm and of checkpoints (the embedding stands for it)."""
-        return name == LAST
-
     @torch.no_grad()
     def sync(self, entries: Iterable[Tuple[str, torch.Tensor]]) -> None:
         """Sum the tied matrix's grads (whole, ZeRO-1 pieces or FSDP2 rows: the same slices on both sides) over
         its holders."""
-        grads: Dict[str, List[torch.Tensor]] = {FIRST: [], LAST: []}
+        grads: Dict[str, List[torch.Tensor]] = {self.first: [], self.last: []}
         for name, grad in entries:
             if name in grads and grad.numel():
                 grads[name].append(grad)
         if self.local:
-            for first, last in zip(grads[FIRST], grads[LAST]):
+            for first, last in zip(grads[self.first], grads[self.last]):
                 first.add_(last)
                 last.copy_(first)
             return
-        for grad in grads[FIRST] + grads[LAST]:  # one side holds one kind; each piece pairs with its twin
+        for grad in grads[self.first] + grads[self.last]:  # one side holds one kind; each piece pairs with its twin
             dist.all_reduce(grad, group=self.group)

@@ -267,6 +267,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) 
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
 
+TIED_NAMES = ("embed.weight", "head.weight")  # tied embeddings: the matrix (stage 0), a last stage's copy of it
+
+
 class Transformer(nn.Module):
     """The decoder, or one pipeline chunk of it.
 
@@ -302,7 +305,8 @@ class Transformer(nn.Module):
         """{copy: the weight it mirrors}: under tied embeddings, a last pipeline stage without the embedding
         holds its own head weight that stays equal to the embedding's (initialized alike, grads summed with
         it every step: `plait.parallel.tied.TiedWeights`); elsewhere nothing."""
-        return {"head.weight": "embed.weight"} if self.cfg.tie_embeddings and self.head is not None else {}
+        first, copy = TIED_NAMES
+        return {copy: first} if self.cfg.tie_embeddings and self.head is not None else {}
 
     @property
     def has_head(self) -> bool:

@@ -36,7 +36,7 @@ from plait.parallel.context import split_sequence
 from plait.parallel.pipeline.runtime import PipelineRuntime
 from plait.parallel.pipeline.schedule import (SPLIT_SCHEDULES, chunks_per_rank, microbatch_groups, placement,
                                               schedule_name, stage_ranks)
-from plait.parallel.tied import FIRST as TIED_FIRST, LAST as TIED_LAST, TiedWeights
+from plait.parallel.tied import TiedWeights
 from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads, local
 from plait.parallel.shard_optimizer import ShardOptimizer
@@ -48,7 +48,7 @@ from plait.train import metrics as metrics_lib
 from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml, validate
 from plait.train.export import init_from_hf
 from plait.train.build import build_chunks, hidden_shape, named_parameters_of, param_specs_of
-from plait.train.model import Transformer
+from plait.train.model import TIED_NAMES, Transformer
 from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.peaks import peak_flops
 from plait.train.step import autocast
@@ -193,7 +193,7 @@ class Trainer:
         if not (self.cfg.model.tie_embeddings and self.grid.pp > 1):
             return None
         vpp = chunks_per_rank(self.schedule, self.cfg.parallel.vpp)
-        return TiedWeights(self.grid, stage_ranks(self.grid.pp, vpp, placement(self.schedule)))
+        return TiedWeights(self.grid, stage_ranks(self.grid.pp, vpp, placement(self.schedule)), TIED_NAMES)
 
     def _build_offload(self, chunks):
         """SSDTrain-style activation offload attached to each of this rank's chunks (None: backend none)."""
@@ -264,7 +264,7 @@ class Trainer:
         if self.fsdp:
             return ShardedGrads(self.chunks, self.grid, cfg.parallel.zero, cfg.train.precision,
                                 cfg.parallel.reduce_in_fp32)
-        alone = (TIED_FIRST, TIED_LAST) if self.tied is not None else ()  # ZeRO-1 slices of the two alike
+        alone = TIED_NAMES if self.tied is not None else ()  # ZeRO-1 slices of the two alike
         return DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero == 1, alone=alone)
 
     def _build_optimizer(self) -> Tuple[object, Callable[[], List[Tuple[str, torch.Tensor]]]]:
@@ -319,10 +319,7 @@ class Trainer:
                              self.grid.tp_group if self.grid.tp > 1 else None)
         if self.tied is not None:  # the embedding's and the head copy's grads summed: one matrix, counted once
             self.tied.sync(entries)
-            entries_for_norm = [(n, g) for n, g in entries if not self.tied.is_copy(n)]
-        else:
-            entries_for_norm = entries
-        norm = global_grad_norm([(g, self.specs[n]) for n, g in entries_for_norm], self.grid,
+        norm = global_grad_norm([(g, self.specs[n]) for n, g in entries if n not in self.mirrors], self.grid,
                                 dp_sharded=self.grads_sharded_over_dp) / loss_scale
         if self.loss_scaler is None or torch.isfinite(norm):
             clip_by_norm([g for _, g in entries], self.cfg.optim.grad_clip, norm, loss_scale)
