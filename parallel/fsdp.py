@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from plait.common.compat import flat_mesh, fsdp_reduce_pending
+from plait.common.precision import half_dtype
 from plait.parallel.grid import Grid
 
 FSDP_LEVELS = (2, 3)
@@ -56,9 +57,9 @@ def mixed_precision(precision: str, reduce_in_fp32: bool):
     the shard, and the step is skipped."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    if precision not in ("bf16", "fp16"):
+    half = half_dtype(precision)
+    if half is None:
         return MixedPrecisionPolicy()
-    half = torch.bfloat16 if precision == "bf16" else torch.float16
     return MixedPrecisionPolicy(param_dtype=half,
                                 reduce_dtype=torch.float32 if reduce_in_fp32 else half,
                                 output_dtype=torch.float32)

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from plait.common.checks import SettingError, choice, number
+from plait.common.precision import HALF_DTYPES
 from plait.common.paths import unwritable_reason
 from plait.data.config import DataConfig, validate_data
 from plait.launch.config import LaunchConfig
@@ -191,7 +192,7 @@ def validate_model(model: ModelConfig) -> None:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", *HALF_DTYPES)  # fp32, bf16, fp16
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 WANDB_MODES = ("disabled", "offline", "online")
 

@@ -19,6 +19,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from plait.common.precision import half_dtype
+
 TERA = 1e12
 
 # (name pattern, {precision: dense FLOP/s per device}), from NVIDIA's datasheets (SXM boards
@@ -40,7 +42,7 @@ DATASHEET: Tuple[Tuple[str, Dict[str, float]], ...] = (
 
 def matmul_precision(precision: str) -> str:
     """The datasheet column a run's matmuls use: bf16, tf32 or fp32."""
-    if precision in ("bf16", "fp16"):
+    if half_dtype(precision) is not None:  # NVIDIA's dense fp16 and bf16 peaks are one figure
         return "bf16"
     return "fp32" if torch.get_float32_matmul_precision() == "highest" else "tf32"
 
@@ -58,7 +60,7 @@ def measure_matmul_flops(device: torch.device, precision: str = "fp32", seconds:
     """The fastest of many 1024^3 matmuls in the run's precision (FLOP/s): a stand-in where no datasheet
     figure exists."""
     size = 1024
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    dtype = half_dtype(precision) or torch.float32
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b

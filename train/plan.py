@@ -26,6 +26,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
+from plait.common.precision import half_dtype
 from plait.parallel.grid import Grid
 from plait.parallel.layout import Layout
 
@@ -99,7 +100,7 @@ class Plan:
 
 
 def _element_size(precision: str) -> int:
-    return 2 if precision in ("bf16", "fp16") else 4
+    return 2 if half_dtype(precision) is not None else 4
 
 
 def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool) -> int:

@@ -10,16 +10,15 @@ from typing import Callable, Optional
 
 import torch
 
+from plait.common.precision import half_dtype
 from plait.train.model import Transformer
-
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def autocast(device: torch.device, precision: str):
     """bf16 or fp16 autocast for the forward when asked; the weights stay fp32 either way."""
-    if precision in AUTOCAST_DTYPES:
-        return torch.autocast(device_type=device.type, dtype=AUTOCAST_DTYPES[precision])
+    half = half_dtype(precision)
+    if half is not None:
+        return torch.autocast(device_type=device.type, dtype=half)
     return contextlib.nullcontext()
 
 
