@@ -19,7 +19,7 @@ collective of its own. torch's `GradScaler` checks only the grads its process ho
 optimizer's), so under tp x pp one rank would step while another skipped.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict
 
 
@@ -33,12 +33,11 @@ class LossScaler:
     hysteresis: int = 2  # the overflow (since the last growth) from which each one halves the scale
     minimum: float = 1.0
     good_steps: int = 0  # steps since the last overflow or growth
-    overflows_left: int = 0  # overflows still tolerated before the next halving; set from hysteresis
     skipped: int = 0  # steps skipped since the run started
+    overflows_left: int = field(init=False)  # overflows until the scale halves: from hysteresis, reset at growth
 
     def __post_init__(self):
-        if self.overflows_left == 0:
-            self.overflows_left = self.hysteresis
+        self.overflows_left = self.hysteresis
 
     @classmethod
     def from_config(cls, train) -> "LossScaler":

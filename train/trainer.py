@@ -309,10 +309,10 @@ class Trainer:
         return work()
 
     # one step ---------------------------------------------------------------------
-    def _finish_grads(self, loss_scale: float) -> torch.Tensor:
+    def _finish_grads(self, loss_scale: float) -> Tuple[torch.Tensor, bool]:
         """Wait for the dp reduction, sum sequence-parallel partial grads over tp, unscale (fp16) and clip;
-        returns the norm of the unscaled grads: inf or nan on every rank if any grad overflowed (under fp16 the
-        grads are then left as they are: the step is skipped)."""
+        returns the norm of the unscaled grads and whether to skip the step: under fp16, an inf or nan grad
+        anywhere (the norm is summed over every rank, so all agree; the grads are then left as they are)."""
         self.grads.finish()
         entries = self.grad_entries()
         all_reduce_coalesced([g for n, g in entries if self.specs[n].tp_partial_grad],
@@ -321,9 +321,10 @@ class Trainer:
             self.tied.sync(entries)
         norm = global_grad_norm([(g, self.specs[n]) for n, g in entries if n not in self.mirrors], self.grid,
                                 dp_sharded=self.grads_sharded_over_dp) / loss_scale
-        if self.loss_scaler is None or torch.isfinite(norm):
+        overflow = self.loss_scaler is not None and not bool(torch.isfinite(norm))
+        if not overflow:
             clip_by_norm([g for _, g in entries], self.cfg.optim.grad_clip, norm, loss_scale)
-        return norm
+        return norm, overflow
 
     def step(self) -> Dict[str, float]:
         """One optimizer step on the global batch of step `step_num`; returns its metrics."""
@@ -337,9 +338,7 @@ class Trainer:
                                  before_last_backward=self.grads.start_overlap, after_weights=self.grads.after_weights,
                                  forward_context=self._autocast, loss_scale=scale)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
-        norm = self._finish_grads(scale)
-        # fp16: an inf or nan grad anywhere skips the step on every rank (the norm is summed over all of them)
-        overflow = self.loss_scaler is not None and not bool(torch.isfinite(norm))
+        norm, overflow = self._finish_grads(scale)
         self.checkpointer.before_update()  # a background save's snapshot is taken before the weights change
         if not overflow:
             self.optimizer.step()
