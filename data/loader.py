@@ -88,6 +88,7 @@ class Loader:
         self.seq_len = seq_len
         self.seed, self.step = seed, 0
         self.weights = weights
+        self.tokenizer: Optional[str] = None  # what made the tokens ("byte", a tokenizer.json), when known
         self.val_weights = weights if len(val) == len(train) else [1.0] * len(val)
         self._open_streams(train, val)
 
@@ -157,4 +158,6 @@ class Loader:
         loader = cls([s.train for s in sources], val, seq_len, batch_size, microbatches, dp_rank, dp_size, seed,
                      device, weights)
         loader._closers += [s.close for s in sources]
+        tokenizers = {s.tokenizer for s in sources}
+        loader.tokenizer = tokenizers.pop() if len(tokenizers) == 1 else None  # for `plait generate`
         return loader

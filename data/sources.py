@@ -29,13 +29,15 @@ log = logging.getLogger("plait")
 
 @dataclass
 class Source:
-    """One corpus, opened: its train and validation datasets and its vocabulary (None when unknown)."""
+    """One corpus, opened: its train and validation datasets, its vocabulary and its tokenizer ("byte", the
+    path of the prepared directory's tokenizer.json, or None: unknown, as for Megatron shards)."""
 
     name: str
     train: TokenDataset
     val: Optional[TokenDataset]
     vocab_size: Optional[int]
     shards: List[OpenShard]
+    tokenizer: Optional[str] = None
 
     def close(self) -> None:
         for shard in self.shards:
@@ -98,7 +100,15 @@ def _open_prepared(directory: Path, seq_len: int, device: torch.device, name: st
     train_set = TokenDataset([TokenSpan(opened[0], 0, len(shards[0]))], seq_len, f"{name} (train)")
     val_set = _maybe_dataset([TokenSpan(opened[1], 0, len(shards[1]))], seq_len, f"{name} (validation)") \
         if len(opened) > 1 else None
-    return Source(name, train_set, val_set, int(meta["vocab_size"]), opened)
+    return Source(name, train_set, val_set, int(meta["vocab_size"]), opened, _tokenizer_of(directory, meta))
+
+
+def _tokenizer_of(directory: Path, meta: dict) -> Optional[str]:
+    """What tokenized a prepared directory: "byte", or its own tokenizer.json (absolute), else None."""
+    if meta.get("tokenizer") == "byte":
+        return "byte"
+    file = directory / "tokenizer.json"
+    return str(file.resolve()) if file.is_file() else None
 
 
 def _open_shards(prefixes: List[Path], val_fraction: float, seq_len: int, device: torch.device, name: str) -> Source:

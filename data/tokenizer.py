@@ -23,6 +23,10 @@ class ByteTokenizer:
     def encode(self, text: str) -> np.ndarray:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids` (a byte sequence cut inside a character shows U+FFFD there)."""
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
     def to_json(self) -> Optional[str]:
         return None
 
@@ -73,6 +77,9 @@ class BPETokenizer:
 
     def encode(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
 
     def to_json(self) -> Optional[str]:
         return self.tokenizer.to_str()

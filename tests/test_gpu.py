@@ -286,3 +286,24 @@ def test_zero3_on_one_gpu_equals_zero0_and_gathers_in_bf16(tmp_path, stdlib_toke
     assert zero3 == pytest.approx(zero0, rel=1e-4)
     assert master == master_bf16 == {torch.float32}
     assert bf16 == pytest.approx(zero0, rel=2e-2)
+
+
+@torch.no_grad()
+def test_cached_decoding_on_cuda_gives_the_full_forwards_logits_and_the_cpu_tokens():
+    """`plait generate`'s KV cache with CUDA's SDPA kernels (a boolean mask, grouped-query heads), fp32 and bf16."""
+    from plait.train.config import ModelConfig
+    from plait.train.generate import attach_caches, generate
+
+    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=200, max_seq_len=40)
+    cpu_model = build_model(cfg, seed=3).eval()
+    model = build_model(cfg, seed=3, device=CUDA).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 14), generator=torch.Generator().manual_seed(3))
+    full = cpu_model(ids)
+    greedy = generate(model, ids.to(CUDA), 20, temperature=0).cpu()
+    assert torch.equal(greedy, generate(cpu_model, ids, 20, temperature=0))
+    attach_caches(model)
+    cached = torch.cat([model(ids[:, :5].to(CUDA))] + [model(ids[:, i:i + 1].to(CUDA)) for i in range(5, 14)], dim=1)
+    assert torch.allclose(cached.cpu(), full, atol=1e-4, rtol=1e-4), (cached.cpu() - full).abs().max()
+    half = build_model(cfg, seed=3, device=CUDA).to(torch.bfloat16).eval()
+    out = generate(half, ids.to(CUDA), 20, temperature=0.8, top_p=0.9, generator=torch.Generator(CUDA).manual_seed(0))
+    assert out.shape == (2, 34) and bool((out < cfg.vocab_size).all())

@@ -477,7 +477,8 @@ class Trainer:
         if self.loss_scaler is not None:  # fp16's scale and counters (the same on every rank)
             rank_state["loss_scale"] = self.loss_scaler.state_dict()
         meta = {**layout_meta(self.grid, cfg.parallel.vpp, cfg.parallel.zero, cfg.parallel.sequence_parallel),
-                **model_meta(cfg.model, self.parametrization.scales), "optimizer": cfg.optim.name}
+                **model_meta(cfg.model, self.parametrization.scales), "optimizer": cfg.optim.name,
+                "tokenizer": self.loader.tokenizer}
         dest = None if whole else writer_ranks(self.specs, self.grid)  # {name: the rank that writes it}
         optim_state = named_state(self.optimizer, self.named_params, copy=False, dest=dest)  # collective under ZeRO
         params = self.grads.full_params(dest)  # ZeRO-2/3: each gathered on its writer

@@ -1,0 +1,234 @@
+"""Text from a trained model: `plait generate CKPT [--prompt TEXT]`, and `generate(model, ids, ...)` for a loop.
+
+A checkpoint of any layout is read whole (`load_full_model`) into one plain `Transformer` on one
+device. Decoding keeps each layer's keys and values (`KVCache`): the prompt goes through the
+model once, then each new token alone, attending to everything cached. The cache plugs into the
+two seams every `Attention` has, so the model code is the training code:
+
+    attn.rope_rows(s)        -> the rotary rows of positions filled .. filled + s (not 0 .. s)
+    attn.attend(q, k, v, ..) -> appends k, v to the cache; q attends to all cached keys up to its place
+
+A token is drawn from the last position's logits: greedy at `temperature` 0, else sampled from
+softmax(logits / temperature) cut to the `top_k` most likely and to the smallest set whose
+probability reaches `top_p` (nucleus sampling), from a seeded generator (the same seed gives
+the same text). Generation stops at `max_new_tokens`, at the end-of-document token, or at the
+model's `max_seq_len` (its rotary tables end there).
+"""
+
+import argparse
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from plait.train.config import ModelConfig
+from plait.train.model import Scales, Transformer
+from plait.train.reshard import CheckpointError, load_full_model
+
+
+class KVCache:
+    """One attention layer's keys and values so far, [batch, kv heads, filled, head_dim]."""
+
+    def __init__(self):
+        self.keys: Optional[torch.Tensor] = None
+        self.values: Optional[torch.Tensor] = None
+
+    @property
+    def filled(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def rope_rows(self, s: int, device) -> slice:
+        """The rotary rows of the s new tokens: they follow the cached ones."""
+        return slice(self.filled, self.filled + s)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, enable_gqa: bool) -> torch.Tensor:
+        """Append k, v; new query i (at place filled + i) sees the cached keys and the new ones up to its own."""
+        if self.keys is not None:
+            k, v = torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2)
+        self.keys, self.values = k, v
+        s, total = q.shape[2], k.shape[2]
+        if s == 1 or s == total:  # one new token sees every key; a first chunk is plain causal (fused kernels)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=scale, enable_gqa=enable_gqa)
+        mask = torch.ones(s, total, dtype=torch.bool, device=q.device).tril(diagonal=total - s)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+
+
+def attach_caches(model: Transformer) -> List[KVCache]:
+    """Fresh caches in every attention layer of `model` (replacing its attention seams; a decoding model only)."""
+    caches = []
+    for block in model.layers.values():
+        cache = KVCache()
+        block.attn.rope_rows, block.attn.attend = cache.rope_rows, cache.attend
+        caches.append(cache)
+    return caches
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """`logits` [..., vocab] with everything outside the `top_k` largest (0: all) and outside the smallest
+    most-likely set whose probability reaches `top_p` (1: all) set to -inf. The most likely token is always kept."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)
+        probs = ordered.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # probability of the more likely tokens
+        drop = (before >= top_p).scatter(-1, order, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def next_tokens(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: Optional[torch.Generator]) -> torch.Tensor:
+    """One token per row of `logits` [batch, vocab]: argmax at temperature 0, else a filtered sample."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, eos: Optional[int] = None,
+             generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """`ids` [batch, prompt] followed by up to `max_new_tokens` drawn tokens (fewer at `model.cfg.max_seq_len`,
+    or once every row has drawn `eos`; a row that has is padded with `eos`). `model` is a whole plain model,
+    in eval mode; its attention seams are replaced by caches for the call and restored after."""
+    if ids.shape[1] < 1:
+        raise ValueError("generate needs at least one prompt token per row (start a document with the eos id).")
+    saved = [(block.attn.rope_rows, block.attn.attend) for block in model.layers.values()]
+    attach_caches(model)
+    try:
+        new = min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
+        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
+        step_input, out = ids, [ids]
+        for _ in range(max(new, 0)):
+            logits = model(step_input)[:, -1, :model.vocab_size]
+            token = next_tokens(logits, temperature, top_k, top_p, generator)
+            if eos is not None:
+                token = token.masked_fill(done, eos)
+                done |= token == eos
+            out.append(token[:, None])
+            step_input = token[:, None]
+            if eos is not None and bool(done.all()):
+                break
+        return torch.cat(out, dim=1)
+    finally:
+        for block, (rows, attend) in zip(model.layers.values(), saved):
+            block.attn.rope_rows, block.attn.attend = rows, attend
+
+
+def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype = torch.float32
+               ) -> Tuple[Transformer, Dict[str, Any]]:
+    """(the whole model of a checkpoint of any layout, in eval mode on `device`, its index)."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint} does not exist; pass a checkpoint directory (with index.json), a "
+                              f"checkpoint root (with latest), or a run directory.")
+    if (checkpoint / "checkpoints").is_dir():  # a run directory
+        checkpoint = checkpoint / "checkpoints"
+    index, full = load_full_model(checkpoint)
+    known = {f.name for f in fields(ModelConfig)}
+    cfg = ModelConfig(**{key: value for key, value in index["model"].items() if key in known})
+    cfg.dropout = 0.0  # decoding draws no dropout masks
+    model = Transformer(cfg, scales=Scales(**(index.get("scales") or {})))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            tensor = full[name]
+            param.zero_()  # vocabulary padding rows stay zero
+            param[:tensor.shape[0]].copy_(tensor)
+    return model.to(device=device, dtype=dtype).eval(), index
+
+
+def load_tokenizer(spec: Optional[str], index: Dict[str, Any]):
+    """`--tokenizer` (byte or a tokenizer.json), else the one the checkpoint's data was made with."""
+    from plait.data.errors import DataError
+    from plait.data.tokenizer import from_spec
+
+    spec = spec or index.get("tokenizer")
+    if spec is None:
+        raise CheckpointError("the checkpoint does not record which tokenizer made its data (Megatron shards, or "
+                              "saved before plait recorded it); pass --tokenizer byte or --tokenizer path/to/"
+                              "tokenizer.json.")
+    try:
+        tokenizer = from_spec(spec)
+    except DataError as error:
+        raise CheckpointError(f"--tokenizer {spec}: {error}") from None
+    if tokenizer.vocab_size > index["model"]["vocab_size"]:
+        raise CheckpointError(f"the tokenizer {spec} has {tokenizer.vocab_size} tokens but the model "
+                              f"{index['model']['vocab_size']}; pass the tokenizer the model was trained with.")
+    return tokenizer
+
+
+def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="plait generate",
+                                     description="Continue a prompt with a trained model (any checkpoint layout).")
+    parser.add_argument("checkpoint", help="a checkpoint directory, a checkpoint root or a run directory")
+    parser.add_argument("--prompt", default="", help="text to continue (default: the start of a new document)")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus: the most likely tokens up to this mass")
+    parser.add_argument("--samples", type=int, default=1, help="independent continuations")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", default=None, help="byte or a tokenizer.json (default: the checkpoint's)")
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return parser.parse_args(argv)
+
+
+def _check(args: argparse.Namespace) -> Optional[str]:
+    """The first bad argument as one sentence, else None."""
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens {args.max_new_tokens} must be at least 1."
+    if args.temperature < 0:
+        return f"--temperature {args.temperature} is negative; use 0 for greedy decoding or a positive number."
+    if args.top_k < 0:
+        return f"--top-k {args.top_k} is negative; use 0 for no cut or a positive count."
+    if not 0 < args.top_p <= 1:
+        return f"--top-p {args.top_p} is outside (0, 1]; use 1 for no cut."
+    if args.samples < 1:
+        return f"--samples {args.samples} must be at least 1."
+    if args.device == "cuda" and not torch.cuda.is_available():
+        return "--device cuda but torch sees no CUDA device; use --device cpu."
+    return None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parse(argv)
+    problem = _check(args)
+    if problem:
+        print(f"plait generate: error: {problem}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          "cpu" if args.device == "auto" else args.device)
+    try:
+        model, index = load_model(Path(args.checkpoint), device, getattr(torch, args.dtype))
+        tokenizer = load_tokenizer(args.tokenizer, index)
+    except CheckpointError as error:
+        print(f"plait generate: error: {error}", file=sys.stderr)
+        return 2
+    prompt = [int(i) for i in tokenizer.encode(args.prompt)] if args.prompt else [tokenizer.eos]
+    if len(prompt) >= model.cfg.max_seq_len:
+        print(f"plait generate: error: the prompt is {len(prompt)} tokens but the model reads at most "
+              f"model.max_seq_len={model.cfg.max_seq_len}; shorten --prompt.", file=sys.stderr)
+        return 2
+    ids = torch.tensor([prompt] * args.samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    started = time.perf_counter()
+    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                   top_p=args.top_p, eos=tokenizer.eos, generator=generator)
+    seconds = time.perf_counter() - started
+    for row in out.tolist():
+        drawn = row[len(prompt):]
+        drawn = drawn[:drawn.index(tokenizer.eos)] if tokenizer.eos in drawn else drawn
+        print(tokenizer.decode((prompt if args.prompt else []) + drawn))  # whole, so no character is cut
+        print("-" * 40)
+    tokens = (out.shape[1] - len(prompt)) * args.samples
+    print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s) on {device} "
+          f"from step {index['step']}", file=sys.stderr)
+    return 0
