@@ -64,6 +64,10 @@ def check_first_run(out: str, directory: Path) -> None:
     assert (directory / "first-run" / "checkpoints" / "step-00000030" / "index.json").is_file()
 
 
+def check_generate(out: str, directory: Path) -> None:
+    assert out.startswith("def ") and "60 tokens in" in out and "from step 30" in out, out[-2000:]
+
+
 def check_plan(out: str, directory: Path) -> None:
     assert "world 4 = tp 2 x dp 1 x pp 2" in out, out[-2000:]
 
@@ -85,7 +89,8 @@ def check_schedule(out: str, directory: Path) -> None:
     assert "bubble 0.1875" in out and (directory / "schedule.png").stat().st_size > 1000, out
 
 
-GETTING_STARTED = [("plait-train model=tiny", check_first_run), ("plait plan", check_plan),
+GETTING_STARTED = [("plait-train model=tiny", check_first_run), ("plait generate", check_generate),
+                   ("plait plan", check_plan),
                    ("torchrun --standalone --nproc-per-node 4", check_tp_pp),
                    ("plait-launch launch=slurm", check_slurm), ("plait schedule", check_schedule)]
 
