@@ -54,7 +54,7 @@ def _hf_model(cfg, model, device):
 
 
 def _contenders(args, device):
-    from plait.train.generate import generate
+    from plait.train.decode import generate
 
     cfg, model = _plait_model(args, device)
     hf = _hf_model(cfg, model, device)

@@ -8,7 +8,7 @@ import torch
 
 from plait.train.build import build_model
 from plait.train.config import ModelConfig, load_config
-from plait.train.generate import attach_caches, filter_logits, generate, next_tokens
+from plait.train.decode import attach_caches, filter_logits, generate, next_tokens
 from plait.train.model import Scales
 from plait.train.tools import main as tools_main
 
@@ -170,7 +170,7 @@ def test_a_missing_checkpoint_or_an_unrecorded_tokenizer_is_named(trained_run, t
 def test_a_bpe_corpus_records_its_tokenizer_json_which_decodes_what_it_encodes(tmp_path):
     from plait.data.config import DataConfig
     from plait.data.loader import Loader
-    from plait.train.generate import load_tokenizer
+    from plait.train.decode import load_tokenizer
 
     text = tmp_path / "text"
     text.mkdir()

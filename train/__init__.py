@@ -40,7 +40,7 @@ _EXPORTS = {
     "latest_checkpoint": "plait.train.checkpoint",
     "export_checkpoint": "plait.train.export",
     # decoding
-    "generate": "plait.train.generate",
+    "generate": "plait.train.decode",
     # plans
     "make_plan": "plait.train.plan:plan",
     "Plan": "plait.train.plan",
@@ -55,7 +55,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.train.build import build_chunks, hidden_shape
     from plait.train.config import Config, ConfigError, ModelConfig, load_config, validate
     from plait.train.export import export_checkpoint
-    from plait.train.generate import generate
+    from plait.train.decode import generate
     from plait.train.metrics import MetricsSink
     from plait.train.model import Scales, Transformer
     from plait.train.parametrization import Parametrization, build_parametrization

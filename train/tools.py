@@ -12,7 +12,7 @@ TOOLS: Dict[str, str] = {
     # "name": "module:function" ; multi-word names ("data prepare") are matched first
     "data prepare": "plait.data.prepare:main",
     "export": "plait.train.export:main",
-    "generate": "plait.train.generate:main",
+    "generate": "plait.train.decode:main",
     "mup coord-check": "plait.train.coord_check:main",
     "plan": "plait.train.plan:main",
     "plot": "plait.train.curves:main",

@@ -45,8 +45,10 @@ class KVCache:
         """The rotary rows of the s new tokens: they follow the cached ones."""
         return slice(self.filled, self.filled + s)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, enable_gqa: bool) -> torch.Tensor:
-        """Append k, v; new query i (at place filled + i) sees the cached keys and the new ones up to its own."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, enable_gqa: bool,
+               mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Append k, v; new query i (at place filled + i) sees the cached keys and the new ones up to its own.
+        (Decoding continues one document: there is no document mask.)"""
         if self.keys is not None:
             k, v = torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2)
         self.keys, self.values = k, v
