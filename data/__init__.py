@@ -23,6 +23,7 @@ _EXPORTS = {
     "Sampler": "plait.data.sampler",
     "UnifiedTensor": "plait.data.unified",
     "Loader": "plait.data.loader",
+    "document_ids": "plait.data.documents",
 }
 
 __all__ = list(_EXPORTS)
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.data.config import DataConfig
     from plait.data.corpus import prepare_text
     from plait.data.dataset import TokenDataset
+    from plait.data.documents import document_ids
     from plait.data.errors import DataError
     from plait.data.loader import Loader
     from plait.data.prepare import prepare as prepare_shards

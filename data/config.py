@@ -21,6 +21,7 @@ class DataConfig:
     tokenizer: str = "byte"  # byte | bpe (trained on the corpus) | path to a tokenizer.json
     vocab_size: int = 8192  # vocabulary of a BPE trained on the corpus
     workers: int = 1  # processes that tokenize text when it is first prepared
+    eos_id: Optional[int] = None  # the end-of-document token (default: what the data's preparation recorded)
 
 
 TOKENIZERS = ("byte", "bpe")  # or a path to a tokenizer.json
@@ -36,6 +37,8 @@ def validate_data(cfg: DataConfig) -> None:
     number(DataError, "data.val_fraction", cfg.val_fraction, low=0, high=1, high_open=True)
     number(DataError, "data.vocab_size", cfg.vocab_size, low=2, integer=True)
     number(DataError, "data.workers", cfg.workers, low=1, integer=True)
+    if cfg.eos_id is not None:
+        number(DataError, "data.eos_id", cfg.eos_id, low=0, integer=True)
     if cfg.tokenizer not in TOKENIZERS and not Path(cfg.tokenizer).expanduser().is_file():
         raise DataError(f"data.tokenizer={cfg.tokenizer} is not one of {', '.join(TOKENIZERS)} nor a tokenizer.json "
                         f"file; pick byte, bpe or the path of a tokenizer.json.")

@@ -89,6 +89,7 @@ class Loader:
         self.seed, self.step = seed, 0
         self.weights = weights
         self.tokenizer: Optional[str] = None  # what made the tokens ("byte", a tokenizer.json), when known
+        self.eos: Optional[int] = None  # their end-of-document token, when known
         self.val_weights = weights if len(val) == len(train) else [1.0] * len(val)
         self._open_streams(train, val)
 
@@ -158,6 +159,13 @@ class Loader:
         loader = cls([s.train for s in sources], val, seq_len, batch_size, microbatches, dp_rank, dp_size, seed,
                      device, weights)
         loader._closers += [s.close for s in sources]
-        tokenizers = {s.tokenizer for s in sources}
-        loader.tokenizer = tokenizers.pop() if len(tokenizers) == 1 else None  # for `plait generate`
+        loader.tokenizer = _shared(s.tokenizer for s in sources)  # recorded in checkpoints for `plait generate`
+        loader.eos = cfg.eos_id if cfg.eos_id is not None else _shared(s.eos for s in sources)
         return loader
+
+
+def _shared(values) -> Any:
+    """The value every corpus recorded (a tokenizer, an end-of-document token), or None (one unknown, or
+    corpora that differ)."""
+    distinct = set(values)
+    return distinct.pop() if len(distinct) == 1 else None

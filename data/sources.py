@@ -38,6 +38,7 @@ class Source:
     vocab_size: Optional[int]
     shards: List[OpenShard]
     tokenizer: Optional[str] = None
+    eos: Optional[int] = None  # the end-of-document token its preparation recorded (None: unknown)
 
     def close(self) -> None:
         for shard in self.shards:
@@ -100,7 +101,8 @@ def _open_prepared(directory: Path, seq_len: int, device: torch.device, name: st
     train_set = TokenDataset([TokenSpan(opened[0], 0, len(shards[0]))], seq_len, f"{name} (train)")
     val_set = _maybe_dataset([TokenSpan(opened[1], 0, len(shards[1]))], seq_len, f"{name} (validation)") \
         if len(opened) > 1 else None
-    return Source(name, train_set, val_set, int(meta["vocab_size"]), opened, _tokenizer_of(directory, meta))
+    eos = int(meta["eos"]) if meta.get("eos") is not None else None
+    return Source(name, train_set, val_set, int(meta["vocab_size"]), opened, _tokenizer_of(directory, meta), eos)
 
 
 def _tokenizer_of(directory: Path, meta: dict) -> Optional[str]:

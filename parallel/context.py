@@ -264,15 +264,17 @@ def _gathered_order(seq_len: int, cp: int, device) -> Tuple[torch.Tensor, torch.
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-                      group: Optional[dist.ProcessGroup], cp: int) -> torch.Tensor:
+                      group: Optional[dist.ProcessGroup], cp: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """DeepSpeed-Ulysses: heads scattered and the sequence gathered (all-to-all), attention on the whole
-    sequence in its natural order, then back. q, k, v as for `ring_attention`."""
+    sequence in its natural order, then back. q, k, v as for `ring_attention`; `mask` [b, 1, s, s] over the
+    whole sequence in its natural order (documents), in place of `causal`."""
     local = q.shape[2]
     gathered = [_AllToAll.apply(t, group, 1, 2) for t in (q, k, v)]  # [b, h/cp, s, d], ranks' tokens in rank order
     order, natural = _gathered_order(local * cp, cp, q.device)
     qn, kn, vn = (t.index_select(2, natural) for t in gathered)
     with torch.autocast(q.device.type, enabled=False):
-        out = F.scaled_dot_product_attention(qn.float(), kn.float(), vn.float(), is_causal=causal, scale=scale,
+        out = F.scaled_dot_product_attention(qn.float(), kn.float(), vn.float(), attn_mask=mask,
+                                             is_causal=causal and mask is None, scale=scale,
                                              enable_gqa=qn.shape[1] != kn.shape[1])
     out = out.to(q.dtype).index_select(2, order)  # back to the ranks' order
     return _AllToAll.apply(out, group, 2, 1)
@@ -280,21 +282,25 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
 
 # what a plan installs in an attention module ----------------------------------------------------
 class ContextAttend:
-    """`attend(q, k, v, scale, enable_gqa)` for a model's attention under cp > 1: causal attention over the
-    whole sequence from this rank's zigzag share, by ring or Ulysses; chosen once, at parallelize."""
+    """`attend(q, k, v, scale, enable_gqa, mask=None)` for a model's attention under cp > 1: causal attention
+    over the whole sequence from this rank's zigzag share, by ring or Ulysses; chosen once, at parallelize.
+    A document mask is Ulysses' only (it sees the whole sequence; the ring's blocks would need their
+    own masks): the config refuses `model.attn_mask=document` with the ring."""
 
     def __init__(self, group: Optional[dist.ProcessGroup], ring: Sequence[int], mode: str):
         self.group, self.ring, self.cp = group, list(ring), len(ring)
         self.run = self._ring if mode == "ring" else self._ulysses
 
-    def __call__(self, q, k, v, scale: float, enable_gqa: bool) -> torch.Tensor:
-        return self.run(q, k, v, scale)
+    def __call__(self, q, k, v, scale: float, enable_gqa: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.run(q, k, v, scale, mask)
 
-    def _ring(self, q, k, v, scale):
+    def _ring(self, q, k, v, scale, mask):
+        if mask is not None:
+            raise ValueError("ring attention takes no document mask; use parallel.cp_mode=ulysses.")
         return ring_attention(q, k, v, scale=scale, causal=True, group=self.group, ring=self.ring)
 
-    def _ulysses(self, q, k, v, scale):
-        return ulysses_attention(q, k, v, scale=scale, causal=True, group=self.group, cp=self.cp)
+    def _ulysses(self, q, k, v, scale, mask):
+        return ulysses_attention(q, k, v, scale=scale, causal=True, group=self.group, cp=self.cp, mask=mask)
 
 
 class ZigzagRows:

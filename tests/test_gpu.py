@@ -292,7 +292,7 @@ def test_zero3_on_one_gpu_equals_zero0_and_gathers_in_bf16(tmp_path, stdlib_toke
 def test_cached_decoding_on_cuda_gives_the_full_forwards_logits_and_the_cpu_tokens():
     """`plait generate`'s KV cache with CUDA's SDPA kernels (a boolean mask, grouped-query heads), fp32 and bf16."""
     from plait.train.config import ModelConfig
-    from plait.train.generate import attach_caches, generate
+    from plait.train.decode import attach_caches, generate
 
     cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=200, max_seq_len=40)
     cpu_model = build_model(cfg, seed=3).eval()
@@ -307,3 +307,28 @@ def test_cached_decoding_on_cuda_gives_the_full_forwards_logits_and_the_cpu_toke
     half = build_model(cfg, seed=3, device=CUDA).to(torch.bfloat16).eval()
     out = generate(half, ids.to(CUDA), 20, temperature=0.8, top_p=0.9, generator=torch.Generator(CUDA).manual_seed(0))
     assert out.shape == (2, 34) and bool((out < cfg.vocab_size).all())
+
+
+@torch.no_grad()
+def test_document_mask_on_cuda_keeps_each_document_to_itself_in_fp32_and_bf16():
+    """`model.attn_mask=document` through CUDA's SDPA with a boolean mask (the memory-efficient kernel), fp32
+    and under bf16 autocast, against the CPU model."""
+    from plait.data.documents import document_ids
+    from plait.train.config import ModelConfig
+
+    cfg = ModelConfig(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, vocab_size=100, max_seq_len=64)
+    cpu_model, model = build_model(cfg, seed=1).eval(), build_model(cfg, seed=1, device=CUDA).eval()
+    generator = torch.Generator().manual_seed(0)
+    documents = [torch.cat((torch.tensor([0]), torch.randint(1, 100, (n,), generator=generator))) for n in (9, 14, 6)]
+    packed = torch.cat(documents)[None]
+    reference = cpu_model(packed, documents=document_ids(packed, 0))
+    out = model(packed.to(CUDA), documents=document_ids(packed.to(CUDA), 0)).cpu()
+    assert torch.allclose(out, reference, atol=1e-4), (out - reference).abs().max()
+    start = 0
+    for document in documents:
+        alone = model(document[None].to(CUDA))[0].cpu()
+        assert torch.allclose(out[0, start:start + len(document)], alone, atol=1e-4)
+        start += len(document)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        half = model(packed.to(CUDA), documents=document_ids(packed.to(CUDA), 0)).float().cpu()
+    assert (half - reference).abs().max() < 0.05 * reference.abs().max()

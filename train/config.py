@@ -52,6 +52,7 @@ class ModelConfig:
     dropout: float = 0.0
     base_dim: Optional[int] = None  # muP base width; default: dim (width_mult 1)
     base_head_dim: Optional[int] = None
+    attn_mask: str = "causal"  # causal | document (attention stays inside each packed document)
 
 
 @dataclass
@@ -189,6 +190,10 @@ def validate_model(model: ModelConfig) -> None:
     _require(model.n_heads % kv_heads(model) == 0,
              f"model.n_kv_heads={kv_heads(model)} does not divide model.n_heads={model.n_heads}.")
     _require((model.dim // model.n_heads) % 2 == 0, "model.dim / model.n_heads must be even for rotary positions.")
+    choice(ConfigError, "model.attn_mask", model.attn_mask, ATTN_MASKS)
+
+
+ATTN_MASKS = ("causal", "document")
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -339,6 +344,9 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     _require(cfg.parallel.cp == 1 or cfg.model.dropout == 0,
              f"model.dropout={cfg.model.dropout} with parallel.cp={cfg.parallel.cp} is not supported (each cp rank "
              f"would need the mask of its own tokens); set model.dropout=0 or parallel.cp=1.")
+    _require(cfg.model.attn_mask != "document" or cfg.parallel.cp == 1 or cfg.parallel.cp_mode == "ulysses",
+             f"model.attn_mask=document with parallel.cp={cfg.parallel.cp} needs parallel.cp_mode=ulysses (each "
+             f"rank attends over the whole sequence there; ring attention's blocks take no document mask).")
     _require(not (cfg.parallel.pp > 1 and cfg.parallel.schedule in SPLIT_SCHEDULES
                   and str(cfg.train.compile).lower() == "true"),
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "

@@ -134,12 +134,14 @@ class RMSNorm(nn.Module):
         return self.norm(x, weight, self.eps)
 
 
-def _sdpa_native(q, k, v, scale: float, enable_gqa: bool) -> torch.Tensor:
-    """Causal SDPA in the inputs' dtype (the fused bf16 kernels on CUDA)."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+def _sdpa_native(q, k, v, scale: float, enable_gqa: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Causal SDPA in the inputs' dtype (the fused bf16 kernels on CUDA); with `mask` (True: may attend),
+    attention where it allows instead (documents: `document_mask`)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                          enable_gqa=enable_gqa)
 
 
-def _sdpa_fp32(q, k, v, scale: float, enable_gqa: bool) -> torch.Tensor:
+def _sdpa_fp32(q, k, v, scale: float, enable_gqa: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Causal SDPA computed in fp32 whatever the autocast dtype, returned in q's dtype.
 
     On CPU, torch's bf16 flash-attention kernel is slower than its fp32 one (forward and
@@ -147,8 +149,20 @@ def _sdpa_fp32(q, k, v, scale: float, enable_gqa: bool) -> torch.Tensor:
     thread), so bf16 training on CPU attends in fp32; it is also the more exact choice.
     """
     with torch.autocast("cpu", enabled=False):
-        out = _sdpa_native(q.float(), k.float(), v.float(), scale, enable_gqa)
+        out = _sdpa_native(q.float(), k.float(), v.float(), scale, enable_gqa, mask)
     return out.to(q.dtype)
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] booleans, True where token i may attend to token j: j <= i and both in one document.
+
+    `documents` [b, s] numbers each token's document (non-decreasing along the sequence,
+    `plait.data.document_ids`). With rotary positions, a document then sees exactly what it would
+    alone: attention scores depend only on the distance between tokens, not where the document starts.
+    """
+    s = documents.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=documents.device).tril()
+    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
 
 
 def choose_attention(device: torch.device) -> Callable:
@@ -179,7 +193,8 @@ def first_rows(s: int, device) -> slice:
 class Attention(nn.Module):
     """Causal self-attention: fused Q|K|V projection, rotary positions, SDPA, output projection.
 
-    Seams a parallel plan may set: `attend(q, k, v, scale, enable_gqa)` (the attention kernel) and
+    Seams a parallel plan may set: `attend(q, k, v, scale, enable_gqa, mask=None)` (the attention kernel;
+    `mask` [b, 1, s, s] over the whole sequence, None: causal) and
     `rope_rows(s, device)` (the places in the sequence of the s tokens this module sees).
     """
 
@@ -193,7 +208,8 @@ class Attention(nn.Module):
         self.attend = choose_attention(device if device is not None else "cpu")  # build on the device it runs on
         self.rope_rows: Callable = first_rows
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         q, k, v = self.wqkv(x, segmented=True)
         b, s, _ = q.shape
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # the heads this weight holds (all, or a shard's)
@@ -201,7 +217,7 @@ class Attention(nn.Module):
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         rows = self.rope_rows(s, cos.device)
         q, k = apply_rotary(q, cos[rows], sin[rows]), apply_rotary(k, cos[rows], sin[rows])
-        out = self.attend(q, k, v, self.scale, q.shape[1] != k.shape[1])
+        out = self.attend(q, k, v, self.scale, q.shape[1] != k.shape[1], mask)
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
@@ -256,8 +272,9 @@ class Block(nn.Module):
         self.mlp = MLP(cfg, device)
         self.dropout = ResidualDropout(cfg.dropout, rng)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
@@ -273,8 +290,9 @@ TIED_NAMES = ("embed.weight", "head.weight")  # tied embeddings: the matrix (sta
 class Transformer(nn.Module):
     """The decoder, or one pipeline chunk of it.
 
-    forward(x): token ids [b, s] if this chunk holds the embedding, else hidden states;
-    returns logits [b, s, vocab] if it holds the head, else hidden states.
+    forward(x, documents=None): token ids [b, s] if this chunk holds the embedding, else hidden states;
+    returns logits [b, s, vocab] if it holds the head, else hidden states. `documents` [b, whole s]:
+    each token's document number (`plait.data.document_ids`): attention stays inside documents.
     """
 
     def __init__(self, cfg: ModelConfig, layers: Optional[Sequence[int]] = None, *, has_embedding: bool = True,
@@ -312,13 +330,14 @@ class Transformer(nn.Module):
     def has_head(self) -> bool:
         return self.norm is not None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+        mask = document_mask(documents) if documents is not None else None
         if self.embed is not None:
             x = self.embed(x)
             if self.scales.embedding != 1.0:
                 x = x * self.scales.embedding
         for block in self.layers.values():
-            x = block(x, self.rope_cos, self.rope_sin)
+            x = block(x, self.rope_cos, self.rope_sin, mask)
         if self.norm is None:
             return x
         x = self.norm(x)

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from plait.data.documents import document_ids
+from plait.data.errors import DataError
 from plait.data.loader import Loader
 from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash, fault_step
@@ -101,6 +103,7 @@ class Trainer:
                      else f"static {scaler.scale:g}")
         self._log_layout()
         self.loader = self._build_loader()
+        self.document_eos = self._document_eos()  # None: plain causal attention
         self.run_dir = resolve_run_dir(cfg, self.grid)
         self.step_num = 0
         self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
@@ -288,6 +291,17 @@ class Trainer:
             cfg.data, cfg.train.seq_len, cfg.train.batch_size, cfg.parallel.microbatches, self.grid.dp_rank,
             self.grid.dp, cfg.train.seed, self.device, cfg.model.vocab_size))
 
+    def _document_eos(self) -> Optional[int]:
+        """The token that separates documents, when `model.attn_mask=document` keeps attention inside them."""
+        if self.cfg.model.attn_mask != "document":
+            return None
+        if self.loader.eos is None:
+            raise DataError("model.attn_mask=document needs the data's end-of-document token, which this data does "
+                            "not record (Megatron shards, or corpora that differ); set data.eos_id.")
+        if self.is_logger:
+            log.info("attention: inside documents (token %d opens each)", self.loader.eos)
+        return self.loader.eos
+
     def _rank0_first(self, work: Callable):
         """`work()` on rank 0 first (it tokenizes and caches the corpus), then on the others. If it fails on
         rank 0, every rank raises rank 0's error (rank 0 alone reports it) instead of waiting for it forever."""
@@ -335,7 +349,7 @@ class Trainer:
             self.offload.begin_step()  # also cleans up after a step that raised
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
         loss = self.pipeline.run(*self._inputs_and_targets(batch), self._pipeline_loss,
-                                 before_last_backward=self.grads.start_overlap, after_weights=self.grads.after_weights,
+                                 chunk_kwargs=self._chunk_kwargs(batch), before_last_backward=self.grads.start_overlap, after_weights=self.grads.after_weights,
                                  forward_context=self._autocast, loss_scale=scale)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
         norm, overflow = self._finish_grads(scale)
@@ -373,7 +387,7 @@ class Trainer:
         for index in range(count):  # forwards only, through the stages; the loss comes from the last
             batch = self.loader.val_batch(index)
             total += self.pipeline.run(*self._inputs_and_targets(batch), self._pipeline_loss, forward_only=True,
-                                       forward_context=self._autocast) / count
+                                       forward_context=self._autocast, chunk_kwargs=self._chunk_kwargs(batch)) / count
         self.grads.reshard()  # ZeRO-2/3: weights the forwards gathered are let go (no backward did it)
         self.model.train()
         return float(all_reduce_mean(total, self.grid.grad_group))
@@ -383,6 +397,14 @@ class Trainer:
         (all of it at cp = 1); every cp rank's share has as many tokens, so the mean of their losses is the loss."""
         cp, rank = self.grid.cp, self.grid.cp_rank
         return split_sequence(batch[:, :, :-1], cp, rank), split_sequence(batch[:, :, 1:], cp, rank)
+
+    def _chunk_kwargs(self, batch: torch.Tensor) -> Optional[List[Dict[str, torch.Tensor]]]:
+        """Per micro-batch, what every chunk's forward takes beside its input: the document number of each token
+        of the whole sequence (all cp ranks' shares: Ulysses attends over all of it) under a document mask."""
+        if self.document_eos is None:
+            return None
+        documents = document_ids(batch[:, :, :-1], self.document_eos)
+        return [{"documents": documents[mb]} for mb in range(batch.shape[0])]
 
     # the loop ---------------------------------------------------------------------
     def fit(self) -> Dict[str, float]:

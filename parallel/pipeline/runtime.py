@@ -38,7 +38,7 @@ gloo matches on; NCCL and shared memory match by order instead, which the valida
 
 import contextlib
 import logging
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -295,7 +295,7 @@ class PipelineRuntime:
         x = self.step_inputs[mb] if received is None else self._take(received)
         self._release_sent()
         with self.forward_context():
-            output = self.chunk_of[stage](x)
+            output = self.chunk_of[stage](x, **self.step_kwargs[mb])
         if stage == self.n_stages - 1:
             output = self.loss_fn(output, self.step_targets[mb])  # backward scales it by 1/m (`_loss_grad`)
             self.losses.append(output.detach())
@@ -349,10 +349,11 @@ class PipelineRuntime:
             before_last_backward: Optional[Callable[[int], None]] = None,
             after_weights: Optional[Callable[[int], None]] = None,
             forward_context: Callable = contextlib.nullcontext, forward_only: bool = False,
-            loss_scale: float = 1.0) -> torch.Tensor:
+            loss_scale: float = 1.0, chunk_kwargs: Optional[Sequence[Dict[str, Any]]] = None) -> torch.Tensor:
         """One step over `microbatches` micro-batches; returns the mean loss on every pp rank.
 
-        `inputs[mb]` is read on the first stage and `targets[mb]` on the last.
+        `inputs[mb]` is read on the first stage and `targets[mb]` on the last; every stage's chunk forward also
+        takes `chunk_kwargs[mb]` (the micro-batch's document numbers, for a document mask), if given.
         `before_last_backward(chunk_index)` runs right before each chunk's last backward.
         `after_weights(chunk_index)` runs after each W (a split backward's weight grads of one micro-batch
         are in `.grad`): for reducers whose hooks fired at I, before those grads existed (FSDP2's).
@@ -361,6 +362,7 @@ class PipelineRuntime:
         """
         self.loss_scale = loss_scale
         self.step_inputs, self.step_targets, self.loss_fn = inputs, targets, loss_fn  # this step's, read by the steps
+        self.step_kwargs = chunk_kwargs if chunk_kwargs is not None else [{}] * self.microbatches
         self.before_last_backward, self.after_weights = before_last_backward, after_weights
         self.forward_context = forward_context
         self.outputs: Dict[Tuple[int, int], torch.Tensor] = {}
@@ -384,7 +386,7 @@ class PipelineRuntime:
         self._release_sent(wait_all=True)
         self.outputs.clear()
         self.handed.clear()
-        self.step_inputs = self.step_targets = self.loss_fn = None
+        self.step_inputs = self.step_targets = self.loss_fn = self.step_kwargs = None
         return self._broadcast_loss()
 
     def _mean_loss(self) -> torch.Tensor:
