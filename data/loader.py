@@ -13,13 +13,14 @@ Sampling is a pure function, but is computed a chunk of positions at a time and 
 """
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from plait.data.dataset import OpenShard, TokenDataset, TokenSpan
 from plait.data.errors import DataError
+from plait.data.rampup import BatchRamp
 from plait.data.sampler import Sampler
 from plait.data.shards import TokenShard
 from plait.parallel.layout import LayoutError, micro_batch_size
@@ -72,9 +73,10 @@ class Loader:
 
     def __init__(self, train: Any, val: Any, seq_len: int, batch_size: int, microbatches: int, dp_rank: int = 0,
                  dp_size: int = 1, seed: int = 0, device: torch.device = torch.device("cpu"),
-                 weights: Optional[Sequence[float]] = None):
+                 weights: Optional[Sequence[float]] = None, ramp: Optional[BatchRamp] = None):
         """`train` and `val`: a TokenDataset, a shard path (`x.bin`, `x.idx` or `x`), or a list of them (a blend,
-        mixed by `weights`); `val` may be None. Paths are opened on `device` and closed by `close()`."""
+        mixed by `weights`); `val` may be None. Paths are opened on `device` and closed by `close()`. `ramp`: the
+        training batch grows over the first steps (`plait.data.rampup.BatchRamp`; validation batches do not)."""
         self._closers: List = []
         train = [self._dataset(t, seq_len, device) for t in _as_list(train)]
         val = [self._dataset(v, seq_len, device) for v in _as_list(val)]
@@ -84,9 +86,9 @@ class Loader:
         except LayoutError as error:
             raise DataError(str(error)) from None
         self.batch_size, self.microbatches, self.dp_rank, self.dp_size = batch_size, microbatches, dp_rank, dp_size
-        self.per_rank = batch_size // dp_size
         self.seq_len = seq_len
         self.seed, self.step = seed, 0
+        self.ramp = ramp
         self.weights = weights
         self.tokenizer: Optional[str] = None  # what made the tokens ("byte", a tokenizer.json), when known
         self.eos: Optional[int] = None  # their end-of-document token, when known
@@ -106,14 +108,21 @@ class Loader:
         self.train = _Stream(train, self.weights, self.seed, TRAIN_STREAM)
         self.val = _Stream(val, self.val_weights, self.seed, VAL_STREAM) if val else None
 
-    def _local(self, stream: _Stream, step: int) -> torch.Tensor:
-        start = step * self.batch_size + self.dp_rank * self.per_rank
-        return stream.gather(start, self.per_rank).view(self.microbatches, self.micro_batch, self.seq_len + 1)
+    def _local(self, stream: _Stream, first: int, batch_size: int) -> torch.Tensor:
+        """This dp rank's share of the global batch of `batch_size` sequences from stream position `first`."""
+        per_rank = batch_size // self.dp_size
+        return stream.gather(first + self.dp_rank * per_rank, per_rank).view(
+            per_rank // self.micro_batch, self.micro_batch, self.seq_len + 1)
+
+    def batch_at(self, step: int) -> Tuple[int, int]:
+        """(sequences read before training step `step`, its global batch size)."""
+        return self.ramp.at(step) if self.ramp is not None else (step * self.batch_size, self.batch_size)
 
     def batch(self, step: int) -> torch.Tensor:
-        """This rank's micro-batches of training step `step` (a pure function of seed, step, dp rank)."""
+        """This rank's micro-batches of training step `step` (a pure function of seed, step, dp rank); under a
+        ramp, fewer micro-batches of the same size while the batch grows."""
         self.step = step + 1
-        return self._local(self.train, step)
+        return self._local(self.train, *self.batch_at(step))
 
     def next(self) -> torch.Tensor:
         """The batch after the last one read (step 0 first; continues from `load_state`)."""
@@ -124,16 +133,23 @@ class Loader:
         if self.val is None:
             raise DataError("the data has no validation split (too short for one window); set train.eval_every=0 "
                             "or raise data.val_fraction.")
-        return self._local(self.val, index)
+        return self._local(self.val, index * self.batch_size, self.batch_size)
 
     def state(self) -> Dict[str, int]:
         """Everything needed to resume exactly: the next step, the seed, and the batch size it assumes."""
-        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size}
+        ramp = self.ramp
+        return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size,
+                "rampup": [ramp.start, ramp.increment, ramp.samples] if ramp is not None else None}
 
     def load_state(self, state: Dict[str, int]) -> None:
         if int(state["batch_size"]) != self.batch_size:
             raise DataError(f"the checkpoint's loader read batches of {state['batch_size']} but train.batch_size="
                             f"{self.batch_size}; resume with train.batch_size={state['batch_size']}.")
+        ramp = self.state()["rampup"]
+        if state.get("rampup") != ramp:
+            saved = state.get("rampup")
+            raise DataError(f"the checkpoint's run ramped its batch as train.rampup_batch_size={saved} but this one "
+                            f"sets {ramp}; resume with train.rampup_batch_size={saved if saved else 'null'}.")
         if int(state["seed"]) != self.seed:
             log.warning("data: resuming with the checkpoint's loader seed %s (not %s)", state["seed"], self.seed)
             self.seed = int(state["seed"])
@@ -149,7 +165,7 @@ class Loader:
     @classmethod
     def from_config(cls, cfg, seq_len: int, batch_size: int, microbatches: int, dp_rank: int = 0, dp_size: int = 1,
                     seed: int = 0, device: torch.device = torch.device("cpu"),
-                    model_vocab: Optional[int] = None) -> "Loader":
+                    model_vocab: Optional[int] = None, ramp: Optional[BatchRamp] = None) -> "Loader":
         """Open every corpus `cfg` (a DataConfig) names, preparing text into the cache first when needed."""
         from plait.data.sources import open_sources
 
@@ -157,7 +173,7 @@ class Loader:
         vals = [s.val for s in sources]
         val = vals if all(v is not None for v in vals) else [v for v in vals if v is not None]
         loader = cls([s.train for s in sources], val, seq_len, batch_size, microbatches, dp_rank, dp_size, seed,
-                     device, weights)
+                     device, weights, ramp)
         loader._closers += [s.close for s in sources]
         loader.tokenizer = _shared(s.tokenizer for s in sources)  # recorded in checkpoints for `plait generate`
         loader.eos = cfg.eos_id if cfg.eos_id is not None else _shared(s.eos for s in sources)

@@ -8,6 +8,7 @@ and raises `ConfigError` with one sentence naming the setting and the fix.
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
@@ -61,6 +62,7 @@ class TrainConfig:
 
     steps: int = 250
     batch_size: int = 16  # global batch, in sequences, summed over dp and micro-batches
+    rampup_batch_size: Optional[List[int]] = None  # [start, increment, samples]: the batch grows to batch_size
     seq_len: int = 256
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; master weights stay fp32; fp16 scales the loss)
@@ -321,6 +323,37 @@ def compile_wanted(train_compile: Any, device_type: str, offload_backend: str,
     return device_type == "cuda", f"auto: {'on' if device_type == 'cuda' else 'off'} on {device_type}"
 
 
+def check_rampup(cfg: Config, dp: int) -> None:
+    """`train.rampup_batch_size=[start, increment, samples]`: every batch on the way holds whole micro-batches on
+    every dp rank, the increments land on train.batch_size, and the smallest batch's micro-batch count is one the
+    pipeline schedule takes (the schedules' rules are lower bounds)."""
+    from plait.parallel.layout import check_pipeline
+
+    ramp, final = cfg.train.rampup_batch_size, cfg.train.batch_size
+    if ramp is None:
+        return
+    key = f"train.rampup_batch_size={list(ramp)}"
+    _require(len(ramp) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in ramp),
+             f"{key} must be three positive integers [start, increment, samples] (Megatron's --rampup-batch-size).")
+    start, increment, samples = ramp
+    unit = dp * micro_batch_size(cfg, dp)
+    _require(start < final, f"{key} starts at {start}, not below train.batch_size={final}; start lower or drop the ramp.")
+    _require(start % unit == 0 and increment % unit == 0,
+             f"{key}: start and increment must be multiples of dp x micro-batch = {dp} x {unit // dp} = {unit} "
+             f"(each step holds whole micro-batches on every dp rank).")
+    _require((final - start) % increment == 0,
+             f"{key}: train.batch_size={final} - start {start} is not a multiple of the increment {increment}; "
+             f"pick an increment that divides {final - start}.")
+    parallel = cfg.parallel
+    smallest = SimpleNamespace(pp=parallel.pp, vpp=parallel.vpp, schedule=parallel.schedule,
+                               microbatches=start // unit)
+    try:
+        check_pipeline(smallest, cfg.model.n_layers, bool(cfg.model.tie_embeddings))
+    except LayoutError as error:
+        raise ConfigError(f"{key} starts at {start // unit} micro-batches per step, which the pipeline refuses: "
+                          f"{error}") from None
+
+
 def validate(cfg: Config, world_size: int = 1) -> int:
     """Check every setting and every relation between settings before any process group is made; returns dp.
 
@@ -339,6 +372,7 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     validate_launch(cfg.launch)
     validate_offload(cfg.offload)  # settings, and offload.path writable
     dp = check_layout(cfg, world_size).dp
+    check_rampup(cfg, dp)
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
     _require(cfg.parallel.cp == 1 or cfg.model.dropout == 0,

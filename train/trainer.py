@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from plait.data.documents import document_ids
 from plait.data.errors import DataError
 from plait.data.loader import Loader
+from plait.data.rampup import BatchRamp
 from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash, fault_step
 from plait.launch.rundir import resolve_run_dir
@@ -102,11 +103,14 @@ class Trainer:
                      f"an overflow, /2 from the {scaler.hysteresis}th overflow on)" if scaler.dynamic
                      else f"static {scaler.scale:g}")
         self._log_layout()
+        self.ramp = (BatchRamp.from_setting(cfg.train.rampup_batch_size, cfg.train.batch_size)
+                     if cfg.train.rampup_batch_size is not None else None)
+        if self.ramp is not None and self.is_logger:
+            log.info("data: %s", self.ramp.describe())
         self.loader = self._build_loader()
         self.document_eos = self._document_eos()  # None: plain causal attention
         self.run_dir = resolve_run_dir(cfg, self.grid)
         self.step_num = 0
-        self.tokens_per_step = cfg.train.batch_size * cfg.train.seq_len
         self.flops_per_token = metrics_lib.flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_flops, peak_source = peak_flops(self.device, cfg.train.precision, cfg.train.peak_flops)
         if self.is_logger:
@@ -133,7 +137,9 @@ class Trainer:
                                            self.schedule in SPLIT_SCHEDULES)
         if self.is_logger:
             log.info("compile: %s (%s)", "on" if self.compile else "off", why)
-        self.pipeline = self._build_pipeline()  # every layout's step, pp == 1 included (its trivial schedule)
+        self.modules = [torch.compile(chunk) for chunk in self.chunks] if self.compile else self.chunks
+        self.pipeline = self._build_pipeline(cfg.parallel.microbatches)  # every layout's step, pp == 1 included
+        self.ramp_pipeline: Optional[PipelineRuntime] = None  # a step's while the batch ramps up (fewer micro-batches)
         if cfg.parallel.overlap_param_gather:  # (validated: ZeRO-1)
             if self.compile and self.is_logger:
                 log.info("parallel.overlap_param_gather: off under train.compile (a compiled forward cannot wait "
@@ -209,24 +215,33 @@ class Trainer:
             offload.attach(chunk)
         return offload
 
-    def _build_pipeline(self) -> PipelineRuntime:
-        """The schedule runtime over this rank's chunks (compiled with train.compile); at pp == 1 its 1F1B
-        schedule is forward and backward of each micro-batch in turn, with no message."""
+    def _build_pipeline(self, microbatches: int) -> PipelineRuntime:
+        """The schedule runtime over this rank's chunks (compiled with train.compile) for steps of `microbatches`;
+        at pp == 1 its 1F1B schedule is forward and backward of each micro-batch in turn, with no message."""
         cfg = self.cfg
-        modules = [torch.compile(chunk) for chunk in self.chunks] if self.compile else self.chunks
         shape = hidden_shape(self.micro_batch, cfg.train.seq_len, cfg.model.dim, self.grid.tp,
                              cfg.parallel.sequence_parallel, self.grid.cp)
-        runtime = PipelineRuntime(modules, self.grid, schedule=self.schedule, vpp=cfg.parallel.vpp,
-                                  microbatches=cfg.parallel.microbatches, hidden_shape=shape,
-                                  transport=cfg.parallel.pp_transport)
+        runtime = PipelineRuntime(self.modules, self.grid, schedule=self.schedule, vpp=cfg.parallel.vpp,
+                                  microbatches=microbatches, hidden_shape=shape, transport=cfg.parallel.pp_transport)
         if self.is_logger and self.grid.pp > 1:
             groups = ""
             if runtime.schedule == "interleaved":
                 sizes = microbatch_groups(self.grid.pp, runtime.microbatches)
                 groups = f" (in groups of {'+'.join(map(str, sizes))})"
             log.info("pipeline: %s schedule, pp %d x vpp %d, %d micro-batches%s, messages over %s", runtime.schedule,
-                     self.grid.pp, cfg.parallel.vpp, cfg.parallel.microbatches, groups, runtime.transport_name)
+                     self.grid.pp, cfg.parallel.vpp, microbatches, groups, runtime.transport_name)
         return runtime
+
+    def _pipeline_for(self, microbatches: int) -> PipelineRuntime:
+        """The runtime for a step of `microbatches`: the run's own, or, while the batch ramps up, one built for the
+        current count (the ramp only grows, so the one before it is let go)."""
+        if microbatches == self.pipeline.microbatches:
+            self.ramp_pipeline = None
+            return self.pipeline
+        if self.ramp_pipeline is None or self.ramp_pipeline.microbatches != microbatches:
+            self.ramp_pipeline = None  # its buffers go before the next one's are made
+            self.ramp_pipeline = self._build_pipeline(microbatches)
+        return self.ramp_pipeline
 
     def _pipeline_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.chunks[-1].loss(logits, targets)
@@ -289,7 +304,7 @@ class Trainer:
         cfg = self.cfg
         return self._rank0_first(lambda: Loader.from_config(
             cfg.data, cfg.train.seq_len, cfg.train.batch_size, cfg.parallel.microbatches, self.grid.dp_rank,
-            self.grid.dp, cfg.train.seed, self.device, cfg.model.vocab_size))
+            self.grid.dp, cfg.train.seed, self.device, cfg.model.vocab_size, self.ramp))
 
     def _document_eos(self) -> Optional[int]:
         """The token that separates documents, when `model.attn_mask=document` keeps attention inside them."""
@@ -348,7 +363,7 @@ class Trainer:
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-        loss = self.pipeline.run(*self._inputs_and_targets(batch), self._pipeline_loss,
+        loss = self._pipeline_for(batch.shape[0]).run(*self._inputs_and_targets(batch), self._pipeline_loss,
                                  chunk_kwargs=self._chunk_kwargs(batch), before_last_backward=self.grads.start_overlap, after_weights=self.grads.after_weights,
                                  forward_context=self._autocast, loss_scale=scale)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
@@ -362,14 +377,16 @@ class Trainer:
         loss = all_reduce_mean(loss, self.grid.grad_group)  # each dp (and cp) rank's share of the batch
         self.step_num += 1
         elapsed = time.perf_counter() - start
-        tokens_per_s = self.tokens_per_step / elapsed
+        batch_size = self.loader.batch_at(self.step_num - 1)[1]
+        tokens_per_s = batch_size * self.cfg.train.seq_len / elapsed
+        ramping = {"batch_size": batch_size} if self.ramp is not None else {}
         scaling = {}
         if self.loss_scaler is not None:
             self.loss_scaler.update(overflow)
             scaling = {"loss_scale": scale, "skipped_steps": self.loss_scaler.skipped}
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
-                "step_time_s": elapsed, **scaling, **held, **offload_metrics}
+                "step_time_s": elapsed, **ramping, **scaling, **held, **offload_metrics}
 
     def _held_bytes(self) -> Dict[str, int]:
         """Bytes of weights, grads and optimizer state this rank holds (its shards under ZeRO), counted from
