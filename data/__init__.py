@@ -24,6 +24,7 @@ _EXPORTS = {
     "UnifiedTensor": "plait.data.unified",
     "Loader": "plait.data.loader",
     "document_ids": "plait.data.documents",
+    "BatchRamp": "plait.data.rampup",
 }
 
 __all__ = list(_EXPORTS)
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.data.corpus import prepare_text
     from plait.data.dataset import TokenDataset
     from plait.data.documents import document_ids
+    from plait.data.rampup import BatchRamp
     from plait.data.errors import DataError
     from plait.data.loader import Loader
     from plait.data.prepare import prepare as prepare_shards
