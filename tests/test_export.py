@@ -97,3 +97,30 @@ def test_export_and_import_errors_name_the_problem(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=f"{tmp_path / 'hf' / HF_WEIGHTS} is missing"):
         init_from_hf(wider, tmp_path / "hf")
     assert math.isfinite(float(model(torch.zeros(1, 4, dtype=torch.long)).sum()))
+
+
+def test_export_writes_the_recorded_bpe_tokenizer_for_autotokenizer(tmp_path):
+    """A checkpoint whose index records a tokenizer.json exports it: AutoTokenizer encodes as plait's tokenizer
+    does, and config.json carries its end-of-text id; a byte-level one gets eos_token_id 0 and no file."""
+    import json
+
+    from plait.data.tokenizer import BPETokenizer
+    from plait.train.export import export_checkpoint
+
+    texts = [f"def function_{i}(value):\n    return value * {i}  # café\n" for i in range(200)]
+    tokenizer = BPETokenizer.train(texts, VOCAB)
+    (tmp_path / "tokenizer.json").write_text(tokenizer.to_json())
+    cfg, model = make_model(False, Scales())
+    grid = Grid.single()
+    for spec, name in ((str(tmp_path / "tokenizer.json"), "bpe"), ("byte", "byte")):
+        request = SaveRequest(5, dict(model.named_parameters()), param_specs(model),
+                              meta={**layout_meta(grid), **model_meta(cfg, Scales()), "tokenizer": spec})
+        export_checkpoint(save(tmp_path / f"ckpt-{name}", grid, request), tmp_path / f"hf-{name}")
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf-bpe"), local_files_only=True)
+    sample = "def function_7(value):\n    return value * 7  # café\n"
+    assert hf_tokenizer(sample)["input_ids"] == tokenizer.encode(sample).tolist()
+    assert hf_tokenizer.decode(tokenizer.encode(sample).tolist()) == sample
+    assert hf_tokenizer.eos_token_id == tokenizer.eos == json.loads((tmp_path / "hf-bpe" / HF_CONFIG).read_text())[
+        "eos_token_id"]
+    assert json.loads((tmp_path / "hf-byte" / HF_CONFIG).read_text())["eos_token_id"] == 0
+    assert not (tmp_path / "hf-byte" / "tokenizer.json").exists()

@@ -2,7 +2,10 @@
 
 Export reassembles every parameter in full from the checkpoint's tp shards (any layout),
 cuts the vocabulary padding, renames to `LlamaForCausalLM`'s names and writes
-`OUT/config.json` and `OUT/model.safetensors`:
+`OUT/config.json` and `OUT/model.safetensors`, and, when the checkpoint's data was made with a BPE
+(its index records the tokenizer.json), `OUT/tokenizer.json` and `OUT/tokenizer_config.json` for
+transformers' `AutoTokenizer` (a byte-level model's ids are UTF-8 bytes: no tokenizer file; its
+`eos_token_id` 0 is set):
 
     embed.weight                  -> model.embed_tokens.weight
     layers.i.attn_norm.weight     -> model.layers.i.input_layernorm.weight
@@ -157,11 +160,16 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
     tensors = {name: tensor.to(dtype) for name, tensor in to_hf(model, full, index.get("scales")).items()}
     config = hf_config(model)
     config["torch_dtype"] = config["dtype"] = str(dtype).replace("torch.", "")
+    tokenizer = _recorded_tokenizer(index)
+    if tokenizer is not None:
+        config["eos_token_id"] = tokenizer.eos
     target = out if out.exists() else out.with_name(f".tmp-{out.name}.{os.getpid()}")
     target.mkdir(parents=True, exist_ok=True)
     try:
         write_safetensors(target / HF_WEIGHTS, tensors)
         write_atomic(target / HF_CONFIG, (json.dumps(config, indent=2) + "\n").encode())
+        if tokenizer is not None and tokenizer.to_json() is not None:
+            _write_tokenizer(target, tokenizer, model["max_seq_len"])
         if target != out:
             os.replace(target, out)
     except OSError as error:
@@ -170,6 +178,30 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.fl
         raise CheckpointError(f"writing {out} failed ({error.strerror or error}); nothing was left there, free "
                               f"space or pick another directory.") from None
     return out
+
+
+def _recorded_tokenizer(index: Dict[str, Any]):
+    """The tokenizer the checkpoint's data was made with (`"tokenizer"` in its index), or None: not recorded, or
+    its tokenizer.json no longer where it was."""
+    from plait.data.errors import DataError
+    from plait.data.tokenizer import from_spec
+
+    spec = index.get("tokenizer")
+    if spec is None:
+        return None
+    try:
+        return from_spec(spec)
+    except DataError:
+        return None
+
+
+def _write_tokenizer(target: Path, tokenizer, max_seq_len: int) -> None:
+    """tokenizer.json and a tokenizer_config.json that transformers' AutoTokenizer reads (a fast tokenizer)."""
+    eos = tokenizer.tokenizer.id_to_token(tokenizer.eos)
+    settings = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "model_max_length": max_seq_len,
+                "clean_up_tokenization_spaces": False}
+    write_atomic(target / "tokenizer.json", tokenizer.to_json().encode())
+    write_atomic(target / "tokenizer_config.json", (json.dumps(settings, indent=2) + "\n").encode())
 
 
 _SHAPE_KEYS = {"vocab_size": "vocab_size", "hidden_size": "dim", "intermediate_size": "ffn_dim",
@@ -270,5 +302,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     except CheckpointError as error:
         print(f"plait export: error: {error}", file=sys.stderr)
         return 2
-    print(f"exported {args.checkpoint} to {out}")
+    files = ", ".join(sorted(p.name for p in out.iterdir()))
+    print(f"exported {args.checkpoint} to {out} ({files})")
     return 0
