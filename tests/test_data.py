@@ -198,7 +198,7 @@ def test_resume_and_dp_ranks(two_shards):
     for _ in range(6):
         first.next()
     state = json.loads(json.dumps(first.state()))  # a few ints, through JSON as a checkpoint stores them
-    assert set(state) == {"seed", "step", "batch_size"} and state["step"] == 6
+    assert set(state) == {"seed", "step", "batch_size", "rampup"} and state["step"] == 6 and state["rampup"] is None
     resumed = Loader(*args, seed=999, weights=[0.25, 0.75])
     resumed.load_state(state)
     assert all(torch.equal(resumed.next(), uninterrupted[k]) for k in range(6, 10))
