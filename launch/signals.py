@@ -60,6 +60,7 @@ class PreemptionFlag:
 
     def __init__(self, signals: Iterable[int] = PREEMPTION_SIGNALS + (signal.SIGINT,), install: bool = True):
         self.received: Optional[int] = None
+        self.time_up = False  # `train.max_minutes` has passed on this rank
         self._previous: Dict[int, object] = {}
         if install and threading.current_thread() is threading.main_thread():
             for sig in signals:
@@ -84,15 +85,21 @@ class PreemptionFlag:
         """Whether this rank was signalled (no communication)."""
         return self.received is not None
 
+    def out_of_time(self) -> None:
+        """This rank's clock says the run's time is up (`train.max_minutes`): stop at this step, checkpointed."""
+        self.time_up = True
+
     def decision(self, grid) -> Optional[str]:
-        """"requeue" when any rank was preempted, else "interrupt" when any got Ctrl-C, else None: the same
-        answer on every rank (one all-reduce, max, over the world; every rank calls it at the same step)."""
-        level = 0 if self.received is None else 1 if self.received == signal.SIGINT else 2
+        """"requeue" when any rank was preempted, else "time" when any rank's time is up, else "interrupt" when
+        any got Ctrl-C, else None: the same answer on every rank (one all-reduce, max, over the world; every
+        rank calls it at the same step, so ranks whose clocks differ by a step still stop together)."""
+        level = 3 if self.received not in (None, signal.SIGINT) else 2 if self.time_up else \
+            1 if self.received == signal.SIGINT else 0
         if grid.world_size > 1 and dist.is_initialized():
             flag = torch.tensor([float(level)], device=grid.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             level = int(flag.item())
-        return {0: None, 1: "interrupt", 2: "requeue"}[level]
+        return {0: None, 1: "interrupt", 2: "time", 3: "requeue"}[level]
 
     def should_stop(self, grid) -> bool:
         """True on every rank when any rank was signalled (collective, like `decision`)."""

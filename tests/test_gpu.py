@@ -332,3 +332,19 @@ def test_document_mask_on_cuda_keeps_each_document_to_itself_in_fp32_and_bf16():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         half = model(packed.to(CUDA), documents=document_ids(packed.to(CUDA), 0)).float().cpu()
     assert (half - reference).abs().max() < 0.05 * reference.abs().max()
+
+
+def test_a_profile_on_cuda_holds_the_kernels_of_the_profiled_steps(tmp_path, stdlib_tokens):
+    """`train.profile_steps` with the CUDA activity: the trace has the step's phases and GPU kernels under them."""
+    import json
+
+    from plait.train.trainer import Trainer
+
+    cache = stdlib_tokens[0].parent.parent
+    overrides = trainer_overrides(tmp_path, cache, "train.profile_steps=[2,3]", "train.compile=false")
+    trainer = Trainer(load_config(overrides))
+    trainer.fit()
+    events = json.loads((tmp_path / "profile" / "rank-00000.json").read_text())["traceEvents"]
+    names = [event.get("name") for event in events]
+    assert names.count("plait.optimizer") == 2
+    assert any(event.get("cat") == "kernel" for event in events)

@@ -79,6 +79,8 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     peak_flops: float = 0.0  # per device, for MFU; 0: the datasheet's dense peak (train/peaks.py), else measured
     resume: str = "none"  # none | auto | a checkpoint directory
+    max_minutes: float = 0.0  # stop (checkpointed, exit 0) once this many minutes have passed; 0: no limit
+    profile_steps: Optional[List[int]] = None  # [first, last]: torch.profiler traces of these steps, one per rank
     dry_run: bool = False
     run_dir: Optional[str] = None  # default: outputs/<date>/<time>
     progress: bool = True
@@ -215,6 +217,13 @@ def validate_train(train: TrainConfig) -> None:
     number(ConfigError, "train.threads", train.threads, low=0, integer=True, fix="0 keeps torch's default")
     number(ConfigError, "train.peak_flops", train.peak_flops, low=0,
            fix="give the device's dense FLOP/s, or 0 for the datasheet's")
+    number(ConfigError, "train.max_minutes", train.max_minutes, low=0, fix="0 sets no limit")
+    steps = train.profile_steps
+    if steps is not None:
+        _require(len(steps) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in steps)
+                 and 1 <= steps[0] <= steps[1] <= train.steps,
+                 f"train.profile_steps={list(steps)} must be [first, last] with 1 <= first <= last <= "
+                 f"train.steps={train.steps} (steps as logged, from 1).")
     choice(ConfigError, "train.precision", train.precision, PRECISIONS)
     validate_loss_scale(train)
     choice(ConfigError, "train.device", train.device, DEVICES)

@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from omegaconf import OmegaConf
 
 from plait.data.documents import document_ids
@@ -48,6 +49,7 @@ from plait.train import reshard
 from plait.train.checkpoint import INDEX, decode_bytes, encode_bytes, layout_meta, model_meta, writer_ranks
 from plait.train.checkpointer import Checkpointer, TrainerState, checkpoint_root, due, resume_target
 from plait.train import metrics as metrics_lib
+from plait.train.profile import StepProfiler
 from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml, validate
 from plait.train.export import init_from_hf
 from plait.train.build import build_chunks, hidden_shape, named_parameters_of, param_specs_of
@@ -70,6 +72,7 @@ class Trainer:
     """Builds everything a run needs from a composed config; `step()` trains one step."""
 
     def __init__(self, cfg: Config, env: Optional[ProcessEnv] = None):
+        self.started = time.monotonic()  # train.max_minutes counts from here
         self.cfg = cfg
         self.env = env or detect()
         validate(cfg, self.env.world_size)
@@ -110,6 +113,8 @@ class Trainer:
         self.loader = self._build_loader()
         self.document_eos = self._document_eos()  # None: plain causal attention
         self.run_dir = resolve_run_dir(cfg, self.grid)
+        self.profiler = StepProfiler.from_setting(cfg.train.profile_steps, self.run_dir / "profile", self.grid.rank,
+                                                  self.device)
         self.step_num = 0
         self.flops_per_token = metrics_lib.flops_per_token(cfg.model, cfg.train.seq_len)
         self.peak_flops, peak_source = peak_flops(self.device, cfg.train.precision, cfg.train.peak_flops)
@@ -359,18 +364,23 @@ class Trainer:
         """One optimizer step on the global batch of step `step_num`; returns its metrics."""
         start = time.perf_counter()
         lr = apply_lr(self.optimizer, self.step_num, self.cfg.train.steps, self.cfg.optim)
-        batch = self.loader.batch(self.step_num)
+        with record_function("plait.data"):
+            batch = self.loader.batch(self.step_num)
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-        loss = self._pipeline_for(batch.shape[0]).run(*self._inputs_and_targets(batch), self._pipeline_loss,
-                                 chunk_kwargs=self._chunk_kwargs(batch), before_last_backward=self.grads.start_overlap, after_weights=self.grads.after_weights,
-                                 forward_context=self._autocast, loss_scale=scale)
+        with record_function("plait.forward_backward"):
+            loss = self._pipeline_for(batch.shape[0]).run(
+                *self._inputs_and_targets(batch), self._pipeline_loss, chunk_kwargs=self._chunk_kwargs(batch),
+                before_last_backward=self.grads.start_overlap, after_weights=self.grads.after_weights,
+                forward_context=self._autocast, loss_scale=scale)
         offload_metrics = self.offload.end_step() if self.offload is not None else {}
-        norm, overflow = self._finish_grads(scale)
+        with record_function("plait.grad_finish"):  # waits for the grad reduction, sums tp/tied grads, clips
+            norm, overflow = self._finish_grads(scale)
         self.checkpointer.before_update()  # a background save's snapshot is taken before the weights change
-        if not overflow:
-            self.optimizer.step()
+        with record_function("plait.optimizer"):
+            if not overflow:
+                self.optimizer.step()
         self.updated = not overflow  # (the optimizer state exists once a step has updated)
         held = self._held_bytes()  # after the update (the state exists), before the grads are let go
         self.grads.zero_grad()
@@ -431,10 +441,13 @@ class Trainer:
             log.info("run directory: %s", self.run_dir)
         preemption = PreemptionFlag()  # SIGTERM / SIGUSR1 / Ctrl-C only raise a flag; all ranks agree below
         buffers_wanted = int(self.cfg.checkpoint.every) > 0  # made once the optimizer state exists (the first update)
+        deadline = self.started + 60.0 * float(cfg.max_minutes) if cfg.max_minutes else math.inf
         while self.step_num < cfg.steps:
             if self.step_num == self.crash_at:
                 crash(self.step_num, self.grid.rank)
+            self.profiler.before(self.step_num + 1)
             record = self.step()
+            self.profiler.after(self.step_num)
             if buffers_wanted and self.updated:  # the snapshot buffers, made in the background as the next steps run
                 self.checkpointer.prepare(self.state())
                 buffers_wanted = False
@@ -450,11 +463,17 @@ class Trainer:
             last = record
             if due(self.cfg, self.step_num):
                 self.save_checkpoint()
+            if time.monotonic() >= deadline:
+                preemption.out_of_time()
             decision = preemption.decision(self.grid)
+            if decision == "time":
+                self.stop_for_time()
+                break
             if decision is not None:
                 preemption.restore()
                 self.stop_for_requeue() if decision == "requeue" else self.stop_for_interrupt()
         preemption.restore()
+        self.profiler.finish()  # a window cut short by a stop is written too
         if self.cfg.checkpoint.save_final and self.checkpoint_step != self.step_num:
             self.save_checkpoint()
         self.checkpointer.wait()  # the last write is on disk before fit returns
@@ -466,6 +485,16 @@ class Trainer:
         path = self.checkpointer.save(self.state())
         self.checkpoint_step = self.step_num
         return path
+
+    def stop_for_time(self) -> None:
+        """`train.max_minutes` has passed (on some rank): checkpoint this step (unless just done); `fit` then
+        returns as at the end of the run (exit status 0), and `train.resume=auto` goes on from here."""
+        if self.checkpoint_step != self.step_num:
+            self.save_checkpoint()
+        if self.is_logger:
+            log.info("stopping at step %d of %d: train.max_minutes=%g has passed; checkpointed under %s (go on "
+                     "with train.resume=auto)", self.step_num, self.cfg.train.steps, self.cfg.train.max_minutes,
+                     self.checkpoint_dir)
 
     def stop_for_requeue(self) -> None:
         """Preempted: checkpoint this step (unless just done), close the sinks, exit with the requeue status.
@@ -489,7 +518,10 @@ class Trainer:
         raise Interrupted(self.step_num, path)
 
     def close(self) -> None:
-        """Finish any checkpoint still being written and any weight all-gather in flight, close the sinks."""
+        """Write a profile still open, finish any checkpoint still being written and any weight all-gather in
+        flight, close the sinks."""
+        if hasattr(self, "profiler"):
+            self.profiler.finish()  # a window a failure cut short is written too
         if hasattr(self, "checkpointer"):
             self.checkpointer.close()
         if hasattr(self, "grads"):
