@@ -33,7 +33,7 @@ query heads only to compute; their grads are summed back.
 """
 
 import functools
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -264,16 +264,18 @@ def _gathered_order(seq_len: int, cp: int, device) -> Tuple[torch.Tensor, torch.
 
 
 def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool,
-                      group: Optional[dist.ProcessGroup], cp: int, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                      group: Optional[dist.ProcessGroup], cp: int, mask: Optional[Any] = None) -> torch.Tensor:
     """DeepSpeed-Ulysses: heads scattered and the sequence gathered (all-to-all), attention on the whole
-    sequence in its natural order, then back. q, k, v as for `ring_attention`; `mask` [b, 1, s, s] over the
-    whole sequence in its natural order (documents), in place of `causal`."""
+    sequence in its natural order, then back. q, k, v as for `ring_attention`; `mask` (an AttentionMask:
+    `mask.dense(s, device)` gives the booleans over the whole sequence in its natural order) in place of
+    `causal`."""
     local = q.shape[2]
     gathered = [_AllToAll.apply(t, group, 1, 2) for t in (q, k, v)]  # [b, h/cp, s, d], ranks' tokens in rank order
     order, natural = _gathered_order(local * cp, cp, q.device)
     qn, kn, vn = (t.index_select(2, natural) for t in gathered)
     with torch.autocast(q.device.type, enabled=False):
-        out = F.scaled_dot_product_attention(qn.float(), kn.float(), vn.float(), attn_mask=mask,
+        dense = mask.dense(local * cp, q.device) if mask is not None else None
+        out = F.scaled_dot_product_attention(qn.float(), kn.float(), vn.float(), attn_mask=dense,
                                              is_causal=causal and mask is None, scale=scale,
                                              enable_gqa=qn.shape[1] != kn.shape[1])
     out = out.to(q.dtype).index_select(2, order)  # back to the ranks' order
@@ -284,19 +286,19 @@ def ulysses_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scal
 class ContextAttend:
     """`attend(q, k, v, scale, enable_gqa, mask=None)` for a model's attention under cp > 1: causal attention
     over the whole sequence from this rank's zigzag share, by ring or Ulysses; chosen once, at parallelize.
-    A document mask is Ulysses' only (it sees the whole sequence; the ring's blocks would need their
-    own masks): the config refuses `model.attn_mask=document` with the ring."""
+    A mask (documents, a sliding window) is Ulysses' only (it sees the whole sequence; the ring's blocks
+    would need their own masks): the config refuses both with the ring."""
 
     def __init__(self, group: Optional[dist.ProcessGroup], ring: Sequence[int], mode: str):
         self.group, self.ring, self.cp = group, list(ring), len(ring)
         self.run = self._ring if mode == "ring" else self._ulysses
 
-    def __call__(self, q, k, v, scale: float, enable_gqa: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def __call__(self, q, k, v, scale: float, enable_gqa: bool, mask: Optional[Any] = None) -> torch.Tensor:
         return self.run(q, k, v, scale, mask)
 
     def _ring(self, q, k, v, scale, mask):
         if mask is not None:
-            raise ValueError("ring attention takes no document mask; use parallel.cp_mode=ulysses.")
+            raise ValueError("ring attention takes no attention mask; use parallel.cp_mode=ulysses.")
         return ring_attention(q, k, v, scale=scale, causal=True, group=self.group, ring=self.ring)
 
     def _ulysses(self, q, k, v, scale, mask):

@@ -348,3 +348,18 @@ def test_a_profile_on_cuda_holds_the_kernels_of_the_profiled_steps(tmp_path, std
     names = [event.get("name") for event in events]
     assert names.count("plait.optimizer") == 2
     assert any(event.get("cat") == "kernel" for event in events)
+
+
+@torch.no_grad()
+def test_a_sliding_window_on_cuda_matches_the_cpu_and_decodes_through_the_cache():
+    """`model.sliding_window` through CUDA's SDPA with a boolean mask, and `plait generate`'s windowed cache."""
+    from plait.train.config import ModelConfig
+    from plait.train.decode import generate
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, max_seq_len=64, sliding_window=5)
+    cpu_model, model = build_model(cfg, seed=4).eval(), build_model(cfg, seed=4, device=CUDA).eval()
+    ids = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+    out = model(ids.to(CUDA)).cpu()
+    assert torch.allclose(out, cpu_model(ids), atol=1e-4), (out - cpu_model(ids)).abs().max()
+    greedy = generate(model, ids[:, :3].to(CUDA), 30, temperature=0).cpu()
+    assert torch.equal(greedy, generate(cpu_model, ids[:, :3], 30, temperature=0))

@@ -54,6 +54,7 @@ class ModelConfig:
     base_dim: Optional[int] = None  # muP base width; default: dim (width_mult 1)
     base_head_dim: Optional[int] = None
     attn_mask: str = "causal"  # causal | document (attention stays inside each packed document)
+    sliding_window: Optional[int] = None  # each token attends to itself and the W - 1 before it (Mistral)
 
 
 @dataclass
@@ -182,7 +183,7 @@ def validate_model(model: ModelConfig) -> None:
     """Shape rules of the decoder itself (its split over a layout is `plait.parallel.layout`'s)."""
     for key in ("dim", "n_layers", "n_heads", "vocab_size", "max_seq_len", "multiple_of"):
         number(ConfigError, f"model.{key}", getattr(model, key), low=1, integer=True)
-    for key in ("n_kv_heads", "ffn_dim", "base_dim", "base_head_dim"):
+    for key in ("n_kv_heads", "ffn_dim", "base_dim", "base_head_dim", "sliding_window"):
         if getattr(model, key) is not None:
             number(ConfigError, f"model.{key}", getattr(model, key), low=1, integer=True)
     number(ConfigError, "model.dropout", model.dropout, low=0, high=1, high_open=True)
@@ -387,9 +388,11 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     _require(cfg.parallel.cp == 1 or cfg.model.dropout == 0,
              f"model.dropout={cfg.model.dropout} with parallel.cp={cfg.parallel.cp} is not supported (each cp rank "
              f"would need the mask of its own tokens); set model.dropout=0 or parallel.cp=1.")
-    _require(cfg.model.attn_mask != "document" or cfg.parallel.cp == 1 or cfg.parallel.cp_mode == "ulysses",
-             f"model.attn_mask=document with parallel.cp={cfg.parallel.cp} needs parallel.cp_mode=ulysses (each "
-             f"rank attends over the whole sequence there; ring attention's blocks take no document mask).")
+    masked = "model.attn_mask=document" if cfg.model.attn_mask == "document" else \
+        f"model.sliding_window={cfg.model.sliding_window}" if cfg.model.sliding_window is not None else None
+    _require(masked is None or cfg.parallel.cp == 1 or cfg.parallel.cp_mode == "ulysses",
+             f"{masked} with parallel.cp={cfg.parallel.cp} needs parallel.cp_mode=ulysses (each rank attends over "
+             f"the whole sequence there; ring attention's blocks take no attention mask).")
     _require(not (cfg.parallel.pp > 1 and cfg.parallel.schedule in SPLIT_SCHEDULES
                   and str(cfg.train.compile).lower() == "true"),
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "

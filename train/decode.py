@@ -31,9 +31,11 @@ from plait.train.reshard import CheckpointError, load_full_model
 
 
 class KVCache:
-    """One attention layer's keys and values so far, [batch, kv heads, filled, head_dim]."""
+    """One attention layer's keys and values so far, [batch, kv heads, filled, head_dim]; with a sliding `window`,
+    a query sees only the last `window` places up to its own."""
 
-    def __init__(self):
+    def __init__(self, window: Optional[int] = None):
+        self.window = window
         self.keys: Optional[torch.Tensor] = None
         self.values: Optional[torch.Tensor] = None
 
@@ -53,17 +55,20 @@ class KVCache:
             k, v = torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2)
         self.keys, self.values = k, v
         s, total = q.shape[2], k.shape[2]
-        if s == 1 or s == total:  # one new token sees every key; a first chunk is plain causal (fused kernels)
+        if s == 1 and self.window is not None:  # one new token: the last `window` keys, its own included
+            k, v = k[:, :, -self.window:], v[:, :, -self.window:]
+        if s == 1 or (s == total and self.window is None):  # every key it has; a first chunk: plain causal
             return F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, scale=scale, enable_gqa=enable_gqa)
-        mask = torch.ones(s, total, dtype=torch.bool, device=q.device).tril(diagonal=total - s)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=enable_gqa)
+        distance = torch.arange(total - s, total, device=q.device)[:, None] - torch.arange(total, device=q.device)
+        allowed = (distance >= 0) & (distance < (self.window or total))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)
 
 
 def attach_caches(model: Transformer) -> List[KVCache]:
     """Fresh caches in every attention layer of `model` (replacing its attention seams; a decoding model only)."""
     caches = []
     for block in model.layers.values():
-        cache = KVCache()
+        cache = KVCache(model.cfg.sliding_window)
         block.attn.rope_rows, block.attn.attend = cache.rope_rows, cache.attend
         caches.append(cache)
     return caches

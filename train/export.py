@@ -1,7 +1,8 @@
 """Hugging Face Llama format: `plait export CKPT OUT`, and initializing a model from such a directory.
 
 Export reassembles every parameter in full from the checkpoint's tp shards (any layout),
-cuts the vocabulary padding, renames to `LlamaForCausalLM`'s names and writes
+cuts the vocabulary padding, renames to `LlamaForCausalLM`'s names (`MistralForCausalLM` for a model with
+`model.sliding_window`: the same names, and its window in config.json) and writes
 `OUT/config.json` and `OUT/model.safetensors`, and, when the checkpoint's data was made with a BPE
 (its index records the tokenizer.json), `OUT/tokenizer.json` and `OUT/tokenizer_config.json` for
 transformers' `AutoTokenizer` (a byte-level model's ids are UTF-8 bytes: no tokenizer file; its
@@ -57,10 +58,14 @@ _FUSED = {
 
 
 def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
-    """`config.json` of a `LlamaForCausalLM` with plait's model shape (older and newer rope keys both)."""
+    """`config.json` of a `LlamaForCausalLM` with plait's model shape (older and newer rope keys both); with a
+    sliding window, of a `MistralForCausalLM` (the same weights and names, plus `sliding_window`)."""
     head_dim = model["dim"] // model["n_heads"]
+    window = model.get("sliding_window")
+    architecture = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"} if window is None else \
+        {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        **architecture,
         "vocab_size": model["vocab_size"], "hidden_size": model["dim"], "intermediate_size": model["ffn_dim"],
         "num_hidden_layers": model["n_layers"], "num_attention_heads": model["n_heads"],
         "num_key_value_heads": model["n_kv_heads"], "head_dim": head_dim, "hidden_act": "silu",
@@ -223,8 +228,13 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
     def refuse(what: str) -> None:
         raise CheckpointError(f"{where}: {what}; plait's decoder cannot load it.")
 
-    if config.get("model_type", "llama") != "llama":
-        refuse(f"model_type={config['model_type']} is not llama")
+    kind = config.get("model_type", "llama")
+    if kind not in ("llama", "mistral"):
+        refuse(f"model_type={kind} is neither llama nor mistral")
+    theirs = config.get("sliding_window") if kind == "mistral" else None
+    if theirs != cfg.sliding_window:
+        raise CheckpointError(f"{where} has sliding_window={theirs} but model.sliding_window={cfg.sliding_window}; "
+                              f"set model.sliding_window={'null' if theirs is None else theirs} to load it.")
     if config.get("hidden_act", "silu") != "silu":
         refuse(f"hidden_act={config['hidden_act']} (plait's MLP is SwiGLU, silu)")
     for key in ("attention_bias", "mlp_bias"):

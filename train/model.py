@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plait.train.attention_mask import AttentionMask
 from plait.train.config import ModelConfig, ffn_dim, kv_heads
 
 log = logging.getLogger("plait")
@@ -134,14 +135,16 @@ class RMSNorm(nn.Module):
         return self.norm(x, weight, self.eps)
 
 
-def _sdpa_native(q, k, v, scale: float, enable_gqa: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Causal SDPA in the inputs' dtype (the fused bf16 kernels on CUDA); with `mask` (True: may attend),
-    attention where it allows instead (documents: `document_mask`)."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+def _sdpa_native(q, k, v, scale: float, enable_gqa: bool, mask: Optional[AttentionMask] = None) -> torch.Tensor:
+    """Causal SDPA in the inputs' dtype (the fused bf16 kernels on CUDA); with `mask` (documents, a sliding
+    window), attention where its booleans allow instead."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=enable_gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense(q.shape[2], q.device), scale=scale,
                                           enable_gqa=enable_gqa)
 
 
-def _sdpa_fp32(q, k, v, scale: float, enable_gqa: bool, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _sdpa_fp32(q, k, v, scale: float, enable_gqa: bool, mask: Optional[AttentionMask] = None) -> torch.Tensor:
     """Causal SDPA computed in fp32 whatever the autocast dtype, returned in q's dtype.
 
     On CPU, torch's bf16 flash-attention kernel is slower than its fp32 one (forward and
@@ -151,18 +154,6 @@ def _sdpa_fp32(q, k, v, scale: float, enable_gqa: bool, mask: Optional[torch.Ten
     with torch.autocast("cpu", enabled=False):
         out = _sdpa_native(q.float(), k.float(), v.float(), scale, enable_gqa, mask)
     return out.to(q.dtype)
-
-
-def document_mask(documents: torch.Tensor) -> torch.Tensor:
-    """[b, 1, s, s] booleans, True where token i may attend to token j: j <= i and both in one document.
-
-    `documents` [b, s] numbers each token's document (non-decreasing along the sequence,
-    `plait.data.document_ids`). With rotary positions, a document then sees exactly what it would
-    alone: attention scores depend only on the distance between tokens, not where the document starts.
-    """
-    s = documents.shape[-1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=documents.device).tril()
-    return ((documents[:, :, None] == documents[:, None, :]) & causal)[:, None]
 
 
 def choose_attention(device: torch.device) -> Callable:
@@ -194,7 +185,7 @@ class Attention(nn.Module):
     """Causal self-attention: fused Q|K|V projection, rotary positions, SDPA, output projection.
 
     Seams a parallel plan may set: `attend(q, k, v, scale, enable_gqa, mask=None)` (the attention kernel;
-    `mask` [b, 1, s, s] over the whole sequence, None: causal) and
+    `mask` an `AttentionMask` over the whole sequence, None: causal) and
     `rope_rows(s, device)` (the places in the sequence of the s tokens this module sees).
     """
 
@@ -209,7 +200,7 @@ class Attention(nn.Module):
         self.rope_rows: Callable = first_rows
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[AttentionMask] = None) -> torch.Tensor:
         q, k, v = self.wqkv(x, segmented=True)
         b, s, _ = q.shape
         q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # the heads this weight holds (all, or a shard's)
@@ -273,7 +264,7 @@ class Block(nn.Module):
         self.dropout = ResidualDropout(cfg.dropout, rng)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                mask: Optional[AttentionMask] = None) -> torch.Tensor:
         x = x + self.dropout(self.attn(self.attn_norm(x), cos, sin, mask))
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -292,7 +283,8 @@ class Transformer(nn.Module):
 
     forward(x, documents=None): token ids [b, s] if this chunk holds the embedding, else hidden states;
     returns logits [b, s, vocab] if it holds the head, else hidden states. `documents` [b, whole s]:
-    each token's document number (`plait.data.document_ids`): attention stays inside documents.
+    each token's document number (`plait.data.document_ids`): attention stays inside documents; with
+    `model.sliding_window` it also reaches back at most that many tokens (`AttentionMask`).
     """
 
     def __init__(self, cfg: ModelConfig, layers: Optional[Sequence[int]] = None, *, has_embedding: bool = True,
@@ -331,7 +323,7 @@ class Transformer(nn.Module):
         return self.norm is not None
 
     def forward(self, x: torch.Tensor, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
-        mask = document_mask(documents) if documents is not None else None
+        mask = AttentionMask.of(documents, self.cfg.sliding_window)
         if self.embed is not None:
             x = self.embed(x)
             if self.scales.embedding != 1.0:
