@@ -11,6 +11,7 @@ from typing import Dict, List, Optional
 TOOLS: Dict[str, str] = {
     # "name": "module:function" ; multi-word names ("data prepare") are matched first
     "data prepare": "plait.data.prepare:main",
+    "eval": "plait.train.evaluate:main",
     "export": "plait.train.export:main",
     "generate": "plait.train.decode:main",
     "mup coord-check": "plait.train.coord_check:main",
