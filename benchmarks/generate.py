@@ -111,8 +111,9 @@ def main() -> None:
     print(f"{'contender':<24} {'tokens/s':>9} {'ms (min-max)':>20} {'x transformers':>15}")
     for name in CONTENDERS:
         median = statistics.median(seconds[name])
-        rows.append({"contender": name, "tokens_per_s": tokens / median, "seconds": {
-            "median": median, "min": min(seconds[name]), "max": max(seconds[name])}, "time_vs_transformers": median / peer})
+        spread = {"median": median, "min": min(seconds[name]), "max": max(seconds[name])}
+        rows.append({"contender": name, "tokens_per_s": tokens / median, "seconds": spread,
+                     "time_vs_transformers": median / peer})
         print(f"{name:<24} {tokens / median:>9.0f} {1e3 * median:>8.0f} ({1e3 * min(seconds[name]):.0f}-"
               f"{1e3 * max(seconds[name]):.0f}) {median / peer:>15.3f}")
     same = {name: bool(torch.equal(outputs[name].cpu(), outputs["transformers-generate"].cpu()))

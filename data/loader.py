@@ -136,7 +136,7 @@ class Loader:
         return self._local(self.val, index * self.batch_size, self.batch_size)
 
     def state(self) -> Dict[str, int]:
-        """Everything needed to resume exactly: the next step, the seed, and the batch size it assumes."""
+        """Everything needed to resume exactly: the next step, the seed, the batch size it assumes and its ramp."""
         ramp = self.ramp
         return {"seed": self.seed, "step": self.step, "batch_size": self.batch_size,
                 "rampup": [ramp.start, ramp.increment, ramp.samples] if ramp is not None else None}

@@ -347,7 +347,8 @@ def check_rampup(cfg: Config, dp: int) -> None:
              f"{key} must be three positive integers [start, increment, samples] (Megatron's --rampup-batch-size).")
     start, increment, samples = ramp
     unit = dp * micro_batch_size(cfg, dp)
-    _require(start < final, f"{key} starts at {start}, not below train.batch_size={final}; start lower or drop the ramp.")
+    _require(start < final,
+             f"{key} starts at {start}, not below train.batch_size={final}; start lower or drop the ramp.")
     _require(start % unit == 0 and increment % unit == 0,
              f"{key}: start and increment must be multiples of dp x micro-batch = {dp} x {unit // dp} = {unit} "
              f"(each step holds whole micro-batches on every dp rank).")
