@@ -80,6 +80,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     peak_flops: float = 0.0  # per device, for MFU; 0: the datasheet's dense peak (train/peaks.py), else measured
     resume: str = "none"  # none | auto | a checkpoint directory
+    loss_chunks: int = 0  # > 0: head + loss in this many sequence slices, recomputed in backward (no whole logits)
     max_minutes: float = 0.0  # stop (checkpointed, exit 0) once this many minutes have passed; 0: no limit
     profile_steps: Optional[List[int]] = None  # [first, last]: torch.profiler traces of these steps, one per rank
     dry_run: bool = False
@@ -219,6 +220,7 @@ def validate_train(train: TrainConfig) -> None:
     number(ConfigError, "train.peak_flops", train.peak_flops, low=0,
            fix="give the device's dense FLOP/s, or 0 for the datasheet's")
     number(ConfigError, "train.max_minutes", train.max_minutes, low=0, fix="0 sets no limit")
+    number(ConfigError, "train.loss_chunks", train.loss_chunks, low=0, integer=True, fix="0 keeps whole logits")
     steps = train.profile_steps
     if steps is not None:
         _require(len(steps) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in steps)
@@ -365,6 +367,24 @@ def check_rampup(cfg: Config, dp: int) -> None:
                           f"{error}") from None
 
 
+def check_loss_chunks(cfg: Config) -> None:
+    """`train.loss_chunks` slices the tokens a rank holds at the head's input: seq_len / cp, and / tp more under
+    sequence parallelism; it must divide them (equal slices keep the mean loss exact)."""
+    chunks, parallel = int(cfg.train.loss_chunks), cfg.parallel
+    if not chunks:
+        return
+    sequence_parallel = bool(parallel.sequence_parallel) and parallel.tp > 1
+    local = cfg.train.seq_len // parallel.cp // (parallel.tp if sequence_parallel else 1)
+    held = "train.seq_len / parallel.cp" + (" / parallel.tp (sequence parallel)" if sequence_parallel else "")
+    _require(local % chunks == 0,
+             f"train.loss_chunks={chunks} does not divide the {local} tokens a rank holds at the head ({held}); "
+             f"pick a divisor of {local}.")
+    _require(not (parallel.zero == 3 and parallel.pp > 1 and parallel.schedule in SPLIT_SCHEDULES),
+             f"train.loss_chunks={chunks} with parallel.zero=3 under parallel.schedule={parallel.schedule}: the weight "
+             f"half of the split backward would recompute the head after ZeRO-3 has let its weights go; use "
+             f"parallel.zero=2, a schedule without a split backward, or train.loss_chunks=0.")
+
+
 def validate(cfg: Config, world_size: int = 1) -> int:
     """Check every setting and every relation between settings before any process group is made; returns dp.
 
@@ -384,6 +404,7 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     validate_offload(cfg.offload)  # settings, and offload.path writable
     dp = check_layout(cfg, world_size).dp
     check_rampup(cfg, dp)
+    check_loss_chunks(cfg)
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
     _require(cfg.parallel.cp == 1 or cfg.model.dropout == 0,

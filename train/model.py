@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.train.attention_mask import AttentionMask
+from plait.train.chunked_loss import chunked_head_loss
 from plait.train.config import ModelConfig, ffn_dim, kv_heads
 
 log = logging.getLogger("plait")
@@ -282,7 +283,8 @@ class Transformer(nn.Module):
     """The decoder, or one pipeline chunk of it.
 
     forward(x, documents=None): token ids [b, s] if this chunk holds the embedding, else hidden states;
-    returns logits [b, s, vocab] if it holds the head, else hidden states. `documents` [b, whole s]:
+    returns logits [b, s, vocab] if it holds the head (the final norm's output with `loss_chunks`: `loss`
+    then runs the head), else hidden states. `documents` [b, whole s]:
     each token's document number (`plait.data.document_ids`): attention stays inside documents; with
     `model.sliding_window` it also reaches back at most that many tokens (`AttentionMask`).
     """
@@ -306,6 +308,7 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.tied_input: Callable = identity  # what the tied head's input passes through (a plan's mapping)
         self.loss_fn: Callable = functools.partial(cross_entropy, vocab_size=cfg.vocab_size)
+        self.loss_chunks = 0  # > 0: forward stops at the final norm; `loss` runs the head in this many slices
 
     @property
     def has_embedding(self) -> bool:
@@ -333,12 +336,21 @@ class Transformer(nn.Module):
         if self.norm is None:
             return x
         x = self.norm(x)
+        if self.loss_chunks:
+            return x  # the head runs inside `loss`, a slice of the sequence at a time
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The head on the final norm's output (the embedding's rows when tied), times muP's logits multiplier."""
         if self.head is not None:
             logits = self.head(x)
         else:
             logits = F.linear(self.tied_input(x), self.embed.weight)
         return logits * self.scales.logits if self.scales.logits != 1.0 else logits
 
-    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy in nats (a parallel plan makes it vocab-parallel)."""
-        return self.loss_fn(logits, targets)
+    def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy in nats (a parallel plan makes it vocab-parallel) of `forward`'s output:
+        the logits, or with `loss_chunks` the final norm's output, through the head a slice at a time."""
+        if self.loss_chunks:
+            return chunked_head_loss(self.logits, self.loss_fn, output, targets, self.loss_chunks)
+        return self.loss_fn(output, targets)

@@ -87,6 +87,8 @@ class Trainer:
         # the schedule's builder name (pp == 1: forward and backward of each micro-batch in turn, whatever is set)
         self.schedule = schedule_name(cfg.parallel.schedule, cfg.parallel.vpp) if self.grid.pp > 1 else "1f1b"
         self.chunks = self._build_chunks()  # this rank's model chunks (one unless pp > 1)
+        for chunk in self.chunks:
+            chunk.loss_chunks = int(cfg.train.loss_chunks) if chunk.has_head else 0
         # tied embeddings under a pipeline: the last stage's head copy ({copy: embedding}) and their grad sum
         self.mirrors = {name: source for chunk in self.chunks for name, source in chunk.tied_copies().items()}
         self.tied = self._build_tied()  # None unless tied and pp > 1
