@@ -72,6 +72,12 @@ def test_activations_match_a_real_forward():
     x = torch.randn(b, s, cfg.model.dim, requires_grad=True)
     measured_tp2 = saved_activation_bytes(block, lambda: block(x))
     assert 4 * block_activation_elements(cfg.model, b * s, 2, False) == pytest.approx(measured_tp2, rel=0.10)
+    # with the head and loss in 4 slices: the logits are not kept (the plan counts one slice's, recomputed)
+    model.loss_chunks = 4
+    sliced = saved_activation_bytes(model, lambda: model.loss(model(ids[:, :-1]), ids[:, 1:]))
+    planned_sliced = 4 * (cfg.model.n_layers * block_activation_elements(cfg.model, b * s, 1, False)
+                          + head_activation_elements(cfg.model, b * s, 1, False, model.vocab, 4))
+    assert planned_sliced == pytest.approx(sliced, rel=0.10) and sliced < measured - 4 * b * s * model.vocab * 0.7
     # and the trainer's memory for a whole step is the plan's: one micro-batch alive at a time (pp=1)
     result = plan(load_config(SMALL + ["parallel.microbatches=2"]), 1)
     assert result.stages[0].activations == pytest.approx(measured, rel=0.10)

@@ -127,10 +127,13 @@ def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel
     return int(tokens * (attention + mlp))
 
 
-def head_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool, vocab_local: int) -> int:
-    """Final norm + head input, and the vocab-sharded logits the cross-entropy keeps (per micro-batch)."""
+def head_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool, vocab_local: int,
+                             loss_chunks: int = 0) -> int:
+    """Final norm + head input, and the vocab-sharded logits the cross-entropy keeps (per micro-batch); with
+    `train.loss_chunks` only one slice's logits at a time (recomputed in backward)."""
     shard = tp if sequence_parallel and tp > 1 else 1
-    return int(tokens * ((2 * model_cfg.dim + 1) / shard + model_cfg.dim + vocab_local))
+    logits = vocab_local / loss_chunks if loss_chunks else vocab_local
+    return int(tokens * ((2 * model_cfg.dim + 1) / shard + model_cfg.dim + logits))
 
 
 def context_bytes(model_cfg, tokens: int, tp: int, cp: int, mode: str, size: int) -> float:
@@ -191,7 +194,8 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     tokens = micro_batch * train.seq_len // cp  # this cp rank's share of each sequence
     size = _element_size(train.precision)
     block_saved = block_activation_elements(model_cfg, tokens, tp, sp) * size
-    head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local) * size if has_head else 0
+    head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local, int(train.loss_chunks)) * size \
+        if has_head else 0
     per_chunk_layers = max(1, layers // len(chunks))
     # in flight: `inflight` (micro-batch, chunk) forwards whose backward has not run yet
     activations = inflight * per_chunk_layers * block_saved + head
