@@ -284,10 +284,13 @@ class VocabParallelEmbedding(nn.Module):
 # vocab-parallel cross-entropy -----------------------------------------------------
 class _VocabParallelCrossEntropy(torch.autograd.Function):
     """Forward: three all-reduces over tp (max, target logit, sum of exp) on fp32 logits.
-    Backward: softmax minus one-hot on the local shard, no communication."""
+    Backward: softmax minus one-hot on the local shard, no communication.
+
+    With `z_loss` = z each token's loss also has z x lse^2 (PaLM's z-loss; lse = log of the sum of exp of the
+    whole row), whose grad z x 2 lse x softmax joins the same backward."""
 
     @staticmethod
-    def forward(ctx, logits, targets, vocab_start, valid_in_shard, group):
+    def forward(ctx, logits, targets, vocab_start, valid_in_shard, group, z_loss=0.0):
         logits = logits.float()
         if valid_in_shard < logits.shape[-1]:
             logits = logits.clone()
@@ -307,22 +310,28 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
             dist.all_reduce(sum_exp, group=group)
         loss = sum_exp.log() - target_logit
         softmax = exp.div_(sum_exp.unsqueeze(-1))
-        ctx.save_for_backward(softmax, local, outside)
+        if z_loss:
+            lse = sum_exp.log() + row_max
+            loss = loss + z_loss * lse.square()
+            ctx.save_for_backward(softmax, local, outside, 2 * z_loss * lse)
+        else:
+            ctx.save_for_backward(softmax, local, outside)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        softmax, local, outside = ctx.saved_tensors
-        grad = softmax.clone()
+        softmax, local, outside, *z_scale = ctx.saved_tensors
+        grad = softmax * (1 + z_scale[0]).unsqueeze(-1) if z_scale else softmax.clone()
         inside = (~outside).to(grad.dtype)
         grad.scatter_add_(-1, local.unsqueeze(-1), -inside.unsqueeze(-1))
         grad.mul_(grad_loss.unsqueeze(-1))
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, grid: Grid,
-                                 vocab_size: int) -> torch.Tensor:
-    """Per-token cross-entropy of vocab-sharded logits [..., V/tp] without gathering them.
+                                 vocab_size: int, z_loss: float = 0.0) -> torch.Tensor:
+    """Per-token cross-entropy of vocab-sharded logits [..., V/tp] without gathering them (plus z x lse^2
+    with `z_loss`).
 
     Columns at or past `vocab_size` (the padding that makes V divisible by tp) are
     masked to -inf, so they take no probability mass and get no gradient.
@@ -331,7 +340,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, gr
     start = grid.tp_rank * rows
     valid = max(0, min(rows, vocab_size - start))
     group = grid.tp_group if grid.tp > 1 else None
-    return _VocabParallelCrossEntropy.apply(logits, targets, start, valid, group)
+    return _VocabParallelCrossEntropy.apply(logits, targets, start, valid, group, float(z_loss))
 
 
 def all_reduce_coalesced(tensors: Sequence[torch.Tensor], group: Optional[dist.ProcessGroup], divide_by: int = 1) -> None:

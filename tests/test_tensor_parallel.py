@@ -152,27 +152,29 @@ def check_embedding(grid, sp, errors):
 
 
 def check_cross_entropy(grid, errors):
-    """vocab_parallel_cross_entropy == F.cross_entropy, with and without padded columns.
+    """vocab_parallel_cross_entropy == F.cross_entropy, with and without padded columns, and with PaLM's z-loss
+    (z x logsumexp^2, whose lse spans every shard's columns) against its formula through autograd.
 
     Padded columns hold large garbage values: unmasked, they would dominate the softmax.
     """
     from plait.parallel.tensor import vocab_parallel_cross_entropy
 
     b, s = 3, 5
-    for vocab in (8 * grid.tp, 8 * grid.tp - 3):
+    for vocab, z in ((8 * grid.tp, 0.0), (8 * grid.tp - 3, 0.0), (8 * grid.tp - 3, 0.05)):
         padded = 8 * grid.tp
         logits = full_randn(b, s, vocab, seed=14) * 3
         targets = torch.randint(0, vocab, (b, s), generator=torch.Generator().manual_seed(15))
         targets[0, 0], targets[0, 1] = 0, vocab - 1
         ref_logits = logits.clone().requires_grad_(True)
         ref = F.cross_entropy(ref_logits.reshape(-1, vocab), targets.reshape(-1))
+        ref = ref + z * torch.logsumexp(ref_logits, dim=-1).square().mean()
         ref.backward()
         full = torch.cat([logits, torch.full((b, s, padded - vocab), 50.0)], dim=-1)
         local = last_shard(full, grid).clone().requires_grad_(True)
-        loss = vocab_parallel_cross_entropy(local, targets, grid, vocab).mean()
+        loss = vocab_parallel_cross_entropy(local, targets, grid, vocab, z_loss=z).mean()
         loss.backward()
         ref_grad = torch.cat([ref_logits.grad, torch.zeros(b, s, padded - vocab)], dim=-1)
-        tag = f"cross_entropy.v{vocab}"
+        tag = f"cross_entropy.v{vocab}.z{z}"
         errors[f"{tag}.loss"] = rel_err(loss.detach(), ref.detach())
         errors[f"{tag}.grad"] = rel_err(local.grad, last_shard(ref_grad, grid))
 

@@ -80,6 +80,7 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     peak_flops: float = 0.0  # per device, for MFU; 0: the datasheet's dense peak (train/peaks.py), else measured
     resume: str = "none"  # none | auto | a checkpoint directory
+    z_loss: float = 0.0  # PaLM's z-loss: + z x mean(logsumexp(logits)^2) in training (1e-4 in PaLM)
     loss_chunks: int = 0  # > 0: head + loss in this many sequence slices, recomputed in backward (no whole logits)
     max_minutes: float = 0.0  # stop (checkpointed, exit 0) once this many minutes have passed; 0: no limit
     profile_steps: Optional[List[int]] = None  # [first, last]: torch.profiler traces of these steps, one per rank
@@ -221,6 +222,7 @@ def validate_train(train: TrainConfig) -> None:
            fix="give the device's dense FLOP/s, or 0 for the datasheet's")
     number(ConfigError, "train.max_minutes", train.max_minutes, low=0, fix="0 sets no limit")
     number(ConfigError, "train.loss_chunks", train.loss_chunks, low=0, integer=True, fix="0 keeps whole logits")
+    number(ConfigError, "train.z_loss", train.z_loss, low=0, fix="0 turns it off")
     steps = train.profile_steps
     if steps is not None:
         _require(len(steps) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in steps)

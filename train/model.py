@@ -270,10 +270,13 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Mean next-token cross-entropy in nats over the real vocabulary (padding columns sliced off)."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, z_loss: float = 0.0) -> torch.Tensor:
+    """Mean next-token cross-entropy in nats over the real vocabulary (padding columns sliced off); with `z_loss`
+    = z, plus z x the mean of lse^2 (PaLM's z-loss, lse = logsumexp of each row's logits)."""
     logits = logits if logits.shape[-1] == vocab_size else logits[..., :vocab_size]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    loss = F.cross_entropy(flat, targets.reshape(-1))
+    return loss + z_loss * torch.logsumexp(flat, dim=-1).square().mean() if z_loss else loss
 
 
 TIED_NAMES = ("embed.weight", "head.weight")  # tied embeddings: the matrix (stage 0), a last stage's copy of it
@@ -309,6 +312,7 @@ class Transformer(nn.Module):
         self.tied_input: Callable = identity  # what the tied head's input passes through (a plan's mapping)
         self.loss_fn: Callable = functools.partial(cross_entropy, vocab_size=cfg.vocab_size)
         self.loss_chunks = 0  # > 0: forward stops at the final norm; `loss` runs the head in this many slices
+        self.z_loss = 0.0  # PaLM's z-loss coefficient, training mode only (`train.z_loss`)
 
     @property
     def has_embedding(self) -> bool:
@@ -350,7 +354,11 @@ class Transformer(nn.Module):
 
     def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy in nats (a parallel plan makes it vocab-parallel) of `forward`'s output:
-        the logits, or with `loss_chunks` the final norm's output, through the head a slice at a time."""
+        the logits, or with `loss_chunks` the final norm's output, through the head a slice at a time. In
+        training mode `z_loss` adds z x mean(lse^2); evaluation is cross-entropy alone."""
+        loss_fn = self.loss_fn
+        if self.z_loss and self.training:
+            loss_fn = functools.partial(loss_fn, z_loss=self.z_loss)
         if self.loss_chunks:
-            return chunked_head_loss(self.logits, self.loss_fn, output, targets, self.loss_chunks)
-        return self.loss_fn(output, targets)
+            return chunked_head_loss(self.logits, loss_fn, output, targets, self.loss_chunks)
+        return loss_fn(output, targets)

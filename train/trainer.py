@@ -89,6 +89,7 @@ class Trainer:
         self.chunks = self._build_chunks()  # this rank's model chunks (one unless pp > 1)
         for chunk in self.chunks:
             chunk.loss_chunks = int(cfg.train.loss_chunks) if chunk.has_head else 0
+            chunk.z_loss = float(cfg.train.z_loss) if chunk.has_head else 0.0
         # tied embeddings under a pipeline: the last stage's head copy ({copy: embedding}) and their grad sum
         self.mirrors = {name: source for chunk in self.chunks for name, source in chunk.tied_copies().items()}
         self.tied = self._build_tied()  # None unless tied and pp > 1
