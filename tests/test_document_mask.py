@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
+from train_utils import train_steps
 from plait.data.documents import document_ids
 from plait.train.build import build_model
 from plait.train.config import ConfigError, ModelConfig, load_config, validate
@@ -49,20 +50,10 @@ def test_each_packed_document_sees_what_it_would_alone():
     assert (model(packed) - out).abs().max() > 0.1  # plain causal attention sees across documents
 
 
-def _train(rank, world, overrides, run_dir, cache):
-    from plait.launch.env import ProcessEnv
-    from plait.train import Trainer
-
-    cfg = load_config(BASE + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
-    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
-    records = [trainer.step() for _ in range(STEPS)]
-    return [r["loss"] for r in records], [r["grad_norm"] for r in records], trainer.evaluate(2)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, stdlib_tokens):
     cache = stdlib_tokens[0].parent.parent
-    return _train(0, 1, [], tmp_path_factory.mktemp("ref"), cache), cache
+    return train_steps(0, 1, BASE, [], tmp_path_factory.mktemp("ref"), cache, STEPS), cache
 
 
 def test_the_trainer_attends_inside_documents(tmp_path, stdlib_tokens):
@@ -95,7 +86,7 @@ LAYOUTS = {
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layouts_match_one_process_under_the_document_mask(name, reference, tmp_path):
     (ref_losses, ref_norms, ref_val), cache = reference
-    for losses, norms, val in run_ranks(4, _train, LAYOUTS[name], tmp_path, cache):
+    for losses, norms, val in run_ranks(4, train_steps, BASE, LAYOUTS[name], tmp_path, cache, STEPS):
         assert losses == pytest.approx(ref_losses, rel=1e-5)
         assert norms == pytest.approx(ref_norms, rel=1e-5)
         assert val == pytest.approx(ref_val, rel=1e-5)

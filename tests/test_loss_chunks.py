@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
+from train_utils import train_steps
 from plait.train.build import build_model
 from plait.train.config import ConfigError, ModelConfig, load_config, validate
 from plait.train.model import Scales
@@ -69,16 +70,6 @@ BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.ffn_dim=12
         "optim.lr=1e-3", "train.eval_every=0", "checkpoint.save_final=false", "parallel.microbatches=2"]
 
 
-def _train(rank, world, overrides, run_dir, cache):
-    from plait.launch.env import ProcessEnv
-    from plait.train import Trainer
-
-    cfg = load_config(BASE + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
-    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
-    records = [trainer.step() for _ in range(STEPS)]
-    return [r["loss"] for r in records], [r["grad_norm"] for r in records], trainer.evaluate(2)
-
-
 @pytest.mark.parametrize("overrides", [
     ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "model.tie_embeddings=true"],
     ["parallel.pp=2", "parallel.schedule=zbv", "parallel.zero=1"],
@@ -87,8 +78,9 @@ def _train(rank, world, overrides, run_dir, cache):
 def test_layouts_with_slices_match_one_process_with_whole_logits(overrides, tmp_path, stdlib_tokens):
     cache = stdlib_tokens[0].parent.parent
     tied = [o for o in overrides if o.startswith("model.")]
-    reference = _train(0, 1, tied, tmp_path / "one", cache)
-    for losses, norms, val in run_ranks(4, _train, overrides + ["train.loss_chunks=4"], tmp_path / "many", cache):
+    reference = train_steps(0, 1, BASE, tied, tmp_path / "one", cache, STEPS)
+    for losses, norms, val in run_ranks(4, train_steps, BASE, overrides + ["train.loss_chunks=4"], tmp_path / "many",
+                                        cache, STEPS):
         assert losses == pytest.approx(reference[0], rel=1e-5)
         assert norms == pytest.approx(reference[1], rel=1e-5)
         assert val == pytest.approx(reference[2], rel=1e-5)

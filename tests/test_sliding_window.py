@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
+from train_utils import train_steps
 from plait.train.attention_mask import AttentionMask
 from plait.train.build import build_model
 from plait.train.config import ConfigError, ModelConfig, load_config, validate
@@ -104,28 +105,19 @@ BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.ffn_dim=12
         "model.attn_mask=document", "data.eos_id=10"]
 
 
-def _train(rank, world, overrides, run_dir, cache):
-    from plait.launch.env import ProcessEnv
-    from plait.train import Trainer
-
-    cfg = load_config(BASE + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
-    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
-    records = [trainer.step() for _ in range(STEPS)]
-    return [r["loss"] for r in records], [r["grad_norm"] for r in records]
-
-
 @pytest.mark.parametrize("overrides", [
     ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "parallel.microbatches=2"],
     ["parallel.cp=2", "parallel.cp_mode=ulysses", "parallel.zero=1"],
 ], ids=["tp2-sp-pp2", "cp2-ulysses-dp2-zero1"])
 def test_layouts_match_one_process_under_a_window_and_documents(overrides, tmp_path, stdlib_tokens):
     cache = stdlib_tokens[0].parent.parent
-    reference = _train(0, 1, [], tmp_path / "one", cache)
-    plain = _train(0, 1, ["model.sliding_window=null"], tmp_path / "plain", cache)
+    reference = train_steps(0, 1, BASE, [], tmp_path / "one", cache, STEPS)
+    plain = train_steps(0, 1, BASE, ["model.sliding_window=null"], tmp_path / "plain", cache, STEPS, 0)
     assert abs(plain[0][0] - reference[0][0]) > 1e-4  # the window changes the loss
-    for losses, norms in run_ranks(4, _train, overrides, tmp_path / "many", cache):
+    for losses, norms, val in run_ranks(4, train_steps, BASE, overrides, tmp_path / "many", cache, STEPS):
         assert losses == pytest.approx(reference[0], rel=1e-5)
         assert norms == pytest.approx(reference[1], rel=1e-5)
+        assert val == pytest.approx(reference[2], rel=1e-5)
 
 
 def test_a_window_with_ring_attention_or_below_one_is_refused():

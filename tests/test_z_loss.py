@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
+from train_utils import train_steps
 from plait.train.build import build_model
 from plait.train.config import ConfigError, ModelConfig, load_config, validate
 
@@ -32,23 +33,14 @@ BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.ffn_dim=12
         "optim.lr=1e-3", "train.eval_every=0", "checkpoint.save_final=false", "train.z_loss=0.01"]
 
 
-def _train(rank, world, overrides, run_dir, cache):
-    from plait.launch.env import ProcessEnv
-    from plait.train import Trainer
-
-    cfg = load_config(BASE + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
-    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
-    records = [trainer.step() for _ in range(STEPS)]
-    return [r["loss"] for r in records], [r["grad_norm"] for r in records], trainer.evaluate(2)
-
-
 def test_tp2_pp2_with_z_loss_matches_one_process_and_z_changes_training_not_evaluation(tmp_path, stdlib_tokens):
     cache = stdlib_tokens[0].parent.parent
-    reference = _train(0, 1, [], tmp_path / "one", cache)
-    without = _train(0, 1, ["train.z_loss=0"], tmp_path / "plain", cache)
+    reference = train_steps(0, 1, BASE, [], tmp_path / "one", cache, STEPS)
+    without = train_steps(0, 1, BASE, ["train.z_loss=0"], tmp_path / "plain", cache, STEPS)
     assert reference[0][0] > without[0][0] + 1e-3  # the first step's loss carries z x lse^2
-    for losses, norms, val in run_ranks(4, _train, ["parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2"],
-                                        tmp_path / "many", cache):
+    for losses, norms, val in run_ranks(4, train_steps, BASE, ["parallel.tp=2", "parallel.pp=2",
+                                                               "parallel.microbatches=2"], tmp_path / "many", cache,
+                                        STEPS):
         assert losses == pytest.approx(reference[0], rel=1e-5)
         assert norms == pytest.approx(reference[1], rel=1e-5)
         assert val == pytest.approx(reference[2], rel=1e-5)

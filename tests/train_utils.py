@@ -1,0 +1,19 @@
+"""One trainer, a few steps, from a test: the harness the layout-parity tests share (run on gloo ranks by
+`dist_utils.run_ranks`, or in this process as the one-process reference)."""
+
+from typing import List, Optional, Sequence, Tuple
+
+
+def train_steps(rank: int, world: int, base: Sequence[str], overrides: Sequence[str], run_dir, cache, steps: int,
+                eval_batches: int = 2) -> Tuple[List[float], List[float], Optional[float]]:
+    """(the losses and grad norms of `steps` steps, the validation loss over `eval_batches` batches after them (None
+    for 0)) of a Trainer built from `base` + `overrides` on rank `rank` of `world`."""
+    from plait.launch.env import ProcessEnv
+    from plait.train import Trainer, load_config
+
+    cfg = load_config(list(base) + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
+    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
+    records = [trainer.step() for _ in range(steps)]
+    validation = trainer.evaluate(eval_batches) if eval_batches else None
+    trainer.close()
+    return [r["loss"] for r in records], [r["grad_norm"] for r in records], validation
