@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from plait.common.checks import SettingError
 from plait.train.config import ModelConfig
 from plait.train.model import Scales, Transformer
 from plait.train.reshard import CheckpointError, load_full_model
@@ -129,16 +130,29 @@ def generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int, *, temp
             block.attn.rope_rows, block.attn.attend = rows, attend
 
 
-def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype = torch.float32
-               ) -> Tuple[Transformer, Dict[str, Any]]:
-    """(the whole model of a checkpoint of any layout, in eval mode on `device`, its index)."""
+def resolve_checkpoint(checkpoint: Path) -> Path:
+    """What the tools read: a run directory's checkpoint root, else `checkpoint` itself (a checkpoint directory or a
+    checkpoint root); a path that does not exist is a CheckpointError."""
     checkpoint = Path(checkpoint)
     if not checkpoint.exists():
         raise CheckpointError(f"{checkpoint} does not exist; pass a checkpoint directory (with index.json), a "
                               f"checkpoint root (with latest), or a run directory.")
-    if (checkpoint / "checkpoints").is_dir():  # a run directory
-        checkpoint = checkpoint / "checkpoints"
-    index, full = load_full_model(checkpoint)
+    return checkpoint / "checkpoints" if (checkpoint / "checkpoints").is_dir() else checkpoint
+
+
+def tool_device(requested: str) -> torch.device:
+    """The tools' `--device`: auto is CUDA where torch sees it, else the CPU; cuda where torch sees none is refused."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SettingError("--device cuda but torch sees no CUDA device; use --device cpu.")
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype = torch.float32
+               ) -> Tuple[Transformer, Dict[str, Any]]:
+    """(the whole model of a checkpoint of any layout, in eval mode on `device`, its index)."""
+    index, full = load_full_model(resolve_checkpoint(checkpoint))
     known = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{key: value for key, value in index["model"].items() if key in known})
     cfg.dropout = 0.0  # decoding draws no dropout masks
@@ -200,8 +214,6 @@ def _check(args: argparse.Namespace) -> Optional[str]:
         return f"--top-p {args.top_p} is outside (0, 1]; use 1 for no cut."
     if args.samples < 1:
         return f"--samples {args.samples} must be at least 1."
-    if args.device == "cuda" and not torch.cuda.is_available():
-        return "--device cuda but torch sees no CUDA device; use --device cpu."
     return None
 
 
@@ -211,12 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         print(f"plait generate: error: {problem}", file=sys.stderr)
         return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
     try:
+        device = tool_device(args.device)
         model, index = load_model(Path(args.checkpoint), device, getattr(torch, args.dtype))
         tokenizer = load_tokenizer(args.tokenizer, index)
-    except CheckpointError as error:
+    except (CheckpointError, SettingError) as error:
         print(f"plait generate: error: {error}", file=sys.stderr)
         return 2
     prompt = [int(i) for i in tokenizer.encode(args.prompt)] if args.prompt else [tokenizer.eos]

@@ -19,7 +19,8 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from plait.train.decode import load_model
+from plait.common.checks import SettingError
+from plait.train.decode import load_model, resolve_checkpoint, tool_device
 from plait.train.reshard import CheckpointError, ShardReader
 from plait.train.tensorfile import write_atomic
 
@@ -32,10 +33,8 @@ def evaluate_checkpoint(checkpoint: Path, batches: Optional[int] = None, data_pa
     from plait.data.documents import document_ids
     from plait.data.loader import Loader
 
-    checkpoint = Path(checkpoint)
+    checkpoint = resolve_checkpoint(checkpoint)
     model, index = load_model(checkpoint, device)
-    if (checkpoint / "checkpoints").is_dir():  # a run directory
-        checkpoint = checkpoint / "checkpoints"
     config = ShardReader(checkpoint).rank_state(0)["config"]  # the run's own settings, as rank 0 recorded them
     data = DataConfig(**config["data"])
     if data_path is not None:
@@ -76,15 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.batches is not None and args.batches < 1:
         print(f"plait eval: error: --batches {args.batches} must be at least 1.", file=sys.stderr)
         return 2
-    if args.device == "cuda" and not torch.cuda.is_available():
-        print("plait eval: error: --device cuda but torch sees no CUDA device; use --device cpu.", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if args.device == "auto" else args.device)
-    from plait.common.checks import SettingError
-
     try:
-        result = evaluate_checkpoint(Path(args.checkpoint), args.batches, args.data, device)
+        result = evaluate_checkpoint(Path(args.checkpoint), args.batches, args.data, tool_device(args.device))
     except (CheckpointError, SettingError) as error:
         print(f"plait eval: error: {error}", file=sys.stderr)
         return 2
