@@ -25,6 +25,7 @@ class BatchRamp:
         self.start, self.increment, self.samples, self.final = start, increment, samples, final
         self.increments = (final - start) // increment
         self.levels = self._levels()  # (first step, consumed before it, batch size), the last one the final size
+        self.first_steps = [level[0] for level in self.levels]  # searched by `at`, every step
 
     @classmethod
     def from_setting(cls, setting: Sequence[int], final: int) -> "BatchRamp":
@@ -50,7 +51,7 @@ class BatchRamp:
 
     def at(self, step: int) -> Tuple[int, int]:
         """(samples consumed before `step`, the global batch size of `step`)."""
-        index = bisect.bisect_right([level[0] for level in self.levels], step) - 1
+        index = bisect.bisect_right(self.first_steps, step) - 1
         first, consumed, batch = self.levels[index]
         return consumed + (step - first) * batch, batch
 
