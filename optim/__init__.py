@@ -1,4 +1,4 @@
-"""plait.optim: Lion and AdamW, muP, parameter groups, LR schedules, gradient clipping, fp16 loss scaling.
+"""plait.optim: AdamW, Lion and Muon, muP, parameter groups, LR schedules, gradient clipping, fp16 loss scaling.
 
 Public names are listed in `__all__`; modules and names not listed are private and may
 change. Construction takes explicit arguments (a config dataclass, a `Grid` or plain
@@ -18,8 +18,12 @@ _EXPORTS = {
     "make_optimizer": "plait.optim.builder",
     "param_groups": "plait.optim.groups",
     "standard_group": "plait.optim.groups",
-    # Lion
+    # Lion, Muon
     "Lion": "plait.optim.lion",
+    "Muon": "plait.optim.muon",
+    "WholeMatrices": "plait.optim.muon",
+    "muon_group_of": "plait.optim.muon",
+    "newton_schulz": "plait.optim.muon",
     # muP
     "MupRole": "plait.optim.mup",
     "MupError": "plait.optim.mup",
@@ -45,6 +49,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.optim.groups import param_groups, standard_group
     from plait.optim.loss_scale import LossScaler
     from plait.optim.lion import Lion
+    from plait.optim.muon import Muon, WholeMatrices, muon_group_of, newton_schulz
     from plait.optim.mup import ForwardScales, MupError, MupRole, forward_scales, group_key, mup_table
     from plait.optim.schedule import apply_lr, lr_factor
     from plait.optim.state import load_named_state, named_state

@@ -8,7 +8,7 @@ from typing import List
 class OptimConfig:
     """Optimizer settings; `lr` is the peak learning rate of the base width under muP."""
 
-    name: str = "adamw"  # adamw | lion
+    name: str = "adamw"  # adamw | lion | muon (Muon for hidden matrices, AdamW for the rest)
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 30
@@ -20,6 +20,11 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     impl: str = "auto"  # auto | fused | foreach | triton | compiled | deepspeed (Lion's kernels; AdamW: torch fused or foreach)
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_ns_steps: int = 5  # Newton-Schulz iterations
+    muon_ns_dtype: str = "bfloat16"  # bfloat16 | float32
+    muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw (0.2 sqrt(max(A, B)): AdamW's lr) | original
     mup: bool = False
     mup_input_mult: float = 1.0
     mup_output_mult: float = 1.0

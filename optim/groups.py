@@ -1,7 +1,8 @@
 """Parameter groups: which weights decay, and each group's learning-rate multiplier.
 
-A group carries `lr_mult` (and `wd_mult`); the schedule sets `lr = schedule(step) *
-lr_mult`, so per-group multipliers (muP's lr/width_mult) survive every schedule step.
+A group carries `lr_mult` (and `wd_mult`), and any other key `group_of` gives (Muon's `muon`);
+the schedule sets `lr = schedule(step) * lr_mult`, so per-group multipliers (muP's
+lr/width_mult) survive every schedule step.
 """
 
 from typing import Callable, Dict, List, Optional
@@ -28,7 +29,8 @@ def param_groups(named_params: Dict[str, nn.Parameter], weight_decay: float,
         info = group_of(name, param)
         group = groups.setdefault(info["group"], {
             "params": [], "names": [], "lr_mult": info["lr_mult"],
-            "weight_decay": weight_decay * info["wd_mult"], "group_name": info["group"]})
+            "weight_decay": weight_decay * info["wd_mult"], "group_name": info["group"],
+            **{key: value for key, value in info.items() if key not in ("group", "lr_mult", "wd_mult")}})
         group["params"].append(param)
         group["names"].append(name)
     return list(groups.values())

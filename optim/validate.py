@@ -4,6 +4,7 @@ from plait.common.checks import SettingError, choice, number
 from plait.optim.builder import OPTIMIZERS
 from plait.optim.config import OptimConfig
 from plait.optim.lion import IMPLS
+from plait.optim.muon import ADJUSTMENTS, NS_DTYPES
 from plait.optim.schedule import DECAYS, SCHEDULES
 
 
@@ -29,3 +30,10 @@ def validate_optim(cfg: OptimConfig) -> None:
         number(OptimError, f"optim.betas[{index}]", beta, low=0, high=1, high_open=True)
     for key in ("mup_input_mult", "mup_output_mult", "mup_attn_mult"):
         number(OptimError, f"optim.{key}", getattr(cfg, key), low=0, low_open=True)
+    number(OptimError, "optim.muon_momentum", cfg.muon_momentum, low=0, high=1, high_open=True)
+    number(OptimError, "optim.muon_ns_steps", cfg.muon_ns_steps, low=1, high=99, integer=True)
+    choice(OptimError, "optim.muon_ns_dtype", cfg.muon_ns_dtype, NS_DTYPES)
+    choice(OptimError, "optim.muon_adjust_lr", cfg.muon_adjust_lr, ADJUSTMENTS)
+    if cfg.name == "muon" and cfg.mup:
+        raise OptimError("optim.mup=true does not apply to optim=muon, which scales each matrix's step by its own "
+                         "shape (optim.muon_adjust_lr); set optim.mup=false or choose optim=adamw or lion.")

@@ -50,6 +50,8 @@ _EXPORTS = {
     # ZeRO-2 and ZeRO-3 (torch's FSDP2 under plait's layout)
     "ShardedGrads": "plait.parallel.fsdp",
     "ShardOptimizer": "plait.parallel.shard_optimizer",
+    # whole matrices from tp and ZeRO pieces (Muon)
+    "ShardedMatrices": "plait.parallel.matrices",
 }
 
 __all__ = list(_EXPORTS)
@@ -61,6 +63,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.parallel.grid import Grid
     from plait.parallel.layout import Layout, LayoutError, Workload
     from plait.parallel.layout import validate as validate_layout
+    from plait.parallel.matrices import ShardedMatrices
     from plait.parallel.pipeline.runtime import PipelineRuntime
     from plait.parallel.pipeline.schedule import build_schedule
     from plait.parallel.pipeline.simulate import simulate

@@ -109,6 +109,12 @@ def rows_of(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     return pieces[rank] if rank < len(pieces) else full[:0]
 
 
+def row_offset(shape: torch.Size, rank: int, size: int) -> int:
+    """Where rank `rank`'s rows (`rows_of`) start in the flattened tensor of `shape`."""
+    rows = shape[0]
+    return min(rank * -(-rows // size), rows) * (torch.Size(shape).numel() // max(rows, 1))
+
+
 class ShardedGrads:
     """FSDP2 over this rank's chunks; the reducer's interface (see DataParallelGrads) on top of it."""
 

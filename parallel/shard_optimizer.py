@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from plait.common.optimizer_state import load_param_state
-from plait.parallel.fsdp import ShardedGrads, local, rows_of
+from plait.parallel.fsdp import ShardedGrads, local, row_offset, rows_of
 from plait.parallel.sharded_state import ShardedState
 
 
@@ -35,7 +35,9 @@ class ShardOptimizer(ShardedState):
         with torch.no_grad():
             self.views: Dict[str, torch.Tensor] = {name: local(p) for name, p in self.params.items()}
         self.group, self.device = (grads.mesh.get_group() if grads.size > 1 else None), grads.grid.device
-        self._build(make_optimizer, groups, {name: view for name, view in self.views.items() if view.numel() > 0})
+        pieces = {name: view for name, view in self.views.items() if view.numel() > 0}
+        self._build(make_optimizer, groups, pieces,
+                    {name: row_offset(self.params[name].shape, grads.rank, grads.size) for name in pieces})
 
     def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
         """(name, this rank's averaged gradient rows) for norms and clipping."""
@@ -56,14 +58,14 @@ class ShardOptimizer(ShardedState):
         rank, or, with `dest` ({name: global rank}), each parameter's state on its rank only."""
         from torch.distributed.tensor import DTensor
 
-        keys = self._agreed(self._state_keys())
+        keys_of = self._keys_by_name()
         step = self._step_count()
         out: Dict[str, Dict[str, torch.Tensor]] = {}
         for name, param in self.params.items():
             view, entry = self.views[name], {}
-            for key in keys:
-                state = self.optimizer.state.get(view, {})
-                rows = state[key] if key in state else torch.zeros_like(view)
+            state = self.optimizer.state.get(view, {})
+            for key in sorted(keys_of.get(name, set()) - {"step"}):
+                rows = state[key] if key in state else torch.zeros_like(view)  # (an empty shard: no state)
                 if dest is None:
                     entry[key] = DTensor.from_local(rows, param.device_mesh, param.placements, shape=param.shape,
                                                     stride=param.stride()).full_tensor()
@@ -71,19 +73,11 @@ class ShardOptimizer(ShardedState):
                     entry[key] = self.grads.gather_to(param, rows, dest[name])
             if dest is not None and dest[name] != self.grads.grid.rank:
                 continue
-            if keys and step > 0:  # AdamW counts steps (the same on every rank), Lion does not
+            if "step" in keys_of.get(name, ()):  # AdamW counts steps (the same on every rank); Lion, Muon do not
                 entry["step"] = torch.tensor(step)
             if entry:
                 out[name] = entry
         return out
-
-    def _agreed(self, keys: List[str]) -> List[str]:
-        """The state keys of the ranks with any state (a rank with only empty shards has none)."""
-        if self.grads.size == 1:
-            return keys
-        every: List = [None] * self.grads.size
-        dist.all_gather_object(every, keys, group=self.group)
-        return sorted({key for rank_keys in every for key in rank_keys})
 
     @torch.no_grad()
     def load_named_state(self, state: Dict[str, Dict[str, torch.Tensor]]) -> None:

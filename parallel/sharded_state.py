@@ -8,7 +8,7 @@ optimizer with the same builder plain training uses. Both expose `param_groups` 
 schedules), `state`, `zero_grad` (the reducer's job) and `state_bytes`.
 """
 
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Set
 
 import torch
 import torch.distributed as dist
@@ -25,12 +25,14 @@ class ShardedState:
     device: torch.device
 
     def _build(self, make_optimizer: Callable[[List[Dict]], torch.optim.Optimizer], groups: List[Dict],
-               piece_of: Dict[str, torch.Tensor]) -> None:
-        """The inner optimizer over `piece_of[name]` for each name of each group (names without a piece left out)."""
+               piece_of: Dict[str, torch.Tensor], offset_of: Dict[str, int]) -> None:
+        """The inner optimizer over `piece_of[name]` for each name of each group (names without a piece left out);
+        each group's `offsets` say where its pieces start in their flattened parameters (Muon puts them together)."""
         mine = []
         for group in groups:
             names = [n for n in group["names"] if n in piece_of]
-            mine.append({**group, "names": names, "params": [piece_of[n] for n in names]})
+            mine.append({**group, "names": names, "params": [piece_of[n] for n in names],
+                         "offsets": [offset_of[n] for n in names]})
         self.optimizer = make_optimizer([g for g in mine if g["params"]] or [{**mine[0], "params": [], "names": []}])
 
     @property
@@ -49,9 +51,23 @@ class ShardedState:
         """Bytes of optimizer state tensors held by this rank (step counters excluded)."""
         return state_bytes(self.optimizer)
 
-    def _state_keys(self) -> List[str]:
-        """The names of this rank's per-element state tensors (AdamW: exp_avg, exp_avg_sq; Lion: exp_avg)."""
-        return sorted({k for s in self.optimizer.state.values() for k, v in s.items() if torch.is_tensor(v) and v.ndim > 0})
+    def _keys_by_name(self) -> Dict[str, Set[str]]:
+        """{parameter name: its state keys} as any rank's piece of it holds them, agreed over the grad group (a rank
+        without a piece of a name cannot know them). AdamW: exp_avg, exp_avg_sq, step; Lion: exp_avg; Muon's
+        matrices: momentum_buffer; nothing before the first step."""
+        mine: Dict[str, Set[str]] = {}
+        for group in self.optimizer.param_groups:
+            for name, piece in zip(group["names"], group["params"]):
+                mine.setdefault(name, set()).update(self.optimizer.state.get(piece, {}).keys())
+        if self.group is None:
+            return mine
+        every: List = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(every, mine, group=self.group)
+        agreed: Dict[str, Set[str]] = {}
+        for rank_keys in every:
+            for name, keys in rank_keys.items():
+                agreed.setdefault(name, set()).update(keys)
+        return agreed
 
     def _step_count(self) -> float:
         """The optimizer's step count, the same on every rank of the group (a rank with no state has none)."""

@@ -85,7 +85,8 @@ class ZeroOptimizer(ShardedState):
             self.pieces_of_bucket.setdefault(id(piece.bucket), []).append(piece)
         self.hooks: List[object] = []  # the forward pre-hooks that wait for the weights (overlapped gathers)
         self.group, self.device = grid.grad_group, grid.device
-        self._build(make_optimizer, groups, {piece.name: piece.tensor for piece in self.pieces})
+        self._build(make_optimizer, groups, {piece.name: piece.tensor for piece in self.pieces},
+                    {piece.name: piece.param_offset for piece in self.pieces})
 
     def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
         """(parameter name, this rank's reduced gradient piece) for norms and clipping."""
@@ -116,24 +117,24 @@ class ZeroOptimizer(ShardedState):
         are gathered whole where its parameters are written (`dest`: {name: global rank}; every rank without it),
         and each rank keeps the state of its own parameters; it holds at most one bucket of one state tensor
         beyond those."""
-        keys = self._state_keys()
+        keys_of = self._keys_by_name()
         out: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.full_params
                                                    if dest is None or dest[name] == self.grid.rank}
         step = self._step_count()
         for chunk in self.grads.chunks:
             params = dict(chunk.params)
             for bucket in chunk.buckets:
-                for key in keys:
+                for key in sorted(set().union(*(keys_of.get(name, set()) for name in bucket.names)) - {"step"}):
                     whole = self._gather_bucket(chunk, bucket, key, dest)
                     if whole is None:
                         continue
                     for name in bucket.names:
-                        if name in out:
+                        if name in out and key in keys_of.get(name, ()):
                             offset = chunk.offsets[name] - bucket.start
                             param = params[name]
                             out[name][key] = whole[offset:offset + param.numel()].view_as(param).to(param.dtype).clone()
-        if keys and step > 0:  # AdamW counts steps (the same max on every dp rank), Lion does not
-            for name in out:
+        for name in out:  # AdamW counts steps (the same max on every dp rank); Lion and Muon do not
+            if "step" in keys_of.get(name, ()):
                 out[name]["step"] = torch.tensor(step)
         return {name: state for name, state in out.items() if state}
 
@@ -142,8 +143,9 @@ class ZeroOptimizer(ShardedState):
         lo, hi = bucket.shard_range(self.grid.grad_rank, self.grid.grad_size)
         mine = torch.zeros(hi - lo, dtype=torch.float32, device=chunk.buffer.device)
         for piece in self.pieces_of_bucket.get(id(bucket), ()):
-            if piece.tensor in self.optimizer.state:
-                mine[piece.lo - lo:piece.hi - lo] = self.optimizer.state[piece.tensor][key].float()
+            value = self.optimizer.state.get(piece.tensor, {}).get(key)
+            if value is not None:  # (Muon: its matrices hold momentum_buffer, the rest AdamW's moments)
+                mine[piece.lo - lo:piece.hi - lo] = value.float()
         return mine
 
     def _gather_bucket(self, chunk: ChunkGrads, bucket, key: str,

@@ -1,7 +1,7 @@
 """Optimizer state after a save and a load sits where the optimizer itself puts it.
 
-For every optimizer plait builds (AdamW fused and foreach, Lion's kernels, each also
-inside ZeRO-1): take one step, save the name-keyed state, load it into a fresh optimizer,
+For every optimizer plait builds (AdamW fused and foreach, Lion's kernels, Muon with AdamW
+beside it, each also inside ZeRO-1): take one step, save the name-keyed state, load it into a fresh optimizer,
 and compare every state tensor's device and dtype with those of a third, fresh optimizer
 after one step of its own; values must equal the saved ones, and the next step must be the
 same step the uninterrupted optimizer takes (bitwise). On CUDA this is the resume bug
@@ -19,9 +19,13 @@ from plait.parallel.data_parallel import DataParallelGrads
 from plait.parallel.grid import Grid
 from plait.parallel.zero import ZeroOptimizer
 from plait.optim.builder import make_optimizer
-from plait.optim.groups import param_groups
+from plait.optim.groups import param_groups, standard_group
+from plait.optim.muon import muon_group_of
+from plait.parallel.matrices import ShardedMatrices
+from plait.parallel.sharding import ShardSpec
 
-VARIANTS = [("adamw", "fused"), ("adamw", "foreach"), ("lion", "compiled"), ("lion", "foreach"), ("lion", "triton")]
+VARIANTS = [("adamw", "fused"), ("adamw", "foreach"), ("lion", "compiled"), ("lion", "foreach"), ("lion", "triton"),
+            ("muon", "auto")]
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
@@ -39,12 +43,16 @@ def build(name, impl, zero, device):
     module = Tiny().to(device)
     cfg = OptimConfig(name=name, impl=impl, lr=1e-2)
     named = dict(module.named_parameters())
-    if not zero:
-        return module, build_optimizer(named, cfg, device=torch.device(device)), named
     grid = Grid.single(torch.device(device))
+    group_of, matrices = None, None
+    if name == "muon":  # Muon steps the matrix w, AdamW the rest; under ZeRO-1 it puts w together from its pieces
+        group_of = muon_group_of(standard_group, lambda n: n == "w")
+        matrices = ShardedMatrices({"w": ShardSpec((24, 16))}, grid, sharded_over_dp=zero)
+    if not zero:
+        return module, build_optimizer(named, cfg, group_of, torch.device(device), matrices), named
     grads = DataParallelGrads([module], grid, ParallelConfig(zero=1), shard=True)
-    optimizer = ZeroOptimizer(grads, grid, lambda groups: make_optimizer(groups, cfg, torch.device(device)),
-                              param_groups(named, cfg.weight_decay))
+    optimizer = ZeroOptimizer(grads, grid, lambda groups: make_optimizer(groups, cfg, torch.device(device), matrices),
+                              param_groups(named, cfg.weight_decay, group_of))
     return module, optimizer, named
 
 

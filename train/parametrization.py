@@ -16,6 +16,7 @@ import torch
 
 from plait.optim.config import OptimConfig
 from plait.optim.mup import ForwardScales, MupRole, forward_scales, group_key, mup_table
+from plait.optim.muon import muon_group_of
 from plait.parallel.grid import Grid
 from plait.parallel.plans import param_specs
 from plait.parallel.sharding import ShardSpec
@@ -97,8 +98,11 @@ def build_parametrization(model_cfg: ModelConfig, optim_cfg: OptimConfig) -> Par
     if optim_cfg.mup:
         log.info("muP: width %d over base %d (head dim %d over %d), readout scale %.4g, attention scale %.4g",
                  model_cfg.dim, base_dim, head_dim, base_head_dim, numbers.logits, numbers.attention)
+    group_of = group_key(table)
+    if optim_cfg.name == "muon":  # Muon steps the hidden matrices (both dimensions grow with width), AdamW the rest
+        group_of = muon_group_of(group_of, lambda name: table[name].role == "hidden")
     return Parametrization(table, Scales(numbers.embedding, numbers.logits, numbers.attention), std_of,
-                           group_key(table), optim_cfg.mup and optim_cfg.mup_zero_query)
+                           group_of, optim_cfg.mup and optim_cfg.mup_zero_query)
 
 
 @torch.no_grad()

@@ -178,9 +178,10 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     sp = bool(parallel.sequence_parallel and tp > 1)
     style = placement(_schedule_name(parallel))
     chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp, style)
-    params, full_params, vocab_local, block = 0, 0, 0, 0
+    params, full_params, vocab_local, block, matrices = 0, 0, 0, 0, 0
     for model in shape_chunks(model_cfg, grid, vpp, sequence_parallel=sp, pp_rank=pp_rank, placement=style):
         params += sum(p.numel() for p in model.parameters())
+        matrices += sum(p.numel() for layer in model.layers.values() for p in layer.parameters() if p.ndim == 2)
         block = max([block] + [sum(p.numel() for p in layer.parameters()) for layer in model.layers.values()])
         specs = param_specs(model)
         copies = model.tied_copies()  # a tied head's copy of the embedding: held here, counted once in the model
@@ -202,7 +203,8 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     keep = keep_count(cfg.offload.keep_last)  # auto is decided at run time from the link: planned as 1
     resident_blocks = min(layers, (1 if keep is None else keep) + cfg.offload.prefetch)
     activations_offload = min(activations, resident_blocks * block_saved + head)
-    optimizer_per_param = 8 if cfg.optim.name == "adamw" else 4
+    # fp32 state: AdamW's two moments, Lion's one; Muon's one momentum for the blocks' matrices, AdamW's for the rest
+    optimizer_bytes = {"adamw": 8 * params, "lion": 4 * params, "muon": 4 * matrices + 8 * (params - matrices)}
     hidden_bytes = tokens * model_cfg.dim * size
     # tp: 4 all-reduces of [b, s, d] per block per micro-batch (2 forward, 2 backward; under SP
     # the same bytes as all-gathers + reduce-scatters), the embedding's forward all-reduce,
@@ -216,7 +218,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     sends = sum(int(c.stage < pp * vpp - 1 and ranks[c.stage + 1] != pp_rank) + int(c.stage > 0 and ranks[c.stage - 1] != pp_rank)
                 for c in chunks)
     pp_bytes = m * sends * boundary if pp > 1 else 0
-    return StagePlan(pp_rank, layers, params, full_params, params * 4, params * 4, params * optimizer_per_param,
+    return StagePlan(pp_rank, layers, params, full_params, params * 4, params * 4, optimizer_bytes[cfg.optim.name],
                      int(activations), int(activations_offload), inflight, int(tp_bytes), int(dp_bytes),
                      int(pp_bytes), int(cp_bytes), shards=dp * cp, block_weights=block * 4, gather_size=size,
                      microbatches=m)

@@ -43,6 +43,7 @@ from plait.parallel.pipeline.schedule import (SPLIT_SCHEDULES, chunks_per_rank, 
 from plait.parallel.tied import TiedWeights
 from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads, local
+from plait.parallel.matrices import ShardedMatrices
 from plait.parallel.shard_optimizer import ShardOptimizer
 from plait.parallel.zero import ZeroOptimizer
 from plait.train import reshard
@@ -100,8 +101,8 @@ class Trainer:
         self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
         group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups; a tied copy's is
         self.param_group_of = lambda name, param: group_of(self.mirrors.get(name, name), param)  # its source's
-        self.optimizer, self.grad_entries = self._build_optimizer()
         self.grads_sharded_over_dp = cfg.parallel.zero == 1 or self.fsdp  # ZeRO: each dp rank holds a piece of every grad
+        self.optimizer, self.grad_entries = self._build_optimizer()
         self.loss_scaler = LossScaler.from_config(cfg.train) if cfg.train.precision == "fp16" else None
         if self.loss_scaler is not None and self.is_logger:
             scaler = self.loss_scaler
@@ -297,7 +298,8 @@ class Trainer:
         """The configured optimizer (or ZeRO-1 around it: each dp rank steps its shard), and where the
         grads it updates are read from: (name, averaged grad) whole, or this rank's ZeRO-1 pieces."""
         cfg = self.cfg
-        make = lambda groups: make_optimizer(groups, cfg.optim, self.device)  # noqa: E731
+        matrices = self._muon_matrices() if cfg.optim.name == "muon" else None
+        make = lambda groups: make_optimizer(groups, cfg.optim, self.device, matrices)  # noqa: E731
         if self.fsdp:
             optimizer = ShardOptimizer(self.grads, make, param_groups(self.named_params, cfg.optim.weight_decay,
                                                                       self.param_group_of))
@@ -306,7 +308,14 @@ class Trainer:
             optimizer = ZeroOptimizer(self.grads, self.grid, make,
                                       param_groups(self.named_params, cfg.optim.weight_decay, self.param_group_of))
             return optimizer, optimizer.grad_entries
-        return build_optimizer(self.named_params, cfg.optim, self.param_group_of, self.device), self.grads.named_grads
+        return (build_optimizer(self.named_params, cfg.optim, self.param_group_of, self.device, matrices),
+                self.grads.named_grads)
+
+    def _muon_matrices(self) -> ShardedMatrices:
+        """Where Muon finds its whole matrices: the hidden ones of this rank's chunks, as tp and ZeRO split them."""
+        names = [name for name, param in self.named_params.items() if self.param_group_of(name, param).get("muon")]
+        dtype = self.named_params[names[0]].dtype if names else torch.float32
+        return ShardedMatrices({name: self.specs[name] for name in names}, self.grid, self.grads_sharded_over_dp, dtype)
 
     def _build_loader(self) -> Loader:
         cfg = self.cfg
