@@ -150,3 +150,24 @@ def test_resume_restores_the_scale_and_its_counters(tmp_path, stdlib_tokens):
     assert resumed.loss_scaler.state_dict() == first.loss_scaler.state_dict()
     assert [(r["loss"], r["loss_scale"], r["skipped_steps"]) for r in train_part] == [w[:3] for w in whole[:5]]
     assert train(resumed, 5) == whole[5:]
+
+
+def test_a_skipped_step_does_not_move_the_learning_rate_schedule(tmp_path, stdlib_tokens):
+    """The schedule counts updates, as Megatron's and DeepSpeed's do: each step's lr is the schedule at the number
+    of updates before it (steps less the skipped ones), so the warm-up is not eaten by the first overflows."""
+    from plait.optim.schedule import lr_factor
+    from plait.train import Trainer, load_config
+
+    cache = stdlib_tokens[0].parent.parent
+    cfg = load_config(overrides(tmp_path / "run", cache, 8, "optim.warmup_steps=4", "optim.lr=1e-3"))
+    trainer = Trainer(cfg)
+    try:
+        records = [trainer.step() for _ in range(8)]
+    finally:
+        trainer.close()
+    skipped_before = [0] + [r["skipped_steps"] for r in records[:-1]]
+    assert skipped_before[-1] > 0  # some steps overflowed (from 2^24)
+    assert [r["lr"] for r in records] == [1e-3 * lr_factor(step - skipped, 8, cfg.optim)
+                                          for step, skipped in enumerate(skipped_before)]
+    first_update = next(i for i, r in enumerate(records) if r["skipped_steps"] == skipped_before[i])
+    assert first_update > 0 and records[first_update]["lr"] == records[0]["lr"]  # the warm-up starts at it

@@ -375,7 +375,7 @@ class Trainer:
     def step(self) -> Dict[str, float]:
         """One optimizer step on the global batch of step `step_num`; returns its metrics."""
         start = time.perf_counter()
-        lr = apply_lr(self.optimizer, self.step_num, self.cfg.train.steps, self.cfg.optim)
+        lr = apply_lr(self.optimizer, self.updates_done(), self.cfg.train.steps, self.cfg.optim)
         with record_function("plait.data"):
             batch = self.loader.batch(self.step_num)
         if self.offload is not None:
@@ -409,6 +409,11 @@ class Trainer:
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
                 "step_time_s": elapsed, **ramping, **scaling, **held, **offload_metrics}
+
+    def updates_done(self) -> int:
+        """Optimizer updates so far: the steps less those fp16 skipped on an overflow. The learning-rate schedule
+        counts these, as Megatron's and DeepSpeed's do (a skipped step does not move the schedule)."""
+        return self.step_num - (self.loss_scaler.skipped if self.loss_scaler is not None else 0)
 
     def _held_bytes(self) -> Dict[str, int]:
         """Bytes of weights, grads and optimizer state this rank holds (its shards under ZeRO), counted from
@@ -554,8 +559,8 @@ class Trainer:
         cfg = self.cfg
         rank_state = {"step": self.step_num, "rank": self.grid.rank, "rng": self._rng_state(),
                       "loader": self.loader.state(),
-                      "lr_schedule": {"step": self.step_num, "total_steps": int(cfg.train.steps),
-                                      "factor": lr_factor(self.step_num, int(cfg.train.steps), cfg.optim)},
+                      "lr_schedule": {"step": self.updates_done(), "total_steps": int(cfg.train.steps),
+                                      "factor": lr_factor(self.updates_done(), int(cfg.train.steps), cfg.optim)},
                       "config": OmegaConf.to_container(cfg, resolve=True)}
         if self.loss_scaler is not None:  # fp16's scale and counters (the same on every rank)
             rank_state["loss_scale"] = self.loss_scaler.state_dict()
