@@ -19,7 +19,8 @@ Everything above is elementwise except NS, which needs whole matrices. A matrix 
 this rank's tensors (whole parameters, tp shards, ZeRO pieces) make whole matrices: its
 `orthogonalize(pieces, fn)` gathers them, applies `fn` to each logical matrix (Q, K and V of a
 fused weight each on its own, as a model with separate projections has them) and hands back this
-rank's piece of each result. `WholeMatrices` (the default) takes each tensor as one matrix:
+rank's piece of each result, in parts that each carry their matrix's scale (so the step adds the
+bf16 result with alpha = -lr r(A, B), as torch.optim.Muon does). `WholeMatrices` (the default) takes each tensor as one matrix:
 torch.optim.Muon's rule; `plait.parallel.matrices.ShardedMatrices` does it under tp x dp x ZeRO.
 """
 
@@ -40,6 +41,9 @@ NS_DTYPES: Dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torc
 
 # name -> (this rank's piece of the update, where the piece starts in the flattened local parameter)
 Pieces = Dict[str, Tuple[torch.Tensor, int]]
+# one part of a piece's orthogonal step: (where it starts in the piece, its values, the scale r(A, B) they take)
+Part = Tuple[int, torch.Tensor, float]
+Orthogonalize = Callable[[torch.Tensor], Tuple[torch.Tensor, float]]  # a whole matrix -> (NS of it, r(A, B))
 
 
 def newton_schulz(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
@@ -47,10 +51,12 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
     """`steps` quintic Newton-Schulz iterations on `matrix` scaled to Frobenius norm 1 (so its spectral norm is
     at most 1), in `dtype`, on the wide orientation (X X^T is the smaller Gram matrix)."""
     x = matrix.to(dtype)
+    converted = x is not matrix  # a copy of its own: scaled in place; the caller's matrix never is
     tall = x.shape[0] > x.shape[1]
     if tall:
         x = x.T
-    x = x / x.norm().clamp(min=eps)
+    norm = x.norm().clamp(min=eps)
+    x = x.div_(norm) if converted else x / norm
     a, b, c = NS_COEFFICIENTS
     for _ in range(steps):
         gram = x @ x.T
@@ -59,21 +65,22 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
 
 
 class MatrixLayout(Protocol):
-    """Where whole matrices come from: `orthogonalize(pieces, fn)` returns {name: this rank's piece of fn(matrix)}."""
+    """Where whole matrices come from: `orthogonalize(pieces, fn)` returns, for each name, the parts of this rank's
+    piece of fn's result (a fused weight's segments are separate matrices, each with its own scale)."""
 
-    def orthogonalize(self, pieces: Pieces, fn: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize) -> Dict[str, List[Part]]:
         ...
 
 
 class WholeMatrices:
     """The layout of a single process with plain parameters: each tensor is one whole matrix."""
 
-    def orthogonalize(self, pieces: Pieces, fn: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
+    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize) -> Dict[str, List[Part]]:
         for name, (update, _) in pieces.items():
             if update.ndim != 2:
                 raise ValueError(f"Muon steps matrices; {name} has shape {tuple(update.shape)} (optimize it with "
                                  "AdamW, or give Muon the layout its pieces come from).")
-        return {name: fn(update) for name, (update, _) in pieces.items()}
+        return {name: [(0, *fn(update))] for name, (update, _) in pieces.items()}
 
 
 class Muon(torch.optim.Optimizer):
@@ -96,9 +103,9 @@ class Muon(torch.optim.Optimizer):
             if not group["muon"]:
                 group.setdefault("fused", all(p.device.type in ("cpu", "cuda") for p in group["params"]))
 
-    def _orthogonal_step(self, matrix: torch.Tensor) -> torch.Tensor:
-        """r(A, B) x NS(matrix), in the matrix's dtype."""
-        return newton_schulz(matrix, self.ns_steps, self.ns_dtype).to(matrix.dtype) * self.ratio(*matrix.shape)
+    def _orthogonal_step(self, matrix: torch.Tensor) -> Tuple[torch.Tensor, float]:
+        """(NS(matrix) in the iteration's dtype, r(A, B)): the step adds them as torch.optim.Muon does."""
+        return newton_schulz(matrix, self.ns_steps, self.ns_dtype), self.ratio(*matrix.shape)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -122,7 +129,9 @@ class Muon(torch.optim.Optimizer):
         orthogonal = self.matrices.orthogonalize(pieces, self._orthogonal_step)
         for name, (param, group) in stepped.items():
             param.mul_(1.0 - group["lr"] * group["weight_decay"])
-            param.add_(orthogonal[name], alpha=-group["lr"])
+            for offset, values, scale in orthogonal[name]:  # a part: the piece's values from `offset` on
+                target = param.view(-1).narrow(0, offset, values.numel()).view(values.shape)
+                target.add_(values, alpha=-(group["lr"] * scale))
         return loss
 
     def _momentum(self, param: torch.Tensor, group: Dict) -> torch.Tensor:

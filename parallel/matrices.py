@@ -9,13 +9,16 @@ orthogonalizes whole matrices. `ShardedMatrices.orthogonalize(pieces, fn)` puts 
    all-reduce; pieces do not overlap, so each value arrives exactly);
 2. tp: the buffers are all-gathered over tp (one all-gather) and each weight put together as
    `ShardSpec.unshard` does, segment by segment;
-3. `fn` runs on each logical matrix: a fused weight's segments (Q|K|V, gate|up) each on its own,
-   as a model with separate projections has them;
-4. each rank keeps its piece of each result (`ShardSpec.shard`, then its range).
+3. `fn` runs on each logical matrix this rank holds a piece of: a fused weight's segments
+   (Q|K|V, gate|up) each on its own, as a model with separate projections has them;
+4. each rank keeps its piece of each result, as parts (one a segment), each with the scale `fn`
+   gave its segment; results stay in `fn`'s dtype (bf16 by default) until Muon adds them.
 
-Every rank of a stage repeats the work for all the stage's matrices (tp x dp times, as
-Moonlight's "distributed Muon" does); the buffer costs one fp32 copy of the stage's matrices.
-Each call is a collective over tp and (with ZeRO) the grad group: every rank calls it every step.
+At tp 1 without ZeRO the pieces are the matrices: no buffer, no copy. Under ZeRO-1 a rank holds
+pieces of about 1/dp of the matrices, so the Newton-Schulz work spreads over dp; under tp and
+ZeRO-2/3 (every rank holds a part of every matrix) each rank repeats it for its whole stage, as
+Moonlight's "distributed Muon" does. The buffer costs one copy of the stage's matrices. Each call
+is a collective over tp and (with ZeRO) the grad group: every rank calls it every step.
 """
 
 from typing import Callable, Dict, List, Tuple
@@ -28,6 +31,8 @@ from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 
 Pieces = Dict[str, Tuple[torch.Tensor, int]]  # name -> (this rank's piece, its start in the flattened local weight)
+Part = Tuple[int, torch.Tensor, float]  # (offset in the piece, the matrix's values there, their scale)
+Orthogonalize = Callable[[torch.Tensor], Tuple[torch.Tensor, float]]  # a whole matrix -> (its result, a scale)
 
 
 class ShardedMatrices:
@@ -47,19 +52,51 @@ class ShardedMatrices:
             total += int(torch.Size(shape).numel())
         self.total = total
 
-    def orthogonalize(self, pieces: Pieces, fn: Callable[[torch.Tensor], torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """{name: this rank's piece of fn(whole matrix)} for each name in `pieces` (collective)."""
-        wholes = self._whole(self._tp_local(pieces))
-        result = {}
-        for name, whole in wholes.items():
-            spec = self.specs[name]
-            segments = whole.split(list(spec.segments)) if spec.segments else (whole,)
-            done = torch.cat([fn(segment) for segment in segments]) if len(segments) > 1 else fn(whole)
-            if name in pieces:
-                piece, start = pieces[name]
-                mine = spec.shard(done, self.tp_rank, self.tp).reshape(-1)
-                result[name] = mine[start:start + piece.numel()].view_as(piece)
-        return result
+    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize) -> Dict[str, List[Part]]:
+        """{name: the parts of this rank's piece, each (offset in the piece, fn's matrix there, fn's scale)} for each
+        name in `pieces` (collective). Only the segments this rank holds a piece of are orthogonalized: under
+        ZeRO-1 about 1/dp of the stage's."""
+        wholes = self._whole(pieces)
+        return {name: self._parts(self.specs[name], wholes[name], piece, start, fn)
+                for name, (piece, start) in pieces.items()}
+
+    def _parts(self, spec: ShardSpec, whole: torch.Tensor, piece: torch.Tensor, start: int,
+               fn: Orthogonalize) -> List[Part]:
+        """fn over each segment of `whole` whose tp share meets the piece [start, start + numel) of the flattened
+        tp-local weight (a column-parallel weight holds each segment's share of rows in turn, a row-parallel one
+        its share of the columns), cut to that piece."""
+        parts, local_at, end = [], 0, start + piece.numel()
+        for segment in whole.split(list(spec.segments)) if spec.segments else (whole,):
+            size = segment.numel() // (self.tp if spec.is_sharded else 1)
+            lo, hi = max(start, local_at), min(end, local_at + size)
+            if lo < hi:
+                matrix, scale = fn(segment)
+                if spec.is_sharded:
+                    share = matrix.shape[spec.dim] // self.tp
+                    matrix = matrix.narrow(spec.dim, self.tp_rank * share, share)
+                whole_share = hi - lo == matrix.numel()  # (a transposed result is cut only when it must be)
+                parts.append((lo - start, matrix if whole_share else matrix.reshape(-1)[lo - local_at:hi - local_at],
+                              scale))
+            local_at += size
+        return parts
+
+    def _whole(self, pieces: Pieces) -> Dict[str, torch.Tensor]:
+        """{name: the whole matrix}: the pieces themselves where no rank holds another part (tp 1, no ZeRO), else
+        from every rank's buffer."""
+        if self.tp_group is None and self.dp_group is None:
+            return {name: piece.view(self.shapes[name]) for name, (piece, _) in pieces.items()}
+        buffer = self._tp_local(pieces)
+        buffers: List[torch.Tensor] = [buffer]
+        if self.tp_group is not None:
+            gathered = buffer.new_empty(self.tp * self.total)
+            collectives.all_gather_tensor(gathered, buffer, group=self.tp_group)
+            buffers = list(gathered.chunk(self.tp))
+        wholes = {}
+        for name in pieces:
+            shape = self.shapes[name]
+            at, size = self.offsets[name], int(torch.Size(shape).numel())
+            wholes[name] = self.specs[name].unshard([b[at:at + size].view(shape) for b in buffers])
+        return wholes
 
     def _tp_local(self, pieces: Pieces) -> torch.Tensor:
         """One flat buffer of every tp-local matrix: this rank's pieces, summed over the grad group under ZeRO."""
@@ -70,16 +107,3 @@ class ShardedMatrices:
         if self.dp_group is not None:
             dist.all_reduce(buffer, group=self.dp_group)
         return buffer
-
-    def _whole(self, buffer: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """{name: the whole matrix} from every tp rank's buffer."""
-        buffers: List[torch.Tensor] = [buffer]
-        if self.tp_group is not None:
-            gathered = buffer.new_empty(self.tp * self.total)
-            collectives.all_gather_tensor(gathered, buffer, group=self.tp_group)
-            buffers = list(gathered.chunk(self.tp))
-        wholes = {}
-        for name, shape in self.shapes.items():
-            at, size = self.offsets[name], int(torch.Size(shape).numel())
-            wholes[name] = self.specs[name].unshard([b[at:at + size].view(shape) for b in buffers])
-        return wholes

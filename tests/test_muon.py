@@ -86,6 +86,15 @@ def test_newton_schulz_leaves_singular_values_near_one_and_the_singular_vectors_
     assert float((core - torch.diag(torch.diagonal(core))).abs().max()) < 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(48, 32), (32, 48)], ids=["tall", "wide"])
+def test_newton_schulz_leaves_its_input_alone(dtype, shape):
+    matrix = torch.randn(*shape, generator=torch.Generator().manual_seed(0))  # (Muon hands it the momentum itself)
+    before = matrix.clone()
+    newton_schulz(matrix, dtype=dtype)
+    assert torch.equal(matrix, before)
+
+
 def test_a_fused_weight_orthogonalizes_each_segment_on_its_own():
     q, k, v = [t.detach() for t in _tensors([(32, 32), (16, 32), (16, 32)])]
     fused = torch.cat([q, k, v]).requires_grad_()
