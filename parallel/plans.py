@@ -10,6 +10,7 @@ walks the model once and, for each matching module:
 | `VocabEmbedding()` | an `Embedding` becomes a `VocabParallelEmbedding`, rows padded to 64 x tp |
 | `VocabHead()` | the output `Linear` becomes column-parallel over the vocabulary, padded the same way |
 | `SequenceNorm()` | a norm stays whole; under sequence parallelism its gain's grad is partial over tp |
+| `HeadNorm()` | a norm over each head's features (QK-norm) stays whole; each tp rank norms its own heads, so its gain's grad is partial over tp |
 | `SequenceDropout()` | a residual dropout draws a mask per rank under sequence parallelism |
 | `ContextAttention(mode)` | under cp > 1 an attention attends over the whole sequence from its rank's zigzag share (ring or Ulysses) and takes its tokens' rotary rows |
 | `VocabParallelOutput()` | on the model itself: the loss becomes vocab-parallel cross-entropy, a tied head's input passes through copy-to-region (or a sequence gather), `model.vocab` is the padded size |
@@ -108,6 +109,12 @@ class VocabHead(Style):
 class SequenceNorm(Style):
     def apply(self, module, grid, sequence_parallel):
         module.spec = ShardSpec(tuple(module.weight.shape), None, tp_partial_grad=sequence_parallel)
+        return None
+
+
+class HeadNorm(Style):
+    def apply(self, module, grid, sequence_parallel):
+        module.spec = ShardSpec(tuple(module.weight.shape), None, tp_partial_grad=grid.tp > 1)
         return None
 
 

@@ -365,6 +365,26 @@ def test_a_sliding_window_on_cuda_matches_the_cpu_and_decodes_through_the_cache(
     assert torch.equal(greedy, generate(cpu_model, ids[:, :3], 30, temperature=0))
 
 
+def test_qk_norm_on_cuda_matches_the_cpu_in_fp32_and_trains_its_gains_under_bf16():
+    """`model.qk_norm`: the per-head norms through CUDA's rms_norm (apex's where importable) on [b, s, h, d],
+    the CPU's logits in fp32; under bf16 autocast the gains get finite, nonzero grads."""
+    from plait.train.config import ModelConfig
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, max_seq_len=64, qk_norm=True)
+    cpu_model, model = build_model(cfg, seed=4).eval(), build_model(cfg, seed=4, device=CUDA)
+    ids = torch.randint(0, 100, (2, 25), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = model.eval()(ids[:, :-1].to(CUDA)).cpu()
+    assert torch.allclose(out, cpu_model(ids[:, :-1]), atol=1e-4), (out - cpu_model(ids[:, :-1])).abs().max()
+    model.train()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.loss(model(ids[:, :-1].to(CUDA)), ids[:, 1:].to(CUDA))
+    loss.backward()
+    for name, param in model.named_parameters():
+        if name.endswith(("q_norm.weight", "k_norm.weight")):
+            assert torch.isfinite(param.grad).all() and param.grad.abs().sum() > 0, name
+
+
 def test_loss_chunks_on_cuda_lower_the_peak_memory_and_keep_the_grads():
     """`train.loss_chunks` on CUDA under bf16 autocast: the same loss and grads as whole logits, and the peak
     memory of forward + backward lower by most of the fp32 logits and softmax (measured, max_memory_allocated)."""

@@ -73,6 +73,12 @@ def test_activations_match_a_real_forward():
     x = torch.randn(b, s, cfg.model.dim, requires_grad=True)
     measured_tp2 = saved_activation_bytes(block, lambda: block(x))
     assert 4 * block_activation_elements(cfg.model, b * s, 2, False) == pytest.approx(measured_tp2, rel=0.10)
+    # with QK-norm, each head's q and k norms keep theirs: exactly the plan's extra elements more than without
+    blocks = {qk: Transformer(load_config(SMALL + [f"model.qk_norm={qk}"]).model, layers=[0], has_embedding=False,
+                              has_head=False, device="cpu") for qk in (False, True)}
+    kept = {qk: saved_activation_bytes(one, lambda: one(x)) for qk, one in blocks.items()}
+    extra = {qk: 4 * block_activation_elements(one.cfg, b * s, 1, False) for qk, one in blocks.items()}
+    assert kept[True] - kept[False] == extra[True] - extra[False] > 0
     # with the head and loss in 4 slices: the logits are not kept (the plan counts one slice's, recomputed)
     model.loss_chunks = 4
     sliced = saved_activation_bytes(model, lambda: model.loss(model(ids[:, :-1]), ids[:, 1:]))

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from plait.parallel.grid import Grid
-from plait.parallel.plans import (Colwise, ContextAttention, Rowwise, SequenceDropout, SequenceNorm, Style,
+from plait.parallel.plans import (Colwise, ContextAttention, HeadNorm, Rowwise, SequenceDropout, SequenceNorm, Style,
                                   VocabEmbedding, VocabHead, VocabParallelOutput, param_specs, parallelize)
 from plait.parallel.pipeline.partition import rank_chunk_plans
 from plait.parallel.random import ParallelRNG
@@ -39,6 +39,8 @@ LLAMA_PLAN: Dict[str, Style] = {
     "layers.*.attn": ContextAttention("ring"),
     "layers.*.attn.wqkv": Colwise(),
     "layers.*.attn.wo": Rowwise(),
+    "layers.*.attn.q_norm": HeadNorm(),
+    "layers.*.attn.k_norm": HeadNorm(),
     "layers.*.mlp_norm": SequenceNorm(),
     "layers.*.mlp.w13": Colwise(),
     "layers.*.mlp.w2": Rowwise(),

@@ -55,6 +55,7 @@ class ModelConfig:
     base_head_dim: Optional[int] = None
     attn_mask: str = "causal"  # causal | document (attention stays inside each packed document)
     sliding_window: Optional[int] = None  # each token attends to itself and the W - 1 before it (Mistral)
+    qk_norm: bool = False  # RMS-norm each head's query and key before rotary (OLMo 2, Qwen3)
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Export reassembles every parameter in full from the checkpoint's tp shards (any layout),
 cuts the vocabulary padding, renames to `LlamaForCausalLM`'s names (`MistralForCausalLM` for a model with
-`model.sliding_window`: the same names, and its window in config.json) and writes
+`model.sliding_window`: the same names, and its window in config.json; `Qwen3ForCausalLM` for a model with
+`model.qk_norm`: the same names plus each attention's q_norm and k_norm) and writes
 `OUT/config.json` and `OUT/model.safetensors`, and, when the checkpoint's data was made with a BPE
 (its index records the tokenizer.json), `OUT/tokenizer.json` and `OUT/tokenizer_config.json` for
 transformers' `AutoTokenizer` (a byte-level model's ids are UTF-8 bytes: no tokenizer file; its
@@ -15,13 +16,15 @@ transformers' `AutoTokenizer` (a byte-level model's ids are UTF-8 bytes: no toke
     layers.i.mlp_norm.weight      -> model.layers.i.post_attention_layernorm.weight
     layers.i.mlp.w13.weight       -> model.layers.i.mlp.{gate,up}_proj.weight (split by segment)
     layers.i.mlp.w2.weight        -> model.layers.i.mlp.down_proj.weight
+    layers.i.attn.{q,k}_norm.weight -> model.layers.i.self_attn.{q,k}_norm.weight (qk_norm: Qwen3)
     norm.weight, head.weight      -> model.norm.weight, lm_head.weight (absent when tied)
 
 plait rotates (first half, second half) of each head, as HF Llama's `rotate_half` does, so
 q and k need no permutation. muP multipliers HF Llama does not have are folded into the
 weights: the embedding multiplier into the embedding, the logits multiplier into the
 final norm's gain (divided by the embedding multiplier when the head is tied), and an
-attention scale other than 1/sqrt(head_dim) into q_proj. Import undoes the same folding.
+attention scale other than 1/sqrt(head_dim) into q_proj (into q_norm's gain under QK-norm, which
+would undo a scaled q_proj). Import undoes the same folding.
 """
 
 import argparse
@@ -51,6 +54,7 @@ _SIMPLE = {
     "mlp_norm.weight": "post_attention_layernorm.weight",
     "mlp.w2.weight": "mlp.down_proj.weight",
 }
+_QK_NORMS = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
 _FUSED = {
     "attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
     "mlp.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
@@ -59,11 +63,20 @@ _FUSED = {
 
 def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     """`config.json` of a `LlamaForCausalLM` with plait's model shape (older and newer rope keys both); with a
-    sliding window, of a `MistralForCausalLM` (the same weights and names, plus `sliding_window`)."""
+    sliding window, of a `MistralForCausalLM` (the same weights and names, plus `sliding_window`); with QK-norm,
+    of a `Qwen3ForCausalLM` (plus q_norm and k_norm)."""
     head_dim = model["dim"] // model["n_heads"]
     window = model.get("sliding_window")
-    architecture = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"} if window is None else \
-        {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
+    if model.get("qk_norm"):
+        if window is not None:
+            raise CheckpointError(f"model.qk_norm with model.sliding_window={window} has no Hugging Face architecture "
+                                  "plait writes (Qwen3's window is per layer type); export a model with one of them.")
+        architecture = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
+                        "sliding_window": None, "max_window_layers": model["n_layers"]}
+    elif window is not None:
+        architecture = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
+    else:
+        architecture = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {
         **architecture,
         "vocab_size": model["vocab_size"], "hidden_size": model["dim"], "intermediate_size": model["ffn_dim"],
@@ -94,7 +107,8 @@ def _fold_factors(model: Dict[str, Any], scales: Optional[Dict[str, Any]]) -> Di
     attention = scales.get("attention")
     query = 1.0 if attention is None else float(attention) * math.sqrt(head_dim)
     norm = logits / embedding if model["tie_embeddings"] else logits
-    return {"embed": embedding, "norm": norm, "query": query}
+    query_into = "attn.q_norm.weight" if model.get("qk_norm") else "attn.wqkv.weight"  # q_norm would undo q_proj's
+    return {"embed": embedding, "norm": norm, "query": query, "query_into": query_into}
 
 
 def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
@@ -115,9 +129,12 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
             prefix = f"model.layers.{index}."
             if rest in _SIMPLE:
                 out[prefix + _SIMPLE[rest]] = tensor
+            elif rest in _QK_NORMS:
+                query = fold["query"] if rest == fold["query_into"] else 1.0
+                out[prefix + _QK_NORMS[rest]] = tensor * query if query != 1.0 else tensor
             elif rest in _FUSED:
                 for part, hf_name in zip(tensor.split(_segments(model, rest), dim=0), _FUSED[rest]):
-                    if hf_name.endswith("q_proj.weight") and fold["query"] != 1.0:
+                    if hf_name.endswith("q_proj.weight") and rest == fold["query_into"] and fold["query"] != 1.0:
                         part = part * fold["query"]
                     out[prefix + hf_name] = part
             else:
@@ -140,9 +157,12 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
         prefix = f"model.layers.{index}."
         for rest, hf_name in _SIMPLE.items():
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name]
+        for rest, hf_name in (_QK_NORMS.items() if model.get("qk_norm") else ()):
+            query = fold["query"] if rest == fold["query_into"] else 1.0
+            full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / query if query != 1.0 else hf[prefix + hf_name]
         for rest, hf_names in _FUSED.items():
             parts = [hf[prefix + hf_name] for hf_name in hf_names]
-            if rest == "attn.wqkv.weight" and fold["query"] != 1.0:
+            if rest == fold["query_into"] and fold["query"] != 1.0:
                 parts[0] = parts[0] / fold["query"]
             full[f"layers.{index}.{rest}"] = torch.cat(parts, dim=0)
     return full
@@ -229,8 +249,13 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
         raise CheckpointError(f"{where}: {what}; plait's decoder cannot load it.")
 
     kind = config.get("model_type", "llama")
-    if kind not in ("llama", "mistral"):
-        refuse(f"model_type={kind} is neither llama nor mistral")
+    if kind not in ("llama", "mistral", "qwen3"):
+        refuse(f"model_type={kind} is not llama, mistral or qwen3")
+    if (kind == "qwen3") != bool(cfg.qk_norm):
+        raise CheckpointError(f"{where} is model_type={kind}, {'with' if kind == 'qwen3' else 'without'} QK-norm, but "
+                              f"model.qk_norm={bool(cfg.qk_norm)}; set model.qk_norm={kind == 'qwen3'} to load it.")
+    if kind == "qwen3" and config.get("use_sliding_window"):
+        refuse("use_sliding_window=true (Qwen3's per-layer windows)")
     theirs = config.get("sliding_window") if kind == "mistral" else None
     if theirs != cfg.sliding_window:
         raise CheckpointError(f"{where} has sliding_window={theirs} but model.sliding_window={cfg.sliding_window}; "
@@ -287,7 +312,7 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
                               f"set the model config to match.")
     check_hf_config(config, cfg, Path(directory) / HF_CONFIG)
     scales = {"embedding": model.scales.embedding, "logits": model.scales.logits, "attention": model.scales.attention}
-    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len}, hf, scales)
+    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len, "qk_norm": bool(cfg.qk_norm)}, hf, scales)
     specs = param_specs(model)
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
     mirrors = model.tied_copies()  # a last stage's tied head reads the embedding

@@ -183,7 +183,7 @@ def first_rows(s: int, device) -> slice:
 
 
 class Attention(nn.Module):
-    """Causal self-attention: fused Q|K|V projection, rotary positions, SDPA, output projection.
+    """Causal self-attention: fused Q|K|V projection, (QK-norm,) rotary positions, SDPA, output projection.
 
     Seams a parallel plan may set: `attend(q, k, v, scale, enable_gqa, mask=None)` (the attention kernel;
     `mask` an `AttentionMask` over the whole sequence, None: causal) and
@@ -196,6 +196,9 @@ class Attention(nn.Module):
         q_size, kv_size = cfg.n_heads * self.head_dim, kv_heads(cfg) * self.head_dim
         self.wqkv = Linear(cfg.dim, q_size + 2 * kv_size, segments=(q_size, kv_size, kv_size), device=device)
         self.wo = Linear(q_size, cfg.dim, device=device)
+        # QK-norm (OLMo 2, Qwen3): each head's query and key RMS-normed over its features, one gain shared by heads
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, device) if cfg.qk_norm else identity
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps, device) if cfg.qk_norm else identity
         self.scale = scales.attention if scales.attention is not None else 1.0 / math.sqrt(self.head_dim)
         self.attend = choose_attention(device if device is not None else "cpu")  # build on the device it runs on
         self.rope_rows: Callable = first_rows
@@ -204,8 +207,8 @@ class Attention(nn.Module):
                 mask: Optional[AttentionMask] = None) -> torch.Tensor:
         q, k, v = self.wqkv(x, segmented=True)
         b, s, _ = q.shape
-        q = q.view(b, s, -1, self.head_dim).transpose(1, 2)  # the heads this weight holds (all, or a shard's)
-        k = k.view(b, s, -1, self.head_dim).transpose(1, 2)
+        q = self.q_norm(q.view(b, s, -1, self.head_dim)).transpose(1, 2)  # the heads this weight holds (all, or a
+        k = self.k_norm(k.view(b, s, -1, self.head_dim)).transpose(1, 2)  # shard's), each normed under qk_norm
         v = v.view(b, s, -1, self.head_dim).transpose(1, 2)
         rows = self.rope_rows(s, cos.device)
         q, k = apply_rotary(q, cos[rows], sin[rows]), apply_rotary(k, cos[rows], sin[rows])

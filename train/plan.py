@@ -111,7 +111,8 @@ def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel
     shard under SP) and the linear after it saves its (gathered, full-d) input; attention
     saves the fused Q|K|V output, rotated q and k, the SDPA output and its logsumexp (one
     per head) and the output projection's (reshaped) input; the MLP saves the gate|up
-    output, silu(gate) and the product that feeds the down projection.
+    output, silu(gate) and the product that feeds the down projection; under QK-norm each head's
+    q and k norm saves its input, its output and 1/rms.
     """
     from plait.train.config import ffn_dim, kv_heads
 
@@ -123,6 +124,8 @@ def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel
     shard = tp if sequence_parallel and tp > 1 else 1
     norm_and_input = (2 * d + 1) / shard + d
     attention = norm_and_input + (q + 2 * kv) + q + kv + model_cfg.n_heads // tp + 2 * q
+    if model_cfg.qk_norm:  # each head's q and k norm: its input, normed output and 1/rms
+        attention += 2 * (q + kv) + (model_cfg.n_heads + kv_heads(model_cfg)) // tp
     mlp = norm_and_input + 2 * f + f + f
     return int(tokens * (attention + mlp))
 
