@@ -46,6 +46,8 @@ def _muon(groups, cfg: OptimConfig, device: torch.device,
     `matrices` is the layout its pieces come from (None: whole matrices, one process)."""
     from plait.optim.muon import Muon
 
+    if cfg.impl not in ("auto", "fused"):
+        log.info("optimizer: optim.impl=%s names Lion's kernels; Muon runs matmuls and torch's fused AdamW", cfg.impl)
     optimizer = Muon(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, momentum=cfg.muon_momentum,
                      nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps, ns_dtype=cfg.muon_ns_dtype,
                      adjust_lr=cfg.muon_adjust_lr, matrices=matrices)

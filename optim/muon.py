@@ -20,8 +20,9 @@ this rank's tensors (whole parameters, tp shards, ZeRO pieces) make whole matric
 `orthogonalize(pieces, fn)` gathers them, applies `fn` to each logical matrix (Q, K and V of a
 fused weight each on its own, as a model with separate projections has them) and hands back this
 rank's piece of each result, in parts that each carry their matrix's scale (so the step adds the
-bf16 result with alpha = -lr r(A, B), as torch.optim.Muon does). `WholeMatrices` (the default) takes each tensor as one matrix:
-torch.optim.Muon's rule; `plait.parallel.matrices.ShardedMatrices` does it under tp x dp x ZeRO.
+bf16 result with alpha = -lr r(A, B), as torch.optim.Muon does). `WholeMatrices` (the default)
+takes each tensor as one matrix: torch.optim.Muon's rule; `plait.parallel.matrices.ShardedMatrices`
+does it under tp x dp x ZeRO.
 """
 
 import math
@@ -29,6 +30,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 
 import torch
 from torch.optim.adam import adam
+
+from plait.common.matrix_parts import Orthogonalize, Part, Pieces
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's (a, b, c), Keller Jordan's
 # optim.muon_adjust_lr -> the step's scale for an A x B matrix
@@ -39,11 +42,6 @@ ADJUSTMENTS: Dict[str, Callable[[int, int], float]] = {
 # optim.muon_ns_dtype -> the dtype Newton-Schulz iterates in
 NS_DTYPES: Dict[str, torch.dtype] = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
-# name -> (this rank's piece of the update, where the piece starts in the flattened local parameter)
-Pieces = Dict[str, Tuple[torch.Tensor, int]]
-# one part of a piece's orthogonal step: (where it starts in the piece, its values, the scale r(A, B) they take)
-Part = Tuple[int, torch.Tensor, float]
-Orthogonalize = Callable[[torch.Tensor], Tuple[torch.Tensor, float]]  # a whole matrix -> (NS of it, r(A, B))
 
 
 def newton_schulz(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.bfloat16,
@@ -90,9 +88,9 @@ class Muon(torch.optim.Optimizer):
     in its flattened local parameter: ZeRO's pieces); without them, tensors are numbered and whole.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                 weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 ns_dtype: str = "bfloat16", adjust_lr: str = "match_rms_adamw",
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.95),
+                 eps: float = 1e-8, weight_decay: float = 0.1, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, ns_dtype: str = "bfloat16", adjust_lr: str = "match_rms_adamw",
                  matrices: Optional[MatrixLayout] = None):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, momentum=momentum,
                         nesterov=nesterov, muon=False)
@@ -173,4 +171,3 @@ def muon_group_of(group_of: Callable, is_matrix: Callable[[str], bool]) -> Calla
         return group_of(name, param)
 
     return muon_or_other
-

@@ -21,18 +21,16 @@ Moonlight's "distributed Muon" does. The buffer costs one copy of the stage's ma
 is a collective over tp and (with ZeRO) the grad group: every rank calls it every step.
 """
 
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
 from plait.common import collectives
+from plait.common.matrix_parts import Orthogonalize, Part, Pieces
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 
-Pieces = Dict[str, Tuple[torch.Tensor, int]]  # name -> (this rank's piece, its start in the flattened local weight)
-Part = Tuple[int, torch.Tensor, float]  # (offset in the piece, the matrix's values there, their scale)
-Orthogonalize = Callable[[torch.Tensor], Tuple[torch.Tensor, float]]  # a whole matrix -> (its result, a scale)
 
 
 class ShardedMatrices:

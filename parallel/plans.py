@@ -10,7 +10,7 @@ walks the model once and, for each matching module:
 | `VocabEmbedding()` | an `Embedding` becomes a `VocabParallelEmbedding`, rows padded to 64 x tp |
 | `VocabHead()` | the output `Linear` becomes column-parallel over the vocabulary, padded the same way |
 | `SequenceNorm()` | a norm stays whole; under sequence parallelism its gain's grad is partial over tp |
-| `HeadNorm()` | a norm over each head's features (QK-norm) stays whole; each tp rank norms its own heads, so its gain's grad is partial over tp |
+| `HeadNorm()` | a per-head norm (QK-norm) stays whole; each tp rank norms its heads: its gain's grad is partial |
 | `SequenceDropout()` | a residual dropout draws a mask per rank under sequence parallelism |
 | `ContextAttention(mode)` | under cp > 1 an attention attends over the whole sequence from its rank's zigzag share (ring or Ulysses) and takes its tokens' rotary rows |
 | `VocabParallelOutput()` | on the model itself: the loss becomes vocab-parallel cross-entropy, a tied head's input passes through copy-to-region (or a sequence gather), `model.vocab` is the padded size |

@@ -17,7 +17,6 @@ save loads at zero=0 and at another dp.
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from plait.common.optimizer_state import load_param_state
