@@ -17,7 +17,7 @@ the device has one), its state made and placed as torch.optim.AdamW makes it.
 
 Everything above is elementwise except NS, which needs whole matrices. A matrix layout says how
 this rank's tensors (whole parameters, tp shards, ZeRO pieces) make whole matrices: its
-`orthogonalize(pieces, fn)` gathers them, applies `fn` to each logical matrix (Q, K and V of a
+`orthogonalize(pieces, fn, scale)` gathers them, applies `fn` to each logical matrix (Q, K and V of a
 fused weight each on its own, as a model with separate projections has them) and hands back this
 rank's piece of each result, in parts that each carry their matrix's scale (so the step adds the
 bf16 result with alpha = -lr r(A, B), as torch.optim.Muon does). `WholeMatrices` (the default)
@@ -31,7 +31,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Protocol, Tuple
 import torch
 from torch.optim.adam import adam
 
-from plait.common.matrix_parts import Orthogonalize, Part, Pieces
+from plait.common.matrix_parts import Orthogonalize, Part, Pieces, Scale
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # the quintic's (a, b, c), Keller Jordan's
 # optim.muon_adjust_lr -> the step's scale for an A x B matrix
@@ -63,22 +63,22 @@ def newton_schulz(matrix: torch.Tensor, steps: int = 5, dtype: torch.dtype = tor
 
 
 class MatrixLayout(Protocol):
-    """Where whole matrices come from: `orthogonalize(pieces, fn)` returns, for each name, the parts of this rank's
-    piece of fn's result (a fused weight's segments are separate matrices, each with its own scale)."""
+    """Where whole matrices come from: `orthogonalize(pieces, fn, scale)` returns, for each name, the parts of this
+    rank's piece of fn's results (a fused weight's segments are separate matrices), each with scale(its shape)."""
 
-    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize) -> Dict[str, List[Part]]:
+    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize, scale: Scale) -> Dict[str, List[Part]]:
         ...
 
 
 class WholeMatrices:
     """The layout of a single process with plain parameters: each tensor is one whole matrix."""
 
-    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize) -> Dict[str, List[Part]]:
+    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize, scale: Scale) -> Dict[str, List[Part]]:
         for name, (update, _) in pieces.items():
             if update.ndim != 2:
                 raise ValueError(f"Muon steps matrices; {name} has shape {tuple(update.shape)} (optimize it with "
                                  "AdamW, or give Muon the layout its pieces come from).")
-        return {name: [(0, *fn(update))] for name, (update, _) in pieces.items()}
+        return {name: [(0, fn(update), scale(*update.shape))] for name, (update, _) in pieces.items()}
 
 
 class Muon(torch.optim.Optimizer):
@@ -101,9 +101,9 @@ class Muon(torch.optim.Optimizer):
             if not group["muon"]:
                 group.setdefault("fused", all(p.device.type in ("cpu", "cuda") for p in group["params"]))
 
-    def _orthogonal_step(self, matrix: torch.Tensor) -> Tuple[torch.Tensor, float]:
-        """(NS(matrix) in the iteration's dtype, r(A, B)): the step adds them as torch.optim.Muon does."""
-        return newton_schulz(matrix, self.ns_steps, self.ns_dtype), self.ratio(*matrix.shape)
+    def _orthogonal(self, matrix: torch.Tensor) -> torch.Tensor:
+        """NS(matrix) in the iteration's dtype (the step adds it with alpha -lr r(A, B), as torch.optim.Muon does)."""
+        return newton_schulz(matrix, self.ns_steps, self.ns_dtype)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -124,7 +124,7 @@ class Muon(torch.optim.Optimizer):
                     pieces[name] = (self._momentum(param, group), offset)
                     stepped[name] = (param, group)
         # every rank calls this each step, with pieces or none: under tp and ZeRO it is a collective
-        orthogonal = self.matrices.orthogonalize(pieces, self._orthogonal_step)
+        orthogonal = self.matrices.orthogonalize(pieces, self._orthogonal, self.ratio)
         for name, (param, group) in stepped.items():
             param.mul_(1.0 - group["lr"] * group["weight_decay"])
             for offset, values, scale in orthogonal[name]:  # a part: the piece's values from `offset` on

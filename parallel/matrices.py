@@ -1,36 +1,49 @@
 """Whole matrices from this rank's pieces, for Muon's Newton-Schulz step under tp x dp x ZeRO.
 
 Muon (`plait.optim.muon`) updates its momentum elementwise on whatever tensors it steps, but
-orthogonalizes whole matrices. `ShardedMatrices.orthogonalize(pieces, fn)` puts them together:
+orthogonalizes whole matrices. `ShardedMatrices.orthogonalize(pieces, fn, scale)`:
 
 1. dp: each rank writes its pieces (ZeRO-1's range of the flattened tp-local weight, ZeRO-2/3's
    rows, which are a range too; without ZeRO, the whole tp-local weight) into a zero buffer that
    holds every matrix of its chunks; with ZeRO the buffer is summed over the grad group (one
    all-reduce; pieces do not overlap, so each value arrives exactly);
 2. tp: the buffers are all-gathered over tp (one all-gather) and each weight put together as
-   `ShardSpec.unshard` does, segment by segment;
-3. `fn` runs on each logical matrix this rank holds a piece of: a fused weight's segments
-   (Q|K|V, gate|up) each on its own, as a model with separate projections has them;
-4. each rank keeps its piece of each result, as parts (one a segment), each with the scale `fn`
-   gave its segment; results stay in `fn`'s dtype (bf16 by default) until Muon adds them.
+   `ShardSpec.unshard` does;
+3. the work is spread: the stage's logical matrices (a fused weight's segments, Q|K|V and
+   gate|up, each on its own, as a model with separate projections has them) are dealt to the
+   tp x grad-group ranks of the stage, largest first to the least loaded, so each is
+   orthogonalized by `fn` exactly once; the results travel back in two all-gathers (over the
+   grad group, then over tp) in fp32, which holds bf16 results exactly;
+4. each rank keeps its piece of each result, as parts (one a segment), each with `scale` of its
+   segment's shape.
 
-At tp 1 without ZeRO the pieces are the matrices: no buffer, no copy. Under ZeRO-1 a rank holds
-pieces of about 1/dp of the matrices, so the Newton-Schulz work spreads over dp; under tp and
-ZeRO-2/3 (every rank holds a part of every matrix) each rank repeats it for its whole stage, as
-Moonlight's "distributed Muon" does. The buffer costs one copy of the stage's matrices. Each call
-is a collective over tp and (with ZeRO) the grad group: every rank calls it every step.
+So each rank does about 1/(tp x dp x cp) of the stage's Newton-Schulz work, and every rank
+receives every result (4 bytes a parameter of the stage's matrices). One process with whole
+weights skips all of it: its pieces are the matrices. Each call is a collective over tp and the
+grad group: every rank of the stage calls it every step.
 """
 
-from typing import Dict, List
+import heapq
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
 from plait.common import collectives
-from plait.common.matrix_parts import Orthogonalize, Part, Pieces
+from plait.common.matrix_parts import Orthogonalize, Part, Pieces, Scale
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 
+
+def deal(costs: List[float], slots: int) -> List[int]:
+    """The slot each task goes to: largest first, each to the slot with the least work so far (ties: the lowest)."""
+    load = [(0.0, slot) for slot in range(slots)]
+    owner = [0] * len(costs)
+    for task in sorted(range(len(costs)), key=lambda t: (-costs[t], t)):
+        work, slot = heapq.heappop(load)
+        owner[task] = slot
+        heapq.heappush(load, (work + costs[task], slot))
+    return owner
 
 
 class ShardedMatrices:
@@ -41,7 +54,9 @@ class ShardedMatrices:
         self.specs = dict(sorted(specs.items()))  # one order on every rank of the stage
         self.tp, self.tp_rank = grid.tp, grid.tp_rank
         self.tp_group = grid.tp_group if grid.tp > 1 else None
-        self.dp_group = grid.grad_group if sharded_over_dp and grid.grad_size > 1 else None
+        self.grad_group = grid.grad_group if grid.grad_size > 1 else None
+        self.grad_size = grid.grad_size
+        self.sharded_over_dp = sharded_over_dp and grid.grad_size > 1
         self.device, self.dtype = grid.device, dtype
         self.shapes = {name: spec.local_shape(grid.tp) for name, spec in self.specs.items()}
         self.offsets, total = {}, 0
@@ -49,59 +64,88 @@ class ShardedMatrices:
             self.offsets[name] = total
             total += int(torch.Size(shape).numel())
         self.total = total
+        # the stage's logical matrices and who orthogonalizes each: slot = tp rank x grad size + grad rank
+        self.tasks: List[Tuple[str, int, Tuple[int, int]]] = [
+            (name, index, (rows, spec.full_shape[1])) for name, spec in self.specs.items()
+            for index, rows in enumerate(spec.segments or (spec.full_shape[0],))]
+        self.slots = grid.tp * grid.grad_size
+        self.owner = deal([min(r, c) ** 2 * max(r, c) for _, _, (r, c) in self.tasks], self.slots)
+        self.slot = grid.tp_rank * grid.grad_size + grid.grad_rank
+        self.width = max([sum(r * c for (_, _, (r, c)), o in zip(self.tasks, self.owner) if o == slot)
+                          for slot in range(self.slots)] + [0])
 
-    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize) -> Dict[str, List[Part]]:
-        """{name: the parts of this rank's piece, each (offset in the piece, fn's matrix there, fn's scale)} for each
-        name in `pieces` (collective). Only the segments this rank holds a piece of are orthogonalized: under
-        ZeRO-1 about 1/dp of the stage's."""
-        wholes = self._whole(pieces)
-        return {name: self._parts(self.specs[name], wholes[name], piece, start, fn)
-                for name, (piece, start) in pieces.items()}
+    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize, scale: Scale) -> Dict[str, List[Part]]:
+        """{name: the parts of this rank's piece, each (offset in the piece, fn's result there, scale of its
+        matrix's shape)} for each name in `pieces` (collective over the stage's tp and grad-group ranks)."""
+        if self.slots == 1:  # one process: the pieces are the matrices
+            results = {(name, index): fn(segment) for name, (piece, _) in pieces.items()
+                       for index, segment in enumerate(self._segments(name, piece.view(self.shapes[name])))}
+        else:
+            results = self._spread(self._whole(pieces), fn)
+        return {name: self._parts(name, results, piece, start, scale) for name, (piece, start) in pieces.items()}
 
-    def _parts(self, spec: ShardSpec, whole: torch.Tensor, piece: torch.Tensor, start: int,
-               fn: Orthogonalize) -> List[Part]:
-        """fn over each segment of `whole` whose tp share meets the piece [start, start + numel) of the flattened
+    def _segments(self, name: str, whole: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        segments = self.specs[name].segments
+        return whole.split(list(segments)) if segments else (whole,)
+
+    def _spread(self, wholes: Dict[str, torch.Tensor], fn: Orthogonalize) -> Dict[Tuple[str, int], torch.Tensor]:
+        """fn over this rank's share of the stage's matrices; every rank's results, gathered over the grad group and
+        tp: {(name, segment index): result}."""
+        send = torch.zeros(self.width, dtype=self.dtype, device=self.device)
+        at = 0
+        for (name, index, (rows, cols)), owner in zip(self.tasks, self.owner):
+            if owner == self.slot:
+                send[at:at + rows * cols] = fn(self._segments(name, wholes[name])[index]).reshape(-1)
+                at += rows * cols
+        gathered = send
+        for group, size in ((self.grad_group, self.grad_size), (self.tp_group, self.tp)):
+            if group is not None:  # slots in gather order: tp rank outside, grad rank inside
+                into = gathered.new_empty(size * gathered.numel())
+                collectives.all_gather_tensor(into, gathered, group=group)
+                gathered = into
+        results, filled = {}, [slot * self.width for slot in range(self.slots)]
+        for (name, index, (rows, cols)), owner in zip(self.tasks, self.owner):
+            results[(name, index)] = gathered[filled[owner]:filled[owner] + rows * cols].view(rows, cols)
+            filled[owner] += rows * cols
+        return results
+
+    def _parts(self, name: str, results: Dict[Tuple[str, int], torch.Tensor], piece: torch.Tensor, start: int,
+               scale: Scale) -> List[Part]:
+        """The results of the segments whose tp share meets the piece [start, start + numel) of the flattened
         tp-local weight (a column-parallel weight holds each segment's share of rows in turn, a row-parallel one
         its share of the columns), cut to that piece."""
+        spec = self.specs[name]
         parts, local_at, end = [], 0, start + piece.numel()
-        for segment in whole.split(list(spec.segments)) if spec.segments else (whole,):
-            size = segment.numel() // (self.tp if spec.is_sharded else 1)
+        for index, rows in enumerate(spec.segments or (spec.full_shape[0],)):
+            size = rows * spec.full_shape[1] // (self.tp if spec.is_sharded else 1)
             lo, hi = max(start, local_at), min(end, local_at + size)
             if lo < hi:
-                matrix, scale = fn(segment)
+                matrix = results[(name, index)]
+                factor = scale(*matrix.shape)
                 if spec.is_sharded:
                     share = matrix.shape[spec.dim] // self.tp
                     matrix = matrix.narrow(spec.dim, self.tp_rank * share, share)
                 whole_share = hi - lo == matrix.numel()  # (a transposed result is cut only when it must be)
                 parts.append((lo - start, matrix if whole_share else matrix.reshape(-1)[lo - local_at:hi - local_at],
-                              scale))
+                              factor))
             local_at += size
         return parts
 
     def _whole(self, pieces: Pieces) -> Dict[str, torch.Tensor]:
-        """{name: the whole matrix}: the pieces themselves where no rank holds another part (tp 1, no ZeRO), else
-        from every rank's buffer."""
-        if self.tp_group is None and self.dp_group is None:
-            return {name: piece.view(self.shapes[name]) for name, (piece, _) in pieces.items()}
-        buffer = self._tp_local(pieces)
+        """{name: the whole matrix} for every matrix of the stage, from every rank's buffer."""
+        buffer = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+        for name, (piece, start) in pieces.items():
+            at = self.offsets[name] + start
+            buffer[at:at + piece.numel()] = piece.reshape(-1)
+        if self.sharded_over_dp:  # ZeRO: each rank wrote its pieces; the sum is every matrix whole (tp-local)
+            dist.all_reduce(buffer, group=self.grad_group)
         buffers: List[torch.Tensor] = [buffer]
         if self.tp_group is not None:
             gathered = buffer.new_empty(self.tp * self.total)
             collectives.all_gather_tensor(gathered, buffer, group=self.tp_group)
             buffers = list(gathered.chunk(self.tp))
         wholes = {}
-        for name in pieces:
-            shape = self.shapes[name]
+        for name, shape in self.shapes.items():
             at, size = self.offsets[name], int(torch.Size(shape).numel())
             wholes[name] = self.specs[name].unshard([b[at:at + size].view(shape) for b in buffers])
         return wholes
-
-    def _tp_local(self, pieces: Pieces) -> torch.Tensor:
-        """One flat buffer of every tp-local matrix: this rank's pieces, summed over the grad group under ZeRO."""
-        buffer = torch.zeros(self.total, dtype=self.dtype, device=self.device)
-        for name, (piece, start) in pieces.items():
-            at = self.offsets[name] + start
-            buffer[at:at + piece.numel()] = piece.reshape(-1)
-        if self.dp_group is not None:
-            dist.all_reduce(buffer, group=self.dp_group)
-        return buffer

@@ -132,7 +132,32 @@ LAYOUTS = {
                                "parallel.bucket_mb=0.01"]),
     "pp2 interleaved x dp2 zero3": (4, ["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=4",
                                         "parallel.zero=3"]),
+    "cp2 x dp2": (4, ["parallel.cp=2"]),
 }
+
+
+def _orthogonalizations(rank, world, base, overrides, run_dir, cache):
+    """How many matrices this rank orthogonalized in one step."""
+    from plait.launch.env import ProcessEnv
+    from plait.train import Trainer
+
+    trainer = Trainer(load_config(list(base) + overrides + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"]),
+                      env=ProcessEnv(rank, 0, world, "torchrun"))
+    muon = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    calls, orthogonal = [], muon._orthogonal
+    muon._orthogonal = lambda matrix: calls.append(matrix.shape) or orthogonal(matrix)
+    trainer.step()
+    trainer.close()
+    return len(calls)
+
+
+@pytest.mark.parametrize("overrides", [["parallel.tp=2"], ["parallel.zero=1"], ["parallel.cp=2", "parallel.zero=3"]],
+                         ids=["tp2-dp2", "dp4-zero1", "cp2-dp2-zero3"])
+def test_each_matrix_is_orthogonalized_once_over_the_ranks(overrides, reference, tmp_path):
+    """4 layers x (Q, K, V, O, gate, up, down) = 28 matrices, dealt over the 4 ranks: 7 each, none twice."""
+    _, cache = reference
+    counts = run_ranks(4, _orthogonalizations, BASE, overrides, tmp_path, cache)
+    assert sum(counts) == 28 and max(counts) <= 9, counts
 
 
 @pytest.fixture(scope="module")
