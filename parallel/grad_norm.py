@@ -27,7 +27,8 @@ def local_sum_of_squares(entries: Iterable[Tuple[torch.Tensor, ShardSpec]], grid
 
 def global_grad_norm(entries: Iterable[Tuple[torch.Tensor, ShardSpec]], grid: Grid,
                      dp_sharded: bool = False) -> torch.Tensor:
-    """The L2 norm of the whole model's gradient, the same number on every rank."""
+    """The L2 norm of the whole model's gradient (or of any per-parameter tensors laid out as the parameters
+    are: the trainer's weights norm passes the weights), the same number on every rank."""
     squares = local_sum_of_squares(entries, grid)
     if grid.mp_group is not None:
         dist.all_reduce(squares, group=grid.mp_group)

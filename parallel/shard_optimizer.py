@@ -42,6 +42,10 @@ class ShardOptimizer(ShardedState):
         """(name, this rank's averaged gradient rows) for norms and clipping."""
         return self.grads.named_grads()
 
+    def param_entries(self) -> List[Tuple[str, torch.Tensor]]:
+        """(name, this rank's rows of the weights) for the weights' norm."""
+        return list(self.views.items())
+
     @torch.no_grad()
     def step(self) -> None:
         for name, param in self.params.items():

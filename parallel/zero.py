@@ -63,7 +63,7 @@ class ZeroOptimizer(ShardedState):
 
     `groups` are the whole model's param groups, each parameter swapped for this rank's
     piece of it (`ShardedState`); `make_optimizer(groups)` builds the inner optimizer.
-    Exposes `step()`, `grad_entries()` (name, grad piece) for norms and clipping, and
+    Exposes `step()`, `grad_entries()` (name, grad piece) for norms and clipping, `param_entries()`, and
     name-keyed state (`named_state` / `load_named_state`) for checkpoints that do not
     depend on dp.
     """
@@ -91,6 +91,10 @@ class ZeroOptimizer(ShardedState):
     def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
         """(parameter name, this rank's reduced gradient piece) for norms and clipping."""
         return [(piece.name, piece.tensor.grad) for piece in self.pieces]
+
+    def param_entries(self) -> List[Tuple[str, torch.Tensor]]:
+        """(parameter name, this rank's piece of the weights, updated by the last step) for the weights' norm."""
+        return [(piece.name, piece.tensor) for piece in self.pieces]
 
     @torch.no_grad()
     def step(self) -> None:

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from plait.train import Trainer, load_config
 
@@ -90,3 +91,38 @@ def test_cli_trains_on_user_text_and_writes_run_dir(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "loss " in result.stdout and "val_loss " in result.stdout
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _params_norms(rank, world, base, overrides, run_dir, cache):
+    """Each step's logged params_norm on this rank."""
+    from plait.launch.env import ProcessEnv
+    from plait.train import Trainer, load_config
+
+    cfg = load_config(list(base) + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
+    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
+    norms = [trainer.step()["params_norm"] for _ in range(3)]
+    whole = None
+    if world == 1:  # the norm of every weight in one process, by hand
+        whole = float(torch.sqrt(sum(p.detach().double().pow(2).sum() for p in trainer.model.parameters())))
+    trainer.close()
+    return norms, whole
+
+
+PARAMS_NORM_BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.ffn_dim=96", "train.seq_len=32",
+                    "train.batch_size=8", "train.progress=false", "train.peak_flops=1e10", "train.eval_every=0",
+                    "checkpoint.save_final=false", "train.log_params_norm=true", "model.tie_embeddings=true"]
+
+
+@pytest.mark.parametrize("overrides", [["parallel.tp=2", "parallel.pp=2", "parallel.microbatches=2"],
+                                       ["parallel.tp=2", "parallel.zero=1"], ["parallel.pp=2", "parallel.zero=3"]],
+                         ids=["tp2-pp2-tied", "tp2-dp2-zero1", "pp2-dp2-zero3"])
+def test_the_logged_params_norm_is_the_whole_models_under_any_layout(overrides, tmp_path, stdlib_tokens):
+    """`train.log_params_norm`: each weight counted once (tp shards, ZeRO pieces, the tied head copy of pp left out):
+    one process's norm, which is the hand-computed norm of its weights."""
+    from dist_utils import run_ranks
+
+    cache = stdlib_tokens[0].parent.parent
+    norms, whole = _params_norms(0, 1, PARAMS_NORM_BASE, [], tmp_path / "one", cache)
+    assert norms[-1] == pytest.approx(whole, rel=1e-6) and norms[0] != norms[-1]
+    for rank_norms, _ in run_ranks(4, _params_norms, PARAMS_NORM_BASE, overrides, tmp_path / "many", cache):
+        assert rank_norms == pytest.approx(norms, rel=1e-5)

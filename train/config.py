@@ -77,6 +77,7 @@ class TrainConfig:
     eval_every: int = 50
     eval_batches: int = 8
     log_every: int = 10
+    log_params_norm: bool = False  # log the L2 norm of all the weights each step (Megatron's --log-params-norm)
     device: str = "auto"  # auto | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     peak_flops: float = 0.0  # per device, for MFU; 0: the datasheet's dense peak (train/peaks.py), else measured

@@ -395,6 +395,7 @@ class Trainer:
                 self.optimizer.step()
         self.updated = not overflow  # (the optimizer state exists once a step has updated)
         held = self._held_bytes()  # after the update (the state exists), before the grads are let go
+        weights = {"params_norm": self.params_norm()} if self.cfg.train.log_params_norm else {}
         self.grads.zero_grad()
         loss = all_reduce_mean(loss, self.grid.grad_group)  # each dp (and cp) rank's share of the batch
         self.step_num += 1
@@ -408,7 +409,14 @@ class Trainer:
             scaling = {"loss_scale": scale, "skipped_steps": self.loss_scaler.skipped}
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
-                "step_time_s": elapsed, **ramping, **scaling, **held, **offload_metrics}
+                "step_time_s": elapsed, **ramping, **scaling, **weights, **held, **offload_metrics}
+
+    def params_norm(self) -> float:
+        """The L2 norm of all the weights, each counted once as in one process (tp shards, ZeRO pieces, a tied copy
+        left out), the same on every rank (an all-reduce over tp x pp, and the grad group under ZeRO)."""
+        entries = self.optimizer.param_entries() if self.grads_sharded_over_dp else list(self.named_params.items())
+        return float(global_grad_norm([(t.detach(), self.specs[n]) for n, t in entries if n not in self.mirrors],
+                                      self.grid, dp_sharded=self.grads_sharded_over_dp))
 
     def updates_done(self) -> int:
         """Optimizer updates so far: the steps less those fp16 skipped on an overflow. The learning-rate schedule
