@@ -9,6 +9,7 @@
    loss every `--eval-every` steps, tokens/s, and a PNG of the two validation curves.
 
     python benchmarks/muon.py --out muon.json --plot muon.png
+    python benchmarks/muon.py --device cuda --dim 2048 --layers 16 --steps 0 --out muon.json   # the step on a GPU
 """
 
 import argparse
@@ -35,7 +36,7 @@ def stack_shapes(dim: int, layers: int, vocab: int = 32000):
     return fused, rest
 
 
-def step_contenders(dim: int, layers: int):
+def step_contenders(dim: int, layers: int, device: torch.device = torch.device("cpu")):
     """{name: (tensors, optimizer)}: plait's Muon over the fused weights, torch's Muon + AdamW over split ones."""
     from plait.optim.muon import Muon
     from plait.parallel.grid import Grid
@@ -44,11 +45,11 @@ def step_contenders(dim: int, layers: int):
 
     fused, rest = stack_shapes(dim, layers)
     generator = torch.Generator().manual_seed(0)
-    fused_tensors = [torch.randn(shape, generator=generator) * 0.02 for shape, _ in fused]
-    rest_tensors = [torch.randn(shape, generator=generator) * 0.02 for shape in rest]
+    fused_tensors = [(torch.randn(shape, generator=generator) * 0.02).to(device) for shape, _ in fused]
+    rest_tensors = [(torch.randn(shape, generator=generator) * 0.02).to(device) for shape in rest]
     names = [f"m{i}" for i in range(len(fused))]
     layout = ShardedMatrices({n: ShardSpec(shape, segments=seg) for n, (shape, seg) in zip(names, fused)},
-                             Grid.single(), False)
+                             Grid.single(device), False)
     ours_m, ours_r = [t.clone() for t in fused_tensors], [t.clone() for t in rest_tensors]
     plait_muon = Muon([{"params": ours_m, "names": names, "muon": True}, {"params": ours_r}], lr=1e-3,
                       matrices=layout)
@@ -65,16 +66,19 @@ def step_contenders(dim: int, layers: int):
     return {"plait Muon + AdamW": (ours_m + ours_r, plait_muon), "torch Muon + AdamW": (split + theirs_r, Both())}
 
 
-def time_steps(dim: int, layers: int, rounds: int):
-    table = step_contenders(dim, layers)
+def time_steps(dim: int, layers: int, rounds: int, device: torch.device):
+    table = step_contenders(dim, layers, device)
     for tensors, _ in table.values():
         for tensor in tensors:
             tensor.grad = torch.randn_like(tensor)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds = {name: [] for name in table}
     for _ in range(1 + rounds):  # the first round warms up
         for name, (_, optimizer) in table.items():
+            sync()
             start = time.perf_counter()
             optimizer.step()
+            sync()
             seconds[name].append(time.perf_counter() - start)
     params = sum(t.numel() for t in table["plait Muon + AdamW"][0])
     return {name: values[1:] for name, values in seconds.items()}, params
@@ -132,13 +136,15 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="where the step runs (cuda: timed with a synchronize)")
     parser.add_argument("--run-root", default="outputs/bench-muon")
     parser.add_argument("--out", default=None)
     parser.add_argument("--plot", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    seconds, params = time_steps(args.dim, args.layers, args.rounds)
+    device = torch.device(args.device)
+    seconds, params = time_steps(args.dim, args.layers, args.rounds, device)
     base = statistics.median(seconds["torch Muon + AdamW"])
     rows = []
     print(f"optimizer step over {params / 1e6:.1f}M parameters ({args.layers} layers of dim {args.dim}):")
@@ -149,7 +155,8 @@ def main() -> None:
                      "vs_torch": median / base})
         print(f"{name:>20} {1e3 * median:>8.1f} ({1e3 * min(values):.1f}-{1e3 * max(values):.1f}) "
               f"{median / base:>8.3f}")
-    summary = {"step_vs_torch": rows[0]["vs_torch"]}
+    summary = {"step_vs_torch": rows[0]["vs_torch"], "plait_step_ms": 1e3 * rows[0]["seconds"]["median"],
+               "torch_step_ms": 1e3 * rows[1]["seconds"]["median"]}
     curves = {}
     if args.steps:
         curves = train(args.steps, args.eval_every, args.lr, Path(args.run_root))
@@ -162,7 +169,7 @@ def main() -> None:
         if args.plot:
             plot(curves, args.plot)
     if args.out:
-        write_json(args.out, {"benchmark": "muon", "device": "cpu", "settings": vars(args), "rows": rows,
+        write_json(args.out, {"benchmark": "muon", "device": args.device, "settings": vars(args), "rows": rows,
                               "training": curves, "summary": summary})
 
 
