@@ -294,6 +294,24 @@ def test_resume_forgets_logged_steps_past_the_checkpoint_and_refuses_one_past_tr
         Trainer(load_config(common + ["train.steps=9", f"train.resume={tmp_path / 'checkpoints'}"]))
 
 
+def test_resuming_with_another_optimizer_is_one_line_naming_the_saved_one(tmp_path, stdlib_tokens):
+    """A Lion checkpoint resumed with optim=adamw once died in torch's AdamW (KeyError: 'step'); now one line names
+    the saved optimizer and the way to keep only its weights, which then trains."""
+    cache = stdlib_tokens[0].parent.parent
+    common = [f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={cache}", "train.eval_every=0"]
+    first = plait_train(tmp_path, "optim=lion", "train.steps=2", *common)
+    assert first.returncode == 0, first.stderr[-2000:]
+    result = plait_train(tmp_path, "optim=adamw", "train.steps=4", "train.resume=auto", *common)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (line,) = error_lines(result)
+    saved = tmp_path / "run" / "checkpoints" / "step-00000002"
+    assert f"{saved} was trained with optim=lion and holds its state; resume with optim=lion, or start from its " \
+           f"weights with a fresh optimizer: checkpoint.init_from={saved} train.resume=none." in line
+    fresh = plait_train(tmp_path, "optim=adamw", "train.steps=2", f"checkpoint.init_from={saved}",
+                        f"train.run_dir={tmp_path / 'other'}", f"data.cache_dir={cache}", "train.eval_every=0")
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+
+
 def megatron_shard(prefix: Path, top: int) -> None:
     from plait.data.shards import ShardWriter
 

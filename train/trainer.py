@@ -595,6 +595,12 @@ class Trainer:
             raise reshard.CheckpointError(
                 f"{reader.path} is at step {reader.index['step']}, past train.steps={self.cfg.train.steps}; raise "
                 f"train.steps to train on, or resume an earlier checkpoint.")
+        saved = reader.index.get("optimizer")
+        if saved is not None and saved != self.cfg.optim.name:  # its state would not fit this optimizer's
+            raise reshard.CheckpointError(
+                f"{reader.path} was trained with optim={saved} and holds its state; resume with optim={saved}, or "
+                f"start from its weights with a fresh optimizer: checkpoint.init_from={reader.path} "
+                f"train.resume=none.")
         self._load_params(reader)
         optim_state = reshard.load_optim_state(reader, self.named_params, self.specs, grid, self.mirrors)
         load_named_state(self.optimizer, self.named_params, optim_state)  # ZeRO-1 keeps its dp shard
