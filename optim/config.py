@@ -1,7 +1,7 @@
 """The `optim` config group: optimizer, learning-rate schedule, clipping, muP."""
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 
 @dataclass
@@ -25,6 +25,7 @@ class OptimConfig:
     muon_ns_steps: int = 5  # Newton-Schulz iterations
     muon_ns_dtype: str = "bfloat16"  # bfloat16 | float32
     muon_adjust_lr: str = "match_rms_adamw"  # match_rms_adamw (0.2 sqrt(max(A, B)): AdamW's lr) | original
+    muon_lr: Optional[float] = None  # the Muon matrices' peak lr (null: optim.lr; "original" wants ~0.02)
     mup: bool = False
     mup_input_mult: float = 1.0
     mup_output_mult: float = 1.0

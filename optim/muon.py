@@ -161,13 +161,14 @@ class Muon(torch.optim.Optimizer):
              weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
-def muon_group_of(group_of: Callable, is_matrix: Callable[[str], bool]) -> Callable:
+def muon_group_of(group_of: Callable, is_matrix: Callable[[str], bool], lr_mult: float = 1.0) -> Callable:
     """`group_of(name, param)` for `plait.optim.groups.param_groups` that puts the names `is_matrix` picks in
-    one Muon group (decayed, multiplier 1) and leaves every other name where `group_of` puts it."""
+    one Muon group (decayed; `lr_mult` times the schedule's lr: `optim.muon_lr / optim.lr`) and leaves every other
+    name where `group_of` puts it."""
 
     def muon_or_other(name, param) -> Dict:
         if is_matrix(name):
-            return {"group": "muon", "lr_mult": 1.0, "wd_mult": 1.0, "muon": True}
+            return {"group": "muon", "lr_mult": lr_mult, "wd_mult": 1.0, "muon": True}
         return group_of(name, param)
 
     return muon_or_other

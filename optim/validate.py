@@ -34,6 +34,8 @@ def validate_optim(cfg: OptimConfig) -> None:
     number(OptimError, "optim.muon_ns_steps", cfg.muon_ns_steps, low=1, high=99, integer=True)
     choice(OptimError, "optim.muon_ns_dtype", cfg.muon_ns_dtype, NS_DTYPES)
     choice(OptimError, "optim.muon_adjust_lr", cfg.muon_adjust_lr, ADJUSTMENTS)
+    if cfg.muon_lr is not None:
+        number(OptimError, "optim.muon_lr", cfg.muon_lr, low=0, low_open=True, fix="set a positive number, or null for optim.lr")
     if cfg.name == "muon" and cfg.mup:
         raise OptimError("optim.mup=true does not apply to optim=muon, which scales each matrix's step by its own "
                          "shape (optim.muon_adjust_lr); set optim.mup=false or choose optim=adamw or lion.")

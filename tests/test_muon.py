@@ -222,12 +222,31 @@ def test_muon_resumes_bit_for_bit_in_one_process(reference, tmp_path):
     assert _save_then_resume(0, 1, base, None, [], tmp_path / "run", cache) == straight[2:]
 
 
+def test_muon_lr_sets_the_matrices_peak_and_adamw_keeps_optim_lr(reference, tmp_path):
+    """Keller Jordan's recipe: optim.muon_adjust_lr=original with optim.muon_lr=0.02 for the matrices while AdamW
+    keeps optim.lr; both follow the one schedule."""
+    from plait.optim.schedule import lr_factor
+    from plait.train import Trainer
+
+    _, cache = reference
+    cfg = load_config(BASE + ["optim.muon_adjust_lr=original", "optim.muon_lr=0.02", "optim.lr=1e-3",
+                              "optim.warmup_steps=4", f"train.run_dir={tmp_path}", f"data.cache_dir={cache}"])
+    trainer = Trainer(cfg)
+    trainer.step()
+    trainer.step()
+    factor = lr_factor(1, cfg.train.steps, cfg.optim)
+    lrs = {group["muon"]: group["lr"] for group in trainer.optimizer.param_groups}
+    trainer.close()
+    assert lrs[True] == pytest.approx(0.02 * factor, rel=1e-12) and lrs[False] == pytest.approx(1e-3 * factor)
+
+
 @pytest.mark.parametrize("override,setting", [
     (["optim=muon", "optim.mup=true"], "optim.mup=true"),
     (["optim=muon", "optim.muon_momentum=1.0"], "optim.muon_momentum=1.0"),
     (["optim=muon", "optim.muon_ns_dtype=fp8"], "optim.muon_ns_dtype=fp8"),
     (["optim=muon", "optim.muon_adjust_lr=none"], "optim.muon_adjust_lr=none"),
     (["optim=muon", "optim.muon_ns_steps=0"], "optim.muon_ns_steps=0"),
+    (["optim=muon", "optim.muon_lr=-1"], "optim.muon_lr=-1"),
 ])
 def test_bad_muon_settings_are_refused_in_one_sentence(override, setting):
     with pytest.raises(ConfigError, match=rf"^{setting}"):

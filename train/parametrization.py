@@ -100,7 +100,8 @@ def build_parametrization(model_cfg: ModelConfig, optim_cfg: OptimConfig) -> Par
                  model_cfg.dim, base_dim, head_dim, base_head_dim, numbers.logits, numbers.attention)
     group_of = group_key(table)
     if optim_cfg.name == "muon":  # Muon steps the hidden matrices (both dimensions grow with width), AdamW the rest
-        group_of = muon_group_of(group_of, lambda name: table[name].role == "hidden")
+        muon_lr = optim_cfg.muon_lr if optim_cfg.muon_lr is not None else optim_cfg.lr
+        group_of = muon_group_of(group_of, lambda name: table[name].role == "hidden", muon_lr / optim_cfg.lr)
     return Parametrization(table, Scales(numbers.embedding, numbers.logits, numbers.attention), std_of,
                            group_of, optim_cfg.mup and optim_cfg.mup_zero_query)
 
