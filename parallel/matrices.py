@@ -13,12 +13,12 @@ orthogonalizes whole matrices. `ShardedMatrices.orthogonalize(pieces, fn, scale)
    gate|up, each on its own, as a model with separate projections has them) are dealt to the
    tp x grad-group ranks of the stage, largest first to the least loaded, so each is
    orthogonalized by `fn` exactly once; the results travel back in two all-gathers (over the
-   grad group, then over tp) in fp32, which holds bf16 results exactly;
+   grad group, then over tp) in `fn`'s dtype (bf16 by default);
 4. each rank keeps its piece of each result, as parts (one a segment), each with `scale` of its
    segment's shape.
 
 So each rank does about 1/(tp x dp x cp) of the stage's Newton-Schulz work, and every rank
-receives every result (4 bytes a parameter of the stage's matrices). One process with whole
+receives every result (2 bytes a parameter of the stage's matrices in bf16). One process with whole
 weights skips all of it: its pieces are the matrices. Each call is a collective over tp and the
 grad group: every rank of the stage calls it every step.
 """
@@ -50,14 +50,14 @@ class ShardedMatrices:
     """The matrices `specs` names (this rank's chunks', by global name) as tp and ZeRO lay them out."""
 
     def __init__(self, specs: Dict[str, ShardSpec], grid: Grid, sharded_over_dp: bool,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, result_dtype: torch.dtype = torch.float32):
         self.specs = dict(sorted(specs.items()))  # one order on every rank of the stage
         self.tp, self.tp_rank = grid.tp, grid.tp_rank
         self.tp_group = grid.tp_group if grid.tp > 1 else None
         self.grad_group = grid.grad_group if grid.grad_size > 1 else None
         self.grad_size = grid.grad_size
         self.sharded_over_dp = sharded_over_dp and grid.grad_size > 1
-        self.device, self.dtype = grid.device, dtype
+        self.device, self.dtype, self.result_dtype = grid.device, dtype, result_dtype  # the weights', fn's
         self.shapes = {name: spec.local_shape(grid.tp) for name, spec in self.specs.items()}
         self.offsets, total = {}, 0
         for name, shape in self.shapes.items():
@@ -91,7 +91,7 @@ class ShardedMatrices:
     def _spread(self, wholes: Dict[str, torch.Tensor], fn: Orthogonalize) -> Dict[Tuple[str, int], torch.Tensor]:
         """fn over this rank's share of the stage's matrices; every rank's results, gathered over the grad group and
         tp: {(name, segment index): result}."""
-        send = torch.zeros(self.width, dtype=self.dtype, device=self.device)
+        send = torch.zeros(self.width, dtype=self.result_dtype, device=self.device)
         at = 0
         for (name, index, (rows, cols)), owner in zip(self.tasks, self.owner):
             if owner == self.slot:

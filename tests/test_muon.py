@@ -121,6 +121,46 @@ def test_a_fused_weight_orthogonalizes_each_segment_on_its_own():
     assert _close_to_rounding(fused.detach(), torch.cat([t.detach() for t in separate]))
 
 
+SPREAD_SPECS = {"wqkv": ShardSpec((64, 32), 0, (32, 16, 16)), "wo": ShardSpec((32, 32), 1)}  # column, row
+
+
+def _spread_wholes():
+    generator = torch.Generator().manual_seed(7)
+    return {name: torch.randn(spec.full_shape, generator=generator) for name, spec in SPREAD_SPECS.items()}
+
+
+def _spread_parts(rank, world, tp):
+    """(tp rank, its parts of a fused Q|K|V and an output matrix) under tp x dp (zero 0), bf16 results."""
+    from plait.parallel.grid import Grid
+
+    grid = Grid.build(tp=tp)
+    layout = ShardedMatrices(SPREAD_SPECS, grid, False, torch.float32, torch.bfloat16)
+    pieces = {name: (SPREAD_SPECS[name].shard(whole, grid.tp_rank, tp).contiguous(), 0)
+              for name, whole in _spread_wholes().items()}
+    parts = layout.orthogonalize(pieces, lambda m: newton_schulz(m, dtype=torch.bfloat16), lambda r, c: r / c)
+    return grid.tp_rank, {name: [(offset, values.contiguous(), scale) for offset, values, scale in entries]
+                          for name, entries in parts.items()}
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_spread_hands_each_rank_the_one_process_results_bit_for_bit(tp):
+    """Dealt over 4 ranks and gathered back in bf16, each rank's parts are exactly what one process computes for
+    its piece: each segment's Newton-Schulz result, cut to the rank's tp share, with its segment's scale."""
+    wholes = _spread_wholes()
+    for tp_rank, parts in run_ranks(4, _spread_parts, tp):
+        for name, spec in SPREAD_SPECS.items():
+            expected, at = [], 0
+            for segment in wholes[name].split(list(spec.segments or (spec.full_shape[0],))):
+                result = newton_schulz(segment, dtype=torch.bfloat16)
+                size = result.shape[spec.dim] // tp
+                share = result.narrow(spec.dim, tp_rank * size, size)
+                expected.append((at, share, segment.shape[0] / segment.shape[1]))
+                at += share.numel()
+            assert [(o, s) for o, _, s in parts[name]] == [(o, s) for o, _, s in expected]
+            for (_, got, _), (_, want, _) in zip(parts[name], expected):
+                assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+
+
 STEPS = 3
 BASE = ["optim=muon", "optim.muon_ns_dtype=float32", "model.dim=64", "model.n_layers=4", "model.n_heads=4",
         "model.n_kv_heads=2", "model.ffn_dim=96", "train.seq_len=32", "train.batch_size=8", "train.progress=false",

@@ -29,6 +29,7 @@ from plait.launch.rundir import resolve_run_dir
 from plait.launch.signals import Interrupted, Preempted, PreemptionFlag
 from plait.common.optimizer_state import state_bytes
 from plait.optim.builder import build_optimizer, make_optimizer
+from plait.optim.muon import NS_DTYPES
 from plait.optim.groups import param_groups
 from plait.optim.clip import clip_by_norm
 from plait.optim.loss_scale import LossScaler
@@ -315,7 +316,8 @@ class Trainer:
         """Where Muon finds its whole matrices: the hidden ones of this rank's chunks, as tp and ZeRO split them."""
         names = [name for name, param in self.named_params.items() if self.param_group_of(name, param).get("muon")]
         dtype = self.named_params[names[0]].dtype if names else torch.float32
-        return ShardedMatrices({name: self.specs[name] for name in names}, self.grid, self.grads_sharded_over_dp, dtype)
+        return ShardedMatrices({name: self.specs[name] for name in names}, self.grid, self.grads_sharded_over_dp, dtype,
+                               NS_DTYPES[self.cfg.optim.muon_ns_dtype])
 
     def _build_loader(self) -> Loader:
         cfg = self.cfg
