@@ -1,9 +1,10 @@
 """A Hugging Face Llama directory loads into plait only when plait computes what it computes.
 
-For each config key plait honours (rope_theta, rms_norm_eps), a directory with that key moved
-from its default loads into a plait model set the same way, and the logits equal HF's to
+For each config key plait honours (rope_theta, rms_norm_eps, Llama 3.1's rope scaling), a
+directory with that key moved from its default loads into a plait model set the same way, and the
+logits equal HF's to
 1e-5; with the model config left at the default, the load is refused naming the key. For each
-key plait does not implement (rope scaling, biases, another activation, a head size that is
+key plait does not implement (another rope scaling, biases, another activation, a head size that is
 not width / heads), the load is refused in one line naming it.
 """
 
@@ -41,8 +42,12 @@ def plait_model(**changes):
     return build_model(cfg, seed=1)
 
 
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 32}  # (32 < the test's 64 positions: some frequencies blend)
 HONOURED = [({"rope_theta": 500000.0}, {"rope_theta": 500000.0}, "rope_theta"),
-            ({"rms_norm_eps": 1e-6}, {"norm_eps": 1e-6}, "rms_norm_eps")]
+            ({"rms_norm_eps": 1e-6}, {"norm_eps": 1e-6}, "rms_norm_eps"),
+            ({"rope_scaling": LLAMA3}, {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_max_len": 32},
+             "rope_scaling")]
 
 
 @pytest.mark.parametrize("hf_change,plait_change,key", HONOURED, ids=[h[2] for h in HONOURED])
@@ -59,8 +64,7 @@ def test_honoured_keys_give_hf_logits_and_a_mismatch_is_refused(tmp_path, hf_cha
     assert "\n" not in str(info.value)
 
 
-REFUSED = [({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                              "original_max_position_embeddings": 32}}, "rope_scaling type llama3"),
+REFUSED = [({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling type linear"),
            ({"hidden_act": "gelu"}, "hidden_act=gelu"),
            ({"attention_bias": True}, "attention_bias=true"),
            ({"mlp_bias": True}, "mlp_bias=true"),
@@ -73,3 +77,30 @@ def test_what_plait_does_not_compute_is_refused_in_one_line(tmp_path, hf_change,
     with pytest.raises(CheckpointError) as info:
         init_from_hf(plait_model(), directory)
     assert words in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+
+def test_a_llama3_scaled_model_exports_as_transformers_computes_it(tmp_path):
+    """`model.rope_scaling=llama3` goes out as Hugging Face's rope_type llama3 with its numbers: transformers
+    gives plait's logits, and the frequencies equal transformers' own bit for bit."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from plait.parallel.grid import Grid
+    from plait.parallel.plans import param_specs
+    from plait.train.checkpoint import SaveRequest, layout_meta, model_meta, save
+    from plait.train.export import export_checkpoint
+    from plait.train.rope import llama3_frequencies, plain_frequencies
+
+    ours = plait_model(rope_scaling="llama3", rope_factor=8.0, rope_original_max_len=32, rope_theta=500000.0)
+    grid = Grid.single()
+    request = SaveRequest(1, dict(ours.named_parameters()), param_specs(ours),
+                          meta={**layout_meta(grid), **model_meta(ours.cfg)})
+    export_checkpoint(save(tmp_path / "ckpt", grid, request), tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), local_files_only=True,
+                                                           dtype=torch.float32).eval()
+    assert hf.config.rope_parameters["rope_type"] == "llama3" and hf.config.rope_parameters["factor"] == 8.0
+    theirs, _ = ROPE_INIT_FUNCTIONS["llama3"](hf.config, "cpu")
+    assert torch.equal(llama3_frequencies(plain_frequencies(DIM // HEADS, 500000.0), ours.cfg), theirs.float())
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        logits, reference = ours(ids)[..., :VOCAB], hf(ids).logits
+    assert ((logits - reference).abs().max() / reference.abs().max()).item() < 1e-5

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from plait.train.config import ModelConfig
 from plait.parallel.plans import padded_vocab
 from plait.train.build import build_model
-from plait.train.model import apply_rotary, choose_attention, rotary_tables
+from plait.train.model import apply_rotary, choose_attention
 
 SMALL = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=256, max_seq_len=64)
 
@@ -40,7 +40,9 @@ def test_grouped_query_attention_matches_repeated_kv_heads():
     q = q.view(2, 8, 4, 16).transpose(1, 2)
     k = k.view(2, 8, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
     v = v.view(2, 8, 2, 16).transpose(1, 2).repeat_interleave(2, dim=1)
-    cos, sin = rotary_tables(16, 32, cfg.rope_theta)
+    frequencies = 1.0 / (cfg.rope_theta ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))  # by hand
+    angles = torch.outer(torch.arange(32, dtype=torch.float32), frequencies)
+    cos, sin = angles.cos(), angles.sin()
     q, k = apply_rotary(q, cos[:8], sin[:8]), apply_rotary(k, cos[:8], sin[:8])
     scores = (q @ k.transpose(-1, -2)) / 4.0
     scores = scores.masked_fill(torch.triu(torch.ones(8, 8, dtype=torch.bool), 1), float("-inf"))

@@ -28,6 +28,7 @@ from plait.parallel.layout import Layout, LayoutError, Workload
 from plait.parallel.layout import micro_batch_size as layout_micro_batch_size
 from plait.parallel.layout import validate as validate_layout
 from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES
+from plait.train.rope import ROPE_SCALINGS
 
 
 ConfigError = SettingError  # every part's setting errors derive from it (LayoutError, OptimError, OffloadError, ...)
@@ -47,6 +48,11 @@ class ModelConfig:
     multiple_of: int = 32
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
+    rope_scaling: Optional[str] = None  # llama3: Llama 3.1's long-context rotary frequencies (the rope_* below)
+    rope_factor: float = 8.0  # llama3: low frequencies divided by this
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths past rope_original_max_len / this are scaled whole
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_max_len / this are kept
+    rope_original_max_len: int = 8192  # llama3: the context the frequencies were trained at
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -193,6 +199,14 @@ def validate_model(model: ModelConfig) -> None:
     number(ConfigError, "model.dropout", model.dropout, low=0, high=1, high_open=True)
     number(ConfigError, "model.norm_eps", model.norm_eps, low=0, low_open=True)
     number(ConfigError, "model.rope_theta", model.rope_theta, low=0, low_open=True)
+    if model.rope_scaling is not None:
+        choice(ConfigError, "model.rope_scaling", model.rope_scaling, ROPE_SCALINGS)
+        for key in ("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len"):
+            number(ConfigError, f"model.{key}", getattr(model, key), low=0, low_open=True,
+                   integer=key == "rope_original_max_len")
+        _require(model.rope_high_freq_factor > model.rope_low_freq_factor,
+                 f"model.rope_high_freq_factor={model.rope_high_freq_factor} must exceed model.rope_low_freq_factor="
+                 f"{model.rope_low_freq_factor} (Llama 3.1 uses 4 and 1).")
     number(ConfigError, "model.init_std", model.init_std, low=0)
     _require(model.dim % model.n_heads == 0,
              f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}; pick a head count that divides the width.")

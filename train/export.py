@@ -83,12 +83,25 @@ def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
         "num_hidden_layers": model["n_layers"], "num_attention_heads": model["n_heads"],
         "num_key_value_heads": model["n_kv_heads"], "head_dim": head_dim, "hidden_act": "silu",
         "max_position_embeddings": model["max_seq_len"], "rms_norm_eps": model["norm_eps"],
-        "rope_theta": model["rope_theta"],
-        "rope_parameters": {"rope_type": "default", "rope_theta": model["rope_theta"]},
+        "rope_theta": model["rope_theta"], **_rope_keys(model),
         "tie_word_embeddings": bool(model["tie_embeddings"]), "attention_bias": False, "mlp_bias": False,
         "attention_dropout": 0.0, "initializer_range": model.get("init_std", 0.02), "use_cache": True,
         "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32", "dtype": "float32",
     }
+
+
+# plait's llama3 rope settings -> Hugging Face's rope parameter names
+_LLAMA3_KEYS = {"rope_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
+                "rope_high_freq_factor": "high_freq_factor",
+                "rope_original_max_len": "original_max_position_embeddings"}
+
+
+def _rope_keys(model: Dict[str, Any]) -> Dict[str, Any]:
+    """`rope_parameters` (newer transformers) and, for Llama 3.1's scaling, `rope_scaling` (older ones)."""
+    if model.get("rope_scaling") != "llama3":
+        return {"rope_parameters": {"rope_type": "default", "rope_theta": model["rope_theta"]}}
+    scaling = {"rope_type": "llama3", **{hf: model[ours] for ours, hf in _LLAMA3_KEYS.items()}}
+    return {"rope_parameters": {**scaling, "rope_theta": model["rope_theta"]}, "rope_scaling": scaling}
 
 
 def _segments(model: Dict[str, Any], fused: str) -> List[int]:
@@ -235,11 +248,28 @@ _SHAPE_KEYS = {"vocab_size": "vocab_size", "hidden_size": "dim", "intermediate_s
 
 
 def _rope(config: Dict[str, Any]) -> Dict[str, Any]:
-    """The rotary settings of a config.json, older (`rope_theta`, `rope_scaling`) and newer (`rope_parameters`) keys."""
+    """The rotary settings of a config.json, older (`rope_theta`, `rope_scaling`) and newer (`rope_parameters`) keys:
+    theta, type, and the scaling's own numbers by plait's names."""
     params = dict(config.get("rope_parameters") or {})
-    scaling = config.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type", "default")
-    return {"theta": float(params.get("rope_theta", config.get("rope_theta", 10000.0))), "type": kind}
+    scaling = {**params, **(config.get("rope_scaling") or {})}
+    kind = scaling.get("rope_type", scaling.get("type")) or "default"
+    numbers = {ours: scaling[hf] for ours, hf in _LLAMA3_KEYS.items() if hf in scaling}
+    return {"theta": float(params.get("rope_theta", config.get("rope_theta", 10000.0))), "type": kind, **numbers}
+
+
+def _check_rope_scaling(rope: Dict[str, Any], cfg, where: Path) -> None:
+    """A Llama 3.1 directory loads into a model with the same llama3 numbers; an unscaled one into an unscaled model."""
+    theirs = None if rope["type"] in (None, "default") else rope["type"]
+    if theirs not in (None, "llama3"):
+        raise CheckpointError(f"{where}: rope_scaling type {theirs} (plait computes llama3 scaling or none); "
+                              f"plait's decoder cannot load it.")
+    ours = cfg.rope_scaling
+    wanted = {key: rope[key] for key in _LLAMA3_KEYS if key in rope} if theirs else {}
+    if theirs != ours or any(float(getattr(cfg, key)) != float(value) for key, value in wanted.items()):
+        numbers = "".join(f", {hf}={rope[key]:g}" for key, hf in _LLAMA3_KEYS.items() if key in wanted)
+        settings = " ".join([f"model.rope_scaling={theirs or 'null'}"] + [f"model.{k}={v:g}" for k, v in wanted.items()])
+        raise CheckpointError(f"{where} has rope_scaling={theirs or 'null'}{numbers} but model.rope_scaling="
+                              f"{ours or 'null'}; set {settings} to load it.")
 
 
 def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
@@ -266,8 +296,7 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
         if config.get(key):
             refuse(f"{key}=true (plait's linears have no bias)")
     rope = _rope(config)
-    if rope["type"] not in (None, "default"):
-        refuse(f"rope_scaling type {rope['type']} (plait's rotary positions are unscaled)")
+    _check_rope_scaling(rope, cfg, where)
     heads = config.get("num_attention_heads")
     if config.get("head_dim") is not None and heads and config["head_dim"] != config["hidden_size"] // heads:
         refuse(f"head_dim={config['head_dim']} is not hidden_size / num_attention_heads = "

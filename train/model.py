@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.train.attention_mask import AttentionMask
+from plait.train.rope import rotary_tables
 from plait.train.chunked_loss import chunked_head_loss
 from plait.train.config import ModelConfig, ffn_dim, kv_heads
 
@@ -160,13 +161,6 @@ def _sdpa_fp32(q, k, v, scale: float, enable_gqa: bool, mask: Optional[Attention
 def choose_attention(device: torch.device) -> Callable:
     """The causal attention kernel for a device type, chosen once when a layer is built."""
     return _sdpa_fp32 if torch.device(device).type == "cpu" else _sdpa_native
-
-
-def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
-    """cos and sin of the rotary angles, [max_seq_len, head_dim / 2]."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -309,7 +303,7 @@ class Transformer(nn.Module):
         self.head = None
         if has_head and not (cfg.tie_embeddings and has_embedding):
             self.head = Linear(cfg.dim, self.vocab, valid_rows=cfg.vocab_size, device=device)
-        cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta, device)
+        cos, sin = rotary_tables(cfg, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.tied_input: Callable = identity  # what the tied head's input passes through (a plan's mapping)
