@@ -57,7 +57,9 @@ def seed_for(seed: int, name: str) -> int:
 
 
 def default_init_std(name: str, spec: ShardSpec, cfg: ModelConfig) -> float:
-    """Standard init: N(0, init_std) for matrices, scaled 1/sqrt(2 n_layers) on residual outputs."""
+    """Standard init: N(0, init_std) for matrices, scaled 1/sqrt(2 n_layers) on residual outputs; biases zero."""
+    if name.endswith("bias"):
+        return 0.0
     if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
         return cfg.init_std / math.sqrt(2 * cfg.n_layers)
     return cfg.init_std

@@ -62,6 +62,7 @@ class ModelConfig:
     attn_mask: str = "causal"  # causal | document (attention stays inside each packed document)
     sliding_window: Optional[int] = None  # each token attends to itself and the W - 1 before it (Mistral)
     qk_norm: bool = False  # RMS-norm each head's query and key before rotary (OLMo 2, Qwen3)
+    qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
 
 
 @dataclass

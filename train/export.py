@@ -3,7 +3,8 @@
 Export reassembles every parameter in full from the checkpoint's tp shards (any layout),
 cuts the vocabulary padding, renames to `LlamaForCausalLM`'s names (`MistralForCausalLM` for a model with
 `model.sliding_window`: the same names, and its window in config.json; `Qwen3ForCausalLM` for a model with
-`model.qk_norm`: the same names plus each attention's q_norm and k_norm) and writes
+`model.qk_norm`: the same names plus each attention's q_norm and k_norm; `Qwen2ForCausalLM` with
+`model.qkv_bias`: plus q, k and v biases) and writes
 `OUT/config.json` and `OUT/model.safetensors`, and, when the checkpoint's data was made with a BPE
 (its index records the tokenizer.json), `OUT/tokenizer.json` and `OUT/tokenizer_config.json` for
 transformers' `AutoTokenizer` (a byte-level model's ids are UTF-8 bytes: no tokenizer file; its
@@ -17,6 +18,7 @@ transformers' `AutoTokenizer` (a byte-level model's ids are UTF-8 bytes: no toke
     layers.i.mlp.w13.weight       -> model.layers.i.mlp.{gate,up}_proj.weight (split by segment)
     layers.i.mlp.w2.weight        -> model.layers.i.mlp.down_proj.weight
     layers.i.attn.{q,k}_norm.weight -> model.layers.i.self_attn.{q,k}_norm.weight (qk_norm: Qwen3)
+    layers.i.attn.wqkv.bias       -> model.layers.i.self_attn.{q,k,v}_proj.bias (qkv_bias: Qwen2)
     norm.weight, head.weight      -> model.norm.weight, lm_head.weight (absent when tied)
 
 plait rotates (first half, second half) of each head, as HF Llama's `rotate_half` does, so
@@ -55,6 +57,7 @@ _SIMPLE = {
     "mlp.w2.weight": "mlp.down_proj.weight",
 }
 _QK_NORMS = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
+_FUSED_BIAS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 _FUSED = {
     "attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
     "mlp.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
@@ -67,12 +70,16 @@ def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     of a `Qwen3ForCausalLM` (plus q_norm and k_norm)."""
     head_dim = model["dim"] // model["n_heads"]
     window = model.get("sliding_window")
+    features = [key for key in ("qk_norm", "qkv_bias", "sliding_window") if model.get(key)]
+    if len(features) > 1:
+        raise CheckpointError(f"a model with {' and '.join('model.' + key for key in features)} has no Hugging Face "
+                              f"architecture plait writes (Qwen3: qk_norm, Qwen2: qkv_bias, Mistral: sliding_window); "
+                              f"export a model with one of them.")
+    qwen = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": model["n_layers"]}
     if model.get("qk_norm"):
-        if window is not None:
-            raise CheckpointError(f"model.qk_norm with model.sliding_window={window} has no Hugging Face architecture "
-                                  "plait writes (Qwen3's window is per layer type); export a model with one of them.")
-        architecture = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "use_sliding_window": False,
-                        "sliding_window": None, "max_window_layers": model["n_layers"]}
+        architecture = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qwen}
+    elif model.get("qkv_bias"):
+        architecture = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **qwen}
     elif window is not None:
         architecture = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
     else:
@@ -145,6 +152,10 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
             elif rest in _QK_NORMS:
                 query = fold["query"] if rest == fold["query_into"] else 1.0
                 out[prefix + _QK_NORMS[rest]] = tensor * query if query != 1.0 else tensor
+            elif rest == "attn.wqkv.bias":  # Qwen2's; a query scale folded into q_proj scales its bias too
+                for part, hf_name in zip(tensor.split(_segments(model, "attn.wqkv.weight")), _FUSED_BIAS):
+                    scaled = hf_name.startswith("self_attn.q_") and fold["query_into"] == "attn.wqkv.weight"
+                    out[prefix + hf_name] = part * fold["query"] if scaled and fold["query"] != 1.0 else part
             elif rest in _FUSED:
                 for part, hf_name in zip(tensor.split(_segments(model, rest), dim=0), _FUSED[rest]):
                     if hf_name.endswith("q_proj.weight") and rest == fold["query_into"] and fold["query"] != 1.0:
@@ -173,6 +184,11 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
         for rest, hf_name in (_QK_NORMS.items() if model.get("qk_norm") else ()):
             query = fold["query"] if rest == fold["query_into"] else 1.0
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / query if query != 1.0 else hf[prefix + hf_name]
+        if model.get("qkv_bias"):
+            biases = [hf[prefix + hf_name] for hf_name in _FUSED_BIAS]
+            if fold["query_into"] == "attn.wqkv.weight" and fold["query"] != 1.0:
+                biases[0] = biases[0] / fold["query"]
+            full[f"layers.{index}.attn.wqkv.bias"] = torch.cat(biases)
         for rest, hf_names in _FUSED.items():
             parts = [hf[prefix + hf_name] for hf_name in hf_names]
             if rest == fold["query_into"] and fold["query"] != 1.0:
@@ -267,7 +283,8 @@ def _check_rope_scaling(rope: Dict[str, Any], cfg, where: Path) -> None:
     wanted = {key: rope[key] for key in _LLAMA3_KEYS if key in rope} if theirs else {}
     if theirs != ours or any(float(getattr(cfg, key)) != float(value) for key, value in wanted.items()):
         numbers = "".join(f", {hf}={rope[key]:g}" for key, hf in _LLAMA3_KEYS.items() if key in wanted)
-        settings = " ".join([f"model.rope_scaling={theirs or 'null'}"] + [f"model.{k}={v:g}" for k, v in wanted.items()])
+        settings = " ".join([f"model.rope_scaling={theirs or 'null'}"]
+                            + [f"model.{key}={value:g}" for key, value in wanted.items()])
         raise CheckpointError(f"{where} has rope_scaling={theirs or 'null'}{numbers} but model.rope_scaling="
                               f"{ours or 'null'}; set {settings} to load it.")
 
@@ -279,13 +296,15 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
         raise CheckpointError(f"{where}: {what}; plait's decoder cannot load it.")
 
     kind = config.get("model_type", "llama")
-    if kind not in ("llama", "mistral", "qwen3"):
-        refuse(f"model_type={kind} is not llama, mistral or qwen3")
-    if (kind == "qwen3") != bool(cfg.qk_norm):
-        raise CheckpointError(f"{where} is model_type={kind}, {'with' if kind == 'qwen3' else 'without'} QK-norm, but "
-                              f"model.qk_norm={bool(cfg.qk_norm)}; set model.qk_norm={kind == 'qwen3'} to load it.")
-    if kind == "qwen3" and config.get("use_sliding_window"):
-        refuse("use_sliding_window=true (Qwen3's per-layer windows)")
+    if kind not in ("llama", "mistral", "qwen2", "qwen3"):
+        refuse(f"model_type={kind} is not llama, mistral, qwen2 or qwen3")
+    for family, key, what in (("qwen3", "qk_norm", "QK-norm"), ("qwen2", "qkv_bias", "q, k and v biases")):
+        if (kind == family) != bool(getattr(cfg, key)):
+            raise CheckpointError(f"{where} is model_type={kind}, {'with' if kind == family else 'without'} {what}, "
+                                  f"but model.{key}={bool(getattr(cfg, key))}; set model.{key}={kind == family} to "
+                                  f"load it.")
+    if kind in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+        refuse(f"use_sliding_window=true ({kind}'s per-layer windows)")
     theirs = config.get("sliding_window") if kind == "mistral" else None
     if theirs != cfg.sliding_window:
         raise CheckpointError(f"{where} has sliding_window={theirs} but model.sliding_window={cfg.sliding_window}; "
@@ -341,7 +360,8 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
                               f"set the model config to match.")
     check_hf_config(config, cfg, Path(directory) / HF_CONFIG)
     scales = {"embedding": model.scales.embedding, "logits": model.scales.logits, "attention": model.scales.attention}
-    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len, "qk_norm": bool(cfg.qk_norm)}, hf, scales)
+    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len, "qk_norm": bool(cfg.qk_norm),
+                    "qkv_bias": bool(cfg.qkv_bias)}, hf, scales)
     specs = param_specs(model)
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
     mirrors = model.tied_copies()  # a last stage's tied head reads the embedding

@@ -177,7 +177,8 @@ def first_rows(s: int, device) -> slice:
 
 
 class Attention(nn.Module):
-    """Causal self-attention: fused Q|K|V projection, (QK-norm,) rotary positions, SDPA, output projection.
+    """Causal self-attention: fused Q|K|V projection (with biases under qkv_bias), (QK-norm,) rotary positions, SDPA,
+    output projection.
 
     Seams a parallel plan may set: `attend(q, k, v, scale, enable_gqa, mask=None)` (the attention kernel;
     `mask` an `AttentionMask` over the whole sequence, None: causal) and
@@ -188,7 +189,8 @@ class Attention(nn.Module):
         super().__init__()
         self.head_dim = cfg.dim // cfg.n_heads
         q_size, kv_size = cfg.n_heads * self.head_dim, kv_heads(cfg) * self.head_dim
-        self.wqkv = Linear(cfg.dim, q_size + 2 * kv_size, segments=(q_size, kv_size, kv_size), device=device)
+        self.wqkv = Linear(cfg.dim, q_size + 2 * kv_size, bias=cfg.qkv_bias, segments=(q_size, kv_size, kv_size),
+                           device=device)
         self.wo = Linear(q_size, cfg.dim, device=device)
         # QK-norm (OLMo 2, Qwen3): each head's query and key RMS-normed over its features, one gain shared by heads
         self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps, device) if cfg.qk_norm else identity
