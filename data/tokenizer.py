@@ -24,8 +24,9 @@ class ByteTokenizer:
         return np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids` (a byte sequence cut inside a character shows U+FFFD there)."""
-        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+        """Text of `ids` (a byte sequence cut inside a character, or an id past the bytes from a model with a larger
+        vocabulary, shows U+FFFD there: 0xFF never starts a UTF-8 character)."""
+        return bytes(min(int(i), 0xFF) for i in ids).decode("utf-8", errors="replace")
 
     def to_json(self) -> Optional[str]:
         return None

@@ -167,6 +167,42 @@ def test_a_missing_checkpoint_or_an_unrecorded_tokenizer_is_named(trained_run, t
     assert code == 0, err
 
 
+@pytest.mark.parametrize("family", ["llama3", "qwen2"])
+def test_plait_generate_reads_a_hugging_face_directory_and_decodes_as_transformers(family, tmp_path, capsys):
+    """`plait generate DIR` on a Hugging Face directory: its config read into a plait model (Llama 3.1's rope scaling,
+    Qwen2's biases), the greedy tokens transformers' own generate gives; what plait does not compute is one line."""
+    transformers = pytest.importorskip("transformers")
+    shape = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, tie_word_embeddings=False)
+    if family == "llama3":
+        config = transformers.LlamaConfig(**shape, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, rope_theta=1e6))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.05)
+    model.eval().save_pretrained(tmp_path / "hf", safe_serialization=True)
+    prompt = "def f(x):"
+    ids = torch.tensor([list(prompt.encode())])
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
+                                  eos_token_id=None, attention_mask=torch.ones_like(ids))[0, ids.shape[1]:].tolist()
+    expected = expected[:expected.index(0)] if 0 in expected else expected
+    code, out, err = run_tool(capsys, str(tmp_path / "hf"), "--prompt", prompt, "--max-new-tokens", "20",
+                              "--temperature", "0", "--tokenizer", "byte", "--device", "cpu")
+    assert code == 0, err
+    text = (prompt.encode() + bytes(min(i, 0xFF) for i in expected)).decode("utf-8", errors="replace")
+    assert out.split("-" * 40)[0] == text + "\n"  # (ids past the bytes print as U+FFFD)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    code, out, err = run_tool(capsys, str(tmp_path / "hf"), "--tokenizer", "byte")
+    assert code == 2 and "hidden_act=gelu" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_a_bpe_corpus_records_its_tokenizer_json_which_decodes_what_it_encodes(tmp_path):
     from plait.data.config import DataConfig
     from plait.data.loader import Loader

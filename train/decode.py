@@ -151,7 +151,10 @@ def tool_device(requested: str) -> torch.device:
 
 def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype = torch.float32
                ) -> Tuple[Transformer, Dict[str, Any]]:
-    """(the whole model of a checkpoint of any layout, in eval mode on `device`, its index)."""
+    """(the whole model of a checkpoint of any layout, in eval mode on `device`, its index); a Hugging Face
+    directory (config.json, model.safetensors) is read too, its index made up of its model and its tokenizer.json."""
+    if is_hf_directory(Path(checkpoint)):
+        return load_hf_model(Path(checkpoint), device, dtype)
     index, full = load_full_model(resolve_checkpoint(checkpoint))
     known = {f.name for f in fields(ModelConfig)}
     cfg = ModelConfig(**{key: value for key, value in index["model"].items() if key in known})
@@ -165,6 +168,26 @@ def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype = torc
     return model.to(device=device, dtype=dtype).eval(), index
 
 
+def is_hf_directory(path: Path) -> bool:
+    return (path / "config.json").is_file() and not (path / "index.json").exists()
+
+
+def load_hf_model(directory: Path, device: torch.device, dtype: torch.dtype) -> Tuple[Transformer, Dict[str, Any]]:
+    """A Hugging Face Llama / Mistral / Qwen2 / Qwen3 directory as a plait model (refused in one line where plait
+    computes something else), and an index with its shape and its tokenizer.json where it has one."""
+    import json
+
+    from plait.train.checkpoint import model_meta
+    from plait.train.export import HF_CONFIG, init_from_hf, model_config_from_hf
+
+    cfg = model_config_from_hf(json.loads((directory / HF_CONFIG).read_text()))
+    model = Transformer(cfg)
+    init_from_hf(model, directory)
+    tokenizer = directory / "tokenizer.json"
+    index = {**model_meta(cfg), "tokenizer": str(tokenizer) if tokenizer.is_file() else None, "step": None}
+    return model.to(device=device, dtype=dtype).eval(), index
+
+
 def load_tokenizer(spec: Optional[str], index: Dict[str, Any]):
     """`--tokenizer` (byte or a tokenizer.json), else the one the checkpoint's data was made with."""
     from plait.data.errors import DataError
@@ -172,9 +195,9 @@ def load_tokenizer(spec: Optional[str], index: Dict[str, Any]):
 
     spec = spec or index.get("tokenizer")
     if spec is None:
-        raise CheckpointError("the checkpoint does not record which tokenizer made its data (Megatron shards, or "
-                              "saved before plait recorded it); pass --tokenizer byte or --tokenizer path/to/"
-                              "tokenizer.json.")
+        raise CheckpointError("the checkpoint does not record which tokenizer made its data (Megatron shards, saved "
+                              "before plait recorded it, or a Hugging Face directory without tokenizer.json); pass "
+                              "--tokenizer byte or --tokenizer path/to/tokenizer.json.")
     try:
         tokenizer = from_spec(spec)
     except DataError as error:
@@ -188,7 +211,8 @@ def load_tokenizer(spec: Optional[str], index: Dict[str, Any]):
 def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="plait generate",
                                      description="Continue a prompt with a trained model (any checkpoint layout).")
-    parser.add_argument("checkpoint", help="a checkpoint directory, a checkpoint root or a run directory")
+    parser.add_argument("checkpoint", help="a checkpoint directory, a checkpoint root, a run directory or a Hugging "
+                                           "Face Llama / Mistral / Qwen2 / Qwen3 directory")
     parser.add_argument("--prompt", default="", help="text to continue (default: the start of a new document)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -247,6 +271,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(tokenizer.decode((prompt if args.prompt else []) + drawn))  # whole, so no character is cut
         print("-" * 40)
     tokens = (out.shape[1] - len(prompt)) * args.samples
+    origin = f"step {index['step']}" if index.get("step") is not None else args.checkpoint
     print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s) on {device} "
-          f"from step {index['step']}", file=sys.stderr)
+          f"from {origin}", file=sys.stderr)
     return 0

@@ -328,6 +328,24 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
                                   f"{theirs:g} to load it.")
 
 
+def model_config_from_hf(config: Dict[str, Any]):
+    """The plait `ModelConfig` a Hugging Face config.json describes (Llama, Mistral, Qwen2, Qwen3); whether plait
+    computes all of it is `init_from_hf`'s check."""
+    from plait.train.config import ModelConfig
+
+    kind, rope = config.get("model_type", "llama"), _rope(config)
+    values = dict(vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
+                  n_heads=config["num_attention_heads"],
+                  n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
+                  ffn_dim=config["intermediate_size"], max_seq_len=config.get("max_position_embeddings", 2048),
+                  rope_theta=rope["theta"], norm_eps=float(config.get("rms_norm_eps", 1e-6)),
+                  tie_embeddings=bool(config.get("tie_word_embeddings", False)), qk_norm=kind == "qwen3",
+                  qkv_bias=kind == "qwen2", sliding_window=config.get("sliding_window") if kind == "mistral" else None)
+    if rope["type"] == "llama3":
+        values.update(rope_scaling="llama3", **{key: rope[key] for key in _LLAMA3_KEYS if key in rope})
+    return ModelConfig(**values)
+
+
 def read_hf(directory: Path) -> (Dict[str, Any], Dict[str, torch.Tensor]):
     """(config.json, state dict) of an HF Llama directory, with clear errors for what is missing."""
     directory = Path(directory)
