@@ -62,3 +62,9 @@ def test_eval_on_another_corpus_and_bad_input(tmp_path, stdlib_tokens, capsys):
     assert code == 2 and err.strip() == "plait eval: error: --batches 0 must be at least 1."
     code, _, err = plait_eval(capsys, str(tmp_path / "nowhere"))
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
+    hf = tmp_path / "hf"  # a Hugging Face directory records no run: said in one line, with what to do instead
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    code, _, err = plait_eval(capsys, str(hf))
+    assert code == 2 and "is a Hugging Face directory" in err and "checkpoint.init_from=" in err \
+        and len(err.strip().splitlines()) == 1, err

@@ -20,7 +20,7 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from plait.common.checks import SettingError
-from plait.train.decode import load_model, resolve_checkpoint, tool_device
+from plait.train.decode import is_hf_directory, load_model, resolve_checkpoint, tool_device
 from plait.train.reshard import CheckpointError, ShardReader
 from plait.train.tensorfile import write_atomic
 
@@ -34,6 +34,10 @@ def evaluate_checkpoint(checkpoint: Path, batches: Optional[int] = None, data_pa
     from plait.data.loader import Loader
 
     checkpoint = resolve_checkpoint(checkpoint)
+    if is_hf_directory(checkpoint):
+        raise CheckpointError(f"{checkpoint} is a Hugging Face directory, and plait eval reads plait checkpoints "
+                              f"(their run says what data and batches); start a run from it with checkpoint.init_from="
+                              f"{checkpoint}, or sample it with plait generate.")
     model, index = load_model(checkpoint, device)
     config = ShardReader(checkpoint).rank_state(0)["config"]  # the run's own settings, as rank 0 recorded them
     data = DataConfig(**config["data"])
