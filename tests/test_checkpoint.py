@@ -230,6 +230,16 @@ def wait_for_step(run, run_dir, step):
         time.sleep(0.002)
 
 
+def wait_for_checkpoint(run, checkpoints, step):
+    """Until `latest` names a checkpoint at `step` or later (a background save lands a step or more after its own,
+    later still on a loaded machine), or the run has ended."""
+    while run.process.poll() is None:
+        latest = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+        if latest is not None and int(latest.name[5:]) >= step:
+            return
+        time.sleep(0.002)
+
+
 def signal_one_rank(run, sig):
     """Send `sig` to the last worker (torchrun) or to the process itself (one rank)."""
     import psutil
@@ -240,8 +250,8 @@ def signal_one_rank(run, sig):
 
 
 def kill_and_resume(tmp_path, cache, command, layout, steps=20):
-    """Reference run; a run killed (SIGKILL, every process) after step 11 is logged; its resume,
-    preempted (SIGTERM to one rank) after step 14; and a second resume. Returns their losses."""
+    """Reference run; a run killed (SIGKILL, every process) after step 11 is logged and step 10's checkpoint is
+    whole; its resume, preempted (SIGTERM to one rank) after step 14; and a second resume. Returns their losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     common = [*layout, "checkpoint.every=5", "checkpoint.keep=2"]
     shape = {"seq": 128, "batch": 8}  # steps long enough that the kill and the signal land mid-run
@@ -250,10 +260,11 @@ def kill_and_resume(tmp_path, cache, command, layout, steps=20):
     run_dir = tmp_path / "killed"
     killed = Run(command, run_overrides(run_dir, cache, steps, *common, **shape), env, tmp_path / "killed.log")
     wait_for_step(killed, run_dir, 11)
+    checkpoints = run_dir / "checkpoints"
+    wait_for_checkpoint(killed, checkpoints, 10)  # step 10's save runs in the background: kill once it is whole
     kill_tree(killed.process.pid)
     assert killed.wait() == -signal.SIGKILL, f"the run ended before the kill:\n{killed.output}"
     assert logged_steps(run_dir) < steps
-    checkpoints = run_dir / "checkpoints"
     latest = latest_checkpoint(checkpoints)
     assert latest.name in ("step-00000010", "step-00000015")
     leftover = checkpoints / ".tmp-step-00000099"  # what a kill during a save leaves behind
