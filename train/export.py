@@ -67,7 +67,7 @@ _FUSED = {
 def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     """`config.json` of a `LlamaForCausalLM` with plait's model shape (older and newer rope keys both); with a
     sliding window, of a `MistralForCausalLM` (the same weights and names, plus `sliding_window`); with QK-norm,
-    of a `Qwen3ForCausalLM` (plus q_norm and k_norm)."""
+    of a `Qwen3ForCausalLM` (plus q_norm and k_norm); with q, k and v biases, of a `Qwen2ForCausalLM`."""
     head_dim = model["dim"] // model["n_heads"]
     window = model.get("sliding_window")
     features = [key for key in ("qk_norm", "qkv_bias", "sliding_window") if model.get(key)]
