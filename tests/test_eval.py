@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from dist_utils import run_ranks
 from plait.train.config import load_config
@@ -62,9 +63,42 @@ def test_eval_on_another_corpus_and_bad_input(tmp_path, stdlib_tokens, capsys):
     assert code == 2 and err.strip() == "plait eval: error: --batches 0 must be at least 1."
     code, _, err = plait_eval(capsys, str(tmp_path / "nowhere"))
     assert code == 2 and "does not exist" in err and len(err.strip().splitlines()) == 1
-    hf = tmp_path / "hf"  # a Hugging Face directory records no run: said in one line, with what to do instead
+    code, _, err = plait_eval(capsys, str(tmp_path / "run"), "--seq-len", "4096")
+    assert code == 2 and "--seq-len 4096 exceeds the model's max_seq_len=" in err, err
+    hf = tmp_path / "hf"  # a directory whose config.json is not a model's: one line
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     code, _, err = plait_eval(capsys, str(hf))
-    assert code == 2 and "is a Hugging Face directory" in err and "checkpoint.init_from=" in err \
-        and len(err.strip().splitlines()) == 1, err
+    assert code == 2 and "cannot be read as a model's config" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_eval_of_a_hugging_face_directory_is_transformers_loss_on_the_same_batches(tmp_path, capsys):
+    """`plait eval HF_DIR --data TEXT`: the text tokenized by the directory's tokenizer.json, the mean cross-entropy
+    transformers' own model gives on the same validation batches; without --data, one line says to pass it."""
+    transformers = pytest.importorskip("transformers")
+    from plait.data.config import DataConfig
+    from plait.data.loader import Loader
+
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(400)))
+    prepared = Loader.from_config(DataConfig(path=str(text), tokenizer="bpe", vocab_size=300,
+                                             cache_dir=str(tmp_path / "cache")), 16, 2, 1)
+    prepared.close()
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)).eval()
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    (tmp_path / "hf" / "tokenizer.json").write_text(open(prepared.tokenizer).read())
+    code, _, err = plait_eval(capsys, str(tmp_path / "hf"))
+    assert code == 2 and "pass --data PATH" in err and len(err.strip().splitlines()) == 1, err
+    code, out, err = plait_eval(capsys, str(tmp_path / "hf"), "--data", str(text), "--batches", "3", "--seq-len", "32",
+                                "--batch-size", "4", "--device", "cpu", "--json", str(tmp_path / "eval.json"))
+    assert code == 0, err
+    data = DataConfig(path=str(text), tokenizer=str(tmp_path / "hf" / "tokenizer.json"),
+                      cache_dir=str(tmp_path / "other-cache"))
+    loader = Loader.from_config(data, 32, 4, 1, seed=1234, model_vocab=320)
+    with torch.no_grad():  # (transformers shifts the labels itself: each of the 33 tokens but the first is a target)
+        losses = [float(model(loader.val_batch(n)[0], labels=loader.val_batch(n)[0]).loss) for n in range(3)]
+    loader.close()
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert result["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5) and result["tokens"] == 3 * 4 * 32

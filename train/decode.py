@@ -180,7 +180,11 @@ def load_hf_model(directory: Path, device: torch.device, dtype: torch.dtype) -> 
     from plait.train.checkpoint import model_meta
     from plait.train.export import HF_CONFIG, init_from_hf, model_config_from_hf
 
-    cfg = model_config_from_hf(json.loads((directory / HF_CONFIG).read_text()))
+    try:
+        cfg = model_config_from_hf(json.loads((directory / HF_CONFIG).read_text()))
+    except (KeyError, ValueError) as error:  # a key missing, or not JSON at all
+        raise CheckpointError(f"{directory / HF_CONFIG} cannot be read as a model's config ({error!r}); point at a "
+                              f"Hugging Face Llama, Mistral or Qwen directory.") from None
     model = Transformer(cfg)
     init_from_hf(model, directory)
     tokenizer = directory / "tokenizer.json"
