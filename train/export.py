@@ -57,9 +57,9 @@ _SIMPLE = {
     "mlp.w2.weight": "mlp.down_proj.weight",
 }
 _QK_NORMS = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
-_FUSED_BIAS = ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")
 _FUSED = {
     "attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "attn.wqkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),  # qkv_bias: Qwen2
     "mlp.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
 
@@ -113,7 +113,7 @@ def _rope_keys(model: Dict[str, Any]) -> Dict[str, Any]:
 
 def _segments(model: Dict[str, Any], fused: str) -> List[int]:
     head_dim = model["dim"] // model["n_heads"]
-    if fused == "attn.wqkv.weight":
+    if fused.startswith("attn.wqkv."):
         return [model["n_heads"] * head_dim, model["n_kv_heads"] * head_dim, model["n_kv_heads"] * head_dim]
     return [model["ffn_dim"], model["ffn_dim"]]
 
@@ -127,7 +127,8 @@ def _fold_factors(model: Dict[str, Any], scales: Optional[Dict[str, Any]]) -> Di
     attention = scales.get("attention")
     query = 1.0 if attention is None else float(attention) * math.sqrt(head_dim)
     norm = logits / embedding if model["tie_embeddings"] else logits
-    query_into = "attn.q_norm.weight" if model.get("qk_norm") else "attn.wqkv.weight"  # q_norm would undo q_proj's
+    # what takes the query scale: q_norm's gain (it would undo a scaled q_proj), else q_proj and its bias
+    query_into = ("attn.q_norm.weight",) if model.get("qk_norm") else ("attn.wqkv.weight", "attn.wqkv.bias")
     return {"embed": embedding, "norm": norm, "query": query, "query_into": query_into}
 
 
@@ -150,17 +151,13 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
             if rest in _SIMPLE:
                 out[prefix + _SIMPLE[rest]] = tensor
             elif rest in _QK_NORMS:
-                query = fold["query"] if rest == fold["query_into"] else 1.0
+                query = fold["query"] if rest in fold["query_into"] else 1.0
                 out[prefix + _QK_NORMS[rest]] = tensor * query if query != 1.0 else tensor
-            elif rest == "attn.wqkv.bias":  # Qwen2's; a query scale folded into q_proj scales its bias too
-                for part, hf_name in zip(tensor.split(_segments(model, "attn.wqkv.weight")), _FUSED_BIAS):
-                    scaled = hf_name.startswith("self_attn.q_") and fold["query_into"] == "attn.wqkv.weight"
-                    out[prefix + hf_name] = part * fold["query"] if scaled and fold["query"] != 1.0 else part
             elif rest in _FUSED:
-                for part, hf_name in zip(tensor.split(_segments(model, rest), dim=0), _FUSED[rest]):
-                    if hf_name.endswith("q_proj.weight") and rest == fold["query_into"] and fold["query"] != 1.0:
-                        part = part * fold["query"]
-                    out[prefix + hf_name] = part
+                parts = list(tensor.split(_segments(model, rest), dim=0))
+                if rest in fold["query_into"] and fold["query"] != 1.0:  # the first segment is the query's
+                    parts[0] = parts[0] * fold["query"]
+                out.update({prefix + hf_name: part for part, hf_name in zip(parts, _FUSED[rest])})
             else:
                 raise CheckpointError(f"parameter {name} has no Hugging Face Llama counterpart.")
         else:
@@ -182,16 +179,13 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
         for rest, hf_name in _SIMPLE.items():
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name]
         for rest, hf_name in (_QK_NORMS.items() if model.get("qk_norm") else ()):
-            query = fold["query"] if rest == fold["query_into"] else 1.0
+            query = fold["query"] if rest in fold["query_into"] else 1.0
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / query if query != 1.0 else hf[prefix + hf_name]
-        if model.get("qkv_bias"):
-            biases = [hf[prefix + hf_name] for hf_name in _FUSED_BIAS]
-            if fold["query_into"] == "attn.wqkv.weight" and fold["query"] != 1.0:
-                biases[0] = biases[0] / fold["query"]
-            full[f"layers.{index}.attn.wqkv.bias"] = torch.cat(biases)
         for rest, hf_names in _FUSED.items():
+            if rest == "attn.wqkv.bias" and not model.get("qkv_bias"):
+                continue
             parts = [hf[prefix + hf_name] for hf_name in hf_names]
-            if rest == fold["query_into"] and fold["query"] != 1.0:
+            if rest in fold["query_into"] and fold["query"] != 1.0:
                 parts[0] = parts[0] / fold["query"]
             full[f"layers.{index}.{rest}"] = torch.cat(parts, dim=0)
     return full
