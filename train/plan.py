@@ -22,7 +22,7 @@ table has one row per pp stage.
 
 import sys
 from dataclasses import dataclass
-from typing import Any, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -168,7 +168,9 @@ def _ring(nbytes: float, n: int, factor: float) -> float:
     return factor * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
-def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: int) -> StagePlan:
+def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: int,
+                group_of: Optional[Callable] = None) -> StagePlan:
+    """One pp stage's figures; `group_of` (optim=muon: the parametrization's) says which parameters Muon steps."""
     from plait.offload.config import keep_count
     from plait.parallel.pipeline.partition import rank_chunk_plans
     from plait.parallel.pipeline.schedule import placement, stage_ranks
@@ -184,10 +186,12 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     params, full_params, vocab_local, block, matrices = 0, 0, 0, 0, 0
     for model in shape_chunks(model_cfg, grid, vpp, sequence_parallel=sp, pp_rank=pp_rank, placement=style):
         params += sum(p.numel() for p in model.parameters())
-        matrices += sum(p.numel() for layer in model.layers.values() for p in layer.parameters() if p.ndim == 2)
         block = max([block] + [sum(p.numel() for p in layer.parameters()) for layer in model.layers.values()])
         specs = param_specs(model)
         copies = model.tied_copies()  # a tied head's copy of the embedding: held here, counted once in the model
+        if group_of is not None:  # the trainer's own rule (a tied copy is grouped as its source)
+            matrices += sum(p.numel() for name, p in model.named_parameters()
+                            if group_of(copies.get(name, name), p).get("muon"))
         full_params += sum(p.numel() * (tp if specs[name].is_sharded else 1)
                            for name, p in model.named_parameters() if name not in copies)
         vocab_local = model.vocab // tp
@@ -206,7 +210,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     keep = keep_count(cfg.offload.keep_last)  # auto is decided at run time from the link: planned as 1
     resident_blocks = min(layers, (1 if keep is None else keep) + cfg.offload.prefetch)
     activations_offload = min(activations, resident_blocks * block_saved + head)
-    # fp32 state: AdamW's two moments, Lion's one; Muon's one momentum for the blocks' matrices, AdamW's for the rest
+    # fp32 state: AdamW's two moments, Lion's one; Muon's one momentum for its matrices, AdamW's for the rest
     optimizer_bytes = {"adamw": 8 * params, "lion": 4 * params, "muon": 4 * matrices + 8 * (params - matrices)}
     hidden_bytes = tokens * model_cfg.dim * size
     # tp: 4 all-reduces of [b, s, d] per block per micro-batch (2 forward, 2 backward; under SP
@@ -248,6 +252,7 @@ def _schedule_name(parallel) -> str:
 def plan(cfg: Any, world_size: int) -> Plan:
     """Every pp stage's figures for `world_size` ranks (validates the config for it first)."""
     from plait.train.config import micro_batch_size, validate
+    from plait.train.parametrization import build_parametrization
 
     validate(cfg, world_size)
     parallel = cfg.parallel
@@ -256,7 +261,8 @@ def plan(cfg: Any, world_size: int) -> Plan:
     bubble, inflight = _schedule_figures(parallel, layout.pp)
     if layout.pp == 1:
         inflight = [1]  # forward_backward frees each micro-batch's activations before the next
-    stages = [_stage_plan(cfg, layout, r, micro_batch, inflight[r]) for r in range(layout.pp)]
+    group_of = build_parametrization(cfg.model, cfg.optim).group_of if cfg.optim.name == "muon" else None
+    stages = [_stage_plan(cfg, layout, r, micro_batch, inflight[r], group_of) for r in range(layout.pp)]
     total = sum(s.full_params for s in stages)
     return Plan(layout, micro_batch, parallel.microbatches, parallel.vpp, _schedule_name(parallel), bubble,
                 stages, total)
