@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from dist_utils import run_ranks
-from train_utils import train_steps
+from train_utils import make_trainer, train_steps
 from plait.optim.muon import Muon, newton_schulz
 from plait.parallel.grid import Grid
 from plait.parallel.matrices import ShardedMatrices
@@ -178,11 +178,7 @@ LAYOUTS = {
 
 def _orthogonalizations(rank, world, base, overrides, run_dir, cache):
     """How many matrices this rank orthogonalized in one step."""
-    from plait.launch.env import ProcessEnv
-    from plait.train import Trainer
-
-    trainer = Trainer(load_config(list(base) + overrides + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"]),
-                      env=ProcessEnv(rank, 0, world, "torchrun"))
+    trainer = make_trainer(rank, world, base, overrides, run_dir, cache)
     muon = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     calls, orthogonal = [], muon._orthogonal
     muon._orthogonal = lambda matrix: calls.append(matrix.shape) or orthogonal(matrix)
@@ -221,18 +217,13 @@ def test_muon_under_tp_dp_zero_and_pipelines_trains_as_one_process(layout, refer
 
 def _save_then_resume(rank, world, base, first, then, run_dir, cache):
     """Train 2 steps under `first` (saving), then resume under `then` to step 4; the resumed losses."""
-    from plait.launch.env import ProcessEnv
-    from plait.train import Trainer
-
-    env = ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single")
-    paths = [f"train.run_dir={run_dir}", f"data.cache_dir={cache}", "train.steps=4"]
     if first is not None:
-        trainer = Trainer(load_config(list(base) + first + paths), env=env)
+        trainer = make_trainer(rank, world, base, first + ["train.steps=4"], run_dir, cache)
         [trainer.step() for _ in range(2)]
         trainer.save_checkpoint()
         trainer.close()
         return None
-    trainer = Trainer(load_config(list(base) + then + paths + ["train.resume=auto"]), env=env)
+    trainer = make_trainer(rank, world, base, then + ["train.steps=4", "train.resume=auto"], run_dir, cache)
     losses = [trainer.step()["loss"] for _ in range(2)]
     trainer.close()
     return losses

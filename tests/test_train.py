@@ -95,11 +95,9 @@ def test_cli_trains_on_user_text_and_writes_run_dir(tmp_path):
 
 def _params_norms(rank, world, base, overrides, run_dir, cache):
     """Each step's logged params_norm on this rank."""
-    from plait.launch.env import ProcessEnv
-    from plait.train import Trainer, load_config
+    from train_utils import make_trainer
 
-    cfg = load_config(list(base) + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
-    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
+    trainer = make_trainer(rank, world, base, overrides, run_dir, cache)
     norms = [trainer.step()["params_norm"] for _ in range(3)]
     whole = None
     if world == 1:  # the norm of every weight in one process, by hand

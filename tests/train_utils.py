@@ -4,15 +4,21 @@
 from typing import List, Optional, Sequence, Tuple
 
 
-def train_steps(rank: int, world: int, base: Sequence[str], overrides: Sequence[str], run_dir, cache, steps: int,
-                eval_batches: int = 2) -> Tuple[List[float], List[float], Optional[float]]:
-    """(the losses and grad norms of `steps` steps, the validation loss over `eval_batches` batches after them (None
-    for 0)) of a Trainer built from `base` + `overrides` on rank `rank` of `world`."""
+def make_trainer(rank: int, world: int, base: Sequence[str], overrides: Sequence[str], run_dir, cache):
+    """A Trainer built from `base` + `overrides` (writing under `run_dir`, tokens from `cache`) on rank `rank` of
+    `world` (one process at world 1)."""
     from plait.launch.env import ProcessEnv
     from plait.train import Trainer, load_config
 
     cfg = load_config(list(base) + list(overrides) + [f"train.run_dir={run_dir}", f"data.cache_dir={cache}"])
-    trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
+    return Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
+
+
+def train_steps(rank: int, world: int, base: Sequence[str], overrides: Sequence[str], run_dir, cache, steps: int,
+                eval_batches: int = 2) -> Tuple[List[float], List[float], Optional[float]]:
+    """(the losses and grad norms of `steps` steps, the validation loss over `eval_batches` batches after them (None
+    for 0)) of `make_trainer`'s Trainer."""
+    trainer = make_trainer(rank, world, base, overrides, run_dir, cache)
     records = [trainer.step() for _ in range(steps)]
     validation = trainer.evaluate(eval_batches) if eval_batches else None
     trainer.close()
