@@ -64,22 +64,26 @@ _FUSED = {
 }
 
 
+# model_type -> (the plait model setting that makes a model of it, its architecture, what the setting adds)
+_QWEN = {"qwen3": ("qk_norm", "Qwen3ForCausalLM", "QK-norm"),
+         "qwen2": ("qkv_bias", "Qwen2ForCausalLM", "q, k and v biases")}
+
+
 def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     """`config.json` of a `LlamaForCausalLM` with plait's model shape (older and newer rope keys both); with a
     sliding window, of a `MistralForCausalLM` (the same weights and names, plus `sliding_window`); with QK-norm,
     of a `Qwen3ForCausalLM` (plus q_norm and k_norm); with q, k and v biases, of a `Qwen2ForCausalLM`."""
     head_dim = model["dim"] // model["n_heads"]
     window = model.get("sliding_window")
-    features = [key for key in ("qk_norm", "qkv_bias", "sliding_window") if model.get(key)]
+    features = [key for key in [*(key for key, _, _ in _QWEN.values()), "sliding_window"] if model.get(key)]
     if len(features) > 1:
         raise CheckpointError(f"a model with {' and '.join('model.' + key for key in features)} has no Hugging Face "
                               f"architecture plait writes (Qwen3: qk_norm, Qwen2: qkv_bias, Mistral: sliding_window); "
                               f"export a model with one of them.")
-    qwen = {"use_sliding_window": False, "sliding_window": None, "max_window_layers": model["n_layers"]}
-    if model.get("qk_norm"):
-        architecture = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **qwen}
-    elif model.get("qkv_bias"):
-        architecture = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **qwen}
+    family = next((kind for kind, (key, _, _) in _QWEN.items() if model.get(key)), None)
+    if family is not None:
+        architecture = {"architectures": [_QWEN[family][1]], "model_type": family, "use_sliding_window": False,
+                        "sliding_window": None, "max_window_layers": model["n_layers"]}
     elif window is not None:
         architecture = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
     else:
@@ -290,14 +294,14 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
         raise CheckpointError(f"{where}: {what}; plait's decoder cannot load it.")
 
     kind = config.get("model_type", "llama")
-    if kind not in ("llama", "mistral", "qwen2", "qwen3"):
+    if kind not in ("llama", "mistral", *_QWEN):
         refuse(f"model_type={kind} is not llama, mistral, qwen2 or qwen3")
-    for family, key, what in (("qwen3", "qk_norm", "QK-norm"), ("qwen2", "qkv_bias", "q, k and v biases")):
+    for family, (key, _, what) in _QWEN.items():
         if (kind == family) != bool(getattr(cfg, key)):
             raise CheckpointError(f"{where} is model_type={kind}, {'with' if kind == family else 'without'} {what}, "
                                   f"but model.{key}={bool(getattr(cfg, key))}; set model.{key}={kind == family} to "
                                   f"load it.")
-    if kind in ("qwen2", "qwen3") and config.get("use_sliding_window"):
+    if kind in _QWEN and config.get("use_sliding_window"):
         refuse(f"use_sliding_window=true ({kind}'s per-layer windows)")
     theirs = config.get("sliding_window") if kind == "mistral" else None
     if theirs != cfg.sliding_window:
@@ -333,8 +337,9 @@ def model_config_from_hf(config: Dict[str, Any]):
                   n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
                   ffn_dim=config["intermediate_size"], max_seq_len=config.get("max_position_embeddings", 2048),
                   rope_theta=rope["theta"], norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                  tie_embeddings=bool(config.get("tie_word_embeddings", False)), qk_norm=kind == "qwen3",
-                  qkv_bias=kind == "qwen2", sliding_window=config.get("sliding_window") if kind == "mistral" else None)
+                  tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+                  sliding_window=config.get("sliding_window") if kind == "mistral" else None,
+                  **{key: kind == family for family, (key, _, _) in _QWEN.items()})
     if rope["type"] == "llama3":
         values.update(rope_scaling="llama3", **{key: rope[key] for key in _LLAMA3_KEYS if key in rope})
     return ModelConfig(**values)
@@ -372,8 +377,8 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
                               f"set the model config to match.")
     check_hf_config(config, cfg, Path(directory) / HF_CONFIG)
     scales = {"embedding": model.scales.embedding, "logits": model.scales.logits, "attention": model.scales.attention}
-    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len, "qk_norm": bool(cfg.qk_norm),
-                    "qkv_bias": bool(cfg.qkv_bias)}, hf, scales)
+    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len,
+                    **{key: bool(getattr(cfg, key)) for key, _, _ in _QWEN.values()}}, hf, scales)
     specs = param_specs(model)
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
     mirrors = model.tied_copies()  # a last stage's tied head reads the embedding
