@@ -7,6 +7,7 @@ walks the model once and, for each matching module:
 | --- | --- |
 | `Colwise()` | a `Linear` becomes a `ColumnParallelLinear` (each fused segment split on its own) |
 | `Rowwise()` | a `Linear` becomes a `RowParallelLinear` |
+| `ExpertRegion()` | a mixture of experts enters and leaves the tp region once; its experts are `Colwise(local=True)` and `Rowwise(local=True)` (no communication of their own) |
 | `VocabEmbedding()` | an `Embedding` becomes a `VocabParallelEmbedding`, rows padded to 64 x tp |
 | `VocabHead()` | the output `Linear` becomes column-parallel over the vocabulary, padded the same way |
 | `SequenceNorm()` | a norm stays whole; under sequence parallelism its gain's grad is partial over tp |
@@ -31,8 +32,9 @@ from torch import nn
 from plait.parallel.context import ContextAttend, ZigzagRows
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
-from plait.parallel.tensor import (ColumnParallelLinear, CopyToRegion, GatherFromSequence, RowParallelLinear,
-                                   VocabParallelEmbedding, mapping, vocab_parallel_cross_entropy)
+from plait.parallel.tensor import (ColumnParallelLinear, CopyToRegion, GatherFromSequence, ReduceFromRegion,
+                                   ReduceScatterToSequence, RowParallelLinear, VocabParallelEmbedding, mapping,
+                                   vocab_parallel_cross_entropy)
 
 VOCAB_MULTIPLE = 64
 
@@ -76,18 +78,45 @@ def _device_dtype(module: nn.Module) -> dict:
 
 
 class Colwise(Style):
+    """`local`: no input mapping of its own (an expert, whose block gathers the input once)."""
+
+    def __init__(self, local: bool = False):
+        self.local = local
+
     def apply(self, module, grid, sequence_parallel):
         new = ColumnParallelLinear(module.in_features, module.out_features, grid, bias=module.bias is not None,
                                    sequence_parallel=sequence_parallel, segments=module.segments,
-                                   valid_rows=module.valid_rows, **_device_dtype(module))
+                                   valid_rows=module.valid_rows, local=self.local, **_device_dtype(module))
         return _keep_shard(new, module, grid)
 
 
 class Rowwise(Style):
+    """`local`: partial sums left unreduced (an expert, whose block reduces its weighted sum once)."""
+
+    def __init__(self, local: bool = False):
+        self.local = local
+
     def apply(self, module, grid, sequence_parallel):
         new = RowParallelLinear(module.in_features, module.out_features, grid, bias=module.bias is not None,
-                                sequence_parallel=sequence_parallel, **_device_dtype(module))
+                                sequence_parallel=sequence_parallel, local=self.local, **_device_dtype(module))
         return _keep_shard(new, module, grid)
+
+
+class ExpertRegion(Style):
+    """A mixture of experts under tp (nothing for a dense MLP): the block's input enters the tp region once
+    (copy, or a sequence all-gather under SP), its experts run column- and row-parallel without communication,
+    and the weighted sum of their partial outputs leaves once (all-reduce, or reduce-scatter under SP). The
+    router sees every token on every tp rank, but its output weighs partial sums: its grad is partial over tp,
+    and each rank adds 1/tp of the load-balancing gradient."""
+
+    def apply(self, module, grid, sequence_parallel):
+        if not hasattr(module, "experts"):
+            return None
+        module.enter = mapping(GatherFromSequence if sequence_parallel else CopyToRegion, grid.tp_group)
+        module.exit = mapping(ReduceScatterToSequence if sequence_parallel else ReduceFromRegion, grid.tp_group)
+        module.aux_share = 1.0 / grid.tp
+        module.router.spec = ShardSpec(tuple(module.router.weight.shape), None, tp_partial_grad=grid.tp > 1)
+        return None
 
 
 class VocabEmbedding(Style):

@@ -185,13 +185,14 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows over tp: each rank computes its slice of y.
 
     The input enters through copy-to-region (or, under sequence parallelism, an
-    all-gather of the sequence shards). `segments` splits fused weights (Q|K|V,
+    all-gather of the sequence shards); with `local` it is already in the region (a mixture of
+    experts gathers its block's input once for all its experts). `segments` splits fused weights (Q|K|V,
     gate|up) segment by segment so a rank's shard holds its part of each.
     """
 
     def __init__(self, in_features: int, out_features: int, grid: Grid, *, bias: bool = False,
                  gather_output: bool = False, sequence_parallel: bool = False,
-                 segments: Optional[Sequence[int]] = None, valid_rows: Optional[int] = None,
+                 segments: Optional[Sequence[int]] = None, valid_rows: Optional[int] = None, local: bool = False,
                  device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         tp, group = grid.tp, grid.tp_group
@@ -207,7 +208,8 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features // tp, device=device, dtype=dtype)) if bias else None
         self.bias_spec = ShardSpec((out_features,), 0, self.spec.segments) if bias else None
         self.local_segments = tuple(size // tp for size in segments)
-        self.input_map = mapping(GatherFromSequence if sequence_parallel else CopyToRegion, group)
+        self.input_map = _identity if local else mapping(GatherFromSequence if sequence_parallel else CopyToRegion,
+                                                         group)
         self.output_map = mapping(GatherFromRegion, group) if gather_output else _identity
 
     def forward(self, x: torch.Tensor, segmented: bool = False):
@@ -234,11 +236,13 @@ class RowParallelLinear(nn.Module):
 
     The input is already split on its last dim (the output of a column-parallel layer).
     Under sequence parallelism the partial sums are reduce-scattered over the sequence
-    instead. The bias is added after the reduction.
+    instead; with `local` they are returned unreduced (a mixture of experts reduces its
+    weighted sum once). The bias is added after the reduction.
     """
 
     def __init__(self, in_features: int, out_features: int, grid: Grid, *, bias: bool = False,
-                 sequence_parallel: bool = False, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+                 sequence_parallel: bool = False, local: bool = False, device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None):
         super().__init__()
         tp, group = grid.tp, grid.tp_group
         if in_features % tp:
@@ -247,7 +251,10 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.spec.local_shape(tp), device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         self.bias_spec = ShardSpec((out_features,), None, tp_partial_grad=sequence_parallel) if bias else None
-        self.output_map = mapping(ReduceScatterToSequence if sequence_parallel else ReduceFromRegion, group)
+        if local and bias:
+            raise ValueError("a local RowParallelLinear leaves partial sums: its caller adds a bias after reducing.")
+        self.output_map = _identity if local else mapping(ReduceScatterToSequence if sequence_parallel
+                                                          else ReduceFromRegion, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.output_map(F.linear(x, self.weight))

@@ -37,6 +37,12 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
     (["parallel.dp=4"], 2, "parallel.dp=4 but world size 2"),
     (["model.n_kv_heads=3"], 1, "model.n_kv_heads=3 does not divide model.n_heads=8"),
     (["data.path=/no/such/dir"], 1, "data.path=/no/such/dir does not exist"),
+    (["model.moe_experts=4", "model.moe_top_k=5"], 1,
+     "model.moe_top_k=5 must be >= 1 and <= 4; route each token to 1 to model.moe_experts=4 experts"),
+    (["model.moe_experts=-2"], 1, "model.moe_experts=-2 must be >= 0; 0 keeps a dense MLP"),
+    (["model.moe_experts=4", "model.moe_aux_loss=-1"], 1, "model.moe_aux_loss=-1.0 must be >= 0; 0 turns the balancing loss off"),
+    (["model.moe_experts=4", "optim.mup=true"], 1, "optim.mup=true has no rule yet for model.moe_experts=4"),
+    (["model.moe_experts=4", "model.ffn_dim=100", "parallel.tp=8"], 8, "parallel.tp=8 does not divide the MLP width 100"),
 ])
 def test_relations_give_one_sentence(overrides, world, fragment):
     with pytest.raises(ConfigError) as info:

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from plait.train.plan import block_activation_elements, head_activation_elements, plan, stand_in_grid
+from plait.train.plan import (block_activation_elements, head_activation_elements, moe_extra_bytes, plan,
+                              stand_in_grid)
 from plait.optim.builder import build_optimizer
 from plait.train.parametrization import build_parametrization
 from plait.parallel.layout import Layout
@@ -79,6 +80,14 @@ def test_activations_match_a_real_forward():
     kept = {qk: saved_activation_bytes(one, lambda: one(x)) for qk, one in blocks.items()}
     extra = {qk: 4 * block_activation_elements(one.cfg, b * s, 1, False) for qk, one in blocks.items()}
     assert kept[True] - kept[False] == extra[True] - extra[False] > 0
+    # a mixture of experts keeps each choice's row, expert activations, output, weight and indices: exactly the
+    # plan's bytes more than the dense MLP, at tp 1 and (the stand-in grid's shard shapes) tp 2
+    for experts, top_k, tp in ((4, 1, 1), (8, 2, 1), (4, 2, 2)):
+        moe_cfg = load_config(SMALL + [f"model.moe_experts={experts}", f"model.moe_top_k={top_k}"]).model
+        pair = [parallelize(Transformer(one, layers=[0], has_embedding=False, has_head=False, device="cpu"),
+                            stand_in_grid(Layout(tp, tp, 1, 1), 0), LLAMA_PLAN) for one in (cfg.model, moe_cfg)]
+        dense_kept, moe_kept = (saved_activation_bytes(one, lambda: one(x)) for one in pair)
+        assert moe_kept - dense_kept == moe_extra_bytes(moe_cfg, b * s, tp, 4) > 0
     # with the head and loss in 4 slices: the logits are not kept (the plan counts one slice's, recomputed)
     model.loss_chunks = 4
     sliced = saved_activation_bytes(model, lambda: model.loss(model(ids[:, :-1]), ids[:, 1:]))

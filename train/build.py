@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from plait.parallel.grid import Grid
-from plait.parallel.plans import (Colwise, ContextAttention, HeadNorm, Rowwise, SequenceDropout, SequenceNorm, Style,
+from plait.parallel.plans import (Colwise, ContextAttention, ExpertRegion, HeadNorm, Rowwise, SequenceDropout, SequenceNorm, Style,
                                   VocabEmbedding, VocabHead, VocabParallelOutput, param_specs, parallelize)
 from plait.parallel.pipeline.partition import rank_chunk_plans
 from plait.parallel.random import ParallelRNG
@@ -44,6 +44,9 @@ LLAMA_PLAN: Dict[str, Style] = {
     "layers.*.mlp_norm": SequenceNorm(),
     "layers.*.mlp.w13": Colwise(),
     "layers.*.mlp.w2": Rowwise(),
+    "layers.*.mlp": ExpertRegion(),  # a mixture of experts (nothing for a dense MLP)
+    "layers.*.mlp.experts.*.w13": Colwise(local=True),
+    "layers.*.mlp.experts.*.w2": Rowwise(local=True),
     "layers.*.dropout": SequenceDropout(),
     "norm": SequenceNorm(),
     "head": VocabHead(),
@@ -60,7 +63,7 @@ def default_init_std(name: str, spec: ShardSpec, cfg: ModelConfig) -> float:
     """Standard init: N(0, init_std) for matrices, scaled 1/sqrt(2 n_layers) on residual outputs; biases zero."""
     if name.endswith("bias"):
         return 0.0
-    if name.endswith(("attn.wo.weight", "mlp.w2.weight")):
+    if name.endswith((".wo.weight", ".w2.weight")):  # attention's and each MLP's (or expert's) output
         return cfg.init_std / math.sqrt(2 * cfg.n_layers)
     return cfg.init_std
 

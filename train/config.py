@@ -63,6 +63,9 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # each token attends to itself and the W - 1 before it (Mistral)
     qk_norm: bool = False  # RMS-norm each head's query and key before rotary (OLMo 2, Qwen3)
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    moe_experts: int = 0  # > 0: every MLP is a mixture of this many SwiGLU experts of width ffn_dim (Mixtral)
+    moe_top_k: int = 2  # experts each token is routed to
+    moe_aux_loss: float = 0.01  # weight of the Switch load-balancing loss (1 at an even load); 0 turns it off
 
 
 @dataclass
@@ -209,6 +212,11 @@ def validate_model(model: ModelConfig) -> None:
                  f"model.rope_high_freq_factor={model.rope_high_freq_factor} must exceed model.rope_low_freq_factor="
                  f"{model.rope_low_freq_factor} (Llama 3.1 uses 4 and 1).")
     number(ConfigError, "model.init_std", model.init_std, low=0)
+    number(ConfigError, "model.moe_experts", model.moe_experts, low=0, integer=True, fix="0 keeps a dense MLP")
+    if model.moe_experts:
+        number(ConfigError, "model.moe_top_k", model.moe_top_k, low=1, high=model.moe_experts, integer=True,
+               fix=f"route each token to 1 to model.moe_experts={model.moe_experts} experts")
+        number(ConfigError, "model.moe_aux_loss", model.moe_aux_loss, low=0, fix="0 turns the balancing loss off")
     _require(model.dim % model.n_heads == 0,
              f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}; pick a head count that divides the width.")
     _require(model.n_heads % kv_heads(model) == 0,
@@ -438,6 +446,9 @@ def validate(cfg: Config, world_size: int = 1) -> int:
                   and str(cfg.train.compile).lower() == "true"),
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "
              f"autograd node) cannot do; set train.compile=false or another parallel.schedule.")
+    _require(not (cfg.model.moe_experts and cfg.optim.mup),
+             f"optim.mup=true has no rule yet for model.moe_experts={cfg.model.moe_experts}'s router (a readout of fixed "
+             f"width into the experts); set optim.mup=false or model.moe_experts=0.")
     _require(cfg.offload.backend == "none" or str(cfg.train.compile).lower() != "true",
              f"offload.backend={cfg.offload.backend} uses saved-tensor hooks, which train.compile=true does not "
              f"support; set train.compile=false or offload.backend=none.")

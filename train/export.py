@@ -54,14 +54,29 @@ _SIMPLE = {
     "attn_norm.weight": "input_layernorm.weight",
     "attn.wo.weight": "self_attn.o_proj.weight",
     "mlp_norm.weight": "post_attention_layernorm.weight",
-    "mlp.w2.weight": "mlp.down_proj.weight",
 }
+_DENSE_MLP = {"mlp.w2.weight": "mlp.down_proj.weight"}
 _QK_NORMS = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
 _FUSED = {
     "attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
     "attn.wqkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),  # qkv_bias: Qwen2
-    "mlp.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
 }
+_DENSE_FUSED = {"mlp.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
+MIXTRAL_MOE = "block_sparse_moe"  # Mixtral's name for its MoE block in the Hub's checkpoints
+
+
+def _layer_tables(model: Dict[str, Any]):
+    """(one-to-one names, fused names -> their segments' names) of a layer: the dense MLP's, or a mixture of
+    experts' as Mixtral's checkpoints name them (router -> gate, each expert's gate|up -> w1, w3, down -> w2)."""
+    experts = int(model.get("moe_experts") or 0)
+    if not experts:
+        return {**_SIMPLE, **_DENSE_MLP}, {**_FUSED, **_DENSE_FUSED}
+    simple, fused = {**_SIMPLE, "mlp.router.weight": f"{MIXTRAL_MOE}.gate.weight"}, dict(_FUSED)
+    for e in range(experts):
+        ours, theirs = f"mlp.experts.{e}.", f"{MIXTRAL_MOE}.experts.{e}."
+        simple[ours + "w2.weight"] = theirs + "w2.weight"
+        fused[ours + "w13.weight"] = (theirs + "w1.weight", theirs + "w3.weight")
+    return simple, fused
 
 
 # model_type -> (the plait model setting that makes a model of it, its architecture, what the setting adds)
@@ -72,16 +87,23 @@ _QWEN = {"qwen3": ("qk_norm", "Qwen3ForCausalLM", "QK-norm"),
 def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     """`config.json` of a `LlamaForCausalLM` with plait's model shape (older and newer rope keys both); with a
     sliding window, of a `MistralForCausalLM` (the same weights and names, plus `sliding_window`); with QK-norm,
-    of a `Qwen3ForCausalLM` (plus q_norm and k_norm); with q, k and v biases, of a `Qwen2ForCausalLM`."""
+    of a `Qwen3ForCausalLM` (plus q_norm and k_norm); with q, k and v biases, of a `Qwen2ForCausalLM`; with experts,
+    of a `MixtralForCausalLM` (its window too, if any)."""
     head_dim = model["dim"] // model["n_heads"]
     window = model.get("sliding_window")
-    features = [key for key in [*(key for key, _, _ in _QWEN.values()), "sliding_window"] if model.get(key)]
-    if len(features) > 1:
+    features = [key for key in [*(key for key, _, _ in _QWEN.values()), "moe_experts", "sliding_window"]
+                if model.get(key)]
+    if len(features) > 1 and set(features) != {"moe_experts", "sliding_window"}:
         raise CheckpointError(f"a model with {' and '.join('model.' + key for key in features)} has no Hugging Face "
-                              f"architecture plait writes (Qwen3: qk_norm, Qwen2: qkv_bias, Mistral: sliding_window); "
-                              f"export a model with one of them.")
+                              f"architecture plait writes (Qwen3: qk_norm, Qwen2: qkv_bias, Mistral: sliding_window, "
+                              f"Mixtral: moe_experts with or without sliding_window); export a model with one of them.")
     family = next((kind for kind, (key, _, _) in _QWEN.items() if model.get(key)), None)
-    if family is not None:
+    if model.get("moe_experts"):
+        architecture = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": window,
+                        "num_local_experts": model["moe_experts"], "num_experts_per_tok": model["moe_top_k"],
+                        "router_aux_loss_coef": model["moe_aux_loss"], "router_jitter_noise": 0.0,
+                        "output_router_logits": False}
+    elif family is not None:
         architecture = {"architectures": [_QWEN[family][1]], "model_type": family, "use_sliding_window": False,
                         "sliding_window": None, "max_window_layers": model["n_layers"]}
     elif window is not None:
@@ -140,6 +162,7 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
           scales: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
     """plait's full tensors (vocabulary padding cut) as HF Llama's state dict."""
     fold = _fold_factors(model, scales)
+    simple, fused = _layer_tables(model)
     out = {}
     for name, tensor in full.items():
         tensor = tensor.float() if tensor.dtype != torch.float32 else tensor
@@ -152,16 +175,16 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
         elif name.startswith("layers."):
             _, index, rest = name.split(".", 2)
             prefix = f"model.layers.{index}."
-            if rest in _SIMPLE:
-                out[prefix + _SIMPLE[rest]] = tensor
+            if rest in simple:
+                out[prefix + simple[rest]] = tensor
             elif rest in _QK_NORMS:
                 query = fold["query"] if rest in fold["query_into"] else 1.0
                 out[prefix + _QK_NORMS[rest]] = tensor * query if query != 1.0 else tensor
-            elif rest in _FUSED:
+            elif rest in fused:
                 parts = list(tensor.split(_segments(model, rest), dim=0))
                 if rest in fold["query_into"] and fold["query"] != 1.0:  # the first segment is the query's
                     parts[0] = parts[0] * fold["query"]
-                out.update({prefix + hf_name: part for part, hf_name in zip(parts, _FUSED[rest])})
+                out.update({prefix + hf_name: part for part, hf_name in zip(parts, fused[rest])})
             else:
                 raise CheckpointError(f"parameter {name} has no Hugging Face Llama counterpart.")
         else:
@@ -178,14 +201,15 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
             "norm.weight": hf["model.norm.weight"] / fold["norm"] if fold["norm"] != 1.0 else hf["model.norm.weight"]}
     if not model["tie_embeddings"]:
         full["head.weight"] = hf["lm_head.weight"]
+    simple, fused = _layer_tables(model)
     for index in range(model["n_layers"]):
         prefix = f"model.layers.{index}."
-        for rest, hf_name in _SIMPLE.items():
+        for rest, hf_name in simple.items():
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name]
         for rest, hf_name in (_QK_NORMS.items() if model.get("qk_norm") else ()):
             query = fold["query"] if rest in fold["query_into"] else 1.0
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / query if query != 1.0 else hf[prefix + hf_name]
-        for rest, hf_names in _FUSED.items():
+        for rest, hf_names in fused.items():
             if rest == "attn.wqkv.bias" and not model.get("qkv_bias"):
                 continue
             parts = [hf[prefix + hf_name] for hf_name in hf_names]
@@ -287,6 +311,21 @@ def _check_rope_scaling(rope: Dict[str, Any], cfg, where: Path) -> None:
                               f"{ours or 'null'}; set {settings} to load it.")
 
 
+_WINDOWED = ("mistral", "mixtral")  # the model types whose config.json's sliding_window plait reads
+
+
+def _check_experts(config: Dict[str, Any], kind: str, cfg, where: Path) -> None:
+    """A Mixtral directory loads into a model with its experts and top-k; any other into a dense model."""
+    theirs = (int(config.get("num_local_experts", 8)), int(config.get("num_experts_per_tok", 2))) \
+        if kind == "mixtral" else (0, None)
+    ours = (int(cfg.moe_experts), int(cfg.moe_top_k) if cfg.moe_experts else None)
+    if theirs != ours:
+        settings = f"model.moe_experts={theirs[0]}" + (f" model.moe_top_k={theirs[1]}" if theirs[0] else "")
+        raise CheckpointError(f"{where} is model_type={kind} with {theirs[0]} experts"
+                              f"{f' (top {theirs[1]})' if theirs[0] else ''} but model.moe_experts={ours[0]}"
+                              f"{f' (model.moe_top_k={ours[1]})' if ours[0] else ''}; set {settings} to load it.")
+
+
 def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
     """Refuse, in one line naming the key, what plait's decoder does not compute, and any setting of the
     directory that the model config does not share (rope_theta, rms_norm_eps), so no load is silently wrong."""
@@ -294,8 +333,9 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
         raise CheckpointError(f"{where}: {what}; plait's decoder cannot load it.")
 
     kind = config.get("model_type", "llama")
-    if kind not in ("llama", "mistral", *_QWEN):
-        refuse(f"model_type={kind} is not llama, mistral, qwen2 or qwen3")
+    if kind not in ("llama", "mistral", "mixtral", *_QWEN):
+        refuse(f"model_type={kind} is not llama, mistral, mixtral, qwen2 or qwen3")
+    _check_experts(config, kind, cfg, where)
     for family, (key, _, what) in _QWEN.items():
         if (kind == family) != bool(getattr(cfg, key)):
             raise CheckpointError(f"{where} is model_type={kind}, {'with' if kind == family else 'without'} {what}, "
@@ -303,7 +343,7 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
                                   f"load it.")
     if kind in _QWEN and config.get("use_sliding_window"):
         refuse(f"use_sliding_window=true ({kind}'s per-layer windows)")
-    theirs = config.get("sliding_window") if kind == "mistral" else None
+    theirs = config.get("sliding_window") if kind in _WINDOWED else None
     if theirs != cfg.sliding_window:
         raise CheckpointError(f"{where} has sliding_window={theirs} but model.sliding_window={cfg.sliding_window}; "
                               f"set model.sliding_window={'null' if theirs is None else theirs} to load it.")
@@ -338,8 +378,12 @@ def model_config_from_hf(config: Dict[str, Any]):
                   ffn_dim=config["intermediate_size"], max_seq_len=config.get("max_position_embeddings", 2048),
                   rope_theta=rope["theta"], norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                   tie_embeddings=bool(config.get("tie_word_embeddings", False)),
-                  sliding_window=config.get("sliding_window") if kind == "mistral" else None,
+                  sliding_window=config.get("sliding_window") if kind in _WINDOWED else None,
                   **{key: kind == family for family, (key, _, _) in _QWEN.items()})
+    if kind == "mixtral":
+        values.update(moe_experts=int(config.get("num_local_experts", 8)),
+                      moe_top_k=int(config.get("num_experts_per_tok", 2)),
+                      moe_aux_loss=float(config.get("router_aux_loss_coef", 0.01)))
     if rope["type"] == "llama3":
         values.update(rope_scaling="llama3", **{key: rope[key] for key in _LLAMA3_KEYS if key in rope})
     return ModelConfig(**values)
@@ -377,7 +421,7 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
                               f"set the model config to match.")
     check_hf_config(config, cfg, Path(directory) / HF_CONFIG)
     scales = {"embedding": model.scales.embedding, "logits": model.scales.logits, "attention": model.scales.attention}
-    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len,
+    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len, "moe_experts": cfg.moe_experts,
                     **{key: bool(getattr(cfg, key)) for key, _, _ in _QWEN.values()}}, hf, scales)
     specs = param_specs(model)
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)

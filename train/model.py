@@ -1,6 +1,6 @@
 """A LLaMA-style decoder, plain: no process group, no parallel degree, no layout in it.
 
-RMSNorm, rotary positions, SwiGLU MLP, causal attention through
+RMSNorm, rotary positions, SwiGLU MLP (or a mixture of SwiGLU experts, train/moe.py), causal attention through
 `scaled_dot_product_attention`, optional grouped-query attention, tied or untied
 embeddings. One `Transformer` may be a whole model or one pipeline chunk: it may hold the
 embedding, a range of global layer indices, and the final norm and head. Parameter names
@@ -30,6 +30,7 @@ from plait.train.attention_mask import AttentionMask
 from plait.train.rope import rotary_tables
 from plait.train.chunked_loss import chunked_head_loss
 from plait.train.config import ModelConfig, ffn_dim, kv_heads
+from plait.train.moe import MoE
 
 log = logging.getLogger("plait")
 
@@ -213,7 +214,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: fused gate|up projection, then down."""
+    """SwiGLU: fused gate|up projection, then down (also each expert of a `MoE`)."""
 
     def __init__(self, cfg: ModelConfig, device=None):
         super().__init__()
@@ -224,6 +225,14 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w13(x, segmented=True)
         return self.w2(F.silu(gate) * up)
+
+
+def mlp(cfg: ModelConfig, device=None) -> nn.Module:
+    """The block's MLP: dense SwiGLU, or with `model.moe_experts` a mixture of that many SwiGLU experts."""
+    if not cfg.moe_experts:
+        return MLP(cfg, device)
+    return MoE(cfg, Linear(cfg.dim, cfg.moe_experts, device=device),
+               [MLP(cfg, device) for _ in range(cfg.moe_experts)])
 
 
 class DropoutStream(Protocol):
@@ -260,7 +269,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
         self.attn = Attention(cfg, scales, device)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
-        self.mlp = MLP(cfg, device)
+        self.mlp = mlp(cfg, device)
         self.dropout = ResidualDropout(cfg.dropout, rng)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -130,6 +130,27 @@ def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel
     return int(tokens * (attention + mlp))
 
 
+def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int) -> int:
+    """Bytes a mixture of experts (train/moe.py) saves beyond the dense MLP it replaces, per micro-batch of `tokens`
+    tokens (all of them on every tp rank: the block gathers them once); 0 for a dense model.
+
+    Per (token, choice): its gathered row, the expert's gate|up output, silu(gate) and product (each tp rank's
+    share), the expert's output (whole width: partial sums) and its weight, in `size` bytes; three int64 indices
+    (the top-k ids, the rows' tokens, the way back to token order). Per token, in fp32: the router's probabilities,
+    the top-k values and their sum. With the balancing loss, one fp32 number per expert.
+    """
+    from plait.train.config import ffn_dim
+
+    experts, k = int(model_cfg.moe_experts), int(model_cfg.moe_top_k)
+    if not experts:
+        return 0
+    d, f = model_cfg.dim, ffn_dim(model_cfg) // tp
+    choices = tokens * k
+    moe = choices * ((2 * d + 4 * f + 1) * size + 3 * 8) + tokens * (experts + k + 1) * 4
+    moe += experts * 4 if model_cfg.moe_aux_loss else 0
+    return int(moe - tokens * 4 * f * size)
+
+
 def head_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool, vocab_local: int,
                              loss_chunks: int = 0) -> int:
     """Final norm + head input, and the vocab-sharded logits the cross-entropy keeps (per micro-batch); with
@@ -201,7 +222,8 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     cp = layout.cp
     tokens = micro_batch * train.seq_len // cp  # this cp rank's share of each sequence
     size = _element_size(train.precision)
-    block_saved = block_activation_elements(model_cfg, tokens, tp, sp) * size
+    block_saved = block_activation_elements(model_cfg, tokens, tp, sp) * size + moe_extra_bytes(model_cfg, tokens, tp,
+                                                                                                  size)
     head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local, int(train.loss_chunks)) * size \
         if has_head else 0
     per_chunk_layers = max(1, layers // len(chunks))

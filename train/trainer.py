@@ -56,6 +56,7 @@ from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml
 from plait.train.export import init_from_hf
 from plait.train.build import build_chunks, hidden_shape, named_parameters_of, param_specs_of
 from plait.train.model import TIED_NAMES, Transformer
+from plait.train.moe import moe_layers
 from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.peaks import peak_flops
 from plait.train.step import autocast
@@ -98,6 +99,7 @@ class Trainer:
         self.offload = self._build_offload(self.chunks)  # None unless offload.backend is set
         self.model = self.chunks[0] if self.grid.pp == 1 else torch.nn.ModuleList(self.chunks)
         self.specs = param_specs_of(self.chunks)
+        self.moe_layers = moe_layers(self.chunks)
         self.grads = self._build_grads()  # before the names: under ZeRO-2/3 FSDP2 swaps in sharded parameters
         self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
         group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups; a tied copy's is
@@ -383,6 +385,8 @@ class Trainer:
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
+        for layer in self.moe_layers:  # the load-balancing grad joins backward at the main loss's own scale
+            layer.aux_grad_scale = scale / batch.shape[0]
         with record_function("plait.forward_backward"):
             loss = self._pipeline_for(batch.shape[0]).run(
                 *self._inputs_and_targets(batch), self._pipeline_loss, chunk_kwargs=self._chunk_kwargs(batch),

@@ -1,0 +1,254 @@
+"""A mixture of experts (`model.moe_experts`, `model.moe_top_k`, `model.moe_aux_loss`): Mixtral's top-k routed
+SwiGLU experts, dropless, with the Switch load-balancing loss.
+
+Held to: a token-by-token loop (outputs and every grad); the load-balancing gradient joining backward at the
+main loss's scale (the same grads as adding the loss to the loss, at any micro-batch count and fp16 scale);
+an expert no token chose still getting a (zero) grad; transformers' `MixtralForCausalLM` on the exported
+weights; and every layout against one process (tp's single gather and reduction around the experts, the router's
+grad summed over tp, SP, pipelines, dp with ZeRO).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_utils import run_ranks
+from train_utils import train_steps
+from plait.train.build import build_model
+from plait.train.config import ModelConfig
+from plait.train.moe import MoE, load_balancing_loss
+
+SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=48, max_seq_len=64)
+
+
+def moe_of(top_k: int = 2, experts: int = 4, aux: float = 0.01, seed: int = 3) -> MoE:
+    cfg = ModelConfig(**SMALL, moe_experts=experts, moe_top_k=top_k, moe_aux_loss=aux)
+    return build_model(cfg, seed=seed).layers["0"].mlp
+
+
+def token_by_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Each token on its own: softmax over the experts, the top k renormalized, their outputs weighted and summed."""
+    rows = []
+    for token in x.reshape(-1, x.shape[-1]):
+        probs = F.softmax(token @ moe.router.weight.T, dim=-1)
+        top, chosen = probs.topk(moe.top_k)
+        top = top / top.sum()
+        rows.append(sum(w * moe.experts[int(e)](token[None])[0] for w, e in zip(top, chosen)))
+    return torch.stack(rows).view_as(x)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 3])
+def test_moe_equals_a_loop_over_tokens_in_values_and_grads(top_k):
+    moe = moe_of(top_k, aux=0.0)
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    out = moe(x)
+    assert out.shape == x.shape
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    out.backward(grad)
+    ours = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in moe.named_parameters()}}
+    x.grad = None
+    moe.zero_grad()
+    reference = token_by_token(moe, x)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    reference.backward(grad)
+    theirs = {"x": x.grad, **{n: p.grad for n, p in moe.named_parameters()}}
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_an_expert_no_token_chose_still_gets_a_zero_grad():
+    """Data-parallel buckets fill only when every parameter has a grad: the unchosen expert runs on zero rows."""
+    moe = moe_of(top_k=1)
+    with torch.no_grad():
+        moe.router.weight[3] = -1.0  # on positive inputs, never the top choice
+    x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(2)).abs() + 0.1
+    moe(x).square().sum().backward()
+    _, _, chosen = moe.route(x.reshape(-1, 32))
+    assert 3 not in chosen.tolist()
+    for name, param in moe.experts[3].named_parameters():
+        assert param.grad is not None and torch.count_nonzero(param.grad) == 0, name
+    assert all(torch.count_nonzero(p.grad) > 0 for p in moe.experts[0].parameters())
+
+
+def test_the_load_balancing_loss_is_one_when_even_and_grows_when_skewed():
+    even = torch.full((8, 4), 0.25)
+    assert load_balancing_loss(even, torch.tensor([4, 4, 4, 4]), 2).item() == pytest.approx(1.0)
+    skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 8)
+    assert load_balancing_loss(skewed, torch.tensor([8, 8, 0, 0]), 2).item() == pytest.approx(4 * 0.5 * 0.7
+                                                                                              + 4 * 0.5 * 0.1)
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 0.25, 1024.0])
+def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_scale):
+    """The block's output grad passes through, and the router gets coef x scale x d aux: the same grads as
+    backpropagating (main + coef x aux) x scale (the trainer's scale: 1/micro-batches times fp16's)."""
+    moe = moe_of(aux=0.3)
+    moe.aux_grad_scale = grad_scale
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    moe(x).sum().mul(grad_scale).backward()
+    ours = [x.grad.clone()] + [p.grad.clone() for p in moe.parameters()]
+    x.grad = None
+    moe.zero_grad()
+    moe.aux_loss = 0.0
+    flat = x.reshape(-1, 32)
+    probs, _, chosen = moe.route(flat)
+    aux = load_balancing_loss(probs, torch.bincount(chosen.reshape(-1), minlength=4), 2)
+    ((moe(x).sum() + 0.3 * aux) * grad_scale).backward()
+    theirs = [x.grad] + [p.grad for p in moe.parameters()]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a / grad_scale, b / grad_scale, rtol=1e-5, atol=1e-7)
+    router_without_aux = torch.autograd.grad(moe(x).sum() * grad_scale, moe.router.weight)[0]
+    assert not torch.allclose(router_without_aux, ours[1], rtol=1e-3)  # the aux term did reach the router
+
+
+def test_evaluation_adds_no_aux_gradient():
+    moe = moe_of(aux=0.5).eval()
+    x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(5))
+    moe(x).sum().backward()
+    trained = moe_of(aux=0.0).eval()
+    trained(x).sum().backward()
+    torch.testing.assert_close(moe.router.weight.grad, trained.router.weight.grad, rtol=0, atol=0)
+
+
+def exported(tmp_path, **features):
+    """A small MoE model (router rows spread, so routing is decided by clear margins) exported as Hugging Face."""
+    from plait.parallel.grid import Grid
+    from plait.parallel.plans import param_specs
+    from plait.train.checkpoint import SaveRequest, layout_meta, model_meta, save
+    from plait.train.export import export_checkpoint
+
+    cfg = ModelConfig(**{**SMALL, "moe_experts": 4, "moe_top_k": 2, **features})
+    model = build_model(cfg, seed=5).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("router.weight"):
+                param.mul_(20)
+    grid = Grid.single()
+    request = SaveRequest(3, dict(model.named_parameters()), param_specs(model),
+                          meta={**layout_meta(grid), **model_meta(cfg)})
+    return cfg, model, export_checkpoint(save(tmp_path / "ckpt", grid, request), tmp_path / "hf")
+
+
+@pytest.mark.parametrize("window", [None, 8], ids=["full", "window8"])
+def test_export_is_mixtral_and_matches_transformers(window, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from plait.train.decode import generate
+    from plait.train.export import init_from_hf
+
+    cfg, model, out = exported(tmp_path, sliding_window=window)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True,
+                                                           dtype=torch.float32).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids)[..., :300], hf(ids).logits
+        assert ((ours - theirs).abs().max() / ours.abs().max()) < 1e-5
+        prompt = ids[:, :4]
+        hf_out = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(generate(model, prompt, 20, temperature=0), hf_out)
+    for directory in (out, tmp_path / "resaved"):  # the Hub's per-expert names, and transformers' own save
+        if directory != out:
+            hf.save_pretrained(directory)
+        fresh = build_model(cfg, seed=9)
+        init_from_hf(fresh, directory)
+        for (name, a), b in zip(fresh.named_parameters(), model.parameters()):
+            assert torch.equal(a, b), name
+
+
+STEPS = 4
+BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96",
+        "model.moe_experts=4", "model.moe_top_k=2", "model.moe_aux_loss=0.1",
+        "train.seq_len=32", "train.batch_size=8", "train.progress=false", "train.peak_flops=1e10",
+        "optim.warmup_steps=1", "optim.lr=3e-3", "train.eval_every=0", "checkpoint.save_final=false"]
+# The load-balancing loss is taken per micro-batch on each rank, as Megatron takes it: the one-process
+# reference runs the same micro-batches (2 of 4 sequences). Context parallelism splits each sequence's tokens
+# over ranks, so under cp the loss is over each rank's share: that layout is held to one process without it.
+LAYOUTS = {
+    "tp2-sp-pp2": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "parallel.microbatches=2"],
+    "tp2-dp2-zero1": ["parallel.tp=2", "parallel.zero=1", "parallel.bucket_mb=0.01"],
+    "pp2-interleaved-dp2-zero3": ["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=1", "parallel.zero=3"],
+    "tp2-cp2-no-aux": ["parallel.tp=2", "parallel.cp=2", "model.moe_aux_loss=0"],
+}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, stdlib_tokens):
+    cache = stdlib_tokens[0].parent.parent
+    return train_steps(0, 1, BASE, ["parallel.microbatches=2"], tmp_path_factory.mktemp("one"), cache, STEPS), cache
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_layouts_train_as_one_process(layout, reference, tmp_path):
+    (losses, norms, val), cache = reference
+    overrides = LAYOUTS[layout]
+    if "model.moe_aux_loss=0" in overrides:
+        losses, norms, val = train_steps(0, 1, BASE, ["parallel.microbatches=2", "model.moe_aux_loss=0"],
+                                         tmp_path / "one", cache, STEPS)
+        assert abs(norms[-1] - reference[0][1][-1]) > 1e-4  # the balancing loss changes the grads
+    for rank_losses, rank_norms, rank_val in run_ranks(4, train_steps, BASE, overrides, tmp_path / "many", cache,
+                                                       STEPS):
+        assert rank_losses == pytest.approx(losses, rel=1e-5)
+        assert rank_norms == pytest.approx(norms, rel=1e-5)
+        assert rank_val == pytest.approx(val, rel=1e-5)
+
+
+def test_the_trainer_weighs_each_micro_batch_balancing_loss_as_its_loss(tmp_path, stdlib_tokens):
+    """A step's grads are those of the mean over its micro-batches of (cross-entropy + coef x balancing loss)."""
+    from train_utils import make_trainer
+
+    cache = stdlib_tokens[0].parent.parent
+    trainer = make_trainer(0, 1, BASE, ["parallel.microbatches=2", "optim.grad_clip=0", "model.moe_aux_loss=0.5"],
+                           tmp_path, cache)
+    model = trainer.chunks[0]
+    theirs = {}
+    trainer.optimizer.step = lambda: theirs.update({name: param.grad.clone()  # the grads the update would take
+                                                    for name, param in model.named_parameters()})
+    trainer.step()
+    model.zero_grad()
+    batch = trainer.loader.batch(0)
+    for layer in trainer.moe_layers:
+        layer.aux_loss = 0.0  # the balancing loss is added by hand below
+    for micro in batch:
+        aux = []
+        hooks = [layer.router.register_forward_hook(
+            lambda module, args, out: aux.append(load_balancing_loss(
+                out.float().softmax(-1), torch.bincount(out.float().softmax(-1).topk(2).indices.reshape(-1),
+                                                        minlength=4), 2))) for layer in trainer.moe_layers]
+        loss = model.loss(model(micro[:, :-1]), micro[:, 1:]) + 0.5 * sum(aux)
+        (loss / len(batch)).backward()
+        for hook in hooks:
+            hook.remove()
+    trainer.close()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(theirs[name], param.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mixtral_directory_and_a_dense_model_refuse_each_other(tmp_path):
+    from plait.train.export import CheckpointError, init_from_hf
+
+    _, _, out = exported(tmp_path)
+    with pytest.raises(CheckpointError, match=r"is model_type=mixtral with 4 experts \(top 2\) but model.moe_experts=0; "
+                                              r"set model.moe_experts=4 model.moe_top_k=2 to load it\.$"):
+        init_from_hf(build_model(ModelConfig(**SMALL)), out)
+    with pytest.raises(CheckpointError, match=r"with 4 experts \(top 2\) but model.moe_experts=4 \(model.moe_top_k=1\)"):
+        init_from_hf(build_model(ModelConfig(**SMALL, moe_experts=4, moe_top_k=1)), out)
+
+
+@pytest.mark.parametrize("backend", ["file", "recompute"])
+def test_offloaded_or_recomputed_experts_train_as_kept_ones(backend, tmp_path, stdlib_tokens):
+    """Every saved tensor of the experts (int64 indices, an unchosen expert's empty rows) goes to the file and
+    back, or is recomputed with the same routing: the same losses and grads as keeping them."""
+    cache = stdlib_tokens[0].parent.parent
+    small = ["model.n_layers=2", "train.batch_size=4"]
+    from train_utils import make_trainer
+
+    kept = train_steps(0, 1, BASE, small, tmp_path / "kept", cache, 2, 0)
+    trainer = make_trainer(0, 1, BASE, small + [f"offload={backend}", "offload.keep_last=0", "offload.min_bytes=0",
+                                                "offload.device_filter=all", f"offload.path={tmp_path}"],
+                           tmp_path / backend, cache)
+    records = [trainer.step() for _ in range(2)]
+    trainer.close()
+    assert [r["loss"] for r in records] == kept[0] and [r["grad_norm"] for r in records] == kept[1]
+    if backend == "file":
+        assert min(r["offload_written_bytes"] for r in records) > 0
