@@ -17,6 +17,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1  # context parallelism: each sequence split over cp ranks (long contexts)
     cp_mode: str = "ring"  # ring | ulysses: how attention crosses the cp ranks
+    ep: int = 1  # expert parallelism: each mixture of experts' experts split over ep of the dp ranks (ep divides dp)
     vpp: int = 1
     dp: Optional[int] = None
     microbatches: int = 1

@@ -26,6 +26,7 @@ from torch import nn
 from plait.common import collectives
 from plait.parallel.config import ParallelConfig
 from plait.parallel.grid import Grid
+from plait.parallel.plans import param_specs
 
 
 
@@ -63,15 +64,18 @@ class ChunkGrads:
     """One model chunk's flat gradient buffer, its buckets and its reduction hooks."""
 
     def __init__(self, named_params: Sequence[Tuple[str, nn.Parameter]], grid: Grid, cfg: ParallelConfig,
-                 shard: bool = False, alone: Sequence[str] = ()):
+                 shard: bool = False, alone: Sequence[str] = (), experts: bool = False):
+        """`experts`: these are experts' own weights under expert parallelism, averaged over the ranks holding
+        them (`grid.expert_grad_group`) but divided, as every grad is, by the whole dp x cp."""
         self.grid, self.shard = grid, shard
-        self.group = grid.grad_group  # dp, times cp under context parallelism
-        self.dp, self.dp_rank = grid.grad_size, grid.grad_rank
+        self.group = grid.expert_grad_group if experts else grid.grad_group  # dp, times cp under cp
+        self.dp, self.dp_rank = (grid.expert_grad_size, 0) if experts else (grid.grad_size, grid.grad_rank)
+        self.mean_over = grid.grad_size  # every replica's loss counts once in the mean
         self.params = [(name, p) for name, p in named_params if p.requires_grad]
         self.comm_dtype = torch.float32 if cfg.reduce_in_fp32 else torch.bfloat16
         self.average_in_collective = cfg.average_in_collective
         self.overlap = cfg.overlap_grad_reduce
-        self.use_avg_op = cfg.average_in_collective and grid.backend == "nccl"
+        self.use_avg_op = cfg.average_in_collective and grid.backend == "nccl" and self.mean_over == self.dp
         self.offsets: Dict[str, int] = {}
         self.buckets = self._layout(cfg.bucket_mb, set(alone))
         first = self.params[0][1]
@@ -143,7 +147,7 @@ class ChunkGrads:
         view = self.buffer[bucket.start:bucket.end]
         bucket.comm = view if view.dtype == self.comm_dtype else view.to(self.comm_dtype)
         if self.average_in_collective and not self.use_avg_op:
-            bucket.comm.div_(self.dp)  # gloo has no AVG: pre-divide so the sum is the mean
+            bucket.comm.div_(self.mean_over)  # gloo has no AVG (nor has a mean over more ranks than the group)
         op = dist.ReduceOp.AVG if self.use_avg_op else dist.ReduceOp.SUM
         if self.shard:
             bucket.out = torch.empty(bucket.size // self.dp, dtype=bucket.comm.dtype, device=view.device)
@@ -155,11 +159,13 @@ class ChunkGrads:
         """Launch the buckets not yet launched, wait for all, and write averaged grads back."""
         self.times.backward_end = time.perf_counter()
         if self.group is None:
+            if self.mean_over != 1:  # an expert that one rank alone holds: its grad is all there, to average
+                self.buffer.div_(self.mean_over)
             self.last_microbatch = False
             return
         for bucket in self.buckets:
             self._launch(bucket)
-        divide = 1 if self.average_in_collective else self.dp
+        divide = 1 if self.average_in_collective else self.mean_over
         for bucket in self.buckets:
             bucket.work.wait()
             if self.shard:
@@ -211,21 +217,31 @@ class DataParallelGrads:
                  alone: Sequence[str] = ()):
         """`alone`: parameters that get a bucket of their own (tied embeddings, `plait.parallel.tied`)."""
         self.grid, self.shard, self.modules = grid, shard, list(chunks)
-        self.chunks = [ChunkGrads(list(chunk.named_parameters()), grid, cfg, shard, alone) for chunk in chunks]
+        self.chunks = []
+        self.experts: List[Optional[ChunkGrads]] = []  # per chunk, its experts' own grads under expert parallelism
+        for chunk in chunks:
+            specs = param_specs(chunk)
+            named = list(chunk.named_parameters())
+            self.chunks.append(ChunkGrads([(n, p) for n, p in named if not specs[n].expert], grid, cfg, shard, alone))
+            experts = [(n, p) for n, p in named if specs[n].expert]
+            self.experts.append(ChunkGrads(experts, grid, cfg, shard, experts=True) if experts else None)
+        self.all = self.chunks + [grads for grads in self.experts if grads is not None]
 
     def start_overlap(self, chunk_index: int = 0) -> None:
         """Before chunk `chunk_index`'s last micro-batch backward: its buckets reduce as they fill."""
         self.chunks[chunk_index].start_overlap()
+        if self.experts[chunk_index] is not None:
+            self.experts[chunk_index].start_overlap()
 
     def after_weights(self, chunk_index: int) -> None:
         """After a split backward's W: nothing to do, each bucket's hooks fired as W accumulated into it."""
 
     def finish(self) -> None:
-        for chunk in self.chunks:
+        for chunk in self.all:
             chunk.finish()
 
     def zero_grad(self) -> None:
-        for chunk in self.chunks:
+        for chunk in self.all:
             chunk.zero_grad()
 
     def reshard(self) -> None:
@@ -233,11 +249,11 @@ class DataParallelGrads:
 
     def grad_bytes(self) -> int:
         """Bytes of the gradient buffers this rank keeps (whole grads, padding included)."""
-        return sum(chunk.buffer.numel() * chunk.buffer.element_size() for chunk in self.chunks)
+        return sum(chunk.buffer.numel() * chunk.buffer.element_size() for chunk in self.all)
 
     def named_grads(self) -> List[Tuple[str, torch.Tensor]]:
         """(name, full averaged grad) of every parameter (not meaningful under ZeRO-1: use the optimizer's)."""
-        return [(name, chunk.grad_view(name, param)) for chunk in self.chunks for name, param in chunk.params]
+        return [(name, chunk.grad_view(name, param)) for chunk in self.all for name, param in chunk.params]
 
     # ZeRO-1's weight all-gathers -------------------------------------------------------------
     def wait_params(self) -> None:

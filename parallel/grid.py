@@ -34,11 +34,11 @@ class Grid:
         """The grid of one process: every degree 1, no groups."""
         layout = Layout(1)
         return cls(layout, 0, "none", device or torch.device("cpu"),
-                   group_ranks={name: [0] for name in layout.groups()})
+                   group_ranks={name: [0] for name in {**layout.groups(), **layout.expert_groups()}})
 
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, dp: Optional[int] = None,
-              device: Optional[torch.device] = None, cp: int = 1) -> "Grid":
+              device: Optional[torch.device] = None, cp: int = 1, ep: int = 1) -> "Grid":
         """Build the groups of the current default process group (or a single-process grid).
 
         Every rank must call this with the same degrees: making groups is collective, so
@@ -47,9 +47,9 @@ class Grid:
         """
         device = device or torch.device("cpu")
         if not dist.is_available() or not dist.is_initialized():
-            Layout.infer(1, tp, pp, dp, cp)
+            Layout.infer(1, tp, pp, dp, cp, ep)
             return cls.single(device)
-        layout = Layout.infer(dist.get_world_size(), tp, pp, dp, cp)
+        layout = Layout.infer(dist.get_world_size(), tp, pp, dp, cp, ep)
         rank = dist.get_rank()
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -63,9 +63,42 @@ class Grid:
                 group = dist.new_group(ranks) if len(ranks) > 1 else None
                 if rank in ranks:
                     grid.groups[key] = group
-        for name, groups in layout.groups().items():
+        for name, groups in layout.expert_groups().items():  # ep's, inside dp (ep 1: groups of one and all dp)
+            for ranks in groups:
+                group = dist.new_group(ranks) if len(ranks) > 1 and layout.ep > 1 else None
+                if rank in ranks:
+                    grid.groups[(name,)] = group
+        for name, groups in {**layout.groups(), **layout.expert_groups()}.items():
             grid.group_ranks[name] = next(ranks for ranks in groups if rank in ranks)
         return grid
+
+    # expert parallelism (a factor of dp: `Layout.expert_groups`) --------------------------------
+    @property
+    def ep(self) -> int:
+        return self.layout.ep
+
+    @property
+    def ep_rank(self) -> int:
+        return self.dp_rank % self.ep
+
+    @property
+    def ep_group(self) -> Optional[dist.ProcessGroup]:
+        """The ep ranks that split each mixture of experts' experts and exchange tokens (None at ep 1)."""
+        return self.groups.get(("ep",))
+
+    @property
+    def expert_grad_group(self) -> Optional[dist.ProcessGroup]:
+        """The ranks holding this rank's experts, whose grads are averaged: dp / ep of them, times cp (None at
+        ep 1: an expert's grads are then averaged with the rest, over `grad_group`)."""
+        return self.groups.get(("expert_grad",))
+
+    @property
+    def expert_grad_size(self) -> int:
+        return self.grad_size // self.ep
+
+    def expert_grad_member(self, index: int) -> int:
+        """The global rank of member `index` of this rank's expert_grad group (same tp, pp and ep rank)."""
+        return self.group_ranks["expert_grad"][index] if self.ep > 1 else self.grad_member(index)
 
     def group(self, *names: str) -> Optional[dist.ProcessGroup]:
         """The group of the ranks that differ from this one only in the named dimensions (None: one rank)."""

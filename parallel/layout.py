@@ -47,12 +47,14 @@ class Layout:
     pp: int = 1
     dp: int = 1
     cp: int = 1
+    ep: int = 1  # expert parallelism: a factor of dp (see `expert_groups`), not a dimension of its own
 
     @classmethod
-    def infer(cls, world_size: int, tp: int = 1, pp: int = 1, dp: Optional[int] = None, cp: int = 1) -> "Layout":
-        """Infer dp from the world size (or check the given one)."""
+    def infer(cls, world_size: int, tp: int = 1, pp: int = 1, dp: Optional[int] = None, cp: int = 1,
+              ep: int = 1) -> "Layout":
+        """Infer dp from the world size (or check the given one); ep must divide it."""
         _positive("world size", world_size)
-        for name, value in (("tp", tp), ("pp", pp), ("cp", cp), ("dp", 1 if dp is None else dp)):
+        for name, value in (("tp", tp), ("pp", pp), ("cp", cp), ("dp", 1 if dp is None else dp), ("ep", ep)):
             _positive(f"parallel.{name}", value)
         degrees = {"tp": tp, "pp": pp, "cp": cp}
         shown = [name for name in ("tp", "pp", "cp") if name != "cp" or cp > 1]  # name cp only when it is used
@@ -66,7 +68,10 @@ class Layout:
             split = " x ".join(f"{name} {degrees[name]}" for name in shown)
             raise LayoutError(f"parallel.dp={dp} but world size {world_size} / ({split}) = {inferred}; "
                               f"drop parallel.dp or launch {dp * model_parallel} processes.")
-        return cls(world_size, tp, pp, inferred, cp)
+        if inferred % ep:
+            raise LayoutError(f"parallel.ep={ep} does not divide the data-parallel degree dp={inferred} (experts are "
+                              f"split over ep of the dp ranks); use an ep that divides {inferred}.")
+        return cls(world_size, tp, pp, inferred, cp, ep)
 
     def size(self, name: str) -> int:
         return getattr(self, name)
@@ -109,9 +114,24 @@ class Layout:
         named.update(COMBOS)
         return {name: self.groups_of(*dims) for name, dims in named.items()}
 
+    def expert_groups(self) -> Dict[str, List[List[int]]]:
+        """Expert parallelism's groups, inside each dp group: a dp rank d is expert rank d % ep of the experts
+        group of dp ranks d - d % ep ... (ep consecutive dp ranks: near each other, for the all-to-all), and
+        "expert_grad" joins the ranks holding the same experts, whose grads are averaged: the same tp, pp and
+        d % ep, every cp rank."""
+        experts, grads = [], []
+        for ranks in self.groups_of("dp", "cp"):  # each (pp, tp)'s ranks, dp major, cp minor
+            by_dp = [ranks[d * self.cp:(d + 1) * self.cp] for d in range(self.dp)]
+            for c in range(self.cp):
+                for first in range(0, self.dp, self.ep):
+                    experts.append([by_dp[d][c] for d in range(first, first + self.ep)])
+            for e in range(self.ep):
+                grads.append([rank for d in range(e, self.dp, self.ep) for rank in by_dp[d]])
+        return {"ep": experts, "expert_grad": grads}
+
     def describe(self) -> str:
         parts = [f"{name} {self.size(name)}" for name in ("tp", "cp", "dp", "pp") if name != "cp" or self.cp > 1]
-        return f"world {self.world_size} = " + " x ".join(parts)
+        return f"world {self.world_size} = " + " x ".join(parts) + (f" (ep {self.ep} of dp)" if self.ep > 1 else "")
 
 
 @dataclass(frozen=True)
@@ -125,6 +145,7 @@ class Workload:
     seq_len: int
     batch_size: int
     tie_embeddings: bool = False
+    moe_experts: int = 0
 
 
 def check_context_parallel(layout: "Layout", mode: str, workload: "Workload", sequence_parallel: bool) -> None:
@@ -153,6 +174,16 @@ def check_tensor_parallel(tp: int, n_heads: int, n_kv_heads: int, ffn_dim: int) 
     if ffn_dim % tp:
         raise LayoutError(f"parallel.tp={tp} does not divide the MLP width {ffn_dim} (model.ffn_dim); "
                           f"set model.ffn_dim to a multiple of tp.")
+
+
+def check_expert_parallel(ep: int, experts: int) -> None:
+    """ep splits each mixture of experts' experts evenly."""
+    if ep > 1 and not experts:
+        raise LayoutError(f"parallel.ep={ep} splits a mixture of experts, but model.moe_experts=0; set "
+                          f"model.moe_experts to a multiple of {ep} or parallel.ep=1.")
+    if experts % ep:
+        raise LayoutError(f"parallel.ep={ep} does not divide model.moe_experts={experts}; use an ep that divides the "
+                          f"expert count.")
 
 
 def micro_batch_size(batch_size: int, dp: int, microbatches: int) -> int:
@@ -193,7 +224,7 @@ def check_settings(parallel: Any) -> None:
     from plait.parallel.pipeline.schedule import BUILDERS, V_SCHEDULES
     from plait.parallel.pipeline.transport import TRANSPORTS
 
-    for key in ("tp", "pp", "cp", "vpp", "microbatches"):
+    for key in ("tp", "pp", "cp", "ep", "vpp", "microbatches"):
         _positive(f"parallel.{key}", getattr(parallel, key))
     choice(LayoutError, "parallel.schedule", parallel.schedule, BUILDERS)
     if parallel.schedule in V_SCHEDULES and parallel.vpp == 1 and parallel.pp > 1:
@@ -212,10 +243,11 @@ def check_settings(parallel: Any) -> None:
 def validate(parallel: Any, world_size: int, workload: Optional[Workload] = None) -> Layout:
     """Every layout rule for `world_size` ranks (and, with a workload, for that model and batch); the Layout."""
     check_settings(parallel)
-    layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp, parallel.cp)
+    layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp, parallel.cp, parallel.ep)
     if workload is None:
         return layout
     check_tensor_parallel(layout.tp, workload.n_heads, workload.n_kv_heads, workload.ffn_dim)
+    check_expert_parallel(layout.ep, workload.moe_experts)
     check_context_parallel(layout, parallel.cp_mode, workload, parallel.sequence_parallel)
     check_pipeline(parallel, workload.n_layers, workload.tie_embeddings)
     micro_batch_size(workload.batch_size, layout.dp, parallel.microbatches)

@@ -7,7 +7,7 @@ walks the model once and, for each matching module:
 | --- | --- |
 | `Colwise()` | a `Linear` becomes a `ColumnParallelLinear` (each fused segment split on its own) |
 | `Rowwise()` | a `Linear` becomes a `RowParallelLinear` |
-| `ExpertRegion()` | a mixture of experts enters and leaves the tp region once; its experts are `Colwise(local=True)` and `Rowwise(local=True)` (no communication of their own) |
+| `ExpertRegion()` | a mixture of experts enters and leaves the tp region once, its experts `Colwise(local=True)` and `Rowwise(local=True)` (no communication of their own); under ep it keeps this rank's experts and sends the tokens to theirs |
 | `VocabEmbedding()` | an `Embedding` becomes a `VocabParallelEmbedding`, rows padded to 64 x tp |
 | `VocabHead()` | the output `Linear` becomes column-parallel over the vocabulary, padded the same way |
 | `SequenceNorm()` | a norm stays whole; under sequence parallelism its gain's grad is partial over tp |
@@ -23,6 +23,7 @@ model with weights keeps this rank's shard of each. Styles are chosen once, here
 layers' forwards hold no branch on the layout (at tp=1 every mapping is the identity).
 """
 
+import dataclasses
 import fnmatch
 from typing import Dict, Optional
 
@@ -30,6 +31,7 @@ import torch
 from torch import nn
 
 from plait.parallel.context import ContextAttend, ZigzagRows
+from plait.parallel.experts import ExpertExchange, local_experts
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 from plait.parallel.tensor import (ColumnParallelLinear, CopyToRegion, GatherFromSequence, ReduceFromRegion,
@@ -103,11 +105,15 @@ class Rowwise(Style):
 
 
 class ExpertRegion(Style):
-    """A mixture of experts under tp (nothing for a dense MLP): the block's input enters the tp region once
-    (copy, or a sequence all-gather under SP), its experts run column- and row-parallel without communication,
-    and the weighted sum of their partial outputs leaves once (all-reduce, or reduce-scatter under SP). The
-    router sees every token on every tp rank, but its output weighs partial sums: its grad is partial over tp,
-    and each rank adds 1/tp of the load-balancing gradient."""
+    """A mixture of experts (nothing for a dense MLP) under tp and ep.
+
+    tp: the block's input enters the tp region once (copy, or a sequence all-gather under SP), each expert's
+    gate|up and down are column- and row-parallel without communication of their own, and the weighted sum of
+    their partial outputs leaves once (all-reduce, or reduce-scatter under SP). The router sees every token on
+    every tp rank, but its output weighs partial sums: its grad is partial over tp, and each rank adds 1/tp of the
+    load-balancing gradient. ep: this rank keeps its E/ep experts (`plait.parallel.experts`), marked `expert` in
+    their specs, and its rows travel to theirs.
+    """
 
     def apply(self, module, grid, sequence_parallel):
         if not hasattr(module, "experts"):
@@ -116,7 +122,22 @@ class ExpertRegion(Style):
         module.exit = mapping(ReduceScatterToSequence if sequence_parallel else ReduceFromRegion, grid.tp_group)
         module.aux_share = 1.0 / grid.tp
         module.router.spec = ShardSpec(tuple(module.router.weight.shape), None, tp_partial_grad=grid.tp > 1)
+        keep = local_experts(grid.ep_rank, grid.ep, module.n_experts)
+        for key in list(module.experts.keys()):
+            if int(key) not in keep:
+                del module.experts[key]
+        for expert in module.experts.values():
+            expert.w13 = self._expert_linear(Colwise(local=True), expert.w13, grid, sequence_parallel)
+            expert.w2 = self._expert_linear(Rowwise(local=True), expert.w2, grid, sequence_parallel)
+        if grid.ep > 1:
+            module.run_experts = ExpertExchange(grid.ep_group, grid.ep)
         return None
+
+    @staticmethod
+    def _expert_linear(style: Style, linear, grid, sequence_parallel):
+        new = style.apply(linear, grid, sequence_parallel)
+        new.spec = dataclasses.replace(new.spec, expert=grid.ep > 1)
+        return new
 
 
 class VocabEmbedding(Style):

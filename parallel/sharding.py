@@ -22,6 +22,7 @@ class ShardSpec:
     segments: Optional[Tuple[int, ...]] = None
     tp_partial_grad: bool = False  # replicated, but each tp rank sees part of the input (sequence parallelism)
     valid_rows: Optional[int] = None  # rows past this are vocabulary padding (zero, never trained on)
+    expert: bool = False  # held by one rank of each expert-parallel group (ep > 1): an expert's own weights
 
     @property
     def is_sharded(self) -> bool:

@@ -43,6 +43,7 @@ NUMBERS = {  # key -> values that may or may not be in range
     "offload.keep_last": st.sampled_from(["auto", "-1", "2", "lots"]), "offload.min_bytes": st.integers(-1, 10),
     "train.loss_scale": st.sampled_from(["-1", "0", "1024", "null", "big"]),
     "train.loss_scale_window": st.integers(-1, 3),
+    "model.moe_experts": st.integers(-1, 5), "model.moe_top_k": st.integers(-1, 3), "parallel.ep": st.integers(-1, 3),
 }
 CHOICES = {  # key -> names, some of which are not in the table that builds them
     "optim.name": ["adamw", "lion", "adam", "sgd"], "optim.schedule": ["cosine", "cosin", "linear", "wsd", "step"],

@@ -331,8 +331,8 @@ def test_keep_last_and_layout_record(saved_run):
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000003"]
     reader = ShardReader(root)
     index = reader.index
-    assert index["step"] == 3 and index["layout"] == {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "cp": 1, "vpp": 1,
-                                                      "zero": 0, "sequence_parallel": False}
+    assert index["step"] == 3 and index["layout"] == {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "cp": 1, "ep": 1,
+                                                      "vpp": 1, "zero": 0, "sequence_parallel": False}
     for name, record in index["files"].items():
         assert (reader.path / name).stat().st_size == record["bytes"]
     state = reader.rank_state(0)

@@ -43,6 +43,13 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
     (["model.moe_experts=4", "model.moe_aux_loss=-1"], 1, "model.moe_aux_loss=-1.0 must be >= 0; 0 turns the balancing loss off"),
     (["model.moe_experts=4", "optim.mup=true"], 1, "optim.mup=true has no rule yet for model.moe_experts=4"),
     (["model.moe_experts=4", "model.ffn_dim=100", "parallel.tp=8"], 8, "parallel.tp=8 does not divide the MLP width 100"),
+    (["model.moe_experts=4", "parallel.ep=3"], 4,
+     "parallel.ep=3 does not divide the data-parallel degree dp=4 (experts are split over ep of the dp ranks)"),
+    (["parallel.ep=2"], 2, "parallel.ep=2 splits a mixture of experts, but model.moe_experts=0; set model.moe_experts to"
+                           " a multiple of 2 or parallel.ep=1."),
+    (["model.moe_experts=6", "parallel.ep=4"], 4, "parallel.ep=4 does not divide model.moe_experts=6"),
+    (["model.moe_experts=4", "parallel.ep=2", "parallel.zero=1"], 2, "parallel.ep=2 with parallel.zero=1 is not"),
+    (["model.moe_experts=4", "parallel.ep=2", "optim=muon"], 2, "optim=muon with parallel.ep=2 is not supported yet"),
 ])
 def test_relations_give_one_sentence(overrides, world, fragment):
     with pytest.raises(ConfigError) as info:

@@ -33,7 +33,7 @@ def token_by_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         probs = F.softmax(token @ moe.router.weight.T, dim=-1)
         top, chosen = probs.topk(moe.top_k)
         top = top / top.sum()
-        rows.append(sum(w * moe.experts[int(e)](token[None])[0] for w, e in zip(top, chosen)))
+        rows.append(sum(w * moe.experts[str(int(e))](token[None])[0] for w, e in zip(top, chosen)))
     return torch.stack(rows).view_as(x)
 
 
@@ -65,9 +65,9 @@ def test_an_expert_no_token_chose_still_gets_a_zero_grad():
     moe(x).square().sum().backward()
     _, _, chosen = moe.route(x.reshape(-1, 32))
     assert 3 not in chosen.tolist()
-    for name, param in moe.experts[3].named_parameters():
+    for name, param in moe.experts["3"].named_parameters():
         assert param.grad is not None and torch.count_nonzero(param.grad) == 0, name
-    assert all(torch.count_nonzero(p.grad) > 0 for p in moe.experts[0].parameters())
+    assert all(torch.count_nonzero(p.grad) > 0 for p in moe.experts["0"].parameters())
 
 
 def test_the_load_balancing_loss_is_one_when_even_and_grows_when_skewed():
@@ -147,6 +147,11 @@ def test_export_is_mixtral_and_matches_transformers(window, tmp_path):
         hf_out = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
                              eos_token_id=None, attention_mask=torch.ones_like(prompt))
     assert torch.equal(generate(model, prompt, 20, temperature=0), hf_out)
+    import json
+    from plait.train.export import model_config_from_hf
+
+    read = model_config_from_hf(json.loads((out / "config.json").read_text()))  # what plait generate/eval build
+    assert (read.moe_experts, read.moe_top_k, read.moe_aux_loss, read.sliding_window) == (4, 2, 0.01, window)
     for directory in (out, tmp_path / "resaved"):  # the Hub's per-expert names, and transformers' own save
         if directory != out:
             hf.save_pretrained(directory)
@@ -164,11 +169,15 @@ BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads
 # The load-balancing loss is taken per micro-batch on each rank, as Megatron takes it: the one-process
 # reference runs the same micro-batches (2 of 4 sequences). Context parallelism splits each sequence's tokens
 # over ranks, so under cp the loss is over each rank's share: that layout is held to one process without it.
-LAYOUTS = {
-    "tp2-sp-pp2": ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "parallel.microbatches=2"],
-    "tp2-dp2-zero1": ["parallel.tp=2", "parallel.zero=1", "parallel.bucket_mb=0.01"],
-    "pp2-interleaved-dp2-zero3": ["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=1", "parallel.zero=3"],
-    "tp2-cp2-no-aux": ["parallel.tp=2", "parallel.cp=2", "model.moe_aux_loss=0"],
+LAYOUTS = {  # name: (world size, overrides)
+    "tp2-sp-pp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "parallel.microbatches=2"]),
+    "tp2-dp2-zero1": (4, ["parallel.tp=2", "parallel.zero=1", "parallel.bucket_mb=0.01"]),
+    "pp2-interleaved-dp2-zero3": (4, ["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=1", "parallel.zero=3"]),
+    "tp2-cp2-no-aux": (4, ["parallel.tp=2", "parallel.cp=2", "model.moe_aux_loss=0"]),
+    "pp2-zbv": (2, ["parallel.pp=2", "parallel.schedule=zbv", "parallel.microbatches=2"]),
+    "tp2-sp-ep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2", "parallel.bucket_mb=0.01"]),
+    "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.microbatches=1"]),
+    "ep2-cp2-no-aux": (4, ["parallel.ep=2", "parallel.cp=2", "model.moe_aux_loss=0"]),
 }
 
 
@@ -180,14 +189,15 @@ def reference(tmp_path_factory, stdlib_tokens):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layouts_train_as_one_process(layout, reference, tmp_path):
+    """Expert parallelism among them: each of 2 ep ranks holds 2 of the 4 experts and sends its rows to theirs."""
     (losses, norms, val), cache = reference
-    overrides = LAYOUTS[layout]
+    world, overrides = LAYOUTS[layout]
     if "model.moe_aux_loss=0" in overrides:
         losses, norms, val = train_steps(0, 1, BASE, ["parallel.microbatches=2", "model.moe_aux_loss=0"],
                                          tmp_path / "one", cache, STEPS)
         assert abs(norms[-1] - reference[0][1][-1]) > 1e-4  # the balancing loss changes the grads
-    for rank_losses, rank_norms, rank_val in run_ranks(4, train_steps, BASE, overrides, tmp_path / "many", cache,
-                                                       STEPS):
+    for rank_losses, rank_norms, rank_val in run_ranks(world, train_steps, BASE, overrides, tmp_path / "many",
+                                                       cache, STEPS):
         assert rank_losses == pytest.approx(losses, rel=1e-5)
         assert rank_norms == pytest.approx(norms, rel=1e-5)
         assert rank_val == pytest.approx(val, rel=1e-5)
@@ -252,3 +262,43 @@ def test_offloaded_or_recomputed_experts_train_as_kept_ones(backend, tmp_path, s
     assert [r["loss"] for r in records] == kept[0] and [r["grad_norm"] for r in records] == kept[1]
     if backend == "file":
         assert min(r["offload_written_bytes"] for r in records) > 0
+
+
+def _save_then_resume(rank, world, save_overrides, resume_overrides, run_dir, cache):
+    """Train 2 steps under `save_overrides` and save (when given); else resume under `resume_overrides` to step
+    4. Returns (the local expert ids of layer 0, the resumed losses or None)."""
+    from train_utils import make_trainer
+
+    overrides = save_overrides if save_overrides is not None else resume_overrides + ["train.resume=auto"]
+    trainer = make_trainer(rank, world, BASE, overrides + ["train.steps=4"], run_dir, cache)
+    held = sorted(int(key) for key in trainer.chunks[0].layers["0"].mlp.experts.keys())
+    if save_overrides is not None:
+        [trainer.step() for _ in range(2)]
+        trainer.save_checkpoint()
+        trainer.close()
+        return held, None
+    losses = [trainer.step()["loss"] for _ in range(2)]
+    trainer.close()
+    return held, losses
+
+
+@pytest.mark.parametrize("saver,resumer", [("ep2", "one"), ("one", "ep2")])
+def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, resumer, tmp_path, stdlib_tokens):
+    """Each ep rank writes its own experts under their global names: the checkpoint holds all of them, and a
+    run under the other layout resumes it with the losses of a run that never stopped."""
+    from plait.train.checkpoint import latest_checkpoint, read_index
+
+    cache = stdlib_tokens[0].parent.parent
+    layouts = {"one": (1, ["parallel.microbatches=2"]), "ep2": (2, ["parallel.ep=2"])}
+    straight = train_steps(0, 1, BASE, ["parallel.microbatches=2", "train.steps=4"], tmp_path / "straight", cache,
+                           4, 0)[0]
+    world, overrides = layouts[saver]
+    held = run_ranks(world, _save_then_resume, overrides, None, tmp_path / "run", cache)
+    if saver == "ep2":
+        assert [ids for ids, _ in held] == [[0, 1], [2, 3]]  # each ep rank holds half the experts
+    index = read_index(latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    assert {f"layers.3.mlp.experts.{e}.w13.weight" for e in range(4)} <= set(index["params"])
+    assert {f"layers.3.mlp.experts.{e}.w2.weight" for e in range(4)} <= set(index["optimizer_state"])
+    world, overrides = layouts[resumer]
+    for _, losses in run_ranks(world, _save_then_resume, None, overrides, tmp_path / "run", cache):
+        assert losses == pytest.approx(straight[2:], rel=1e-5)

@@ -44,9 +44,7 @@ LLAMA_PLAN: Dict[str, Style] = {
     "layers.*.mlp_norm": SequenceNorm(),
     "layers.*.mlp.w13": Colwise(),
     "layers.*.mlp.w2": Rowwise(),
-    "layers.*.mlp": ExpertRegion(),  # a mixture of experts (nothing for a dense MLP)
-    "layers.*.mlp.experts.*.w13": Colwise(local=True),
-    "layers.*.mlp.experts.*.w2": Rowwise(local=True),
+    "layers.*.mlp": ExpertRegion(),  # a mixture of experts, its experts' tp and ep (nothing for a dense MLP)
     "layers.*.dropout": SequenceDropout(),
     "norm": SequenceNorm(),
     "head": VocabHead(),

@@ -90,8 +90,14 @@ def writers(specs: Dict[str, ShardSpec], tp: int, parts: int) -> Dict[str, int]:
 
 
 def writer_ranks(specs: Dict[str, ShardSpec], grid: Grid) -> Dict[str, int]:
-    """{parameter name: the global rank that writes it}: `writers` over this rank's grad group."""
-    return {name: grid.grad_member(part) for name, part in writers(specs, grid.tp, grid.grad_size).items()}
+    """{parameter name: the global rank that writes it}: `writers` over this rank's grad group; an expert's own
+    weights (expert parallelism: other ep ranks hold other experts) over the ranks holding that expert."""
+    dense = {name: spec for name, spec in specs.items() if not spec.expert}
+    experts = {name: spec for name, spec in specs.items() if spec.expert}
+    owners = {name: grid.grad_member(part) for name, part in writers(dense, grid.tp, grid.grad_size).items()}
+    owners.update({name: grid.expert_grad_member(part)
+                   for name, part in writers(experts, grid.tp, grid.expert_grad_size).items()})
+    return owners
 
 
 def own_names(specs: Dict[str, ShardSpec], grid: Grid) -> set:
@@ -163,7 +169,7 @@ def model_meta(model_cfg, scales=None) -> Dict[str, Any]:
 
 def layout_meta(grid: Grid, vpp: int = 1, zero: int = 0, sequence_parallel: bool = False) -> Dict[str, Any]:
     return {"layout": {"world_size": grid.world_size, "tp": grid.tp, "pp": grid.pp, "dp": grid.dp, "cp": grid.cp,
-                       "vpp": int(vpp),
+                       "ep": grid.ep, "vpp": int(vpp),
                        "zero": int(zero), "sequence_parallel": bool(sequence_parallel)}}
 
 

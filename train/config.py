@@ -328,7 +328,7 @@ def workload(cfg: Config) -> Workload:
     model = cfg.model
     return Workload(n_heads=int(model.n_heads), n_kv_heads=kv_heads(model), ffn_dim=ffn_dim(model),
                     n_layers=int(model.n_layers), seq_len=int(cfg.train.seq_len), batch_size=cfg.train.batch_size,
-                    tie_embeddings=bool(model.tie_embeddings))
+                    tie_embeddings=bool(model.tie_embeddings), moe_experts=int(model.moe_experts))
 
 
 def check_layout(cfg: Config, world_size: int) -> Layout:
@@ -446,6 +446,12 @@ def validate(cfg: Config, world_size: int = 1) -> int:
                   and str(cfg.train.compile).lower() == "true"),
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "
              f"autograd node) cannot do; set train.compile=false or another parallel.schedule.")
+    _require(cfg.parallel.ep == 1 or cfg.parallel.zero == 0,
+             f"parallel.ep={cfg.parallel.ep} with parallel.zero={cfg.parallel.zero} is not supported yet (ZeRO shards "
+             f"the state over dp ranks that hold different experts); set parallel.zero=0 or parallel.ep=1.")
+    _require(cfg.parallel.ep == 1 or cfg.optim.name != "muon",
+             f"optim=muon with parallel.ep={cfg.parallel.ep} is not supported yet (Muon deals whole matrices over dp "
+             f"ranks that hold different experts); set optim=adamw or lion, or parallel.ep=1.")
     _require(not (cfg.model.moe_experts and cfg.optim.mup),
              f"optim.mup=true has no rule yet for model.moe_experts={cfg.model.moe_experts}'s router (a readout of fixed "
              f"width into the experts); set optim.mup=false or model.moe_experts=0.")

@@ -14,10 +14,12 @@ output (`AuxLossGrad`, as Megatron's MoEAuxLossAutoScaler does), so a pipeline c
 stages. Its weight there is `aux_loss x aux_share x aux_grad_scale`; the trainer sets `aux_grad_scale` to the
 main loss's own backward scale (1/micro-batches, times fp16's loss scale) before each step.
 
-Seams a parallel plan sets: `enter` and `exit` (what the block's input and output pass through: under tensor
-parallelism the experts' linears are column- and row-parallel without communication of their own, so the block
-gathers its input once and reduces the weighted sum once) and `aux_share` (1/tp: every tp rank computes the same
-router output, so each adds its share of the auxiliary gradient).
+Seams a parallel plan sets (`plait.parallel.plans.ExpertRegion`): `enter` and `exit` (what the block's input
+and output pass through: under tensor parallelism the experts' linears are column- and row-parallel without
+communication of their own, so the block gathers its input once and reduces the weighted sum once), `aux_share`
+(1/tp: every tp rank computes the same router output, so each adds its share of the auxiliary gradient), and
+`run_experts` (under expert parallelism this rank holds some of the experts, `experts` keyed by global id, and the
+rows travel to theirs: `plait.parallel.experts.ExpertExchange`).
 """
 
 from typing import Callable, Sequence
@@ -25,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from plait.parallel.experts import inverse
 from plait.train.config import ModelConfig
 
 
@@ -61,10 +64,12 @@ class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, router: nn.Module, experts: Sequence[nn.Module]):
         super().__init__()
         self.top_k, self.aux_loss = int(cfg.moe_top_k), float(cfg.moe_aux_loss)
+        self.n_experts = len(experts)
         self.router = router
-        self.experts = nn.ModuleList(experts)
+        self.experts = nn.ModuleDict({str(e): expert for e, expert in enumerate(experts)})  # keyed by global id
         self.enter: Callable = identity
         self.exit: Callable = identity
+        self.run_experts: Callable = run_local
         self.aux_share = 1.0
         self.aux_grad_scale = 1.0
 
@@ -78,18 +83,20 @@ class MoE(nn.Module):
         x = self.enter(x)
         flat = x.reshape(-1, x.shape[-1])
         probs, weights, chosen = self.route(flat)
-        counts = torch.bincount(chosen.reshape(-1), minlength=len(self.experts))
+        counts = torch.bincount(chosen.reshape(-1), minlength=self.n_experts)
         order = chosen.reshape(-1).argsort(stable=True)  # the (token, choice) pairs, grouped by expert
-        rows = flat[order // self.top_k]
-        outputs = torch.cat([expert(part) for expert, part in zip(self.experts, rows.split(counts.tolist()))])
-        back = torch.empty_like(order)
-        back[order] = torch.arange(order.numel(), device=order.device)  # where each (token, choice)'s output went
-        per_choice = outputs[back].view(flat.shape[0], self.top_k, -1)  # a gather: its backward keeps only `back`
+        outputs = self.run_experts(list(self.experts.values()), flat[order // self.top_k], counts)
+        per_choice = outputs[inverse(order)].view(flat.shape[0], self.top_k, -1)  # a gather: keeps only its index
         out = (per_choice * weights.unsqueeze(-1).to(per_choice.dtype)).sum(dim=1)
         if self.training and self.aux_loss:
             aux = load_balancing_loss(probs, counts, self.top_k)
             out = AuxLossGrad.apply(out, aux, self.aux_loss * self.aux_share * self.aux_grad_scale)
         return self.exit(out.view(x.shape[:-1] + out.shape[-1:]))
+
+
+def run_local(experts: Sequence[nn.Module], rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each expert on its rows (`rows` sorted by expert, `counts` [E] rows each), outputs in the same order."""
+    return torch.cat([expert(part) for expert, part in zip(experts, rows.split(counts.tolist()))])
 
 
 def moe_layers(chunks) -> list:

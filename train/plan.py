@@ -278,7 +278,7 @@ def plan(cfg: Any, world_size: int) -> Plan:
 
     validate(cfg, world_size)
     parallel = cfg.parallel
-    layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp, parallel.cp)
+    layout = Layout.infer(world_size, parallel.tp, parallel.pp, parallel.dp, parallel.cp, parallel.ep)
     micro_batch = micro_batch_size(cfg, layout.dp)
     bubble, inflight = _schedule_figures(parallel, layout.pp)
     if layout.pp == 1:

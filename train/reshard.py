@@ -137,7 +137,8 @@ def load_optim_state(reader: ShardReader, named_params: Dict[str, torch.Tensor],
 def same_layout(index: Dict[str, Any], grid: Grid, vpp: int = 1) -> bool:
     layout = index.get("layout", {})
     return (layout.get("world_size"), layout.get("tp"), layout.get("pp"), layout.get("dp"), layout.get("cp", 1),
-            layout.get("vpp", 1)) == (grid.world_size, grid.tp, grid.pp, grid.dp, grid.cp, vpp)
+            layout.get("ep", 1), layout.get("vpp", 1)) == (grid.world_size, grid.tp, grid.pp, grid.dp, grid.cp,
+                                                           grid.ep, vpp)
 
 
 def load_full_model(path: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:

@@ -83,7 +83,8 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device, self.env.local_rank)
         init_process_group(self.env, self.device, cfg.parallel.backend)
-        self.grid = Grid.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, self.device, cp=cfg.parallel.cp)
+        self.grid = Grid.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, self.device, cp=cfg.parallel.cp,
+                               ep=cfg.parallel.ep)
         self.is_logger = self.grid.rank == 0
         self.micro_batch = micro_batch_size(cfg, self.grid.dp)
         torch.manual_seed(cfg.train.seed)
@@ -270,6 +271,10 @@ class Trainer:
             parts.append("embedding")
         if any(chunk.has_head for chunk in self.chunks):
             parts.append("head")
+        if self.moe_layers:  # a mixture of experts: the experts this rank holds (all but under expert parallelism)
+            held = [int(e) for e in self.moe_layers[0].experts.keys()]
+            parts.append(f"experts {held[0]}-{held[-1]} of {self.moe_layers[0].n_experts} (top-"
+                         f"{self.moe_layers[0].top_k}, ep rank {self.grid.ep_rank} of {self.grid.ep})")
         parts.append(f"{sum(p.numel() for p in self.named_params.values()) / 1e6:.2f}M params")
         if self.grads_sharded_over_dp:
             parts.append(f"ZeRO-{self.cfg.parallel.zero} shard {sum(g.numel() for _, g in self.grad_entries()) / 1e6:.2f}M")
