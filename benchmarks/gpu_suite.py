@@ -10,8 +10,9 @@ recorded and the rest go on):
 4. one optimizer step over the 1B shapes: plait Lion (Triton) against lion-pytorch (its
    Triton kernel where installed), torch's fused AdamW and Lion's byte floor (optim_step.py);
 5. one Muon step over a 1B-like stack (dim 2048, 16 layers): plait's against torch.optim.Muon
-   plus fused AdamW (muon.py); then the loader: GPU gather from registered host memory against
-   DataLoader (loader.py);
+   plus fused AdamW (muon.py); a mixture-of-experts block (8 experts, top-2, dim 2048, 8192 tokens)
+   against transformers' Mixtral block (moe.py); then the loader: GPU gather from registered host memory
+   against DataLoader (loader.py);
 6. activation offload at two sizes (offload.py): keep, host, file, auto, recompute and
    torch's save_on_cpu, with the adaptive plan's bound and the disk's own bandwidth;
 7. how long a checkpoint stops the 1B training (checkpoint.py --part stall): plait's
@@ -143,6 +144,10 @@ def plan(args, out: Path) -> List[tuple]:
         ("muon", [py, str(BENCH / "muon.py"), "--device", device, "--steps", "0", "--rounds", "5"]
          + (["--dim", "128", "--layers", "2"] if smoke else ["--dim", "2048", "--layers", "16"])
          + ["--out", str(out / "muon.json")], 90, out / "muon.json"),
+        ("moe", [py, str(BENCH / "moe.py"), "--device", device, "--steps", "0", "--rounds", "5"]
+         + (["--dim", "128", "--ffn", "256", "--tokens", "256"] if smoke else
+            ["--dim", "2048", "--ffn", "5632", "--tokens", "8192"])
+         + ["--out", str(out / "moe.json")], 90, out / "moe.json"),
         ("loader", [py, str(BENCH / "loader.py"), "--tokens", "2000000" if smoke else "20000000", "--rounds", "2",
                     "--batches", "50", "--out", str(out / "loader.json")], 60, out / "loader.json"),
         ("offload_small", [py, str(BENCH / "offload.py"), "--device", device, "--rounds", "3", *small,

@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from in_turn import plot_validation, train_in_turn  # noqa: E402
 from report import write_json  # noqa: E402
 
 
@@ -48,18 +49,26 @@ def block_contenders(dim: int, ffn: int, experts: int, top_k: int, device: torch
     hf = {name.split("block_sparse_moe.", 1)[1]: tensor for name, tensor in to_hf(model_meta, named).items()}
     with torch.no_grad():
         theirs.gate.weight.copy_(hf["gate.weight"])
-        theirs.experts.gate_up_proj.copy_(torch.stack([torch.cat([hf[f"experts.{e}.w1.weight"],
-                                                                  hf[f"experts.{e}.w3.weight"]])
-                                                       for e in range(experts)]))
-        theirs.experts.down_proj.copy_(torch.stack([hf[f"experts.{e}.w2.weight"] for e in range(experts)]))
+        if hasattr(theirs.experts, "gate_up_proj"):  # transformers 5: each block's experts in two 3-D tensors
+            theirs.experts.gate_up_proj.copy_(torch.stack([torch.cat([hf[f"experts.{e}.w1.weight"],
+                                                                      hf[f"experts.{e}.w3.weight"]])
+                                                           for e in range(experts)]))
+            theirs.experts.down_proj.copy_(torch.stack([hf[f"experts.{e}.w2.weight"] for e in range(experts)]))
+        else:  # transformers 4 (a GPU image's): one module per expert, the Hub's names
+            theirs.load_state_dict({name: tensor for name, tensor in hf.items()})
     return {"plait MoE": ours.to(device), "transformers Mixtral block": theirs.to(device)}
+
+
+def output_of(module, x: torch.Tensor) -> torch.Tensor:
+    out = module(x)
+    return out[0] if isinstance(out, tuple) else out  # transformers 4's block also returns its router logits
 
 
 def time_blocks(args, device: torch.device):
     table = block_contenders(args.dim, args.ffn, args.experts, args.top_k, device)
     x = torch.randn(1, args.tokens, args.dim, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
-        outputs = [module(x) for module in table.values()]
+        outputs = [output_of(module, x) for module in table.values()]
         difference = float((outputs[0] - outputs[1]).abs().max() / outputs[1].abs().max())
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     seconds = {name: [] for name in table}
@@ -68,54 +77,13 @@ def time_blocks(args, device: torch.device):
             inputs = x.clone().requires_grad_()
             sync()
             start = time.perf_counter()
-            module(inputs).square().mean().backward()
+            output_of(module, inputs).square().mean().backward()
             sync()
             seconds[name].append(time.perf_counter() - start)
     return {name: values[1:] for name, values in seconds.items()}, difference
 
 
-def train(steps: int, eval_every: int, run_root: Path):
-    """{variant: {"val": [(step, val_loss)], "tokens_per_s": [...]}}, stepping the trainers in turn."""
-    from plait.train import Trainer, load_config
-
-    variants = {"dense": [], "moe 4 experts top-1": ["model.moe_experts=4", "model.moe_top_k=1"]}
-    trainers, curves = {}, {}
-    for name, overrides in variants.items():
-        cfg = load_config(overrides + [f"train.steps={steps}", "train.progress=false", "train.eval_every=0",
-                                       f"train.run_dir={run_root / name.replace(' ', '-')}",
-                                       "checkpoint.save_final=false"])
-        trainers[name], curves[name] = Trainer(cfg), {"val": [], "tokens_per_s": []}
-        curves[name]["params"] = sum(p.numel() for p in trainers[name].model.parameters())
-    for step in range(1, steps + 1):
-        for name, trainer in trainers.items():
-            curves[name]["tokens_per_s"].append(trainer.step()["tokens_per_s"])
-            if step % eval_every == 0 or step == steps:
-                curves[name]["val"].append((step, trainer.evaluate()))
-        if step % eval_every == 0:
-            print(f"step {step}: " + ", ".join(f"{n} val_loss {c['val'][-1][1]:.4f}" for n, c in curves.items()),
-                  flush=True)
-    for trainer in trainers.values():
-        trainer.close()
-    return curves
-
-
-def plot(curves, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        steps, values = zip(*curve["val"])
-        axis.plot(steps, values, marker="o", label=f"{name} ({curve['params'] / 1e6:.1f}M parameters)")
-    axis.set_xlabel("step")
-    axis.set_ylabel("validation loss (nats/token)")
-    axis.set_title("model=tiny on the standard library's text")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"wrote {path}")
+VARIANTS = {"dense": [], "moe 4 experts top-1": ["model.moe_experts=4", "model.moe_top_k=1"]}
 
 
 def main() -> None:
@@ -151,7 +119,7 @@ def main() -> None:
     summary = {"block_vs_transformers": rows[0]["vs_transformers"], "outputs_relative_difference": difference}
     curves = {}
     if args.steps:
-        curves = train(args.steps, args.eval_every, Path(args.run_root))
+        curves = train_in_turn(VARIANTS, args.steps, args.eval_every, Path(args.run_root))
         dense, moe = curves.values()
         print(f"{'variant':>22} {'parameters':>11} {'val_loss':>9} {'tok/s median':>13}")
         for name, curve in curves.items():
@@ -161,7 +129,7 @@ def main() -> None:
                         "throughput_moe_vs_dense": statistics.median(moe["tokens_per_s"])
                         / statistics.median(dense["tokens_per_s"])})
         if args.plot:
-            plot(curves, args.plot)
+            plot_validation(curves, args.plot, with_params=True)
     if args.out:
         write_json(args.out, {"benchmark": "moe", "device": args.device, "settings": vars(args), "rows": rows,
                               "training": curves, "summary": summary})

@@ -24,6 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from in_turn import plot_validation, train_in_turn  # noqa: E402
 from report import write_json  # noqa: E402
 
 
@@ -84,49 +85,6 @@ def time_steps(dim: int, layers: int, rounds: int, device: torch.device):
     return {name: values[1:] for name, values in seconds.items()}, params
 
 
-def train(steps: int, eval_every: int, lr: float, run_root: Path):
-    """{optimizer: {"val": [(step, val_loss)], "tokens_per_s": [...]}} stepping the two trainers in turn."""
-    from plait.train import Trainer, load_config
-
-    trainers, curves = {}, {}
-    for name in ("adamw", "muon"):
-        cfg = load_config([f"optim={name}", f"optim.lr={lr}", f"train.steps={steps}", "train.progress=false",
-                           f"train.run_dir={run_root / name}", "checkpoint.save_final=false", "train.eval_every=0"])
-        trainers[name], curves[name] = Trainer(cfg), {"val": [], "tokens_per_s": [], "loss": []}
-    for step in range(1, steps + 1):
-        for name, trainer in trainers.items():
-            record = trainer.step()
-            curves[name]["tokens_per_s"].append(record["tokens_per_s"])
-            curves[name]["loss"].append(record["loss"])
-            if step % eval_every == 0 or step == steps:
-                curves[name]["val"].append((step, trainer.evaluate()))
-        if step % eval_every == 0:
-            print(f"step {step}: " + ", ".join(f"{n} val_loss {c['val'][-1][1]:.4f}" for n, c in curves.items()),
-                  flush=True)
-    for trainer in trainers.values():
-        trainer.close()
-    return curves
-
-
-def plot(curves, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, curve in curves.items():
-        steps, values = zip(*curve["val"])
-        axis.plot(steps, values, marker="o", label=name)
-    axis.set_xlabel("step")
-    axis.set_ylabel("validation loss (nats/token)")
-    axis.set_title("model=tiny on the standard library's text")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dim", type=int, default=512)
@@ -159,7 +117,8 @@ def main() -> None:
                "torch_step_ms": 1e3 * rows[1]["seconds"]["median"]}
     curves = {}
     if args.steps:
-        curves = train(args.steps, args.eval_every, args.lr, Path(args.run_root))
+        variants = {name: [f"optim={name}", f"optim.lr={args.lr}"] for name in ("adamw", "muon")}
+        curves = train_in_turn(variants, args.steps, args.eval_every, Path(args.run_root))
         print(f"{'optimizer':>9} {'val_loss':>9} {'tok/s median':>13}")
         for name, curve in curves.items():
             print(f"{name:>9} {curve['val'][-1][1]:>9.4f} {statistics.median(curve['tokens_per_s']):>13,.0f}")
@@ -167,7 +126,7 @@ def main() -> None:
                         "throughput_muon_vs_adamw": statistics.median(curves["muon"]["tokens_per_s"])
                         / statistics.median(curves["adamw"]["tokens_per_s"])})
         if args.plot:
-            plot(curves, args.plot)
+            plot_validation(curves, args.plot)
     if args.out:
         write_json(args.out, {"benchmark": "muon", "device": args.device, "settings": vars(args), "rows": rows,
                               "training": curves, "summary": summary})

@@ -69,7 +69,8 @@ class ChunkGrads:
         them (`grid.expert_grad_group`) but divided, as every grad is, by the whole dp x cp."""
         self.grid, self.shard = grid, shard
         self.group = grid.expert_grad_group if experts else grid.grad_group  # dp, times cp under cp
-        self.dp, self.dp_rank = (grid.expert_grad_size, 0) if experts else (grid.grad_size, grid.grad_rank)
+        self.dp, self.dp_rank = (grid.expert_grad_size, grid.expert_grad_rank) if experts else \
+            (grid.grad_size, grid.grad_rank)
         self.mean_over = grid.grad_size  # every replica's loss counts once in the mean
         self.params = [(name, p) for name, p in named_params if p.requires_grad]
         self.comm_dtype = torch.float32 if cfg.reduce_in_fp32 else torch.bfloat16
@@ -258,7 +259,7 @@ class DataParallelGrads:
     # ZeRO-1's weight all-gathers -------------------------------------------------------------
     def wait_params(self) -> None:
         """Wait for every weight all-gather in flight (ZeRO-1 with overlapped gathers; nothing otherwise)."""
-        for chunk in self.chunks:
+        for chunk in self.all:
             chunk.wait_params()
 
     def wait_params_in_forward(self) -> List[object]:
@@ -266,12 +267,13 @@ class DataParallelGrads:
         only, so the gathers of later layers overlap the forward of earlier ones (Megatron's
         --overlap-param-gather). Returns the hook handles."""
         handles = []
-        for module, chunk in zip(self.modules, self.chunks):
-            for prefix, sub in module.named_modules():
-                indices = chunk.bucket_indices_of(sub, f"{prefix}." if prefix else "")
-                if indices:
-                    handles.append(sub.register_forward_pre_hook(
-                        lambda _module, _args, chunk=chunk, indices=indices: chunk.wait_params(indices)))
+        for module, dense, experts in zip(self.modules, self.chunks, self.experts):
+            for chunk in (dense, experts) if experts is not None else (dense,):
+                for prefix, sub in module.named_modules():
+                    indices = chunk.bucket_indices_of(sub, f"{prefix}." if prefix else "")
+                    if indices:
+                        handles.append(sub.register_forward_pre_hook(
+                            lambda _module, _args, chunk=chunk, indices=indices: chunk.wait_params(indices)))
         return handles
 
     # whole parameters (checkpoints): every rank holds them whole already ------------------------

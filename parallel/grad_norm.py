@@ -34,11 +34,10 @@ def global_grad_norm(entries: Iterable[Tuple[torch.Tensor, ShardSpec]], grid: Gr
     are: the trainer's weights norm passes the weights), the same number on every rank. Under expert
     parallelism each ep rank holds other experts: their squares are summed over ep first."""
     entries = list(entries)
-    squares = local_sum_of_squares(entries, grid)
-    if grid.ep_group is not None:
-        expert_squares = local_sum_of_squares(entries, grid, experts=True)
+    squares, expert_squares = local_sum_of_squares(entries, grid), local_sum_of_squares(entries, grid, experts=True)
+    if grid.ep_group is not None and not dp_sharded:  # (ZeRO's pieces: the sum over dp below reaches every ep rank)
         dist.all_reduce(expert_squares, group=grid.ep_group)
-        squares = squares + expert_squares
+    squares = squares + expert_squares
     if grid.mp_group is not None:
         dist.all_reduce(squares, group=grid.mp_group)
     if dp_sharded and grid.grad_group is not None:  # ZeRO pieces: over dp (times cp)

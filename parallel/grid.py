@@ -96,6 +96,11 @@ class Grid:
     def expert_grad_size(self) -> int:
         return self.grad_size // self.ep
 
+    @property
+    def expert_grad_rank(self) -> int:
+        """This rank's place in its expert_grad group (ZeRO-1 shards an expert's grads over that group)."""
+        return self.group_ranks["expert_grad"].index(self.rank) if self.ep > 1 else self.grad_rank
+
     def expert_grad_member(self, index: int) -> int:
         """The global rank of member `index` of this rank's expert_grad group (same tp, pp and ep rank)."""
         return self.group_ranks["expert_grad"][index] if self.ep > 1 else self.grad_member(index)

@@ -1,7 +1,8 @@
 """ZeRO-1: each data-parallel rank keeps and updates only its shard of the optimizer state.
 
 The gradient buffers of `DataParallelGrads(shard=True)` are reduce-scattered, so dp rank
-r holds the averaged gradient of the r-th slice of every bucket. Parameters are moved
+r holds the averaged gradient of the r-th slice of every bucket (an expert's buckets, under expert
+parallelism, are sliced over the ranks holding that expert instead). Parameters are moved
 into flat buffers with the same layout, so the r-th slice of a bucket is also a range of
 weights. For each parameter, its intersection with this rank's slices is a 1-D piece:
 a view of the (fp32) weights, with a view of the reduced gradient as its `.grad`. Any
@@ -46,10 +47,10 @@ def _move_params_into_buffer(chunk: ChunkGrads) -> None:
         param.data = view.view_as(param)
 
 
-def _pieces_of(chunk: ChunkGrads, grid: Grid) -> List[_Piece]:
+def _pieces_of(chunk: ChunkGrads) -> List[_Piece]:
     pieces, params = [], dict(chunk.params)
     for bucket in chunk.buckets:
-        lo, hi = bucket.shard_range(grid.grad_rank, grid.grad_size)
+        lo, hi = bucket.shard_range(chunk.dp_rank, chunk.dp)
         for name in bucket.names:
             param = params[name]
             start, end = chunk.offsets[name], chunk.offsets[name] + param.numel()
@@ -75,9 +76,9 @@ class ZeroOptimizer(ShardedState):
         self.grads, self.grid = grads, grid
         self.pieces: List[_Piece] = []
         full_params: Dict[str, nn.Parameter] = {}
-        for chunk in grads.chunks:
+        for chunk in grads.all:  # the whole chunks' buffers, and under expert parallelism the experts'
             _move_params_into_buffer(chunk)
-            self.pieces += _pieces_of(chunk, grid)
+            self.pieces += _pieces_of(chunk)
             full_params.update(dict(chunk.params))
         self.full_params = full_params
         self.pieces_of_bucket: Dict[int, List[_Piece]] = {}  # id(bucket) -> this rank's pieces in it
@@ -102,7 +103,7 @@ class ZeroOptimizer(ShardedState):
         `overlap_gathers_with_forward`) by the next forward, module by module."""
         self.grads.wait_params()  # a gather still in flight (no forward since the last step) lands first
         self.optimizer.step()
-        for chunk in self.grads.chunks:
+        for chunk in self.grads.all:
             chunk.launch_param_gathers()
         if not self.hooks:
             self.grads.wait_params()
@@ -125,7 +126,7 @@ class ZeroOptimizer(ShardedState):
         out: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in self.full_params
                                                    if dest is None or dest[name] == self.grid.rank}
         step = self._step_count()
-        for chunk in self.grads.chunks:
+        for chunk in self.grads.all:
             params = dict(chunk.params)
             for bucket in chunk.buckets:
                 for key in sorted(set().union(*(keys_of.get(name, set()) for name in bucket.names)) - {"step"}):
@@ -144,7 +145,7 @@ class ZeroOptimizer(ShardedState):
 
     def _slice_of(self, chunk: ChunkGrads, bucket, key: str) -> torch.Tensor:
         """This rank's slice of `bucket` for state `key` (fp32; zeros where no parameter lies: the padding)."""
-        lo, hi = bucket.shard_range(self.grid.grad_rank, self.grid.grad_size)
+        lo, hi = bucket.shard_range(chunk.dp_rank, chunk.dp)
         mine = torch.zeros(hi - lo, dtype=torch.float32, device=chunk.buffer.device)
         for piece in self.pieces_of_bucket.get(id(bucket), ()):
             value = self.optimizer.state.get(piece.tensor, {}).get(key)
@@ -157,16 +158,16 @@ class ZeroOptimizer(ShardedState):
         """State `key` over the whole bucket, on the rank that writes all of its parameters (one gather; None on
         the others), or on every rank (one all-gather) where the bucket has several writers or `dest` is None."""
         mine = self._slice_of(chunk, bucket, key)
-        if self.grid.grad_group is None:
+        if chunk.group is None:
             return mine
         writers = {dest[name] for name in bucket.names} if dest is not None else set()
         if len(writers) != 1:
             whole = mine.new_empty(bucket.size)
-            collectives.all_gather_tensor(whole, mine, group=self.grid.grad_group)
+            collectives.all_gather_tensor(whole, mine, group=chunk.group)
             return whole
         writer = writers.pop()
-        pieces = [torch.empty_like(mine) for _ in range(self.grid.grad_size)] if writer == self.grid.rank else None
-        dist.gather(mine, pieces, dst=writer, group=self.grid.grad_group)
+        pieces = [torch.empty_like(mine) for _ in range(chunk.dp)] if writer == self.grid.rank else None
+        dist.gather(mine, pieces, dst=writer, group=chunk.group)
         return torch.cat(pieces) if pieces is not None else None
 
     @torch.no_grad()

@@ -412,3 +412,28 @@ def test_loss_chunks_on_cuda_lower_the_peak_memory_and_keep_the_grads():
         assert torch.allclose(sliced, whole, rtol=2e-2, atol=1e-4)
     logits_fp32 = batch * seq * vocab * 4
     assert results[0][2] - results[8][2] > logits_fp32  # at least the fp32 logits' worth less at the peak
+
+
+def test_moe_on_cuda_matches_the_cpu_and_trains_compiled_and_under_bf16(tmp_path, stdlib_tokens):
+    """`model.moe_experts`: the routed experts on CUDA give the CPU's logits and grads in fp32; under bf16
+    autocast every expert's weights get finite grads; and `train.compile=auto` (on for CUDA: the experts' row
+    counts vary from step to step) trains with eager's losses."""
+    from plait.train.config import ModelConfig
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=100, ffn_dim=96, max_seq_len=64, moe_experts=4)
+    cpu_model, model = build_model(cfg, seed=4), build_model(cfg, seed=4, device=CUDA)
+    ids = torch.randint(0, 100, (2, 25), generator=torch.Generator().manual_seed(0))
+    for one, device in ((cpu_model, "cpu"), (model, CUDA)):
+        one.loss(one(ids[:, :-1].to(device)), ids[:, 1:].to(device)).backward()
+    for (name, ours), theirs in zip(model.named_parameters(), cpu_model.parameters()):
+        torch.testing.assert_close(ours.grad.cpu(), theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.zero_grad()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.loss(model(ids[:, :-1].to(CUDA)), ids[:, 1:].to(CUDA))
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    cache = stdlib_tokens[0].parent.parent
+    moe = ["model.moe_experts=4", "model.moe_top_k=2"]
+    eager, _ = losses_of(trainer_overrides(tmp_path / "eager", cache, "train.compile=false", *moe))
+    compiled, compiled_on = losses_of(trainer_overrides(tmp_path / "compiled", cache, *moe))
+    assert compiled_on and compiled == pytest.approx(eager, rel=1e-4)

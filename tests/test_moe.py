@@ -4,8 +4,10 @@ SwiGLU experts, dropless, with the Switch load-balancing loss.
 Held to: a token-by-token loop (outputs and every grad); the load-balancing gradient joining backward at the
 main loss's scale (the same grads as adding the loss to the loss, at any micro-batch count and fp16 scale);
 an expert no token chose still getting a (zero) grad; transformers' `MixtralForCausalLM` on the exported
-weights; and every layout against one process (tp's single gather and reduction around the experts, the router's
-grad summed over tp, SP, pipelines, dp with ZeRO).
+weights; every layout against one process (tp's single gather and reduction around the experts, the router's
+grad summed over tp, SP, pipelines and a split backward, dp with ZeRO, cp, and expert parallelism: `parallel.ep`
+ranks each holding their share of the experts, tokens exchanged by all-to-all); expert-parallel checkpoints
+resuming exactly in one process and back; offload and recompute.
 """
 
 import pytest
@@ -178,6 +180,9 @@ LAYOUTS = {  # name: (world size, overrides)
     "tp2-sp-ep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2", "parallel.bucket_mb=0.01"]),
     "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.microbatches=1"]),
     "ep2-cp2-no-aux": (4, ["parallel.ep=2", "parallel.cp=2", "model.moe_aux_loss=0"]),
+    "ep2-dp4-no-aux": (4, ["parallel.ep=2", "parallel.bucket_mb=0.01", "model.moe_aux_loss=0"]),
+    "ep2-dp4-zero1-no-aux": (4, ["parallel.ep=2", "parallel.zero=1", "parallel.bucket_mb=0.01",
+                                 "parallel.overlap_param_gather=true", "model.moe_aux_loss=0"]),
 }
 
 
@@ -282,20 +287,23 @@ def _save_then_resume(rank, world, save_overrides, resume_overrides, run_dir, ca
     return held, losses
 
 
-@pytest.mark.parametrize("saver,resumer", [("ep2", "one"), ("one", "ep2")])
+@pytest.mark.parametrize("saver,resumer", [("ep2", "one"), ("one", "ep2"), ("ep2-dp4-zero1", "one"),
+                                           ("one", "ep2-dp4-zero1")])
 def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, resumer, tmp_path, stdlib_tokens):
-    """Each ep rank writes its own experts under their global names: the checkpoint holds all of them, and a
-    run under the other layout resumes it with the losses of a run that never stopped."""
+    """Each ep rank writes its own experts under their global names (under ZeRO-1, gathered from the ranks holding
+    them): the checkpoint holds all of them, and a run under the other layout resumes it with the losses of a
+    run that never stopped (every layout runs micro-batches of 2 sequences)."""
     from plait.train.checkpoint import latest_checkpoint, read_index
 
     cache = stdlib_tokens[0].parent.parent
-    layouts = {"one": (1, ["parallel.microbatches=2"]), "ep2": (2, ["parallel.ep=2"])}
-    straight = train_steps(0, 1, BASE, ["parallel.microbatches=2", "train.steps=4"], tmp_path / "straight", cache,
+    layouts = {"one": (1, ["parallel.microbatches=4"]), "ep2": (2, ["parallel.ep=2", "parallel.microbatches=2"]),
+               "ep2-dp4-zero1": (4, ["parallel.ep=2", "parallel.zero=1", "parallel.bucket_mb=0.01"])}
+    straight = train_steps(0, 1, BASE, ["parallel.microbatches=4", "train.steps=4"], tmp_path / "straight", cache,
                            4, 0)[0]
     world, overrides = layouts[saver]
     held = run_ranks(world, _save_then_resume, overrides, None, tmp_path / "run", cache)
-    if saver == "ep2":
-        assert [ids for ids, _ in held] == [[0, 1], [2, 3]]  # each ep rank holds half the experts
+    if saver != "one":  # each ep rank holds half the experts
+        assert [ids for ids, _ in held] == [[0, 1], [2, 3]] * (world // 2)
     index = read_index(latest_checkpoint(tmp_path / "run" / "checkpoints"))
     assert {f"layers.3.mlp.experts.{e}.w13.weight" for e in range(4)} <= set(index["params"])
     assert {f"layers.3.mlp.experts.{e}.w2.weight" for e in range(4)} <= set(index["optimizer_state"])
