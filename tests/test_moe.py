@@ -219,11 +219,12 @@ def test_the_trainer_weighs_each_micro_batch_balancing_loss_as_its_loss(tmp_path
     theirs = {}
     trainer.optimizer.step = lambda: theirs.update({name: param.grad.clone()  # the grads the update would take
                                                     for name, param in model.named_parameters()})
-    trainer.step()
+    record = trainer.step()
     model.zero_grad()
     batch = trainer.loader.batch(0)
     for layer in trainer.moe_layers:
         layer.aux_loss = 0.0  # the balancing loss is added by hand below
+    every_aux = []
     for micro in batch:
         aux = []
         hooks = [layer.router.register_forward_hook(
@@ -232,9 +233,11 @@ def test_the_trainer_weighs_each_micro_batch_balancing_loss_as_its_loss(tmp_path
                                                         minlength=4), 2))) for layer in trainer.moe_layers]
         loss = model.loss(model(micro[:, :-1]), micro[:, 1:]) + 0.5 * sum(aux)
         (loss / len(batch)).backward()
+        every_aux += [float(value) for value in aux]
         for hook in hooks:
             hook.remove()
     trainer.close()
+    assert len(every_aux) == 8 and record["moe_balance"] == pytest.approx(sum(every_aux) / 8, rel=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(theirs[name], param.grad, rtol=1e-5, atol=1e-6)
 
@@ -310,3 +313,23 @@ def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, re
     world, overrides = layouts[resumer]
     for _, losses in run_ranks(world, _save_then_resume, None, overrides, tmp_path / "run", cache):
         assert losses == pytest.approx(straight[2:], rel=1e-5)
+
+
+def _balances(rank, world, overrides, run_dir, cache):
+    from train_utils import make_trainer
+
+    trainer = make_trainer(rank, world, BASE, overrides, run_dir, cache)
+    balances = [trainer.step()["moe_balance"] for _ in range(2)]
+    trainer.close()
+    return balances
+
+
+def test_the_balance_metric_is_one_process_s_under_tp_pp_and_ep(tmp_path, stdlib_tokens):
+    """`moe_balance` (the mean balancing loss over layers, micro-batches and ranks) reads the same under any
+    layout that runs the same micro-batches, and lies in [1, E/k]."""
+    cache = stdlib_tokens[0].parent.parent
+    one = _balances(0, 1, ["parallel.microbatches=2"], tmp_path / "one", cache)
+    assert all(1.0 <= value <= 4 / 2 for value in one)
+    for world, overrides in ((4, LAYOUTS["tp2-sp-pp2"][1]), (2, ["parallel.ep=2"])):
+        for balances in run_ranks(world, _balances, overrides, tmp_path / f"w{world}", cache):
+            assert balances == pytest.approx(one, rel=1e-5)

@@ -72,6 +72,7 @@ class MoE(nn.Module):
         self.run_experts: Callable = run_local
         self.aux_share = 1.0
         self.aux_grad_scale = 1.0
+        self.balance = torch.zeros(2)  # (sum of the balancing loss, forwards) since `take_balance`: a metric
 
     def route(self, flat: torch.Tensor):
         """(probs [T, E] fp32, weights [T, k] fp32 summing to 1, chosen [T, k] expert ids)."""
@@ -88,15 +89,25 @@ class MoE(nn.Module):
         outputs = self.run_experts(list(self.experts.values()), flat[order // self.top_k], counts)
         per_choice = outputs[inverse(order)].view(flat.shape[0], self.top_k, -1)  # a gather: keeps only its index
         out = (per_choice * weights.unsqueeze(-1).to(per_choice.dtype)).sum(dim=1)
-        if self.training and self.aux_loss:
+        if self.training:
             aux = load_balancing_loss(probs, counts, self.top_k)
-            out = AuxLossGrad.apply(out, aux, self.aux_loss * self.aux_share * self.aux_grad_scale)
+            self.balance = self.balance.to(aux.device) + torch.stack([aux.detach(), aux.new_ones(())])
+            if self.aux_loss:
+                out = AuxLossGrad.apply(out, aux, self.aux_loss * self.aux_share * self.aux_grad_scale)
         return self.exit(out.view(x.shape[:-1] + out.shape[-1:]))
 
 
 def run_local(experts: Sequence[nn.Module], rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Each expert on its rows (`rows` sorted by expert, `counts` [E] rows each), outputs in the same order."""
     return torch.cat([expert(part) for expert, part in zip(experts, rows.split(counts.tolist()))])
+
+
+def take_balance(layers) -> torch.Tensor:
+    """(sum of the balancing loss, forwards) over `layers` since the last call, and start again from zero."""
+    total = sum(layer.balance.to(torch.float32) for layer in layers)
+    for layer in layers:
+        layer.balance = torch.zeros_like(layer.balance)
+    return total
 
 
 def moe_layers(chunks) -> list:

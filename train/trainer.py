@@ -56,7 +56,7 @@ from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml
 from plait.train.export import init_from_hf
 from plait.train.build import build_chunks, hidden_shape, named_parameters_of, param_specs_of
 from plait.train.model import TIED_NAMES, Transformer
-from plait.train.moe import moe_layers
+from plait.train.moe import moe_layers, take_balance
 from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.peaks import peak_flops
 from plait.train.step import autocast
@@ -407,6 +407,7 @@ class Trainer:
         self.updated = not overflow  # (the optimizer state exists once a step has updated)
         held = self._held_bytes()  # after the update (the state exists), before the grads are let go
         weights = {"params_norm": self.params_norm()} if self.cfg.train.log_params_norm else {}
+        balance = {"moe_balance": self._moe_balance()} if self.moe_layers else {}
         self.grads.zero_grad()
         loss = all_reduce_mean(loss, self.grid.grad_group)  # each dp (and cp) rank's share of the batch
         self.step_num += 1
@@ -420,7 +421,7 @@ class Trainer:
             scaling = {"loss_scale": scale, "skipped_steps": self.loss_scaler.skipped}
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
-                "step_time_s": elapsed, **ramping, **scaling, **weights, **held, **offload_metrics}
+                "step_time_s": elapsed, **ramping, **scaling, **weights, **balance, **held, **offload_metrics}
 
     def params_norm(self) -> float:
         """The L2 norm of all the weights, each counted once as in one process (tp shards, ZeRO pieces, a tied copy
@@ -428,6 +429,14 @@ class Trainer:
         entries = self.optimizer.param_entries() if self.grads_sharded_over_dp else list(self.named_params.items())
         return float(global_grad_norm([(t.detach(), self.specs[n]) for n, t in entries if n not in self.mirrors],
                                       self.grid, dp_sharded=self.grads_sharded_over_dp))
+
+    def _moe_balance(self) -> float:
+        """The step's mean load-balancing loss over every MoE layer, micro-batch and rank (1: an even load; E/k:
+        every token to the same k experts), the same on every rank: Megatron's load_balancing_loss, unweighted."""
+        total = take_balance(self.moe_layers)  # this rank's layers (its pp stage); tp ranks repeat the same sums
+        if self.grid.world_size > 1:
+            dist.all_reduce(total)  # over every rank: sum and count alike, so the ratio is the mean
+        return float(total[0] / total[1])
 
     def updates_done(self) -> int:
         """Optimizer updates so far: the steps less those fp16 skipped on an overflow. The learning-rate schedule
