@@ -246,10 +246,12 @@ def test_a_mixtral_directory_and_a_dense_model_refuse_each_other(tmp_path):
     from plait.train.export import CheckpointError, init_from_hf
 
     _, _, out = exported(tmp_path)
-    with pytest.raises(CheckpointError, match=r"is model_type=mixtral with 4 experts \(top 2\) but model.moe_experts=0; "
-                                              r"set model.moe_experts=4 model.moe_top_k=2 to load it\.$"):
+    dense = r"is model_type=mixtral with 4 experts \(top 2\) but model.moe_experts=0; set model.moe_experts=4 " \
+            r"model.moe_top_k=2 to load it\.$"
+    with pytest.raises(CheckpointError, match=dense):
         init_from_hf(build_model(ModelConfig(**SMALL)), out)
-    with pytest.raises(CheckpointError, match=r"with 4 experts \(top 2\) but model.moe_experts=4 \(model.moe_top_k=1\)"):
+    top_1 = r"with 4 experts \(top 2\) but model.moe_experts=4 \(model.moe_top_k=1\)"
+    with pytest.raises(CheckpointError, match=top_1):
         init_from_hf(build_model(ModelConfig(**SMALL, moe_experts=4, moe_top_k=1)), out)
 
 

@@ -142,3 +142,15 @@ def test_tied_embeddings_under_a_pipeline_hold_a_copy_counted_once():
     untied = plan(load_config(base + ["model.tie_embeddings=false", "parallel.pp=2", "launch.world_size=2"]), 2)
     assert piped.total_params == one.total_params < untied.total_params
     assert [s.params for s in piped.stages] == [s.params for s in untied.stages]  # the copy is held
+
+
+def test_expert_parallel_ranks_hold_their_share_of_the_experts():
+    """Under parallel.ep=2 a rank holds half the experts of each layer: exactly that many parameters fewer than
+    at ep=1 (and half the optimizer state of them), while the model's total stays the same."""
+    base = ["model=tiny", "model.moe_experts=4", "train.seq_len=64", "train.batch_size=8", "launch.world_size=2"]
+    whole, split = (plan(load_config(base + [f"parallel.ep={ep}"]), 2) for ep in (1, 2))
+    cfg = load_config(base).model
+    expert = 3 * cfg.dim * ffn_dim(cfg)
+    assert whole.total_params == split.total_params
+    assert whole.stages[0].params - split.stages[0].params == cfg.n_layers * 2 * expert
+    assert whole.stages[0].optimizer - split.stages[0].optimizer == 8 * cfg.n_layers * 2 * expert  # AdamW: 2 x fp32

@@ -213,8 +213,8 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
         if group_of is not None:  # the trainer's own rule (a tied copy is grouped as its source)
             matrices += sum(p.numel() for name, p in model.named_parameters()
                             if group_of(copies.get(name, name), p).get("muon"))
-        full_params += sum(p.numel() * (tp if specs[name].is_sharded else 1)
-                           for name, p in model.named_parameters() if name not in copies)
+        full_params += sum(p.numel() * (tp if specs[name].is_sharded else 1) * (layout.ep if specs[name].expert else 1)
+                           for name, p in model.named_parameters() if name not in copies)  # (ep: E/ep experts here)
         vocab_local = model.vocab // tp
     layers = sum(len(chunk.layers) for chunk in chunks)
     has_head = any(chunk.has_head for chunk in chunks)
