@@ -2,7 +2,8 @@
 
 `fully_shard` is applied to every transformer block and then to each model chunk (the
 chunk keeps the embedding, the final norm and the head), over the gradient group's mesh
-(dp, or dp x cp flattened under context parallelism). Each parameter becomes a DTensor
+(dp, or dp x cp flattened under context parallelism); under expert parallelism each expert
+first, over the ranks holding it (`grid.expert_mesh`). Each parameter becomes a DTensor
 whose rows are split over those ranks (torch.chunk's split of dim 0, padded inside FSDP).
 plait's tensor-parallel layers hold plain per-tp-rank tensors, so FSDP2 shards each tp
 shard over dp: tp x dp composes without a 2-D mesh.
@@ -65,13 +66,18 @@ def mixed_precision(precision: str, reduce_in_fp32: bool):
                                 output_dtype=torch.float32)
 
 
-def shard_chunk(chunk: nn.Module, mesh, zero: int, policy) -> List[nn.Module]:
-    """fully_shard each block of `chunk`, then the chunk, over `mesh`; the sharded modules, blocks first."""
+def shard_chunk(chunk: nn.Module, mesh, zero: int, policy, experts=None) -> List[nn.Module]:
+    """fully_shard each block of `chunk`, then the chunk, over `mesh`; the sharded modules, blocks first. With
+    `experts` (expert parallelism: the expert_grad mesh), each expert of a mixture is sharded first, over the
+    ranks holding it."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = zero == 3
     modules = []
     for block in chunk.layers.values():
+        for expert in (getattr(block.mlp, "experts", {}).values() if experts is not None else ()):
+            fully_shard(expert, mesh=experts, reshard_after_forward=reshard, mp_policy=policy)
+            modules.append(expert)
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
         modules.append(block)
     # the chunk's own weights (embedding, final norm, head) stay whole from forward to backward: the head's
@@ -103,6 +109,12 @@ def gather_rows(rows: torch.Tensor, full_shape, group, dst: int, me: int) -> Opt
     return torch.cat(pieces)[:full_shape[0]]
 
 
+def place(param: torch.Tensor) -> Tuple[int, int]:
+    """(this rank's place, ranks) in the mesh a sharded parameter's rows are split over ((0, 1): whole)."""
+    mesh = getattr(param, "device_mesh", None)
+    return (mesh.get_local_rank(), mesh.size()) if mesh is not None else (0, 1)
+
+
 def rows_of(full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     """Rank `rank`'s rows of `full` as FSDP2 splits dim 0 (torch.chunk; ranks past the last chunk: none)."""
     pieces = torch.chunk(full, size, dim=0)
@@ -128,7 +140,13 @@ class ShardedGrads:
         policy = mixed_precision(precision, reduce_in_fp32)
         self.mesh = grad_mesh(grid)
         self.rank, self.size = self.mesh.get_local_rank(), self.mesh.size()
-        self.modules = [shard_chunk(chunk, self.mesh, zero, policy) for chunk in self.chunks]
+        experts = grid.expert_mesh if grid.ep > 1 else None
+        self.modules = [shard_chunk(chunk, self.mesh, zero, policy, experts) for chunk in self.chunks]
+        # FSDP2 averages an expert's grads over the ranks holding it; every replica's loss counts in the mean, so
+        # they are scaled by that group over dp x cp once reduced (gloo has no PreMulSum for a divide factor)
+        self.expert_params = [p for chunk in self.chunks for p in chunk.parameters()
+                              if experts is not None and getattr(p, "device_mesh", None) is experts]
+        self.expert_scale = experts.size() / grid.grad_size if experts is not None else 1.0
         self._keep_weights_for_the_step()
 
     def _keep_weights_for_the_step(self) -> None:
@@ -150,8 +168,13 @@ class ShardedGrads:
 
     def finish(self) -> None:
         """Every reduce-scatter has been waited by FSDP2's end-of-backward callback; no weight stays whole
-        past this point (the optimizer updates the shards, a whole copy would go stale)."""
+        past this point (the optimizer updates the shards, a whole copy would go stale). An expert's grads become
+        the mean over dp x cp."""
         self.reshard()
+        with torch.no_grad():
+            for param in self.expert_params:
+                if param.grad is not None:
+                    local(param.grad).mul_(self.expert_scale)
 
     def reshard(self) -> None:
         """Let go of every weight gathered whole (after an evaluation's forwards too: no backward reshards them)."""
@@ -197,12 +220,12 @@ class ShardedGrads:
 
     def gather_to(self, param: torch.Tensor, rows: torch.Tensor, dst: int) -> Optional[torch.Tensor]:
         """`rows` (this rank's rows of a tensor shaped like sharded `param`) gathered whole on global rank `dst`."""
-        return gather_rows(rows, param.shape, self.mesh.get_group(), dst, self.grid.rank)
+        return gather_rows(rows, param.shape, param.device_mesh.get_group(), dst, self.grid.rank)
 
     @torch.no_grad()
     def copy_whole(self, param: nn.Parameter, whole: torch.Tensor) -> None:
         """Copy this rank's rows of `whole` (the parameter's whole tp shard) into its sharded parameter."""
-        local(param).copy_(rows_of(whole, self.rank, self.size))
+        local(param).copy_(rows_of(whole, *place(param)))
 
     @contextmanager
     def whole_for_writing(self) -> Iterator[Dict[str, torch.Tensor]]:

@@ -26,6 +26,7 @@ class Grid:
     backend: str = "gloo"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mesh: Optional[object] = None  # torch.distributed.device_mesh.DeviceMesh over DIMS, when distributed
+    expert_mesh: Optional[object] = None  # 1-D DeviceMesh over the expert_grad group (ep > 1): FSDP2 shards experts
     groups: Dict[Tuple[str, ...], Optional[dist.ProcessGroup]] = field(default_factory=dict)
     group_ranks: Dict[str, List[int]] = field(default_factory=dict)
 
@@ -51,7 +52,7 @@ class Grid:
             return cls.single(device)
         layout = Layout.infer(dist.get_world_size(), tp, pp, dp, cp, ep)
         rank = dist.get_rank()
-        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
         mesh = init_device_mesh(device.type, tuple(layout.sizes().values()), mesh_dim_names=DIMS)
         grid = cls(layout, rank, dist.get_backend(), device, mesh)
@@ -65,9 +66,11 @@ class Grid:
                     grid.groups[key] = group
         for name, groups in layout.expert_groups().items():  # ep's, inside dp (ep 1: groups of one and all dp)
             for ranks in groups:
-                group = dist.new_group(ranks) if len(ranks) > 1 and layout.ep > 1 else None
+                group = dist.new_group(ranks) if layout.ep > 1 else None  # (one rank too: FSDP2's expert mesh)
                 if rank in ranks:
-                    grid.groups[(name,)] = group
+                    grid.groups[(name,)] = group if len(ranks) > 1 else None
+                    if name == "expert_grad" and group is not None:
+                        grid.expert_mesh = DeviceMesh.from_group(group, device.type, mesh=ranks)
         for name, groups in {**layout.groups(), **layout.expert_groups()}.items():
             grid.group_ranks[name] = next(ranks for ranks in groups if rank in ranks)
         return grid

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from plait.common.optimizer_state import load_param_state
-from plait.parallel.fsdp import ShardedGrads, local, row_offset, rows_of
+from plait.parallel.fsdp import ShardedGrads, local, place, row_offset, rows_of
 from plait.parallel.sharded_state import ShardedState
 
 
@@ -36,7 +36,7 @@ class ShardOptimizer(ShardedState):
         self.group, self.device = (grads.mesh.get_group() if grads.size > 1 else None), grads.grid.device
         pieces = {name: view for name, view in self.views.items() if view.numel() > 0}
         self._build(make_optimizer, groups, pieces,
-                    {name: row_offset(self.params[name].shape, grads.rank, grads.size) for name in pieces})
+                    {name: row_offset(self.params[name].shape, *place(self.params[name])) for name in pieces})
 
     def grad_entries(self) -> List[Tuple[str, torch.Tensor]]:
         """(name, this rank's averaged gradient rows) for norms and clipping."""
@@ -88,6 +88,6 @@ class ShardOptimizer(ShardedState):
         by_view = {}
         for name, view in self.views.items():
             if name in state and view.numel() > 0:
-                by_view[view] = {key: value if key == "step" else rows_of(value, self.grads.rank, self.grads.size)
+                by_view[view] = {key: value if key == "step" else rows_of(value, *place(self.params[name]))
                                  for key, value in state[name].items()}
         load_param_state(self.optimizer, by_view)

@@ -183,6 +183,9 @@ LAYOUTS = {  # name: (world size, overrides)
     "ep2-dp4-no-aux": (4, ["parallel.ep=2", "parallel.bucket_mb=0.01", "model.moe_aux_loss=0"]),
     "ep2-dp4-zero1-no-aux": (4, ["parallel.ep=2", "parallel.zero=1", "parallel.bucket_mb=0.01",
                                  "parallel.overlap_param_gather=true", "model.moe_aux_loss=0"]),
+    "ep2-dp4-zero2-no-aux": (4, ["parallel.ep=2", "parallel.zero=2", "model.moe_aux_loss=0"]),
+    "pp2-zbv-ep2-zero3-no-aux": (4, ["parallel.pp=2", "parallel.schedule=zbv", "parallel.microbatches=2",
+                                     "parallel.ep=2", "parallel.zero=3", "model.moe_aux_loss=0"]),
 }
 
 
@@ -293,7 +296,8 @@ def _save_then_resume(rank, world, save_overrides, resume_overrides, run_dir, ca
 
 
 @pytest.mark.parametrize("saver,resumer", [("ep2", "one"), ("one", "ep2"), ("ep2-dp4-zero1", "one"),
-                                           ("one", "ep2-dp4-zero1")])
+                                           ("one", "ep2-dp4-zero1"), ("ep2-dp4-zero3", "one"),
+                                           ("one", "ep2-dp4-zero3")])
 def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, resumer, tmp_path, stdlib_tokens):
     """Each ep rank writes its own experts under their global names (under ZeRO-1, gathered from the ranks holding
     them): the checkpoint holds all of them, and a run under the other layout resumes it with the losses of a
@@ -302,7 +306,8 @@ def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, re
 
     cache = stdlib_tokens[0].parent.parent
     layouts = {"one": (1, ["parallel.microbatches=4"]), "ep2": (2, ["parallel.ep=2", "parallel.microbatches=2"]),
-               "ep2-dp4-zero1": (4, ["parallel.ep=2", "parallel.zero=1", "parallel.bucket_mb=0.01"])}
+               "ep2-dp4-zero1": (4, ["parallel.ep=2", "parallel.zero=1", "parallel.bucket_mb=0.01"]),
+               "ep2-dp4-zero3": (4, ["parallel.ep=2", "parallel.zero=3"])}
     straight = train_steps(0, 1, BASE, ["parallel.microbatches=4", "train.steps=4"], tmp_path / "straight", cache,
                            4, 0)[0]
     world, overrides = layouts[saver]

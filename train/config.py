@@ -446,9 +446,6 @@ def validate(cfg: Config, world_size: int = 1) -> int:
                   and str(cfg.train.compile).lower() == "true"),
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "
              f"autograd node) cannot do; set train.compile=false or another parallel.schedule.")
-    _require(cfg.parallel.ep == 1 or cfg.parallel.zero <= 1,
-             f"parallel.ep={cfg.parallel.ep} with parallel.zero={cfg.parallel.zero} is not supported yet (FSDP2 shards "
-             f"the weights over dp ranks that hold different experts); set parallel.zero=0 or 1, or parallel.ep=1.")
     _require(cfg.parallel.ep == 1 or cfg.optim.name != "muon",
              f"optim=muon with parallel.ep={cfg.parallel.ep} is not supported yet (Muon deals whole matrices over dp "
              f"ranks that hold different experts); set optim=adamw or lion, or parallel.ep=1.")
