@@ -46,6 +46,12 @@ def inverse(order: torch.Tensor) -> torch.Tensor:
     return back
 
 
+def run_local(experts: Sequence[nn.Module], rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each expert on its rows (`rows` grouped by expert, `counts` rows each, in `experts`' order), outputs in the
+    same order (an expert with no rows runs on none, so its weights still get a zero grad)."""
+    return torch.cat([expert(part) for expert, part in zip(experts, rows.split(counts.tolist()))])
+
+
 class ExpertExchange:
     """`run_experts(experts, rows, counts)` under expert parallelism: `experts` this rank's E/ep, `rows` this rank's
     (token, choice) rows sorted by global expert, `counts` [E] rows per global expert; returns each row's expert
@@ -63,8 +69,7 @@ class ExpertExchange:
         arrived = AllToAll.apply(rows, send, receive, self.group)  # by source rank, then by my expert
         segment = torch.repeat_interleave(torch.arange(self.ep * local, device=rows.device), received.reshape(-1))
         order = ((segment % local) * self.ep + segment // local).argsort(stable=True)  # by my expert, then source
-        parts = arrived[order].split(received.sum(dim=0).tolist())
-        outputs = torch.cat([expert(part) for expert, part in zip(experts, parts)])
+        outputs = run_local(experts, arrived[order], received.sum(dim=0))
         return AllToAll.apply(outputs[inverse(order)], receive, send, self.group)
 
 

@@ -7,9 +7,9 @@ every step and the data-parallel buckets fill), and the rows are gathered back t
 over each token's k choices. No token is dropped and no capacity is set. Backward keeps, per choice, its row,
 the expert's own activations, its output and its weight, and three int64 indices (`plait plan` counts them).
 
-Load balancing: the Switch Transformer's auxiliary loss, E/k x sum_e f_e P_e over the micro-batch's tokens
+Load balancing: the Switch Transformer's auxiliary loss, E x sum_e f_e P_e over the micro-batch's tokens
 (f_e: the share of the T x k choices that went to expert e; P_e: the router's mean probability of e), which is 1
-when the load is even. It is not added to the loss the step reports: its gradient joins backward at the layer's
+when the load is even and at most E/k. It is not added to the loss the step reports: its gradient joins backward at the layer's
 output (`AuxLossGrad`, as Megatron's MoEAuxLossAutoScaler does), so a pipeline carries no extra tensor between
 stages. Its weight there is `aux_loss x aux_share x aux_grad_scale`; the trainer sets `aux_grad_scale` to the
 main loss's own backward scale (1/micro-batches, times fp16's loss scale) before each step.
@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from plait.parallel.experts import inverse
+from plait.parallel.experts import inverse, run_local
 from plait.train.config import ModelConfig
 
 
@@ -52,7 +52,8 @@ class AuxLossGrad(torch.autograd.Function):
 
 
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
-    """E/k x sum_e f_e P_e: probs [T, E] (fp32), counts [E] (choices per expert); 1 under an even load."""
+    """E x sum_e f_e P_e (f_e = counts_e / (T k)): probs [T, E] (fp32), counts [E] (choices per expert); 1 under an
+    even load, at most E/k (each f_e is at most 1/k)."""
     tokens, experts = probs.shape
     share = counts.to(probs.dtype) / (tokens * top_k)
     return experts * (share * probs.mean(dim=0)).sum()
@@ -69,7 +70,7 @@ class MoE(nn.Module):
         self.experts = nn.ModuleDict({str(e): expert for e, expert in enumerate(experts)})  # keyed by global id
         self.enter: Callable = identity
         self.exit: Callable = identity
-        self.run_experts: Callable = run_local
+        self.run_experts: Callable = run_local  # every expert here: each on its own rows
         self.aux_share = 1.0
         self.aux_grad_scale = 1.0
         self.balance = torch.zeros(2)  # (sum of the balancing loss, forwards) since `take_balance`: a metric
@@ -95,11 +96,6 @@ class MoE(nn.Module):
             if self.aux_loss:
                 out = AuxLossGrad.apply(out, aux, self.aux_loss * self.aux_share * self.aux_grad_scale)
         return self.exit(out.view(x.shape[:-1] + out.shape[-1:]))
-
-
-def run_local(experts: Sequence[nn.Module], rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Each expert on its rows (`rows` sorted by expert, `counts` [E] rows each), outputs in the same order."""
-    return torch.cat([expert(part) for expert, part in zip(experts, rows.split(counts.tolist()))])
 
 
 def take_balance(layers) -> torch.Tensor:
