@@ -17,6 +17,9 @@ orthogonalizes whole matrices. `ShardedMatrices.orthogonalize(pieces, fn, scale)
 4. each rank keeps its piece of each result, as parts (one a segment), each with `scale` of its
    segment's shape.
 
+Under expert parallelism an expert's matrices are held by fewer ranks (`grid.expert_grad_group`): they
+get a `ShardedMatrices` of their own over those, beside the rest's (`ExpertSplitMatrices`).
+
 So each rank does about 1/(tp x dp x cp) of the stage's Newton-Schulz work, and every rank
 receives every result (2 bytes a parameter of the stage's matrices in bf16). One process with whole
 weights skips all of it: its pieces are the matrices. Each call is a collective over tp and the
@@ -50,13 +53,16 @@ class ShardedMatrices:
     """The matrices `specs` names (this rank's chunks', by global name) as tp and ZeRO lay them out."""
 
     def __init__(self, specs: Dict[str, ShardSpec], grid: Grid, sharded_over_dp: bool,
-                 dtype: torch.dtype = torch.float32, result_dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, result_dtype: torch.dtype = torch.float32, experts: bool = False):
+        """`experts`: these are experts' own matrices under expert parallelism, held (and ZeRO-split) by the ranks
+        of `grid.expert_grad_group` rather than the whole grad group."""
         self.specs = dict(sorted(specs.items()))  # one order on every rank of the stage
         self.tp, self.tp_rank = grid.tp, grid.tp_rank
         self.tp_group = grid.tp_group if grid.tp > 1 else None
-        self.grad_group = grid.grad_group if grid.grad_size > 1 else None
-        self.grad_size = grid.grad_size
-        self.sharded_over_dp = sharded_over_dp and grid.grad_size > 1
+        group, self.grad_size, grad_rank = (grid.expert_grad_group, grid.expert_grad_size, grid.expert_grad_rank) \
+            if experts else (grid.grad_group, grid.grad_size, grid.grad_rank)
+        self.grad_group = group if self.grad_size > 1 else None
+        self.sharded_over_dp = sharded_over_dp and self.grad_size > 1
         self.device, self.dtype, self.result_dtype = grid.device, dtype, result_dtype  # the weights', fn's
         self.shapes = {name: spec.local_shape(grid.tp) for name, spec in self.specs.items()}
         self.offsets, total = {}, 0
@@ -68,9 +74,9 @@ class ShardedMatrices:
         self.tasks: List[Tuple[str, int, Tuple[int, int]]] = [
             (name, index, (rows, spec.full_shape[1])) for name, spec in self.specs.items()
             for index, rows in enumerate(spec.segments or (spec.full_shape[0],))]
-        self.slots = grid.tp * grid.grad_size
+        self.slots = grid.tp * self.grad_size
         self.owner = deal([min(r, c) ** 2 * max(r, c) for _, _, (r, c) in self.tasks], self.slots)
-        self.slot = grid.tp_rank * grid.grad_size + grid.grad_rank
+        self.slot = grid.tp_rank * self.grad_size + grad_rank
         self.width = max([sum(r * c for (_, _, (r, c)), o in zip(self.tasks, self.owner) if o == slot)
                           for slot in range(self.slots)] + [0])
 
@@ -149,3 +155,17 @@ class ShardedMatrices:
             at, size = self.offsets[name], int(torch.Size(shape).numel())
             wholes[name] = self.specs[name].unshard([b[at:at + size].view(shape) for b in buffers])
         return wholes
+
+
+class ExpertSplitMatrices:
+    """Under expert parallelism: the experts' matrices (`experts`' names) from the ranks holding them, the rest from
+    the whole grad group; each call runs both (collective, in that order on every rank)."""
+
+    def __init__(self, dense: ShardedMatrices, experts: ShardedMatrices):
+        self.dense, self.experts = dense, experts
+
+    def orthogonalize(self, pieces: Pieces, fn: Orthogonalize, scale: Scale) -> Dict[str, List[Part]]:
+        out = self.dense.orthogonalize({n: p for n, p in pieces.items() if n not in self.experts.specs}, fn, scale)
+        out.update(self.experts.orthogonalize({n: p for n, p in pieces.items() if n in self.experts.specs}, fn,
+                                              scale))
+        return out

@@ -48,7 +48,6 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
     (["parallel.ep=2"], 2, "parallel.ep=2 splits a mixture of experts, but model.moe_experts=0; set model.moe_experts to"
                            " a multiple of 2 or parallel.ep=1."),
     (["model.moe_experts=6", "parallel.ep=4"], 4, "parallel.ep=4 does not divide model.moe_experts=6"),
-    (["model.moe_experts=4", "parallel.ep=2", "optim=muon"], 2, "optim=muon with parallel.ep=2 is not supported yet"),
 ])
 def test_relations_give_one_sentence(overrides, world, fragment):
     with pytest.raises(ConfigError) as info:

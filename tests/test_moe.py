@@ -340,3 +340,27 @@ def test_the_balance_metric_is_one_process_s_under_tp_pp_and_ep(tmp_path, stdlib
     for world, overrides in ((4, LAYOUTS["tp2-sp-pp2"][1]), (2, ["parallel.ep=2"])):
         for balances in run_ranks(world, _balances, overrides, tmp_path / f"w{world}", cache):
             assert balances == pytest.approx(one, rel=1e-5)
+
+
+MUON_LAYOUTS = {  # name: (world size, overrides); the balancing loss off where dp splits a micro-batch's sequences
+    "tp2-sp-ep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"]),
+    "ep2-dp4-zero1-no-aux": (4, ["parallel.ep=2", "parallel.zero=1", "parallel.bucket_mb=0.01",
+                                 "model.moe_aux_loss=0"]),
+    "ep2-dp4-zero3-no-aux": (4, ["parallel.ep=2", "parallel.zero=3", "model.moe_aux_loss=0"]),
+}
+
+
+@pytest.mark.parametrize("layout", list(MUON_LAYOUTS))
+def test_muon_under_expert_parallelism_trains_as_one_process(layout, tmp_path, stdlib_tokens):
+    """Muon orthogonalizes each expert's matrices from the ranks holding it (their own `ShardedMatrices`), the rest
+    from the whole grad group: the same steps as one process."""
+    cache = stdlib_tokens[0].parent.parent
+    world, overrides = MUON_LAYOUTS[layout]
+    aux = [o for o in overrides if o.startswith("model.moe_aux_loss")]
+    losses, norms, val = train_steps(0, 1, BASE, ["optim=muon", "parallel.microbatches=2", *aux], tmp_path / "one",
+                                     cache, STEPS)
+    for rank_losses, rank_norms, rank_val in run_ranks(world, train_steps, BASE, ["optim=muon", *overrides],
+                                                       tmp_path / "many", cache, STEPS):
+        assert rank_losses == pytest.approx(losses, rel=1e-5)
+        assert rank_norms == pytest.approx(norms, rel=1e-5)
+        assert rank_val == pytest.approx(val, rel=1e-5)

@@ -446,9 +446,6 @@ def validate(cfg: Config, world_size: int = 1) -> int:
                   and str(cfg.train.compile).lower() == "true"),
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "
              f"autograd node) cannot do; set train.compile=false or another parallel.schedule.")
-    _require(cfg.parallel.ep == 1 or cfg.optim.name != "muon",
-             f"optim=muon with parallel.ep={cfg.parallel.ep} is not supported yet (Muon deals whole matrices over dp "
-             f"ranks that hold different experts); set optim=adamw or lion, or parallel.ep=1.")
     _require(not (cfg.model.moe_experts and cfg.optim.mup),
              f"optim.mup=true has no rule yet for model.moe_experts={cfg.model.moe_experts}'s router (a readout of fixed "
              f"width into the experts); set optim.mup=false or model.moe_experts=0.")

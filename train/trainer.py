@@ -44,7 +44,7 @@ from plait.parallel.pipeline.schedule import (SPLIT_SCHEDULES, chunks_per_rank, 
 from plait.parallel.tied import TiedWeights
 from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads, local
-from plait.parallel.matrices import ShardedMatrices
+from plait.parallel.matrices import ExpertSplitMatrices, ShardedMatrices
 from plait.parallel.shard_optimizer import ShardOptimizer
 from plait.parallel.zero import ZeroOptimizer
 from plait.train import reshard
@@ -319,12 +319,20 @@ class Trainer:
         return (build_optimizer(self.named_params, cfg.optim, self.param_group_of, self.device, matrices),
                 self.grads.named_grads)
 
-    def _muon_matrices(self) -> ShardedMatrices:
-        """Where Muon finds its whole matrices: the hidden ones of this rank's chunks, as tp and ZeRO split them."""
+    def _muon_matrices(self):
+        """Where Muon finds its whole matrices: the hidden ones of this rank's chunks, as tp and ZeRO split them (an
+        expert's, under expert parallelism, over the ranks holding it)."""
         names = [name for name, param in self.named_params.items() if self.param_group_of(name, param).get("muon")]
         dtype = self.named_params[names[0]].dtype if names else torch.float32
-        return ShardedMatrices({name: self.specs[name] for name in names}, self.grid, self.grads_sharded_over_dp, dtype,
-                               NS_DTYPES[self.cfg.optim.muon_ns_dtype])
+
+        def matrices(chosen, experts: bool = False) -> ShardedMatrices:
+            return ShardedMatrices({name: self.specs[name] for name in chosen}, self.grid, self.grads_sharded_over_dp,
+                                   dtype, NS_DTYPES[self.cfg.optim.muon_ns_dtype], experts=experts)
+
+        if self.grid.ep == 1:
+            return matrices(names)
+        return ExpertSplitMatrices(matrices([n for n in names if not self.specs[n].expert]),
+                                   matrices([n for n in names if self.specs[n].expert], experts=True))
 
     def _build_loader(self) -> Loader:
         cfg = self.cfg
