@@ -175,7 +175,6 @@ LAYOUTS = {  # name: (world size, overrides)
     "tp2-sp-pp2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.pp=2", "parallel.microbatches=2"]),
     "tp2-dp2-zero1": (4, ["parallel.tp=2", "parallel.zero=1", "parallel.bucket_mb=0.01"]),
     "pp2-interleaved-dp2-zero3": (4, ["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=1", "parallel.zero=3"]),
-    "tp2-cp2-no-aux": (4, ["parallel.tp=2", "parallel.cp=2", "model.moe_aux_loss=0"]),
     "pp2-zbv": (2, ["parallel.pp=2", "parallel.schedule=zbv", "parallel.microbatches=2"]),
     "tp2-sp-ep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2", "parallel.bucket_mb=0.01"]),
     "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.microbatches=1"]),
@@ -295,9 +294,7 @@ def _save_then_resume(rank, world, save_overrides, resume_overrides, run_dir, ca
     return held, losses
 
 
-@pytest.mark.parametrize("saver,resumer", [("ep2", "one"), ("one", "ep2"), ("ep2-dp4-zero1", "one"),
-                                           ("one", "ep2-dp4-zero1"), ("ep2-dp4-zero3", "one"),
-                                           ("one", "ep2-dp4-zero3")])
+@pytest.mark.parametrize("saver,resumer", [("ep2", "one"), ("one", "ep2-dp4-zero1"), ("ep2-dp4-zero3", "one")])
 def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, resumer, tmp_path, stdlib_tokens):
     """Each ep rank writes its own experts under their global names (under ZeRO-1, gathered from the ranks holding
     them): the checkpoint holds all of them, and a run under the other layout resumes it with the losses of a
@@ -344,8 +341,6 @@ def test_the_balance_metric_is_one_process_s_under_tp_pp_and_ep(tmp_path, stdlib
 
 MUON_LAYOUTS = {  # name: (world size, overrides); the balancing loss off where dp splits a micro-batch's sequences
     "tp2-sp-ep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2"]),
-    "ep2-dp4-zero1-no-aux": (4, ["parallel.ep=2", "parallel.zero=1", "parallel.bucket_mb=0.01",
-                                 "model.moe_aux_loss=0"]),
     "ep2-dp4-zero3-no-aux": (4, ["parallel.ep=2", "parallel.zero=3", "model.moe_aux_loss=0"]),
 }
 
@@ -357,9 +352,10 @@ def test_muon_under_expert_parallelism_trains_as_one_process(layout, tmp_path, s
     cache = stdlib_tokens[0].parent.parent
     world, overrides = MUON_LAYOUTS[layout]
     aux = [o for o in overrides if o.startswith("model.moe_aux_loss")]
-    losses, norms, val = train_steps(0, 1, BASE, ["optim=muon", "parallel.microbatches=2", *aux], tmp_path / "one",
+    muon = ["optim=muon", "optim.muon_ns_dtype=float32"]  # (bf16 Newton-Schulz would round rounding differences up)
+    losses, norms, val = train_steps(0, 1, BASE, [*muon, "parallel.microbatches=2", *aux], tmp_path / "one",
                                      cache, STEPS)
-    for rank_losses, rank_norms, rank_val in run_ranks(world, train_steps, BASE, ["optim=muon", *overrides],
+    for rank_losses, rank_norms, rank_val in run_ranks(world, train_steps, BASE, [*muon, *overrides],
                                                        tmp_path / "many", cache, STEPS):
         assert rank_losses == pytest.approx(losses, rel=1e-5)
         assert rank_norms == pytest.approx(norms, rel=1e-5)
