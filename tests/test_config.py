@@ -40,13 +40,16 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
     (["model.moe_experts=4", "model.moe_top_k=5"], 1,
      "model.moe_top_k=5 must be >= 1 and <= 4; route each token to 1 to model.moe_experts=4 experts"),
     (["model.moe_experts=-2"], 1, "model.moe_experts=-2 must be >= 0; 0 keeps a dense MLP"),
-    (["model.moe_experts=4", "model.moe_aux_loss=-1"], 1, "model.moe_aux_loss=-1.0 must be >= 0; 0 turns the balancing loss off"),
+    (["model.moe_experts=4", "model.moe_aux_loss=-1"], 1,
+     "model.moe_aux_loss=-1.0 must be >= 0; 0 turns the balancing loss off"),
     (["model.moe_experts=4", "optim.mup=true"], 1, "optim.mup=true has no rule yet for model.moe_experts=4"),
-    (["model.moe_experts=4", "model.ffn_dim=100", "parallel.tp=8"], 8, "parallel.tp=8 does not divide the MLP width 100"),
+    (["model.moe_experts=4", "model.ffn_dim=100", "parallel.tp=8"], 8,
+     "parallel.tp=8 does not divide the MLP width 100"),
     (["model.moe_experts=4", "parallel.ep=3"], 4,
      "parallel.ep=3 does not divide the data-parallel degree dp=4 (experts are split over ep of the dp ranks)"),
-    (["parallel.ep=2"], 2, "parallel.ep=2 splits a mixture of experts, but model.moe_experts=0; set model.moe_experts to"
-                           " a multiple of 2 or parallel.ep=1."),
+    (["parallel.ep=2"], 2,
+     "parallel.ep=2 splits a mixture of experts, but model.moe_experts=0; set model.moe_experts to a multiple of 2 "
+     "or parallel.ep=1."),
     (["model.moe_experts=6", "parallel.ep=4"], 4, "parallel.ep=4 does not divide model.moe_experts=6"),
 ])
 def test_relations_give_one_sentence(overrides, world, fragment):

@@ -447,8 +447,8 @@ def validate(cfg: Config, world_size: int = 1) -> int:
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "
              f"autograd node) cannot do; set train.compile=false or another parallel.schedule.")
     _require(not (cfg.model.moe_experts and cfg.optim.mup),
-             f"optim.mup=true has no rule yet for model.moe_experts={cfg.model.moe_experts}'s router (a readout of fixed "
-             f"width into the experts); set optim.mup=false or model.moe_experts=0.")
+             f"optim.mup=true has no rule yet for model.moe_experts={cfg.model.moe_experts}'s router (a readout of "
+             f"fixed width into the experts); set optim.mup=false or model.moe_experts=0.")
     _require(cfg.offload.backend == "none" or str(cfg.train.compile).lower() != "true",
              f"offload.backend={cfg.offload.backend} uses saved-tensor hooks, which train.compile=true does not "
              f"support; set train.compile=false or offload.backend=none.")

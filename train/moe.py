@@ -9,10 +9,10 @@ the expert's own activations, its output and its weight, and three int64 indices
 
 Load balancing: the Switch Transformer's auxiliary loss, E x sum_e f_e P_e over the micro-batch's tokens
 (f_e: the share of the T x k choices that went to expert e; P_e: the router's mean probability of e), which is 1
-when the load is even and at most E/k. It is not added to the loss the step reports: its gradient joins backward at the layer's
-output (`AuxLossGrad`, as Megatron's MoEAuxLossAutoScaler does), so a pipeline carries no extra tensor between
-stages. Its weight there is `aux_loss x aux_share x aux_grad_scale`; the trainer sets `aux_grad_scale` to the
-main loss's own backward scale (1/micro-batches, times fp16's loss scale) before each step.
+when the load is even and at most E/k. It is not added to the loss the step reports: its gradient joins backward
+at the layer's output (`AuxLossGrad`, as Megatron's MoEAuxLossAutoScaler does), so a pipeline carries no extra
+tensor between stages. Its weight there is `aux_loss x aux_share x aux_grad_scale`; the trainer sets
+`aux_grad_scale` to the main loss's own backward scale (1/micro-batches, times fp16's loss scale) before each step.
 
 Seams a parallel plan sets (`plait.parallel.plans.ExpertRegion`): `enter` and `exit` (what the block's input
 and output pass through: under tensor parallelism the experts' linears are column- and row-parallel without
