@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from plait.parallel.grid import Grid
-from plait.parallel.plans import (Colwise, ContextAttention, ExpertRegion, HeadNorm, Rowwise, SequenceDropout, SequenceNorm, Style,
-                                  VocabEmbedding, VocabHead, VocabParallelOutput, param_specs, parallelize)
+from plait.parallel.plans import (Colwise, ContextAttention, ExpertRegion, HeadNorm, Rowwise, SequenceDropout,
+                                  SequenceNorm, Style, VocabEmbedding, VocabHead, VocabParallelOutput, param_specs,
+                                  parallelize)
 from plait.parallel.pipeline.partition import rank_chunk_plans
 from plait.parallel.random import ParallelRNG
 from plait.parallel.sharding import ShardSpec

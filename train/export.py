@@ -36,7 +36,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -57,21 +57,21 @@ _SIMPLE = {
 }
 _DENSE_MLP = {"mlp.w2.weight": "mlp.down_proj.weight"}
 _QK_NORMS = {"attn.q_norm.weight": "self_attn.q_norm.weight", "attn.k_norm.weight": "self_attn.k_norm.weight"}
-_FUSED = {
-    "attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
-    "attn.wqkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"),  # qkv_bias: Qwen2
-}
+_FUSED = {"attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")}
+_FUSED_BIAS = {"attn.wqkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")}  # Qwen2
 _DENSE_FUSED = {"mlp.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 MIXTRAL_MOE = "block_sparse_moe"  # Mixtral's name for its MoE block in the Hub's checkpoints
 
 
 def _layer_tables(model: Dict[str, Any]):
-    """(one-to-one names, fused names -> their segments' names) of a layer: the dense MLP's, or a mixture of
-    experts' as Mixtral's checkpoints name them (router -> gate, each expert's gate|up -> w1, w3, down -> w2)."""
+    """(one-to-one names, fused names -> their segments' names) of a layer: q/k/v biases where the model has them,
+    and the dense MLP's, or a mixture of experts' as Mixtral's checkpoints name them (router -> gate, each
+    expert's gate|up -> w1, w3, down -> w2)."""
     experts = int(model.get("moe_experts") or 0)
+    attention = {**_FUSED, **(_FUSED_BIAS if model.get("qkv_bias") else {})}
     if not experts:
-        return {**_SIMPLE, **_DENSE_MLP}, {**_FUSED, **_DENSE_FUSED}
-    simple, fused = {**_SIMPLE, "mlp.router.weight": f"{MIXTRAL_MOE}.gate.weight"}, dict(_FUSED)
+        return {**_SIMPLE, **_DENSE_MLP}, {**attention, **_DENSE_FUSED}
+    simple, fused = {**_SIMPLE, "mlp.router.weight": f"{MIXTRAL_MOE}.gate.weight"}, attention
     for e in range(experts):
         ours, theirs = f"mlp.experts.{e}.", f"{MIXTRAL_MOE}.experts.{e}."
         simple[ours + "w2.weight"] = theirs + "w2.weight"
@@ -210,8 +210,6 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
             query = fold["query"] if rest in fold["query_into"] else 1.0
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / query if query != 1.0 else hf[prefix + hf_name]
         for rest, hf_names in fused.items():
-            if rest == "attn.wqkv.bias" and not model.get("qkv_bias"):
-                continue
             parts = [hf[prefix + hf_name] for hf_name in hf_names]
             if rest in fold["query_into"] and fold["query"] != 1.0:
                 parts[0] = parts[0] / fold["query"]
@@ -314,10 +312,14 @@ def _check_rope_scaling(rope: Dict[str, Any], cfg, where: Path) -> None:
 _WINDOWED = ("mistral", "mixtral")  # the model types whose config.json's sliding_window plait reads
 
 
+def _experts_of(config: Dict[str, Any]) -> Tuple[int, int]:
+    """(experts, top-k) of a Mixtral config.json (transformers' defaults where a key is absent)."""
+    return int(config.get("num_local_experts", 8)), int(config.get("num_experts_per_tok", 2))
+
+
 def _check_experts(config: Dict[str, Any], kind: str, cfg, where: Path) -> None:
     """A Mixtral directory loads into a model with its experts and top-k; any other into a dense model."""
-    theirs = (int(config.get("num_local_experts", 8)), int(config.get("num_experts_per_tok", 2))) \
-        if kind == "mixtral" else (0, None)
+    theirs = _experts_of(config) if kind == "mixtral" else (0, None)
     ours = (int(cfg.moe_experts), int(cfg.moe_top_k) if cfg.moe_experts else None)
     if theirs != ours:
         settings = f"model.moe_experts={theirs[0]}" + (f" model.moe_top_k={theirs[1]}" if theirs[0] else "")
@@ -381,8 +383,8 @@ def model_config_from_hf(config: Dict[str, Any]):
                   sliding_window=config.get("sliding_window") if kind in _WINDOWED else None,
                   **{key: kind == family for family, (key, _, _) in _QWEN.items()})
     if kind == "mixtral":
-        values.update(moe_experts=int(config.get("num_local_experts", 8)),
-                      moe_top_k=int(config.get("num_experts_per_tok", 2)),
+        experts, top_k = _experts_of(config)
+        values.update(moe_experts=experts, moe_top_k=top_k,
                       moe_aux_loss=float(config.get("router_aux_loss_coef", 0.01)))
     if rope["type"] == "llama3":
         values.update(rope_scaling="llama3", **{key: rope[key] for key in _LLAMA3_KEYS if key in rope})
