@@ -146,6 +146,7 @@ class Workload:
     batch_size: int
     tie_embeddings: bool = False
     moe_experts: int = 0
+    moe_shared_ffn_dim: int = 0
 
 
 def check_context_parallel(layout: "Layout", mode: str, workload: "Workload", sequence_parallel: bool) -> None:
@@ -247,6 +248,9 @@ def validate(parallel: Any, world_size: int, workload: Optional[Workload] = None
     if workload is None:
         return layout
     check_tensor_parallel(layout.tp, workload.n_heads, workload.n_kv_heads, workload.ffn_dim)
+    if workload.moe_shared_ffn_dim % layout.tp:
+        raise LayoutError(f"parallel.tp={layout.tp} does not divide the shared expert's width "
+                          f"model.moe_shared_ffn_dim={workload.moe_shared_ffn_dim}; set it to a multiple of tp.")
     check_expert_parallel(layout.ep, workload.moe_experts)
     check_context_parallel(layout, parallel.cp_mode, workload, parallel.sequence_parallel)
     check_pipeline(parallel, workload.n_layers, workload.tie_embeddings)

@@ -111,8 +111,9 @@ class ExpertRegion(Style):
     gate|up and down are column- and row-parallel without communication of their own, and the weighted sum of
     their partial outputs leaves once (all-reduce, or reduce-scatter under SP). The router sees every token on
     every tp rank, but its output weighs partial sums: its grad is partial over tp, and each rank adds 1/tp of the
-    load-balancing gradient. ep: this rank keeps its E/ep experts (`plait.parallel.experts`), marked `expert` in
-    their specs, and its rows travel to theirs.
+    load-balancing gradient. A shared expert is split as each expert is (it sees this rank's tokens under any ep);
+    its gate, like the router, weighs partial sums. ep: this rank keeps its E/ep experts
+    (`plait.parallel.experts`), marked `expert` in their specs, and its rows travel to theirs.
     """
 
     def apply(self, module, grid, sequence_parallel):
@@ -121,7 +122,9 @@ class ExpertRegion(Style):
         module.enter = mapping(GatherFromSequence if sequence_parallel else CopyToRegion, grid.tp_group)
         module.exit = mapping(ReduceScatterToSequence if sequence_parallel else ReduceFromRegion, grid.tp_group)
         module.aux_share = 1.0 / grid.tp
-        module.router.spec = ShardSpec(tuple(module.router.weight.shape), None, tp_partial_grad=grid.tp > 1)
+        for weighing in (module.router, module.shared_gate):
+            if weighing is not None:
+                weighing.spec = ShardSpec(tuple(weighing.weight.shape), None, tp_partial_grad=grid.tp > 1)
         keep = local_experts(grid.ep_rank, grid.ep, module.n_experts)
         for key in list(module.experts.keys()):
             if int(key) not in keep:
@@ -129,6 +132,9 @@ class ExpertRegion(Style):
         for expert in module.experts.values():
             expert.w13 = self._expert_linear(Colwise(local=True), expert.w13, grid, sequence_parallel)
             expert.w2 = self._expert_linear(Rowwise(local=True), expert.w2, grid, sequence_parallel)
+        if module.shared is not None:
+            module.shared.w13 = Colwise(local=True).apply(module.shared.w13, grid, sequence_parallel)
+            module.shared.w2 = Rowwise(local=True).apply(module.shared.w2, grid, sequence_parallel)
         if grid.ep > 1:
             module.run_experts = ExpertExchange(grid.ep_group, grid.ep)
         return None

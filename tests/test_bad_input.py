@@ -44,6 +44,8 @@ NUMBERS = {  # key -> values that may or may not be in range
     "train.loss_scale": st.sampled_from(["-1", "0", "1024", "null", "big"]),
     "train.loss_scale_window": st.integers(-1, 3),
     "model.moe_experts": st.integers(-1, 5), "model.moe_top_k": st.integers(-1, 3), "parallel.ep": st.integers(-1, 3),
+    "model.moe_shared_ffn_dim": st.sampled_from(["-8", "0", "30", "64"]),
+    "model.moe_z_loss": st.sampled_from(["-1", "0", "0.001"]),
 }
 CHOICES = {  # key -> names, some of which are not in the table that builds them
     "optim.name": ["adamw", "lion", "adam", "sgd"], "optim.schedule": ["cosine", "cosin", "linear", "wsd", "step"],

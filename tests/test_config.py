@@ -51,6 +51,13 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
      "parallel.ep=2 splits a mixture of experts, but model.moe_experts=0; set model.moe_experts to a multiple of 2 "
      "or parallel.ep=1."),
     (["model.moe_experts=6", "parallel.ep=4"], 4, "parallel.ep=4 does not divide model.moe_experts=6"),
+    (["model.moe_shared_ffn_dim=64"], 1, "model.moe_shared_ffn_dim=64 sets up a mixture of experts, but "
+     "model.moe_experts=0; set model.moe_experts or model.moe_shared_ffn_dim=0."),
+    (["model.moe_experts=4", "model.moe_z_loss=-0.1"], 1, "model.moe_z_loss=-0.1 must be >= 0; 0 turns the router "
+     "z-loss off"),
+    (["model.moe_experts=4", "model.moe_shared_ffn_dim=100", "parallel.tp=8"], 8,
+     "parallel.tp=8 does not divide the shared expert's width model.moe_shared_ffn_dim=100; set it to a multiple of "
+     "tp."),
 ])
 def test_relations_give_one_sentence(overrides, world, fragment):
     with pytest.raises(ConfigError) as info:

@@ -23,25 +23,35 @@ from plait.train.moe import MoE, load_balancing_loss
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=48, max_seq_len=64)
 
 
-def moe_of(top_k: int = 2, experts: int = 4, aux: float = 0.01, seed: int = 3) -> MoE:
-    cfg = ModelConfig(**SMALL, moe_experts=experts, moe_top_k=top_k, moe_aux_loss=aux)
+def moe_of(top_k: int = 2, experts: int = 4, aux: float = 0.01, seed: int = 3, **options) -> MoE:
+    cfg = ModelConfig(**SMALL, moe_experts=experts, moe_top_k=top_k, moe_aux_loss=aux, **options)
     return build_model(cfg, seed=seed).layers["0"].mlp
 
 
 def token_by_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Each token on its own: softmax over the experts, the top k renormalized, their outputs weighted and summed."""
+    """Each token on its own: softmax over the experts, the top k (renormalized under norm_topk), their outputs
+    weighted and summed; plus the shared expert's output times the sigmoid of its gate, where there is one."""
     rows = []
     for token in x.reshape(-1, x.shape[-1]):
         probs = F.softmax(token @ moe.router.weight.T, dim=-1)
         top, chosen = probs.topk(moe.top_k)
-        top = top / top.sum()
-        rows.append(sum(w * moe.experts[str(int(e))](token[None])[0] for w, e in zip(top, chosen)))
+        top = top / top.sum() if moe.norm_topk else top
+        row = sum(w * moe.experts[str(int(e))](token[None])[0] for w, e in zip(top, chosen))
+        if moe.shared is not None:
+            row = row + torch.sigmoid(token @ moe.shared_gate.weight[0]) * moe.shared(token[None])[0]
+        rows.append(row)
     return torch.stack(rows).view_as(x)
 
 
-@pytest.mark.parametrize("top_k", [1, 2, 3])
-def test_moe_equals_a_loop_over_tokens_in_values_and_grads(top_k):
-    moe = moe_of(top_k, aux=0.0)
+VARIANTS = {"top1": (1, {}), "top2": (2, {}), "top3": (3, {}),
+            "top2-unnormalized-shared": (2, {"moe_norm_topk": False, "moe_shared_ffn_dim": 40}),
+            "top1-unnormalized": (1, {"moe_norm_topk": False})}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_moe_equals_a_loop_over_tokens_in_values_and_grads(variant):
+    top_k, options = VARIANTS[variant]
+    moe = moe_of(top_k, aux=0.0, **options)
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
     out = moe(x)
     assert out.shape == x.shape
@@ -65,7 +75,7 @@ def test_an_expert_no_token_chose_still_gets_a_zero_grad():
         moe.router.weight[3] = -1.0  # on positive inputs, never the top choice
     x = torch.randn(4, 8, 32, generator=torch.Generator().manual_seed(2)).abs() + 0.1
     moe(x).square().sum().backward()
-    _, _, chosen = moe.route(x.reshape(-1, 32))
+    _, _, _, chosen = moe.route(x.reshape(-1, 32))
     assert 3 not in chosen.tolist()
     for name, param in moe.experts["3"].named_parameters():
         assert param.grad is not None and torch.count_nonzero(param.grad) == 0, name
@@ -80,27 +90,35 @@ def test_the_load_balancing_loss_is_one_when_even_and_grows_when_skewed():
                                                                                               + 4 * 0.5 * 0.1)
 
 
-@pytest.mark.parametrize("grad_scale", [1.0, 0.25, 1024.0])
-def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_scale):
+@pytest.mark.parametrize("grad_scale,z_loss", [(1.0, 0.0), (0.25, 0.0), (1024.0, 0.0), (0.25, 0.2)])
+def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_scale, z_loss):
     """The block's output grad passes through, and the router gets coef x scale x d aux: the same grads as
-    backpropagating (main + coef x aux) x scale (the trainer's scale: 1/micro-batches times fp16's)."""
-    moe = moe_of(aux=0.3)
+    backpropagating (main + coef x aux + z coef x router z-loss) x scale (the trainer's scale: 1/micro-batches
+    times fp16's)."""
+    moe = moe_of(aux=0.3, moe_z_loss=z_loss)
     moe.aux_grad_scale = grad_scale
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
     moe(x).sum().mul(grad_scale).backward()
     ours = [x.grad.clone()] + [p.grad.clone() for p in moe.parameters()]
     x.grad = None
     moe.zero_grad()
-    moe.aux_loss = 0.0
-    flat = x.reshape(-1, 32)
-    probs, _, chosen = moe.route(flat)
-    aux = load_balancing_loss(probs, torch.bincount(chosen.reshape(-1), minlength=4), 2)
-    ((moe(x).sum() + 0.3 * aux) * grad_scale).backward()
+    moe.aux_loss = moe.z_loss = 0.0
+
+    def by_hand(aux_coef: float, z_coef: float) -> torch.Tensor:
+        flat = x.reshape(-1, 32)
+        _, probs, _, chosen = moe.route(flat)
+        aux = load_balancing_loss(probs, torch.bincount(chosen.reshape(-1), minlength=4), 2)
+        z = (flat @ moe.router.weight.T).logsumexp(-1).square().mean()  # ST-MoE's z-loss
+        return (moe(x).sum() + aux_coef * aux + z_coef * z) * grad_scale
+
+    by_hand(0.3, z_loss).backward()
     theirs = [x.grad] + [p.grad for p in moe.parameters()]
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a / grad_scale, b / grad_scale, rtol=1e-5, atol=1e-7)
-    router_without_aux = torch.autograd.grad(moe(x).sum() * grad_scale, moe.router.weight)[0]
-    assert not torch.allclose(router_without_aux, ours[1], rtol=1e-3)  # the aux term did reach the router
+    router_without = torch.autograd.grad(by_hand(0.3, 0.0), moe.router.weight)[0]
+    assert torch.allclose(router_without / grad_scale, ours[1] / grad_scale, rtol=1e-5, atol=1e-7) == (not z_loss)
+    router_without = torch.autograd.grad(by_hand(0.0, 0.0), moe.router.weight)[0]
+    assert not torch.allclose(router_without, ours[1], rtol=1e-3)  # the aux term did reach the router
 
 
 def test_evaluation_adds_no_aux_gradient():
@@ -165,7 +183,8 @@ def test_export_is_mixtral_and_matches_transformers(window, tmp_path):
 
 STEPS = 4
 BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96",
-        "model.moe_experts=4", "model.moe_top_k=2", "model.moe_aux_loss=0.1",
+        "model.moe_experts=4", "model.moe_top_k=2", "model.moe_aux_loss=0.1", "model.moe_z_loss=0.01",
+        "model.moe_shared_ffn_dim=32",
         "train.seq_len=32", "train.batch_size=8", "train.progress=false", "train.peak_flops=1e10",
         "optim.warmup_steps=1", "optim.lr=3e-3", "train.eval_every=0", "checkpoint.save_final=false"]
 # The load-balancing loss is taken per micro-batch on each rank, as Megatron takes it: the one-process
@@ -211,12 +230,13 @@ def test_layouts_train_as_one_process(layout, reference, tmp_path):
 
 
 def test_the_trainer_weighs_each_micro_batch_balancing_loss_as_its_loss(tmp_path, stdlib_tokens):
-    """A step's grads are those of the mean over its micro-batches of (cross-entropy + coef x balancing loss)."""
+    """A step's grads are those of the mean over its micro-batches of (cross-entropy + coef x balancing loss +
+    z coef x router z-loss); the metrics are the two losses' means over layers and micro-batches."""
     from train_utils import make_trainer
 
     cache = stdlib_tokens[0].parent.parent
-    trainer = make_trainer(0, 1, BASE, ["parallel.microbatches=2", "optim.grad_clip=0", "model.moe_aux_loss=0.5"],
-                           tmp_path, cache)
+    trainer = make_trainer(0, 1, BASE, ["parallel.microbatches=2", "optim.grad_clip=0", "model.moe_aux_loss=0.5",
+                                        "model.moe_z_loss=0.2"], tmp_path, cache)
     model = trainer.chunks[0]
     theirs = {}
     trainer.optimizer.step = lambda: theirs.update({name: param.grad.clone()  # the grads the update would take
@@ -225,21 +245,24 @@ def test_the_trainer_weighs_each_micro_batch_balancing_loss_as_its_loss(tmp_path
     model.zero_grad()
     batch = trainer.loader.batch(0)
     for layer in trainer.moe_layers:
-        layer.aux_loss = 0.0  # the balancing loss is added by hand below
-    every_aux = []
+        layer.aux_loss = layer.z_loss = 0.0  # both are added by hand below
+    every_aux, every_z = [], []
+
+    def by_hand(module, args, logits):
+        probs = logits.float().softmax(-1)
+        every_aux.append(load_balancing_loss(probs, torch.bincount(probs.topk(2).indices.reshape(-1), minlength=4), 2))
+        every_z.append(logits.float().logsumexp(-1).square().mean())
+
+    hooks = [layer.router.register_forward_hook(by_hand) for layer in trainer.moe_layers]
     for micro in batch:
-        aux = []
-        hooks = [layer.router.register_forward_hook(
-            lambda module, args, out: aux.append(load_balancing_loss(
-                out.float().softmax(-1), torch.bincount(out.float().softmax(-1).topk(2).indices.reshape(-1),
-                                                        minlength=4), 2))) for layer in trainer.moe_layers]
-        loss = model.loss(model(micro[:, :-1]), micro[:, 1:]) + 0.5 * sum(aux)
+        first = len(every_aux)
+        loss = model.loss(model(micro[:, :-1]), micro[:, 1:]) + 0.5 * sum(every_aux[first:]) + 0.2 * sum(every_z[first:])
         (loss / len(batch)).backward()
-        every_aux += [float(value) for value in aux]
-        for hook in hooks:
-            hook.remove()
+    for hook in hooks:
+        hook.remove()
     trainer.close()
-    assert len(every_aux) == 8 and record["moe_balance"] == pytest.approx(sum(every_aux) / 8, rel=1e-6)
+    assert len(every_aux) == 8 and record["moe_balance"] == pytest.approx(float(sum(every_aux)) / 8, rel=1e-6)
+    assert record["moe_z_loss"] == pytest.approx(float(sum(every_z)) / 8, rel=1e-6)
     for name, param in model.named_parameters():
         torch.testing.assert_close(theirs[name], param.grad, rtol=1e-5, atol=1e-6)
 

@@ -66,6 +66,9 @@ class ModelConfig:
     moe_experts: int = 0  # > 0: every MLP is a mixture of this many SwiGLU experts of width ffn_dim (Mixtral)
     moe_top_k: int = 2  # experts each token is routed to
     moe_aux_loss: float = 0.01  # weight of the Switch load-balancing loss (1 at an even load); 0 turns it off
+    moe_z_loss: float = 0.0  # weight of ST-MoE's router z-loss (mean logsumexp(logits)^2); 1e-3 is ST-MoE's
+    moe_norm_topk: bool = True  # renormalize the top-k probabilities to sum to 1 (Mixtral); false: as they are (Qwen)
+    moe_shared_ffn_dim: int = 0  # > 0: a shared expert of this width, sigmoid-gated, beside the routed (Qwen2-MoE)
 
 
 @dataclass
@@ -217,6 +220,13 @@ def validate_model(model: ModelConfig) -> None:
         number(ConfigError, "model.moe_top_k", model.moe_top_k, low=1, high=model.moe_experts, integer=True,
                fix=f"route each token to 1 to model.moe_experts={model.moe_experts} experts")
         number(ConfigError, "model.moe_aux_loss", model.moe_aux_loss, low=0, fix="0 turns the balancing loss off")
+        number(ConfigError, "model.moe_z_loss", model.moe_z_loss, low=0, fix="0 turns the router z-loss off")
+        number(ConfigError, "model.moe_shared_ffn_dim", model.moe_shared_ffn_dim, low=0, integer=True,
+               fix="0 has no shared expert")
+    else:
+        for key in ("moe_z_loss", "moe_shared_ffn_dim"):
+            _require(not getattr(model, key), f"model.{key}={getattr(model, key)} sets up a mixture of experts, but "
+                     f"model.moe_experts=0; set model.moe_experts or model.{key}=0.")
     _require(model.dim % model.n_heads == 0,
              f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}; pick a head count that divides the width.")
     _require(model.n_heads % kv_heads(model) == 0,
@@ -328,7 +338,8 @@ def workload(cfg: Config) -> Workload:
     model = cfg.model
     return Workload(n_heads=int(model.n_heads), n_kv_heads=kv_heads(model), ffn_dim=ffn_dim(model),
                     n_layers=int(model.n_layers), seq_len=int(cfg.train.seq_len), batch_size=cfg.train.batch_size,
-                    tie_embeddings=bool(model.tie_embeddings), moe_experts=int(model.moe_experts))
+                    tie_embeddings=bool(model.tie_embeddings), moe_experts=int(model.moe_experts),
+                    moe_shared_ffn_dim=int(model.moe_shared_ffn_dim) if model.moe_experts else 0)
 
 
 def check_layout(cfg: Config, world_size: int) -> Layout:

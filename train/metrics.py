@@ -24,12 +24,13 @@ log = logging.getLogger("plait")
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in each token's matmuls (the embedding lookup does not; of a mixture of experts,
-    the router and the k experts the token is routed to)."""
+    the router, the k experts the token is routed to, and a shared expert and its gate)."""
     head_dim = cfg.dim // cfg.n_heads
     attention = cfg.dim * (cfg.n_heads + 2 * kv_heads(cfg)) * head_dim + cfg.n_heads * head_dim * cfg.dim
     mlp = 3 * cfg.dim * ffn_dim(cfg)
     if cfg.moe_experts:
         mlp = cfg.moe_top_k * mlp + cfg.dim * cfg.moe_experts
+        mlp += (3 * cfg.moe_shared_ffn_dim + 1) * cfg.dim if cfg.moe_shared_ffn_dim else 0
     return cfg.n_layers * (attention + mlp) + cfg.dim * cfg.vocab_size
 
 

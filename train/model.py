@@ -216,9 +216,9 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU: fused gate|up projection, then down (also each expert of a `MoE`)."""
 
-    def __init__(self, cfg: ModelConfig, device=None):
+    def __init__(self, cfg: ModelConfig, device=None, hidden: Optional[int] = None):
         super().__init__()
-        hidden = ffn_dim(cfg)
+        hidden = hidden or ffn_dim(cfg)
         self.w13 = Linear(cfg.dim, 2 * hidden, segments=(hidden, hidden), device=device)
         self.w2 = Linear(hidden, cfg.dim, device=device)
 
@@ -228,11 +228,15 @@ class MLP(nn.Module):
 
 
 def mlp(cfg: ModelConfig, device=None) -> nn.Module:
-    """The block's MLP: dense SwiGLU, or with `model.moe_experts` a mixture of that many SwiGLU experts."""
+    """The block's MLP: dense SwiGLU, or with `model.moe_experts` a mixture of that many SwiGLU experts (and with
+    `model.moe_shared_ffn_dim` a gated shared expert of that width)."""
     if not cfg.moe_experts:
         return MLP(cfg, device)
+    shared = cfg.moe_shared_ffn_dim
     return MoE(cfg, Linear(cfg.dim, cfg.moe_experts, device=device),
-               [MLP(cfg, device) for _ in range(cfg.moe_experts)])
+               [MLP(cfg, device) for _ in range(cfg.moe_experts)],
+               shared=MLP(cfg, device, hidden=shared) if shared else None,
+               shared_gate=Linear(cfg.dim, 1, device=device) if shared else None)
 
 
 class DropoutStream(Protocol):

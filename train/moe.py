@@ -7,22 +7,30 @@ every step and the data-parallel buckets fill), and the rows are gathered back t
 over each token's k choices. No token is dropped and no capacity is set. Backward keeps, per choice, its row,
 the expert's own activations, its output and its weight, and three int64 indices (`plait plan` counts them).
 
+Options of the families plait exports: `model.moe_norm_topk=false` keeps the top-k probabilities as they are
+(Qwen's `norm_topk_prob=false`) instead of renormalizing them to sum to 1 (Mixtral's); `model.moe_shared_ffn_dim`
+adds a shared expert every token passes through, a SwiGLU of that width whose output is weighted by a sigmoid
+gate (a linear dim -> 1) and added to the routed sum (Qwen2-MoE's `shared_expert` and `shared_expert_gate`).
+
 Load balancing: the Switch Transformer's auxiliary loss, E x sum_e f_e P_e over the micro-batch's tokens
 (f_e: the share of the T x k choices that went to expert e; P_e: the router's mean probability of e), which is 1
 when the load is even and at most E/k. It is not added to the loss the step reports: its gradient joins backward
 at the layer's output (`AuxLossGrad`, as Megatron's MoEAuxLossAutoScaler does), so a pipeline carries no extra
 tensor between stages. Its weight there is `aux_loss x aux_share x aux_grad_scale`; the trainer sets
 `aux_grad_scale` to the main loss's own backward scale (1/micro-batches, times fp16's loss scale) before each step.
+The router z-loss of ST-MoE (`model.moe_z_loss`: the mean over tokens of logsumexp(router logits)^2, which keeps
+the logits small; Megatron's moe_z_loss_coeff) joins backward the same way.
 
 Seams a parallel plan sets (`plait.parallel.plans.ExpertRegion`): `enter` and `exit` (what the block's input
 and output pass through: under tensor parallelism the experts' linears are column- and row-parallel without
-communication of their own, so the block gathers its input once and reduces the weighted sum once), `aux_share`
+communication of their own, so the block gathers its input once and reduces the weighted sum once; so is the
+shared expert, whose gate, like the router, weighs partial sums), `aux_share`
 (1/tp: every tp rank computes the same router output, so each adds its share of the auxiliary gradient), and
 `run_experts` (under expert parallelism this rank holds some of the experts, `experts` keyed by global id, and the
 rows travel to theirs: `plait.parallel.experts.ExpertExchange`).
 """
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -59,47 +67,71 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -
     return experts * (share * probs.mean(dim=0)).sum()
 
 
-class MoE(nn.Module):
-    """Top-k routed experts: `router` a linear dim -> E without bias, `experts` E dense MLPs (the model builds both)."""
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE's z-loss: the mean over tokens of logsumexp(logits)^2 (logits [T, E], fp32)."""
+    return logits.logsumexp(dim=-1).square().mean()
 
-    def __init__(self, cfg: ModelConfig, router: nn.Module, experts: Sequence[nn.Module]):
+
+class MoE(nn.Module):
+    """Top-k routed experts: `router` a linear dim -> E without bias, `experts` E dense MLPs; with `shared`, a dense
+    MLP every token passes through, weighted by sigmoid(`shared_gate`), a linear dim -> 1 (the model builds them)."""
+
+    def __init__(self, cfg: ModelConfig, router: nn.Module, experts: Sequence[nn.Module],
+                 shared: Optional[nn.Module] = None, shared_gate: Optional[nn.Module] = None):
         super().__init__()
-        self.top_k, self.aux_loss = int(cfg.moe_top_k), float(cfg.moe_aux_loss)
+        self.top_k, self.norm_topk = int(cfg.moe_top_k), bool(cfg.moe_norm_topk)
+        self.aux_loss, self.z_loss = float(cfg.moe_aux_loss), float(cfg.moe_z_loss)
         self.n_experts = len(experts)
         self.router = router
         self.experts = nn.ModuleDict({str(e): expert for e, expert in enumerate(experts)})  # keyed by global id
+        self.shared, self.shared_gate = shared, shared_gate
         self.enter: Callable = identity
         self.exit: Callable = identity
         self.run_experts: Callable = run_local  # every expert here: each on its own rows
         self.aux_share = 1.0
         self.aux_grad_scale = 1.0
-        self.balance = torch.zeros(2)  # (sum of the balancing loss, forwards) since `take_balance`: a metric
+        self.balance = torch.zeros(3)  # sums of (the balancing loss, the z-loss, forwards) since `take_balance`
 
     def route(self, flat: torch.Tensor):
-        """(probs [T, E] fp32, weights [T, k] fp32 summing to 1, chosen [T, k] expert ids)."""
-        probs = self.router(flat).float().softmax(dim=-1)
+        """(logits [T, E] fp32, probs [T, E], weights [T, k]: the top-k probs, renormalized to sum to 1 under
+        `norm_topk`, chosen [T, k] expert ids)."""
+        logits = self.router(flat).float()
+        probs = logits.softmax(dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)
-        return probs, weights / weights.sum(dim=-1, keepdim=True), chosen
+        if self.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return logits, probs, weights, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)
         flat = x.reshape(-1, x.shape[-1])
-        probs, weights, chosen = self.route(flat)
+        logits, probs, weights, chosen = self.route(flat)
         counts = torch.bincount(chosen.reshape(-1), minlength=self.n_experts)
         order = chosen.reshape(-1).argsort(stable=True)  # the (token, choice) pairs, grouped by expert
         outputs = self.run_experts(list(self.experts.values()), flat[order // self.top_k], counts)
         per_choice = outputs[inverse(order)].view(flat.shape[0], self.top_k, -1)  # a gather: keeps only its index
         out = (per_choice * weights.unsqueeze(-1).to(per_choice.dtype)).sum(dim=1)
+        if self.shared is not None:
+            out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
         if self.training:
-            aux = load_balancing_loss(probs, counts, self.top_k)
-            self.balance = self.balance.to(aux.device) + torch.stack([aux.detach(), aux.new_ones(())])
-            if self.aux_loss:
-                out = AuxLossGrad.apply(out, aux, self.aux_loss * self.aux_share * self.aux_grad_scale)
+            out = self._auxiliary(out, logits, probs, counts)
         return self.exit(out.view(x.shape[:-1] + out.shape[-1:]))
+
+    def _auxiliary(self, out: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor):
+        """Record the balancing loss (and the z-loss when weighted) for the metrics; attach their weighted sum's
+        gradient to `out`."""
+        balance = load_balancing_loss(probs, counts, self.top_k)
+        z = router_z_loss(logits) if self.z_loss else balance.new_zeros(())
+        self.balance = self.balance.to(balance.device) + torch.stack([balance.detach(), z.detach(),
+                                                                      balance.new_ones(())])
+        terms = [coef * loss for coef, loss in ((self.aux_loss, balance), (self.z_loss, z)) if coef]
+        if not terms:
+            return out
+        return AuxLossGrad.apply(out, sum(terms), self.aux_share * self.aux_grad_scale)
 
 
 def take_balance(layers) -> torch.Tensor:
-    """(sum of the balancing loss, forwards) over `layers` since the last call, and start again from zero."""
+    """Sums of (the balancing loss, the z-loss, forwards) over `layers` since the last call; start again from zero."""
     total = sum(layer.balance.to(torch.float32) for layer in layers)
     for layer in layers:
         layer.balance = torch.zeros_like(layer.balance)

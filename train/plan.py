@@ -137,7 +137,9 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int) -> int:
     Per (token, choice): its gathered row, the expert's gate|up output, silu(gate) and product (each tp rank's
     share), the expert's output (whole width: partial sums) and its weight, in `size` bytes; three int64 indices
     (the top-k ids, the rows' tokens, the way back to token order). Per token, in fp32: the router's probabilities,
-    the top-k values and their sum. With the balancing loss, one fp32 number per expert.
+    and under `moe_norm_topk` the top-k values and their sum. With the balancing loss, one fp32 number per expert;
+    with the z-loss, the router's logits and their logsumexp. A shared expert keeps what a dense MLP does (its
+    share of gate|up, silu(gate), product) plus its output (whole width) and its gate's sigmoid.
     """
     from plait.train.config import ffn_dim
 
@@ -146,8 +148,11 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int) -> int:
         return 0
     d, f = model_cfg.dim, ffn_dim(model_cfg) // tp
     choices = tokens * k
-    moe = choices * ((2 * d + 4 * f + 1) * size + 3 * 8) + tokens * (experts + k + 1) * 4
+    router = experts + (k + 1 if model_cfg.moe_norm_topk else 0) + (experts + 1 if model_cfg.moe_z_loss else 0)
+    moe = choices * ((2 * d + 4 * f + 1) * size + 3 * 8) + tokens * router * 4
     moe += experts * 4 if model_cfg.moe_aux_loss else 0
+    shared = int(model_cfg.moe_shared_ffn_dim) // tp
+    moe += tokens * (4 * shared + d + 1) * size if shared else 0
     return int(moe - tokens * 4 * f * size)
 
 

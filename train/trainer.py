@@ -415,7 +415,7 @@ class Trainer:
         self.updated = not overflow  # (the optimizer state exists once a step has updated)
         held = self._held_bytes()  # after the update (the state exists), before the grads are let go
         weights = {"params_norm": self.params_norm()} if self.cfg.train.log_params_norm else {}
-        balance = {"moe_balance": self._moe_balance()} if self.moe_layers else {}
+        balance = self._moe_metrics() if self.moe_layers else {}
         self.grads.zero_grad()
         loss = all_reduce_mean(loss, self.grid.grad_group)  # each dp (and cp) rank's share of the batch
         self.step_num += 1
@@ -438,13 +438,17 @@ class Trainer:
         return float(global_grad_norm([(t.detach(), self.specs[n]) for n, t in entries if n not in self.mirrors],
                                       self.grid, dp_sharded=self.grads_sharded_over_dp))
 
-    def _moe_balance(self) -> float:
+    def _moe_metrics(self) -> Dict[str, float]:
         """The step's mean load-balancing loss over every MoE layer, micro-batch and rank (1: an even load; E/k:
-        every token to the same k experts), the same on every rank: Megatron's load_balancing_loss, unweighted."""
+        every token to the same k experts), and with `model.moe_z_loss` the mean router z-loss, the same on every
+        rank: Megatron's load_balancing_loss and z_loss, unweighted."""
         total = take_balance(self.moe_layers)  # this rank's layers (its pp stage); tp ranks repeat the same sums
         if self.grid.world_size > 1:
-            dist.all_reduce(total)  # over every rank: sum and count alike, so the ratio is the mean
-        return float(total[0] / total[1])
+            dist.all_reduce(total)  # over every rank: sums and count alike, so the ratios are means
+        metrics = {"moe_balance": float(total[0] / total[2])}
+        if self.moe_layers[0].z_loss:
+            metrics["moe_z_loss"] = float(total[1] / total[2])
+        return metrics
 
     def updates_done(self) -> int:
         """Optimizer updates so far: the steps less those fp16 skipped on an overflow. The learning-rate schedule
