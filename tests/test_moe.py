@@ -143,22 +143,39 @@ def exported(tmp_path, **features):
         for name, param in model.named_parameters():
             if name.endswith("router.weight"):
                 param.mul_(20)
+            if name.endswith("bias"):  # q, k, v biases start at zero: give them values an export could lose
+                param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     grid = Grid.single()
     request = SaveRequest(3, dict(model.named_parameters()), param_specs(model),
                           meta={**layout_meta(grid), **model_meta(cfg)})
     return cfg, model, export_checkpoint(save(tmp_path / "ckpt", grid, request), tmp_path / "hf")
 
 
-@pytest.mark.parametrize("window", [None, 8], ids=["full", "window8"])
-def test_export_is_mixtral_and_matches_transformers(window, tmp_path):
+FAMILIES = {  # name: (the architecture transformers builds, plait's settings)
+    "mixtral": ("MixtralForCausalLM", {}),
+    "mixtral-window8": ("MixtralForCausalLM", {"sliding_window": 8}),
+    "qwen3-moe": ("Qwen3MoeForCausalLM", {"qk_norm": True, "moe_norm_topk": False}),
+    "qwen3-moe-normalized": ("Qwen3MoeForCausalLM", {"qk_norm": True}),
+    "qwen2-moe": ("Qwen2MoeForCausalLM", {"qkv_bias": True, "moe_shared_ffn_dim": 40, "moe_norm_topk": False}),
+    "qwen2-moe-no-bias": ("Qwen2MoeForCausalLM", {"moe_shared_ffn_dim": 40}),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_export_matches_transformers_mixtral_qwen2_moe_and_qwen3_moe(family, tmp_path):
+    """Mixtral (with or without a window), Qwen3-MoE (QK-norm; top-k renormalized or not) and Qwen2-MoE (a gated
+    shared expert; q, k, v biases or none): transformers' own model on the export gives plait's logits and greedy
+    tokens, its config reads back as the same plait settings, and the export and transformers' re-save load back
+    bit for bit."""
     transformers = pytest.importorskip("transformers")
     from plait.train.decode import generate
     from plait.train.export import init_from_hf
 
-    cfg, model, out = exported(tmp_path, sliding_window=window)
+    architecture, features = FAMILIES[family]
+    cfg, model, out = exported(tmp_path, **features)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True,
                                                            dtype=torch.float32).eval()
-    assert type(hf).__name__ == "MixtralForCausalLM"
+    assert type(hf).__name__ == architecture
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ours, theirs = model(ids)[..., :300], hf(ids).logits
@@ -171,7 +188,9 @@ def test_export_is_mixtral_and_matches_transformers(window, tmp_path):
     from plait.train.export import model_config_from_hf
 
     read = model_config_from_hf(json.loads((out / "config.json").read_text()))  # what plait generate/eval build
-    assert (read.moe_experts, read.moe_top_k, read.moe_aux_loss, read.sliding_window) == (4, 2, 0.01, window)
+    keys = ("moe_experts", "moe_top_k", "moe_aux_loss", "moe_norm_topk", "moe_shared_ffn_dim", "sliding_window",
+            "qk_norm", "qkv_bias", "ffn_dim")
+    assert {key: getattr(read, key) for key in keys} == {key: getattr(cfg, key) for key in keys}
     for directory in (out, tmp_path / "resaved"):  # the Hub's per-expert names, and transformers' own save
         if directory != out:
             hf.save_pretrained(directory)
@@ -278,6 +297,41 @@ def test_a_mixtral_directory_and_a_dense_model_refuse_each_other(tmp_path):
     top_1 = r"with 4 experts \(top 2\) but model.moe_experts=4 \(model.moe_top_k=1\)"
     with pytest.raises(CheckpointError, match=top_1):
         init_from_hf(build_model(ModelConfig(**SMALL, moe_experts=4, moe_top_k=1)), out)
+
+
+def test_qwen_moe_directories_refuse_models_that_route_otherwise_in_one_line(tmp_path):
+    """A Qwen2-MoE or Qwen3-MoE directory names the setting that differs: top-k renormalization, the shared expert's
+    width, the attention's QK-norm; dense layers between the experts are refused; and exports no architecture has
+    are refused before anything is written."""
+    import json
+
+    from plait.train.export import CheckpointError, init_from_hf
+
+    _, _, qwen2 = exported(tmp_path / "qwen2", qkv_bias=True, moe_shared_ffn_dim=40, moe_norm_topk=False)
+    base = {**SMALL, "moe_experts": 4, "moe_top_k": 2, "qkv_bias": True}
+    with pytest.raises(CheckpointError, match=r"is model_type=qwen2_moe with norm_topk_prob=False but model."
+                                              r"moe_norm_topk=True; set model.moe_norm_topk=False to load it\.$"):
+        init_from_hf(build_model(ModelConfig(**base, moe_shared_ffn_dim=40)), qwen2)
+    with pytest.raises(CheckpointError, match=r"with shared_expert_intermediate_size=40 but model.moe_shared_ffn_dim"
+                                              r"=24; set model.moe_shared_ffn_dim=40 to load it\.$"):
+        init_from_hf(build_model(ModelConfig(**base, moe_shared_ffn_dim=24, moe_norm_topk=False)), qwen2)
+    _, _, qwen3 = exported(tmp_path / "qwen3", qk_norm=True)
+    with pytest.raises(CheckpointError, match=r"is model_type=qwen3_moe, with QK-norm, but model.qk_norm=False; "
+                                              r"set model.qk_norm=True to load it\.$"):
+        init_from_hf(build_model(ModelConfig(**SMALL, moe_experts=4, moe_top_k=2)), qwen3)
+    config = json.loads((qwen3 / "config.json").read_text())
+    (qwen3 / "config.json").write_text(json.dumps({**config, "mlp_only_layers": [1]}))
+    with pytest.raises(CheckpointError, match=r"mlp_only_layers=\[1\] and decoder_sparse_step=1 give some layers a "
+                                              r"dense MLP \(every plait block has experts\); plait's decoder cannot"):
+        init_from_hf(build_model(ModelConfig(**SMALL, moe_experts=4, moe_top_k=2, qk_norm=True)), qwen3)
+    for name, features, fragment in (
+            ("bias", {"qkv_bias": True}, "a model with model.moe_experts and model.qkv_bias has no Hugging Face "
+                                         "architecture plait writes"),
+            ("unnormalized", {"moe_norm_topk": False}, "Mixtral renormalizes each token's top-k router weights but "
+                                                       "model.moe_norm_topk=false")):
+        with pytest.raises(CheckpointError, match=fragment):
+            exported(tmp_path / name, **features)
+        assert not (tmp_path / name / "hf").exists()
 
 
 @pytest.mark.parametrize("backend", ["file", "recompute"])

@@ -4,7 +4,8 @@ Export reassembles every parameter in full from the checkpoint's tp shards (any 
 cuts the vocabulary padding, renames to `LlamaForCausalLM`'s names (`MistralForCausalLM` for a model with
 `model.sliding_window`: the same names, and its window in config.json; `Qwen3ForCausalLM` for a model with
 `model.qk_norm`: the same names plus each attention's q_norm and k_norm; `Qwen2ForCausalLM` with
-`model.qkv_bias`: plus q, k and v biases) and writes
+`model.qkv_bias`: plus q, k and v biases; for a mixture of experts `MixtralForCausalLM`, `Qwen3MoeForCausalLM` with
+QK-norm, `Qwen2MoeForCausalLM` with a shared expert, each with its per-expert names) and writes
 `OUT/config.json` and `OUT/model.safetensors`, and, when the checkpoint's data was made with a BPE
 (its index records the tokenizer.json), `OUT/tokenizer.json` and `OUT/tokenizer_config.json` for
 transformers' `AutoTokenizer` (a byte-level model's ids are UTF-8 bytes: no tokenizer file; its
@@ -36,7 +37,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import torch
 from safetensors.torch import load as safetensors_load
@@ -61,55 +62,90 @@ _FUSED = {"attn.wqkv.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weig
 _FUSED_BIAS = {"attn.wqkv.bias": ("self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias")}  # Qwen2
 _DENSE_FUSED = {"mlp.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight")}
 MIXTRAL_MOE = "block_sparse_moe"  # Mixtral's name for its MoE block in the Hub's checkpoints
+# a mixture of experts' names in a family's checkpoints: (block, router, expert's gate, up, down projections)
+_MOE_NAMES = {"mixtral": (MIXTRAL_MOE, "gate", "w1", "w3", "w2"),
+              "qwen2_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+              "qwen3_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj")}
 
 
 def _layer_tables(model: Dict[str, Any]):
     """(one-to-one names, fused names -> their segments' names) of a layer: q/k/v biases where the model has them,
-    and the dense MLP's, or a mixture of experts' as Mixtral's checkpoints name them (router -> gate, each
-    expert's gate|up -> w1, w3, down -> w2)."""
+    and the dense MLP's, or a mixture of experts' as its family's checkpoints name them (Mixtral: router -> gate,
+    each expert's gate|up -> w1, w3, down -> w2; Qwen: router -> gate, gate_proj, up_proj, down_proj, and the shared
+    expert and its gate)."""
     experts = int(model.get("moe_experts") or 0)
     attention = {**_FUSED, **(_FUSED_BIAS if model.get("qkv_bias") else {})}
     if not experts:
         return {**_SIMPLE, **_DENSE_MLP}, {**attention, **_DENSE_FUSED}
-    simple, fused = {**_SIMPLE, "mlp.router.weight": f"{MIXTRAL_MOE}.gate.weight"}, attention
+    block, router, gate, up, down = _MOE_NAMES[model_type(model)]
+    simple, fused = {**_SIMPLE, "mlp.router.weight": f"{block}.{router}.weight"}, attention
     for e in range(experts):
-        ours, theirs = f"mlp.experts.{e}.", f"{MIXTRAL_MOE}.experts.{e}."
-        simple[ours + "w2.weight"] = theirs + "w2.weight"
-        fused[ours + "w13.weight"] = (theirs + "w1.weight", theirs + "w3.weight")
+        ours, theirs = f"mlp.experts.{e}.", f"{block}.experts.{e}."
+        simple[ours + "w2.weight"] = f"{theirs}{down}.weight"
+        fused[ours + "w13.weight"] = (f"{theirs}{gate}.weight", f"{theirs}{up}.weight")
+    if model.get("moe_shared_ffn_dim"):
+        simple.update({"mlp.shared_gate.weight": "mlp.shared_expert_gate.weight",
+                       "mlp.shared.w2.weight": "mlp.shared_expert.down_proj.weight"})
+        fused["mlp.shared.w13.weight"] = ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight")
     return simple, fused
 
 
-# model_type -> (the plait model setting that makes a model of it, its architecture, what the setting adds)
-_QWEN = {"qwen3": ("qk_norm", "Qwen3ForCausalLM", "QK-norm"),
-         "qwen2": ("qkv_bias", "Qwen2ForCausalLM", "q, k and v biases")}
+_QWEN = ("qwen2", "qwen3")
+_ADDS = {"qk_norm": "QK-norm", "qkv_bias": "q, k and v biases"}  # what an attention setting adds, in words
+# the settings a model has -> the Hugging Face model_type it exports as
+_FAMILIES = {frozenset(): "llama", frozenset({"sliding_window"}): "mistral", frozenset({"qk_norm"}): "qwen3",
+             frozenset({"qkv_bias"}): "qwen2", frozenset({"moe_experts"}): "mixtral",
+             frozenset({"moe_experts", "sliding_window"}): "mixtral",
+             frozenset({"moe_experts", "qk_norm"}): "qwen3_moe",
+             frozenset({"moe_experts", "moe_shared_ffn_dim"}): "qwen2_moe",
+             frozenset({"moe_experts", "moe_shared_ffn_dim", "qkv_bias"}): "qwen2_moe"}
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                  "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
+                  "qwen2_moe": "Qwen2MoeForCausalLM"}
+
+
+def model_type(model: Dict[str, Any]) -> str:
+    """The Hugging Face model_type a plait model (its recorded config) exports as, or a CheckpointError in one
+    line naming the settings no architecture plait writes has."""
+    features = frozenset(key for key in ("qk_norm", "qkv_bias", "sliding_window", "moe_experts", "moe_shared_ffn_dim")
+                         if model.get(key))
+    kind = _FAMILIES.get(features)
+    if kind is None:
+        raise CheckpointError(f"a model with {' and '.join('model.' + key for key in sorted(features))} has no Hugging "
+                              f"Face architecture plait writes (Qwen3: qk_norm, Qwen2: qkv_bias, Mistral: "
+                              f"sliding_window, Mixtral: moe_experts with or without sliding_window, Qwen3-MoE: "
+                              f"moe_experts and qk_norm, Qwen2-MoE: moe_experts and moe_shared_ffn_dim with or without "
+                              f"qkv_bias); export a model with one of these.")
+    if kind == "mixtral" and not model.get("moe_norm_topk", True):
+        raise CheckpointError("Mixtral renormalizes each token's top-k router weights but model.moe_norm_topk=false; "
+                              "train with model.moe_norm_topk=true, or with model.qk_norm (Qwen3-MoE) or "
+                              "model.moe_shared_ffn_dim (Qwen2-MoE), whose configs record it.")
+    return kind
 
 
 def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     """`config.json` of a `LlamaForCausalLM` with plait's model shape (older and newer rope keys both); with a
     sliding window, of a `MistralForCausalLM` (the same weights and names, plus `sliding_window`); with QK-norm,
     of a `Qwen3ForCausalLM` (plus q_norm and k_norm); with q, k and v biases, of a `Qwen2ForCausalLM`; with experts,
-    of a `MixtralForCausalLM` (its window too, if any)."""
+    of a `MixtralForCausalLM` (its window too, if any), with QK-norm a `Qwen3MoeForCausalLM`, with a shared expert
+    a `Qwen2MoeForCausalLM` (`model_type`)."""
     head_dim = model["dim"] // model["n_heads"]
-    window = model.get("sliding_window")
-    features = [key for key in [*(key for key, _, _ in _QWEN.values()), "moe_experts", "sliding_window"]
-                if model.get(key)]
-    if len(features) > 1 and set(features) != {"moe_experts", "sliding_window"}:
-        raise CheckpointError(f"a model with {' and '.join('model.' + key for key in features)} has no Hugging Face "
-                              f"architecture plait writes (Qwen3: qk_norm, Qwen2: qkv_bias, Mistral: sliding_window, "
-                              f"Mixtral: moe_experts with or without sliding_window); export a model with one of them.")
-    family = next((kind for kind, (key, _, _) in _QWEN.items() if model.get(key)), None)
-    if model.get("moe_experts"):
-        architecture = {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "sliding_window": window,
-                        "num_local_experts": model["moe_experts"], "num_experts_per_tok": model["moe_top_k"],
-                        "router_aux_loss_coef": model["moe_aux_loss"], "router_jitter_noise": 0.0,
-                        "output_router_logits": False}
-    elif family is not None:
-        architecture = {"architectures": [_QWEN[family][1]], "model_type": family, "use_sliding_window": False,
-                        "sliding_window": None, "max_window_layers": model["n_layers"]}
-    elif window is not None:
-        architecture = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": window}
-    else:
-        architecture = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    kind = model_type(model)
+    architecture = {"architectures": [_ARCHITECTURES[kind]], "model_type": kind}
+    if kind == "mixtral":
+        architecture.update(sliding_window=model.get("sliding_window"), router_jitter_noise=0.0, **_experts_keys(model))
+    elif kind in ("qwen2_moe", "qwen3_moe"):
+        architecture.update(use_sliding_window=False, sliding_window=None, max_window_layers=model["n_layers"],
+                            num_experts=model["moe_experts"], moe_intermediate_size=model["ffn_dim"],
+                            norm_topk_prob=bool(model.get("moe_norm_topk", True)), decoder_sparse_step=1,
+                            mlp_only_layers=[], **_experts_keys(model))
+        if kind == "qwen2_moe":
+            architecture.update(shared_expert_intermediate_size=model["moe_shared_ffn_dim"],
+                                qkv_bias=bool(model.get("qkv_bias")))
+    elif kind in _QWEN:
+        architecture.update(use_sliding_window=False, sliding_window=None, max_window_layers=model["n_layers"])
+    elif kind == "mistral":
+        architecture.update(sliding_window=model["sliding_window"])
     return {
         **architecture,
         "vocab_size": model["vocab_size"], "hidden_size": model["dim"], "intermediate_size": model["ffn_dim"],
@@ -121,6 +157,13 @@ def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
         "attention_dropout": 0.0, "initializer_range": model.get("init_std", 0.02), "use_cache": True,
         "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32", "dtype": "float32",
     }
+
+
+def _experts_keys(model: Dict[str, Any]) -> Dict[str, Any]:
+    """The keys a mixture of experts' config.json shares among Mixtral, Qwen2-MoE and Qwen3-MoE."""
+    experts = {"num_local_experts": model["moe_experts"]} if model_type(model) == "mixtral" else {}
+    return {**experts, "num_experts_per_tok": model["moe_top_k"], "router_aux_loss_coef": model["moe_aux_loss"],
+            "output_router_logits": False}
 
 
 # plait's llama3 rope settings -> Hugging Face's rope parameter names
@@ -141,7 +184,8 @@ def _segments(model: Dict[str, Any], fused: str) -> List[int]:
     head_dim = model["dim"] // model["n_heads"]
     if fused.startswith("attn.wqkv."):
         return [model["n_heads"] * head_dim, model["n_kv_heads"] * head_dim, model["n_kv_heads"] * head_dim]
-    return [model["ffn_dim"], model["ffn_dim"]]
+    width = model["moe_shared_ffn_dim"] if fused.startswith("mlp.shared.") else model["ffn_dim"]
+    return [width, width]
 
 
 def _fold_factors(model: Dict[str, Any], scales: Optional[Dict[str, Any]]) -> Dict[str, float]:
@@ -312,20 +356,59 @@ def _check_rope_scaling(rope: Dict[str, Any], cfg, where: Path) -> None:
 _WINDOWED = ("mistral", "mixtral")  # the model types whose config.json's sliding_window plait reads
 
 
-def _experts_of(config: Dict[str, Any]) -> Tuple[int, int]:
-    """(experts, top-k) of a Mixtral config.json (transformers' defaults where a key is absent)."""
-    return int(config.get("num_local_experts", 8)), int(config.get("num_experts_per_tok", 2))
+_QWEN_MOE = ("qwen2_moe", "qwen3_moe")
+# the model settings besides the shape that name a model's weights (`_layer_tables`)
+_FROM_CFG = ("max_seq_len", "qk_norm", "qkv_bias", "sliding_window", "moe_experts", "moe_norm_topk",
+             "moe_shared_ffn_dim")
+
+
+def _experts_of(config: Dict[str, Any], kind: str) -> Dict[str, Any]:
+    """The mixture-of-experts settings of a config.json by plait's names (transformers' defaults where a key is
+    absent; no experts for a dense model type). The expert count is `num_local_experts` or `num_experts` in
+    either family (transformers maps one name to the other and saves either)."""
+    if kind not in ("mixtral", *_QWEN_MOE):
+        return {"moe_experts": 0}
+    count = config.get("num_local_experts", config.get("num_experts"))
+    if kind == "mixtral":
+        return {"moe_experts": int(count or 8), "moe_top_k": int(config.get("num_experts_per_tok", 2)),
+                "moe_norm_topk": True, "moe_shared_ffn_dim": 0,
+                "moe_aux_loss": float(config.get("router_aux_loss_coef", 0.01))}
+    qwen2 = kind == "qwen2_moe"
+    return {"moe_experts": int(count or (60 if qwen2 else 128)),
+            "moe_top_k": int(config.get("num_experts_per_tok", 4 if qwen2 else 8)),
+            "moe_norm_topk": bool(config.get("norm_topk_prob", False)),
+            "moe_shared_ffn_dim": int(config.get("shared_expert_intermediate_size", 5632)) if qwen2 else 0,
+            "moe_aux_loss": float(config.get("router_aux_loss_coef", 0.001))}
+
+
+def _attention_of(config: Dict[str, Any], kind: str) -> Dict[str, bool]:
+    """Whether a config.json's attention has QK-norm (Qwen3, Qwen3-MoE) and q, k, v biases (Qwen2, Qwen2-MoE)."""
+    return {"qk_norm": kind in ("qwen3", "qwen3_moe"),
+            "qkv_bias": kind == "qwen2" or (kind == "qwen2_moe" and bool(config.get("qkv_bias", True)))}
+
+
+def _ffn_of(config: Dict[str, Any], kind: str) -> Optional[int]:
+    """The width of plait's MLP (of each expert): Qwen's MoE configs hold it apart from the dense layers' width."""
+    return config.get("moe_intermediate_size") if kind in _QWEN_MOE else config.get("intermediate_size")
 
 
 def _check_experts(config: Dict[str, Any], kind: str, cfg, where: Path) -> None:
-    """A Mixtral directory loads into a model with its experts and top-k; any other into a dense model."""
-    theirs = _experts_of(config) if kind == "mixtral" else (0, None)
+    """A mixture-of-experts directory loads into a model with its experts, top-k, renormalization and shared
+    expert; a dense one into a dense model."""
+    settings = _experts_of(config, kind)
+    theirs = (settings["moe_experts"], settings.get("moe_top_k"))
     ours = (int(cfg.moe_experts), int(cfg.moe_top_k) if cfg.moe_experts else None)
     if theirs != ours:
-        settings = f"model.moe_experts={theirs[0]}" + (f" model.moe_top_k={theirs[1]}" if theirs[0] else "")
+        fix = f"model.moe_experts={theirs[0]}" + (f" model.moe_top_k={theirs[1]}" if theirs[0] else "")
         raise CheckpointError(f"{where} is model_type={kind} with {theirs[0]} experts"
                               f"{f' (top {theirs[1]})' if theirs[0] else ''} but model.moe_experts={ours[0]}"
-                              f"{f' (model.moe_top_k={ours[1]})' if ours[0] else ''}; set {settings} to load it.")
+                              f"{f' (model.moe_top_k={ours[1]})' if ours[0] else ''}; set {fix} to load it.")
+    if not theirs[0]:
+        return
+    for key, hf_key in (("moe_norm_topk", "norm_topk_prob"), ("moe_shared_ffn_dim", "shared_expert_intermediate_size")):
+        if settings[key] != type(settings[key])(getattr(cfg, key)):
+            raise CheckpointError(f"{where} is model_type={kind} with {hf_key}={settings[key]} but model.{key}="
+                                  f"{getattr(cfg, key)}; set model.{key}={settings[key]} to load it.")
 
 
 def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
@@ -335,16 +418,18 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
         raise CheckpointError(f"{where}: {what}; plait's decoder cannot load it.")
 
     kind = config.get("model_type", "llama")
-    if kind not in ("llama", "mistral", "mixtral", *_QWEN):
-        refuse(f"model_type={kind} is not llama, mistral, mixtral, qwen2 or qwen3")
+    if kind not in _ARCHITECTURES:
+        refuse(f"model_type={kind} is not {', '.join(list(_ARCHITECTURES)[:-1])} or {list(_ARCHITECTURES)[-1]}")
     _check_experts(config, kind, cfg, where)
-    for family, (key, _, what) in _QWEN.items():
-        if (kind == family) != bool(getattr(cfg, key)):
-            raise CheckpointError(f"{where} is model_type={kind}, {'with' if kind == family else 'without'} {what}, "
-                                  f"but model.{key}={bool(getattr(cfg, key))}; set model.{key}={kind == family} to "
-                                  f"load it.")
-    if kind in _QWEN and config.get("use_sliding_window"):
+    for key, has in _attention_of(config, kind).items():
+        if has != bool(getattr(cfg, key)):
+            raise CheckpointError(f"{where} is model_type={kind}, {'with' if has else 'without'} {_ADDS[key]}, "
+                                  f"but model.{key}={bool(getattr(cfg, key))}; set model.{key}={has} to load it.")
+    if kind in (*_QWEN, *_QWEN_MOE) and config.get("use_sliding_window"):
         refuse(f"use_sliding_window=true ({kind}'s per-layer windows)")
+    if kind in _QWEN_MOE and (config.get("mlp_only_layers") or int(config.get("decoder_sparse_step", 1)) != 1):
+        refuse(f"mlp_only_layers={config.get('mlp_only_layers')} and decoder_sparse_step="
+               f"{config.get('decoder_sparse_step', 1)} give some layers a dense MLP (every plait block has experts)")
     theirs = config.get("sliding_window") if kind in _WINDOWED else None
     if theirs != cfg.sliding_window:
         raise CheckpointError(f"{where} has sliding_window={theirs} but model.sliding_window={cfg.sliding_window}; "
@@ -369,23 +454,19 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
 
 
 def model_config_from_hf(config: Dict[str, Any]):
-    """The plait `ModelConfig` a Hugging Face config.json describes (Llama, Mistral, Qwen2, Qwen3); whether plait
-    computes all of it is `init_from_hf`'s check."""
+    """The plait `ModelConfig` a Hugging Face config.json describes (Llama, Mistral, Qwen2, Qwen3, Mixtral,
+    Qwen2-MoE, Qwen3-MoE); whether plait computes all of it is `init_from_hf`'s check."""
     from plait.train.config import ModelConfig
 
     kind, rope = config.get("model_type", "llama"), _rope(config)
     values = dict(vocab_size=config["vocab_size"], dim=config["hidden_size"], n_layers=config["num_hidden_layers"],
                   n_heads=config["num_attention_heads"],
                   n_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                  ffn_dim=config["intermediate_size"], max_seq_len=config.get("max_position_embeddings", 2048),
+                  ffn_dim=_ffn_of(config, kind), max_seq_len=config.get("max_position_embeddings", 2048),
                   rope_theta=rope["theta"], norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                   tie_embeddings=bool(config.get("tie_word_embeddings", False)),
                   sliding_window=config.get("sliding_window") if kind in _WINDOWED else None,
-                  **{key: kind == family for family, (key, _, _) in _QWEN.items()})
-    if kind == "mixtral":
-        experts, top_k = _experts_of(config)
-        values.update(moe_experts=experts, moe_top_k=top_k,
-                      moe_aux_loss=float(config.get("router_aux_loss_coef", 0.01)))
+                  **_attention_of(config, kind), **_experts_of(config, kind))
     if rope["type"] == "llama3":
         values.update(rope_scaling="llama3", **{key: rope[key] for key in _LLAMA3_KEYS if key in rope})
     return ModelConfig(**values)
@@ -416,6 +497,7 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
             "n_heads": cfg.n_heads, "n_kv_heads": kv_heads(cfg), "tie_embeddings": bool(cfg.tie_embeddings)}
     theirs = {key: config.get(hf_key, config.get("num_attention_heads") if hf_key == "num_key_value_heads" else None)
               for hf_key, key in _SHAPE_KEYS.items()}
+    theirs["ffn_dim"] = _ffn_of(config, config.get("model_type", "llama"))
     theirs["tie_embeddings"] = bool(theirs["tie_embeddings"])
     wrong = [f"model.{key}={ours[key]} vs {theirs[key]}" for key in ours if ours[key] != theirs[key]]
     if wrong:
@@ -423,8 +505,7 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
                               f"set the model config to match.")
     check_hf_config(config, cfg, Path(directory) / HF_CONFIG)
     scales = {"embedding": model.scales.embedding, "logits": model.scales.logits, "attention": model.scales.attention}
-    full = from_hf({**ours, "max_seq_len": cfg.max_seq_len, "moe_experts": cfg.moe_experts,
-                    **{key: bool(getattr(cfg, key)) for key, _, _ in _QWEN.values()}}, hf, scales)
+    full = from_hf({**ours, **{key: getattr(cfg, key) for key in _FROM_CFG}}, hf, scales)
     specs = param_specs(model)
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
     mirrors = model.tied_copies()  # a last stage's tied head reads the embedding
