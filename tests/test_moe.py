@@ -121,6 +121,20 @@ def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_sca
     assert not torch.allclose(router_without, ours[1], rtol=1e-3)  # the aux term did reach the router
 
 
+def test_muon_steps_the_experts_and_shared_expert_and_adamw_the_router_and_gate():
+    """Muon takes the hidden matrices: each expert's and the shared expert's (both dimensions grow with width);
+    the router and the shared expert's gate (only their input grows) step with AdamW."""
+    from plait.train.config import OptimConfig
+    from plait.train.parametrization import build_parametrization
+
+    cfg = ModelConfig(**SMALL, moe_experts=4, moe_shared_ffn_dim=40)
+    group_of = build_parametrization(cfg, OptimConfig(name="muon")).group_of
+    muon = {name for name, _ in build_model(cfg).named_parameters() if group_of(name, None).get("muon")}
+    assert {"layers.0.mlp.shared.w13.weight", "layers.0.mlp.shared.w2.weight", "layers.1.mlp.experts.3.w2.weight",
+            "layers.1.mlp.experts.0.w13.weight"} <= muon
+    assert not muon & {"layers.0.mlp.router.weight", "layers.0.mlp.shared_gate.weight"}
+
+
 def test_evaluation_adds_no_aux_gradient():
     moe = moe_of(aux=0.5).eval()
     x = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(5))

@@ -44,11 +44,14 @@ def base_widths(cfg: ModelConfig) -> Tuple[int, int]:
 
 
 def config_at_width(cfg: ModelConfig, dim: int, head_dim: int) -> ModelConfig:
-    """The same decoder at width `dim` with heads of `head_dim` (kv groups and MLP ratio kept)."""
+    """The same decoder at width `dim` with heads of `head_dim` (kv groups and MLP ratios kept, a shared expert's
+    too: its matrices grow with width, so they are hidden)."""
     n_heads = dim // head_dim
     group = cfg.n_heads // kv_heads(cfg)
     ffn = None if not cfg.ffn_dim else max(1, round(cfg.ffn_dim * dim / cfg.dim))
-    return dataclasses.replace(cfg, dim=dim, n_heads=n_heads, n_kv_heads=max(1, n_heads // group), ffn_dim=ffn)
+    shared = max(1, round(cfg.moe_shared_ffn_dim * dim / cfg.dim)) if cfg.moe_shared_ffn_dim else 0
+    return dataclasses.replace(cfg, dim=dim, n_heads=n_heads, n_kv_heads=max(1, n_heads // group), ffn_dim=ffn,
+                               moe_shared_ffn_dim=shared)
 
 
 def full_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
