@@ -46,6 +46,7 @@ NUMBERS = {  # key -> values that may or may not be in range
     "model.moe_experts": st.integers(-1, 5), "model.moe_top_k": st.integers(-1, 3), "parallel.ep": st.integers(-1, 3),
     "model.moe_shared_ffn_dim": st.sampled_from(["-8", "0", "30", "64"]),
     "model.moe_z_loss": st.sampled_from(["-1", "0", "0.001"]),
+    "model.moe_capacity_factor": st.sampled_from(["-1", "0", "null", "1.25"]),
 }
 CHOICES = {  # key -> names, some of which are not in the table that builds them
     "optim.name": ["adamw", "lion", "adam", "sgd"], "optim.schedule": ["cosine", "cosin", "linear", "wsd", "step"],
@@ -56,6 +57,7 @@ CHOICES = {  # key -> names, some of which are not in the table that builds them
     "train.compile": ["auto", "false", "sometimes"], "logging.level": ["INFO", "debug", "LOUD"],
     "logging.wandb.mode": ["disabled", "offline", "bogus"], "offload.backend": ["none", "host", "tape"],
     "offload.policy": ["offload", "keep", "maybe"], "data.tokenizer": ["byte", "sentencepiece"],
+    "model.moe_drop_policy": ["probs", "position", "random"],
 }
 GROUPS = {"model": ["tiny", "small", "no-such-preset"], "optim": ["adamw", "lion", "sgd"], "launch": ["local", "nosuch"]}
 TYPES = ["train.steps=abc", "optim.lr=fast", "parallel.tp=1.5", "model.tie_embeddings=maybe", "train.seq_len=[1,2]"]

@@ -58,6 +58,11 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
     (["model.moe_experts=4", "model.moe_shared_ffn_dim=100", "parallel.tp=8"], 8,
      "parallel.tp=8 does not divide the shared expert's width model.moe_shared_ffn_dim=100; set it to a multiple of "
      "tp."),
+    (["model.moe_experts=4", "model.moe_capacity_factor=0"], 1,
+     "model.moe_capacity_factor=0.0 must be > 0; null keeps every token (dropless)"),
+    (["model.moe_capacity_factor=1.25"], 1, "model.moe_capacity_factor=1.25 sets up a mixture of experts, but "
+     "model.moe_experts=0; set model.moe_experts or model.moe_capacity_factor=null."),
+    (["model.moe_experts=4", "model.moe_drop_policy=random"], 1, "model.moe_drop_policy=random"),
 ])
 def test_relations_give_one_sentence(overrides, world, fragment):
     with pytest.raises(ConfigError) as info:

@@ -414,13 +414,22 @@ def test_loss_chunks_on_cuda_lower_the_peak_memory_and_keep_the_grads():
     assert results[0][2] - results[8][2] > logits_fp32  # at least the fp32 logits' worth less at the peak
 
 
-def test_moe_on_cuda_matches_the_cpu_and_trains_compiled_and_under_bf16(tmp_path, stdlib_tokens):
+MOE_VARIANTS = {"mixtral": {}, "qwen-shared-capacity-z": {"moe_shared_ffn_dim": 32, "moe_norm_topk": False,
+                                                           "moe_capacity_factor": 0.75, "moe_drop_policy": "position",
+                                                           "moe_z_loss": 0.01}}
+
+
+@pytest.mark.parametrize("variant", list(MOE_VARIANTS))
+def test_moe_on_cuda_matches_the_cpu_and_trains_compiled_and_under_bf16(variant, tmp_path, stdlib_tokens):
     """`model.moe_experts`: the routed experts on CUDA give the CPU's logits and grads in fp32; under bf16
     autocast every expert's weights get finite grads; and `train.compile=auto` (on for CUDA: the experts' row
-    counts vary from step to step) trains with eager's losses."""
+    counts vary from step to step) trains with eager's losses. Also with a shared expert, unnormalized top-k, a
+    capacity (dropping by position: the same pairs on both devices) and the router z-loss."""
     from plait.train.config import ModelConfig
 
-    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=100, ffn_dim=96, max_seq_len=64, moe_experts=4)
+    options = MOE_VARIANTS[variant]
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=100, ffn_dim=96, max_seq_len=64, moe_experts=4,
+                      **options)
     cpu_model, model = build_model(cfg, seed=4), build_model(cfg, seed=4, device=CUDA)
     ids = torch.randint(0, 100, (2, 25), generator=torch.Generator().manual_seed(0))
     for one, device in ((cpu_model, "cpu"), (model, CUDA)):
@@ -433,7 +442,7 @@ def test_moe_on_cuda_matches_the_cpu_and_trains_compiled_and_under_bf16(tmp_path
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
     cache = stdlib_tokens[0].parent.parent
-    moe = ["model.moe_experts=4", "model.moe_top_k=2"]
+    moe = ["model.moe_experts=4", "model.moe_top_k=2", *(f"model.{key}={value}" for key, value in options.items())]
     eager, _ = losses_of(trainer_overrides(tmp_path / "eager", cache, "train.compile=false", *moe))
     compiled, compiled_on = losses_of(trainer_overrides(tmp_path / "compiled", cache, *moe))
     assert compiled_on and compiled == pytest.approx(eager, rel=1e-4)

@@ -10,6 +10,8 @@ ranks each holding their share of the experts, tokens exchanged by all-to-all); 
 resuming exactly in one process and back; offload and recompute.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,6 +68,56 @@ def test_moe_equals_a_loop_over_tokens_in_values_and_grads(variant):
     theirs = {"x": x.grad, **{n: p.grad for n, p in moe.named_parameters()}}
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def kept_by_hand(moe: MoE, x: torch.Tensor, factor: float, by_probs: bool) -> set:
+    """The (token, choice) pairs each expert keeps under a capacity, by a plain loop over experts."""
+    _, _, weights, chosen = moe.route(x.reshape(-1, x.shape[-1]))
+    pairs = [(t, j) for t in range(chosen.shape[0]) for j in range(moe.top_k)]
+    limit = max(1, math.ceil(factor * len(pairs) / moe.n_experts))
+    kept = set()
+    for e in range(moe.n_experts):
+        mine = [pair for pair in pairs if int(chosen[pair]) == e]
+        if by_probs:
+            mine.sort(key=lambda pair: -float(weights[pair]))  # stable: ties keep token order
+        kept |= set(mine[:limit])
+    return kept
+
+
+@pytest.mark.parametrize("policy", ["probs", "position"])
+def test_a_capacity_drops_what_each_expert_cannot_take_in_values_and_grads(policy):
+    """With model.moe_capacity_factor=0.5 each expert keeps ceil(0.5 T k / E) pairs: those with the highest
+    router weights (probs) or the earliest tokens (position); a dropped pair adds nothing, and the rest is the
+    dropless block's. Evaluation keeps every pair."""
+    moe = moe_of(2, aux=0.0, moe_capacity_factor=0.5, moe_drop_policy=policy, moe_shared_ffn_dim=40)
+    x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(7), requires_grad=True)
+    kept = kept_by_hand(moe, x.detach(), 0.5, policy == "probs")
+    assert 0 < len(kept) < 36  # some pairs are dropped, some kept
+    assert kept != kept_by_hand(moe, x.detach(), 0.5, policy != "probs")  # and the policy decides which
+    out = moe(x)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(8))
+    out.backward(grad)
+    ours = {"x": x.grad.clone(), **{n: p.grad.clone() for n, p in moe.named_parameters()}}
+    assert float(moe.balance[2]) == pytest.approx(1 - len(kept) / 36)  # the share dropped, for the metrics
+    x.grad = None
+    moe.zero_grad()
+    rows = []
+    for t, token in enumerate(x.reshape(-1, 32)):
+        probs = F.softmax(token @ moe.router.weight.T, dim=-1)
+        top, chosen = probs.topk(2)
+        top = top / top.sum()
+        row = sum(w * moe.experts[str(int(e))](token[None])[0] for j, (w, e) in enumerate(zip(top, chosen))
+                  if (t, j) in kept)
+        rows.append(row + torch.sigmoid(token @ moe.shared_gate.weight[0]) * moe.shared(token[None])[0])
+    reference = torch.stack(rows).view_as(x)
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
+    reference.backward(grad)
+    theirs = {"x": x.grad, **{n: p.grad for n, p in moe.named_parameters()}}
+    for name in ours:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    moe.eval()
+    dropless = moe_of(2, aux=0.0, moe_shared_ffn_dim=40).eval()
+    torch.testing.assert_close(moe(x), dropless(x), rtol=0, atol=0)
 
 
 def test_an_expert_no_token_chose_still_gets_a_zero_grad():
@@ -229,6 +281,9 @@ LAYOUTS = {  # name: (world size, overrides)
     "pp2-interleaved-dp2-zero3": (4, ["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=1", "parallel.zero=3"]),
     "pp2-zbv": (2, ["parallel.pp=2", "parallel.schedule=zbv", "parallel.microbatches=2"]),
     "tp2-sp-ep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2", "parallel.bucket_mb=0.01"]),
+    "tp2-sp-ep2-capacity-by-position": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
+                                            "model.moe_capacity_factor=0.75", "model.moe_drop_policy=position"]),
+    "pp2-capacity": (2, ["parallel.pp=2", "parallel.microbatches=2", "model.moe_capacity_factor=0.75"]),
     "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.microbatches=1"]),
     "ep2-cp2-no-aux": (4, ["parallel.ep=2", "parallel.cp=2", "model.moe_aux_loss=0"]),
     "ep2-dp4-no-aux": (4, ["parallel.ep=2", "parallel.bucket_mb=0.01", "model.moe_aux_loss=0"]),
@@ -251,10 +306,11 @@ def test_layouts_train_as_one_process(layout, reference, tmp_path):
     """Expert parallelism among them: each of 2 ep ranks holds 2 of the 4 experts and sends its rows to theirs."""
     (losses, norms, val), cache = reference
     world, overrides = LAYOUTS[layout]
-    if "model.moe_aux_loss=0" in overrides:
-        losses, norms, val = train_steps(0, 1, BASE, ["parallel.microbatches=2", "model.moe_aux_loss=0"],
-                                         tmp_path / "one", cache, STEPS)
-        assert abs(norms[-1] - reference[0][1][-1]) > 1e-4  # the balancing loss changes the grads
+    model = [override for override in overrides if override.startswith("model.")]
+    if model:  # the one-process reference with the same model
+        losses, norms, val = train_steps(0, 1, BASE, ["parallel.microbatches=2", *model], tmp_path / "one", cache,
+                                         STEPS)
+        assert abs(norms[-1] - reference[0][1][-1]) > 1e-4  # the setting changes the grads
     for rank_losses, rank_norms, rank_val in run_ranks(world, train_steps, BASE, overrides, tmp_path / "many",
                                                        cache, STEPS):
         assert rank_losses == pytest.approx(losses, rel=1e-5)
@@ -410,24 +466,30 @@ def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, re
         assert losses == pytest.approx(straight[2:], rel=1e-5)
 
 
+METRICS = ("moe_balance", "moe_z_loss", "moe_dropped")
+
+
 def _balances(rank, world, overrides, run_dir, cache):
     from train_utils import make_trainer
 
-    trainer = make_trainer(rank, world, BASE, overrides, run_dir, cache)
-    balances = [trainer.step()["moe_balance"] for _ in range(2)]
+    trainer = make_trainer(rank, world, BASE, overrides + ["model.moe_capacity_factor=0.75",
+                                                           "model.moe_drop_policy=position"], run_dir, cache)
+    records = [trainer.step() for _ in range(2)]
     trainer.close()
-    return balances
+    return [[record[key] for key in METRICS] for record in records]
 
 
 def test_the_balance_metric_is_one_process_s_under_tp_pp_and_ep(tmp_path, stdlib_tokens):
-    """`moe_balance` (the mean balancing loss over layers, micro-batches and ranks) reads the same under any
-    layout that runs the same micro-batches, and lies in (0, E/k]."""
+    """`moe_balance` (the mean balancing loss over layers, micro-batches and ranks), `moe_z_loss` and
+    `moe_dropped` (the share of pairs over capacity) read the same under any layout that runs the same
+    micro-batches; the balance lies in (0, E/k], the share dropped in (0, 1)."""
     cache = stdlib_tokens[0].parent.parent
     one = _balances(0, 1, ["parallel.microbatches=2"], tmp_path / "one", cache)
-    assert all(0.0 < value <= 4 / 2 for value in one)
+    assert all(0.0 < balance <= 4 / 2 and z > 0 and 0 < dropped < 1 for balance, z, dropped in one)
     for world, overrides in ((4, LAYOUTS["tp2-sp-pp2"][1]), (2, ["parallel.ep=2"])):
-        for balances in run_ranks(world, _balances, overrides, tmp_path / f"w{world}", cache):
-            assert balances == pytest.approx(one, rel=1e-5)
+        for metrics in run_ranks(world, _balances, overrides, tmp_path / f"w{world}", cache):
+            for step, theirs in zip(metrics, one):
+                assert step == pytest.approx(theirs, rel=1e-5)
 
 
 MUON_LAYOUTS = {  # name: (world size, overrides); the balancing loss off where dp splits a micro-batch's sequences

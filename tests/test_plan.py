@@ -91,6 +91,15 @@ def test_activations_match_a_real_forward():
                             stand_in_grid(Layout(tp, tp, 1, 1), 0), LLAMA_PLAN) for one in (cfg.model, moe_cfg)]
         dense_kept, moe_kept = (saved_activation_bytes(one, lambda: one(x)) for one in pair)
         assert moe_kept - dense_kept == moe_extra_bytes(moe_cfg, b * s, tp, 4) > 0
+    # under a capacity the plan is exact when nothing is dropped (factor E) and an upper bound when pairs are
+    for factor, exact in ((4.0, True), (0.5, False)):
+        moe_cfg = load_config(SMALL + ["model.moe_experts=4", f"model.moe_capacity_factor={factor}"]).model
+        pair = [Transformer(one, layers=[0], has_embedding=False, has_head=False, device="cpu")
+                for one in (cfg.model, moe_cfg)]
+        dense_kept, moe_kept = (saved_activation_bytes(one, lambda: one(x)) for one in pair)
+        planned = moe_extra_bytes(moe_cfg, b * s, 1, 4)
+        assert (moe_kept - dense_kept == planned) if exact else (moe_kept - dense_kept < planned), \
+            (factor, moe_kept - dense_kept, planned)
     # with the head and loss in 4 slices: the logits are not kept (the plan counts one slice's, recomputed)
     model.loss_chunks = 4
     sliced = saved_activation_bytes(model, lambda: model.loss(model(ids[:, :-1]), ids[:, 1:]))

@@ -69,6 +69,8 @@ class ModelConfig:
     moe_z_loss: float = 0.0  # weight of ST-MoE's router z-loss (mean logsumexp(logits)^2); 1e-3 is ST-MoE's
     moe_norm_topk: bool = True  # renormalize the top-k probabilities to sum to 1 (Mixtral); false: as they are (Qwen)
     moe_shared_ffn_dim: int = 0  # > 0: a shared expert of this width, sigmoid-gated, beside the routed (Qwen2-MoE)
+    moe_capacity_factor: Optional[float] = None  # each expert takes <= ceil(c T k / E) pairs in training; None: all
+    moe_drop_policy: str = "probs"  # over capacity, keep the highest router weights (probs) or earliest tokens
 
 
 @dataclass
@@ -223,10 +225,15 @@ def validate_model(model: ModelConfig) -> None:
         number(ConfigError, "model.moe_z_loss", model.moe_z_loss, low=0, fix="0 turns the router z-loss off")
         number(ConfigError, "model.moe_shared_ffn_dim", model.moe_shared_ffn_dim, low=0, integer=True,
                fix="0 has no shared expert")
+        if model.moe_capacity_factor is not None:
+            number(ConfigError, "model.moe_capacity_factor", model.moe_capacity_factor, low=0, low_open=True,
+                   fix="null keeps every token (dropless)")
+        choice(ConfigError, "model.moe_drop_policy", model.moe_drop_policy, MOE_DROP_POLICIES)
     else:
-        for key in ("moe_z_loss", "moe_shared_ffn_dim"):
+        for key in ("moe_z_loss", "moe_shared_ffn_dim", "moe_capacity_factor"):
+            off = "null" if key == "moe_capacity_factor" else "0"
             _require(not getattr(model, key), f"model.{key}={getattr(model, key)} sets up a mixture of experts, but "
-                     f"model.moe_experts=0; set model.moe_experts or model.{key}=0.")
+                     f"model.moe_experts=0; set model.moe_experts or model.{key}={off}.")
     _require(model.dim % model.n_heads == 0,
              f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}; pick a head count that divides the width.")
     _require(model.n_heads % kv_heads(model) == 0,
@@ -236,6 +243,7 @@ def validate_model(model: ModelConfig) -> None:
 
 
 ATTN_MASKS = ("causal", "document")
+MOE_DROP_POLICIES = ("probs", "position")  # over capacity: keep the highest router weights, or the earliest tokens
 
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -4,8 +4,14 @@ for each token, and the token's output is their outputs weighted by the router's
 Dispatch moves tokens, not weights: each (token, choice) pair is sorted by expert, the experts run one after
 another on their own rows (an expert chosen by no token runs on zero rows, so every expert's weights have a grad
 every step and the data-parallel buckets fill), and the rows are gathered back to token order, weighted and summed
-over each token's k choices. No token is dropped and no capacity is set. Backward keeps, per choice, its row,
-the expert's own activations, its output and its weight, and three int64 indices (`plait plan` counts them).
+over each token's k choices. No token is dropped by default. Backward keeps, per choice, its row, the expert's
+own activations, its output and its weight, and three int64 indices (`plait plan` counts them).
+
+With `model.moe_capacity_factor=c` (Switch's, GShard's, Megatron's moe_expert_capacity_factor) each expert takes
+at most ceil(c x T x k / E) of a micro-batch's T tokens' choices in training, the rest dropped: their weight is
+zero, so the token keeps only its other choices (and the residual). Which it keeps is `model.moe_drop_policy`:
+`probs`, the choices with the highest router weights, or `position`, the earliest tokens. Evaluation and
+generation stay dropless, as the exported model (Mixtral's, Qwen's) runs.
 
 Options of the families plait exports: `model.moe_norm_topk=false` keeps the top-k probabilities as they are
 (Qwen's `norm_topk_prob=false`) instead of renormalizing them to sum to 1 (Mixtral's); `model.moe_shared_ffn_dim`
@@ -30,12 +36,13 @@ shared expert, whose gate, like the router, weighs partial sums), `aux_share`
 rows travel to theirs: `plait.parallel.experts.ExpertExchange`).
 """
 
+import math
 from typing import Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from plait.parallel.experts import inverse, run_local
+from plait.parallel.experts import run_local
 from plait.train.config import ModelConfig
 
 
@@ -67,6 +74,30 @@ def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -
     return experts * (share * probs.mean(dim=0)).sum()
 
 
+def capacity(factor: float, pairs: int, experts: int) -> int:
+    """Pairs each expert may take: ceil(factor x pairs / experts), at least 1."""
+    return max(1, math.ceil(factor * pairs / experts))
+
+
+def within_capacity(expert_of: torch.Tensor, priority: torch.Tensor, counts: torch.Tensor, limit: int) -> torch.Tensor:
+    """[N] bool: the pairs their experts keep, each expert its first `limit` in `priority` (a permutation of the N
+    pairs, most entitled first); `counts` [E] pairs per expert."""
+    queued = priority[expert_of[priority].argsort(stable=True)]  # grouped by expert, in priority within each
+    starts = counts.cumsum(0) - counts
+    place = torch.arange(queued.numel(), device=queued.device) - starts[expert_of[queued]]
+    keep = torch.zeros_like(expert_of, dtype=torch.bool)
+    keep[queued] = place < limit
+    return keep
+
+
+def rows_of_pairs(order: torch.Tensor, pairs: int) -> torch.Tensor:
+    """Each (token, choice) pair's row in the experts' output, which holds the pairs `order` lists in that order; a
+    dropped pair points at row 0, which its zero weight cancels (so this gather keeps only its index)."""
+    rows = torch.zeros(pairs, dtype=order.dtype, device=order.device)
+    rows[order] = torch.arange(order.numel(), device=order.device)
+    return rows
+
+
 def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE's z-loss: the mean over tokens of logsumexp(logits)^2 (logits [T, E], fp32)."""
     return logits.logsumexp(dim=-1).square().mean()
@@ -81,6 +112,8 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk = int(cfg.moe_top_k), bool(cfg.moe_norm_topk)
         self.aux_loss, self.z_loss = float(cfg.moe_aux_loss), float(cfg.moe_z_loss)
+        self.capacity_factor = None if cfg.moe_capacity_factor is None else float(cfg.moe_capacity_factor)
+        self.drop_by_probs = cfg.moe_drop_policy == "probs"
         self.n_experts = len(experts)
         self.router = router
         self.experts = nn.ModuleDict({str(e): expert for e, expert in enumerate(experts)})  # keyed by global id
@@ -90,7 +123,7 @@ class MoE(nn.Module):
         self.run_experts: Callable = run_local  # every expert here: each on its own rows
         self.aux_share = 1.0
         self.aux_grad_scale = 1.0
-        self.balance = torch.zeros(3)  # sums of (the balancing loss, the z-loss, forwards) since `take_balance`
+        self.balance = torch.zeros(4)  # sums of (balancing loss, z-loss, share dropped, forwards) since `take_balance`
 
     def route(self, flat: torch.Tensor):
         """(logits [T, E] fp32, probs [T, E], weights [T, k]: the top-k probs, renormalized to sum to 1 under
@@ -106,23 +139,38 @@ class MoE(nn.Module):
         x = self.enter(x)
         flat = x.reshape(-1, x.shape[-1])
         logits, probs, weights, chosen = self.route(flat)
-        counts = torch.bincount(chosen.reshape(-1), minlength=self.n_experts)
-        order = chosen.reshape(-1).argsort(stable=True)  # the (token, choice) pairs, grouped by expert
+        expert_of = chosen.reshape(-1)  # each (token, choice) pair's expert
+        wanted = torch.bincount(expert_of, minlength=self.n_experts)  # what the router asked for: balancing counts
+        order = expert_of.argsort(stable=True)  # the (token, choice) pairs, grouped by expert
+        if self.capacity_factor is not None and self.training:
+            keep = within_capacity(expert_of, self._priority(weights), wanted, capacity(self.capacity_factor,
+                                                                                     expert_of.numel(), wanted.numel()))
+            order = order[keep[order]]  # the kept pairs, still grouped by expert
+            weights = weights * keep.view_as(weights)  # a dropped pair adds nothing
+        counts = torch.bincount(expert_of[order], minlength=self.n_experts)
         outputs = self.run_experts(list(self.experts.values()), flat[order // self.top_k], counts)
-        per_choice = outputs[inverse(order)].view(flat.shape[0], self.top_k, -1)  # a gather: keeps only its index
+        per_choice = outputs[rows_of_pairs(order, expert_of.numel())].view(flat.shape[0], self.top_k, -1)
         out = (per_choice * weights.unsqueeze(-1).to(per_choice.dtype)).sum(dim=1)
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
         if self.training:
-            out = self._auxiliary(out, logits, probs, counts)
+            out = self._auxiliary(out, logits, probs, wanted, 1.0 - order.numel() / expert_of.numel())
         return self.exit(out.view(x.shape[:-1] + out.shape[-1:]))
 
-    def _auxiliary(self, out: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor):
-        """Record the balancing loss (and the z-loss when weighted) for the metrics; attach their weighted sum's
-        gradient to `out`."""
+    def _priority(self, weights: torch.Tensor) -> torch.Tensor:
+        """The (token, choice) pairs, most entitled to a place first: by router weight, or in token order."""
+        if self.drop_by_probs:
+            return weights.detach().reshape(-1).argsort(descending=True, stable=True)  # (no index kept)
+        return torch.arange(weights.numel(), device=weights.device)
+
+    def _auxiliary(self, out: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
+                   dropped: float):
+        """Record the balancing loss (and the z-loss when weighted) and the share of pairs dropped for the metrics;
+        attach the losses' weighted sum's gradient to `out`."""
         balance = load_balancing_loss(probs, counts, self.top_k)
         z = router_z_loss(logits) if self.z_loss else balance.new_zeros(())
         self.balance = self.balance.to(balance.device) + torch.stack([balance.detach(), z.detach(),
+                                                                      balance.new_tensor(dropped),
                                                                       balance.new_ones(())])
         terms = [coef * loss for coef, loss in ((self.aux_loss, balance), (self.z_loss, z)) if coef]
         if not terms:
@@ -131,7 +179,7 @@ class MoE(nn.Module):
 
 
 def take_balance(layers) -> torch.Tensor:
-    """Sums of (the balancing loss, the z-loss, forwards) over `layers` since the last call; start again from zero."""
+    """Sums of (balancing loss, z-loss, share dropped, forwards) over `layers` since the last call; start again at zero."""
     total = sum(layer.balance.to(torch.float32) for layer in layers)
     for layer in layers:
         layer.balance = torch.zeros_like(layer.balance)

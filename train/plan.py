@@ -134,22 +134,27 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int) -> int:
     """Bytes a mixture of experts (train/moe.py) saves beyond the dense MLP it replaces, per micro-batch of `tokens`
     tokens (all of them on every tp rank: the block gathers them once); 0 for a dense model.
 
-    Per (token, choice): its gathered row, the expert's gate|up output, silu(gate) and product (each tp rank's
-    share), the expert's output (whole width: partial sums) and its weight, in `size` bytes; three int64 indices
-    (the top-k ids, the rows' tokens, the way back to token order). Per token, in fp32: the router's probabilities,
-    and under `moe_norm_topk` the top-k values and their sum. With the balancing loss, one fp32 number per expert;
-    with the z-loss, the router's logits and their logsumexp. A shared expert keeps what a dense MLP does (its
-    share of gate|up, silu(gate), product) plus its output (whole width) and its gate's sigmoid.
+    Per row an expert runs (every (token, choice) pair; under a capacity at most E x the capacity): its gathered
+    row, the expert's gate|up output, silu(gate) and product (each tp rank's share), the expert's output (whole
+    width: partial sums), in `size` bytes, and its token's int64 index. Per pair: its weight in `size` bytes and
+    two int64 indices (its expert, its row in the experts' output); under a capacity also its one-byte mask. Per
+    token, in fp32: the router's probabilities, and under `moe_norm_topk` the top-k values and their sum. With the
+    balancing loss, one fp32 number per expert; with the z-loss, the router's logits and their logsumexp. A shared
+    expert keeps what a dense MLP does (its share of gate|up, silu(gate), product) plus its output (whole width)
+    and its gate's sigmoid. Under a capacity this is an upper bound, exact when no pair is dropped.
     """
     from plait.train.config import ffn_dim
+    from plait.train.moe import capacity
 
     experts, k = int(model_cfg.moe_experts), int(model_cfg.moe_top_k)
     if not experts:
         return 0
     d, f = model_cfg.dim, ffn_dim(model_cfg) // tp
-    choices = tokens * k
+    pairs, factor = tokens * k, model_cfg.moe_capacity_factor
+    rows = pairs if factor is None else min(pairs, experts * capacity(factor, pairs, experts))
     router = experts + (k + 1 if model_cfg.moe_norm_topk else 0) + (experts + 1 if model_cfg.moe_z_loss else 0)
-    moe = choices * ((2 * d + 4 * f + 1) * size + 3 * 8) + tokens * router * 4
+    moe = rows * ((2 * d + 4 * f) * size + 8) + pairs * (size + 2 * 8) + tokens * router * 4
+    moe += pairs if factor is not None else 0
     moe += experts * 4 if model_cfg.moe_aux_loss else 0
     shared = int(model_cfg.moe_shared_ffn_dim) // tp
     moe += tokens * (4 * shared + d + 1) * size if shared else 0

@@ -272,9 +272,13 @@ class Trainer:
         if any(chunk.has_head for chunk in self.chunks):
             parts.append("head")
         if self.moe_layers:  # a mixture of experts: the experts this rank holds (all but under expert parallelism)
-            held = [int(e) for e in self.moe_layers[0].experts.keys()]
-            parts.append(f"experts {held[0]}-{held[-1]} of {self.moe_layers[0].n_experts} (top-"
-                         f"{self.moe_layers[0].top_k}, ep rank {self.grid.ep_rank} of {self.grid.ep})")
+            moe = self.moe_layers[0]
+            held = [int(e) for e in moe.experts.keys()]
+            capacity = "" if moe.capacity_factor is None else \
+                f", capacity factor {moe.capacity_factor:g}, drops by {'weight' if moe.drop_by_probs else 'position'}"
+            parts.append(f"experts {held[0]}-{held[-1]} of {moe.n_experts} (top-{moe.top_k}{capacity}, "
+                         f"{'shared expert, ' if moe.shared is not None else ''}ep rank {self.grid.ep_rank} of "
+                         f"{self.grid.ep})")
         parts.append(f"{sum(p.numel() for p in self.named_params.values()) / 1e6:.2f}M params")
         if self.grads_sharded_over_dp:
             parts.append(f"ZeRO-{self.cfg.parallel.zero} shard {sum(g.numel() for _, g in self.grad_entries()) / 1e6:.2f}M")
@@ -440,14 +444,17 @@ class Trainer:
 
     def _moe_metrics(self) -> Dict[str, float]:
         """The step's mean load-balancing loss over every MoE layer, micro-batch and rank (1: an even load; E/k:
-        every token to the same k experts), and with `model.moe_z_loss` the mean router z-loss, the same on every
-        rank: Megatron's load_balancing_loss and z_loss, unweighted."""
+        every token to the same k experts), with `model.moe_z_loss` the mean router z-loss, and with a capacity
+        the mean share of (token, choice) pairs dropped, the same on every rank: Megatron's load_balancing_loss
+        and z_loss, unweighted."""
         total = take_balance(self.moe_layers)  # this rank's layers (its pp stage); tp ranks repeat the same sums
         if self.grid.world_size > 1:
             dist.all_reduce(total)  # over every rank: sums and count alike, so the ratios are means
-        metrics = {"moe_balance": float(total[0] / total[2])}
+        metrics = {"moe_balance": float(total[0] / total[3])}
         if self.moe_layers[0].z_loss:
-            metrics["moe_z_loss"] = float(total[1] / total[2])
+            metrics["moe_z_loss"] = float(total[1] / total[3])
+        if self.moe_layers[0].capacity_factor is not None:
+            metrics["moe_dropped"] = float(total[2] / total[3])
         return metrics
 
     def updates_done(self) -> int:
