@@ -179,7 +179,7 @@ class MoE(nn.Module):
 
 
 def take_balance(layers) -> torch.Tensor:
-    """Sums of (balancing loss, z-loss, share dropped, forwards) over `layers` since the last call; start again at zero."""
+    """Sums of (balancing loss, z-loss, share dropped, forwards) over `layers` since the last call; restart at 0."""
     total = sum(layer.balance.to(torch.float32) for layer in layers)
     for layer in layers:
         layer.balance = torch.zeros_like(layer.balance)
