@@ -345,7 +345,8 @@ def test_the_trainer_weighs_each_micro_batch_balancing_loss_as_its_loss(tmp_path
     hooks = [layer.router.register_forward_hook(by_hand) for layer in trainer.moe_layers]
     for micro in batch:
         first = len(every_aux)
-        loss = model.loss(model(micro[:, :-1]), micro[:, 1:]) + 0.5 * sum(every_aux[first:]) + 0.2 * sum(every_z[first:])
+        loss = model.loss(model(micro[:, :-1]), micro[:, 1:])
+        loss = loss + 0.5 * sum(every_aux[first:]) + 0.2 * sum(every_z[first:])
         (loss / len(batch)).backward()
     for hook in hooks:
         hook.remove()
