@@ -47,6 +47,7 @@ NUMBERS = {  # key -> values that may or may not be in range
     "model.moe_shared_ffn_dim": st.sampled_from(["-8", "0", "30", "64"]),
     "model.moe_z_loss": st.sampled_from(["-1", "0", "0.001"]),
     "model.moe_capacity_factor": st.sampled_from(["-1", "0", "null", "1.25"]),
+    "model.moe_bias_update_rate": st.sampled_from(["-0.1", "0", "0.001"]),
 }
 CHOICES = {  # key -> names, some of which are not in the table that builds them
     "optim.name": ["adamw", "lion", "adam", "sgd"], "optim.schedule": ["cosine", "cosin", "linear", "wsd", "step"],

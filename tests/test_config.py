@@ -63,6 +63,9 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
     (["model.moe_capacity_factor=1.25"], 1, "model.moe_capacity_factor=1.25 sets up a mixture of experts, but "
      "model.moe_experts=0; set model.moe_experts or model.moe_capacity_factor=null."),
     (["model.moe_experts=4", "model.moe_drop_policy=random"], 1, "model.moe_drop_policy=random"),
+    (["model.moe_experts=4", "model.moe_bias_update_rate=-0.001"], 1,
+     "model.moe_bias_update_rate=-0.001 must be >= 0; 0 turns the routing bias off"),
+    (["model.moe_bias_update_rate=0.001"], 1, "model.moe_bias_update_rate=0.001 sets up a mixture of experts"),
 ])
 def test_relations_give_one_sentence(overrides, world, fragment):
     with pytest.raises(ConfigError) as info:

@@ -37,6 +37,9 @@ def token_by_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     for token in x.reshape(-1, x.shape[-1]):
         probs = F.softmax(token @ moe.router.weight.T, dim=-1)
         top, chosen = probs.topk(moe.top_k)
+        if moe.expert_bias is not None:  # the bias picks the experts, the probabilities weigh them
+            chosen = (probs + moe.expert_bias).topk(moe.top_k).indices
+            top = probs[chosen]
         top = top / top.sum() if moe.norm_topk else top
         row = sum(w * moe.experts[str(int(e))](token[None])[0] for w, e in zip(top, chosen))
         if moe.shared is not None:
@@ -47,13 +50,21 @@ def token_by_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 
 VARIANTS = {"top1": (1, {}), "top2": (2, {}), "top3": (3, {}),
             "top2-unnormalized-shared": (2, {"moe_norm_topk": False, "moe_shared_ffn_dim": 40}),
-            "top1-unnormalized": (1, {"moe_norm_topk": False})}
+            "top1-unnormalized": (1, {"moe_norm_topk": False}),
+            "top2-biased": (2, {"moe_bias_update_rate": 0.01}),
+            "top1-biased-unnormalized": (1, {"moe_bias_update_rate": 0.01, "moe_norm_topk": False})}
+BIAS = torch.tensor([0.02, -0.03, 0.0, 0.01])  # a routing bias that changes some tokens' experts (checked below)
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_moe_equals_a_loop_over_tokens_in_values_and_grads(variant):
     top_k, options = VARIANTS[variant]
     moe = moe_of(top_k, aux=0.0, **options)
+    if moe.expert_bias is not None:
+        flat = torch.randn(18, 32, generator=torch.Generator().manual_seed(0))
+        unbiased = moe.route(flat)[3]
+        moe.expert_bias.copy_(BIAS)
+        assert not torch.equal(moe.route(flat)[3], unbiased)  # the bias moves some tokens to other experts
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
     out = moe(x)
     assert out.shape == x.shape
@@ -65,7 +76,8 @@ def test_moe_equals_a_loop_over_tokens_in_values_and_grads(variant):
     reference = token_by_token(moe, x)
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-6)
     reference.backward(grad)
-    theirs = {"x": x.grad, **{n: p.grad for n, p in moe.named_parameters()}}
+    theirs = {"x": x.grad, **{n: p.grad if p.grad is not None else torch.zeros_like(p)  # (an expert the loop
+                              for n, p in moe.named_parameters()}}                    # never ran: zero)
     for name in ours:
         torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
 
@@ -173,6 +185,26 @@ def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_sca
     assert not torch.allclose(router_without, ours[1], rtol=1e-3)  # the aux term did reach the router
 
 
+def test_the_routing_bias_moves_toward_the_experts_a_step_under_used():
+    """Aux-loss-free balancing: after an update each bias moves by rate x sign(mean load - load), the loads being
+    the pairs the router asked of each expert over the step's forwards (not those of evaluation)."""
+    from plait.train.moe import update_expert_bias
+
+    moe = moe_of(2, moe_bias_update_rate=0.01)
+    moe.expert_bias.copy_(BIAS)
+    batches = [torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(seed)) for seed in (11, 12)]
+    loads = sum(torch.bincount(moe.route(x.reshape(-1, 32))[3].reshape(-1), minlength=4) for x in batches)
+    for x in batches:
+        moe(x)
+    moe.eval()(batches[0])  # evaluation counts nothing
+    assert torch.equal(moe.load, loads)
+    update_expert_bias([moe])
+    expected = BIAS + 0.01 * torch.sign(loads.float().mean() - loads.float())
+    torch.testing.assert_close(moe.expert_bias, expected, rtol=0, atol=1e-9)
+    assert len(set(torch.sign(loads.float().mean() - loads.float()).tolist())) > 1  # some up, some down
+    assert int(moe.load.sum()) == 0
+
+
 def test_muon_steps_the_experts_and_shared_expert_and_adamw_the_router_and_gate():
     """Muon takes the hidden matrices: each expert's and the shared expert's (both dimensions grow with width);
     the router and the shared expert's gate (only their input grows) step with AdamW."""
@@ -269,7 +301,7 @@ def test_export_matches_transformers_mixtral_qwen2_moe_and_qwen3_moe(family, tmp
 STEPS = 4
 BASE = ["model.dim=64", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=96",
         "model.moe_experts=4", "model.moe_top_k=2", "model.moe_aux_loss=0.1", "model.moe_z_loss=0.01",
-        "model.moe_shared_ffn_dim=32",
+        "model.moe_shared_ffn_dim=32", "model.moe_bias_update_rate=0.02",
         "train.seq_len=32", "train.batch_size=8", "train.progress=false", "train.peak_flops=1e10",
         "optim.warmup_steps=1", "optim.lr=3e-3", "train.eval_every=0", "checkpoint.save_final=false"]
 # The load-balancing loss is taken per micro-batch on each rank, as Megatron takes it: the one-process
@@ -281,9 +313,13 @@ LAYOUTS = {  # name: (world size, overrides)
     "pp2-interleaved-dp2-zero3": (4, ["parallel.pp=2", "parallel.vpp=2", "parallel.microbatches=1", "parallel.zero=3"]),
     "pp2-zbv": (2, ["parallel.pp=2", "parallel.schedule=zbv", "parallel.microbatches=2"]),
     "tp2-sp-ep2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2", "parallel.bucket_mb=0.01"]),
-    "tp2-sp-ep2-capacity-by-position": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
-                                            "model.moe_capacity_factor=0.75", "model.moe_drop_policy=position"]),
-    "pp2-capacity": (2, ["parallel.pp=2", "parallel.microbatches=2", "model.moe_capacity_factor=0.75"]),
+    # A capacity drops by position here: by router weight, a pair at the edge of an expert's capacity swaps places
+    # with one whose weight differs in the last bit once a layout's sums round otherwise (the loop test holds that
+    # policy exactly).
+    "tp2-sp-ep2-capacity": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
+                                "model.moe_capacity_factor=0.75", "model.moe_drop_policy=position"]),
+    "pp2-capacity": (2, ["parallel.pp=2", "parallel.microbatches=2", "model.moe_capacity_factor=0.75",
+                         "model.moe_drop_policy=position"]),
     "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.microbatches=1"]),
     "ep2-cp2-no-aux": (4, ["parallel.ep=2", "parallel.cp=2", "model.moe_aux_loss=0"]),
     "ep2-dp4-no-aux": (4, ["parallel.ep=2", "parallel.bucket_mb=0.01", "model.moe_aux_loss=0"]),
@@ -335,6 +371,7 @@ def test_the_trainer_weighs_each_micro_batch_balancing_loss_as_its_loss(tmp_path
     batch = trainer.loader.batch(0)
     for layer in trainer.moe_layers:
         layer.aux_loss = layer.z_loss = 0.0  # both are added by hand below
+        layer.expert_bias.zero_()  # as it was in the step (the step's update moved it after the grads were taken)
     every_aux, every_z = [], []
 
     def by_hand(module, args, logits):
@@ -399,7 +436,10 @@ def test_qwen_moe_directories_refuse_models_that_route_otherwise_in_one_line(tmp
             ("bias", {"qkv_bias": True}, "a model with model.moe_experts and model.qkv_bias has no Hugging Face "
                                          "architecture plait writes"),
             ("unnormalized", {"moe_norm_topk": False}, "Mixtral renormalizes each token's top-k router weights but "
-                                                       "model.moe_norm_topk=false")):
+                                                       "model.moe_norm_topk=false"),
+            ("biased", {"moe_bias_update_rate": 0.001}, "model.moe_bias_update_rate=0.001 routed by a learned bias per "
+                                                        "expert \\(DeepSeek-V3's\\) that MixtralForCausalLM has no "
+                                                        "place for")):
         with pytest.raises(CheckpointError, match=fragment):
             exported(tmp_path / name, **features)
         assert not (tmp_path / name / "hf").exists()
@@ -465,6 +505,14 @@ def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, re
     world, overrides = layouts[resumer]
     for _, losses in run_ranks(world, _save_then_resume, None, overrides, tmp_path / "run", cache):
         assert losses == pytest.approx(straight[2:], rel=1e-5)
+    # the routing biases (aux-loss-free balancing) are in it too, and `plait generate` / `plait eval` load them
+    from plait.train.decode import load_model
+    from plait.train.reshard import ShardReader
+
+    saved = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    bias = ShardReader(saved).full_param("layers.3.mlp.expert_bias")
+    assert float(bias.abs().max()) > 0 and torch.equal(load_model(saved, torch.device("cpu"))[0].layers["3"].mlp.
+                                                       expert_bias, bias)
 
 
 METRICS = ("moe_balance", "moe_z_loss", "moe_dropped")

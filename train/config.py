@@ -71,6 +71,7 @@ class ModelConfig:
     moe_shared_ffn_dim: int = 0  # > 0: a shared expert of this width, sigmoid-gated, beside the routed (Qwen2-MoE)
     moe_capacity_factor: Optional[float] = None  # each expert takes <= ceil(c T k / E) pairs in training; None: all
     moe_drop_policy: str = "probs"  # over capacity, keep the highest router weights (probs) or earliest tokens
+    moe_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing, a routing bias per expert (DeepSeek-V3: 1e-3)
 
 
 @dataclass
@@ -229,8 +230,10 @@ def validate_model(model: ModelConfig) -> None:
             number(ConfigError, "model.moe_capacity_factor", model.moe_capacity_factor, low=0, low_open=True,
                    fix="null keeps every token (dropless)")
         choice(ConfigError, "model.moe_drop_policy", model.moe_drop_policy, MOE_DROP_POLICIES)
+        number(ConfigError, "model.moe_bias_update_rate", model.moe_bias_update_rate, low=0,
+               fix="0 turns the routing bias off")
     else:
-        for key in ("moe_z_loss", "moe_shared_ffn_dim", "moe_capacity_factor"):
+        for key in ("moe_z_loss", "moe_shared_ffn_dim", "moe_capacity_factor", "moe_bias_update_rate"):
             off = "null" if key == "moe_capacity_factor" else "0"
             _require(not getattr(model, key), f"model.{key}={getattr(model, key)} sets up a mixture of experts, but "
                      f"model.moe_experts=0; set model.moe_experts or model.{key}={off}.")

@@ -165,6 +165,9 @@ def load_model(checkpoint: Path, device: torch.device, dtype: torch.dtype = torc
             tensor = full[name]
             param.zero_()  # vocabulary padding rows stay zero
             param[:tensor.shape[0]].copy_(tensor)
+        for name, buffer in model.named_buffers():  # the experts' routing biases, where the run kept them
+            if name in full:
+                buffer.copy_(full[name])
     return model.to(device=device, dtype=dtype).eval(), index
 
 

@@ -116,6 +116,10 @@ def model_type(model: Dict[str, Any]) -> str:
                               f"sliding_window, Mixtral: moe_experts with or without sliding_window, Qwen3-MoE: "
                               f"moe_experts and qk_norm, Qwen2-MoE: moe_experts and moe_shared_ffn_dim with or without "
                               f"qkv_bias); export a model with one of these.")
+    if model.get("moe_experts") and model.get("moe_bias_update_rate"):
+        raise CheckpointError(f"model.moe_bias_update_rate={model['moe_bias_update_rate']} routed by a learned bias "
+                              f"per expert (DeepSeek-V3's) that {_ARCHITECTURES[kind]} has no place for, so it would "
+                              f"pick other experts; export a model trained with model.moe_bias_update_rate=0.")
     if kind == "mixtral" and not model.get("moe_norm_topk", True):
         raise CheckpointError("Mixtral renormalizes each token's top-k router weights but model.moe_norm_topk=false; "
                               "train with model.moe_norm_topk=true, or with model.qk_norm (Qwen3-MoE) or "

@@ -27,6 +27,13 @@ tensor between stages. Its weight there is `aux_loss x aux_share x aux_grad_scal
 The router z-loss of ST-MoE (`model.moe_z_loss`: the mean over tokens of logsumexp(router logits)^2, which keeps
 the logits small; Megatron's moe_z_loss_coeff) joins backward the same way.
 
+Aux-loss-free balancing (`model.moe_bias_update_rate=r`, DeepSeek-V3's; Megatron's moe_router_enable_expert_bias):
+each block keeps a bias per expert that is added to the router's probabilities when the top k are chosen, and only
+then (the weights stay the router's own). After each update, `update_expert_bias` moves every bias r toward the
+experts the step under-used: bias += r x sign(mean load - load), the loads (pairs the router asked of each expert,
+over the step's micro-batches) summed over the ranks that saw other tokens, so every replica moves alike. The
+biases are persistent buffers: checkpoints hold them (by the block's global name, `layers.i.mlp.expert_bias`).
+
 Seams a parallel plan sets (`plait.parallel.plans.ExpertRegion`): `enter` and `exit` (what the block's input
 and output pass through: under tensor parallelism the experts' linears are column- and row-parallel without
 communication of their own, so the block gathers its input once and reduces the weighted sum once; so is the
@@ -40,6 +47,7 @@ import math
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from plait.parallel.experts import run_local
@@ -124,13 +132,23 @@ class MoE(nn.Module):
         self.aux_share = 1.0
         self.aux_grad_scale = 1.0
         self.balance = torch.zeros(4)  # sums of (balancing loss, z-loss, share dropped, forwards) since `take_balance`
+        self.bias_update_rate = float(cfg.moe_bias_update_rate)
+        if self.bias_update_rate:  # aux-loss-free balancing: a routing bias per expert, and the step's loads
+            self.register_buffer("expert_bias", torch.zeros(self.n_experts))
+            self.register_buffer("load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False)
+        else:
+            self.expert_bias = self.load = None
 
     def route(self, flat: torch.Tensor):
         """(logits [T, E] fp32, probs [T, E], weights [T, k]: the top-k probs, renormalized to sum to 1 under
-        `norm_topk`, chosen [T, k] expert ids)."""
+        `norm_topk`, chosen [T, k] expert ids: the top k of the probs, or of probs + expert bias when it has one)."""
         logits = self.router(flat).float()
         probs = logits.softmax(dim=-1)
-        weights, chosen = probs.topk(self.top_k, dim=-1)
+        if self.expert_bias is None:
+            weights, chosen = probs.topk(self.top_k, dim=-1)
+        else:  # the bias picks the experts; the weights are the router's own
+            chosen = (probs.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
+            weights = probs.gather(-1, chosen)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return logits, probs, weights, chosen
@@ -141,6 +159,8 @@ class MoE(nn.Module):
         logits, probs, weights, chosen = self.route(flat)
         expert_of = chosen.reshape(-1)  # each (token, choice) pair's expert
         wanted = torch.bincount(expert_of, minlength=self.n_experts)  # what the router asked for: balancing counts
+        if self.load is not None and self.training:
+            self.load += wanted  # (a recomputed block counts twice, on every micro-batch: the signs do not change)
         order = expert_of.argsort(stable=True)  # the (token, choice) pairs, grouped by expert
         if self.capacity_factor is not None and self.training:
             keep = within_capacity(expert_of, self._priority(weights), wanted, capacity(self.capacity_factor,
@@ -176,6 +196,28 @@ class MoE(nn.Module):
         if not terms:
             return out
         return AuxLossGrad.apply(out, sum(terms), self.aux_share * self.aux_grad_scale)
+
+
+@torch.no_grad()
+def update_expert_bias(layers: Sequence[MoE], group=None) -> None:
+    """After an update: each layer's expert bias += rate x sign(mean load - load), its loads (pairs asked of each
+    expert since the last call) summed over `group` (the ranks that route other tokens through the same layers:
+    dp x cp; None in one process); the loads start again from zero."""
+    if not layers:
+        return
+    loads = torch.stack([layer.load for layer in layers]).float()
+    if group is not None:
+        dist.all_reduce(loads, group=group)
+    for layer, load in zip(layers, loads):
+        layer.expert_bias += layer.bias_update_rate * torch.sign(load.mean() - load)
+        layer.load.zero_()
+
+
+def expert_biases(chunks) -> dict:
+    """{global name: routing bias} of every MoE in `chunks` that balances by bias (what checkpoints hold beside
+    the weights)."""
+    return {f"{name}.expert_bias": module.expert_bias for chunk in chunks for name, module in chunk.named_modules()
+            if isinstance(module, MoE) and module.expert_bias is not None}
 
 
 def take_balance(layers) -> torch.Tensor:

@@ -37,6 +37,7 @@ from plait.parallel.grad_norm import global_grad_norm
 from plait.optim.schedule import apply_lr
 from plait.parallel.data_parallel import DataParallelGrads
 from plait.parallel.grid import Grid
+from plait.parallel.sharding import ShardSpec
 from plait.parallel.context import split_sequence
 from plait.parallel.pipeline.runtime import PipelineRuntime
 from plait.parallel.pipeline.schedule import (SPLIT_SCHEDULES, chunks_per_rank, microbatch_groups, placement,
@@ -56,7 +57,7 @@ from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml
 from plait.train.export import init_from_hf
 from plait.train.build import build_chunks, hidden_shape, named_parameters_of, param_specs_of
 from plait.train.model import TIED_NAMES, Transformer
-from plait.train.moe import moe_layers, take_balance
+from plait.train.moe import expert_biases, moe_layers, take_balance, update_expert_bias
 from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.peaks import peak_flops
 from plait.train.step import autocast
@@ -101,6 +102,7 @@ class Trainer:
         self.model = self.chunks[0] if self.grid.pp == 1 else torch.nn.ModuleList(self.chunks)
         self.specs = param_specs_of(self.chunks)
         self.moe_layers = moe_layers(self.chunks)
+        self.biased = [layer for layer in self.moe_layers if layer.expert_bias is not None]  # aux-loss-free balancing
         self.grads = self._build_grads()  # before the names: under ZeRO-2/3 FSDP2 swaps in sharded parameters
         self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
         group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups; a tied copy's is
@@ -189,9 +191,21 @@ class Trainer:
         log.info("checkpoint: initial weights from %s", path)
 
     def _load_params(self, reader: "reshard.ShardReader") -> None:
-        """This rank's parameters from a checkpoint of any layout (ZeRO-2/3: whole, then this rank's rows)."""
+        """This rank's parameters from a checkpoint of any layout (ZeRO-2/3: whole, then this rank's rows), and the
+        experts' routing biases where it holds them (a checkpoint saved without them leaves them at zero)."""
         with self.grads.whole_for_writing() as whole:
             reshard.load_params(reader, whole, self.specs, self.grid, self.mirrors)
+        biases = expert_biases(self.chunks)
+        saved = {name: bias for name, bias in biases.items() if name in reader.index["params"]}
+        with torch.no_grad():
+            reshard.load_params(reader, saved, self._buffer_specs(saved), self.grid)
+        if len(saved) < len(biases) and self.is_logger:
+            log.info("checkpoint: %s holds no routing biases; they start at zero", reader.path)
+
+    @staticmethod
+    def _buffer_specs(buffers: Dict[str, torch.Tensor]) -> Dict[str, ShardSpec]:
+        """Replicated specs for buffers a checkpoint holds beside the weights (every rank has them whole)."""
+        return {name: ShardSpec(tuple(buffer.shape), None) for name, buffer in buffers.items()}
 
     def _build_chunks(self) -> List[Transformer]:
         """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
@@ -416,6 +430,7 @@ class Trainer:
         with record_function("plait.optimizer"):
             if not overflow:
                 self.optimizer.step()
+        self._balance_by_bias(overflow)
         self.updated = not overflow  # (the optimizer state exists once a step has updated)
         held = self._held_bytes()  # after the update (the state exists), before the grads are let go
         weights = {"params_norm": self.params_norm()} if self.cfg.train.log_params_norm else {}
@@ -441,6 +456,17 @@ class Trainer:
         entries = self.optimizer.param_entries() if self.grads_sharded_over_dp else list(self.named_params.items())
         return float(global_grad_norm([(t.detach(), self.specs[n]) for n, t in entries if n not in self.mirrors],
                                       self.grid, dp_sharded=self.grads_sharded_over_dp))
+
+    def _balance_by_bias(self, overflow: bool) -> None:
+        """Aux-loss-free balancing: move the experts' routing biases by the step's loads, summed over the grad group
+        (dp x cp: the ranks that route other tokens through these layers); a step fp16 skipped moves nothing."""
+        if not self.biased:
+            return
+        if overflow:
+            for layer in self.biased:
+                layer.load.zero_()
+            return
+        update_expert_bias(self.biased, self.grid.grad_group if self.grid.grad_size > 1 else None)
 
     def _moe_metrics(self) -> Dict[str, float]:
         """The step's mean load-balancing loss over every MoE layer, micro-batch and rank (1: an even load; E/k:
@@ -618,6 +644,9 @@ class Trainer:
         optim_state = named_state(self.optimizer, self.named_params, copy=False, dest=dest)  # collective under ZeRO
         params = self.grads.full_params(dest)  # ZeRO-2/3: each gathered on its writer
         specs = self.specs
+        biases = expert_biases(self.chunks)  # routing biases: replicated, saved beside the weights
+        if biases:
+            params, specs = {**params, **biases}, {**specs, **self._buffer_specs(biases)}
         if self.mirrors:  # a tied copy is not saved: the embedding stands for it (any layout reads it from there)
             params = {n: p for n, p in params.items() if n not in self.mirrors}
             optim_state = {n: s for n, s in optim_state.items() if n not in self.mirrors}
