@@ -2,12 +2,13 @@
 them alike), validation loss every few steps, and a PNG of the validation curves. muon.py and moe.py use it."""
 
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Sequence
 
 
-def train_in_turn(variants: Dict[str, List[str]], steps: int, eval_every: int, run_root: Path) -> Dict[str, Dict]:
-    """{variant: {"val": [(step, val_loss)], "loss": [...], "tokens_per_s": [...], "params": n}} of the default job
-    with each variant's overrides, `steps` steps each."""
+def train_in_turn(variants: Dict[str, List[str]], steps: int, eval_every: int, run_root: Path,
+                  metrics: Sequence[str] = ()) -> Dict[str, Dict]:
+    """{variant: {"val": [(step, val_loss)], "loss": [...], "tokens_per_s": [...], "params": n, and each of
+    `metrics` the steps logged: [...]}} of the default job with each variant's overrides, `steps` steps each."""
     from plait.train import Trainer, load_config
 
     trainers, curves = {}, {}
@@ -16,13 +17,15 @@ def train_in_turn(variants: Dict[str, List[str]], steps: int, eval_every: int, r
                                              f"train.run_dir={run_root / name.replace(' ', '-')}",
                                              "checkpoint.save_final=false"])
         trainers[name] = Trainer(cfg)
-        curves[name] = {"val": [], "loss": [], "tokens_per_s": [],
+        curves[name] = {"val": [], "loss": [], "tokens_per_s": [], **{key: [] for key in metrics},
                         "params": sum(p.numel() for p in trainers[name].model.parameters())}
     for step in range(1, steps + 1):
         for name, trainer in trainers.items():
             record = trainer.step()
             curves[name]["tokens_per_s"].append(record["tokens_per_s"])
             curves[name]["loss"].append(record["loss"])
+            for key in metrics:
+                curves[name][key].append(record[key])
             if step % eval_every == 0 or step == steps:
                 curves[name]["val"].append((step, trainer.evaluate()))
         if step % eval_every == 0:

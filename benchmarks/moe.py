@@ -6,8 +6,12 @@
 2. Training: the default job (model=tiny, the standard library's text) dense, and with 4 experts routed top-1
    (the same matmul FLOPs per token, plus the router's), stepped in turn in one process; validation loss every
    `--eval-every` steps, tokens/s, and a PNG of the validation curves.
+3. Balancing (`--balancing`): 8 experts routed top-2, trained with no balancing, Switch's balancing loss
+   (Megatron's default), DeepSeek-V3's routing bias without a loss, and both, stepped in turn; the max violation
+   of the experts' loads (busiest over mean, less 1) over the last third of the steps, and validation loss.
 
     python benchmarks/moe.py --out moe.json --plot moe.png
+    python benchmarks/moe.py --steps 0 --balancing --out moe_balancing.json
     python benchmarks/moe.py --device cuda --dim 2048 --tokens 8192 --steps 0 --out moe.json   # the block on a GPU
 """
 
@@ -17,6 +21,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Dict
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
@@ -84,6 +89,28 @@ def time_blocks(args, device: torch.device):
 
 
 VARIANTS = {"dense": [], "moe 4 experts top-1": ["model.moe_experts=4", "model.moe_top_k=1"]}
+EIGHT = ["model.moe_experts=8", "model.moe_top_k=2"]
+BALANCING = {"none": EIGHT + ["model.moe_aux_loss=0"],
+             "balancing loss 0.01": EIGHT + ["model.moe_aux_loss=0.01"],
+             "routing bias 1e-3": EIGHT + ["model.moe_aux_loss=0", "model.moe_bias_update_rate=1e-3"],
+             "both": EIGHT + ["model.moe_aux_loss=0.01", "model.moe_bias_update_rate=1e-3"]}
+
+
+def compare_balancing(args) -> Dict:
+    """The balancing variants stepped in turn: {variant: curve}, a table, and the summary's figures."""
+    curves = train_in_turn(BALANCING, args.balancing_steps, args.eval_every, Path(args.run_root) / "balancing",
+                           metrics=("moe_max_violation", "moe_balance"))
+    tail = max(1, args.balancing_steps // 3)
+    print(f"{'balancing':>22} {'max violation':>14} {'balance loss':>13} {'val_loss':>9} {'tok/s median':>13}")
+    summary = {}
+    for name, curve in curves.items():
+        violation = statistics.mean(curve["moe_max_violation"][-tail:])
+        balance = statistics.mean(curve["moe_balance"][-tail:])
+        print(f"{name:>22} {violation:>14.3f} {balance:>13.4f} {curve['val'][-1][1]:>9.4f} "
+              f"{statistics.median(curve['tokens_per_s']):>13,.0f}")
+        key = name.split()[0] if name != "balancing loss 0.01" else "loss"
+        summary.update({f"max_violation_{key}": violation, f"val_loss_{key}": curve["val"][-1][1]})
+    return {"curves": curves, "summary": summary}
 
 
 def main() -> None:
@@ -96,6 +123,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=200, help="training steps of each run (0: the block only)")
     parser.add_argument("--eval-every", type=int, default=50)
+    parser.add_argument("--balancing", action="store_true", help="also compare the ways to balance the experts")
+    parser.add_argument("--balancing-steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where the block runs (cuda: timed with a synchronize)")
     parser.add_argument("--run-root", default="outputs/bench-moe")
@@ -130,9 +159,11 @@ def main() -> None:
                         / statistics.median(dense["tokens_per_s"])})
         if args.plot:
             plot_validation(curves, args.plot, with_params=True)
+    balancing = compare_balancing(args) if args.balancing else {"curves": {}, "summary": {}}
+    summary.update(balancing["summary"])
     if args.out:
         write_json(args.out, {"benchmark": "moe", "device": args.device, "settings": vars(args), "rows": rows,
-                              "training": curves, "summary": summary})
+                              "training": curves, "balancing": balancing["curves"], "summary": summary})
 
 
 if __name__ == "__main__":

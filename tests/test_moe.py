@@ -188,7 +188,7 @@ def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_sca
 def test_the_routing_bias_moves_toward_the_experts_a_step_under_used():
     """Aux-loss-free balancing: after an update each bias moves by rate x sign(mean load - load), the loads being
     the pairs the router asked of each expert over the step's forwards (not those of evaluation)."""
-    from plait.train.moe import update_expert_bias
+    from plait.train.moe import max_violation, step_loads, update_expert_bias
 
     moe = moe_of(2, moe_bias_update_rate=0.01)
     moe.expert_bias.copy_(BIAS)
@@ -198,11 +198,13 @@ def test_the_routing_bias_moves_toward_the_experts_a_step_under_used():
         moe(x)
     moe.eval()(batches[0])  # evaluation counts nothing
     assert torch.equal(moe.load, loads)
-    update_expert_bias([moe])
+    counted = step_loads([moe])
+    assert torch.equal(counted, loads[None].float()) and int(moe.load.sum()) == 0  # read, and counting restarts
+    assert float(max_violation(counted)[0]) == pytest.approx(float(loads.max() / loads.float().mean() - 1))
+    update_expert_bias([moe], counted)
     expected = BIAS + 0.01 * torch.sign(loads.float().mean() - loads.float())
     torch.testing.assert_close(moe.expert_bias, expected, rtol=0, atol=1e-9)
     assert len(set(torch.sign(loads.float().mean() - loads.float()).tolist())) > 1  # some up, some down
-    assert int(moe.load.sum()) == 0
 
 
 def test_muon_steps_the_experts_and_shared_expert_and_adamw_the_router_and_gate():
@@ -515,7 +517,7 @@ def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, re
                                                        expert_bias, bias)
 
 
-METRICS = ("moe_balance", "moe_z_loss", "moe_dropped")
+METRICS = ("moe_balance", "moe_z_loss", "moe_dropped", "moe_max_violation")
 
 
 def _balances(rank, world, overrides, run_dir, cache):
@@ -529,12 +531,14 @@ def _balances(rank, world, overrides, run_dir, cache):
 
 
 def test_the_balance_metric_is_one_process_s_under_tp_pp_and_ep(tmp_path, stdlib_tokens):
-    """`moe_balance` (the mean balancing loss over layers, micro-batches and ranks), `moe_z_loss` and
-    `moe_dropped` (the share of pairs over capacity) read the same under any layout that runs the same
-    micro-batches; the balance lies in (0, E/k], the share dropped in (0, 1)."""
+    """`moe_balance` (the mean balancing loss over layers, micro-batches and ranks), `moe_z_loss`, `moe_dropped`
+    (the share of pairs over capacity) and `moe_max_violation` (the busiest expert's load over the mean, less 1)
+    read the same under any layout that runs the same micro-batches; the balance lies in (0, E/k], the share
+    dropped in (0, 1), the violation in (0, E - 1]."""
     cache = stdlib_tokens[0].parent.parent
     one = _balances(0, 1, ["parallel.microbatches=2"], tmp_path / "one", cache)
-    assert all(0.0 < balance <= 4 / 2 and z > 0 and 0 < dropped < 1 for balance, z, dropped in one)
+    assert all(0.0 < balance <= 4 / 2 and z > 0 and 0 < dropped < 1 and 0 < violation <= 4 - 1
+               for balance, z, dropped, violation in one)
     for world, overrides in ((4, LAYOUTS["tp2-sp-pp2"][1]), (2, ["parallel.ep=2"])):
         for metrics in run_ranks(world, _balances, overrides, tmp_path / f"w{world}", cache):
             for step, theirs in zip(metrics, one):

@@ -133,11 +133,12 @@ class MoE(nn.Module):
         self.aux_grad_scale = 1.0
         self.balance = torch.zeros(4)  # sums of (balancing loss, z-loss, share dropped, forwards) since `take_balance`
         self.bias_update_rate = float(cfg.moe_bias_update_rate)
-        if self.bias_update_rate:  # aux-loss-free balancing: a routing bias per expert, and the step's loads
+        # pairs the router asked of each expert in training since `step_loads` (the balance metric, the bias update)
+        self.register_buffer("load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False)
+        if self.bias_update_rate:  # aux-loss-free balancing: a routing bias per expert
             self.register_buffer("expert_bias", torch.zeros(self.n_experts))
-            self.register_buffer("load", torch.zeros(self.n_experts, dtype=torch.int64), persistent=False)
         else:
-            self.expert_bias = self.load = None
+            self.expert_bias = None
 
     def route(self, flat: torch.Tensor):
         """(logits [T, E] fp32, probs [T, E], weights [T, k]: the top-k probs, renormalized to sum to 1 under
@@ -159,8 +160,8 @@ class MoE(nn.Module):
         logits, probs, weights, chosen = self.route(flat)
         expert_of = chosen.reshape(-1)  # each (token, choice) pair's expert
         wanted = torch.bincount(expert_of, minlength=self.n_experts)  # what the router asked for: balancing counts
-        if self.load is not None and self.training:
-            self.load += wanted  # (a recomputed block counts twice, on every micro-batch: the signs do not change)
+        if self.training:
+            self.load += wanted  # (a recomputed block counts twice, on every micro-batch: no ratio changes)
         order = expert_of.argsort(stable=True)  # the (token, choice) pairs, grouped by expert
         if self.capacity_factor is not None and self.training:
             keep = within_capacity(expert_of, self._priority(weights), wanted, capacity(self.capacity_factor,
@@ -199,18 +200,29 @@ class MoE(nn.Module):
 
 
 @torch.no_grad()
-def update_expert_bias(layers: Sequence[MoE], group=None) -> None:
-    """After an update: each layer's expert bias += rate x sign(mean load - load), its loads (pairs asked of each
-    expert since the last call) summed over `group` (the ranks that route other tokens through the same layers:
-    dp x cp; None in one process); the loads start again from zero."""
-    if not layers:
-        return
+def step_loads(layers: Sequence[MoE], group=None) -> torch.Tensor:
+    """[layers, E] float: the pairs the router asked of each expert since the last call, summed over `group` (the
+    ranks that route other tokens through the same layers: dp x cp; None in one process); the counts start again
+    from zero."""
     loads = torch.stack([layer.load for layer in layers]).float()
     if group is not None:
         dist.all_reduce(loads, group=group)
+    for layer in layers:
+        layer.load.zero_()
+    return loads
+
+
+@torch.no_grad()
+def update_expert_bias(layers: Sequence[MoE], loads: torch.Tensor) -> None:
+    """After an update: each layer's expert bias += rate x sign(mean load - load) (`loads` from `step_loads`)."""
     for layer, load in zip(layers, loads):
         layer.expert_bias += layer.bias_update_rate * torch.sign(load.mean() - load)
-        layer.load.zero_()
+
+
+def max_violation(loads: torch.Tensor) -> torch.Tensor:
+    """[layers]: each layer's busiest expert's load over the mean load, less 1 (DeepSeek's MaxVio; 0: even)."""
+    mean = loads.mean(dim=-1)
+    return loads.max(dim=-1).values / mean.clamp_min(1e-9) - 1.0
 
 
 def expert_biases(chunks) -> dict:

@@ -57,7 +57,7 @@ from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml
 from plait.train.export import init_from_hf
 from plait.train.build import build_chunks, hidden_shape, named_parameters_of, param_specs_of
 from plait.train.model import TIED_NAMES, Transformer
-from plait.train.moe import expert_biases, moe_layers, take_balance, update_expert_bias
+from plait.train.moe import expert_biases, max_violation, moe_layers, step_loads, take_balance, update_expert_bias
 from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.peaks import peak_flops
 from plait.train.step import autocast
@@ -102,7 +102,6 @@ class Trainer:
         self.model = self.chunks[0] if self.grid.pp == 1 else torch.nn.ModuleList(self.chunks)
         self.specs = param_specs_of(self.chunks)
         self.moe_layers = moe_layers(self.chunks)
-        self.biased = [layer for layer in self.moe_layers if layer.expert_bias is not None]  # aux-loss-free balancing
         self.grads = self._build_grads()  # before the names: under ZeRO-2/3 FSDP2 swaps in sharded parameters
         self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
         group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups; a tied copy's is
@@ -430,11 +429,10 @@ class Trainer:
         with record_function("plait.optimizer"):
             if not overflow:
                 self.optimizer.step()
-        self._balance_by_bias(overflow)
+        moe = self._moe_step(overflow) if self.moe_layers else {}
         self.updated = not overflow  # (the optimizer state exists once a step has updated)
         held = self._held_bytes()  # after the update (the state exists), before the grads are let go
         weights = {"params_norm": self.params_norm()} if self.cfg.train.log_params_norm else {}
-        balance = self._moe_metrics() if self.moe_layers else {}
         self.grads.zero_grad()
         loss = all_reduce_mean(loss, self.grid.grad_group)  # each dp (and cp) rank's share of the batch
         self.step_num += 1
@@ -448,7 +446,7 @@ class Trainer:
             scaling = {"loss_scale": scale, "skipped_steps": self.loss_scaler.skipped}
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
-                "step_time_s": elapsed, **ramping, **scaling, **weights, **balance, **held, **offload_metrics}
+                "step_time_s": elapsed, **ramping, **scaling, **weights, **moe, **held, **offload_metrics}
 
     def params_norm(self) -> float:
         """The L2 norm of all the weights, each counted once as in one process (tp shards, ZeRO pieces, a tied copy
@@ -457,26 +455,26 @@ class Trainer:
         return float(global_grad_norm([(t.detach(), self.specs[n]) for n, t in entries if n not in self.mirrors],
                                       self.grid, dp_sharded=self.grads_sharded_over_dp))
 
-    def _balance_by_bias(self, overflow: bool) -> None:
-        """Aux-loss-free balancing: move the experts' routing biases by the step's loads, summed over the grad group
-        (dp x cp: the ranks that route other tokens through these layers); a step fp16 skipped moves nothing."""
-        if not self.biased:
-            return
-        if overflow:
-            for layer in self.biased:
-                layer.load.zero_()
-            return
-        update_expert_bias(self.biased, self.grid.grad_group if self.grid.grad_size > 1 else None)
+    def _moe_step(self, overflow: bool) -> Dict[str, float]:
+        """After the update: the step's expert loads, summed over the grad group (dp x cp: the ranks that route other
+        tokens through these layers), move the routing biases (aux-loss-free balancing; a step fp16 skipped moves
+        nothing); and the step's MoE metrics."""
+        loads = step_loads(self.moe_layers, self.grid.grad_group if self.grid.grad_size > 1 else None)
+        if self.moe_layers[0].expert_bias is not None and not overflow:
+            update_expert_bias(self.moe_layers, loads)
+        return self._moe_metrics(loads)
 
-    def _moe_metrics(self) -> Dict[str, float]:
-        """The step's mean load-balancing loss over every MoE layer, micro-batch and rank (1: an even load; E/k:
-        every token to the same k experts), with `model.moe_z_loss` the mean router z-loss, and with a capacity
-        the mean share of (token, choice) pairs dropped, the same on every rank: Megatron's load_balancing_loss
-        and z_loss, unweighted."""
-        total = take_balance(self.moe_layers)  # this rank's layers (its pp stage); tp ranks repeat the same sums
+    def _moe_metrics(self, loads: torch.Tensor) -> Dict[str, float]:
+        """The step's means over every MoE layer, the same on every rank: the load-balancing loss over micro-batches
+        and ranks (1: an even load; E/k: every token to the same k experts), the max violation of the loads (the
+        busiest expert over the mean, less 1), with `model.moe_z_loss` the router z-loss, and with a capacity the
+        share of (token, choice) pairs dropped: Megatron's load_balancing_loss and z_loss, DeepSeek's MaxVio."""
+        violation = max_violation(loads)  # this rank's layers (its pp stage); tp ranks repeat the same sums
+        violations = torch.stack([violation.sum(), violation.new_tensor(float(violation.numel()))])
+        total = torch.cat([take_balance(self.moe_layers).to(self.device), violations.to(self.device)])
         if self.grid.world_size > 1:
-            dist.all_reduce(total)  # over every rank: sums and count alike, so the ratios are means
-        metrics = {"moe_balance": float(total[0] / total[3])}
+            dist.all_reduce(total)  # over every rank: sums and counts alike, so the ratios are means
+        metrics = {"moe_balance": float(total[0] / total[3]), "moe_max_violation": float(total[4] / total[5])}
         if self.moe_layers[0].z_loss:
             metrics["moe_z_loss"] = float(total[1] / total[3])
         if self.moe_layers[0].capacity_factor is not None:
