@@ -7,11 +7,12 @@
    (the same matmul FLOPs per token, plus the router's), stepped in turn in one process; validation loss every
    `--eval-every` steps, tokens/s, and a PNG of the validation curves.
 3. Balancing (`--balancing`): 8 experts routed top-2, trained with no balancing, Switch's balancing loss
-   (Megatron's default), DeepSeek-V3's routing bias without a loss, and both, stepped in turn; the max violation
-   of the experts' loads (busiest over mean, less 1) over the last third of the steps, and validation loss.
+   (Megatron's default), DeepSeek-V3's routing bias without a loss (at its rate 1e-3, and at 1e-2), and the loss
+   with the bias, stepped in turn; the max violation of the experts' loads (busiest over mean, less 1) over the
+   last third of the steps, and validation loss.
 
     python benchmarks/moe.py --out moe.json --plot moe.png
-    python benchmarks/moe.py --steps 0 --balancing --out moe_balancing.json
+    python benchmarks/moe.py --steps 0 --balancing --out moe_balancing.json --balancing-plot moe_balancing.png
     python benchmarks/moe.py --device cuda --dim 2048 --tokens 8192 --steps 0 --out moe.json   # the block on a GPU
 """
 
@@ -90,15 +91,39 @@ def time_blocks(args, device: torch.device):
 
 VARIANTS = {"dense": [], "moe 4 experts top-1": ["model.moe_experts=4", "model.moe_top_k=1"]}
 EIGHT = ["model.moe_experts=8", "model.moe_top_k=2"]
-BALANCING = {"none": EIGHT + ["model.moe_aux_loss=0"],
-             "balancing loss 0.01": EIGHT + ["model.moe_aux_loss=0.01"],
-             "routing bias 1e-3": EIGHT + ["model.moe_aux_loss=0", "model.moe_bias_update_rate=1e-3"],
-             "both": EIGHT + ["model.moe_aux_loss=0.01", "model.moe_bias_update_rate=1e-3"]}
+BALANCING = {  # name: (its key in the summary, overrides)
+    "none": ("none", EIGHT + ["model.moe_aux_loss=0"]),
+    "balancing loss 0.01": ("loss", EIGHT + ["model.moe_aux_loss=0.01"]),
+    "routing bias 1e-3": ("bias_1e-3", EIGHT + ["model.moe_aux_loss=0", "model.moe_bias_update_rate=1e-3"]),
+    "routing bias 1e-2": ("bias_1e-2", EIGHT + ["model.moe_aux_loss=0", "model.moe_bias_update_rate=1e-2"]),
+    "loss and bias 1e-3": ("both", EIGHT + ["model.moe_aux_loss=0.01", "model.moe_bias_update_rate=1e-3"])}
+
+
+def plot_violation(curves: Dict[str, Dict], path: str, window: int = 10) -> None:
+    """Each balancing variant's max violation per step (a running mean over `window` steps) in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for name, curve in curves.items():
+        values = curve["moe_max_violation"]
+        smooth = [statistics.mean(values[max(0, i + 1 - window):i + 1]) for i in range(len(values))]
+        axis.plot(range(1, len(values) + 1), smooth, label=name)
+    axis.set_xlabel("step")
+    axis.set_ylabel(f"max violation (busiest / mean - 1, mean of {window} steps)")
+    axis.set_title("8 experts top-2, model=tiny on the standard library's text")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def compare_balancing(args) -> Dict:
     """The balancing variants stepped in turn: {variant: curve}, a table, and the summary's figures."""
-    curves = train_in_turn(BALANCING, args.balancing_steps, args.eval_every, Path(args.run_root) / "balancing",
+    variants = {name: overrides for name, (_, overrides) in BALANCING.items()}
+    curves = train_in_turn(variants, args.balancing_steps, args.eval_every, Path(args.run_root) / "balancing",
                            metrics=("moe_max_violation", "moe_balance"))
     tail = max(1, args.balancing_steps // 3)
     print(f"{'balancing':>22} {'max violation':>14} {'balance loss':>13} {'val_loss':>9} {'tok/s median':>13}")
@@ -108,8 +133,10 @@ def compare_balancing(args) -> Dict:
         balance = statistics.mean(curve["moe_balance"][-tail:])
         print(f"{name:>22} {violation:>14.3f} {balance:>13.4f} {curve['val'][-1][1]:>9.4f} "
               f"{statistics.median(curve['tokens_per_s']):>13,.0f}")
-        key = name.split()[0] if name != "balancing loss 0.01" else "loss"
+        key = BALANCING[name][0]
         summary.update({f"max_violation_{key}": violation, f"val_loss_{key}": curve["val"][-1][1]})
+    if args.balancing_plot:
+        plot_violation(curves, args.balancing_plot)
     return {"curves": curves, "summary": summary}
 
 
@@ -125,6 +152,7 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--balancing", action="store_true", help="also compare the ways to balance the experts")
     parser.add_argument("--balancing-steps", type=int, default=150)
+    parser.add_argument("--balancing-plot", default=None, help="a PNG of the max violation per step")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="where the block runs (cuda: timed with a synchronize)")
     parser.add_argument("--run-root", default="outputs/bench-moe")

@@ -414,9 +414,10 @@ def test_loss_chunks_on_cuda_lower_the_peak_memory_and_keep_the_grads():
     assert results[0][2] - results[8][2] > logits_fp32  # at least the fp32 logits' worth less at the peak
 
 
-MOE_VARIANTS = {"mixtral": {}, "qwen-shared-capacity-z": {"moe_shared_ffn_dim": 32, "moe_norm_topk": False,
-                                                           "moe_capacity_factor": 0.75, "moe_drop_policy": "position",
-                                                           "moe_z_loss": 0.01}}
+MOE_VARIANTS = {"mixtral": {}, "qwen-shared-capacity-z-bias": {"moe_shared_ffn_dim": 32, "moe_norm_topk": False,
+                                                                "moe_capacity_factor": 0.75,
+                                                                "moe_drop_policy": "position", "moe_z_loss": 0.01,
+                                                                "moe_bias_update_rate": 0.01}}
 
 
 @pytest.mark.parametrize("variant", list(MOE_VARIANTS))
@@ -424,7 +425,8 @@ def test_moe_on_cuda_matches_the_cpu_and_trains_compiled_and_under_bf16(variant,
     """`model.moe_experts`: the routed experts on CUDA give the CPU's logits and grads in fp32; under bf16
     autocast every expert's weights get finite grads; and `train.compile=auto` (on for CUDA: the experts' row
     counts vary from step to step) trains with eager's losses. Also with a shared expert, unnormalized top-k, a
-    capacity (dropping by position: the same pairs on both devices) and the router z-loss."""
+    capacity (dropping by position: the same pairs on both devices), the router z-loss and the routing bias (its
+    loads counted inside the compiled block)."""
     from plait.train.config import ModelConfig
 
     options = MOE_VARIANTS[variant]

@@ -138,7 +138,7 @@ def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     architecture = {"architectures": [_ARCHITECTURES[kind]], "model_type": kind}
     if kind == "mixtral":
         architecture.update(sliding_window=model.get("sliding_window"), router_jitter_noise=0.0, **_experts_keys(model))
-    elif kind in ("qwen2_moe", "qwen3_moe"):
+    elif kind in _QWEN_MOE:
         architecture.update(use_sliding_window=False, sliding_window=None, max_window_layers=model["n_layers"],
                             num_experts=model["moe_experts"], moe_intermediate_size=model["ffn_dim"],
                             norm_topk_prob=bool(model.get("moe_norm_topk", True)), decoder_sparse_step=1,
