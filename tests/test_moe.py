@@ -1,13 +1,16 @@
-"""A mixture of experts (`model.moe_experts`, `model.moe_top_k`, `model.moe_aux_loss`): Mixtral's top-k routed
-SwiGLU experts, dropless, with the Switch load-balancing loss.
+"""A mixture of experts (`model.moe_*`): top-k routed SwiGLU experts, dropless or under a capacity, with the
+Switch load-balancing loss, the router z-loss, DeepSeek-V3's routing bias, Qwen's unnormalized top-k and shared
+expert.
 
-Held to: a token-by-token loop (outputs and every grad); the load-balancing gradient joining backward at the
-main loss's scale (the same grads as adding the loss to the loss, at any micro-batch count and fp16 scale);
-an expert no token chose still getting a (zero) grad; transformers' `MixtralForCausalLM` on the exported
-weights; every layout against one process (tp's single gather and reduction around the experts, the router's
-grad summed over tp, SP, pipelines and a split backward, dp with ZeRO, cp, and expert parallelism: `parallel.ep`
-ranks each holding their share of the experts, tokens exchanged by all-to-all); expert-parallel checkpoints
-resuming exactly in one process and back; offload and recompute.
+Held to: a token-by-token loop (outputs and every grad; under a capacity, a loop over each expert's kept pairs);
+the auxiliary gradients joining backward at the main loss's scale (the same grads as adding the losses to the
+loss, at any micro-batch count and fp16 scale); the routing bias's update rule; an expert no token chose still
+getting a (zero) grad; transformers' `MixtralForCausalLM`, `Qwen2MoeForCausalLM` and `Qwen3MoeForCausalLM` on the
+exported weights; every layout against one process (tp's single gather and reduction around the experts, the
+router's and the shared gate's grads summed over tp, SP, pipelines and a split backward, dp with ZeRO, cp, and
+expert parallelism: `parallel.ep` ranks each holding their share of the experts, tokens exchanged by
+all-to-all); expert-parallel checkpoints, routing biases included, resuming exactly in one process and back;
+offload and recompute.
 """
 
 import math
@@ -534,10 +537,10 @@ def test_the_balance_metric_is_one_process_s_under_tp_pp_and_ep(tmp_path, stdlib
     """`moe_balance` (the mean balancing loss over layers, micro-batches and ranks), `moe_z_loss`, `moe_dropped`
     (the share of pairs over capacity) and `moe_max_violation` (the busiest expert's load over the mean, less 1)
     read the same under any layout that runs the same micro-batches; the balance lies in (0, E/k], the share
-    dropped in (0, 1), the violation in (0, E - 1]."""
+    dropped in (0, 1), the violation in (0, E/k - 1] (an expert takes at most one pair of each token)."""
     cache = stdlib_tokens[0].parent.parent
     one = _balances(0, 1, ["parallel.microbatches=2"], tmp_path / "one", cache)
-    assert all(0.0 < balance <= 4 / 2 and z > 0 and 0 < dropped < 1 and 0 < violation <= 4 - 1
+    assert all(0.0 < balance <= 4 / 2 and z > 0 and 0 < dropped < 1 and 0 < violation <= 4 / 2 - 1
                for balance, z, dropped, violation in one)
     for world, overrides in ((4, LAYOUTS["tp2-sp-pp2"][1]), (2, ["parallel.ep=2"])):
         for metrics in run_ranks(world, _balances, overrides, tmp_path / f"w{world}", cache):
