@@ -89,6 +89,9 @@ def test_export_and_import_errors_name_the_problem(tmp_path, capsys):
 
     cfg, model = make_model(False, Scales())
     export(save_model(tmp_path / "ckpt", cfg, model, Scales()), tmp_path / "hf")
+    save_model(tmp_path / "run" / "checkpoints", cfg, model, Scales())
+    export(tmp_path / "run", tmp_path / "hf-from-run")  # a run directory, as plait generate and plait eval take
+    assert (tmp_path / "hf-from-run" / HF_WEIGHTS).read_bytes() == (tmp_path / "hf" / HF_WEIGHTS).read_bytes()
     wider = build_model(load_config(["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=128",
                                      f"model.vocab_size={VOCAB}"]).model, seed=1)
     with pytest.raises(CheckpointError, match=r"model.ffn_dim=128 vs 96.*model.n_kv_heads=4 vs 2"):

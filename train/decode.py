@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from plait.common.checks import SettingError
 from plait.train.config import ModelConfig
 from plait.train.model import Scales, Transformer
-from plait.train.reshard import CheckpointError, load_full_model
+from plait.train.reshard import CheckpointError, load_full_model, resolve_checkpoint
 
 
 class KVCache:
@@ -128,16 +128,6 @@ def generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int, *, temp
     finally:
         for block, (rows, attend) in zip(model.layers.values(), saved):
             block.attn.rope_rows, block.attn.attend = rows, attend
-
-
-def resolve_checkpoint(checkpoint: Path) -> Path:
-    """What the tools read: a run directory's checkpoint root, else `checkpoint` itself (a checkpoint directory or a
-    checkpoint root); a path that does not exist is a CheckpointError."""
-    checkpoint = Path(checkpoint)
-    if not checkpoint.exists():
-        raise CheckpointError(f"{checkpoint} does not exist; pass a checkpoint directory (with index.json), a "
-                              f"checkpoint root (with latest), or a run directory.")
-    return checkpoint / "checkpoints" if (checkpoint / "checkpoints").is_dir() else checkpoint
 
 
 def tool_device(requested: str) -> torch.device:

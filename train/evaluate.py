@@ -23,8 +23,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import torch
 
 from plait.common.checks import SettingError
-from plait.train.decode import is_hf_directory, load_model, resolve_checkpoint, tool_device
-from plait.train.reshard import CheckpointError, ShardReader
+from plait.train.decode import is_hf_directory, load_model, tool_device
+from plait.train.reshard import CheckpointError, ShardReader, resolve_checkpoint
 from plait.train.tensorfile import write_atomic
 
 

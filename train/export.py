@@ -44,7 +44,7 @@ from safetensors.torch import load as safetensors_load
 
 from plait.common.paths import unwritable_reason
 from plait.parallel.plans import param_specs
-from plait.train.reshard import CheckpointError, load_full_model
+from plait.train.reshard import CheckpointError, load_full_model, resolve_checkpoint
 from plait.train.tensorfile import write_atomic, write_safetensors
 
 HF_WEIGHTS = "model.safetensors"
@@ -266,14 +266,12 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
 
 
 def export_checkpoint(checkpoint: Path, out: Path, dtype: torch.dtype = torch.float32) -> Path:
-    """Write `checkpoint` (any layout) as one HF Llama directory `out`; returns `out`.
+    """Write `checkpoint` (any layout; a checkpoint directory, a checkpoint root or a run directory) as one HF Llama
+    directory `out`; returns `out`.
 
     A new `out` appears whole or not at all (written under a temporary name, then renamed).
     """
-    checkpoint, out = Path(checkpoint), Path(out)
-    if not checkpoint.exists():
-        raise CheckpointError(f"{checkpoint} does not exist; pass a checkpoint directory (with index.json) or a "
-                              f"checkpoint root (with latest), e.g. <run_dir>/checkpoints.")
+    checkpoint, out = resolve_checkpoint(checkpoint), Path(out)
     reason = unwritable_reason(str(out))
     if reason is not None:
         raise CheckpointError(f"{out} cannot take the export ({reason}); pass a new or empty directory.")
@@ -525,7 +523,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="plait export",
                                      description="Write a plait checkpoint (any layout) as one Hugging Face "
                                                  "Llama directory (config.json, model.safetensors).")
-    parser.add_argument("checkpoint", help="a checkpoint directory, or a checkpoint root (its latest is used)")
+    parser.add_argument("checkpoint",
+                        help="a checkpoint directory, a checkpoint root (its latest is used), or a run directory")
     parser.add_argument("out", help="output directory")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     args = parser.parse_args(argv)

@@ -141,6 +141,16 @@ def same_layout(index: Dict[str, Any], grid: Grid, vpp: int = 1) -> bool:
                                                            grid.ep, vpp)
 
 
+def resolve_checkpoint(checkpoint: Path) -> Path:
+    """What the tools read: a run directory's checkpoint root, else `checkpoint` itself (a checkpoint directory or a
+    checkpoint root); a path that does not exist is a CheckpointError."""
+    checkpoint = Path(checkpoint)
+    if not checkpoint.exists():
+        raise CheckpointError(f"{checkpoint} does not exist; pass a checkpoint directory (with index.json), a "
+                              f"checkpoint root (with latest), or a run directory.")
+    return checkpoint / "checkpoints" if (checkpoint / "checkpoints").is_dir() else checkpoint
+
+
 def load_full_model(path: Path) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor]]:
     """(index, {name: full tensor with vocabulary padding cut to the real rows}): for export and tools."""
     reader = ShardReader(path)
