@@ -137,12 +137,12 @@ def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     kind = model_type(model)
     architecture = {"architectures": [_ARCHITECTURES[kind]], "model_type": kind}
     if kind == "mixtral":
-        architecture.update(sliding_window=model.get("sliding_window"), router_jitter_noise=0.0, **_experts_keys(model))
+        architecture.update(sliding_window=model.get("sliding_window"), router_jitter_noise=0.0, **_experts_keys(model, kind))
     elif kind in _QWEN_MOE:
         architecture.update(use_sliding_window=False, sliding_window=None, max_window_layers=model["n_layers"],
                             num_experts=model["moe_experts"], moe_intermediate_size=model["ffn_dim"],
                             norm_topk_prob=bool(model.get("moe_norm_topk", True)), decoder_sparse_step=1,
-                            mlp_only_layers=[], **_experts_keys(model))
+                            mlp_only_layers=[], **_experts_keys(model, kind))
         if kind == "qwen2_moe":
             architecture.update(shared_expert_intermediate_size=model["moe_shared_ffn_dim"],
                                 qkv_bias=bool(model.get("qkv_bias")))
@@ -163,9 +163,9 @@ def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     }
 
 
-def _experts_keys(model: Dict[str, Any]) -> Dict[str, Any]:
-    """The keys a mixture of experts' config.json shares among Mixtral, Qwen2-MoE and Qwen3-MoE."""
-    experts = {"num_local_experts": model["moe_experts"]} if model_type(model) == "mixtral" else {}
+def _experts_keys(model: Dict[str, Any], kind: str) -> Dict[str, Any]:
+    """The keys a mixture of experts' config.json shares among Mixtral, Qwen2-MoE and Qwen3-MoE (`kind`)."""
+    experts = {"num_local_experts": model["moe_experts"]} if kind == "mixtral" else {}
     return {**experts, "num_experts_per_tok": model["moe_top_k"], "router_aux_loss_coef": model["moe_aux_loss"],
             "output_router_logits": False}
 

@@ -162,13 +162,13 @@ class MoE(nn.Module):
         wanted = torch.bincount(expert_of, minlength=self.n_experts)  # what the router asked for: balancing counts
         if self.training:
             self.load += wanted  # (a recomputed block counts twice, on every micro-batch: no ratio changes)
-        order = expert_of.argsort(stable=True)  # the (token, choice) pairs, grouped by expert
+        order, counts = expert_of.argsort(stable=True), wanted  # the (token, choice) pairs, grouped by expert
         if self.capacity_factor is not None and self.training:
             keep = within_capacity(expert_of, self._priority(weights), wanted, capacity(self.capacity_factor,
                                                                                      expert_of.numel(), wanted.numel()))
             order = order[keep[order]]  # the kept pairs, still grouped by expert
+            counts = torch.bincount(expert_of[order], minlength=self.n_experts)
             weights = weights * keep.view_as(weights)  # a dropped pair adds nothing
-        counts = torch.bincount(expert_of[order], minlength=self.n_experts)
         outputs = self.run_experts(list(self.experts.values()), flat[order // self.top_k], counts)
         per_choice = outputs[rows_of_pairs(order, expert_of.numel())].view(flat.shape[0], self.top_k, -1)
         out = (per_choice * weights.unsqueeze(-1).to(per_choice.dtype)).sum(dim=1)
