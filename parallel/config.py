@@ -22,6 +22,8 @@ class ParallelConfig:
     dp: Optional[int] = None
     microbatches: int = 1
     sequence_parallel: bool = False
+    tp_overlap: str = "auto"  # auto | true | false: column-parallel backwards overlap their tp collectives (auto: on
+    # at tp > 1 except under a zero-bubble schedule, which splits each backward in two)
     schedule: str = "1f1b"  # gpipe | 1f1b (interleaved when vpp > 1) | zbh1 | zbv | dualpipev (zero-bubble)
     pp_transport: str = "auto"  # auto | shm | dist: pipeline messages through /dev/shm (gloo, one host) or the process group
     zero: int = 0  # 0: replicated optimizer state, 1: ZeRO-1 sharded state

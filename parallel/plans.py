@@ -5,11 +5,11 @@ walks the model once and, for each matching module:
 
 | style | what it does to the module |
 | --- | --- |
-| `Colwise()` | a `Linear` becomes a `ColumnParallelLinear` (each fused segment split on its own) |
+| `Colwise()` | a `Linear` becomes a `ColumnParallelLinear` (each fused segment split on its own; `overlap=True`: one node whose backward overlaps its collectives) |
 | `Rowwise()` | a `Linear` becomes a `RowParallelLinear` |
 | `ExpertRegion()` | a mixture of experts enters and leaves the tp region once, its experts `Colwise(local=True)` and `Rowwise(local=True)` (no communication of their own); under ep it keeps this rank's experts and sends the tokens to theirs |
 | `VocabEmbedding()` | an `Embedding` becomes a `VocabParallelEmbedding`, rows padded to 64 x tp |
-| `VocabHead()` | the output `Linear` becomes column-parallel over the vocabulary, padded the same way |
+| `VocabHead()` | the output `Linear` becomes column-parallel over the vocabulary, padded the same way (`overlap` as `Colwise`'s) |
 | `SequenceNorm()` | a norm stays whole; under sequence parallelism its gain's grad is partial over tp |
 | `HeadNorm()` | a per-head norm (QK-norm) stays whole; each tp rank norms its heads: its gain's grad is partial |
 | `SequenceDropout()` | a residual dropout draws a mask per rank under sequence parallelism |
@@ -80,15 +80,17 @@ def _device_dtype(module: nn.Module) -> dict:
 
 
 class Colwise(Style):
-    """`local`: no input mapping of its own (an expert, whose block gathers the input once)."""
+    """`local`: no input mapping of its own (an expert, whose block gathers the input once). `overlap`: one
+    autograd node whose backward overlaps its collectives with the weight grad (`parallel.tp_overlap`)."""
 
-    def __init__(self, local: bool = False):
-        self.local = local
+    def __init__(self, local: bool = False, overlap: bool = False):
+        self.local, self.overlap = local, overlap
 
     def apply(self, module, grid, sequence_parallel):
         new = ColumnParallelLinear(module.in_features, module.out_features, grid, bias=module.bias is not None,
                                    sequence_parallel=sequence_parallel, segments=module.segments,
-                                   valid_rows=module.valid_rows, local=self.local, **_device_dtype(module))
+                                   valid_rows=module.valid_rows, local=self.local, overlap=self.overlap,
+                                   **_device_dtype(module))
         return _keep_shard(new, module, grid)
 
 
@@ -155,10 +157,15 @@ class VocabEmbedding(Style):
 
 
 class VocabHead(Style):
+    """`overlap`: as `Colwise`'s."""
+
+    def __init__(self, overlap: bool = False):
+        self.overlap = overlap
+
     def apply(self, module, grid, sequence_parallel):
         rows = padded_vocab(module.valid_rows, grid.tp)
         new = ColumnParallelLinear(module.in_features, rows, grid, sequence_parallel=sequence_parallel,
-                                   valid_rows=module.valid_rows, **_device_dtype(module))
+                                   valid_rows=module.valid_rows, overlap=self.overlap, **_device_dtype(module))
         return _keep_shard(new, module, grid)
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from plait.common import collectives
+from plait.parallel.column_overlap import OverlappedColumn
 from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 
@@ -34,24 +35,15 @@ def _split(x: torch.Tensor, dim: int, group) -> torch.Tensor:
 
 
 def _all_gather(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    world = _world(group)
-    out = torch.empty((world * x.shape[0],) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device)
-    collectives.all_gather_tensor(out, x.contiguous(), group=group)
-    return out if dim == 0 else torch.cat(out.chunk(world, dim=0), dim=dim)
+    return collectives.start_all_gather(x, dim, group).wait()
 
 
 def _reduce_scatter(x: torch.Tensor, dim: int, group) -> torch.Tensor:
-    world = _world(group)
-    stacked = torch.cat(x.chunk(world, dim=dim), dim=0) if dim != 0 else x.contiguous()
-    out = torch.empty((stacked.shape[0] // world,) + tuple(stacked.shape[1:]), dtype=x.dtype, device=x.device)
-    collectives.reduce_scatter_tensor(out, stacked, group=group)
-    return out
+    return collectives.start_reduce_scatter(x, dim, group).wait()
 
 
 def _all_reduce(x: torch.Tensor, group) -> torch.Tensor:
-    x = x.contiguous()
-    dist.all_reduce(x, group=group)
-    return x
+    return collectives.start_all_reduce(x, group).wait()
 
 
 # region mappings ----------------------------------------------------------------
@@ -181,19 +173,38 @@ def mapping(function, group) -> Mapping:
 
 
 # layers -------------------------------------------------------------------------
+class MappedColumn:
+    """How a `ColumnParallelLinear` runs without `parallel.tp_overlap`: its input mapping (copy-to-region, a
+    sequence all-gather, or none), then one `F.linear` per segment; autograd runs the backward op by op (what a
+    zero-bubble schedule splits into input and weight grads)."""
+
+    def __init__(self, input_map: Mapping):
+        self.input_map = input_map
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 segments: Optional[Sequence[int]]):
+        x = self.input_map(x)
+        if segments is None:
+            return F.linear(x, weight, bias)
+        biases = bias.split(segments) if bias is not None else (None,) * len(segments)
+        return tuple(F.linear(x, w, b) for w, b in zip(weight.split(segments), biases))
+
+
 class ColumnParallelLinear(nn.Module):
     """y = x W^T with W split by output rows over tp: each rank computes its slice of y.
 
     The input enters through copy-to-region (or, under sequence parallelism, an
     all-gather of the sequence shards); with `local` it is already in the region (a mixture of
     experts gathers its block's input once for all its experts). `segments` splits fused weights (Q|K|V,
-    gate|up) segment by segment so a rank's shard holds its part of each.
+    gate|up) segment by segment so a rank's shard holds its part of each. With `overlap` (and tp > 1, not
+    `local`) the layer is one autograd node whose backward overlaps its collectives with its weight-grad GEMM
+    and, under SP, re-gathers its input rather than keeping it (parallel/column_overlap.py).
     """
 
     def __init__(self, in_features: int, out_features: int, grid: Grid, *, bias: bool = False,
                  gather_output: bool = False, sequence_parallel: bool = False,
                  segments: Optional[Sequence[int]] = None, valid_rows: Optional[int] = None, local: bool = False,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+                 overlap: bool = False, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
         tp, group = grid.tp, grid.tp_group
         segments = tuple(segments) if segments else (out_features,)
@@ -208,15 +219,18 @@ class ColumnParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features // tp, device=device, dtype=dtype)) if bias else None
         self.bias_spec = ShardSpec((out_features,), 0, self.spec.segments) if bias else None
         self.local_segments = tuple(size // tp for size in segments)
-        self.input_map = _identity if local else mapping(GatherFromSequence if sequence_parallel else CopyToRegion,
-                                                         group)
+        if overlap and not local and group is not None and _world(group) > 1:
+            self.run = OverlappedColumn(group, sequence_parallel)
+        else:
+            self.run = MappedColumn(_identity if local else mapping(GatherFromSequence if sequence_parallel
+                                                                    else CopyToRegion, group))
         self.output_map = mapping(GatherFromRegion, group) if gather_output else _identity
 
     def forward(self, x: torch.Tensor, segmented: bool = False):
         """This rank's output, or with `segmented` each segment's (`forward_segments`), through the call."""
         if segmented:
             return self.forward_segments(x)
-        return self.output_map(F.linear(self.input_map(x), self.weight, self.bias))
+        return self.output_map(self.run(x, self.weight, self.bias, None))
 
     def forward_segments(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """This rank's output of each segment (Q, K, V or gate, up), one GEMM per segment.
@@ -225,10 +239,7 @@ class ColumnParallelLinear(nn.Module):
         into one weight grad instead of concatenating the activation grads (a copy of the
         whole fused output per layer, 17 ms a step in the eager step benchmark).
         """
-        x = self.input_map(x)
-        weights = self.weight.split(self.local_segments)
-        biases = self.bias.split(self.local_segments) if self.bias is not None else (None,) * len(weights)
-        return tuple(F.linear(x, weight, bias) for weight, bias in zip(weights, biases))
+        return self.run(x, self.weight, self.bias, self.local_segments)
 
 
 class RowParallelLinear(nn.Module):

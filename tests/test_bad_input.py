@@ -58,7 +58,7 @@ CHOICES = {  # key -> names, some of which are not in the table that builds them
     "train.compile": ["auto", "false", "sometimes"], "logging.level": ["INFO", "debug", "LOUD"],
     "logging.wandb.mode": ["disabled", "offline", "bogus"], "offload.backend": ["none", "host", "tape"],
     "offload.policy": ["offload", "keep", "maybe"], "data.tokenizer": ["byte", "sentencepiece"],
-    "model.moe_drop_policy": ["probs", "position", "random"],
+    "model.moe_drop_policy": ["probs", "position", "random"], "parallel.tp_overlap": ["auto", "true", "sometimes"],
 }
 GROUPS = {"model": ["tiny", "small", "no-such-preset"], "optim": ["adamw", "lion", "sgd"], "launch": ["local", "nosuch"]}
 TYPES = ["train.steps=abc", "optim.lr=fast", "parallel.tp=1.5", "model.tie_embeddings=maybe", "train.seq_len=[1,2]"]
@@ -124,6 +124,9 @@ REPORTED = [  # what the review found accepted or a traceback, each with the wor
     (["parallel.zero=4"], "parallel.zero=4 is not one of 0, 1, 2, 3"), (["optim.schedule=cosin"], "optim.schedule=cosin is not"),
     (["model.dropout=1.5"], "model.dropout=1.5 must be >= 0 and < 1"), (["launch=slurm", "launch.nodes=0"],
                                                                           "launch.nodes=0 must be >= 1"),
+    (["parallel.tp_overlap=true", "parallel.pp=2", "parallel.schedule=zbh1"],
+     "parallel.tp_overlap=true makes each column-parallel layer one autograd node"),
+    (["parallel.tp_overlap=maybe"], "parallel.tp_overlap=maybe is not one of auto, true, false"),
 ]
 
 

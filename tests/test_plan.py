@@ -15,24 +15,9 @@ from plait.train.config import ffn_dim, kv_heads, load_config
 from plait.parallel.plans import padded_vocab, parallelize
 from plait.train.build import LLAMA_PLAN, build_model
 from plait.train.model import Transformer
+from tests.memory_utils import saved_activation_bytes
 
 SMALL = ["model=tiny", "train.seq_len=64", "train.batch_size=8"]
-
-
-def saved_activation_bytes(model: Transformer, run) -> int:
-    """Bytes of distinct storages autograd saves during `run()`, parameters and buffers excluded."""
-    owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
-    seen = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in owned:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        run()
-    return sum(seen.values())
 
 
 @pytest.mark.parametrize("optim", ["adamw", "lion", "muon"])

@@ -78,12 +78,14 @@ def check_mappings(grid, errors):
     errors["reduce_scatter_to_sequence.bwd"] = rel_err(g, grad_full)
 
 
-def check_column(grid, sp, errors):
-    """Column-parallel linear (fused two-segment weight, bias) vs F.linear on the full weight."""
+def check_column(grid, sp, errors, overlap=False):
+    """Column-parallel linear (fused two-segment weight, bias) vs F.linear on the full weight; with `overlap`
+    as one autograd node (parallel/column_overlap.py)."""
     from plait.parallel.tensor import ColumnParallelLinear
 
     b, s, d_in, seg = 2, 2 * grid.tp, 12, 4 * grid.tp
-    layer = ColumnParallelLinear(d_in, 2 * seg, grid, bias=True, sequence_parallel=sp, segments=(seg, seg))
+    layer = ColumnParallelLinear(d_in, 2 * seg, grid, bias=True, sequence_parallel=sp, segments=(seg, seg),
+                                 overlap=overlap)
     weight, bias = full_randn(2 * seg, d_in, seed=3), full_randn(2 * seg, seed=4)
     with torch.no_grad():
         layer.weight.copy_(layer.spec.shard(weight, grid.tp_rank, grid.tp))
@@ -95,11 +97,74 @@ def check_column(grid, sp, errors):
     local_x = (seq_shard(x, grid) if sp else x).clone().requires_grad_(True)
     y = layer(local_x)
     y.backward(last_shard(grad, grid, (seg, seg)))
-    tag = f"column{'.sp' if sp else ''}"
+    tag = f"column{'.sp' if sp else ''}{'.overlap' if overlap else ''}"
     errors[f"{tag}.out"] = rel_err(y, last_shard(ref_y.detach(), grid, (seg, seg)))
     errors[f"{tag}.grad_in"] = rel_err(local_x.grad, seq_shard(ref_x.grad, grid) if sp else ref_x.grad)
     errors[f"{tag}.grad_w"] = rel_err(layer.weight.grad, layer.spec.shard(ref_w.grad, grid.tp_rank, grid.tp))
     errors[f"{tag}.grad_b"] = rel_err(layer.bias.grad, layer.bias_spec.shard(ref_b.grad, grid.tp_rank, grid.tp))
+    if overlap:  # its segments' outputs, each used alone (the other's grad is zero), as the mappings path's
+        x = local_x.detach().clone().requires_grad_(True)
+        first, _ = layer.forward_segments(x)
+        first.sum().backward()
+        full_first = F.linear(ref_x.detach(), weight[:seg], bias[:seg])
+        errors[f"{tag}.segment.out"] = rel_err(first, last_shard(full_first, grid))
+        ref_x.grad = None
+        F.linear(ref_x, weight[:seg]).sum().backward()
+        errors[f"{tag}.segment.grad_in"] = rel_err(x.grad, seq_shard(ref_x.grad, grid) if sp else ref_x.grad)
+
+
+def check_overlap_under_autocast(grid, sp, errors):
+    """Under bf16 autocast the overlapped layer gives the mappings path's outputs and grads in the same dtypes,
+    and keeps only the bf16 cast of its input shard (it casts before the gather, keeps 1/tp of it under SP and
+    casts the weight again in backward); the mappings path keeps each segment's own bf16 cast of the (gathered)
+    input and of its weight rows."""
+    from plait.parallel.tensor import ColumnParallelLinear
+    from tests.memory_utils import saved_activation_bytes
+
+    b, s, d_in, seg = 2, 4 * grid.tp, 16, 4 * grid.tp
+    layers = [ColumnParallelLinear(d_in, 3 * seg, grid, sequence_parallel=sp, segments=(seg,) * 3, overlap=overlap)
+              for overlap in (False, True)]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.copy_(last_shard(full_randn(d_in, 3 * seg, seed=30), grid, (seg,) * 3).t())
+    x = full_randn(b, s // (grid.tp if sp else 1), d_in, seed=31)
+    results, saved = [], []
+    for layer in layers:
+        local_x = x.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            saved.append(saved_activation_bytes(layer, lambda: layer(local_x, segmented=True)))
+            outs = layer(local_x, segmented=True)
+        sum(out.float().square().sum() for out in outs).backward()
+        results.append((torch.cat(outs, -1), local_x.grad, layer.weight.grad))
+    tag = f"autocast{'.sp' if sp else ''}"
+    for name, mapped, overlapped in zip(("out", "grad_in", "grad_w"), *results):
+        errors[f"{tag}.{name}.dtype_same"] = float(mapped.dtype == overlapped.dtype)
+        errors[f"{tag}.{name}"] = rel_err(overlapped.float(), mapped.float()) / 1e3  # bf16: 1e-2 passes
+    errors[f"{tag}.overlap_saved_exact"] = float(saved[1] == x.numel() * 2)
+    errors[f"{tag}.mapped_saved_exact"] = float(saved[0] == 3 * (b * s * d_in + seg // grid.tp * d_in) * 2)
+
+
+def check_regather_bytes(grid, errors):
+    """A block under SP with `tp_overlap` keeps exactly the plan's bytes fewer than without: each column-parallel
+    layer's gathered input, but for this rank's shard (train/plan.py's `regather`)."""
+    from plait.parallel.plans import parallelize
+    from plait.train.build import llama_plan
+    from plait.train.config import ModelConfig
+    from plait.train.model import Transformer
+    from plait.train.plan import block_activation_elements
+    from tests.memory_utils import saved_activation_bytes
+
+    cfg = ModelConfig(vocab_size=300, dim=32, n_layers=1, n_heads=8, n_kv_heads=4, ffn_dim=48, max_seq_len=32)
+    b, s = 2, 8 * grid.tp
+    x = full_randn(b, s // grid.tp, cfg.dim, seed=40).requires_grad_(True)
+    kept = {}
+    for overlap in (False, True):
+        torch.manual_seed(0)
+        block = parallelize(Transformer(cfg, layers=[0], has_embedding=False, has_head=False), grid,
+                            llama_plan(tp_overlap=overlap), sequence_parallel=True)
+        kept[overlap] = saved_activation_bytes(block, lambda: block(x))
+    planned = [4 * block_activation_elements(cfg, b * s, grid.tp, True, regather) for regather in (False, True)]
+    errors["regather.bytes_saved_exact"] = float(kept[False] - kept[True] == planned[0] - planned[1] > 0)
 
 
 def check_row(grid, sp, errors):
@@ -191,11 +256,12 @@ def check_model(grid, sp, errors, **model_kw):
     from plait.parallel.plans import param_specs
     from plait.train.build import build_model
 
+    overlap = model_kw.pop("tp_overlap", False)
     cfg = ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=8, n_kv_heads=model_kw.pop("kv", 8),
                       ffn_dim=48, max_seq_len=32, **model_kw)
     ids = torch.randint(0, 300, (2, 8 * grid.tp + 1), generator=torch.Generator().manual_seed(16))
     reference = build_model(cfg, Grid.single(), seed=5)
-    model = build_model(cfg, grid, seed=5, sequence_parallel=sp)
+    model = build_model(cfg, grid, seed=5, sequence_parallel=sp, tp_overlap=overlap)
     ref_logits = reference(ids[:, :-1])
     reference.loss(ref_logits, ids[:, 1:]).backward()
     logits = model(ids[:, :-1])
@@ -204,7 +270,7 @@ def check_model(grid, sp, errors, **model_kw):
     specs = param_specs(model)
     allreduce_partial_grads([p for n, p in model.named_parameters() if specs[n].tp_partial_grad], grid)
     tag = (f"model{'.sp' if sp else ''}{'.tied' if cfg.tie_embeddings else ''}{'.dropout' if cfg.dropout else ''}"
-           f".kv{cfg.n_kv_heads}")
+           f".kv{cfg.n_kv_heads}{'.overlap' if overlap else ''}")
     ref_loss = reference.loss(ref_logits.detach(), ids[:, 1:])
     errors[f"{tag}.loss"] = rel_err(loss.detach(), ref_loss)
     padded_logits = torch.zeros(ref_logits.shape[:-1] + (model.vocab,))  # padding columns are 0 in both
@@ -271,10 +337,15 @@ def layers_worker(rank, world):
     check_mappings(grid, errors)
     for sp in (False, True):
         check_column(grid, sp, errors)
+        check_column(grid, sp, errors, overlap=True)
+        check_overlap_under_autocast(grid, sp, errors)
         check_row(grid, sp, errors)
         check_embedding(grid, sp, errors)
         check_model(grid, sp, errors, kv=4)
+        check_model(grid, sp, errors, kv=4, tp_overlap=True)
     check_model(grid, True, errors, kv=8, tie_embeddings=True)
+    check_model(grid, True, errors, kv=8, tie_embeddings=True, tp_overlap=True)
+    check_regather_bytes(grid, errors)
     # Without SP, residual dropout acts on replicated activations and draws from the replicated
     # stream, whose seed does not depend on tp: the masks, hence loss and grads, equal one process.
     check_model(grid, False, errors, kv=4, dropout=0.2)
@@ -288,7 +359,8 @@ def layers_worker(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_layers_match_dense_reference(world):
     for rank, errors in enumerate(run_ranks(world, layers_worker)):
-        flags = {k: v for k, v in errors.items() if k.startswith(("dropout.", "tp1.collectives"))}
+        flags = {k: v for k, v in errors.items()
+                 if k.startswith(("dropout.", "tp1.collectives")) or k.endswith(("dtype_same", "saved_exact"))}
         numbers = {k: v for k, v in errors.items() if k not in flags}
         bad = {k: v for k, v in numbers.items() if not v < TOL}
         assert not bad, f"rank {rank}: relative errors over {TOL}: {bad}"
@@ -296,4 +368,5 @@ def test_layers_match_dense_reference(world):
         assert flags["dropout.sharded.same_over_tp"] == 0.0, "sharded dropout masks are equal over tp"
         if world == 2:
             assert flags["tp1.collectives"] == 0.0, "tp=1 layers communicated"
+        assert not {k: v for k, v in flags.items() if k.endswith(("dtype_same", "saved_exact")) and v != 1.0}
         assert len(numbers) > 60  # every check ran

@@ -102,14 +102,21 @@ def _rng(cfg: ModelConfig, grid: Grid, seed: int, device: Optional[torch.device]
     return rng
 
 
-def llama_plan(cp_mode: str = "ring") -> Dict[str, Style]:
-    """LLAMA_PLAN with context parallelism's attention by `cp_mode` (ring or ulysses)."""
-    return LLAMA_PLAN if cp_mode == "ring" else {**LLAMA_PLAN, "layers.*.attn": ContextAttention(cp_mode)}
+def llama_plan(cp_mode: str = "ring", tp_overlap: bool = False) -> Dict[str, Style]:
+    """LLAMA_PLAN with context parallelism's attention by `cp_mode` (ring or ulysses), and with `tp_overlap` its
+    column-parallel layers as single autograd nodes that overlap their backward collectives (parallel.tp_overlap)."""
+    plan = dict(LLAMA_PLAN)
+    if cp_mode != "ring":
+        plan["layers.*.attn"] = ContextAttention(cp_mode)
+    if tp_overlap:
+        plan.update({"layers.*.attn.wqkv": Colwise(overlap=True), "layers.*.mlp.w13": Colwise(overlap=True),
+                     "head": VocabHead(overlap=True)})
+    return plan
 
 
 def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *, sequence_parallel: bool = False,
                 scales: Scales = Scales(), device: Optional[torch.device] = None, std_of: Optional[StdOf] = None,
-                rng: Optional[ParallelRNG] = None, cp_mode: str = "ring") -> Transformer:
+                rng: Optional[ParallelRNG] = None, cp_mode: str = "ring", tp_overlap: bool = False) -> Transformer:
     """The whole decoder as one chunk (no pipeline), parallelized for `grid`, initialized from `seed`.
 
     With `model.dropout > 0` and no `rng` given, dropout draws from a `ParallelRNG`
@@ -117,7 +124,7 @@ def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *,
     """
     grid = grid or Grid.single()
     model = Transformer(cfg, scales=scales, rng=_rng(cfg, grid, seed, device, rng), device=device)
-    parallelize(model, grid, llama_plan(cp_mode), sequence_parallel)
+    parallelize(model, grid, llama_plan(cp_mode, tp_overlap), sequence_parallel)
     init_parameters(model, seed, std_of, grid)
     return model
 
@@ -125,7 +132,8 @@ def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *,
 def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, seed: int = 0, *,
                  sequence_parallel: bool = False, scales: Scales = Scales(), device: Optional[torch.device] = None,
                  std_of: Optional[StdOf] = None, rng: Optional[ParallelRNG] = None, pp_rank: Optional[int] = None,
-                 pp: Optional[int] = None, placement: str = "loop", cp_mode: str = "ring") -> List[Transformer]:
+                 pp: Optional[int] = None, placement: str = "loop", cp_mode: str = "ring",
+                 tp_overlap: bool = False) -> List[Transformer]:
     """The chunks of pp rank `pp_rank` (default: the grid's) in model order: stages r, r + p, ... (or, with
     placement "v", stages r and 2p - 1 - r).
 
@@ -139,7 +147,7 @@ def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, se
     for plan in rank_chunk_plans(pp_rank, cfg.n_layers, pp, vpp, placement):
         chunk = Transformer(cfg, plan.layers, has_embedding=plan.has_embedding, has_head=plan.has_head,
                             scales=scales, rng=rng, device=device)
-        parallelize(chunk, grid, llama_plan(cp_mode), sequence_parallel)
+        parallelize(chunk, grid, llama_plan(cp_mode, tp_overlap), sequence_parallel)
         init_parameters(chunk, seed, std_of, grid)
         chunks.append(chunk)
     return chunks

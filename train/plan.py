@@ -103,12 +103,14 @@ def _element_size(precision: str) -> int:
     return 2 if half_dtype(precision) is not None else 4
 
 
-def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool) -> int:
+def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool,
+                              regather: bool = False) -> int:
     """Elements one block saves for backward per micro-batch of `tokens` (b x s) tokens.
 
     Counted from this model's forward (see train/model.py), per token:
     each RMSNorm saves its input, 1/rms and the normalized input ((2d + 1) on the sequence
-    shard under SP) and the linear after it saves its (gathered, full-d) input; attention
+    shard under SP) and the linear after it saves its (gathered, full-d) input, or with `regather` (SP under
+    `parallel.tp_overlap`) only its sequence shard, gathered again in backward; attention
     saves the fused Q|K|V output, rotated q and k, the SDPA output and its logsumexp (one
     per head) and the output projection's (reshaped) input; the MLP saves the gate|up
     output, silu(gate) and the product that feeds the down projection; under QK-norm each head's
@@ -122,7 +124,7 @@ def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel
     kv = kv_heads(model_cfg) * head_dim // tp
     f = ffn_dim(model_cfg) // tp
     shard = tp if sequence_parallel and tp > 1 else 1
-    norm_and_input = (2 * d + 1) / shard + d
+    norm_and_input = (2 * d + 1) / shard + (d / shard if regather else d)
     attention = norm_and_input + (q + 2 * kv) + q + kv + model_cfg.n_heads // tp + 2 * q
     if model_cfg.qk_norm:  # each head's q and k norm: its input, normed output and 1/rms
         attention += 2 * (q + kv) + (model_cfg.n_heads + kv_heads(model_cfg)) // tp
@@ -162,12 +164,14 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int) -> int:
 
 
 def head_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel: bool, vocab_local: int,
-                             loss_chunks: int = 0) -> int:
-    """Final norm + head input, and the vocab-sharded logits the cross-entropy keeps (per micro-batch); with
-    `train.loss_chunks` only one slice's logits at a time (recomputed in backward)."""
+                             loss_chunks: int = 0, regather: bool = False) -> int:
+    """Final norm + head input (with `regather`, an untied head's sequence shard only), and the vocab-sharded
+    logits the cross-entropy keeps (per micro-batch); with `train.loss_chunks` only one slice's logits at a time
+    (recomputed in backward)."""
     shard = tp if sequence_parallel and tp > 1 else 1
     logits = vocab_local / loss_chunks if loss_chunks else vocab_local
-    return int(tokens * ((2 * model_cfg.dim + 1) / shard + model_cfg.dim + logits))
+    head_input = model_cfg.dim / shard if regather else model_cfg.dim
+    return int(tokens * ((2 * model_cfg.dim + 1) / shard + head_input + logits))
 
 
 def context_bytes(model_cfg, tokens: int, tp: int, cp: int, mode: str, size: int) -> float:
@@ -204,7 +208,8 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     """One pp stage's figures; `group_of` (optim=muon: the parametrization's) says which parameters Muon steps."""
     from plait.offload.config import keep_count
     from plait.parallel.pipeline.partition import rank_chunk_plans
-    from plait.parallel.pipeline.schedule import placement, stage_ranks
+    from plait.parallel.column_overlap import overlap_wanted
+    from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES, placement, stage_ranks
     from plait.parallel.plans import param_specs
     from plait.train.build import shape_chunks
 
@@ -213,6 +218,8 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     grid = stand_in_grid(layout, layout.rank_of(pp=pp_rank))
     sp = bool(parallel.sequence_parallel and tp > 1)
     style = placement(_schedule_name(parallel))
+    overlap, _ = overlap_wanted(parallel.tp_overlap, tp, pp > 1 and _schedule_name(parallel) in SPLIT_SCHEDULES)
+    regather = overlap and sp  # column-parallel layers keep their input's sequence shard and gather it in backward
     chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp, style)
     params, full_params, vocab_local, block, matrices = 0, 0, 0, 0, 0
     for model in shape_chunks(model_cfg, grid, vpp, sequence_parallel=sp, pp_rank=pp_rank, placement=style):
@@ -232,10 +239,11 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     cp = layout.cp
     tokens = micro_batch * train.seq_len // cp  # this cp rank's share of each sequence
     size = _element_size(train.precision)
-    block_saved = block_activation_elements(model_cfg, tokens, tp, sp) * size + moe_extra_bytes(model_cfg, tokens, tp,
-                                                                                                  size)
-    head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local, int(train.loss_chunks)) * size \
-        if has_head else 0
+    block_saved = block_activation_elements(model_cfg, tokens, tp, sp, regather) * size \
+        + moe_extra_bytes(model_cfg, tokens, tp, size)
+    untied_regather = regather and not model_cfg.tie_embeddings  # a tied head's input passes a mapping
+    head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local, int(train.loss_chunks),
+                                    untied_regather) * size if has_head else 0
     per_chunk_layers = max(1, layers // len(chunks))
     # in flight: `inflight` (micro-batch, chunk) forwards whose backward has not run yet
     activations = inflight * per_chunk_layers * block_saved + head
@@ -247,8 +255,11 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     hidden_bytes = tokens * model_cfg.dim * size
     # tp: 4 all-reduces of [b, s, d] per block per micro-batch (2 forward, 2 backward; under SP
     # the same bytes as all-gathers + reduce-scatters), the embedding's forward all-reduce,
-    # the head's backward all-reduce, and the cross-entropy's three [b, s] all-reduces
+    # the head's backward all-reduce, and the cross-entropy's three [b, s] all-reduces; re-gathering the
+    # column-parallel inputs in backward adds an all-gather (half an all-reduce) for each of them
     tp_ops = 4 * layers + int(has_embedding) + int(has_head)
+    if regather:
+        tp_ops += layers + 0.5 * int(has_head and untied_regather)
     tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + (_ring(3 * tokens * 4, tp, 2) if has_head else 0))
     dp_bytes = _ring(params * 4, dp * cp, 2)  # fp32 grads over dp x cp (ZeRO-1: reduce-scatter + all-gather, same)
     cp_bytes = m * layers * context_bytes(model_cfg, tokens, tp, cp, parallel.cp_mode, size)

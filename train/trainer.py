@@ -33,6 +33,7 @@ from plait.optim.muon import NS_DTYPES
 from plait.optim.groups import param_groups
 from plait.optim.clip import clip_by_norm
 from plait.optim.loss_scale import LossScaler
+from plait.parallel.column_overlap import overlap_wanted
 from plait.parallel.grad_norm import global_grad_norm
 from plait.optim.schedule import apply_lr
 from plait.parallel.data_parallel import DataParallelGrads
@@ -210,10 +211,13 @@ class Trainer:
         """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
         cfg = self.cfg
         self.parametrization = build_parametrization(cfg.model, cfg.optim)  # muP or standard, by optim.mup
+        self.tp_overlap, why = overlap_wanted(cfg.parallel.tp_overlap, self.grid.tp, self.schedule in SPLIT_SCHEDULES)
+        if self.is_logger and self.grid.tp > 1:
+            log.info("tp overlap: %s (%s)", "on" if self.tp_overlap else "off", why)
         chunks = build_chunks(cfg.model, self.grid, cfg.parallel.vpp, cfg.train.seed, device=self.device,
                               sequence_parallel=cfg.parallel.sequence_parallel, scales=self.parametrization.scales,
                               std_of=self.parametrization.std_of, placement=placement(self.schedule),
-                              cp_mode=cfg.parallel.cp_mode)  # pp == 1: one chunk, the whole model
+                              cp_mode=cfg.parallel.cp_mode, tp_overlap=self.tp_overlap)  # pp == 1: one chunk
         for chunk in chunks:
             if self.parametrization.zero_query:
                 zero_queries(chunk)
