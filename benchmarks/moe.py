@@ -7,9 +7,9 @@
    (the same matmul FLOPs per token, plus the router's), stepped in turn in one process; validation loss every
    `--eval-every` steps, tokens/s, and a PNG of the validation curves.
 3. Balancing (`--balancing`): 8 experts routed top-2, trained with no balancing, Switch's balancing loss
-   (Megatron's default), DeepSeek-V3's routing bias without a loss (at its rate 1e-3, and at 1e-2), and the loss
-   with the bias, stepped in turn; the max violation of the experts' loads (busiest over mean, less 1) over the
-   last third of the steps, and validation loss.
+   (Megatron's default), the same loss per sequence (DeepSeek-V3's), DeepSeek-V3's routing bias without a loss
+   (at its rate 1e-3, and at 1e-2), and the loss with the bias, stepped in turn; the max violation of the experts'
+   loads (busiest over mean, less 1) over the last third of the steps, and validation loss.
 
     python benchmarks/moe.py --out moe.json --plot moe.png
     python benchmarks/moe.py --steps 0 --balancing --out moe_balancing.json --balancing-plot moe_balancing.png
@@ -94,6 +94,7 @@ EIGHT = ["model.moe_experts=8", "model.moe_top_k=2"]
 BALANCING = {  # name: (its key in the summary, overrides)
     "none": ("none", EIGHT + ["model.moe_aux_loss=0"]),
     "balancing loss 0.01": ("loss", EIGHT + ["model.moe_aux_loss=0.01"]),
+    "per-sequence loss 0.01": ("seq_loss", EIGHT + ["model.moe_aux_loss=0.01", "model.moe_aux_loss_type=seq_aux_loss"]),
     "routing bias 1e-3": ("bias_1e-3", EIGHT + ["model.moe_aux_loss=0", "model.moe_bias_update_rate=1e-3"]),
     "routing bias 1e-2": ("bias_1e-2", EIGHT + ["model.moe_aux_loss=0", "model.moe_bias_update_rate=1e-2"]),
     "loss and bias 1e-3": ("both", EIGHT + ["model.moe_aux_loss=0.01", "model.moe_bias_update_rate=1e-3"])}

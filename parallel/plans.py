@@ -113,7 +113,8 @@ class ExpertRegion(Style):
     gate|up and down are column- and row-parallel without communication of their own, and the weighted sum of
     their partial outputs leaves once (all-reduce, or reduce-scatter under SP). The router sees every token on
     every tp rank, but its output weighs partial sums: its grad is partial over tp, and each rank adds 1/tp of the
-    load-balancing gradient. A shared expert is split as each expert is (it sees this rank's tokens under any ep);
+    load-balancing gradient; under global_aux_loss its loads are summed over the grad group (dp x cp) before the loss
+    weighs them. A shared expert is split as each expert is (it sees this rank's tokens under any ep);
     its gate, like the router, weighs partial sums. ep: this rank keeps its E/ep experts
     (`plait.parallel.experts`), marked `expert` in their specs, and its rows travel to theirs.
     """
@@ -124,6 +125,7 @@ class ExpertRegion(Style):
         module.enter = mapping(GatherFromSequence if sequence_parallel else CopyToRegion, grid.tp_group)
         module.exit = mapping(ReduceScatterToSequence if sequence_parallel else ReduceFromRegion, grid.tp_group)
         module.aux_share = 1.0 / grid.tp
+        module.balance_group = grid.grad_group if grid.grad_size > 1 else None  # (global_aux_loss's loads)
         for weighing in (module.router, module.shared_gate):
             if weighing is not None:
                 weighing.spec = ShardSpec(tuple(weighing.weight.shape), None, tp_partial_grad=grid.tp > 1)

@@ -58,7 +58,9 @@ CHOICES = {  # key -> names, some of which are not in the table that builds them
     "train.compile": ["auto", "false", "sometimes"], "logging.level": ["INFO", "debug", "LOUD"],
     "logging.wandb.mode": ["disabled", "offline", "bogus"], "offload.backend": ["none", "host", "tape"],
     "offload.policy": ["offload", "keep", "maybe"], "data.tokenizer": ["byte", "sentencepiece"],
-    "model.moe_drop_policy": ["probs", "position", "random"], "parallel.tp_overlap": ["auto", "true", "sometimes"],
+    "model.moe_drop_policy": ["probs", "position", "random"],
+    "model.moe_aux_loss_type": ["aux_loss", "global_aux_loss", "sinkhorn"],
+    "parallel.tp_overlap": ["auto", "true", "sometimes"],
 }
 GROUPS = {"model": ["tiny", "small", "no-such-preset"], "optim": ["adamw", "lion", "sgd"], "launch": ["local", "nosuch"]}
 TYPES = ["train.steps=abc", "optim.lr=fast", "parallel.tp=1.5", "model.tie_embeddings=maybe", "train.seq_len=[1,2]"]
@@ -124,6 +126,9 @@ REPORTED = [  # what the review found accepted or a traceback, each with the wor
     (["parallel.zero=4"], "parallel.zero=4 is not one of 0, 1, 2, 3"), (["optim.schedule=cosin"], "optim.schedule=cosin is not"),
     (["model.dropout=1.5"], "model.dropout=1.5 must be >= 0 and < 1"), (["launch=slurm", "launch.nodes=0"],
                                                                           "launch.nodes=0 must be >= 1"),
+    (["model.moe_experts=4", "model.moe_aux_loss_type=sinkhorn"], "model.moe_aux_loss_type=sinkhorn is not one of"),
+    (["model.moe_aux_loss_type=seq_aux_loss"], "model.moe_aux_loss_type=seq_aux_loss sets up a mixture of experts"),
+
     (["parallel.tp_overlap=true", "parallel.pp=2", "parallel.schedule=zbh1"],
      "parallel.tp_overlap=true makes each column-parallel layer one autograd node"),
     (["parallel.tp_overlap=maybe"], "parallel.tp_overlap=maybe is not one of auto, true, false"),
@@ -135,6 +140,15 @@ def test_each_reported_bad_setting_is_one_sentence(overrides, words):
     with pytest.raises(ConfigError) as info:
         validate(load_config(overrides), 1)
     assert words in str(info.value) and one_sentence(str(info.value)), str(info.value)
+
+
+def test_sequence_wise_balancing_refuses_context_parallelism():
+    cfg = load_config(["model.moe_experts=4", "model.moe_aux_loss_type=seq_aux_loss", "parallel.cp=2"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, 2)
+    words = "model.moe_aux_loss_type=seq_aux_loss balances each sequence, which parallel.cp=2 splits over ranks"
+    assert words in str(info.value) and one_sentence(str(info.value)), str(info.value)
+    validate(load_config(["model.moe_experts=4", "model.moe_aux_loss_type=global_aux_loss", "parallel.cp=2"]), 2)
 
 
 def test_unwritable_paths_are_found_before_any_work(root):

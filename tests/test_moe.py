@@ -151,18 +151,30 @@ def test_an_expert_no_token_chose_still_gets_a_zero_grad():
 
 def test_the_load_balancing_loss_is_one_when_even_and_grows_when_skewed():
     even = torch.full((8, 4), 0.25)
-    assert load_balancing_loss(even, torch.tensor([4, 4, 4, 4]), 2).item() == pytest.approx(1.0)
+    assert load_balancing_loss(even, torch.tensor([4, 4, 4, 4])).item() == pytest.approx(1.0)
     skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 8)
-    assert load_balancing_loss(skewed, torch.tensor([8, 8, 0, 0]), 2).item() == pytest.approx(4 * 0.5 * 0.7
+    assert load_balancing_loss(skewed, torch.tensor([8, 8, 0, 0])).item() == pytest.approx(4 * 0.5 * 0.7
                                                                                               + 4 * 0.5 * 0.1)
 
 
-@pytest.mark.parametrize("grad_scale,z_loss", [(1.0, 0.0), (0.25, 0.0), (1024.0, 0.0), (0.25, 0.2)])
-def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_scale, z_loss):
+def balance_by_hand(probs: torch.Tensor, chosen: torch.Tensor, per_sequence: int = 0) -> torch.Tensor:
+    """The balancing loss of these tokens' probs [T, E] and choices [T, k], or with `per_sequence` = b the mean
+    of each of b sequences' own."""
+    if per_sequence:
+        return torch.stack([balance_by_hand(p, c) for p, c in zip(probs.chunk(per_sequence), chosen.chunk(per_sequence))
+                            ]).mean()
+    return load_balancing_loss(probs, torch.bincount(chosen.reshape(-1), minlength=probs.shape[-1]))
+
+
+@pytest.mark.parametrize("grad_scale,z_loss,kind", [(1.0, 0.0, "aux_loss"), (0.25, 0.0, "aux_loss"),
+                                                    (1024.0, 0.0, "aux_loss"), (0.25, 0.2, "aux_loss"),
+                                                    (0.25, 0.0, "seq_aux_loss"), (1.0, 0.2, "global_aux_loss")])
+def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_scale, z_loss, kind):
     """The block's output grad passes through, and the router gets coef x scale x d aux: the same grads as
     backpropagating (main + coef x aux + z coef x router z-loss) x scale (the trainer's scale: 1/micro-batches
-    times fp16's)."""
-    moe = moe_of(aux=0.3, moe_z_loss=z_loss)
+    times fp16's). seq_aux_loss: aux is the mean over the 2 sequences of each one's balancing loss (which differs
+    from the micro-batch's); global_aux_loss in one process: the micro-batch's."""
+    moe = moe_of(aux=0.3, moe_z_loss=z_loss, moe_aux_loss_type=kind)
     moe.aux_grad_scale = grad_scale
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
     moe(x).sum().mul(grad_scale).backward()
@@ -174,7 +186,7 @@ def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_sca
     def by_hand(aux_coef: float, z_coef: float) -> torch.Tensor:
         flat = x.reshape(-1, 32)
         _, probs, _, chosen = moe.route(flat)
-        aux = load_balancing_loss(probs, torch.bincount(chosen.reshape(-1), minlength=4), 2)
+        aux = balance_by_hand(probs, chosen, 2 if kind == "seq_aux_loss" else 0)
         z = (flat @ moe.router.weight.T).logsumexp(-1).square().mean()  # ST-MoE's z-loss
         return (moe(x).sum() + aux_coef * aux + z_coef * z) * grad_scale
 
@@ -186,6 +198,11 @@ def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_sca
     assert torch.allclose(router_without / grad_scale, ours[1] / grad_scale, rtol=1e-5, atol=1e-7) == (not z_loss)
     router_without = torch.autograd.grad(by_hand(0.0, 0.0), moe.router.weight)[0]
     assert not torch.allclose(router_without, ours[1], rtol=1e-3)  # the aux term did reach the router
+    _, probs, _, chosen = moe.route(x.detach().reshape(-1, 32))
+    per_sequence, whole = balance_by_hand(probs, chosen, 2), balance_by_hand(probs, chosen)
+    assert abs(per_sequence - whole) > 1e-3  # the two scopes differ on these tokens
+    recorded = moe.balance[0] / moe.balance[3]  # the mean over the forwards above, all of the same tokens
+    assert recorded == pytest.approx(float(per_sequence if kind == "seq_aux_loss" else whole), rel=1e-6)
 
 
 def test_the_routing_bias_moves_toward_the_experts_a_step_under_used():
@@ -359,6 +376,39 @@ def test_layouts_train_as_one_process(layout, reference, tmp_path):
         assert rank_val == pytest.approx(val, rel=1e-5)
 
 
+# global_aux_loss counts the loads of every dp x cp rank's share of the micro-batch: where dp or cp splits one
+# process's micro-batch (one micro-batch a step here), the layout trains as that process with the balancing loss
+# on, which aux_loss (each rank its own loads) does not.
+GLOBAL = ["model.moe_aux_loss_type=global_aux_loss"]
+GLOBAL_LAYOUTS = {  # name: (world size, overrides)
+    "ep2-dp4": (4, ["parallel.ep=2", "parallel.bucket_mb=0.01"]),
+    "ep2-cp2": (4, ["parallel.ep=2", "parallel.cp=2"]),
+    "tp2-sp-dp2-zero2": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.zero=2"]),
+}
+
+
+@pytest.fixture(scope="module")
+def global_reference(tmp_path_factory, stdlib_tokens):
+    cache = stdlib_tokens[0].parent.parent
+    return train_steps(0, 1, BASE, GLOBAL, tmp_path_factory.mktemp("one-global"), cache, STEPS), cache
+
+
+@pytest.mark.parametrize("layout", list(GLOBAL_LAYOUTS))
+def test_global_balancing_trains_as_one_process_where_ranks_split_the_micro_batch(layout, global_reference,
+                                                                                   tmp_path):
+    expected, cache = global_reference
+    world, overrides = GLOBAL_LAYOUTS[layout]
+    for rank_losses, rank_norms, rank_val in run_ranks(world, train_steps, BASE, [*GLOBAL, *overrides],
+                                                       tmp_path / "many", cache, STEPS):
+        assert rank_losses == pytest.approx(expected[0], rel=1e-5)
+        assert rank_norms == pytest.approx(expected[1], rel=1e-5)
+        assert rank_val == pytest.approx(expected[2], rel=1e-5)
+    if layout == "ep2-dp4":  # each rank's own loads: the grads are another model's
+        local = run_ranks(world, train_steps, BASE, overrides, tmp_path / "local", cache, STEPS)[0]
+        one = train_steps(0, 1, BASE, [], tmp_path / "one-local", cache, STEPS)
+        assert abs(local[1][-1] - one[1][-1]) > 1e-4 * abs(one[1][-1])
+
+
 def test_the_trainer_weighs_each_micro_batch_balancing_loss_as_its_loss(tmp_path, stdlib_tokens):
     """A step's grads are those of the mean over its micro-batches of (cross-entropy + coef x balancing loss +
     z coef x router z-loss); the metrics are the two losses' means over layers and micro-batches."""
@@ -381,7 +431,7 @@ def test_the_trainer_weighs_each_micro_batch_balancing_loss_as_its_loss(tmp_path
 
     def by_hand(module, args, logits):
         probs = logits.float().softmax(-1)
-        every_aux.append(load_balancing_loss(probs, torch.bincount(probs.topk(2).indices.reshape(-1), minlength=4), 2))
+        every_aux.append(load_balancing_loss(probs, torch.bincount(probs.topk(2).indices.reshape(-1), minlength=4)))
         every_z.append(logits.float().logsumexp(-1).square().mean())
 
     hooks = [layer.router.register_forward_hook(by_hand) for layer in trainer.moe_layers]

@@ -66,6 +66,8 @@ class ModelConfig:
     moe_experts: int = 0  # > 0: every MLP is a mixture of this many SwiGLU experts of width ffn_dim (Mixtral)
     moe_top_k: int = 2  # experts each token is routed to
     moe_aux_loss: float = 0.01  # weight of the Switch load-balancing loss (1 at an even load); 0 turns it off
+    moe_aux_loss_type: str = "aux_loss"  # over what the loss counts loads: the micro-batch on this rank (aux_loss),
+    # each sequence (seq_aux_loss, DeepSeek-V3) or the micro-batch on every rank of the grad group (global_aux_loss)
     moe_z_loss: float = 0.0  # weight of ST-MoE's router z-loss (mean logsumexp(logits)^2); 1e-3 is ST-MoE's
     moe_norm_topk: bool = True  # renormalize the top-k probabilities to sum to 1 (Mixtral); false: as they are (Qwen)
     moe_shared_ffn_dim: int = 0  # > 0: a shared expert of this width, sigmoid-gated, beside the routed (Qwen2-MoE)
@@ -230,9 +232,12 @@ def validate_model(model: ModelConfig) -> None:
             number(ConfigError, "model.moe_capacity_factor", model.moe_capacity_factor, low=0, low_open=True,
                    fix="null keeps every token (dropless)")
         choice(ConfigError, "model.moe_drop_policy", model.moe_drop_policy, MOE_DROP_POLICIES)
+        choice(ConfigError, "model.moe_aux_loss_type", model.moe_aux_loss_type, MOE_AUX_LOSS_TYPES)
         number(ConfigError, "model.moe_bias_update_rate", model.moe_bias_update_rate, low=0,
                fix="0 turns the routing bias off")
     else:
+        _require(model.moe_aux_loss_type == "aux_loss", f"model.moe_aux_loss_type={model.moe_aux_loss_type} sets up "
+                 f"a mixture of experts, but model.moe_experts=0; set model.moe_experts or drop the setting.")
         for key in ("moe_z_loss", "moe_shared_ffn_dim", "moe_capacity_factor", "moe_bias_update_rate"):
             off = "null" if key == "moe_capacity_factor" else "0"
             _require(not getattr(model, key), f"model.{key}={getattr(model, key)} sets up a mixture of experts, but "
@@ -246,6 +251,7 @@ def validate_model(model: ModelConfig) -> None:
 
 
 ATTN_MASKS = ("causal", "document")
+MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")  # Megatron's moe_router_load_balancing_type
 MOE_DROP_POLICIES = ("probs", "position")  # over capacity: keep the highest router weights, or the earliest tokens
 
 
@@ -468,6 +474,9 @@ def validate(cfg: Config, world_size: int = 1) -> int:
                   and str(cfg.train.compile).lower() == "true"),
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "
              f"autograd node) cannot do; set train.compile=false or another parallel.schedule.")
+    _require(not (cfg.model.moe_experts and cfg.model.moe_aux_loss_type == "seq_aux_loss" and cfg.parallel.cp > 1),
+             f"model.moe_aux_loss_type=seq_aux_loss balances each sequence, which parallel.cp={cfg.parallel.cp} splits "
+             f"over ranks; set model.moe_aux_loss_type=global_aux_loss (over every rank's tokens) or parallel.cp=1.")
     _require(not (cfg.model.moe_experts and cfg.optim.mup),
              f"optim.mup=true has no rule yet for model.moe_experts={cfg.model.moe_experts}'s router (a readout of "
              f"fixed width into the experts); set optim.mup=false or model.moe_experts=0.")

@@ -24,6 +24,12 @@ when the load is even and at most E/k. It is not added to the loss the step repo
 at the layer's output (`AuxLossGrad`, as Megatron's MoEAuxLossAutoScaler does), so a pipeline carries no extra
 tensor between stages. Its weight there is `aux_loss x aux_share x aux_grad_scale`; the trainer sets
 `aux_grad_scale` to the main loss's own backward scale (1/micro-batches, times fp16's loss scale) before each step.
+`model.moe_aux_loss_type` (Megatron's moe_router_load_balancing_type) says over which tokens f and P are taken:
+aux_loss, this rank's micro-batch; seq_aux_loss, each sequence on its own, the loss the mean over the sequences
+(DeepSeek-V3's sequence-wise balance loss); global_aux_loss, f over the micro-batch of every rank of the grad
+group (dp x cp, one all-reduce of E integers per block and micro-batch) and P over this rank's tokens, so the
+grads' average over those ranks is the loss's over all their tokens (Qwen's global-batch balance, which leaves
+each rank's batch free to specialize).
 The router z-loss of ST-MoE (`model.moe_z_loss`: the mean over tokens of logsumexp(router logits)^2, which keeps
 the logits small; Megatron's moe_z_loss_coeff) joins backward the same way.
 
@@ -38,7 +44,8 @@ Seams a parallel plan sets (`plait.parallel.plans.ExpertRegion`): `enter` and `e
 and output pass through: under tensor parallelism the experts' linears are column- and row-parallel without
 communication of their own, so the block gathers its input once and reduces the weighted sum once; so is the
 shared expert, whose gate, like the router, weighs partial sums), `aux_share`
-(1/tp: every tp rank computes the same router output, so each adds its share of the auxiliary gradient), and
+(1/tp: every tp rank computes the same router output, so each adds its share of the auxiliary gradient),
+`balance_group` (the grad group, whose loads global_aux_loss counts), and
 `run_experts` (under expert parallelism this rank holds some of the experts, `experts` keyed by global id, and the
 rows travel to theirs: `plait.parallel.experts.ExpertExchange`).
 """
@@ -74,12 +81,12 @@ class AuxLossGrad(torch.autograd.Function):
         return grad, torch.full((), ctx.weight, dtype=dtype, device=device), None
 
 
-def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor, top_k: int) -> torch.Tensor:
-    """E x sum_e f_e P_e (f_e = counts_e / (T k)): probs [T, E] (fp32), counts [E] (choices per expert); 1 under an
-    even load, at most E/k (each f_e is at most 1/k)."""
-    tokens, experts = probs.shape
-    share = counts.to(probs.dtype) / (tokens * top_k)
-    return experts * (share * probs.mean(dim=0)).sum()
+def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """E x sum_e f_e P_e: probs [..., T, E] (fp32), counts [..., E] (choices per expert), f_e = counts_e over all the
+    choices counted (T k, or every rank's under global_aux_loss), P_e the mean of probs over T; with leading
+    dimensions (one per sequence) the mean of each one's loss. 1 under an even load, at most E/k."""
+    share = counts.to(probs.dtype) / counts.sum(dim=-1, keepdim=True).to(probs.dtype)
+    return probs.shape[-1] * (share * probs.mean(dim=-2)).sum(dim=-1).mean()
 
 
 def capacity(factor: float, pairs: int, experts: int) -> int:
@@ -120,6 +127,8 @@ class MoE(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk = int(cfg.moe_top_k), bool(cfg.moe_norm_topk)
         self.aux_loss, self.z_loss = float(cfg.moe_aux_loss), float(cfg.moe_z_loss)
+        self.balance_of = getattr(self, f"_{cfg.moe_aux_loss_type}")  # the balancing loss's scope, chosen once
+        self.balance_group = None  # global_aux_loss: the ranks whose loads count too (the plan sets dp x cp's)
         self.capacity_factor = None if cfg.moe_capacity_factor is None else float(cfg.moe_capacity_factor)
         self.drop_by_probs = cfg.moe_drop_policy == "probs"
         self.n_experts = len(experts)
@@ -175,7 +184,8 @@ class MoE(nn.Module):
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
         if self.training:
-            out = self._auxiliary(out, logits, probs, wanted, 1.0 - order.numel() / expert_of.numel())
+            balance = self.balance_of(probs, chosen, wanted, x.shape[0])
+            out = self._auxiliary(out, logits, balance, 1.0 - order.numel() / expert_of.numel())
         return self.exit(out.view(x.shape[:-1] + out.shape[-1:]))
 
     def _priority(self, weights: torch.Tensor) -> torch.Tensor:
@@ -184,11 +194,31 @@ class MoE(nn.Module):
             return weights.detach().reshape(-1).argsort(descending=True, stable=True)  # (no index kept)
         return torch.arange(weights.numel(), device=weights.device)
 
-    def _auxiliary(self, out: torch.Tensor, logits: torch.Tensor, probs: torch.Tensor, counts: torch.Tensor,
-                   dropped: float):
+    def _aux_loss(self, probs: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor, sequences: int):
+        """The balancing loss over this rank's micro-batch (Megatron's aux_loss)."""
+        return load_balancing_loss(probs, counts)
+
+    def _seq_aux_loss(self, probs: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor, sequences: int):
+        """Each sequence's balancing loss, from its own loads and mean probabilities, averaged over the sequences
+        (DeepSeek-V3's sequence-wise balance loss; Megatron's seq_aux_loss)."""
+        experts = probs.shape[-1]
+        slot = chosen.reshape(sequences, -1) + experts * torch.arange(sequences, device=chosen.device).unsqueeze(1)
+        per_sequence = torch.bincount(slot.reshape(-1), minlength=sequences * experts).view(sequences, experts)
+        return load_balancing_loss(probs.view(sequences, -1, experts), per_sequence)
+
+    def _global_aux_loss(self, probs: torch.Tensor, chosen: torch.Tensor, counts: torch.Tensor, sequences: int):
+        """The balancing loss with the loads of the micro-batch on every rank of `balance_group` (dp x cp: every
+        replica's tokens) and this rank's mean probabilities: the grads' average over those ranks is the loss's
+        over all their tokens (Megatron's global_aux_loss, Qwen's global-batch balance; one all-reduce of E
+        integers per block and micro-batch)."""
+        if self.balance_group is not None:
+            counts = counts.clone()
+            dist.all_reduce(counts, group=self.balance_group)
+        return load_balancing_loss(probs, counts)
+
+    def _auxiliary(self, out: torch.Tensor, logits: torch.Tensor, balance: torch.Tensor, dropped: float):
         """Record the balancing loss (and the z-loss when weighted) and the share of pairs dropped for the metrics;
         attach the losses' weighted sum's gradient to `out`."""
-        balance = load_balancing_loss(probs, counts, self.top_k)
         z = router_z_loss(logits) if self.z_loss else balance.new_zeros(())
         self.balance = self.balance.to(balance.device) + torch.stack([balance.detach(), z.detach(),
                                                                       balance.new_tensor(dropped),

@@ -132,7 +132,7 @@ def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel
     return int(tokens * (attention + mlp))
 
 
-def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int) -> int:
+def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int, sequences: int = 1) -> int:
     """Bytes a mixture of experts (train/moe.py) saves beyond the dense MLP it replaces, per micro-batch of `tokens`
     tokens (all of them on every tp rank: the block gathers them once); 0 for a dense model.
 
@@ -141,7 +141,8 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int) -> int:
     width: partial sums), in `size` bytes, and its token's int64 index. Per pair: its weight in `size` bytes and
     two int64 indices (its expert, its row in the experts' output); under a capacity also its one-byte mask. Per
     token, in fp32: the router's probabilities, and under `moe_norm_topk` the top-k values and their sum. With the
-    balancing loss, one fp32 number per expert; with the z-loss, the router's logits and their logsumexp. A shared
+    balancing loss, one fp32 number per expert (per expert and sequence, of the `sequences` in the micro-batch,
+    under seq_aux_loss); with the z-loss, the router's logits and their logsumexp. A shared
     expert keeps what a dense MLP does (its share of gate|up, silu(gate), product) plus its output (whole width)
     and its gate's sigmoid. Under a capacity this is an upper bound, exact when no pair is dropped.
     """
@@ -157,7 +158,8 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int) -> int:
     router = experts + (k + 1 if model_cfg.moe_norm_topk else 0) + (experts + 1 if model_cfg.moe_z_loss else 0)
     moe = rows * ((2 * d + 4 * f) * size + 8) + pairs * (size + 2 * 8) + tokens * router * 4
     moe += pairs if factor is not None else 0
-    moe += experts * 4 if model_cfg.moe_aux_loss else 0
+    per_sequence = model_cfg.moe_aux_loss_type == "seq_aux_loss"
+    moe += experts * 4 * (sequences if per_sequence else 1) if model_cfg.moe_aux_loss else 0
     shared = int(model_cfg.moe_shared_ffn_dim) // tp
     moe += tokens * (4 * shared + d + 1) * size if shared else 0
     return int(moe - tokens * 4 * f * size)
@@ -240,7 +242,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     tokens = micro_batch * train.seq_len // cp  # this cp rank's share of each sequence
     size = _element_size(train.precision)
     block_saved = block_activation_elements(model_cfg, tokens, tp, sp, regather) * size \
-        + moe_extra_bytes(model_cfg, tokens, tp, size)
+        + moe_extra_bytes(model_cfg, tokens, tp, size, micro_batch)
     untied_regather = regather and not model_cfg.tie_embeddings  # a tied head's input passes a mapping
     head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local, int(train.loss_chunks),
                                     untied_regather) * size if has_head else 0
