@@ -13,9 +13,14 @@ ratio is honest: 1.0 means no hidden extra communication.
 
     python benchmarks/tp_comm.py --tp 2 --out tp_comm.json
 
-Both contenders (sequence parallelism off and on) run in the same ranks, stepped in turn
-round by round; byte counts are deterministic, step times are medians (min, max) on a
-shared, noisy CPU and mean little there.
+With `parallel.tp_overlap` (the default at tp > 1) each column-parallel layer's backward
+overlaps its collective with its weight-grad GEMM and, under SP, re-gathers its input from
+this rank's shard instead of keeping it whole: one more all-gather per column-parallel layer
+(two per layer, one for an untied head), which the analytic rows count.
+
+The four contenders (sequence parallelism off and on, tp_overlap off and on) run in the same
+ranks, stepped in turn round by round; byte counts are deterministic, step times are medians
+(min, max) on a shared, noisy CPU and mean little there.
 """
 
 import argparse
@@ -29,6 +34,7 @@ import time
 import traceback
 from collections import defaultdict
 
+CONTENDERS = ((False, False), (False, True), (True, False), (True, True))  # (sequence_parallel, tp_overlap)
 ROW_ORDER = ("layers", "embedding", "head", "loss", "norm grads (SP)", "grad norm", "other")
 
 
@@ -88,23 +94,24 @@ def install_counters(recorder):
 
 
 def labelled(function, label, recorder):
-    """`function` (a region mapping) that marks its forward and backward collectives with `label`."""
+    """`function` (a region mapping or the overlapped column linear) marking its forward and backward
+    collectives with `label`."""
     import torch
 
     class Labelled(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, x, group):
+        def forward(ctx, *args):
             recorder.label = label
             try:
-                return function.forward(ctx, x, group)
+                return function.forward(ctx, *args)
             finally:
                 recorder.label = None
 
         @staticmethod
-        def backward(ctx, grad):
+        def backward(ctx, *grads):
             recorder.label = label
             try:
-                return function.backward(ctx, grad)
+                return function.backward(ctx, *grads)
             finally:
                 recorder.label = None
 
@@ -113,15 +120,25 @@ def labelled(function, label, recorder):
 
 
 def label_model(model, recorder):
-    """Tag each tp mapping of the model with where it sits: layers, embedding or head; and the loss."""
-    from plait.parallel.tensor import RegionMap
+    """Tag each tp mapping of the model (and each overlapped column layer) with where it sits: layers, embedding
+    or head; and the loss."""
+    from plait.parallel.column_overlap import OverlappedColumn
+    from plait.parallel.tensor import MappedColumn, RegionMap
+
+    def tag(holder, attr, label):
+        current = getattr(holder, attr, None)
+        if isinstance(current, RegionMap):
+            setattr(holder, attr, RegionMap(labelled(current.function, label, recorder), current.group))
 
     for name, module in model.named_modules():
         label = "layers" if name.startswith("layers.") else "embedding" if name == "embed" else "head"
-        for attr in ("input_map", "output_map", "_tied_input_map"):
-            current = getattr(module, attr, None)
-            if isinstance(current, RegionMap):
-                setattr(module, attr, RegionMap(labelled(current.function, label, recorder), current.group))
+        for attr in ("output_map", "tied_input"):
+            tag(module, attr, label)
+        run = getattr(module, "run", None)
+        if isinstance(run, MappedColumn):
+            tag(run, "input_map", label)
+        elif isinstance(run, OverlappedColumn):
+            run.function = labelled(run.function, label, recorder)
     loss = model.loss
 
     def labelled_loss(*args, **kwargs):
@@ -135,13 +152,16 @@ def label_model(model, recorder):
 
 
 # analytic --------------------------------------------------------------------------------
-def analytic_bytes(tp, layers, micro, b, s, h, sp, element_size=4):
-    """Per rank and step, by row: the scheme's ring-algorithm volume (fp32 activations)."""
+def analytic_bytes(tp, layers, micro, b, s, h, sp, regather=False, tied=False, element_size=4):
+    """Per rank and step, by row: the scheme's ring-algorithm volume (fp32 activations); `regather`: SP with
+    tp_overlap, each column-parallel layer's input all-gathered again in backward (half an all-reduce)."""
     all_reduce = lambda n: 2 * (tp - 1) / tp * n * element_size
+    regathers = (2 * layers, 0 if tied else 1) if regather else (0, 0)  # (in the layers, in the head)
     return {
-        "layers": micro * layers * 4 * all_reduce(b * s * h),
+        "layers": micro * (layers * 4 + regathers[0] / 2) * all_reduce(b * s * h),
         "embedding": micro * all_reduce(b * s * h),  # forward all-reduce (SP: reduce-scatter fwd + all-gather bwd)
-        "head": micro * all_reduce(b * s * h),  # backward all-reduce (SP: all-gather fwd + reduce-scatter bwd)
+        # backward all-reduce (SP: all-gather fwd + reduce-scatter bwd)
+        "head": micro * (1 + regathers[1] / 2) * all_reduce(b * s * h),
         "loss": micro * 3 * all_reduce(b * s),  # max, target logit, sum of exp
         "norm grads (SP)": all_reduce((2 * layers + 1) * h) if sp else 0.0,
         "grad norm": all_reduce(1),  # one scalar over the model-parallel group
@@ -164,29 +184,30 @@ def rank_main(rank, world, args, store):
     recorder = Recorder()
     install_counters(recorder)
     trainers = {}
-    for sp in (False, True):
+    for sp, overlap in CONTENDERS:
         overrides = [f"model={args.model}", f"parallel.tp={world}", f"parallel.sequence_parallel={str(sp).lower()}",
+                     f"parallel.tp_overlap={str(overlap).lower()}",
                      f"parallel.microbatches={args.microbatches}", f"train.seq_len={args.seq_len}",
                      f"train.batch_size={args.batch_size}", "train.progress=false", "train.peak_flops=1e10",
-                     f"train.run_dir={args.run_dir}/sp{int(sp)}", "train.eval_every=0", "train.steps=1000"]
+                     f"train.run_dir={args.run_dir}/sp{int(sp)}-overlap{int(overlap)}", "train.eval_every=0",
+                     "train.steps=1000"]
         if args.cache_dir:
             overrides.append(f"data.cache_dir={args.cache_dir}")
         trainer = Trainer(load_config(overrides + args.override), env=ProcessEnv(rank, 0, world, "torchrun"))
         label_model(trainer.model, recorder)
-        trainers[sp] = trainer
+        trainers[sp, overlap] = trainer
     counted, times = {}, defaultdict(list)
     for round_index in range(args.rounds):
-        for sp, trainer in trainers.items():  # contenders in turn, so load swings hit both alike
+        for contender, trainer in trainers.items():  # contenders in turn, so load swings hit all alike
             recorder.counting, recorder.calls = round_index == args.rounds - 1, []
             dist.barrier()
             start = time.perf_counter()
             trainer.step()
-            times[sp].append(time.perf_counter() - start)
+            times[contender].append(time.perf_counter() - start)
             if recorder.counting:
-                counted[sp] = [(label, kind, size, sent, group is trainers[sp].grid.tp_group or size == world)
-                               for label, kind, size, sent, group in recorder.calls]
-    cfg = trainers[False].cfg
-    shape = dict(layers=cfg.model.n_layers, micro=cfg.parallel.microbatches,
+                counted[contender] = [(label, kind, size, sent) for label, kind, size, sent, _ in recorder.calls]
+    cfg = trainers[CONTENDERS[0]].cfg
+    shape = dict(layers=cfg.model.n_layers, micro=cfg.parallel.microbatches, tied=bool(cfg.model.tie_embeddings),
                  b=cfg.train.batch_size // cfg.parallel.microbatches, s=cfg.train.seq_len, h=cfg.model.dim)
     for trainer in trainers.values():
         trainer.close()
@@ -225,11 +246,11 @@ def spawn(world, args):
 def build_rows(results, tp):
     rows = []
     shape = results[0]["shape"]
-    for sp in (False, True):
-        expected = analytic_bytes(tp, sp=sp, **shape)
+    for sp, overlap in CONTENDERS:
+        expected = analytic_bytes(tp, sp=sp, regather=sp and overlap, **shape)
         for rank, result in enumerate(results):
             sent, counts, kinds = defaultdict(float), defaultdict(int), defaultdict(set)
-            for label, kind, size, nbytes, on_tp in result["counted"][sp]:
+            for label, kind, size, nbytes in result["counted"][sp, overlap]:
                 sent[label] += nbytes
                 counts[label] += 1
                 kinds[label].add(kind)
@@ -237,39 +258,44 @@ def build_rows(results, tp):
                 if not sent[label] and not expected[label]:
                     continue
                 analytic = expected[label]
-                rows.append({"sequence_parallel": sp, "rank": rank, "part": label,
+                rows.append({"sequence_parallel": sp, "tp_overlap": overlap, "rank": rank, "part": label,
                              "measured_bytes": sent[label], "analytic_bytes": analytic,
                              "ratio": sent[label] / analytic if analytic else float("inf"),
                              "collectives": counts[label], "kinds": sorted(kinds[label])})
-            times = result["times"][sp]
-            rows.append({"sequence_parallel": sp, "rank": rank, "part": "step time (s)",
+            times = result["times"][sp, overlap]
+            rows.append({"sequence_parallel": sp, "tp_overlap": overlap, "rank": rank, "part": "step time (s)",
                          "median": statistics.median(times), "min": min(times), "max": max(times)})
     return rows
 
 
 def print_table(rows):
-    print(f"{'SP':>3} {'rank':>4} {'part':<16} {'measured B':>12} {'analytic B':>12} {'ratio':>7}  collectives")
+    print(f"{'SP':>3} {'ovl':>3} {'rank':>4} {'part':<16} {'measured B':>12} {'analytic B':>12} {'ratio':>7}  "
+          f"collectives")
     for row in rows:
+        head = f"{int(row['sequence_parallel']):>3} {int(row['tp_overlap']):>3} {row['rank']:>4} {row['part']:<16}"
         if "ratio" in row:
-            print(f"{int(row['sequence_parallel']):>3} {row['rank']:>4} {row['part']:<16} {row['measured_bytes']:>12.0f} "
-                  f"{row['analytic_bytes']:>12.0f} {row['ratio']:>7.4f}  {row['collectives']} {','.join(row['kinds'])}")
+            print(f"{head} {row['measured_bytes']:>12.0f} {row['analytic_bytes']:>12.0f} {row['ratio']:>7.4f}  "
+                  f"{row['collectives']} {','.join(row['kinds'])}")
         else:
-            print(f"{int(row['sequence_parallel']):>3} {row['rank']:>4} {row['part']:<16} median {row['median']:.3f} "
-                  f"(min {row['min']:.3f}, max {row['max']:.3f})")
+            print(f"{head} median {row['median']:.3f} (min {row['min']:.3f}, max {row['max']:.3f})")
 
 
 def summarize(rows):
     summary = {}
-    for sp in (False, True):
-        mine = [r for r in rows if r["sequence_parallel"] == sp and "ratio" in r]
-        tag = "sp" if sp else "no_sp"
+    for sp, overlap in CONTENDERS:
+        mine = [r for r in rows if (r["sequence_parallel"], r["tp_overlap"]) == (sp, overlap) and "ratio" in r]
+        tag = ("sp" if sp else "no_sp") + ("_overlap" if overlap else "")
         summary[f"layers_ratio_{tag}"] = max(r["ratio"] for r in mine if r["part"] == "layers")
         summary[f"total_ratio_{tag}"] = max(
             sum(r["measured_bytes"] for r in mine if r["rank"] == k) / sum(r["analytic_bytes"] for r in mine if r["rank"] == k)
             for k in {r["rank"] for r in mine})
         summary[f"bytes_per_step_{tag}"] = sum(r["measured_bytes"] for r in mine if r["rank"] == 0)
-        times = [r for r in rows if r["sequence_parallel"] == sp and r["part"] == "step time (s)" and r["rank"] == 0]
+        times = [r for r in rows if (r["sequence_parallel"], r["tp_overlap"]) == (sp, overlap)
+                 and r["part"] == "step time (s)" and r["rank"] == 0]
         summary[f"step_time_median_s_{tag}"] = times[0]["median"]
+    for sp in ("no_sp", "sp"):
+        summary[f"step_time_ratio_overlap_{sp}"] = (summary[f"step_time_median_s_{sp}_overlap"]
+                                                    / summary[f"step_time_median_s_{sp}"])
     return summary
 
 

@@ -249,6 +249,47 @@ def test_context_parallel_attention_math_on_cuda_under_bf16_autocast(tmp_path):
         dist.destroy_process_group()
 
 
+def overlapped_against_mapped(device: torch.device, sequence_parallel: bool, dtype):
+    """(mapped, overlapped) results of a three-segment column layer in a one-rank group: the outputs, the input
+    grad and the weight and bias grads, under autocast to `dtype` (None: none)."""
+    from plait.parallel.column_overlap import OverlappedColumn
+    from plait.parallel.tensor import MappedColumn
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(4, 512, 256, device=device, generator=generator)
+    weight = torch.randn(3 * 256, 256, device=device, generator=generator) / 16
+    bias = torch.randn(3 * 256, device=device, generator=generator)
+    grads = [torch.randn(4, 512, 256, device=device, generator=generator) for _ in range(3)]
+    results = []
+    for run in (MappedColumn(lambda t: t), OverlappedColumn(None, sequence_parallel)):
+        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            outs = run(*leaves, (256,) * 3)
+        torch.autograd.backward(outs, [g.to(outs[0].dtype) for g in grads])
+        results.append([torch.cat(outs, -1)] + [leaf.grad for leaf in leaves])
+    return results
+
+
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["copy", "sequence-parallel"])
+def test_overlapped_column_on_cuda_matches_the_mappings_path(tmp_path, sequence_parallel):
+    """parallel.tp_overlap's column layer on CUDA (NCCL, a one-rank world): its collectives run on the
+    communicator's stream and each wait orders the compute stream after them, so outputs and grads equal the
+    mappings path's, in fp32 (to 1e-6) and under bf16 autocast (the same dtypes; to bf16's precision)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=CUDA)
+    try:
+        for dtype, tolerance in ((None, 1e-6), (torch.bfloat16, 2e-2)):
+            mapped, overlapped = overlapped_against_mapped(CUDA, sequence_parallel, dtype)
+            for name, expected, actual in zip(("out", "grad_x", "grad_w", "grad_b"), mapped, overlapped):
+                assert actual.dtype == expected.dtype, (name, dtype)
+                torch.testing.assert_close(actual.float(), expected.float(), rtol=tolerance, atol=tolerance,
+                                           msg=f"{name} {dtype}")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_zero3_on_one_gpu_equals_zero0_and_gathers_in_bf16(tmp_path, stdlib_tokens):
     """FSDP2 under plait on CUDA (NCCL, a one-rank world): fp32 zero=3 trains as zero=0; under bf16 it gathers
     bf16 weights, keeps fp32 master shards, and trains close to fp32."""
