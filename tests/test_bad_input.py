@@ -60,6 +60,7 @@ CHOICES = {  # key -> names, some of which are not in the table that builds them
     "offload.policy": ["offload", "keep", "maybe"], "data.tokenizer": ["byte", "sentencepiece"],
     "model.moe_drop_policy": ["probs", "position", "random"],
     "model.moe_aux_loss_type": ["aux_loss", "global_aux_loss", "sinkhorn"],
+    "model.moe_score_function": ["softmax", "sigmoid", "relu"],
     "parallel.tp_overlap": ["auto", "true", "sometimes"],
 }
 GROUPS = {"model": ["tiny", "small", "no-such-preset"], "optim": ["adamw", "lion", "sgd"], "launch": ["local", "nosuch"]}
@@ -140,15 +141,6 @@ def test_each_reported_bad_setting_is_one_sentence(overrides, words):
     with pytest.raises(ConfigError) as info:
         validate(load_config(overrides), 1)
     assert words in str(info.value) and one_sentence(str(info.value)), str(info.value)
-
-
-def test_sequence_wise_balancing_refuses_context_parallelism():
-    cfg = load_config(["model.moe_experts=4", "model.moe_aux_loss_type=seq_aux_loss", "parallel.cp=2"])
-    with pytest.raises(ConfigError) as info:
-        validate(cfg, 2)
-    words = "model.moe_aux_loss_type=seq_aux_loss balances each sequence, which parallel.cp=2 splits over ranks"
-    assert words in str(info.value) and one_sentence(str(info.value)), str(info.value)
-    validate(load_config(["model.moe_experts=4", "model.moe_aux_loss_type=global_aux_loss", "parallel.cp=2"]), 2)
 
 
 def test_unwritable_paths_are_found_before_any_work(root):

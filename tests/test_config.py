@@ -66,6 +66,12 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
     (["model.moe_experts=4", "model.moe_bias_update_rate=-0.001"], 1,
      "model.moe_bias_update_rate=-0.001 must be >= 0; 0 turns the routing bias off"),
     (["model.moe_bias_update_rate=0.001"], 1, "model.moe_bias_update_rate=0.001 sets up a mixture of experts"),
+    (["model.moe_experts=4", "model.moe_aux_loss_type=seq_aux_loss", "parallel.cp=2"], 2,
+     "model.moe_aux_loss_type=seq_aux_loss balances each sequence, which parallel.cp=2 splits over ranks"),
+    (["model.moe_score_function=sigmoid"], 1, "model.moe_score_function=sigmoid sets up a mixture of experts"),
+    (["model.moe_experts=4", "model.moe_score_function=relu"], 1, "model.moe_score_function=relu is not one of"),
+    (["model.moe_experts=4", "model.moe_topk_scaling_factor=0"], 1,
+     "model.moe_topk_scaling_factor=0.0 must be > 0; 1 keeps the router's weights"),
 ])
 def test_relations_give_one_sentence(overrides, world, fragment):
     with pytest.raises(ConfigError) as info:

@@ -34,16 +34,18 @@ def moe_of(top_k: int = 2, experts: int = 4, aux: float = 0.01, seed: int = 3, *
 
 
 def token_by_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
-    """Each token on its own: softmax over the experts, the top k (renormalized under norm_topk), their outputs
-    weighted and summed; plus the shared expert's output times the sigmoid of its gate, where there is one."""
+    """Each token on its own: softmax over the experts (or each expert's sigmoid), the top k (renormalized under
+    norm_topk, times the scaling factor), their outputs weighted and summed; plus the shared expert's output times
+    the sigmoid of its gate, where there is one."""
     rows = []
     for token in x.reshape(-1, x.shape[-1]):
-        probs = F.softmax(token @ moe.router.weight.T, dim=-1)
+        logits = token @ moe.router.weight.T
+        probs = torch.sigmoid(logits) if moe.sigmoid else F.softmax(logits, dim=-1)
         top, chosen = probs.topk(moe.top_k)
         if moe.expert_bias is not None:  # the bias picks the experts, the probabilities weigh them
             chosen = (probs + moe.expert_bias).topk(moe.top_k).indices
             top = probs[chosen]
-        top = top / top.sum() if moe.norm_topk else top
+        top = (top / top.sum() if moe.norm_topk else top) * moe.topk_scale
         row = sum(w * moe.experts[str(int(e))](token[None])[0] for w, e in zip(top, chosen))
         if moe.shared is not None:
             row = row + torch.sigmoid(token @ moe.shared_gate.weight[0]) * moe.shared(token[None])[0]
@@ -54,6 +56,9 @@ def token_by_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
 VARIANTS = {"top1": (1, {}), "top2": (2, {}), "top3": (3, {}),
             "top2-unnormalized-shared": (2, {"moe_norm_topk": False, "moe_shared_ffn_dim": 40}),
             "top1-unnormalized": (1, {"moe_norm_topk": False}),
+            "top2-sigmoid-scaled": (2, {"moe_score_function": "sigmoid", "moe_topk_scaling_factor": 2.5}),
+            "top1-sigmoid-unnormalized-biased": (1, {"moe_score_function": "sigmoid", "moe_norm_topk": False,
+                                                     "moe_bias_update_rate": 0.01}),
             "top2-biased": (2, {"moe_bias_update_rate": 0.01}),
             "top1-biased-unnormalized": (1, {"moe_bias_update_rate": 0.01, "moe_norm_topk": False})}
 BIAS = torch.tensor([0.02, -0.03, 0.0, 0.01])  # a routing bias that changes some tokens' experts (checked below)
@@ -166,15 +171,17 @@ def balance_by_hand(probs: torch.Tensor, chosen: torch.Tensor, per_sequence: int
     return load_balancing_loss(probs, torch.bincount(chosen.reshape(-1), minlength=probs.shape[-1]))
 
 
-@pytest.mark.parametrize("grad_scale,z_loss,kind", [(1.0, 0.0, "aux_loss"), (0.25, 0.0, "aux_loss"),
-                                                    (1024.0, 0.0, "aux_loss"), (0.25, 0.2, "aux_loss"),
-                                                    (0.25, 0.0, "seq_aux_loss"), (1.0, 0.2, "global_aux_loss")])
-def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_scale, z_loss, kind):
+@pytest.mark.parametrize("grad_scale,z_loss,kind,score", [
+    (1.0, 0.0, "aux_loss", "softmax"), (0.25, 0.0, "aux_loss", "softmax"), (1024.0, 0.0, "aux_loss", "softmax"),
+    (0.25, 0.2, "aux_loss", "softmax"), (0.25, 0.0, "seq_aux_loss", "softmax"), (1.0, 0.2, "global_aux_loss", "softmax"),
+    (0.25, 0.2, "seq_aux_loss", "sigmoid")])
+def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_scale, z_loss, kind, score):
     """The block's output grad passes through, and the router gets coef x scale x d aux: the same grads as
     backpropagating (main + coef x aux + z coef x router z-loss) x scale (the trainer's scale: 1/micro-batches
     times fp16's). seq_aux_loss: aux is the mean over the 2 sequences of each one's balancing loss (which differs
-    from the micro-batch's); global_aux_loss in one process: the micro-batch's."""
-    moe = moe_of(aux=0.3, moe_z_loss=z_loss, moe_aux_loss_type=kind)
+    from the micro-batch's); global_aux_loss in one process: the micro-batch's. Sigmoid scores: the loss takes them
+    normalized over the experts."""
+    moe = moe_of(aux=0.3, moe_z_loss=z_loss, moe_aux_loss_type=kind, moe_score_function=score)
     moe.aux_grad_scale = grad_scale
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(4), requires_grad=True)
     moe(x).sum().mul(grad_scale).backward()
@@ -186,6 +193,7 @@ def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_sca
     def by_hand(aux_coef: float, z_coef: float) -> torch.Tensor:
         flat = x.reshape(-1, 32)
         _, probs, _, chosen = moe.route(flat)
+        probs = probs / probs.sum(-1, keepdim=True) if score == "sigmoid" else probs
         aux = balance_by_hand(probs, chosen, 2 if kind == "seq_aux_loss" else 0)
         z = (flat @ moe.router.weight.T).logsumexp(-1).square().mean()  # ST-MoE's z-loss
         return (moe(x).sum() + aux_coef * aux + z_coef * z) * grad_scale
@@ -199,6 +207,7 @@ def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_sca
     router_without = torch.autograd.grad(by_hand(0.0, 0.0), moe.router.weight)[0]
     assert not torch.allclose(router_without, ours[1], rtol=1e-3)  # the aux term did reach the router
     _, probs, _, chosen = moe.route(x.detach().reshape(-1, 32))
+    probs = probs / probs.sum(-1, keepdim=True) if score == "sigmoid" else probs
     per_sequence, whole = balance_by_hand(probs, chosen, 2), balance_by_hand(probs, chosen)
     assert abs(per_sequence - whole) > 1e-3  # the two scopes differ on these tokens
     recorded = moe.balance[0] / moe.balance[3]  # the mean over the forwards above, all of the same tokens
@@ -338,10 +347,13 @@ LAYOUTS = {  # name: (world size, overrides)
     # A capacity drops by position here: by router weight, a pair at the edge of an expert's capacity swaps places
     # with one whose weight differs in the last bit once a layout's sums round otherwise (the loop test holds that
     # policy exactly).
-    "tp2-sp-ep2-capacity": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
-                                "model.moe_capacity_factor=0.75", "model.moe_drop_policy=position"]),
-    "pp2-capacity": (2, ["parallel.pp=2", "parallel.microbatches=2", "model.moe_capacity_factor=0.75",
-                         "model.moe_drop_policy=position"]),
+    # DeepSeek-V3's router (sigmoid scores, scaled weights) and its per-sequence balancing loss ride along.
+    "tp2-sp-ep2-capacity-sigmoid": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
+                                        "model.moe_capacity_factor=0.75", "model.moe_drop_policy=position",
+                                        "model.moe_score_function=sigmoid", "model.moe_topk_scaling_factor=2.5",
+                                        "model.moe_aux_loss_type=seq_aux_loss"]),
+    "pp2-capacity-seq": (2, ["parallel.pp=2", "parallel.microbatches=2", "model.moe_capacity_factor=0.75",
+                             "model.moe_drop_policy=position", "model.moe_aux_loss_type=seq_aux_loss"]),
     "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.microbatches=1"]),
     "ep2-cp2-no-aux": (4, ["parallel.ep=2", "parallel.cp=2", "model.moe_aux_loss=0"]),
     "ep2-dp4-no-aux": (4, ["parallel.ep=2", "parallel.bucket_mb=0.01", "model.moe_aux_loss=0"]),
@@ -494,7 +506,10 @@ def test_qwen_moe_directories_refuse_models_that_route_otherwise_in_one_line(tmp
                                                        "model.moe_norm_topk=false"),
             ("biased", {"moe_bias_update_rate": 0.001}, "model.moe_bias_update_rate=0.001 routed by a learned bias per "
                                                         "expert \\(DeepSeek-V3's\\) that MixtralForCausalLM has no "
-                                                        "place for")):
+                                                        "place for"),
+            ("sigmoid", {"moe_score_function": "sigmoid"}, "model.moe_score_function=sigmoid routes as DeepSeek-V3 "
+                                                           "does, which no export family"),
+            ("scaled", {"moe_topk_scaling_factor": 2.5}, "model.moe_topk_scaling_factor=2.5 routes as DeepSeek-V3")):
         with pytest.raises(CheckpointError, match=fragment):
             exported(tmp_path / name, **features)
         assert not (tmp_path / name / "hf").exists()

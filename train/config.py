@@ -70,6 +70,8 @@ class ModelConfig:
     # each sequence (seq_aux_loss, DeepSeek-V3) or the micro-batch on every rank of the grad group (global_aux_loss)
     moe_z_loss: float = 0.0  # weight of ST-MoE's router z-loss (mean logsumexp(logits)^2); 1e-3 is ST-MoE's
     moe_norm_topk: bool = True  # renormalize the top-k probabilities to sum to 1 (Mixtral); false: as they are (Qwen)
+    moe_score_function: str = "softmax"  # the router's scores: softmax over experts (Mixtral, Qwen) | sigmoid (DeepSeek-V3)
+    moe_topk_scaling_factor: float = 1.0  # the chosen experts' weights times this (DeepSeek-V3: 2.5)
     moe_shared_ffn_dim: int = 0  # > 0: a shared expert of this width, sigmoid-gated, beside the routed (Qwen2-MoE)
     moe_capacity_factor: Optional[float] = None  # each expert takes <= ceil(c T k / E) pairs in training; None: all
     moe_drop_policy: str = "probs"  # over capacity, keep the highest router weights (probs) or earliest tokens
@@ -233,11 +235,16 @@ def validate_model(model: ModelConfig) -> None:
                    fix="null keeps every token (dropless)")
         choice(ConfigError, "model.moe_drop_policy", model.moe_drop_policy, MOE_DROP_POLICIES)
         choice(ConfigError, "model.moe_aux_loss_type", model.moe_aux_loss_type, MOE_AUX_LOSS_TYPES)
+        choice(ConfigError, "model.moe_score_function", model.moe_score_function, MOE_SCORE_FUNCTIONS)
+        number(ConfigError, "model.moe_topk_scaling_factor", model.moe_topk_scaling_factor, low=0, low_open=True,
+               fix="1 keeps the router's weights")
         number(ConfigError, "model.moe_bias_update_rate", model.moe_bias_update_rate, low=0,
                fix="0 turns the routing bias off")
     else:
-        _require(model.moe_aux_loss_type == "aux_loss", f"model.moe_aux_loss_type={model.moe_aux_loss_type} sets up "
-                 f"a mixture of experts, but model.moe_experts=0; set model.moe_experts or drop the setting.")
+        for key, default in (("moe_aux_loss_type", "aux_loss"), ("moe_score_function", "softmax"),
+                             ("moe_topk_scaling_factor", 1.0)):
+            _require(getattr(model, key) == default, f"model.{key}={getattr(model, key)} sets up a mixture of experts, "
+                     f"but model.moe_experts=0; set model.moe_experts or drop the setting.")
         for key in ("moe_z_loss", "moe_shared_ffn_dim", "moe_capacity_factor", "moe_bias_update_rate"):
             off = "null" if key == "moe_capacity_factor" else "0"
             _require(not getattr(model, key), f"model.{key}={getattr(model, key)} sets up a mixture of experts, but "
@@ -252,7 +259,8 @@ def validate_model(model: ModelConfig) -> None:
 
 ATTN_MASKS = ("causal", "document")
 MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")  # Megatron's moe_router_load_balancing_type
-MOE_DROP_POLICIES = ("probs", "position")  # over capacity: keep the highest router weights, or the earliest tokens
+MOE_DROP_POLICIES = ("probs", "position")
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")  # Megatron's moe_router_score_function  # over capacity: keep the highest router weights, or the earliest tokens
 
 
 DEVICES = ("auto", "cpu", "cuda")

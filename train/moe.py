@@ -13,6 +13,10 @@ zero, so the token keeps only its other choices (and the residual). Which it kee
 `probs`, the choices with the highest router weights, or `position`, the earliest tokens. Evaluation and
 generation stay dropless, as the exported model (Mixtral's, Qwen's) runs.
 
+DeepSeek-V3's router (not an export family): `model.moe_score_function=sigmoid` scores each expert with its own
+sigmoid instead of a softmax over them (the balancing loss takes the scores normalized over the experts), and
+`model.moe_topk_scaling_factor` multiplies the chosen weights (after renormalizing; DeepSeek-V3 used 2.5).
+
 Options of the families plait exports: `model.moe_norm_topk=false` keeps the top-k probabilities as they are
 (Qwen's `norm_topk_prob=false`) instead of renormalizing them to sum to 1 (Mixtral's); `model.moe_shared_ffn_dim`
 adds a shared expert every token passes through, a SwiGLU of that width whose output is weighted by a sigmoid
@@ -81,6 +85,10 @@ class AuxLossGrad(torch.autograd.Function):
         return grad, torch.full((), ctx.weight, dtype=dtype, device=device), None
 
 
+def softmax_over_experts(logits: torch.Tensor) -> torch.Tensor:
+    return logits.softmax(dim=-1)
+
+
 def load_balancing_loss(probs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """E x sum_e f_e P_e: probs [..., T, E] (fp32), counts [..., E] (choices per expert), f_e = counts_e over all the
     choices counted (T k, or every rank's under global_aux_loss), P_e the mean of probs over T; with leading
@@ -126,6 +134,9 @@ class MoE(nn.Module):
                  shared: Optional[nn.Module] = None, shared_gate: Optional[nn.Module] = None):
         super().__init__()
         self.top_k, self.norm_topk = int(cfg.moe_top_k), bool(cfg.moe_norm_topk)
+        self.sigmoid = cfg.moe_score_function == "sigmoid"
+        self.score = torch.sigmoid if self.sigmoid else softmax_over_experts  # chosen once
+        self.topk_scale = float(cfg.moe_topk_scaling_factor)
         self.aux_loss, self.z_loss = float(cfg.moe_aux_loss), float(cfg.moe_z_loss)
         self.balance_of = getattr(self, f"_{cfg.moe_aux_loss_type}")  # the balancing loss's scope, chosen once
         self.balance_group = None  # global_aux_loss: the ranks whose loads count too (the plan sets dp x cp's)
@@ -150,10 +161,11 @@ class MoE(nn.Module):
             self.expert_bias = None
 
     def route(self, flat: torch.Tensor):
-        """(logits [T, E] fp32, probs [T, E], weights [T, k]: the top-k probs, renormalized to sum to 1 under
-        `norm_topk`, chosen [T, k] expert ids: the top k of the probs, or of probs + expert bias when it has one)."""
+        """(logits [T, E] fp32, probs [T, E]: the router's scores (softmax, or each expert's sigmoid), weights
+        [T, k]: the top-k scores, renormalized to sum to 1 under `norm_topk`, times the top-k scaling factor,
+        chosen [T, k] expert ids: the top k of the scores, or of scores + expert bias when it has one)."""
         logits = self.router(flat).float()
-        probs = logits.softmax(dim=-1)
+        probs = self.score(logits)
         if self.expert_bias is None:
             weights, chosen = probs.topk(self.top_k, dim=-1)
         else:  # the bias picks the experts; the weights are the router's own
@@ -161,6 +173,8 @@ class MoE(nn.Module):
             weights = probs.gather(-1, chosen)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.topk_scale != 1.0:
+            weights = weights * self.topk_scale
         return logits, probs, weights, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,8 +197,9 @@ class MoE(nn.Module):
         out = (per_choice * weights.unsqueeze(-1).to(per_choice.dtype)).sum(dim=1)
         if self.shared is not None:
             out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
-        if self.training:
-            balance = self.balance_of(probs, chosen, wanted, x.shape[0])
+        if self.training:  # (sigmoid scores are normalized over the experts for the balancing loss, as DeepSeek-V3's)
+            shares = probs / probs.sum(dim=-1, keepdim=True) if self.sigmoid else probs
+            balance = self.balance_of(shares, chosen, wanted, x.shape[0])
             out = self._auxiliary(out, logits, balance, 1.0 - order.numel() / expert_of.numel())
         return self.exit(out.view(x.shape[:-1] + out.shape[-1:]))
 

@@ -140,7 +140,8 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int, sequences: int =
     row, the expert's gate|up output, silu(gate) and product (each tp rank's share), the expert's output (whole
     width: partial sums), in `size` bytes, and its token's int64 index. Per pair: its weight in `size` bytes and
     two int64 indices (its expert, its row in the experts' output); under a capacity also its one-byte mask. Per
-    token, in fp32: the router's probabilities, and under `moe_norm_topk` the top-k values and their sum. With the
+    token, in fp32: the router's probabilities, and under `moe_norm_topk` the top-k values and their sum (with
+    sigmoid scores and the balancing loss, their sum too). With the
     balancing loss, one fp32 number per expert (per expert and sequence, of the `sequences` in the micro-batch,
     under seq_aux_loss); with the z-loss, the router's logits and their logsumexp. A shared
     expert keeps what a dense MLP does (its share of gate|up, silu(gate), product) plus its output (whole width)
@@ -156,6 +157,7 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int, sequences: int =
     pairs, factor = tokens * k, model_cfg.moe_capacity_factor
     rows = pairs if factor is None else min(pairs, experts * capacity(factor, pairs, experts))
     router = experts + (k + 1 if model_cfg.moe_norm_topk else 0) + (experts + 1 if model_cfg.moe_z_loss else 0)
+    router += 1 if model_cfg.moe_score_function == "sigmoid" and model_cfg.moe_aux_loss else 0  # scores' sum
     moe = rows * ((2 * d + 4 * f) * size + 8) + pairs * (size + 2 * 8) + tokens * router * 4
     moe += pairs if factor is not None else 0
     per_sequence = model_cfg.moe_aux_loss_type == "seq_aux_loss"
