@@ -173,7 +173,8 @@ def balance_by_hand(probs: torch.Tensor, chosen: torch.Tensor, per_sequence: int
 
 @pytest.mark.parametrize("grad_scale,z_loss,kind,score", [
     (1.0, 0.0, "aux_loss", "softmax"), (0.25, 0.0, "aux_loss", "softmax"), (1024.0, 0.0, "aux_loss", "softmax"),
-    (0.25, 0.2, "aux_loss", "softmax"), (0.25, 0.0, "seq_aux_loss", "softmax"), (1.0, 0.2, "global_aux_loss", "softmax"),
+    (0.25, 0.2, "aux_loss", "softmax"), (0.25, 0.0, "seq_aux_loss", "softmax"),
+    (1.0, 0.2, "global_aux_loss", "softmax"),
     (0.25, 0.2, "seq_aux_loss", "sigmoid")])
 def test_the_aux_gradient_equals_adding_the_loss_at_the_main_loss_scale(grad_scale, z_loss, kind, score):
     """The block's output grad passes through, and the router gets coef x scale x d aux: the same grads as

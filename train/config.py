@@ -70,7 +70,7 @@ class ModelConfig:
     # each sequence (seq_aux_loss, DeepSeek-V3) or the micro-batch on every rank of the grad group (global_aux_loss)
     moe_z_loss: float = 0.0  # weight of ST-MoE's router z-loss (mean logsumexp(logits)^2); 1e-3 is ST-MoE's
     moe_norm_topk: bool = True  # renormalize the top-k probabilities to sum to 1 (Mixtral); false: as they are (Qwen)
-    moe_score_function: str = "softmax"  # the router's scores: softmax over experts (Mixtral, Qwen) | sigmoid (DeepSeek-V3)
+    moe_score_function: str = "softmax"  # router scores: softmax over experts (Mixtral, Qwen) | sigmoid (DeepSeek-V3)
     moe_topk_scaling_factor: float = 1.0  # the chosen experts' weights times this (DeepSeek-V3: 2.5)
     moe_shared_ffn_dim: int = 0  # > 0: a shared expert of this width, sigmoid-gated, beside the routed (Qwen2-MoE)
     moe_capacity_factor: Optional[float] = None  # each expert takes <= ceil(c T k / E) pairs in training; None: all
@@ -259,8 +259,8 @@ def validate_model(model: ModelConfig) -> None:
 
 ATTN_MASKS = ("causal", "document")
 MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")  # Megatron's moe_router_load_balancing_type
-MOE_DROP_POLICIES = ("probs", "position")
-MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")  # Megatron's moe_router_score_function  # over capacity: keep the highest router weights, or the earliest tokens
+MOE_DROP_POLICIES = ("probs", "position")  # over capacity: keep the highest router weights, or the earliest tokens
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")  # Megatron's moe_router_score_function
 
 
 DEVICES = ("auto", "cpu", "cuda")
