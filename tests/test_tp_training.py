@@ -1,5 +1,6 @@
 """The whole model trained 5 steps on real text at tp=2 and tp=4, with and without sequence
-parallelism: every step's loss, grad norm and full gradient equal the single-process run.
+parallelism (and at tp=2 with SP under train.compile): every step's loss, grad norm and full gradient equal
+the single-process run.
 
 The model uses a padded vocabulary (300 tokens: 320 rows at tp=1, 384 at tp=2, 512 at
 tp=4), grouped-query attention and dropout-free fp32, so parity is to rounding. Gradients
@@ -19,12 +20,13 @@ VOCAB = 300
 TOL = 1e-5
 
 
-def overrides(run_dir, cache, tp=1, sp=False):
+def overrides(run_dir, cache, tp=1, sp=False, compile_=False):
     return ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=4", "model.ffn_dim=96",
             f"model.vocab_size={VOCAB}", "train.seq_len=32", "train.batch_size=4", f"train.steps={STEPS}",
             "train.eval_every=0", "train.log_every=1", "train.progress=false", "train.peak_flops=1e10",
             f"train.run_dir={run_dir}", f"data.cache_dir={cache}",
-            f"parallel.tp={tp}", f"parallel.sequence_parallel={str(sp).lower()}"]
+            f"parallel.tp={tp}", f"parallel.sequence_parallel={str(sp).lower()}",
+            f"train.compile={str(compile_).lower()}"]
 
 
 def train_and_capture(trainer):
@@ -60,6 +62,9 @@ def tp_worker(rank, world, tmp, cache):
         trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
         assert trainer.grid.tp == world and trainer.grid.tp_rank == rank
         results[sp] = train_and_capture(trainer)
+    if world == 2:  # compiled, as CUDA runs by default: the overlapped column layers (tp_overlap) traced too
+        cfg = load_config(overrides(f"{tmp}/tp{world}-compiled", cache, tp=world, sp=True, compile_=True))
+        results["compiled"] = train_and_capture(Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun")))
     return results
 
 
@@ -100,3 +105,6 @@ def test_tp_training_matches_one_process(world, reference, tmp_path):
                     full, expected = full[:VOCAB], expected[:VOCAB]
                 err = rel_err(full, expected)
                 assert err < TOL, f"tp={world} sp={sp} step {step} {name}: relative error {err:.2e}"
+    if world == 2:
+        losses, norms, _, _ = per_rank[0]["compiled"]
+        assert losses == pytest.approx(ref_losses, rel=TOL) and norms == pytest.approx(ref_norms, rel=TOL)
