@@ -141,10 +141,9 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int, sequences: int =
     width: partial sums), in `size` bytes, and its token's int64 index. Per pair: its weight in `size` bytes and
     two int64 indices (its expert, its row in the experts' output); under a capacity also its one-byte mask. Per
     token, in fp32: the router's probabilities, and under `moe_norm_topk` the top-k values and their sum (with
-    sigmoid scores and the balancing loss, their sum too). With the
-    balancing loss, one fp32 number per expert (per expert and sequence, of the `sequences` in the micro-batch,
-    under seq_aux_loss); with the z-loss, the router's logits and their logsumexp. A shared
-    expert keeps what a dense MLP does (its share of gate|up, silu(gate), product) plus its output (whole width)
+    sigmoid scores and the balancing loss, their sum too). With the balancing loss, one fp32 number per expert
+    (per expert and sequence, of the `sequences` in the micro-batch, under seq_aux_loss); with the z-loss, the
+    router's logits and their logsumexp. A shared expert keeps what a dense MLP does (its share of gate|up, silu(gate), product) plus its output (whole width)
     and its gate's sigmoid. Under a capacity this is an upper bound, exact when no pair is dropped.
     """
     from plait.train.config import ffn_dim
