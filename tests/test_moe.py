@@ -586,6 +586,53 @@ def test_an_expert_parallel_checkpoint_resumes_in_one_process_and_back(saver, re
                                                        expert_bias, bias)
 
 
+EVEN = ["model=tiny", "model.moe_experts=4", "model.moe_top_k=2", "train.seq_len=64", "train.batch_size=8",
+        "parallel.ep=2", "train.progress=false", "train.peak_flops=1e10", "train.eval_every=0",
+        "checkpoint.save_final=false"]
+
+
+def _exchanged_bytes(rank, world, precision, run_dir, cache):
+    """Bytes this rank sends to the other ranks in the experts' all-to-alls of one step under an even routing:
+    each router scores experts 0 and 2 alike and 1 and 3 alike, so every token picks one expert on each ep rank."""
+    import torch.distributed as dist
+    from train_utils import make_trainer
+
+    trainer = make_trainer(rank, world, EVEN, [f"train.precision={precision}"], run_dir, cache)
+    with torch.no_grad():
+        for layer in trainer.moe_layers:
+            direction = torch.randn(layer.router.weight.shape[1], generator=torch.Generator().manual_seed(7))
+            layer.router.weight.copy_(torch.stack([direction, -direction, direction, -direction]))
+    sent, real = [0], dist.all_to_all_single
+
+    def counted(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        share = input_split_sizes or [input.shape[0] // world] * world
+        row = input.element_size() * (input[0].numel() if input.dim() else 1)
+        sent[0] += sum(rows for peer, rows in enumerate(share) if peer != dist.get_rank(group)) * row
+        return real(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    dist.all_to_all_single = counted
+    try:
+        trainer.step()
+    finally:
+        dist.all_to_all_single = real
+        trainer.close()
+    return sent[0]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_plan_counts_what_the_expert_all_to_alls_send(precision, tmp_path, stdlib_tokens):
+    """`plait plan`'s ep bytes are what the all-to-alls send under an even routing: the token rows (fp32, the
+    residual stream) out and the experts' outputs (bf16 under autocast) back, their grads the same ways, and the
+    row counts."""
+    from plait.train.config import load_config
+    from plait.train.plan import plan
+
+    cache = stdlib_tokens[0].parent.parent
+    sent = run_ranks(2, _exchanged_bytes, precision, tmp_path / "run", cache)
+    planned = plan(load_config(EVEN + [f"train.precision={precision}", "launch.world_size=2"]), 2).stages[0].ep_bytes
+    assert sent == [planned, planned] and planned > 0
+
+
 METRICS = ("moe_balance", "moe_z_loss", "moe_dropped", "moe_max_violation")
 
 

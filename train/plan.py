@@ -14,7 +14,8 @@ memory), then prints per rank:
   (`block_activation_elements`: checked against a real CPU forward in tests/test_plan.py),
   times the micro-batches in flight under the schedule, with and without offload;
 - the pipeline bubble from the schedule simulator, and bytes each rank sends per step over
-  tp (ring all-reduce / all-gather / reduce-scatter), dp (grad all-reduce) and pp (p2p).
+  tp (ring all-reduce / all-gather / reduce-scatter), dp (grad all-reduce), pp (p2p), cp (the ring's or
+  Ulysses' exchanges) and ep (the experts' all-to-alls, for an even routing).
 
 All ranks of one pp stage hold the same shapes (tp splits evenly, dp replicates), so the
 table has one row per pp stage.
@@ -51,6 +52,7 @@ class StagePlan:
     dp_bytes: int  # sent over dp (x cp) per step at zero 0 and 1: the grads' all-reduce
     pp_bytes: int
     cp_bytes: int = 0
+    ep_bytes: int = 0  # sent in the experts' all-to-alls per step, when the routing is even
     shards: int = 1  # ranks of the grad group (dp x cp) that ZeRO shards over
     block_weights: int = 0  # one block's weights on this rank, fp32 (ZeRO-3 gathers them whole)
     gather_size: int = 4  # bytes per element of a ZeRO-2/3 gather (2 under bf16)
@@ -196,6 +198,24 @@ def context_bytes(model_cfg, tokens: int, tp: int, cp: int, mode: str, size: int
     return 2 * (cp - 1) / cp * (2 * q + kv) * size
 
 
+def expert_exchange_bytes(model_cfg, tokens: int, ep: int, size: int) -> float:
+    """Bytes one ep rank sends in one block's expert all-to-alls per micro-batch of `tokens` tokens (all of them
+    on every tp rank), forward and backward, when the routing is even (each expert as busy as the next): of its
+    (token, choice) rows (under a capacity, at most E x the capacity) (ep - 1)/ep go to other ranks, the token
+    rows in the block input's dtype (fp32: the residual stream, under autocast too) and the experts' outputs
+    back in `size` bytes; backward sends their grads the same ways; and the forward's all-to-all of E/ep
+    int64 row counts to each other rank. 0 without experts or at ep 1."""
+    from plait.train.moe import capacity
+
+    experts = int(model_cfg.moe_experts)
+    if ep == 1 or not experts:
+        return 0.0
+    pairs, factor = tokens * int(model_cfg.moe_top_k), model_cfg.moe_capacity_factor
+    rows = pairs if factor is None else min(pairs, experts * capacity(factor, pairs, experts))
+    remote = (ep - 1) / ep
+    return 2 * rows * remote * model_cfg.dim * (4 + size) + experts * remote * 8
+
+
 def stand_in_grid(layout: Layout, rank: int) -> Grid:
     """A Grid with this rank's coordinates and no process groups: enough to build shard shapes."""
     return Grid(layout, rank, "none", torch.device("meta"))
@@ -266,6 +286,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + (_ring(3 * tokens * 4, tp, 2) if has_head else 0))
     dp_bytes = _ring(params * 4, dp * cp, 2)  # fp32 grads over dp x cp (ZeRO-1: reduce-scatter + all-gather, same)
     cp_bytes = m * layers * context_bytes(model_cfg, tokens, tp, cp, parallel.cp_mode, size)
+    ep_bytes = m * layers * expert_exchange_bytes(model_cfg, tokens, layout.ep, size)
     boundary = hidden_bytes / (tp if sp else 1)
     ranks = stage_ranks(pp, vpp, style)  # a hop between two stages of one rank (the V's turn) sends nothing
     sends = sum(int(c.stage < pp * vpp - 1 and ranks[c.stage + 1] != pp_rank) + int(c.stage > 0 and ranks[c.stage - 1] != pp_rank)
@@ -273,8 +294,8 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     pp_bytes = m * sends * boundary if pp > 1 else 0
     return StagePlan(pp_rank, layers, params, full_params, params * 4, params * 4, optimizer_bytes[cfg.optim.name],
                      int(activations), int(activations_offload), inflight, int(tp_bytes), int(dp_bytes),
-                     int(pp_bytes), int(cp_bytes), shards=dp * cp, block_weights=block * 4, gather_size=size,
-                     microbatches=m)
+                     int(pp_bytes), int(cp_bytes), int(ep_bytes), shards=dp * cp, block_weights=block * 4,
+                     gather_size=size, microbatches=m)
 
 
 def _schedule_figures(parallel, pp: int) -> Tuple[float, List[int]]:
@@ -330,7 +351,7 @@ def format_plan(result: Plan, cfg) -> str:
         f"per rank (GiB; every tp/dp rank of a stage is alike; weights, grads and optim at parallel.zero={zero}):",
         f"{'stage':>5} {'layers':>6} {'params':>12} {'weights':>8} {'grads':>8} {'optim':>8} "
         f"{'act':>8} {'act off':>8} {'inflight':>8} {'total':>8} {'+off':>8} {'tp sent':>9} {'dp sent':>9} "
-        f"{'pp sent':>9} {'cp sent':>9}",
+        f"{'pp sent':>9} {'cp sent':>9} {'ep sent':>9}",
     ]
     for s in result.stages:
         weights, grads, optimizer = s.held(zero)
@@ -339,7 +360,7 @@ def format_plan(result: Plan, cfg) -> str:
             f"{_gib(optimizer):>8} {_gib(s.activations):>8} "
             f"{_gib(s.activations_offload):>8} {s.inflight:>8} {_gib(s.total(zero, False)):>8} "
             f"{_gib(s.total(zero, True)):>8} {_gib(s.tp_bytes):>9} {_gib(s.dp_sent(zero)):>9} {_gib(s.pp_bytes):>9} "
-            f"{_gib(s.cp_bytes):>9}")
+            f"{_gib(s.cp_bytes):>9} {_gib(s.ep_bytes):>9}")
     lines.append("(sent: GiB each rank sends per step; act off / +off: with activation offload, "
                  "offload.keep_last + offload.prefetch blocks stay resident)")
     lines.append("by parallel.zero (GiB per rank, weights + grads + optim; dp sent per step):")
