@@ -72,6 +72,15 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
     (["model.moe_experts=4", "model.moe_score_function=relu"], 1, "model.moe_score_function=relu is not one of"),
     (["model.moe_experts=4", "model.moe_topk_scaling_factor=0"], 1,
      "model.moe_topk_scaling_factor=0.0 must be > 0; 1 keeps the router's weights"),
+    (["model.moe_experts=4", "model.moe_shared_gate=false"], 1,
+     "model.moe_shared_gate=false leaves the gate off a shared expert there is not"),
+    (["model.moe_experts=6", "model.moe_router_groups=4"], 1, "model.moe_router_groups=4 does not divide "
+     "model.moe_experts=6; pick a group count that splits the experts evenly."),
+    (["model.moe_experts=8", "model.moe_router_groups=4", "model.moe_router_group_topk=5"], 1,
+     "model.moe_router_group_topk=5 must be"),
+    (["model.moe_experts=8", "model.moe_top_k=4", "model.moe_router_groups=4", "model.moe_router_group_topk=1"], 1,
+     "model.moe_top_k=4 is more experts than the model.moe_router_group_topk=1 groups a token may use hold (2)"),
+    (["model.moe_router_groups=2"], 1, "model.moe_router_groups=2 sets up a mixture of experts"),
 ])
 def test_relations_give_one_sentence(overrides, world, fragment):
     with pytest.raises(ConfigError) as info:

@@ -42,13 +42,20 @@ def token_by_token(moe: MoE, x: torch.Tensor) -> torch.Tensor:
         logits = token @ moe.router.weight.T
         probs = torch.sigmoid(logits) if moe.sigmoid else F.softmax(logits, dim=-1)
         top, chosen = probs.topk(moe.top_k)
-        if moe.expert_bias is not None:  # the bias picks the experts, the probabilities weigh them
-            chosen = (probs + moe.expert_bias).topk(moe.top_k).indices
+        choice = probs + moe.expert_bias if moe.expert_bias is not None else probs.clone()
+        if moe.groups > 1:  # only the experts of the best groups, a group scored by the sum of its best experts
+            groups = choice.view(moe.groups, -1)
+            best = groups.topk(moe.top_k // moe.group_topk, dim=-1).values.sum(-1).topk(moe.group_topk).indices
+            for group in set(range(moe.groups)) - set(best.tolist()):
+                groups[group] = float("-inf")
+        if moe.expert_bias is not None or moe.groups > 1:  # they pick the experts, the probabilities weigh them
+            chosen = choice.topk(moe.top_k).indices
             top = probs[chosen]
         top = (top / top.sum() if moe.norm_topk else top) * moe.topk_scale
         row = sum(w * moe.experts[str(int(e))](token[None])[0] for w, e in zip(top, chosen))
         if moe.shared is not None:
-            row = row + torch.sigmoid(token @ moe.shared_gate.weight[0]) * moe.shared(token[None])[0]
+            gate = torch.sigmoid(token @ moe.shared_gate.weight[0]) if moe.shared_gate is not None else 1.0
+            row = row + gate * moe.shared(token[None])[0]
         rows.append(row)
     return torch.stack(rows).view_as(x)
 
@@ -59,6 +66,10 @@ VARIANTS = {"top1": (1, {}), "top2": (2, {}), "top3": (3, {}),
             "top2-sigmoid-scaled": (2, {"moe_score_function": "sigmoid", "moe_topk_scaling_factor": 2.5}),
             "top1-sigmoid-unnormalized-biased": (1, {"moe_score_function": "sigmoid", "moe_norm_topk": False,
                                                      "moe_bias_update_rate": 0.01}),
+            "top4-of-8-in-2-of-4-groups": (4, {"experts": 8, "moe_router_groups": 4, "moe_router_group_topk": 2}),
+            "top2-sigmoid-1-of-2-groups-biased-ungated-shared": (2, {
+                "moe_score_function": "sigmoid", "moe_router_groups": 2, "moe_router_group_topk": 1,
+                "moe_bias_update_rate": 0.01, "moe_shared_ffn_dim": 40, "moe_shared_gate": False}),
             "top2-biased": (2, {"moe_bias_update_rate": 0.01}),
             "top1-biased-unnormalized": (1, {"moe_bias_update_rate": 0.01, "moe_norm_topk": False})}
 BIAS = torch.tensor([0.02, -0.03, 0.0, 0.01])  # a routing bias that changes some tokens' experts (checked below)
@@ -68,11 +79,16 @@ BIAS = torch.tensor([0.02, -0.03, 0.0, 0.01])  # a routing bias that changes som
 def test_moe_equals_a_loop_over_tokens_in_values_and_grads(variant):
     top_k, options = VARIANTS[variant]
     moe = moe_of(top_k, aux=0.0, **options)
+    flat = torch.randn(18, 32, generator=torch.Generator().manual_seed(0))
     if moe.expert_bias is not None:
-        flat = torch.randn(18, 32, generator=torch.Generator().manual_seed(0))
         unbiased = moe.route(flat)[3]
-        moe.expert_bias.copy_(BIAS)
+        moe.expert_bias.copy_(BIAS[:moe.n_experts])
         assert not torch.equal(moe.route(flat)[3], unbiased)  # the bias moves some tokens to other experts
+    if moe.groups > 1:
+        moe.groups = 1
+        anywhere = moe.route(flat)[3]
+        moe.groups = options["moe_router_groups"]
+        assert not torch.equal(moe.route(flat)[3], anywhere)  # the groups keep some tokens from their top k
     x = torch.randn(2, 9, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
     out = moe(x)
     assert out.shape == x.shape
@@ -349,12 +365,15 @@ LAYOUTS = {  # name: (world size, overrides)
     # with one whose weight differs in the last bit once a layout's sums round otherwise (the loop test holds that
     # policy exactly).
     # DeepSeek-V3's router (sigmoid scores, scaled weights) and its per-sequence balancing loss ride along.
+    # (with its node-limited routing: the groups are the ep ranks' experts, each token's rows go to one of them)
     "tp2-sp-ep2-capacity-sigmoid": (4, ["parallel.tp=2", "parallel.sequence_parallel=true", "parallel.ep=2",
                                         "model.moe_capacity_factor=0.75", "model.moe_drop_policy=position",
                                         "model.moe_score_function=sigmoid", "model.moe_topk_scaling_factor=2.5",
-                                        "model.moe_aux_loss_type=seq_aux_loss"]),
-    "pp2-capacity-seq": (2, ["parallel.pp=2", "parallel.microbatches=2", "model.moe_capacity_factor=0.75",
-                             "model.moe_drop_policy=position", "model.moe_aux_loss_type=seq_aux_loss"]),
+                                        "model.moe_aux_loss_type=seq_aux_loss", "model.moe_router_groups=2",
+                                        "model.moe_router_group_topk=1"]),
+    "pp2-capacity-seq-ungated": (2, ["parallel.pp=2", "parallel.microbatches=2", "model.moe_capacity_factor=0.75",
+                                     "model.moe_drop_policy=position", "model.moe_aux_loss_type=seq_aux_loss",
+                                     "model.moe_shared_gate=false"]),
     "pp2-ep2": (4, ["parallel.pp=2", "parallel.ep=2", "parallel.microbatches=1"]),
     "ep2-cp2-no-aux": (4, ["parallel.ep=2", "parallel.cp=2", "model.moe_aux_loss=0"]),
     "ep2-dp4-no-aux": (4, ["parallel.ep=2", "parallel.bucket_mb=0.01", "model.moe_aux_loss=0"]),
@@ -510,7 +529,8 @@ def test_qwen_moe_directories_refuse_models_that_route_otherwise_in_one_line(tmp
                                                         "place for"),
             ("sigmoid", {"moe_score_function": "sigmoid"}, "model.moe_score_function=sigmoid routes as DeepSeek-V3 "
                                                            "does, which no export family"),
-            ("scaled", {"moe_topk_scaling_factor": 2.5}, "model.moe_topk_scaling_factor=2.5 routes as DeepSeek-V3")):
+            ("scaled", {"moe_topk_scaling_factor": 2.5}, "model.moe_topk_scaling_factor=2.5 routes as DeepSeek-V3"),
+            ("grouped", {"moe_router_groups": 2}, "model.moe_router_groups=2 routes as DeepSeek-V3")):
         with pytest.raises(CheckpointError, match=fragment):
             exported(tmp_path / name, **features)
         assert not (tmp_path / name / "hf").exists()

@@ -69,7 +69,8 @@ def test_activations_match_a_real_forward():
     # plan's bytes more than the dense MLP, at tp 1 and (the stand-in grid's shard shapes) tp 2
     # (without renormalizing the top k; with the router z-loss; with a shared expert; with a routing bias; the
     # balancing loss per sequence (one fp32 number per expert and sequence) or with every rank's loads; DeepSeek-V3's
-    # sigmoid scores, whose sum per token the balancing loss keeps, and scaled weights)
+    # sigmoid scores, whose sum per token the balancing loss keeps, and scaled weights; group-limited routing, which
+    # keeps nothing more, and an ungated shared expert, which keeps less)
     for experts, top_k, tp, options in ((4, 1, 1, []), (8, 2, 1, []), (4, 2, 2, []),
                                         (4, 2, 1, ["model.moe_norm_topk=false", "model.moe_z_loss=0.1"]),
                                         (4, 2, 2, ["model.moe_shared_ffn_dim=64", "model.moe_z_loss=0.1"]),
@@ -77,7 +78,9 @@ def test_activations_match_a_real_forward():
                                         (4, 2, 1, ["model.moe_aux_loss_type=seq_aux_loss"]),
                                         (4, 2, 1, ["model.moe_aux_loss_type=global_aux_loss"]),
                                         (4, 2, 2, ["model.moe_score_function=sigmoid",
-                                                   "model.moe_topk_scaling_factor=2.5"])):
+                                                   "model.moe_topk_scaling_factor=2.5"]),
+                                        (8, 4, 2, ["model.moe_router_groups=4", "model.moe_router_group_topk=2",
+                                                   "model.moe_shared_ffn_dim=64", "model.moe_shared_gate=false"])):
         moe_cfg = load_config(SMALL + [f"model.moe_experts={experts}", f"model.moe_top_k={top_k}", *options]).model
         pair = [parallelize(Transformer(one, layers=[0], has_embedding=False, has_head=False, device="cpu"),
                             stand_in_grid(Layout(tp, tp, 1, 1), 0), LLAMA_PLAN) for one in (cfg.model, moe_cfg)]

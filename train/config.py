@@ -73,6 +73,9 @@ class ModelConfig:
     moe_score_function: str = "softmax"  # router scores: softmax over experts (Mixtral, Qwen) | sigmoid (DeepSeek-V3)
     moe_topk_scaling_factor: float = 1.0  # the chosen experts' weights times this (DeepSeek-V3: 2.5)
     moe_shared_ffn_dim: int = 0  # > 0: a shared expert of this width, sigmoid-gated, beside the routed (Qwen2-MoE)
+    moe_shared_gate: bool = True  # false: the shared expert's output added ungated (DeepSeek's shared experts)
+    moe_router_groups: int = 1  # > 1: experts in this many groups; each token routes within its best groups
+    moe_router_group_topk: int = 1  # how many groups each token may route to (DeepSeek-V3: 4 of 8)
     moe_capacity_factor: Optional[float] = None  # each expert takes <= ceil(c T k / E) pairs in training; None: all
     moe_drop_policy: str = "probs"  # over capacity, keep the highest router weights (probs) or earliest tokens
     moe_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing, a routing bias per expert (DeepSeek-V3: 1e-3)
@@ -236,13 +239,17 @@ def validate_model(model: ModelConfig) -> None:
         choice(ConfigError, "model.moe_drop_policy", model.moe_drop_policy, MOE_DROP_POLICIES)
         choice(ConfigError, "model.moe_aux_loss_type", model.moe_aux_loss_type, MOE_AUX_LOSS_TYPES)
         choice(ConfigError, "model.moe_score_function", model.moe_score_function, MOE_SCORE_FUNCTIONS)
+        check_router_groups(model)
+        _require(model.moe_shared_gate or model.moe_shared_ffn_dim, "model.moe_shared_gate=false leaves the gate off a "
+                 "shared expert there is not (model.moe_shared_ffn_dim=0); set model.moe_shared_ffn_dim or drop it.")
         number(ConfigError, "model.moe_topk_scaling_factor", model.moe_topk_scaling_factor, low=0, low_open=True,
                fix="1 keeps the router's weights")
         number(ConfigError, "model.moe_bias_update_rate", model.moe_bias_update_rate, low=0,
                fix="0 turns the routing bias off")
     else:
         for key, default in (("moe_aux_loss_type", "aux_loss"), ("moe_score_function", "softmax"),
-                             ("moe_topk_scaling_factor", 1.0)):
+                             ("moe_topk_scaling_factor", 1.0), ("moe_shared_gate", True), ("moe_router_groups", 1),
+                             ("moe_router_group_topk", 1)):
             _require(getattr(model, key) == default, f"model.{key}={getattr(model, key)} sets up a mixture of experts, "
                      f"but model.moe_experts=0; set model.moe_experts or drop the setting.")
         for key in ("moe_z_loss", "moe_shared_ffn_dim", "moe_capacity_factor", "moe_bias_update_rate"):
@@ -259,6 +266,21 @@ def validate_model(model: ModelConfig) -> None:
 
 ATTN_MASKS = ("causal", "document")
 MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")  # Megatron's moe_router_load_balancing_type
+def check_router_groups(model: ModelConfig) -> None:
+    """Group-limited routing: the groups split the experts evenly, a token may route to 1 to all of them, and
+    the groups it may route to hold at least its top-k experts."""
+    number(ConfigError, "model.moe_router_groups", model.moe_router_groups, low=1, high=model.moe_experts,
+           integer=True, fix="1 routes over every expert")
+    groups, top = int(model.moe_router_groups), model.moe_router_group_topk
+    _require(model.moe_experts % groups == 0, f"model.moe_router_groups={groups} does not divide "
+             f"model.moe_experts={model.moe_experts}; pick a group count that splits the experts evenly.")
+    number(ConfigError, "model.moe_router_group_topk", top, low=1, high=groups, integer=True,
+           fix=f"route each token within 1 to model.moe_router_groups={groups} groups")
+    reach = top * model.moe_experts // groups
+    _require(model.moe_top_k <= reach, f"model.moe_top_k={model.moe_top_k} is more experts than the "
+             f"model.moe_router_group_topk={top} groups a token may use hold ({reach}); raise the group top-k.")
+
+
 MOE_DROP_POLICIES = ("probs", "position")  # over capacity: keep the highest router weights, or the earliest tokens
 MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")  # Megatron's moe_router_score_function
 

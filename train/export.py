@@ -116,7 +116,8 @@ def model_type(model: Dict[str, Any]) -> str:
                               f"sliding_window, Mixtral: moe_experts with or without sliding_window, Qwen3-MoE: "
                               f"moe_experts and qk_norm, Qwen2-MoE: moe_experts and moe_shared_ffn_dim with or without "
                               f"qkv_bias); export a model with one of these.")
-    for key, plain in (("moe_score_function", "softmax"), ("moe_topk_scaling_factor", 1.0)):
+    for key, plain in (("moe_score_function", "softmax"), ("moe_topk_scaling_factor", 1.0), ("moe_shared_gate", True),
+                       ("moe_router_groups", 1)):
         value = model.get(key, plain)
         if model.get("moe_experts") and value != plain:
             raise CheckpointError(f"model.{key}={value} routes as DeepSeek-V3 does, which no export family "

@@ -30,7 +30,7 @@ def matmul_params(cfg: ModelConfig) -> int:
     mlp = 3 * cfg.dim * ffn_dim(cfg)
     if cfg.moe_experts:
         mlp = cfg.moe_top_k * mlp + cfg.dim * cfg.moe_experts
-        mlp += (3 * cfg.moe_shared_ffn_dim + 1) * cfg.dim if cfg.moe_shared_ffn_dim else 0
+        mlp += (3 * cfg.moe_shared_ffn_dim + int(cfg.moe_shared_gate)) * cfg.dim if cfg.moe_shared_ffn_dim else 0
     return cfg.n_layers * (attention + mlp) + cfg.dim * cfg.vocab_size
 
 

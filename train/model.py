@@ -229,14 +229,14 @@ class MLP(nn.Module):
 
 def mlp(cfg: ModelConfig, device=None) -> nn.Module:
     """The block's MLP: dense SwiGLU, or with `model.moe_experts` a mixture of that many SwiGLU experts (and with
-    `model.moe_shared_ffn_dim` a gated shared expert of that width)."""
+    `model.moe_shared_ffn_dim` a shared expert of that width, gated unless `model.moe_shared_gate=false`)."""
     if not cfg.moe_experts:
         return MLP(cfg, device)
     shared = cfg.moe_shared_ffn_dim
     return MoE(cfg, Linear(cfg.dim, cfg.moe_experts, device=device),
                [MLP(cfg, device) for _ in range(cfg.moe_experts)],
                shared=MLP(cfg, device, hidden=shared) if shared else None,
-               shared_gate=Linear(cfg.dim, 1, device=device) if shared else None)
+               shared_gate=Linear(cfg.dim, 1, device=device) if shared and cfg.moe_shared_gate else None)
 
 
 class DropoutStream(Protocol):

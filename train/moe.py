@@ -15,7 +15,11 @@ generation stay dropless, as the exported model (Mixtral's, Qwen's) runs.
 
 DeepSeek-V3's router (not an export family): `model.moe_score_function=sigmoid` scores each expert with its own
 sigmoid instead of a softmax over them (the balancing loss takes the scores normalized over the experts), and
-`model.moe_topk_scaling_factor` multiplies the chosen weights (after renormalizing; DeepSeek-V3 used 2.5).
+`model.moe_topk_scaling_factor` multiplies the chosen weights (after renormalizing; DeepSeek-V3 used 2.5);
+`model.moe_router_groups=G` with `model.moe_router_group_topk=M` lets each token route only within the M of G
+expert groups whose best experts score highest (its node-limited routing: with the groups an ep rank's experts,
+a token's rows go to at most M ranks); `model.moe_shared_gate=false` adds the shared expert's output ungated
+(DeepSeek's shared experts: several of width f are one of width n f).
 
 Options of the families plait exports: `model.moe_norm_topk=false` keeps the top-k probabilities as they are
 (Qwen's `norm_topk_prob=false`) instead of renormalizing them to sum to 1 (Mixtral's); `model.moe_shared_ffn_dim`
@@ -128,7 +132,8 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 class MoE(nn.Module):
     """Top-k routed experts: `router` a linear dim -> E without bias, `experts` E dense MLPs; with `shared`, a dense
-    MLP every token passes through, weighted by sigmoid(`shared_gate`), a linear dim -> 1 (the model builds them)."""
+    MLP every token passes through, weighted by sigmoid(`shared_gate`), a linear dim -> 1, where there is one (the
+    model builds them)."""
 
     def __init__(self, cfg: ModelConfig, router: nn.Module, experts: Sequence[nn.Module],
                  shared: Optional[nn.Module] = None, shared_gate: Optional[nn.Module] = None):
@@ -137,6 +142,8 @@ class MoE(nn.Module):
         self.sigmoid = cfg.moe_score_function == "sigmoid"
         self.score = torch.sigmoid if self.sigmoid else softmax_over_experts  # chosen once
         self.topk_scale = float(cfg.moe_topk_scaling_factor)
+        self.groups, self.group_topk = int(cfg.moe_router_groups), int(cfg.moe_router_group_topk)
+        self.per_group = max(1, self.top_k // self.group_topk)  # a group's score: the sum of its best this many
         self.aux_loss, self.z_loss = float(cfg.moe_aux_loss), float(cfg.moe_z_loss)
         self.balance_of = getattr(self, f"_{cfg.moe_aux_loss_type}")  # the balancing loss's scope, chosen once
         self.balance_group = None  # global_aux_loss: the ranks whose loads count too (the plan sets dp x cp's)
@@ -166,16 +173,28 @@ class MoE(nn.Module):
         chosen [T, k] expert ids: the top k of the scores, or of scores + expert bias when it has one)."""
         logits = self.router(flat).float()
         probs = self.score(logits)
-        if self.expert_bias is None:
+        if self.expert_bias is None and self.groups == 1:
             weights, chosen = probs.topk(self.top_k, dim=-1)
-        else:  # the bias picks the experts; the weights are the router's own
-            chosen = (probs.detach() + self.expert_bias).topk(self.top_k, dim=-1).indices
+        else:  # the bias (and the groups) pick the experts; the weights are the router's own
+            choice = probs.detach() if self.expert_bias is None else probs.detach() + self.expert_bias
+            chosen = self.within_top_groups(choice).topk(self.top_k, dim=-1).indices
             weights = probs.gather(-1, chosen)
         if self.norm_topk:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         if self.topk_scale != 1.0:
             weights = weights * self.topk_scale
         return logits, probs, weights, chosen
+
+    def within_top_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """`choice` [T, E] with -inf outside each token's best `group_topk` groups, a group scored by the sum of
+        its best top_k / group_topk experts (DeepSeek-V3's, Megatron's group-limited routing); unchanged with one
+        group."""
+        if self.groups == 1:
+            return choice
+        grouped = choice.view(choice.shape[0], self.groups, -1)
+        best = grouped.topk(self.per_group, dim=-1).values.sum(dim=-1).topk(self.group_topk, dim=-1).indices
+        keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view_as(choice)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.enter(x)
@@ -196,7 +215,8 @@ class MoE(nn.Module):
         per_choice = outputs[rows_of_pairs(order, expert_of.numel())].view(flat.shape[0], self.top_k, -1)
         out = (per_choice * weights.unsqueeze(-1).to(per_choice.dtype)).sum(dim=1)
         if self.shared is not None:
-            out = out + torch.sigmoid(self.shared_gate(flat)) * self.shared(flat)
+            shared = self.shared(flat)
+            out = out + (torch.sigmoid(self.shared_gate(flat)) * shared if self.shared_gate is not None else shared)
         if self.training:  # (sigmoid scores are normalized over the experts for the balancing loss, as DeepSeek-V3's)
             shares = probs / probs.sum(dim=-1, keepdim=True) if self.sigmoid else probs
             balance = self.balance_of(shares, chosen, wanted, x.shape[0])

@@ -145,8 +145,9 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int, sequences: int =
     token, in fp32: the router's probabilities, and under `moe_norm_topk` the top-k values and their sum (with
     sigmoid scores and the balancing loss, their sum too). With the balancing loss, one fp32 number per expert
     (per expert and sequence, of the `sequences` in the micro-batch, under seq_aux_loss); with the z-loss, the
-    router's logits and their logsumexp. A shared expert keeps what a dense MLP does (its share of gate|up, silu(gate), product) plus its output (whole width)
-    and its gate's sigmoid. Under a capacity this is an upper bound, exact when no pair is dropped.
+    router's logits and their logsumexp. A shared expert keeps what a dense MLP does (its share of gate|up,
+    silu(gate), product) plus, when gated, its output (whole width) and its gate's sigmoid. Under a capacity this
+    is an upper bound, exact when no pair is dropped.
     """
     from plait.train.config import ffn_dim
     from plait.train.moe import capacity
@@ -164,7 +165,8 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int, sequences: int =
     per_sequence = model_cfg.moe_aux_loss_type == "seq_aux_loss"
     moe += experts * 4 * (sequences if per_sequence else 1) if model_cfg.moe_aux_loss else 0
     shared = int(model_cfg.moe_shared_ffn_dim) // tp
-    moe += tokens * (4 * shared + d + 1) * size if shared else 0
+    gate = d + 1 if model_cfg.moe_shared_gate else 0  # (ungated, its output is added: nothing more kept)
+    moe += tokens * (4 * shared + gate) * size if shared else 0
     return int(moe - tokens * 4 * f * size)
 
 
