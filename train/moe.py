@@ -185,6 +185,23 @@ class MoE(nn.Module):
             weights = weights * self.topk_scale
         return logits, probs, weights, chosen
 
+    def describe(self) -> str:
+        """How this block routes, for the startup log: 'top-2, softmax, aux_loss, shared expert', and so on."""
+        parts = [f"top-{self.top_k}", "sigmoid" if self.sigmoid else "softmax"]
+        if self.topk_scale != 1.0:
+            parts.append(f"weights x{self.topk_scale:g}")
+        if self.groups > 1:
+            parts.append(f"within {self.group_topk} of {self.groups} groups")
+        if self.capacity_factor is not None:
+            parts.append(f"capacity factor {self.capacity_factor:g}, drops by "
+                         f"{'weight' if self.drop_by_probs else 'position'}")
+        parts.append(self.balance_of.__name__.lstrip("_"))
+        if self.expert_bias is not None:
+            parts.append(f"routing bias rate {self.bias_update_rate:g}")
+        if self.shared is not None:
+            parts.append("shared expert" if self.shared_gate is not None else "ungated shared expert")
+        return ", ".join(parts)
+
     def within_top_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """`choice` [T, E] with -inf outside each token's best `group_topk` groups, a group scored by the sum of
         its best top_k / group_topk experts (DeepSeek-V3's, Megatron's group-limited routing); unchanged with one

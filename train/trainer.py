@@ -291,11 +291,8 @@ class Trainer:
         if self.moe_layers:  # a mixture of experts: the experts this rank holds (all but under expert parallelism)
             moe = self.moe_layers[0]
             held = [int(e) for e in moe.experts.keys()]
-            capacity = "" if moe.capacity_factor is None else \
-                f", capacity factor {moe.capacity_factor:g}, drops by {'weight' if moe.drop_by_probs else 'position'}"
-            parts.append(f"experts {held[0]}-{held[-1]} of {moe.n_experts} (top-{moe.top_k}{capacity}, "
-                         f"{'shared expert, ' if moe.shared is not None else ''}ep rank {self.grid.ep_rank} of "
-                         f"{self.grid.ep})")
+            parts.append(f"experts {held[0]}-{held[-1]} of {moe.n_experts} ({moe.describe()}, ep rank "
+                         f"{self.grid.ep_rank} of {self.grid.ep})")
         parts.append(f"{sum(p.numel() for p in self.named_params.values()) / 1e6:.2f}M params")
         if self.grads_sharded_over_dp:
             parts.append(f"ZeRO-{self.cfg.parallel.zero} shard {sum(g.numel() for _, g in self.grad_entries()) / 1e6:.2f}M")
