@@ -172,14 +172,14 @@ def test_preemption_during_a_background_write_finishes_it_before_requeue(tmp_pat
 
 
 # kill -9 at every phase of a save ----------------------------------------------------------------------
-def plait_train(run_dir, cache, ranks, *extra, env=None):
+def plait_train(run_dir, cache, ranks, steps, *extra, env=None):
     command = [sys.executable, "-m", "plait.train"]
     layout = []
     if ranks > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                    "-m", "plait.train"]
         layout = ["parallel.tp=2", "parallel.pp=2", "parallel.zero=1", "parallel.microbatches=2"]
-    overrides = [*SMALL, *layout, "train.steps=6", "checkpoint.every=2", "checkpoint.keep=3",
+    overrides = [*SMALL, *layout, f"train.steps={steps}", "checkpoint.every=2", "checkpoint.keep=3",
                  f"train.run_dir={run_dir}", f"data.cache_dir={cache}", *extra]
     return subprocess.run(command + overrides, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
@@ -199,25 +199,35 @@ KILLS = {1: [(phase, 0) for phase in FAULT_PHASES], 8: [("tensor", 0), ("rank-fi
 @pytest.mark.slow
 @pytest.mark.parametrize("ranks", sorted(KILLS))
 def test_kill_at_every_phase_of_a_background_save_then_resume_exactly(tmp_path, stdlib_tokens, ranks):
+    """One run killed with -9 at each phase in turn: killed while saving step 4, resumed and killed while saving
+    step 6, and so on, then resumed to the end. Each kill leaves the previous complete checkpoint as `latest`
+    (the step just saved when killed after publishing it), whole and verified; each next run resumes from it;
+    and every step's loss, the re-run ones too, equals an unkilled run's bit for bit."""
     cache = stdlib_tokens[0].parent.parent
-    reference = plait_train(tmp_path / "reference", cache, ranks)
+    kills = KILLS[ranks]
+    steps = 4 + 2 * len(kills)  # a save to kill per phase, then one more to finish on
+    reference = plait_train(tmp_path / "reference", cache, ranks, steps)
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = losses(tmp_path / "reference")
-    assert sorted(expected) == [1, 2, 3, 4, 5, 6]
-    for phase, rank in KILLS[ranks]:
-        run_dir = tmp_path / phase
-        killed = plait_train(run_dir, cache, ranks, env={"PLAIT_FAULT_CHECKPOINT": f"{phase}@4",
-                                                         "PLAIT_FAULT_RANK": str(rank)})
+    assert sorted(expected) == list(range(1, steps + 1))
+    run_dir, previous = tmp_path / "killed", None
+    for index, (phase, rank) in enumerate(kills):
+        step = 4 + 2 * index
+        resume = ["train.resume=auto"] if previous is not None else []
+        killed = plait_train(run_dir, cache, ranks, steps, *resume, env={"PLAIT_FAULT_CHECKPOINT": f"{phase}@{step}",
+                                                                         "PLAIT_FAULT_RANK": str(rank)})
         assert killed.returncode != 0, (phase, killed.stderr[-2000:])
         assert f"PLAIT_FAULT_CHECKPOINT={phase}" in killed.stdout + killed.stderr, phase
+        assert previous is None or f"resumed from {previous}" in killed.stdout, phase
         latest = latest_checkpoint(run_dir / "checkpoints")
-        assert latest.name == ("step-00000004" if phase == "published" else "step-00000002"), phase
+        assert latest.name == f"step-{step if phase == 'published' else step - 2:08d}", phase
         assert ShardReader(latest).index["step"] == int(latest.name[5:])  # whole, verified files
-        resumed = plait_train(run_dir, cache, ranks, "train.resume=auto")
-        assert resumed.returncode == 0, (phase, resumed.stderr[-3000:])
-        assert f"resumed from {latest}" in resumed.stdout, phase
-        assert losses(run_dir) == expected, phase  # every step, the re-run ones too, bit for bit
-        assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")], phase
+        previous = latest
+    resumed = plait_train(run_dir, cache, ranks, steps, "train.resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {previous}" in resumed.stdout
+    assert losses(run_dir) == expected  # every step, the re-run ones too, bit for bit
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
 
 
 @pytest.mark.parametrize("where", ["disk", "shm"])
