@@ -555,6 +555,19 @@ def test_offloaded_or_recomputed_experts_train_as_kept_ones(backend, tmp_path, s
         assert min(r["offload_written_bytes"] for r in records) > 0
 
 
+def test_global_balancing_under_recompute_trains_as_kept(tmp_path, stdlib_tokens):
+    """A recomputed block all-reduces its loads again during backward, on every rank alike, and takes the same
+    loss from them (the loads are the micro-batch's, not a running count): dp2 trains bit for bit as keeping."""
+    cache = stdlib_tokens[0].parent.parent
+    common = [*GLOBAL, "model.n_layers=2", "train.batch_size=4"]
+    kept = run_ranks(2, train_steps, BASE, common, tmp_path / "kept", cache, 2, 0)
+    recomputed = run_ranks(2, train_steps, BASE, common + ["offload=recompute", "offload.keep_last=0",
+                                                           "offload.min_bytes=0", "offload.device_filter=all",
+                                                           f"offload.path={tmp_path}"], tmp_path / "recomputed",
+                           cache, 2, 0)
+    assert recomputed == kept
+
+
 def _save_then_resume(rank, world, save_overrides, resume_overrides, run_dir, cache):
     """Train 2 steps under `save_overrides` and save (when given); else resume under `resume_overrides` to step
     4. Returns (the local expert ids of layer 0, the resumed losses or None)."""
