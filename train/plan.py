@@ -134,6 +134,16 @@ def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel
     return int(tokens * (attention + mlp))
 
 
+def expert_rows(model_cfg, tokens: int) -> Tuple[int, int]:
+    """(the (token, choice) pairs of `tokens` tokens, the rows the experts run on: every pair, or under a capacity
+    at most E x the capacity)."""
+    from plait.train.moe import capacity
+
+    experts, factor = int(model_cfg.moe_experts), model_cfg.moe_capacity_factor
+    pairs = tokens * int(model_cfg.moe_top_k)
+    return pairs, pairs if factor is None else min(pairs, experts * capacity(factor, pairs, experts))
+
+
 def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int, sequences: int = 1) -> int:
     """Bytes a mixture of experts (train/moe.py) saves beyond the dense MLP it replaces, per micro-batch of `tokens`
     tokens (all of them on every tp rank: the block gathers them once); 0 for a dense model.
@@ -150,18 +160,16 @@ def moe_extra_bytes(model_cfg, tokens: int, tp: int, size: int, sequences: int =
     is an upper bound, exact when no pair is dropped.
     """
     from plait.train.config import ffn_dim
-    from plait.train.moe import capacity
 
     experts, k = int(model_cfg.moe_experts), int(model_cfg.moe_top_k)
     if not experts:
         return 0
     d, f = model_cfg.dim, ffn_dim(model_cfg) // tp
-    pairs, factor = tokens * k, model_cfg.moe_capacity_factor
-    rows = pairs if factor is None else min(pairs, experts * capacity(factor, pairs, experts))
+    pairs, rows = expert_rows(model_cfg, tokens)
     router = experts + (k + 1 if model_cfg.moe_norm_topk else 0) + (experts + 1 if model_cfg.moe_z_loss else 0)
     router += 1 if model_cfg.moe_score_function == "sigmoid" and model_cfg.moe_aux_loss else 0  # scores' sum
     moe = rows * ((2 * d + 4 * f) * size + 8) + pairs * (size + 2 * 8) + tokens * router * 4
-    moe += pairs if factor is not None else 0
+    moe += pairs if model_cfg.moe_capacity_factor is not None else 0
     per_sequence = model_cfg.moe_aux_loss_type == "seq_aux_loss"
     moe += experts * 4 * (sequences if per_sequence else 1) if model_cfg.moe_aux_loss else 0
     shared = int(model_cfg.moe_shared_ffn_dim) // tp
@@ -207,13 +215,10 @@ def expert_exchange_bytes(model_cfg, tokens: int, ep: int, size: int) -> float:
     rows in the block input's dtype (fp32: the residual stream, under autocast too) and the experts' outputs
     back in `size` bytes; backward sends their grads the same ways; and the forward's all-to-all of E/ep
     int64 row counts to each other rank. 0 without experts or at ep 1."""
-    from plait.train.moe import capacity
-
     experts = int(model_cfg.moe_experts)
     if ep == 1 or not experts:
         return 0.0
-    pairs, factor = tokens * int(model_cfg.moe_top_k), model_cfg.moe_capacity_factor
-    rows = pairs if factor is None else min(pairs, experts * capacity(factor, pairs, experts))
+    _, rows = expert_rows(model_cfg, tokens)
     remote = (ep - 1) / ep
     return 2 * rows * remote * model_cfg.dim * (4 + size) + experts * remote * 8
 
