@@ -266,6 +266,10 @@ def validate_model(model: ModelConfig) -> None:
 
 ATTN_MASKS = ("causal", "document")
 MOE_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")  # Megatron's moe_router_load_balancing_type
+MOE_DROP_POLICIES = ("probs", "position")  # over capacity: keep the highest router weights, or the earliest tokens
+MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")  # Megatron's moe_router_score_function
+
+
 def check_router_groups(model: ModelConfig) -> None:
     """Group-limited routing: the groups split the experts evenly, a token may route to 1 to all of them, and
     the groups it may route to hold at least its top-k experts."""
@@ -279,10 +283,6 @@ def check_router_groups(model: ModelConfig) -> None:
     reach = top * model.moe_experts // groups
     _require(model.moe_top_k <= reach, f"model.moe_top_k={model.moe_top_k} is more experts than the "
              f"model.moe_router_group_topk={top} groups a token may use hold ({reach}); raise the group top-k.")
-
-
-MOE_DROP_POLICIES = ("probs", "position")  # over capacity: keep the highest router weights, or the earliest tokens
-MOE_SCORE_FUNCTIONS = ("softmax", "sigmoid")  # Megatron's moe_router_score_function
 
 
 DEVICES = ("auto", "cpu", "cuda")
