@@ -8,7 +8,7 @@ does): a dimension that differs between base and delta grows with width ("infini
 | ------ | -------------------------------------- | --------------- | --------------- | ---------- |
 | input  | one infinite dim (embedding)           | sigma           | lr              | wd         |
 | hidden | two infinite dims (q, k, v, o, MLP)    | sigma/sqrt(m)   | lr / m          | wd * m     |
-| output | the readout, named by the caller       | sigma, or 0     | lr              | wd         |
+| output | the readouts, named by the caller      | sigma, or 0     | lr              | wd         |
 | vector | 1-D (norm gains, biases) or no inf dim | as usual        | lr              | none       |
 
 m is the parameter's width multiplier: its fan-in (the last infinite dim) over the base
@@ -16,7 +16,10 @@ model's. Weight decay is scaled by m on hidden matrices so that lr x wd, the shr
 step of decoupled decay (AdamW, Lion), stays width-independent. The forward multipliers
 are in `forward_scales`: logits x output_mult / m_readout, embeddings x input_mult,
 attention logits x attn_mult * sqrt(base_head_dim) / head_dim (1/d_head, equal to the
-standard 1/sqrt(d_head) at the base width).
+standard 1/sqrt(d_head) at the base width), and a mixture of experts' router logits and
+shared-expert gate x 1 / m_router. Those are readouts too (fan-in grows, fan-out is the
+fixed number of experts): without the 1/m, one update moves each router logit by Theta(m)
+and the routing saturates as width grows.
 
 With `enabled=False` the same table gives the standard parametrization: every
 multiplier is 1 (vectors still do not decay), so muP on and off share one code path.
@@ -113,12 +116,14 @@ class ForwardScales:
     embedding: float = 1.0
     logits: float = 1.0
     attention: Optional[float] = None
+    router: float = 1.0
 
 
 def forward_scales(readout_width_mult: float, head_dim: int, base_head_dim: int, input_mult: float = 1.0,
-                   output_mult: float = 1.0, attn_mult: float = 1.0, enabled: bool = True) -> ForwardScales:
-    """muP's embedding, logit and attention multipliers; all defaults under the standard parametrization."""
+                   output_mult: float = 1.0, attn_mult: float = 1.0, enabled: bool = True,
+                   router_width_mult: float = 1.0) -> ForwardScales:
+    """muP's embedding, logit, attention and router multipliers; all defaults under the standard parametrization."""
     if not enabled:
         return ForwardScales()
     return ForwardScales(embedding=input_mult, logits=output_mult / readout_width_mult,
-                         attention=attn_mult * math.sqrt(base_head_dim) / head_dim)
+                         attention=attn_mult * math.sqrt(base_head_dim) / head_dim, router=1.0 / router_width_mult)

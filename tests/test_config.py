@@ -42,7 +42,6 @@ def test_schema_rejects_bad_types_and_unknown_keys(override):
     (["model.moe_experts=-2"], 1, "model.moe_experts=-2 must be >= 0; 0 keeps a dense MLP"),
     (["model.moe_experts=4", "model.moe_aux_loss=-1"], 1,
      "model.moe_aux_loss=-1.0 must be >= 0; 0 turns the balancing loss off"),
-    (["model.moe_experts=4", "optim.mup=true"], 1, "optim.mup=true has no rule yet for model.moe_experts=4"),
     (["model.moe_experts=4", "model.ffn_dim=100", "parallel.tp=8"], 8,
      "parallel.tp=8 does not divide the MLP width 100"),
     (["model.moe_experts=4", "parallel.ep=3"], 4,

@@ -23,6 +23,7 @@ from dist_utils import run_ranks
 from train_utils import train_steps
 from plait.train.build import build_model
 from plait.train.config import ModelConfig
+from plait.train.model import Scales
 from plait.train.moe import MoE, load_balancing_loss
 
 SMALL = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300, ffn_dim=48, max_seq_len=64)
@@ -276,7 +277,7 @@ def test_evaluation_adds_no_aux_gradient():
     torch.testing.assert_close(moe.router.weight.grad, trained.router.weight.grad, rtol=0, atol=0)
 
 
-def exported(tmp_path, **features):
+def exported(tmp_path, scales=Scales(), **features):
     """A small MoE model (router rows spread, so routing is decided by clear margins) exported as Hugging Face."""
     from plait.parallel.grid import Grid
     from plait.parallel.plans import param_specs
@@ -284,7 +285,7 @@ def exported(tmp_path, **features):
     from plait.train.export import export_checkpoint
 
     cfg = ModelConfig(**{**SMALL, "moe_experts": 4, "moe_top_k": 2, **features})
-    model = build_model(cfg, seed=5).eval()
+    model = build_model(cfg, seed=5, scales=scales).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith("router.weight"):
@@ -293,32 +294,35 @@ def exported(tmp_path, **features):
                 param.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
     grid = Grid.single()
     request = SaveRequest(3, dict(model.named_parameters()), param_specs(model),
-                          meta={**layout_meta(grid), **model_meta(cfg)})
+                          meta={**layout_meta(grid), **model_meta(cfg, scales)})
     return cfg, model, export_checkpoint(save(tmp_path / "ckpt", grid, request), tmp_path / "hf")
 
 
-FAMILIES = {  # name: (the architecture transformers builds, plait's settings)
-    "mixtral": ("MixtralForCausalLM", {}),
-    "mixtral-window8": ("MixtralForCausalLM", {"sliding_window": 8}),
-    "qwen3-moe": ("Qwen3MoeForCausalLM", {"qk_norm": True, "moe_norm_topk": False}),
-    "qwen3-moe-normalized": ("Qwen3MoeForCausalLM", {"qk_norm": True}),
-    "qwen2-moe": ("Qwen2MoeForCausalLM", {"qkv_bias": True, "moe_shared_ffn_dim": 40, "moe_norm_topk": False}),
-    "qwen2-moe-no-bias": ("Qwen2MoeForCausalLM", {"moe_shared_ffn_dim": 40}),
+MUP_SCALES = Scales(2.0, 0.5, router=0.5)  # muP's multipliers at width 2x base, folded into the export exactly
+FAMILIES = {  # name: (the architecture transformers builds, plait's settings, the forward multipliers)
+    "mixtral": ("MixtralForCausalLM", {}, Scales()),
+    "mixtral-window8": ("MixtralForCausalLM", {"sliding_window": 8}, Scales()),
+    "qwen3-moe": ("Qwen3MoeForCausalLM", {"qk_norm": True, "moe_norm_topk": False}, Scales()),
+    "qwen3-moe-normalized": ("Qwen3MoeForCausalLM", {"qk_norm": True}, Scales()),
+    "qwen2-moe": ("Qwen2MoeForCausalLM", {"qkv_bias": True, "moe_shared_ffn_dim": 40, "moe_norm_topk": False},
+                  Scales()),
+    "qwen2-moe-no-bias": ("Qwen2MoeForCausalLM", {"moe_shared_ffn_dim": 40}, Scales()),
+    "qwen2-moe-mup": ("Qwen2MoeForCausalLM", {"moe_shared_ffn_dim": 40}, MUP_SCALES),
 }
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_export_matches_transformers_mixtral_qwen2_moe_and_qwen3_moe(family, tmp_path):
     """Mixtral (with or without a window), Qwen3-MoE (QK-norm; top-k renormalized or not) and Qwen2-MoE (a gated
-    shared expert; q, k, v biases or none): transformers' own model on the export gives plait's logits and greedy
-    tokens, its config reads back as the same plait settings, and the export and transformers' re-save load back
-    bit for bit."""
+    shared expert; q, k, v biases or none; muP's multipliers, the router's and the shared gate's among them, folded
+    into the weights): transformers' own model on the export gives plait's logits and greedy tokens, its config
+    reads back as the same plait settings, and the export and transformers' re-save load back bit for bit."""
     transformers = pytest.importorskip("transformers")
     from plait.train.decode import generate
     from plait.train.export import init_from_hf
 
-    architecture, features = FAMILIES[family]
-    cfg, model, out = exported(tmp_path, **features)
+    architecture, features, scales = FAMILIES[family]
+    cfg, model, out = exported(tmp_path, scales, **features)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True,
                                                            dtype=torch.float32).eval()
     assert type(hf).__name__ == architecture
@@ -340,7 +344,7 @@ def test_export_matches_transformers_mixtral_qwen2_moe_and_qwen3_moe(family, tmp
     for directory in (out, tmp_path / "resaved"):  # the Hub's per-expert names, and transformers' own save
         if directory != out:
             hf.save_pretrained(directory)
-        fresh = build_model(cfg, seed=9)
+        fresh = build_model(cfg, seed=9, scales=scales)
         init_from_hf(fresh, directory)
         for (name, a), b in zip(fresh.named_parameters(), model.parameters()):
             assert torch.equal(a, b), name

@@ -1,6 +1,7 @@
-"""muP: the same init stds, learning rates and logit multiplier as the `mup` package; the
-standard parametrization through the same path; the coordinate check passes under muP and
-fails under the standard parametrization; tp=2 and ZeRO-1 give one process's losses."""
+"""muP: the same init stds, learning rates and logit multiplier as the `mup` package (a mixture of experts'
+routers as its MuReadout); the standard parametrization through the same path; the coordinate check passes under
+muP and fails under the standard parametrization, with and without experts; tp=2, ZeRO-1 and ep=2 give one
+process's losses."""
 
 import math
 
@@ -76,6 +77,42 @@ def test_mup_matches_the_mup_package():
     assert param.scales.attention == pytest.approx(math.sqrt(8) / 32)  # attn_mult * sqrt(base d_head) / d_head
 
 
+def test_moe_routers_and_shared_gates_are_readouts_as_mup_s():
+    """A mixture of experts' router and shared-expert gate read the width out into a fixed number of experts: the
+    same learning rate and forward multiplier (1/width_mult) as the mup package's MuReadout of that shape; the
+    experts, their width growing with the model's, are hidden matrices."""
+    import dataclasses
+
+    import mup
+
+    cfg = dataclasses.replace(small(128), moe_experts=4, moe_shared_ffn_dim=64)
+    param = build_parametrization(cfg, OptimConfig(name="adamw", lr=LR, mup=True))
+    model = Transformer(cfg, scales=param.scales)
+    ours, _ = plait_lrs_and_wds(model, cfg, mup=True)
+    for name in ("layers.1.mlp.router.weight", "layers.1.mlp.shared_gate.weight"):
+        entry = param.table[name]
+        assert (entry.role, entry.width_mult, entry.init_mult, entry.lr_mult) == ("output", 4.0, 1.0, 1.0), name
+    for name in ("layers.1.mlp.experts.3.w13.weight", "layers.1.mlp.experts.3.w2.weight",
+                 "layers.1.mlp.shared.w2.weight"):
+        assert param.table[name].role == "hidden", name
+    assert param.scales.router == 0.25
+
+    class Router(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.router = mup.MuReadout(dim, 4, bias=False, output_mult=1.0)
+
+    reference = Router(128)
+    mup.set_base_shapes(reference, Router(32), delta=Router(64))
+    lr_of = {id(p): g["lr"] for g in mup.MuAdam(reference.parameters(), lr=LR).param_groups for p in g["params"]}
+    router = model.layers["1"].mlp.router
+    with torch.no_grad():
+        router.weight.copy_(reference.router.weight)
+    x = torch.randn(5, 128)
+    assert torch.allclose(router(x), reference.router(x), rtol=1e-6, atol=1e-7)
+    assert ours["layers.1.mlp.router.weight"][0] == pytest.approx(lr_of[id(reference.router.weight)], rel=1e-12)
+
+
 def test_standard_parametrization_is_the_same_path_with_unit_multipliers():
     cfg = small(128)
     model = Transformer(cfg)
@@ -100,16 +137,31 @@ def test_coordinate_check(stdlib_tokens):
     assert worst_hidden(sp_coords) > 2.0, growth(sp_coords)
 
 
+def test_coordinate_check_with_mixtures_of_experts(stdlib_tokens):
+    """Each MLP a mixture of 4 experts: under muP the mixtures' outputs, like every hidden layer, stay within 1.2x
+    at 4x the width, and the routers' logits never grow (they shrink at init, as the logits do); under the
+    standard parametrization the routers' logits grow more than 2x once updated."""
+    from plait.train.coord_check import coord_data, growth, readout_growth, worst_hidden
+
+    settings = dict(steps=3, seeds=3, optim="lion", lr=2e-3, base_dim=128, experts=4)  # (from width 128: at 64
+    mup_coords = coord_data([128, 512], True, str(stdlib_tokens[0]), **settings)  # the mixtures' 1e-3 is noise)
+    sp_coords = coord_data([128, 512], False, str(stdlib_tokens[0]), **settings)
+    assert {"0.router", "1.router", "0.moe", "1.moe"} <= set(growth(mup_coords))
+    assert worst_hidden(mup_coords) <= 1.2, growth(mup_coords)
+    assert readout_growth(mup_coords) <= 1.2, growth(mup_coords)
+    assert min(growth(sp_coords)[f"{index}.router"][1] for index in (0, 1)) > 2.0, growth(sp_coords)
+
+
 STEPS = 4
 
 
-def parallel_overrides(run_dir, cache, tp=1, dp=1, zero=0):
+def parallel_overrides(run_dir, cache, tp=1, dp=1, zero=0, ep=1, extra=()):
     return ["model.dim=64", "model.base_dim=32", "model.n_layers=2", "model.n_heads=4", "model.ffn_dim=96",
             "optim=lion", "optim.mup=true", "optim.impl=foreach", "optim.lr=4e-3", "optim.warmup_steps=0",
             "train.seq_len=32", "train.batch_size=4", f"train.steps={STEPS}", "train.eval_every=0",
             "train.log_every=1", "train.progress=false", "train.peak_flops=1e10", "checkpoint.every=0",
             f"train.run_dir={run_dir}", f"data.cache_dir={cache}",
-            f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.zero={zero}"]
+            f"parallel.tp={tp}", f"parallel.dp={dp}", f"parallel.zero={zero}", f"parallel.ep={ep}", *extra]
 
 
 def losses_of(trainer):
@@ -119,30 +171,42 @@ def losses_of(trainer):
         trainer.close()
 
 
+MOE = ("model.moe_experts=4", "model.moe_shared_ffn_dim=48", "model.moe_aux_loss_type=global_aux_loss")
+LAYOUTS = {"tp2": (dict(tp=2), ()), "dp2-zero1": (dict(dp=2, zero=1), ()),  # label: (layout, model settings)
+           "moe-tp2": (dict(tp=2), MOE), "moe-ep2": (dict(dp=2, ep=2), MOE)}
+
+
 def mup_parallel_worker(rank, world, tmp, cache):
     from plait.launch.env import ProcessEnv
     from plait.train import Trainer, load_config
 
     out = {}
-    for label, layout in (("tp2", dict(tp=2)), ("dp2-zero1", dict(dp=2, zero=1))):
-        cfg = load_config(parallel_overrides(f"{tmp}/{label}", cache, **layout))
+    for label, (layout, extra) in LAYOUTS.items():
+        cfg = load_config(parallel_overrides(f"{tmp}/{label}", cache, extra=extra, **layout))
         trainer = Trainer(cfg, env=ProcessEnv(rank, 0, world, "torchrun"))
-        assert trainer.parametrization.scales.logits == 0.5  # width_mult 2 from global shapes on every rank
+        scales = trainer.parametrization.scales  # width_mult 2 from global shapes on every rank
+        assert (scales.logits, scales.router) == (0.5, 0.5 if extra else 1.0)
         out[label] = losses_of(trainer)
     return out
 
 
-def test_mup_lion_under_tp2_and_zero1_matches_one_process(tmp_path, stdlib_tokens):
+def test_mup_lion_under_tp2_zero1_and_ep2_matches_one_process(tmp_path, stdlib_tokens):
+    """The multipliers and learning rates come from global shapes: tp2 and ZeRO-1, and with mixtures of experts
+    tp2 (the routers replicated, their grads partial) and ep2 (each rank two of the four experts), give one
+    process's losses."""
     from plait.train import Trainer, load_config
     from tests.dist_utils import run_ranks
 
     cache = stdlib_tokens[0].parent.parent
-    reference = losses_of(Trainer(load_config(parallel_overrides(tmp_path / "one", cache))))
-    assert reference[-1] < reference[0] - 0.05  # it trains
+    reference = {extra: losses_of(Trainer(load_config(parallel_overrides(tmp_path / f"one{len(extra)}", cache,
+                                                                          extra=extra))))
+                 for extra in ((), MOE)}
+    for losses in reference.values():
+        assert losses[-1] < losses[0] - 0.05  # it trains
     results = run_ranks(2, mup_parallel_worker, str(tmp_path), str(cache))
-    for label in ("tp2", "dp2-zero1"):
+    for label, (_, extra) in LAYOUTS.items():
         for rank in range(2):
-            assert results[rank][label] == pytest.approx(reference, rel=1e-5, abs=1e-5), (label, rank)
+            assert results[rank][label] == pytest.approx(reference[extra], rel=1e-5, abs=1e-5), (label, rank)
 
 
 def test_transfer_summary_measures_shift_and_cost():

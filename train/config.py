@@ -27,7 +27,7 @@ from plait.parallel.config import ParallelConfig
 from plait.parallel.layout import Layout, LayoutError, Workload
 from plait.parallel.layout import micro_batch_size as layout_micro_batch_size
 from plait.parallel.layout import validate as validate_layout
-from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES
+from plait.parallel.pipeline.schedule import splits_backward
 from plait.train.rope import ROPE_SCALINGS
 
 
@@ -464,7 +464,7 @@ def check_loss_chunks(cfg: Config) -> None:
     _require(local % chunks == 0,
              f"train.loss_chunks={chunks} does not divide the {local} tokens a rank holds at the head ({held}); "
              f"pick a divisor of {local}.")
-    _require(not (parallel.zero == 3 and parallel.pp > 1 and parallel.schedule in SPLIT_SCHEDULES),
+    _require(not (parallel.zero == 3 and splits_backward(parallel)),
              f"train.loss_chunks={chunks} with parallel.zero=3 under parallel.schedule={parallel.schedule}: the weight "
              f"half of the split backward would recompute the head after ZeRO-3 has let its weights go; use "
              f"parallel.zero=2, a schedule without a split backward, or train.loss_chunks=0.")
@@ -500,16 +500,12 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     _require(masked is None or cfg.parallel.cp == 1 or cfg.parallel.cp_mode == "ulysses",
              f"{masked} with parallel.cp={cfg.parallel.cp} needs parallel.cp_mode=ulysses (each rank attends over "
              f"the whole sequence there; ring attention's blocks take no attention mask).")
-    _require(not (cfg.parallel.pp > 1 and cfg.parallel.schedule in SPLIT_SCHEDULES
-                  and str(cfg.train.compile).lower() == "true"),
+    _require(not (splits_backward(cfg.parallel) and str(cfg.train.compile).lower() == "true"),
              f"parallel.schedule={cfg.parallel.schedule} splits each backward in two, which a compiled chunk (one "
              f"autograd node) cannot do; set train.compile=false or another parallel.schedule.")
     _require(not (cfg.model.moe_experts and cfg.model.moe_aux_loss_type == "seq_aux_loss" and cfg.parallel.cp > 1),
              f"model.moe_aux_loss_type=seq_aux_loss balances each sequence, which parallel.cp={cfg.parallel.cp} splits "
              f"over ranks; set model.moe_aux_loss_type=global_aux_loss (over every rank's tokens) or parallel.cp=1.")
-    _require(not (cfg.model.moe_experts and cfg.optim.mup),
-             f"optim.mup=true has no rule yet for model.moe_experts={cfg.model.moe_experts}'s router (a readout of "
-             f"fixed width into the experts); set optim.mup=false or model.moe_experts=0.")
     _require(cfg.offload.backend == "none" or str(cfg.train.compile).lower() != "true",
              f"offload.backend={cfg.offload.backend} uses saved-tensor hooks, which train.compile=true does not "
              f"support; set train.compile=false or offload.backend=none.")

@@ -9,6 +9,10 @@ starts at zero). Under the standard parametrization some layer grows with width 
 has been updated. Prints a table, writes a PNG (one panel per step, muP and standard side
 by side) and optionally JSON.
 
+With `--experts E` each block's MLP is a mixture of E experts (top 2): the check then
+records each router's logits, a readout like the head's (they may shrink at init, never
+grow), and the mixture's output, a hidden layer.
+
     plait mup coord-check --widths 64 128 256 512 1024 --steps 3 --png docs/mup_coord_check.png
 """
 
@@ -47,27 +51,38 @@ class TokenBatches:
 
 
 def watched_modules(model: Transformer) -> Dict[str, torch.nn.Module]:
-    """The layers whose outputs are recorded, by a short name (the logits are the model's output)."""
+    """The layers whose outputs are recorded, by a short name (the logits are the model's output; a mixture of
+    experts' router logits are `i.router`, its output `i.moe`)."""
     watched = {"embedding": model.embed}
     for index, block in model.layers.items():
-        watched.update({f"{index}.qkv": block.attn.wqkv, f"{index}.attn_out": block.attn.wo,
-                        f"{index}.mlp_in": block.mlp.w13, f"{index}.mlp_out": block.mlp.w2,
-                        f"{index}.block": block})
+        watched.update({f"{index}.qkv": block.attn.wqkv, f"{index}.attn_out": block.attn.wo})
+        if hasattr(block.mlp, "router"):
+            watched.update({f"{index}.router": block.mlp.router, f"{index}.moe": block.mlp})
+        else:
+            watched.update({f"{index}.mlp_in": block.mlp.w13, f"{index}.mlp_out": block.mlp.w2})
+        watched[f"{index}.block"] = block
     watched["final_norm"] = model.norm
     return watched
 
 
+def is_readout(name: str) -> bool:
+    """The coordinates muP lets shrink at init (scaled by 1/width_mult): the logits and the routers' logits."""
+    return name == "logits" or name.endswith(".router")
+
+
 def coord_data(widths: Sequence[int], mup: bool, tokens: str, *, steps: int = 3, seeds: int = 2,
                optim: str = "lion", lr: float = 2e-3, base_dim: int = 64, n_heads: int = 4,
-               n_layers: int = 2, seq_len: int = 32, batch: int = 8, zero_readout: bool = False) -> Coords:
-    """Mean |activation| per layer and step (1 = at init), averaged over seeds, for each width."""
+               n_layers: int = 2, seq_len: int = 32, batch: int = 8, zero_readout: bool = False,
+               experts: int = 0) -> Coords:
+    """Mean |activation| per layer and step (1 = at init), averaged over seeds, for each width (with `experts`,
+    each MLP a mixture of that many experts, top 2)."""
     train_path = tokens
     out: Coords = {}
     for width in widths:
         totals: Dict[str, List[float]] = {}
         for seed in range(seeds):
             model_cfg = ModelConfig(dim=width, n_layers=n_layers, n_heads=n_heads, base_dim=base_dim,
-                                    max_seq_len=seq_len)
+                                    max_seq_len=seq_len, moe_experts=experts, moe_top_k=min(2, experts) or 1)
             optim_cfg = OptimConfig(name=optim, lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0,
                                     betas=[0.9, 0.99] if optim == "lion" else [0.9, 0.95], grad_clip=0.0,
                                     impl="foreach", mup=mup, mup_zero_readout=zero_readout)
@@ -134,8 +149,13 @@ def growth(coords: Coords, factor: int = 4) -> Dict[str, Tuple[float, float]]:
 
 
 def worst_hidden(coords: Coords, factor: int = 4) -> float:
-    """The worst ratio either way (>= 1) over every layer but the logits: muP passes at <= 1.2."""
-    return max(max(high, 1.0 / low) for name, (low, high) in growth(coords, factor).items() if name != "logits")
+    """The worst ratio either way (>= 1) over every layer but the readouts: muP passes at <= 1.2."""
+    return max(max(high, 1.0 / low) for name, (low, high) in growth(coords, factor).items() if not is_readout(name))
+
+
+def readout_growth(coords: Coords, factor: int = 4) -> float:
+    """The largest ratio of width 4w over w of any readout (the logits, the routers' logits): muP's never grow."""
+    return max(high for name, (low, high) in growth(coords, factor).items() if is_readout(name))
 
 
 def print_table(label: str, coords: Coords) -> None:
@@ -196,6 +216,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--optim", choices=["lion", "adamw"], default="lion")
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--zero-readout", action="store_true")
+    parser.add_argument("--experts", type=int, default=0, help="each MLP a mixture of this many experts (top 2)")
     parser.add_argument("--data", default=None, help="text to train on (default: the standard library)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -205,16 +226,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     train_path, _ = prepare_corpus(args.data, args.cache_dir, 0.02)
     settings = dict(steps=args.steps, seeds=args.seeds, optim=args.optim, lr=args.lr, base_dim=args.base_dim,
-                    zero_readout=args.zero_readout)
+                    zero_readout=args.zero_readout, experts=args.experts)
     results = {"muP": coord_data(args.widths, True, str(train_path), **settings),
                "standard": coord_data(args.widths, False, str(train_path), **settings)}
     for label, coords in results.items():
         print_table(label, coords)
     summary = {label: worst_hidden(coords) for label, coords in results.items()}
-    summary.update({f"{label}_logits_growth": growth(coords)["logits"][1] for label, coords in results.items()})
+    summary.update({f"{label}_logits_growth": readout_growth(coords) for label, coords in results.items()})
     print(f"\nworst 4x-width ratio over hidden layers and steps: muP {summary['muP']:.3f}, "
-          f"standard {summary['standard']:.3f} (muP passes at <= 1.2); largest logit growth: "
-          f"muP {summary['muP_logits_growth']:.3f}, standard {summary['standard_logits_growth']:.3f}")
+          f"standard {summary['standard']:.3f} (muP passes at <= 1.2); largest readout growth (logits"
+          f"{', routers' if args.experts else ''}): muP {summary['muP_logits_growth']:.3f}, "
+          f"standard {summary['standard_logits_growth']:.3f}")
     plot(results, args.png)
     print(f"wrote {args.png}")
     if args.out:

@@ -27,10 +27,12 @@ q and k need no permutation. muP multipliers HF Llama does not have are folded i
 weights: the embedding multiplier into the embedding, the logits multiplier into the
 final norm's gain (divided by the embedding multiplier when the head is tied), and an
 attention scale other than 1/sqrt(head_dim) into q_proj (into q_norm's gain under QK-norm, which
-would undo a scaled q_proj). Import undoes the same folding.
+would undo a scaled q_proj), and a mixture of experts' router multiplier into each router (gate) and
+shared-expert gate. Import undoes the same folding.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -209,7 +211,8 @@ def _fold_factors(model: Dict[str, Any], scales: Optional[Dict[str, Any]]) -> Di
     norm = logits / embedding if model["tie_embeddings"] else logits
     # what takes the query scale: q_norm's gain (it would undo a scaled q_proj), else q_proj and its bias
     query_into = ("attn.q_norm.weight",) if model.get("qk_norm") else ("attn.wqkv.weight", "attn.wqkv.bias")
-    return {"embed": embedding, "norm": norm, "query": query, "query_into": query_into}
+    return {"embed": embedding, "norm": norm, "query": query, "query_into": query_into,
+            "router": float(scales.get("router", 1.0)), "router_into": ("mlp.router.weight", "mlp.shared_gate.weight")}
 
 
 def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
@@ -230,7 +233,8 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
             _, index, rest = name.split(".", 2)
             prefix = f"model.layers.{index}."
             if rest in simple:
-                out[prefix + simple[rest]] = tensor
+                router = fold["router"] if rest in fold["router_into"] else 1.0  # muP's router multiplier
+                out[prefix + simple[rest]] = tensor * router if router != 1.0 else tensor
             elif rest in _QK_NORMS:
                 query = fold["query"] if rest in fold["query_into"] else 1.0
                 out[prefix + _QK_NORMS[rest]] = tensor * query if query != 1.0 else tensor
@@ -259,7 +263,8 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
     for index in range(model["n_layers"]):
         prefix = f"model.layers.{index}."
         for rest, hf_name in simple.items():
-            full[f"layers.{index}.{rest}"] = hf[prefix + hf_name]
+            router = fold["router"] if rest in fold["router_into"] else 1.0
+            full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / router if router != 1.0 else hf[prefix + hf_name]
         for rest, hf_name in (_QK_NORMS.items() if model.get("qk_norm") else ()):
             query = fold["query"] if rest in fold["query_into"] else 1.0
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / query if query != 1.0 else hf[prefix + hf_name]
@@ -512,7 +517,7 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
         raise CheckpointError(f"{Path(directory) / HF_CONFIG} does not fit this model: {', '.join(wrong)}; "
                               f"set the model config to match.")
     check_hf_config(config, cfg, Path(directory) / HF_CONFIG)
-    scales = {"embedding": model.scales.embedding, "logits": model.scales.logits, "attention": model.scales.attention}
+    scales = dataclasses.asdict(model.scales)
     full = from_hf({**ours, **{key: getattr(cfg, key) for key in _FROM_CFG}}, hf, scales)
     specs = param_specs(model)
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)

@@ -41,12 +41,15 @@ VOCAB_MULTIPLE = 64  # the embedding and head rows are padded to a multiple of t
 class Scales:
     """Forward multipliers (muP sets them; the standard parametrization leaves them at 1).
 
-    `attention` is the softmax scale (None: 1/sqrt(head_dim); muP: mult/head_dim).
+    `attention` is the softmax scale (None: 1/sqrt(head_dim); muP: mult/head_dim). `router` multiplies each
+    mixture of experts' router logits and shared-expert gate (muP: 1/width_mult, for they read the width out into
+    a fixed number of experts, as the head reads it into the vocabulary).
     """
 
     embedding: float = 1.0
     logits: float = 1.0
     attention: Optional[float] = None
+    router: float = 1.0
 
 
 def _choose_rms_norm() -> Callable:
@@ -79,7 +82,8 @@ def identity(x: torch.Tensor) -> torch.Tensor:
 
 class Linear(nn.Module):
     """y = x W^T (+ b). `segments` are the output sizes of a fused weight (Q|K|V, gate|up): `forward_segments`
-    runs one GEMM per segment, and a parallel plan splits each segment on its own.
+    runs one GEMM per segment, and a parallel plan splits each segment on its own. `output_scale` multiplies the
+    output (muP's multiplier on a readout of fixed width: an MoE router, a shared-expert gate).
 
     `forward_segments` gives the same values as splitting `forward(x)`, but the backward adds the
     segments' grads into one weight grad instead of concatenating the activation grads (a copy of
@@ -89,9 +93,9 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False,
                  segments: Optional[Sequence[int]] = None, valid_rows: Optional[int] = None,
-                 device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
+                 output_scale: float = 1.0, device: Optional[torch.device] = None, dtype: Optional[torch.dtype] = None):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self.in_features, self.out_features, self.output_scale = in_features, out_features, float(output_scale)
         self.segments = tuple(segments) if segments else (out_features,)
         self.valid_rows = valid_rows
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
@@ -102,7 +106,8 @@ class Linear(nn.Module):
         its hooks (ZeRO-1's wait for the weights, offload's) see both."""
         if segmented:
             return self.forward_segments(x)
-        return F.linear(x, self.weight, self.bias)
+        out = F.linear(x, self.weight, self.bias)
+        return out * self.output_scale if self.output_scale != 1.0 else out
 
     def forward_segments(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         weights = self.weight.split(self.segments)
@@ -227,16 +232,18 @@ class MLP(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
-def mlp(cfg: ModelConfig, device=None) -> nn.Module:
+def mlp(cfg: ModelConfig, scales: Scales = Scales(), device=None) -> nn.Module:
     """The block's MLP: dense SwiGLU, or with `model.moe_experts` a mixture of that many SwiGLU experts (and with
-    `model.moe_shared_ffn_dim` a shared expert of that width, gated unless `model.moe_shared_gate=false`)."""
+    `model.moe_shared_ffn_dim` a shared expert of that width, gated unless `model.moe_shared_gate=false`); the
+    router and the gate multiply their outputs by `scales.router`."""
     if not cfg.moe_experts:
         return MLP(cfg, device)
     shared = cfg.moe_shared_ffn_dim
-    return MoE(cfg, Linear(cfg.dim, cfg.moe_experts, device=device),
+    gated = shared and cfg.moe_shared_gate
+    return MoE(cfg, Linear(cfg.dim, cfg.moe_experts, output_scale=scales.router, device=device),
                [MLP(cfg, device) for _ in range(cfg.moe_experts)],
                shared=MLP(cfg, device, hidden=shared) if shared else None,
-               shared_gate=Linear(cfg.dim, 1, device=device) if shared and cfg.moe_shared_gate else None)
+               shared_gate=Linear(cfg.dim, 1, output_scale=scales.router, device=device) if gated else None)
 
 
 class DropoutStream(Protocol):
@@ -273,7 +280,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
         self.attn = Attention(cfg, scales, device)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
-        self.mlp = mlp(cfg, device)
+        self.mlp = mlp(cfg, scales, device)
         self.dropout = ResidualDropout(cfg.dropout, rng)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

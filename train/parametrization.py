@@ -10,7 +10,7 @@ path gives the standard parametrization (every multiplier 1).
 import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -67,6 +67,11 @@ def readout_name(cfg: ModelConfig) -> str:
     return "embed.weight" if cfg.tie_embeddings else "head.weight"
 
 
+def router_names(names) -> List[str]:
+    """The mixtures of experts' readouts among parameter `names`: each router, each shared-expert gate."""
+    return [name for name in names if name.endswith(("mlp.router.weight", "mlp.shared_gate.weight"))]
+
+
 @dataclass
 class Parametrization:
     """What muP (or the standard parametrization) sets: the table, init, groups, forward scales."""
@@ -86,11 +91,13 @@ def build_parametrization(model_cfg: ModelConfig, optim_cfg: OptimConfig) -> Par
     delta_head_dim = base_head_dim if head_dim == base_head_dim else 2 * base_head_dim  # grow what the target grows
     base = full_shapes(config_at_width(model_cfg, base_dim, base_head_dim))
     delta = full_shapes(config_at_width(model_cfg, 2 * base_dim, delta_head_dim))
-    readout = readout_name(model_cfg)
-    table = mup_table(full_shapes(model_cfg), base, delta, [readout], enabled=optim_cfg.mup)
+    readout, full = readout_name(model_cfg), full_shapes(model_cfg)
+    routers = router_names(full)
+    table = mup_table(full, base, delta, [readout, *routers], enabled=optim_cfg.mup)
     numbers: ForwardScales = forward_scales(table[readout].width_mult, head_dim, base_head_dim,
                                             optim_cfg.mup_input_mult, optim_cfg.mup_output_mult,
-                                            optim_cfg.mup_attn_mult, enabled=optim_cfg.mup)
+                                            optim_cfg.mup_attn_mult, enabled=optim_cfg.mup,
+                                            router_width_mult=table[routers[0]].width_mult if routers else 1.0)
     zero_readout = optim_cfg.mup and optim_cfg.mup_zero_readout and not model_cfg.tie_embeddings
 
     def std_of(name: str, spec: ShardSpec) -> Optional[float]:
@@ -99,13 +106,14 @@ def build_parametrization(model_cfg: ModelConfig, optim_cfg: OptimConfig) -> Par
         return default_init_std(name, spec, model_cfg) * table[name].init_mult
 
     if optim_cfg.mup:
-        log.info("muP: width %d over base %d (head dim %d over %d), readout scale %.4g, attention scale %.4g",
-                 model_cfg.dim, base_dim, head_dim, base_head_dim, numbers.logits, numbers.attention)
+        log.info("muP: width %d over base %d (head dim %d over %d), readout scale %.4g, attention scale %.4g%s",
+                 model_cfg.dim, base_dim, head_dim, base_head_dim, numbers.logits, numbers.attention,
+                 f", router scale {numbers.router:.4g}" if routers else "")
     group_of = group_key(table)
     if optim_cfg.name == "muon":  # Muon steps the hidden matrices (both dimensions grow with width), AdamW the rest
         muon_lr = optim_cfg.muon_lr if optim_cfg.muon_lr is not None else optim_cfg.lr
         group_of = muon_group_of(group_of, lambda name: table[name].role == "hidden", muon_lr / optim_cfg.lr)
-    return Parametrization(table, Scales(numbers.embedding, numbers.logits, numbers.attention), std_of,
+    return Parametrization(table, Scales(numbers.embedding, numbers.logits, numbers.attention, numbers.router), std_of,
                            group_of, optim_cfg.mup and optim_cfg.mup_zero_query)
 
 

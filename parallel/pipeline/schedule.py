@@ -81,6 +81,13 @@ def schedule_name(schedule: str, vpp: int) -> str:
     return schedule
 
 
+def splits_backward(parallel) -> bool:
+    """Whether the `parallel` config's step splits each backward into an input and a weight half (a zero-bubble
+    schedule at pp > 1; one stage runs every micro-batch's backward whole). The one place the trainer, the
+    config's checks and `plait plan` ask it."""
+    return parallel.pp > 1 and schedule_name(parallel.schedule, parallel.vpp) in SPLIT_SCHEDULES
+
+
 def placement(schedule: str) -> str:
     """Where a schedule's stages run: "v" for ZB-V and DualPipeV, else "loop"."""
     return "v" if schedule in V_SCHEDULES else "loop"
