@@ -223,7 +223,7 @@ def check_settings(parallel: Any) -> None:
     """The `parallel` group's own fields: degrees, and each choice against the table that builds it."""
     from plait.parallel.column_overlap import OVERLAP_CHOICES
     from plait.parallel.context import CP_MODES
-    from plait.parallel.pipeline.schedule import BUILDERS, SPLIT_SCHEDULES, V_SCHEDULES
+    from plait.parallel.pipeline.schedule import BUILDERS, V_SCHEDULES, splits_backward
     from plait.parallel.pipeline.transport import TRANSPORTS
 
     for key in ("tp", "pp", "cp", "ep", "vpp", "microbatches"):
@@ -241,7 +241,7 @@ def check_settings(parallel: Any) -> None:
     number(LayoutError, "parallel.bucket_mb", parallel.bucket_mb, low=0, low_open=True)
     choice(LayoutError, "parallel.cp_mode", parallel.cp_mode, CP_MODES)
     choice(LayoutError, "parallel.tp_overlap", str(parallel.tp_overlap).lower(), OVERLAP_CHOICES)
-    if str(parallel.tp_overlap).lower() == "true" and parallel.pp > 1 and parallel.schedule in SPLIT_SCHEDULES:
+    if str(parallel.tp_overlap).lower() == "true" and splits_backward(parallel):
         raise LayoutError(f"parallel.tp_overlap=true makes each column-parallel layer one autograd node, which "
                           f"parallel.schedule={parallel.schedule} cannot split into input and weight grads; set "
                           f"parallel.tp_overlap=auto (off under zero-bubble schedules) or another parallel.schedule.")

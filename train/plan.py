@@ -239,7 +239,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     from plait.offload.config import keep_count
     from plait.parallel.pipeline.partition import rank_chunk_plans
     from plait.parallel.column_overlap import overlap_wanted
-    from plait.parallel.pipeline.schedule import SPLIT_SCHEDULES, placement, stage_ranks
+    from plait.parallel.pipeline.schedule import placement, splits_backward, stage_ranks
     from plait.parallel.plans import param_specs
     from plait.train.build import shape_chunks
 
@@ -248,7 +248,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     grid = stand_in_grid(layout, layout.rank_of(pp=pp_rank))
     sp = bool(parallel.sequence_parallel and tp > 1)
     style = placement(_schedule_name(parallel))
-    overlap, _ = overlap_wanted(parallel.tp_overlap, tp, pp > 1 and _schedule_name(parallel) in SPLIT_SCHEDULES)
+    overlap, _ = overlap_wanted(parallel.tp_overlap, tp, splits_backward(parallel))
     regather = overlap and sp  # column-parallel layers keep their input's sequence shard and gather it in backward
     chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp, style)
     params, full_params, vocab_local, block, matrices = 0, 0, 0, 0, 0

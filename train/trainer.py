@@ -41,8 +41,8 @@ from plait.parallel.grid import Grid
 from plait.parallel.sharding import ShardSpec
 from plait.parallel.context import split_sequence
 from plait.parallel.pipeline.runtime import PipelineRuntime
-from plait.parallel.pipeline.schedule import (SPLIT_SCHEDULES, chunks_per_rank, microbatch_groups, placement,
-                                              schedule_name, stage_ranks)
+from plait.parallel.pipeline.schedule import (chunks_per_rank, microbatch_groups, placement, schedule_name,
+                                              splits_backward, stage_ranks)
 from plait.parallel.tied import TiedWeights
 from plait.parallel.tensor import all_reduce_coalesced
 from plait.parallel.fsdp import FSDP_LEVELS, ShardedGrads, local
@@ -149,7 +149,7 @@ class Trainer:
         if self.is_logger:
             (self.run_dir / "config.yaml").write_text(to_yaml(cfg))
         self.compile, why = compile_wanted(cfg.train.compile, self.device.type, cfg.offload.backend,
-                                           self.schedule in SPLIT_SCHEDULES)
+                                           splits_backward(cfg.parallel))
         if self.is_logger:
             log.info("compile: %s (%s)", "on" if self.compile else "off", why)
         self.modules = [torch.compile(chunk) for chunk in self.chunks] if self.compile else self.chunks
@@ -211,7 +211,7 @@ class Trainer:
         """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
         cfg = self.cfg
         self.parametrization = build_parametrization(cfg.model, cfg.optim)  # muP or standard, by optim.mup
-        self.tp_overlap, why = overlap_wanted(cfg.parallel.tp_overlap, self.grid.tp, self.schedule in SPLIT_SCHEDULES)
+        self.tp_overlap, why = overlap_wanted(cfg.parallel.tp_overlap, self.grid.tp, splits_backward(cfg.parallel))
         if self.is_logger and self.grid.tp > 1:
             log.info("tp overlap: %s (%s)", "on" if self.tp_overlap else "off", why)
         chunks = build_chunks(cfg.model, self.grid, cfg.parallel.vpp, cfg.train.seed, device=self.device,
