@@ -391,6 +391,18 @@ def test_a_full_offload_disk_mid_run_is_one_line(tmp_path, stdlib_tokens, capsys
     assert exited.value.code == 2 and len(lines) == 1 and "offload.path=" in lines[0] and "is full" in lines[0], err
 
 
+def test_a_rank_that_lost_a_peer_leaves_while_a_background_save_still_waits():
+    """The lost-peer exit does not join background threads: a checkpoint writer stuck in a collective with the
+    lost rank would otherwise keep this rank alive, and its peers waiting on it, until the launcher kills them."""
+    code = ("import threading, concurrent.futures\n"
+            "from plait.train.cli import fail\n"
+            "writer = concurrent.futures.ThreadPoolExecutor(1)\n"
+            "writer.submit(threading.Event().wait)  # never returns, as a collective with a dead rank\n"
+            "fail('rank 1 lost contact with another rank', at_once=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip() == "plait-train: error: rank 1 lost contact with another rank"
+
+
 def test_a_killed_peer_is_one_line_on_the_survivor(tmp_path, stdlib_tokens):
     """Two ranks started as torchrun would start them; rank 1 is killed with SIGKILL mid-run, and rank 0
     ends with one line saying so (exit 2), not gloo's traceback."""

@@ -398,6 +398,38 @@ def shm_misuse_worker(rank, world_size):
     return chosen, errors
 
 
+def shm_peer_lost_worker(rank, world_size):
+    """Rank 1 closes its channels (what the kernel does when a process dies); rank 0 then waits on a receive from it
+    and sends to it. Each raises PeerLost at once, not the 20 s timeout's TransportError."""
+    import torch.distributed as dist
+
+    from plait.parallel.pipeline.transport import PeerLost, SharedMemoryTransport
+
+    shm = SharedMemoryTransport(dist.group.WORLD, rank, [1 - rank], slot_bytes=16, microbatches=1, pp=2, vpp=1,
+                                timeout_s=20.0)
+    if rank == 1:
+        shm.close()
+    dist.barrier()
+    errors = {}
+    if rank == 0:
+        (work,) = shm.post([(torch.empty(4), 1, 1)], [])
+        for name, act in (("receive", work.wait), ("send", lambda: shm.post([], [(torch.zeros(4), 1, 0)]))):
+            try:
+                act()
+            except PeerLost as error:
+                errors[name] = str(error)
+    dist.barrier()
+    return errors
+
+
+def test_shared_memory_transport_notices_a_peer_that_is_gone():
+    errors = run_ranks(2, shm_peer_lost_worker)[0]
+    assert errors["receive"].startswith("pipeline rank 1 closed its end of the shared-memory channel while this "
+                                        "rank waited")
+    assert errors["send"].startswith("pipeline rank 1 closed its end of the shared-memory channel before this "
+                                     "rank's message")
+
+
 def test_shared_memory_transport_refuses_what_it_cannot_carry():
     for rank, (chosen, errors) in enumerate(run_ranks(2, shm_misuse_worker)):
         assert chosen == "dist"  # auto: the peers cannot see each other's inboxes, so the process group

@@ -16,7 +16,7 @@ from plait.data.corpus import DataError
 from plait.launch.errors import LaunchError
 from plait.offload.config import OffloadError, OffloadIOError
 from plait.parallel.layout import LayoutError
-from plait.parallel.pipeline.transport import TransportError
+from plait.parallel.pipeline.transport import PeerLost, TransportError
 from plait.train.checkpoint import CheckpointError
 from plait.train.config import ConfigError, load_config
 
@@ -28,12 +28,21 @@ def setup_logging(level: str = "INFO") -> None:
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format="%(message)s", stream=sys.stdout)
 
 
-def fail(message: str, code: int = 2, speak: bool = True, program: str = "plait-train") -> None:
-    """End with one line on stderr (when this rank speaks for all) and `code`; torchrun's summary gets it too."""
+def fail(message: str, code: int = 2, speak: bool = True, program: str = "plait-train", at_once: bool = False) -> None:
+    """End with one line on stderr (when this rank speaks for all) and `code`; torchrun's summary gets it too.
+
+    `at_once` (a lost peer): leave without joining background threads. A checkpoint writer may be waiting in a
+    collective that the lost rank, or a survivor stuck behind it, never joins; joining it would keep this rank
+    alive, and its peers waiting on it, until the launcher kills them all (torchrun: 30 s later). The save it
+    abandons is a `.tmp-*` directory, never published, that the next run removes."""
     line = f"{program}: error: {message}"
     if speak:
         print(line, file=sys.stderr, flush=True)
     record_for_torchrun(line)
+    if at_once:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
     sys.exit(code)
 
 
@@ -60,7 +69,7 @@ def lost_a_peer(error: BaseException) -> bool:
     import torch.distributed as dist
 
     distributed_error = getattr(dist, "DistError", ())
-    return (distributed_error and isinstance(error, distributed_error)) or (
+    return isinstance(error, PeerLost) or (distributed_error and isinstance(error, distributed_error)) or (
         isinstance(error, RuntimeError) and any(words in str(error) for words in PEER_LOST))
 
 
@@ -106,7 +115,7 @@ def run(cfg: DictConfig) -> dict:
         step = getattr(trainer, "checkpoint_step", None)
         fail(f"rank {rank} lost contact with another rank ({str(error).splitlines()[0][:160]}): that rank ended "
              f"or was killed first and its own log says why; checkpoints up to step {step} are intact, resume "
-             f"with train.resume=auto.")
+             f"with train.resume=auto.", at_once=True)
     end_process_group()
     return metrics
 
