@@ -4,9 +4,9 @@ damaged and foreign input.
 The kill test runs `python -m plait.train` (1 rank) and `torchrun -m plait.train` at
 tp2 x dp2 with ZeRO-1 (4 ranks; the async-save kill test runs pp2 x dp2) with a checkpoint
 every 5 of 20 steps, kills every process with SIGKILL once step 11 is logged, plants the
-temporary directory a kill during a save leaves behind, resumes with `train.resume=auto`, sends SIGTERM to one rank after step
-14 (all ranks finish the step, checkpoint and exit with the requeue status), and resumes
-again: the losses of steps 11..20 equal, bit for bit, those of a run that never stopped
+temporary directory a kill during a save leaves behind, resumes with `train.resume=auto`,
+sends SIGTERM to one rank after step 14 (all ranks finish the step, checkpoint and exit with
+the requeue status), and resumes again: the losses of steps 11..20 equal, bit for bit, those of a run that never stopped
 (fp32 on the CPU, one thread).
 
 The reshard test trains 3 steps at tp2 x pp2 (vpp 2) x dp2 with ZeRO-1 on 8 ranks, saves,
