@@ -6,7 +6,7 @@ upgrade moves one.
   grad's shape against the output's data and fails, the engine checks against the graph.
 - `fma`: inductor's fused multiply-add prim, so a compiled kernel rounds as eager's `add_(x, alpha=)`.
 - `group_timeout_s`: a process group's own timeout (a pipeline receive waits no longer than a
-  collective would).
+  collective would); `set_group_timeout` changes it once a run is under way (`parallel.train_timeout_s`).
 - `cpu_flash_attention`: the CPU flash-attention kernel and its backward, which return and take the
   log-sum-exp that ring attention merges blocks by (SDPA's public call drops it).
 - `is_param_cast`: whether a saved tensor is autocast's copy of a parameter (an autograd node whose
@@ -51,6 +51,15 @@ def group_timeout_s(group, default: float = 1800.0) -> float:
         return float(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
     except (AttributeError, RuntimeError):
         return default
+
+
+def set_group_timeout(group, seconds: float) -> None:
+    """Collectives on `group` (None: the default group) fail after `seconds` from now on."""
+    import datetime
+
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    _set_pg_timeout(datetime.timedelta(seconds=seconds), group)
 
 
 def is_param_cast(tensor: torch.Tensor) -> bool:

@@ -33,3 +33,7 @@ class ParallelConfig:
     reduce_in_fp32: bool = True
     average_in_collective: bool = False
     backend: str = "auto"  # auto | nccl | gloo
+    timeout_s: int = 600  # a collective fails after this long while the run starts (joining, loading, first step)
+    train_timeout_s: Optional[int] = None  # ... and after this long from the second step on (None: timeout_s): a
+    # stuck rank then ends the job this soon instead of holding every other rank (Megatron's
+    # --distributed-timeout-minutes, torchtitan's comm.train_timeout_seconds)

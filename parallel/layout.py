@@ -226,8 +226,10 @@ def check_settings(parallel: Any) -> None:
     from plait.parallel.pipeline.schedule import BUILDERS, V_SCHEDULES, splits_backward
     from plait.parallel.pipeline.transport import TRANSPORTS
 
-    for key in ("tp", "pp", "cp", "ep", "vpp", "microbatches"):
+    for key in ("tp", "pp", "cp", "ep", "vpp", "microbatches", "timeout_s"):
         _positive(f"parallel.{key}", getattr(parallel, key))
+    if parallel.train_timeout_s is not None:
+        _positive("parallel.train_timeout_s", parallel.train_timeout_s)
     choice(LayoutError, "parallel.schedule", parallel.schedule, BUILDERS)
     if parallel.schedule in V_SCHEDULES and parallel.vpp == 1 and parallel.pp > 1:
         parallel.vpp = 2  # the V schedules run two chunks per rank; vpp left at its default means that

@@ -14,6 +14,7 @@ start, a resumed run's metrics, a checkpoint past train.steps, out-of-vocabulary
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,6 +129,8 @@ REPORTED = [  # what the review found accepted or a traceback, each with the wor
     (["model.dropout=1.5"], "model.dropout=1.5 must be >= 0 and < 1"), (["launch=slurm", "launch.nodes=0"],
                                                                           "launch.nodes=0 must be >= 1"),
     (["model.moe_experts=4", "model.moe_aux_loss_type=sinkhorn"], "model.moe_aux_loss_type=sinkhorn is not one of"),
+    (["parallel.train_timeout_s=0"], "parallel.train_timeout_s=0 must be a positive integer"),
+    (["parallel.timeout_s=-5"], "parallel.timeout_s=-5 must be a positive integer"),
     (["model.moe_aux_loss_type=seq_aux_loss"], "model.moe_aux_loss_type=seq_aux_loss sets up a mixture of experts"),
 
     (["parallel.tp_overlap=true", "parallel.pp=2", "parallel.schedule=zbh1"],
@@ -403,21 +406,47 @@ def test_a_rank_that_lost_a_peer_leaves_while_a_background_save_still_waits():
     assert done.returncode == 2 and done.stderr.strip() == "plait-train: error: rank 1 lost contact with another rank"
 
 
-def test_a_killed_peer_is_one_line_on_the_survivor(tmp_path, stdlib_tokens):
-    """Two ranks started as torchrun would start them; rank 1 is killed with SIGKILL mid-run, and rank 0
-    ends with one line saying so (exit 2), not gloo's traceback."""
-    import socket
-
-    cache = stdlib_tokens[0].parent.parent
+def two_ranks(command, tmp_path, env=None):
+    """`command` as ranks 0 and 1 of a two-process world (no launcher), on a free port."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+                                  "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                  **(env or {})})
+            for rank in range(2)]
+
+
+@pytest.mark.parametrize("layout", ["dp2", "pp2"])
+def test_a_stuck_rank_ends_the_job_after_the_train_timeout(tmp_path, stdlib_tokens, layout):
+    """Rank 1 stops for 120 s before its third step; with parallel.train_timeout_s=3, rank 0 gives up waiting in
+    that step's grad all-reduce (dp2) or for its pipeline message over shared memory (pp2) and leaves with one
+    line naming the setting, long before rank 1 wakes (the 600 s start-up timeout would have held it)."""
+    cache = stdlib_tokens[0].parent.parent
+    command = [sys.executable, "-m", "plait.train", *SMALL, "train.steps=6", "parallel.train_timeout_s=3",
+               f"train.run_dir={tmp_path / 'run'}", f"data.cache_dir={cache}",
+               *(["parallel.pp=2", "parallel.microbatches=2"] if layout == "pp2" else [])]
+    ranks = two_ranks(command, tmp_path, {"PLAIT_FAULT_AT_STEP": "2", "PLAIT_FAULT_RANK": "1",
+                                          "PLAIT_FAULT_STALL_S": "120"})
+    try:
+        _, err = ranks[0].communicate(timeout=90)
+    finally:
+        ranks[1].kill()
+        ranks[1].communicate()
+    assert ranks[0].returncode == 2, err[-3000:]
+    (line,) = [line for line in err.splitlines() if ": error: " in line]
+    assert "rank 0 waited longer than the collective timeout" in line and "parallel.train_timeout_s=3" in line
+    assert "no checkpoint was written yet" in line and "Traceback" not in err
+
+
+def test_a_killed_peer_is_one_line_on_the_survivor(tmp_path, stdlib_tokens):
+    """Two ranks started as torchrun would start them; rank 1 is killed with SIGKILL mid-run, and rank 0
+    ends with one line saying so (exit 2), not gloo's traceback."""
+    cache = stdlib_tokens[0].parent.parent
     command = [sys.executable, "-m", "plait.train", *SMALL, "train.steps=100000", f"train.run_dir={tmp_path / 'run'}",
                f"data.cache_dir={cache}"]
-    ranks = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
-                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-             for rank in range(2)]
+    ranks = two_ranks(command, tmp_path)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 180
     while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 2):

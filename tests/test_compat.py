@@ -26,7 +26,7 @@ def test_inductor_fma_rounds_once_when_compiled_as_eager_add_does():
     assert float(z.clone().add_(x, alpha=float(y))) == -(2**-46)  # the eager rule the compiled kernel matches
 
 
-def test_group_timeout_of_a_gloo_group(tmp_path):
+def test_group_timeout_of_a_gloo_group_read_and_set(tmp_path):
     import datetime
 
     import torch.distributed as dist
@@ -35,6 +35,8 @@ def test_group_timeout_of_a_gloo_group(tmp_path):
                             timeout=datetime.timedelta(seconds=123))
     try:
         assert compat.group_timeout_s(dist.group.WORLD) == 123.0
+        compat.set_group_timeout(dist.group.WORLD, 9)  # (parallel.train_timeout_s after the first step)
+        assert compat.group_timeout_s(dist.group.WORLD) == 9.0
     finally:
         dist.destroy_process_group()
     assert compat.group_timeout_s(object(), default=7.0) == 7.0

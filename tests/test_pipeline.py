@@ -368,7 +368,7 @@ def shm_misuse_worker(rank, world_size):
     import torch.distributed as dist
 
     from plait.parallel.pipeline import transport
-    from plait.parallel.pipeline.transport import SharedMemoryTransport, TransportError, choose_transport
+    from plait.parallel.pipeline.transport import PeerTimeout, SharedMemoryTransport, TransportError, choose_transport
 
     group, peer, errors = dist.group.WORLD, 1 - rank, {}
     shm = SharedMemoryTransport(group, rank, [peer], slot_bytes=16, microbatches=1, pp=2, vpp=1, timeout_s=0.3)
@@ -379,7 +379,7 @@ def shm_misuse_worker(rank, world_size):
     (work,) = shm.post([(torch.empty(4), peer, 1)], [])
     try:
         work.wait()  # nobody sends tag 1
-    except TransportError as error:
+    except PeerTimeout as error:
         errors["timeout"] = str(error)
     dist.barrier()
     transport.AUTO_ROOM = 1e-12  # no room: auto takes the process group, on every rank alike
@@ -400,7 +400,7 @@ def shm_misuse_worker(rank, world_size):
 
 def shm_peer_lost_worker(rank, world_size):
     """Rank 1 closes its channels (what the kernel does when a process dies); rank 0 then waits on a receive from it
-    and sends to it. Each raises PeerLost at once, not the 20 s timeout's TransportError."""
+    and sends to it. Each raises PeerLost at once, not the 20 s timeout's PeerTimeout."""
     import torch.distributed as dist
 
     from plait.parallel.pipeline.transport import PeerLost, SharedMemoryTransport

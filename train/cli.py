@@ -16,7 +16,7 @@ from plait.data.corpus import DataError
 from plait.launch.errors import LaunchError
 from plait.offload.config import OffloadError, OffloadIOError
 from plait.parallel.layout import LayoutError
-from plait.parallel.pipeline.transport import PeerLost, TransportError
+from plait.parallel.pipeline.transport import PeerLost, PeerTimeout, TransportError
 from plait.train.checkpoint import CheckpointError
 from plait.train.config import ConfigError, load_config
 
@@ -73,6 +73,11 @@ def lost_a_peer(error: BaseException) -> bool:
         isinstance(error, RuntimeError) and any(words in str(error) for words in PEER_LOST))
 
 
+def timed_out(error: BaseException) -> bool:
+    """A collective (gloo's words for it) or a shared-memory pipeline receive gave up waiting."""
+    return isinstance(error, PeerTimeout) or isinstance(error, RuntimeError) and "Timed out waiting" in str(error)
+
+
 def run(cfg: DictConfig) -> dict:
     """Train with `cfg` (or plan only, with train.dry_run=true); returns the last metrics.
 
@@ -109,13 +114,19 @@ def run(cfg: DictConfig) -> dict:
         end_process_group()
         fail(str(error), speak=rank == 0 or trainer is not None and not isinstance(error, FloatingPointError))
     except Exception as error:
-        if not lost_a_peer(error):
+        if not (lost_a_peer(error) or timed_out(error)):
             raise
         end_process_group()
         step = getattr(trainer, "checkpoint_step", None)
-        fail(f"rank {rank} lost contact with another rank ({str(error).splitlines()[0][:160]}): that rank ended "
-             f"or was killed first and its own log says why; checkpoints up to step {step} are intact, resume "
-             f"with train.resume=auto.", at_once=True)
+        saved = f"checkpoints up to step {step} are intact" if step else "no checkpoint was written yet"
+        what = str(error).splitlines()[0][:160]
+        if timed_out(error):
+            fail(f"rank {rank} waited longer than the collective timeout ({what}) for another rank, which is stuck or "
+                 f"far slower (parallel.timeout_s={cfg.parallel.timeout_s} while starting, parallel.train_timeout_s="
+                 f"{cfg.parallel.train_timeout_s} after the first step: raise them if that rank is only slow); "
+                 f"{saved}, resume with train.resume=auto.", at_once=True)
+        fail(f"rank {rank} lost contact with another rank ({what}): that rank ended or was killed first and its own "
+             f"log says why; {saved}, resume with train.resume=auto.", at_once=True)
     end_process_group()
     return metrics
 

@@ -27,6 +27,7 @@ from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash, fault_step
 from plait.launch.rundir import resolve_run_dir
 from plait.launch.signals import Interrupted, Preempted, PreemptionFlag
+from plait.common.compat import set_group_timeout
 from plait.common.optimizer_state import state_bytes
 from plait.optim.builder import build_optimizer, make_optimizer
 from plait.optim.muon import NS_DTYPES
@@ -84,7 +85,7 @@ class Trainer:
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device, self.env.local_rank)
-        init_process_group(self.env, self.device, cfg.parallel.backend)
+        init_process_group(self.env, self.device, cfg.parallel.backend, timeout_s=int(cfg.parallel.timeout_s))
         self.grid = Grid.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, self.device, cp=cfg.parallel.cp,
                                ep=cfg.parallel.ep)
         self.is_logger = self.grid.rank == 0
@@ -522,6 +523,21 @@ class Trainer:
         documents = document_ids(batch[:, :, :-1], self.document_eos)
         return [{"documents": documents[mb]} for mb in range(batch.shape[0])]
 
+    def _tighten_timeouts(self, seconds: int) -> None:
+        """Every training process group's collectives (and pipeline receives) fail after `seconds` from now on. The
+        background checkpoint writer's group keeps `parallel.timeout_s`: a write legitimately outlasts a step."""
+        groups = {None, *(group for group in self.grid.groups.values() if group is not None)}
+        if self.tied is not None and self.tied.group is not None:
+            groups.add(self.tied.group)
+        for group in groups:
+            set_group_timeout(group, seconds)
+        for pipeline in (self.pipeline, self.ramp_pipeline):
+            if pipeline is not None:
+                pipeline.set_timeout(seconds)
+        if self.is_logger:
+            log.info("collective timeout: %d s from step %d on (parallel.train_timeout_s; %d s before)", seconds,
+                     self.step_num + 1, int(self.cfg.parallel.timeout_s))
+
     # the loop ---------------------------------------------------------------------
     def fit(self) -> Dict[str, float]:
         """Train to `train.steps`, logging every `log_every` and validating every `eval_every`."""
@@ -531,12 +547,16 @@ class Trainer:
         preemption = PreemptionFlag()  # SIGTERM / SIGUSR1 / Ctrl-C only raise a flag; all ranks agree below
         buffers_wanted = int(self.cfg.checkpoint.every) > 0  # made once the optimizer state exists (the first update)
         deadline = self.started + 60.0 * float(cfg.max_minutes) if cfg.max_minutes else math.inf
+        tighten = self.cfg.parallel.train_timeout_s is not None and self.grid.world_size > 1
         while self.step_num < cfg.steps:
             if self.step_num == self.crash_at:
                 crash(self.step_num, self.grid.rank)
             self.profiler.before(self.step_num + 1)
             record = self.step()
             self.profiler.after(self.step_num)
+            if tighten:  # the first step is done (loaded, compiled, warmed up): a stuck rank now ends the job soon
+                self._tighten_timeouts(int(self.cfg.parallel.train_timeout_s))
+                tighten = False
             if buffers_wanted and self.updated:  # the snapshot buffers, made in the background as the next steps run
                 self.checkpointer.prepare(self.state())
                 buffers_wanted = False

@@ -345,6 +345,12 @@ class PipelineRuntime:
             self.after_weights(chunk_index)
 
     # the step ----------------------------------------------------------------------
+    def set_timeout(self, seconds: float) -> None:
+        """Shared-memory receives fail after `seconds` from now on (the process groups carry their own)."""
+        set_timeout = getattr(getattr(self, "transport", None), "set_timeout", None)  # (shm only; none at pp 1)
+        if set_timeout is not None:
+            set_timeout(seconds)
+
     def run(self, inputs, targets, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], *,
             before_last_backward: Optional[Callable[[int], None]] = None,
             after_weights: Optional[Callable[[int], None]] = None,

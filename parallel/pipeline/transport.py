@@ -51,6 +51,10 @@ class PeerLost(RuntimeError):
     """A pp peer closed its end of a shared-memory channel mid-run: it exited or was killed (its log says why)."""
 
 
+class PeerTimeout(RuntimeError):
+    """A shared-memory receive waited out the collective timeout: the sender is stuck, or far slower."""
+
+
 def batched_transport(group: dist.ProcessGroup, peers: Sequence[int]) -> Callable:
     """NCCL: one `batch_isend_irecv` per run of messages (coalesced into one launch, no cross-wait deadlock)."""
     def post(recvs, sends) -> list:
@@ -145,8 +149,8 @@ class _Inbox:
         """Block until the sender's next byte is in the FIFO, or its end closes (b''); at most the process group's
         timeout."""
         if not self.poller.poll(1000 * self.timeout_s):
-            raise TransportError(f"no pipeline message from rank {self.peer} in {self.timeout_s:.0f} s; "
-                                 f"did that rank fail?")
+            raise PeerTimeout(f"no pipeline message from rank {self.peer} in {self.timeout_s:.0f} s, the collective "
+                              f"timeout")
         return os.read(self.fifo, 2)
 
     def close(self) -> None:
@@ -272,6 +276,14 @@ class SharedMemoryTransport:
                     for buffer, peer, tag in recvs]
         return received + [SENT] * len(sends)
 
+    __call__ = post  # the runtime calls a transport as `post`; this one also has `set_timeout`
+
+    def set_timeout(self, seconds: float) -> None:
+        """A receive fails after `seconds` without its message from now on (`parallel.train_timeout_s`)."""
+        self.timeout_s = seconds
+        for inbox in self.inboxes.values():
+            inbox.timeout_s = seconds
+
     def close(self) -> None:
         """Close the FIFOs (the mappings go with the last reference to this transport)."""
         for inbox in list(self.inboxes.values()) + list(self.outboxes.values()):
@@ -314,7 +326,7 @@ def choose_transport(requested: str, group: dist.ProcessGroup, backend: str, ran
                                                   timeout_s=group_timeout_s(group),
                                                   room=AUTO_ROOM if requested == "auto" else 1.0)
                 log_once("pipeline messages: shared memory (every pp rank on one host)")
-                return transport.post, "shm"
+                return transport, "shm"
             except TransportError as error:
                 reason = str(error)
         if requested == "shm":
