@@ -290,6 +290,28 @@ def test_overlapped_column_on_cuda_matches_the_mappings_path(tmp_path, sequence_
         dist.destroy_process_group()
 
 
+def test_the_training_timeout_is_set_on_an_nccl_group(tmp_path):
+    """parallel.train_timeout_s on NCCL: `set_group_timeout` reaches the NCCL backend of a one-rank world (torch's
+    private setter, which a torch upgrade may move) and collectives still run after it."""
+    import torch.distributed as dist
+
+    from plait.common.compat import set_group_timeout
+
+    dist.init_process_group("nccl", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1,
+                            device_id=CUDA)
+    try:
+        group = dist.new_group([0])
+        for target in (None, group):
+            set_group_timeout(target, 7)
+        total = torch.ones(4, device=CUDA)
+        dist.all_reduce(total, group=group)
+        assert total.sum().item() == 4.0
+        backend = group._get_backend(CUDA)
+        assert backend.options._timeout.total_seconds() == 7.0
+    finally:
+        dist.destroy_process_group()
+
+
 def test_zero3_on_one_gpu_equals_zero0_and_gathers_in_bf16(tmp_path, stdlib_tokens):
     """FSDP2 under plait on CUDA (NCCL, a one-rank world): fp32 zero=3 trains as zero=0; under bf16 it gathers
     bf16 weights, keeps fp32 master shards, and trains close to fp32."""
