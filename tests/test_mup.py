@@ -34,6 +34,21 @@ def plait_lrs_and_wds(model, cfg, mup):
     return {names[id(p)]: (g["lr"], g["weight_decay"]) for g in optimizer.param_groups for p in g["params"]}, param
 
 
+def mup_readout(out_features: int) -> torch.nn.Module:
+    """mup's MuReadout (`.head`) from width 128 to `out_features`, base width 32 (delta 64), as the package sets it
+    up: what plait's readouts, the head and the MoE routers, are held to."""
+    import mup
+
+    class Readout(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.head = mup.MuReadout(dim, out_features, bias=False, output_mult=1.0)
+
+    readout = Readout(128)
+    mup.set_base_shapes(readout, Readout(32), delta=Readout(64))
+    return readout
+
+
 def test_mup_matches_the_mup_package():
     import mup
 
@@ -63,13 +78,7 @@ def test_mup_matches_the_mup_package():
         assert torch.equal(p.data, expected), f"init std of {name} differs from mup's"
     assert hidden == 8 and ours["layers.0.mlp.w2.weight"][0] == pytest.approx(LR * 96 / 352)
 
-    class Readout(torch.nn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.head = mup.MuReadout(dim, 256, bias=False, output_mult=1.0)
-
-    readout = Readout(128)
-    mup.set_base_shapes(readout, Readout(32), delta=Readout(64))
+    readout = mup_readout(256)
     x = torch.randn(3, 128)
     expected = readout.head(x)
     assert torch.allclose(torch.nn.functional.linear(x, readout.head.weight) * param.scales.logits, expected,
@@ -97,20 +106,14 @@ def test_moe_routers_and_shared_gates_are_readouts_as_mup_s():
         assert param.table[name].role == "hidden", name
     assert param.scales.router == 0.25
 
-    class Router(torch.nn.Module):
-        def __init__(self, dim):
-            super().__init__()
-            self.router = mup.MuReadout(dim, 4, bias=False, output_mult=1.0)
-
-    reference = Router(128)
-    mup.set_base_shapes(reference, Router(32), delta=Router(64))
+    reference = mup_readout(4)
     lr_of = {id(p): g["lr"] for g in mup.MuAdam(reference.parameters(), lr=LR).param_groups for p in g["params"]}
     router = model.layers["1"].mlp.router
     with torch.no_grad():
-        router.weight.copy_(reference.router.weight)
+        router.weight.copy_(reference.head.weight)
     x = torch.randn(5, 128)
-    assert torch.allclose(router(x), reference.router(x), rtol=1e-6, atol=1e-7)
-    assert ours["layers.1.mlp.router.weight"][0] == pytest.approx(lr_of[id(reference.router.weight)], rel=1e-12)
+    assert torch.allclose(router(x), reference.head(x), rtol=1e-6, atol=1e-7)
+    assert ours["layers.1.mlp.router.weight"][0] == pytest.approx(lr_of[id(reference.head.weight)], rel=1e-12)
 
 
 def test_standard_parametrization_is_the_same_path_with_unit_multipliers():
