@@ -6,7 +6,8 @@ upgrade moves one.
   grad's shape against the output's data and fails, the engine checks against the graph.
 - `fma`: inductor's fused multiply-add prim, so a compiled kernel rounds as eager's `add_(x, alpha=)`.
 - `group_timeout_s`: a process group's own timeout (a pipeline receive waits no longer than a
-  collective would); `set_group_timeout` changes it once a run is under way (`parallel.train_timeout_s`).
+  collective would); `set_group_timeout` changes it once a run is under way (`parallel.train_timeout_s`), on
+  each of `process_groups` (every group this process made, FSDP2's flattened meshes' too).
 - `cpu_flash_attention`: the CPU flash-attention kernel and its backward, which return and take the
   log-sum-exp that ring attention merges blocks by (SDPA's public call drops it).
 - `is_param_cast`: whether a saved tensor is autocast's copy of a parameter (an autograd node whose
@@ -51,6 +52,13 @@ def group_timeout_s(group, default: float = 1800.0) -> float:
         return float(group._get_backend(torch.device("cpu")).options._timeout.total_seconds())
     except (AttributeError, RuntimeError):
         return default
+
+
+def process_groups() -> list:
+    """Every process group this process belongs to: the default one, the grid's, and those torch made itself."""
+    from torch.distributed import distributed_c10d
+
+    return list(distributed_c10d._world.pg_map)
 
 
 def set_group_timeout(group, seconds: float) -> None:

@@ -35,8 +35,11 @@ def test_group_timeout_of_a_gloo_group_read_and_set(tmp_path):
                             timeout=datetime.timedelta(seconds=123))
     try:
         assert compat.group_timeout_s(dist.group.WORLD) == 123.0
-        compat.set_group_timeout(dist.group.WORLD, 9)  # (parallel.train_timeout_s after the first step)
-        assert compat.group_timeout_s(dist.group.WORLD) == 9.0
+        extra = dist.new_group([0])
+        assert set(compat.process_groups()) == {dist.group.WORLD, extra}
+        for group in compat.process_groups():  # (parallel.train_timeout_s after the first step)
+            compat.set_group_timeout(group, 9)
+            assert compat.group_timeout_s(group) == 9.0
     finally:
         dist.destroy_process_group()
     assert compat.group_timeout_s(object(), default=7.0) == 7.0

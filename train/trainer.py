@@ -27,7 +27,7 @@ from plait.launch.env import ProcessEnv, detect, init_process_group, pick_device
 from plait.launch.faults import crash, fault_step
 from plait.launch.rundir import resolve_run_dir
 from plait.launch.signals import Interrupted, Preempted, PreemptionFlag
-from plait.common.compat import set_group_timeout
+from plait.common.compat import process_groups, set_group_timeout
 from plait.common.optimizer_state import state_bytes
 from plait.optim.builder import build_optimizer, make_optimizer
 from plait.optim.muon import NS_DTYPES
@@ -526,11 +526,9 @@ class Trainer:
     def _tighten_timeouts(self, seconds: int) -> None:
         """Every training process group's collectives (and pipeline receives) fail after `seconds` from now on. The
         background checkpoint writer's group keeps `parallel.timeout_s`: a write legitimately outlasts a step."""
-        groups = {None, *(group for group in self.grid.groups.values() if group is not None)}
-        if self.tied is not None and self.tied.group is not None:
-            groups.add(self.tied.group)
-        for group in groups:
-            set_group_timeout(group, seconds)
+        for group in process_groups():
+            if group is not self.checkpointer.group:
+                set_group_timeout(group, seconds)
         for pipeline in (self.pipeline, self.ramp_pipeline):
             if pipeline is not None:
                 pipeline.set_timeout(seconds)
