@@ -7,11 +7,19 @@ rank raises in the test with that rank's traceback.
 
 import os
 import pickle
+import socket
 import tempfile
 import traceback
 from typing import Any, Callable, List
 
 import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port free on this host now (for tests that launch ranks or a rendezvous through a port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tuple, queue) -> None:

@@ -14,7 +14,6 @@ start, a resumed run's metrics, a checkpoint past train.steps, out-of-vocabulary
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dist_utils import free_port
 from plait.train.config import ConfigError, load_config, validate
 
 NUMBERS = {  # key -> values that may or may not be in range
@@ -408,9 +408,7 @@ def test_a_rank_that_lost_a_peer_leaves_while_a_background_save_still_waits():
 
 def two_ranks(command, tmp_path, env=None):
     """`command` as ranks 0 and 1 of a two-process world (no launcher), on a free port."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     return [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                              env={**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                                   "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),

@@ -4,13 +4,12 @@ per-round store, the preemption flag and the run directory on 2 gloo ranks."""
 import datetime
 import os
 import signal
-import socket
 import sys
 
 import pytest
 import torch.distributed as dist
 
-from dist_utils import run_ranks
+from dist_utils import free_port, run_ranks
 from plait.launch import env as env_lib
 from plait.launch.submit import check_endpoint, submit_slurm
 from plait.train.launch_cli import validate_and_launch as launch
@@ -22,12 +21,6 @@ from plait.launch.rundir import resolve_run_dir, run_dir_from_ids
 from plait.launch.signals import REQUEUE_EXIT_CODE, PreemptionFlag
 from plait.parallel.layout import LayoutError
 from plait.train.config import ConfigError, load_config
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_detect_torchrun_slurm_and_single():

@@ -6,12 +6,12 @@ so the crashed-and-restarted run must end on the two-node run's final loss (exac
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from dist_utils import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -19,12 +19,6 @@ STEPS = 8
 TRAIN = ["parallel.tp=2", "model=tiny", f"train.steps={STEPS}", "train.batch_size=4", "train.seq_len=64",
          "train.eval_every=0", "train.log_every=1", "train.peak_flops=1e12", "train.progress=false",
          "train.threads=1"]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def launcher_env(cache: str) -> dict:

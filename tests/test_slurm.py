@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dist_utils import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +52,6 @@ NodeName=node1 NodeHostname={host} NodeAddr=127.0.0.1 Port={port1} CPUs=2 RealMe
 NodeName=node2 NodeHostname={host} NodeAddr=127.0.0.1 Port={port2} CPUs=2 RealMemory=4000
 PartitionName=debug Nodes=node[1-2] Default=YES MaxTime=INFINITE State=UP
 """
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _pid(path: Path):
