@@ -114,13 +114,14 @@ def run(cfg: DictConfig) -> dict:
         end_process_group()
         fail(str(error), speak=rank == 0 or trainer is not None and not isinstance(error, FloatingPointError))
     except Exception as error:
-        if not (lost_a_peer(error) or timed_out(error)):
+        stuck = timed_out(error)
+        if not (stuck or lost_a_peer(error)):
             raise
         end_process_group()
         step = getattr(trainer, "checkpoint_step", None)
         saved = f"checkpoints up to step {step} are intact" if step else "no checkpoint was written yet"
         what = str(error).splitlines()[0][:160]
-        if timed_out(error):
+        if stuck:
             fail(f"rank {rank} waited longer than the collective timeout ({what}) for another rank, which is stuck or "
                  f"far slower (parallel.timeout_s={cfg.parallel.timeout_s} while starting, parallel.train_timeout_s="
                  f"{cfg.parallel.train_timeout_s} after the first step: raise them if that rank is only slow); "
