@@ -12,6 +12,8 @@ upgrade moves one.
   log-sum-exp that ring attention merges blocks by (SDPA's public call drops it).
 - `is_param_cast`: whether a saved tensor is autocast's copy of a parameter (an autograd node whose
   only input is a parameter's gradient accumulator), by the nodes' names.
+- `scaled_mm`: the float8 GEMM (`torch._scaled_mm`) with one scale per operand, which
+  `train.precision=fp8`'s linear layers run (parallel/float8.py).
 - `fsdp_reduce_pending`: FSDP2's post-backward of every parameter group under a root module, then
   its end-of-backward callback, run by hand after a split backward (torch.distributed.pipelining's
   `perform_reduce_grad` does the same): the weight grads W accumulated after the last hook fired.
@@ -124,3 +126,10 @@ def fsdp_reduce_pending(root) -> None:
         for group in groups:
             group.post_backward()
     state._root_post_backward_final_callback()
+
+
+def scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+              out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
+    """(a * scale_a) @ (b * scale_b) in `out_dtype`: a, b float8 (a row-major, b column-major), the scales fp32
+    scalars (each the inverse of the factor its operand was multiplied by before the cast)."""
+    return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=fast_accum)

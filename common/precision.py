@@ -1,4 +1,4 @@
-"""`train.precision`'s half types: which settings run the forward in 16 bits, and in which dtype.
+"""`train.precision`'s half types: which settings run the forward in 16 bits (or less), and in which dtype.
 
 The one table autocast, FSDP2's mixed-precision policy, the MFU peak lookup and `plait plan`
 read, so a new half precision is one line here.
@@ -8,9 +8,16 @@ from typing import Optional
 
 import torch
 
-HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> autocast dtype
+# train.precision -> autocast dtype; fp8 is bf16 autocast with float8 GEMMs in the dense linear layers
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+FLOAT8 = "fp8"
+
+
+def float8_gemms(precision: str) -> bool:
+    """Whether `precision` runs the dense linear layers' GEMMs in float8 (plait.parallel.float8)."""
+    return precision == FLOAT8
 
 
 def half_dtype(precision: str) -> Optional[torch.dtype]:
-    """The 16-bit dtype `precision` runs its forward in (None: fp32)."""
+    """The 16-bit dtype `precision` runs its forward in, autocast's (None: fp32)."""
     return HALF_DTYPES.get(precision)

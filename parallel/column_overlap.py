@@ -35,9 +35,10 @@ SEQ_DIM = 1
 OVERLAP_CHOICES = ("auto", "true", "false")
 
 
-def overlap_wanted(choice: object, tp: int, split_backward: bool) -> Tuple[bool, str]:
+def overlap_wanted(choice: object, tp: int, split_backward: bool, float8: bool = False) -> Tuple[bool, str]:
     """(overlap?, why) for `parallel.tp_overlap`: auto overlaps at tp > 1 unless a zero-bubble schedule splits
-    each backward in input and weight grads (`true` there is refused by the config's checks)."""
+    each backward in input and weight grads, or the GEMMs are float8 ones (`true` there is refused by the config's
+    checks)."""
     choice = str(choice).lower()
     if tp == 1:
         return False, "tp 1: nothing to overlap"
@@ -45,6 +46,8 @@ def overlap_wanted(choice: object, tp: int, split_backward: bool) -> Tuple[bool,
         return choice == "true", f"parallel.tp_overlap={choice}"
     if split_backward:
         return False, "auto: off under a zero-bubble schedule (its backward runs input and weight grads apart)"
+    if float8:
+        return False, "auto: off under train.precision=fp8 (its float8 GEMMs run through autograd)"
     return True, f"auto: on at tp {tp}"
 
 

@@ -178,16 +178,16 @@ class MappedColumn:
     sequence all-gather, or none), then one `F.linear` per segment; autograd runs the backward op by op (what a
     zero-bubble schedule splits into input and weight grads)."""
 
-    def __init__(self, input_map: Mapping):
-        self.input_map = input_map
+    def __init__(self, input_map: Mapping, gemm: Callable = F.linear):
+        self.input_map, self.gemm = input_map, gemm
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  segments: Optional[Sequence[int]]):
         x = self.input_map(x)
         if segments is None:
-            return F.linear(x, weight, bias)
+            return self.gemm(x, weight, bias)
         biases = bias.split(segments) if bias is not None else (None,) * len(segments)
-        return tuple(F.linear(x, w, b) for w, b in zip(weight.split(segments), biases))
+        return tuple(self.gemm(x, w, b) for w, b in zip(weight.split(segments), biases))
 
 
 class ColumnParallelLinear(nn.Module):
@@ -225,6 +225,13 @@ class ColumnParallelLinear(nn.Module):
             self.run = MappedColumn(_identity if local else mapping(GatherFromSequence if sequence_parallel
                                                                     else CopyToRegion, group))
         self.output_map = mapping(GatherFromRegion, group) if gather_output else _identity
+
+    def use_gemm(self, gemm: Callable) -> None:
+        """Run the layer's GEMMs with `gemm` (F.linear's signature; a float8 one, parallel/float8.py)."""
+        if not isinstance(self.run, MappedColumn):
+            raise ValueError("parallel.tp_overlap=true runs its own GEMMs in its backward, which have no float8 "
+                             "form: set parallel.tp_overlap=false to use train.precision=fp8.")
+        self.run.gemm = gemm
 
     def forward(self, x: torch.Tensor, segmented: bool = False):
         """This rank's output, or with `segmented` each segment's (`forward_segments`), through the call."""
@@ -266,9 +273,14 @@ class RowParallelLinear(nn.Module):
             raise ValueError("a local RowParallelLinear leaves partial sums: its caller adds a bias after reducing.")
         self.output_map = _identity if local else mapping(ReduceScatterToSequence if sequence_parallel
                                                           else ReduceFromRegion, group)
+        self.gemm = F.linear
+
+    def use_gemm(self, gemm: Callable) -> None:
+        """Run the layer's GEMM with `gemm` (F.linear's signature; a float8 one, parallel/float8.py)."""
+        self.gemm = gemm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.output_map(F.linear(x, self.weight))
+        y = self.output_map(self.gemm(x, self.weight))
         return y + self.bias if self.bias is not None else y
 
 

@@ -55,7 +55,7 @@ CHOICES = {  # key -> names, some of which are not in the table that builds them
     "optim.decay_shape": ["sqrt", "linear", "exponential"],
     "optim.impl": ["auto", "foreach", "fastest"], "parallel.schedule": ["1f1b", "gpipe", "zbv", "interleaved"],
     "parallel.pp_transport": ["auto", "shm", "carrier-pigeon"], "parallel.backend": ["auto", "gloo", "mpi"],
-    "train.device": ["cpu", "auto", "tpu"], "train.precision": ["fp32", "bf16", "fp16", "fp8"],
+    "train.device": ["cpu", "auto", "tpu"], "train.precision": ["fp32", "bf16", "fp8", "int4"],
     "train.compile": ["auto", "false", "sometimes"], "logging.level": ["INFO", "debug", "LOUD"],
     "logging.wandb.mode": ["disabled", "offline", "bogus"], "offload.backend": ["none", "host", "tape"],
     "offload.policy": ["offload", "keep", "maybe"], "data.tokenizer": ["byte", "sentencepiece"],
@@ -136,6 +136,10 @@ REPORTED = [  # what the review found accepted or a traceback, each with the wor
     (["parallel.tp_overlap=true", "parallel.pp=2", "parallel.schedule=zbh1"],
      "parallel.tp_overlap=true makes each column-parallel layer one autograd node"),
     (["parallel.tp_overlap=maybe"], "parallel.tp_overlap=maybe is not one of auto, true, false"),
+    (["train.precision=fp8", "parallel.tp_overlap=true"],
+     "train.precision=fp8 runs the column-parallel layers' GEMMs through autograd"),
+    (["train.precision=fp8", "model.ffn_dim=100"],
+     "train.precision=fp8 runs float8 GEMMs, whose sizes must be multiples of 16, but the MLP width / parallel.tp is 100"),
 ]
 
 

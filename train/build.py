@@ -21,6 +21,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from plait.parallel.float8 import use_float8
 from plait.parallel.grid import Grid
 from plait.parallel.plans import (Colwise, ContextAttention, ExpertRegion, HeadNorm, Rowwise, SequenceDropout,
                                   SequenceNorm, Style, VocabEmbedding, VocabHead, VocabParallelOutput, param_specs,
@@ -116,8 +117,11 @@ def llama_plan(cp_mode: str = "ring", tp_overlap: bool = False) -> Dict[str, Sty
 
 def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *, sequence_parallel: bool = False,
                 scales: Scales = Scales(), device: Optional[torch.device] = None, std_of: Optional[StdOf] = None,
-                rng: Optional[ParallelRNG] = None, cp_mode: str = "ring", tp_overlap: bool = False) -> Transformer:
+                rng: Optional[ParallelRNG] = None, cp_mode: str = "ring", tp_overlap: bool = False,
+                float8: bool = False) -> Transformer:
     """The whole decoder as one chunk (no pipeline), parallelized for `grid`, initialized from `seed`.
+
+    With `float8` its dense layers run float8 GEMMs (train.precision=fp8, plait.parallel.float8).
 
     With `model.dropout > 0` and no `rng` given, dropout draws from a `ParallelRNG`
     seeded by `seed` (kept as `model.rng`, whose state a checkpoint can save).
@@ -125,6 +129,8 @@ def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *,
     grid = grid or Grid.single()
     model = Transformer(cfg, scales=scales, rng=_rng(cfg, grid, seed, device, rng), device=device)
     parallelize(model, grid, llama_plan(cp_mode, tp_overlap), sequence_parallel)
+    if float8:
+        use_float8(model, grid)
     init_parameters(model, seed, std_of, grid)
     return model
 
@@ -133,9 +139,9 @@ def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, se
                  sequence_parallel: bool = False, scales: Scales = Scales(), device: Optional[torch.device] = None,
                  std_of: Optional[StdOf] = None, rng: Optional[ParallelRNG] = None, pp_rank: Optional[int] = None,
                  pp: Optional[int] = None, placement: str = "loop", cp_mode: str = "ring",
-                 tp_overlap: bool = False) -> List[Transformer]:
+                 tp_overlap: bool = False, float8: bool = False) -> List[Transformer]:
     """The chunks of pp rank `pp_rank` (default: the grid's) in model order: stages r, r + p, ... (or, with
-    placement "v", stages r and 2p - 1 - r).
+    placement "v", stages r and 2p - 1 - r); `float8` as `build_model`'s.
 
     Stage 0 holds the embedding, the last stage the final norm and head.
     """
@@ -148,6 +154,8 @@ def build_chunks(cfg: ModelConfig, grid: Optional[Grid] = None, vpp: int = 1, se
         chunk = Transformer(cfg, plan.layers, has_embedding=plan.has_embedding, has_head=plan.has_head,
                             scales=scales, rng=rng, device=device)
         parallelize(chunk, grid, llama_plan(cp_mode, tp_overlap), sequence_parallel)
+        if float8:
+            use_float8(chunk, grid)
         init_parameters(chunk, seed, std_of, grid)
         chunks.append(chunk)
     return chunks

@@ -17,11 +17,12 @@ from plait.launch.errors import LaunchError
 from plait.offload.config import OffloadError, OffloadIOError
 from plait.parallel.layout import LayoutError
 from plait.parallel.pipeline.transport import PeerLost, PeerTimeout, TransportError
+from plait.parallel.float8 import Float8Error
 from plait.train.checkpoint import CheckpointError
 from plait.train.config import ConfigError, load_config
 
 USER_ERRORS = (ConfigError, DataError, LayoutError, LaunchError, CheckpointError, OffloadError, OffloadIOError,
-               TransportError)
+               TransportError, Float8Error)
 
 
 def setup_logging(level: str = "INFO") -> None:

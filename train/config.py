@@ -15,7 +15,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from plait.common.checks import SettingError, choice, number
-from plait.common.precision import HALF_DTYPES
+from plait.common.precision import HALF_DTYPES, float8_gemms
 from plait.common.paths import unwritable_reason
 from plait.data.config import DataConfig, validate_data
 from plait.launch.config import LaunchConfig
@@ -90,7 +90,8 @@ class TrainConfig:
     rampup_batch_size: Optional[List[int]] = None  # [start, increment, samples]: the batch grows to batch_size
     seq_len: int = 256
     seed: int = 1234
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; master weights stay fp32; fp16 scales the loss)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | fp8 (autocast; master weights stay fp32; fp16 scales the loss;
+    # fp8: bf16 autocast with the dense linear layers' GEMMs in float8, plait.parallel.float8)
     loss_scale: Optional[float] = None  # fp16 only: null scales dynamically, a number is a static scale
     loss_scale_initial: float = 65536.0  # fp16, dynamic: the first scale (2^16)
     loss_scale_window: int = 1000  # fp16, dynamic: steps without an overflow before the scale doubles
@@ -286,7 +287,7 @@ def check_router_groups(model: ModelConfig) -> None:
 
 
 DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("fp32", *HALF_DTYPES)  # fp32, bf16, fp16
+PRECISIONS = ("fp32", *HALF_DTYPES)  # fp32, bf16, fp16, fp8
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 WANDB_MODES = ("disabled", "offline", "online")
 
@@ -470,6 +471,28 @@ def check_loss_chunks(cfg: Config) -> None:
              f"parallel.zero=2, a schedule without a split backward, or train.loss_chunks=0.")
 
 
+def check_float8(cfg: Config, dp: int) -> None:
+    """`train.precision=fp8`: the dense layers' float8 GEMMs (plait.parallel.float8) need each size a multiple of 16
+    on CUDA (checked on every device, so a config tried on CPU runs on the GPU), and run through autograd."""
+    if not float8_gemms(cfg.train.precision):
+        return
+    model, parallel = cfg.model, cfg.parallel
+    _require(str(parallel.tp_overlap).lower() != "true",
+             "train.precision=fp8 runs the column-parallel layers' GEMMs through autograd, which "
+             "parallel.tp_overlap=true replaces with a backward of its own; set parallel.tp_overlap=auto (off under "
+             "fp8) or false.")
+    head_dim = model.dim // model.n_heads
+    sizes = {"model.dim": model.dim, "the query width / parallel.tp": model.n_heads * head_dim // parallel.tp,
+             "the key-value width / parallel.tp": kv_heads(model) * head_dim // parallel.tp,
+             "the tokens of a micro-batch (micro-batch x train.seq_len / parallel.cp)":
+                 micro_batch_size(cfg, dp) * cfg.train.seq_len // parallel.cp}
+    if not model.moe_experts:
+        sizes["the MLP width / parallel.tp"] = ffn_dim(model) // parallel.tp
+    wrong = [f"{name} is {size}" for name, size in sizes.items() if size % 16]
+    _require(not wrong, f"train.precision=fp8 runs float8 GEMMs, whose sizes must be multiples of 16, but "
+                        f"{'; '.join(wrong)}: change them, or use train.precision=bf16.")
+
+
 def validate(cfg: Config, world_size: int = 1) -> int:
     """Check every setting and every relation between settings before any process group is made; returns dp.
 
@@ -490,6 +513,7 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     dp = check_layout(cfg, world_size).dp
     check_rampup(cfg, dp)
     check_loss_chunks(cfg)
+    check_float8(cfg, dp)
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
     _require(cfg.parallel.cp == 1 or cfg.model.dropout == 0,

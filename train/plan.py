@@ -27,7 +27,7 @@ from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
-from plait.common.precision import half_dtype
+from plait.common.precision import float8_gemms, half_dtype
 from plait.parallel.grid import Grid
 from plait.parallel.layout import Layout
 
@@ -248,7 +248,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     grid = stand_in_grid(layout, layout.rank_of(pp=pp_rank))
     sp = bool(parallel.sequence_parallel and tp > 1)
     style = placement(_schedule_name(parallel))
-    overlap, _ = overlap_wanted(parallel.tp_overlap, tp, splits_backward(parallel))
+    overlap, _ = overlap_wanted(parallel.tp_overlap, tp, splits_backward(parallel), float8_gemms(train.precision))
     regather = overlap and sp  # column-parallel layers keep their input's sequence shard and gather it in backward
     chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp, style)
     params, full_params, vocab_local, block, matrices = 0, 0, 0, 0, 0

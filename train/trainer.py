@@ -29,12 +29,14 @@ from plait.launch.rundir import resolve_run_dir
 from plait.launch.signals import Interrupted, Preempted, PreemptionFlag
 from plait.common.compat import process_groups, set_group_timeout
 from plait.common.optimizer_state import state_bytes
+from plait.common.precision import float8_gemms
 from plait.optim.builder import build_optimizer, make_optimizer
 from plait.optim.muon import NS_DTYPES
 from plait.optim.groups import param_groups
 from plait.optim.clip import clip_by_norm
 from plait.optim.loss_scale import LossScaler
 from plait.parallel.column_overlap import overlap_wanted
+from plait.parallel.float8 import check_float8_device
 from plait.parallel.grad_norm import global_grad_norm
 from plait.optim.schedule import apply_lr
 from plait.parallel.data_parallel import DataParallelGrads
@@ -85,6 +87,8 @@ class Trainer:
         if cfg.train.threads > 0:
             torch.set_num_threads(cfg.train.threads)
         self.device = pick_device(cfg.train.device, self.env.local_rank)
+        if float8_gemms(cfg.train.precision):
+            check_float8_device(self.device)
         init_process_group(self.env, self.device, cfg.parallel.backend, timeout_s=int(cfg.parallel.timeout_s))
         self.grid = Grid.build(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.dp, self.device, cp=cfg.parallel.cp,
                                ep=cfg.parallel.ep)
@@ -212,13 +216,19 @@ class Trainer:
         """The whole model (pp == 1) or this pp rank's vpp chunks, on the device."""
         cfg = self.cfg
         self.parametrization = build_parametrization(cfg.model, cfg.optim)  # muP or standard, by optim.mup
-        self.tp_overlap, why = overlap_wanted(cfg.parallel.tp_overlap, self.grid.tp, splits_backward(cfg.parallel))
+        float8 = float8_gemms(cfg.train.precision)
+        self.tp_overlap, why = overlap_wanted(cfg.parallel.tp_overlap, self.grid.tp, splits_backward(cfg.parallel),
+                                              float8)
         if self.is_logger and self.grid.tp > 1:
             log.info("tp overlap: %s (%s)", "on" if self.tp_overlap else "off", why)
         chunks = build_chunks(cfg.model, self.grid, cfg.parallel.vpp, cfg.train.seed, device=self.device,
                               sequence_parallel=cfg.parallel.sequence_parallel, scales=self.parametrization.scales,
                               std_of=self.parametrization.std_of, placement=placement(self.schedule),
-                              cp_mode=cfg.parallel.cp_mode, tp_overlap=self.tp_overlap)  # pp == 1: one chunk
+                              cp_mode=cfg.parallel.cp_mode, tp_overlap=self.tp_overlap,
+                              float8=float8)  # pp == 1: one chunk
+        if self.is_logger and float8:
+            log.info("float8: the dense layers' GEMMs in e4m3 (forward) and e5m2 (grads), scaled per tensor; "
+                     "the embedding, head, routers and experts in bf16")
         for chunk in chunks:
             if self.parametrization.zero_query:
                 zero_queries(chunk)
