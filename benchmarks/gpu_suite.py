@@ -5,7 +5,8 @@ recorded and the rest go on):
 
 1. `pytest -m gpu`: every CUDA path's test (pass / fail / skip counts);
 2. the 1B training step against Hugging Face's LlamaForCausalLM, eager and compiled, bf16
-   (benchmarks/step_throughput.py --preset 1b), with MFU against the datasheet peak;
+   (benchmarks/step_throughput.py --preset 1b), with MFU against the datasheet peak; then plait's with
+   float8 GEMMs (`train.precision=fp8`) against the same HF step in bf16 (step_fp8);
 3. `plait-train model=1b` on CUDA, bf16, `train.compile=auto`: tokens/s and MFU as logged;
 4. one optimizer step over the 1B shapes: plait Lion (Triton) against lion-pytorch (its
    Triton kernel where installed), torch's fused AdamW and Lion's byte floor (optim_step.py);
@@ -135,6 +136,9 @@ def plan(args, out: Path) -> List[tuple]:
         ("step", [py, str(BENCH / "step_throughput.py"), "--device", device, "--precisions", "bf16", "--rounds",
                   "2" if smoke else "5", "--warmup", "1" if smoke else "2", "--out", str(out / "step.json")]
          + step_shape, 150, out / "step.json"),
+        ("step_fp8", [py, str(BENCH / "step_throughput.py"), "--device", device, "--precisions", "fp8", "--rounds",
+                      "2" if smoke else "4", "--warmup", "1" if smoke else "2", "--out", str(out / "step_fp8.json")]
+         + step_shape, 150, out / "step_fp8.json"),
         ("train", [py, "-m", "plait.train", *train_shape, f"train.device={device}", "train.precision=bf16",
                    "train.eval_every=0", "train.log_every=1", "train.progress=false", "checkpoint.save_final=false",
                    f"train.run_dir={out / 'train'}"], 120, out / "train"),
@@ -170,7 +174,7 @@ def headline(name: str, result: Dict) -> Dict[str, float]:
     if name == "train":
         return result
     summary = result.get("summary", {})
-    if name == "step":
+    if name in ("step", "step_fp8"):
         rows = {row["contender"]: row for row in result.get("rows", [])}
         figures = {f"{key}_tokens_per_s": rows[contender]["tokens_per_s"] for key, contender in
                    (("eager", "plait eager"), ("compiled", "plait compiled"), ("hf", "hf LlamaForCausalLM"))

@@ -5,7 +5,10 @@ Contenders, stepped in turn round by round (so load swings hit them alike):
 One step = forward, loss, backward and a fused AdamW step on one batch. Each precision is a
 separate set of rounds: fp32, then bf16 (every contender under CPU autocast, fp32 master
 weights: what `train.precision=bf16` does). Reports tokens/s (median, min, max) and each
-contender's ratio to the HF peer at the same precision.
+contender's ratio to the HF peer at the same precision. `fp8` (`--precisions fp8`) runs plait's
+dense layers' GEMMs in float8 (`train.precision=fp8`, float8 tensor cores on CUDA) against HF in
+bf16, its nearest precision (transformers has no float8 training); MFU there is against the bf16
+peak, as the trainer reports it.
 
 In fp32 on one CPU core the step is bounded by two kernels every contender shares: the GEMMs
 (MKL sgemm, about 92 GFLOP/s here, about 70% of the HF step) and the flash-attention kernel
@@ -34,10 +37,11 @@ def model_config(args):
                        ffn_dim=args.ffn, vocab_size=args.vocab, max_seq_len=args.seq, tie_embeddings=args.tied)
 
 
-def plait_model(args):
+def plait_model(args, precision):
+    from plait.common.precision import float8_gemms
     from plait.train.build import build_model
 
-    return build_model(model_config(args), seed=0, device=torch.device(args.device))
+    return build_model(model_config(args), seed=0, device=torch.device(args.device), float8=float8_gemms(precision))
 
 
 def hf_model(args):
@@ -53,7 +57,7 @@ def hf_model(args):
 
 def make_step(loss_fn, params, precision, device_type="cpu"):
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16}[precision]
+    autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[precision]
 
     def step(batch):
         with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
@@ -70,11 +74,11 @@ def builders(args, precision):
     device_type = torch.device(args.device).type
 
     def plait_eager():
-        model = plait_model(args)
+        model = plait_model(args, precision)
         return make_step(lambda x, y: model.loss(model(x), y), model.parameters(), precision, device_type)
 
     def plait_compiled():
-        model = plait_model(args)
+        model = plait_model(args, precision)
         loss = torch.compile(lambda x, y: model.loss(model(x), y))
         return make_step(loss, model.parameters(), precision, device_type)
 
@@ -146,7 +150,8 @@ def main():
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--precisions", default="fp32,bf16",
-                        help="comma-separated; bf16 runs every contender under CPU autocast (fp32 master weights)")
+                        help="comma-separated; bf16 runs every contender under autocast (fp32 master weights); fp8: "
+                             "plait's float8 GEMMs against HF in bf16")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
