@@ -139,7 +139,7 @@ REPORTED = [  # what the review found accepted or a traceback, each with the wor
     (["train.precision=fp8", "parallel.tp_overlap=true"],
      "train.precision=fp8 runs the column-parallel layers' GEMMs through autograd"),
     (["train.precision=fp8", "model.ffn_dim=100"],
-     "train.precision=fp8 runs float8 GEMMs, whose sizes must be multiples of 16, but the MLP width / parallel.tp is 100"),
+     "sizes must be multiples of 16, but the MLP width / parallel.tp is 100"),
 ]
 
 
