@@ -63,9 +63,11 @@ def to_float8(t: torch.Tensor, dtype: torch.dtype, group=None):
 def emulated_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                        out_dtype: torch.dtype, fast_accum: bool = False) -> torch.Tensor:
     """`scaled_mm`'s numbers off CUDA: the float8 operands widened to fp32 (exactly), multiplied and accumulated
-    in fp32, then scaled. torch's CPU `_scaled_mm` gives the same but takes 0.5 s for an e4m3 x e4m3 GEMM of
-    256 x 64 x 192 (its e5m2 GEMMs take 0.3 ms)."""
-    return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
+    in fp32 (autocast off: it would multiply in bf16), scaled, then rounded once to `out_dtype`. torch's CPU
+    `_scaled_mm` gives the same but takes 0.5 s for an e4m3 x e4m3 GEMM of 256 x 64 x 192 (its e5m2 GEMMs take
+    0.3 ms)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:

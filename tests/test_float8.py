@@ -61,13 +61,16 @@ def test_the_cpu_emulation_equals_torchs_scaled_mm():
         assert rel(emulated_scaled_mm(aq, bq.t(), a_inverse, b_inverse, torch.float32), expected) < 1e-6
 
 
-def test_float8_gemm_under_bf16_autocast_keeps_each_grad_in_its_tensors_dtype():
+def test_float8_gemm_under_bf16_autocast_rounds_once_and_keeps_each_grad_in_its_tensors_dtype():
+    """Under autocast the output is the fp32-accumulated product rounded once to bf16 (as on CUDA), and each grad
+    has its tensor's dtype."""
     x = torch.randn(4, 32, requires_grad=True)
     weight = torch.randn(16, 32, requires_grad=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = Float8Gemm()(x, weight)
     y.float().sum().backward()
     assert (y.dtype, x.grad.dtype, weight.grad.dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    assert torch.equal(y, Float8Gemm()(x, weight).to(torch.bfloat16))
 
 
 def test_an_all_zero_tensor_casts_to_zeros():
