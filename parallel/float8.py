@@ -10,9 +10,10 @@ The recipe is torchao's "tensorwise" one (Transformer Engine's "hybrid" format w
   weight's), each accumulated in fp32;
 - saved for the backward: xq and Wq, one byte an element where a bf16 linear keeps x in two.
 
-What stays out of float8: the embedding, the head (its logits feed the loss), the routers and the experts of a
-mixture (their token counts are not multiples of 16), attention's score and value products, norms. torchtitan
-leaves the head out by default for the same reason.
+The layers in float8 are attention's Q|K|V and output projections, the MLP's gate|up and down, and in a mixture of
+experts each expert's and the shared expert's. What stays out: the embedding, the head (its logits feed the loss;
+torchtitan leaves it out by default for the same reason), the routers and the shared expert's gate (readouts of a
+few columns), attention's score and value products, norms.
 
 Scales across ranks. A scale belongs to one whole tensor of this rank's tokens. A tensor split along its
 features over tp (a column-parallel layer's weight and output grad, a row-parallel layer's weight and input)
@@ -21,9 +22,10 @@ one process's numbers. A split along tokens (micro-batches, dp, cp) is not reduc
 tensor, as under gradient accumulation.
 
 On CUDA `_scaled_mm` runs on float8 tensor cores (compute capability 8.9+) and needs the GEMMs' sizes to be
-multiples of 16: the layers' widths, and the tokens of a micro-batch (the weight grad sums over them).
-train/config.py checks them on every device, so a config tried on CPU (where torch emulates the GEMM) runs on
-the GPU too.
+multiples of 16. The layers' widths are checked by train/config.py on every device, so a config tried on CPU
+(where the GEMMs are emulated) runs on the GPU too. The token count varies (an expert gets what the router sends
+it, none at times), so the rows are padded with zeros to a multiple of 16: a zero row adds nothing to the
+weight grad, and its output rows are dropped.
 """
 
 import fnmatch
@@ -31,6 +33,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from plait.common.checks import SettingError
@@ -42,8 +45,12 @@ FORWARD_DTYPE = torch.float8_e4m3fn  # x and W
 GRAD_DTYPE = torch.float8_e5m2       # the output grad
 _TINY = 1e-12                        # an all-zero tensor casts to zeros instead of dividing by zero
 
-# the dense layers that run float8 GEMMs: attention's fused QKV and output, the MLP's gate|up and down
-FLOAT8_LAYERS = ("layers.*.attn.wqkv", "layers.*.attn.wo", "layers.*.mlp.w13", "layers.*.mlp.w2")
+ROW_MULTIPLE = 16  # CUDA's float8 GEMM takes sizes in multiples of 16: the token rows are padded to one
+
+# the layers that run float8 GEMMs: attention's fused QKV and output, the MLP's gate|up and down, each expert's
+FLOAT8_LAYERS = ("layers.*.attn.wqkv", "layers.*.attn.wo", "layers.*.mlp.w13", "layers.*.mlp.w2",
+                 "layers.*.mlp.experts.*.w13", "layers.*.mlp.experts.*.w2", "layers.*.mlp.shared.w13",
+                 "layers.*.mlp.shared.w2")
 
 
 def to_float8(t: torch.Tensor, dtype: torch.dtype, group=None):
@@ -70,6 +77,14 @@ def emulated_scaled_mm(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, 
         return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
 
 
+def _padded_rows(t: torch.Tensor) -> torch.Tensor:
+    """`t` as rows [n, features], with zero rows added up to a multiple of ROW_MULTIPLE (at least one multiple)."""
+    rows = t.reshape(-1, t.shape[-1])
+    count = rows.shape[0]
+    padded = max(ROW_MULTIPLE, -(-count // ROW_MULTIPLE) * ROW_MULTIPLE)
+    return rows if padded == count else F.pad(rows, (0, 0, 0, padded - count))
+
+
 def _column_major(t: torch.Tensor) -> torch.Tensor:
     """The same matrix laid out column by column (`_scaled_mm`'s second operand)."""
     return t.t().contiguous().t()
@@ -80,22 +95,22 @@ class _Float8Linear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, gemm: "Float8Gemm", out_dtype: torch.dtype):
-        rows = x.reshape(-1, x.shape[-1])
-        xq, x_inverse = to_float8(rows, FORWARD_DTYPE, gemm.input_group)
+        xq, x_inverse = to_float8(_padded_rows(x), FORWARD_DTYPE, gemm.input_group)
         wq, w_inverse = to_float8(weight, FORWARD_DTYPE, gemm.weight_group)
         out = gemm.matmul(xq, wq.t(), x_inverse, w_inverse, out_dtype, fast_accum=True)
         ctx.save_for_backward(xq, x_inverse, wq, w_inverse)
         ctx.gemm, ctx.x_dtype, ctx.w_dtype = gemm, x.dtype, weight.dtype
-        return out.view(*x.shape[:-1], out.shape[-1])
+        rows = x.shape[:-1].numel()
+        return out[:rows].view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         xq, x_inverse, wq, w_inverse = ctx.saved_tensors
-        gq, g_inverse = to_float8(grad.reshape(-1, grad.shape[-1]), GRAD_DTYPE, ctx.gemm.grad_group)
+        gq, g_inverse = to_float8(_padded_rows(grad), GRAD_DTYPE, ctx.gemm.grad_group)
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = ctx.gemm.matmul(gq, _column_major(wq), g_inverse, w_inverse, ctx.x_dtype)
-            grad_x = grad_x.view(*grad.shape[:-1], grad_x.shape[-1])
+            grad_x = grad_x[:grad.shape[:-1].numel()].view(*grad.shape[:-1], grad_x.shape[-1])
         if ctx.needs_input_grad[1]:
             grad_w = ctx.gemm.matmul(gq.t().contiguous(), _column_major(xq), g_inverse, x_inverse, ctx.w_dtype)
         return grad_x, grad_w, None, None

@@ -2,8 +2,9 @@
 
 - One GEMM against a reference written from the recipe (cast each operand with scale 448 / amax, or 57344 / amax
   for the grad; dequantize; multiply in fp64): forward, both grads, the bias, and the dtypes under bf16 autocast.
-- The whole model at tp2, with and without sequence parallelism: loss, logits and every grad equal one process's
-  float8 model, because a shard's amax is shared over tp (each rank casts with one process's scale).
+- The whole model at tp2, with and without sequence parallelism, and a mixture of experts at tp2 and ep2: the loss
+  and every grad equal one process's float8 model, because a shard's amax is shared over tp (each rank casts with
+  one process's scale).
 - The trainer: fp8 trains the tiny model as bf16 does (the loss curves within 2%), and a config float8 cannot run is
   refused in one sentence before any process group is made.
 """
@@ -73,13 +74,16 @@ def test_float8_gemm_under_bf16_autocast_rounds_once_and_keeps_each_grad_in_its_
     assert torch.equal(y, Float8Gemm()(x, weight).to(torch.bfloat16))
 
 
-def test_an_all_zero_tensor_casts_to_zeros():
-    x = torch.zeros(4, 32, requires_grad=True)
+@pytest.mark.parametrize("rows", [4, 0], ids=["zeros", "no-rows"])
+def test_an_all_zero_or_empty_input_gives_zeros(rows):
+    """All zeros cast to zeros (no division by a zero amax); an expert the router sent no token runs on none and
+    its weight still gets a zero grad."""
+    x = torch.zeros(rows, 32, requires_grad=True)
     weight = torch.randn(16, 32, requires_grad=True)
     y = Float8Gemm()(x, weight)
     y.sum().backward()
-    assert torch.equal(y, torch.zeros(4, 16)) and torch.equal(weight.grad, torch.zeros(16, 32))
-    assert torch.isfinite(x.grad).all()
+    assert torch.equal(y, torch.zeros(rows, 16)) and torch.equal(weight.grad, torch.zeros(16, 32))
+    assert x.grad.shape == (rows, 32) and torch.isfinite(x.grad).all()
 
 
 class Float8Block(torch.nn.Module):
@@ -118,44 +122,80 @@ def test_a_zero_bubble_split_backward_through_float8_gemms_equals_the_whole_one_
     assert torch.equal(split.up.grad, whole.up.grad) and torch.equal(split.down.grad, whole.down.grad)
 
 
-def model_worker(rank, world):
-    """tp2 (and tp2 with SP) float8 model against one process's float8 model, fp32 autocast off: rel errors."""
-    from plait.parallel.grid import Grid
-    from plait.parallel.plans import param_specs
-    from plait.parallel.tensor import allreduce_partial_grads
+def test_which_layers_run_float8():
+    """Attention's, the MLP's, each expert's and the shared expert's GEMMs; not the head's, a router's or a gate's."""
+    from plait.parallel.tensor import ColumnParallelLinear
     from plait.train.build import build_model
     from plait.train.config import ModelConfig
 
-    grid = Grid.build(tp=world)
-    cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
-    ids = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(3))
-    reference = build_model(cfg, Grid.single(), seed=5, float8=True)
-    plain = build_model(cfg, Grid.single(), seed=5)
-    ref_loss = reference.loss(reference(ids[:, :-1]), ids[:, 1:])
-    ref_loss.backward()
-    plain.loss(plain(ids[:, :-1]), ids[:, 1:]).backward()
+    cfg = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, ffn_dim=96, max_seq_len=64, moe_experts=4,
+                      moe_shared_ffn_dim=32)
+    model = build_model(cfg, seed=0, float8=True)
+
+    def gemm_of(module):
+        return module.run.gemm if isinstance(module, ColumnParallelLinear) else getattr(module, "gemm", None)
+
+    float8 = sorted(name for name, module in model.named_modules() if isinstance(gemm_of(module), Float8Gemm))
+    block = ["attn.wo", "attn.wqkv", *(f"mlp.experts.{e}.{w}" for e in range(4) for w in ("w13", "w2")),
+             "mlp.shared.w13", "mlp.shared.w2"]
+    assert float8 == sorted(f"layers.{i}.{name}" for i in range(2) for name in block)
+
+
+def compare_layout(tag, cfg, grid, ids, reference, errors, sequence_parallel=False, grad_share=1.0):
+    """Into `errors`: rel errors of a float8 model on `grid` against the one-process `reference` (its grads taken):
+    the loss and each grad of this rank's shard (an expert's grad `grad_share` times its reference's)."""
+    from plait.parallel.plans import param_specs
+    from plait.parallel.tensor import allreduce_partial_grads
+    from plait.train.build import build_model
+
+    model = build_model(cfg, grid, seed=5, sequence_parallel=sequence_parallel, float8=True)
+    loss = model.loss(model(ids[:, :-1]), ids[:, 1:])
+    loss.backward()
+    specs = param_specs(model)
+    allreduce_partial_grads([p for n, p in model.named_parameters() if specs[n].tp_partial_grad], grid)
+    errors[f"{tag}.loss"] = rel(loss.detach(), reference.loss(reference(ids[:, :-1]), ids[:, 1:]).detach())
     ref_params = dict(reference.named_parameters())
-    errors = {f"plain.grad.{name}": rel(param.grad, ref_params[name].grad) for name, param in plain.named_parameters()}
+    for name, param in model.named_parameters():
+        ref_grad = ref_params[name].grad * (grad_share if ".experts." in name else 1.0)
+        if ref_grad.shape != specs[name].full_shape:  # the vocabulary's padding rows: zero in both
+            ref_grad = torch.cat([ref_grad, ref_grad.new_zeros(specs[name].full_shape[0] - ref_grad.shape[0],
+                                                               *ref_grad.shape[1:])])
+        errors[f"{tag}.grad.{name}"] = rel(param.grad, specs[name].shard(ref_grad, grid.tp_rank, grid.tp))
+
+
+def model_worker(rank, world):
+    """Float8 models against one process's, fp32 (autocast off): dense at tp2 with and without SP, a mixture of
+    experts (with a shared expert) at tp2 with SP and at ep2. Returns rel errors by name."""
+    from plait.parallel.grid import Grid
+    from plait.train.build import build_model
+    from plait.train.config import ModelConfig
+
+    dense = ModelConfig(vocab_size=300, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=96, max_seq_len=64)
+    moe = ModelConfig(**{**dense.__dict__, "moe_experts": 4, "moe_top_k": 2, "moe_shared_ffn_dim": 32,
+                         "moe_aux_loss": 0.0})
+    ids = torch.randint(0, 300, (2, 33), generator=torch.Generator().manual_seed(3))
+    references = {}
+    for name, cfg in (("dense", dense), ("moe", moe)):
+        references[name] = build_model(cfg, Grid.single(), seed=5, float8=True)
+        references[name].loss(references[name](ids[:, :-1]), ids[:, 1:]).backward()
+    plain = build_model(dense, Grid.single(), seed=5)
+    plain.loss(plain(ids[:, :-1]), ids[:, 1:]).backward()
+    dense_params = dict(references["dense"].named_parameters())
+    errors = {f"plain.grad.{name}": rel(param.grad, dense_params[name].grad) for name, param in plain.named_parameters()}
+    tp = Grid.build(tp=world)
     for sp in (False, True):
-        model = build_model(cfg, grid, seed=5, sequence_parallel=sp, float8=True)
-        loss = model.loss(model(ids[:, :-1]), ids[:, 1:])
-        loss.backward()
-        specs = param_specs(model)
-        allreduce_partial_grads([p for n, p in model.named_parameters() if specs[n].tp_partial_grad], grid)
-        errors[f"sp{int(sp)}.loss"] = rel(loss.detach(), ref_loss.detach())
-        for name, param in model.named_parameters():
-            ref_grad = ref_params[name].grad
-            if ref_grad.shape != specs[name].full_shape:  # the vocabulary's padding rows: zero in both
-                ref_grad = torch.cat([ref_grad, ref_grad.new_zeros(specs[name].full_shape[0] - ref_grad.shape[0],
-                                                                   *ref_grad.shape[1:])])
-            errors[f"sp{int(sp)}.grad.{name}"] = rel(param.grad, specs[name].shard(ref_grad, grid.tp_rank, grid.tp))
+        compare_layout(f"dense.sp{int(sp)}", dense, tp, ids, references["dense"], errors, sequence_parallel=sp)
+    compare_layout("moe.tp2-sp", moe, tp, ids, references["moe"], errors, sequence_parallel=True)
+    # ep2: both ranks feed the same tokens, so each expert gets every row twice (once from each rank)
+    compare_layout("moe.ep2", moe, Grid.build(tp=1, ep=world), ids, references["moe"], errors, grad_share=world)
     return errors
 
 
-def test_float8_model_at_tp2_equals_one_process():
+def test_float8_models_at_tp2_and_ep2_equal_one_process():
     for errors in run_ranks(2, model_worker):
         worst = max((v, k) for k, v in errors.items() if not k.startswith("plain"))
         assert worst[0] < 1e-5, worst
+        assert any(".experts." in k for k in errors)
         # the float8 model is not the plain one: the check above can fail
         assert min(v for k, v in errors.items() if k.startswith("plain.grad.layers")) > 1e-2
 

@@ -471,9 +471,9 @@ def check_loss_chunks(cfg: Config) -> None:
              f"parallel.zero=2, a schedule without a split backward, or train.loss_chunks=0.")
 
 
-def check_float8(cfg: Config, dp: int) -> None:
-    """`train.precision=fp8`: the dense layers' float8 GEMMs (plait.parallel.float8) need each size a multiple of 16
-    on CUDA (checked on every device, so a config tried on CPU runs on the GPU), and run through autograd."""
+def check_float8(cfg: Config) -> None:
+    """`train.precision=fp8`: the linear layers' float8 GEMMs (plait.parallel.float8) need each width a multiple of
+    16 on CUDA (checked on every device, so a config tried on CPU runs on the GPU), and run through autograd."""
     if not float8_gemms(cfg.train.precision):
         return
     model, parallel = cfg.model, cfg.parallel
@@ -481,13 +481,12 @@ def check_float8(cfg: Config, dp: int) -> None:
              "train.precision=fp8 runs the column-parallel layers' GEMMs through autograd, which "
              "parallel.tp_overlap=true replaces with a backward of its own; set parallel.tp_overlap=auto (off under "
              "fp8) or false.")
-    head_dim = model.dim // model.n_heads
-    sizes = {"model.dim": model.dim, "the query width / parallel.tp": model.n_heads * head_dim // parallel.tp,
-             "the key-value width / parallel.tp": kv_heads(model) * head_dim // parallel.tp,
-             "the tokens of a micro-batch (micro-batch x train.seq_len / parallel.cp)":
-                 micro_batch_size(cfg, dp) * cfg.train.seq_len // parallel.cp}
-    if not model.moe_experts:
-        sizes["the MLP width / parallel.tp"] = ffn_dim(model) // parallel.tp
+    head_dim, tp = model.dim // model.n_heads, parallel.tp
+    sizes = {"model.dim": model.dim, "the query width / parallel.tp": model.n_heads * head_dim // tp,
+             "the key-value width / parallel.tp": kv_heads(model) * head_dim // tp,
+             f"the {'expert' if model.moe_experts else 'MLP'} width / parallel.tp": ffn_dim(model) // tp}
+    if model.moe_experts and model.moe_shared_ffn_dim:
+        sizes["model.moe_shared_ffn_dim / parallel.tp"] = model.moe_shared_ffn_dim // tp
     wrong = [f"{name} is {size}" for name, size in sizes.items() if size % 16]
     _require(not wrong, f"train.precision=fp8 runs float8 GEMMs, whose sizes must be multiples of 16, but "
                         f"{'; '.join(wrong)}: change them, or use train.precision=bf16.")
@@ -513,7 +512,7 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     dp = check_layout(cfg, world_size).dp
     check_rampup(cfg, dp)
     check_loss_chunks(cfg)
-    check_float8(cfg, dp)
+    check_float8(cfg)
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
     _require(cfg.parallel.cp == 1 or cfg.model.dropout == 0,

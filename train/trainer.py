@@ -227,8 +227,8 @@ class Trainer:
                               cp_mode=cfg.parallel.cp_mode, tp_overlap=self.tp_overlap,
                               float8=float8)  # pp == 1: one chunk
         if self.is_logger and float8:
-            log.info("float8: the dense layers' GEMMs in e4m3 (forward) and e5m2 (grads), scaled per tensor; "
-                     "the embedding, head, routers and experts in bf16")
+            log.info("float8: the linear layers' GEMMs in e4m3 (forward) and e5m2 (grads), scaled per tensor; "
+                     "the embedding, head and routers in bf16")
         for chunk in chunks:
             if self.parametrization.zero_query:
                 zero_queries(chunk)
