@@ -181,7 +181,8 @@ def model_worker(rank, world):
     plain = build_model(dense, Grid.single(), seed=5)
     plain.loss(plain(ids[:, :-1]), ids[:, 1:]).backward()
     dense_params = dict(references["dense"].named_parameters())
-    errors = {f"plain.grad.{name}": rel(param.grad, dense_params[name].grad) for name, param in plain.named_parameters()}
+    errors = {f"plain.grad.{name}": rel(param.grad, dense_params[name].grad)
+              for name, param in plain.named_parameters()}
     tp = Grid.build(tp=world)
     for sp in (False, True):
         compare_layout(f"dense.sp{int(sp)}", dense, tp, ids, references["dense"], errors, sequence_parallel=sp)
