@@ -42,6 +42,9 @@ def _worker(rank: int, world_size: int, store_path: str, fn: Callable, args: tup
     try:
         dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
+        # every rank done before any closes its connections: a rank that left at once could close a pair its peer
+        # was still connecting in a group made last (gloo: "Connection closed by peer"; seen once in 20 forked starts)
+        dist.barrier()
         # by value: through the queue a tensor travels as a shared-memory handle that the parent fetches from this
         # process, which may have exited by then (FileNotFoundError in the parent); plain pickle copies the bytes
         queue.put((rank, "ok", pickle.dumps(result)))
