@@ -6,7 +6,7 @@ One step = forward, loss, backward and a fused AdamW step on one batch. Each pre
 separate set of rounds: fp32, then bf16 (every contender under CPU autocast, fp32 master
 weights: what `train.precision=bf16` does). Reports tokens/s (median, min, max) and each
 contender's ratio to the HF peer at the same precision. `fp8` (`--precisions fp8`) runs plait's
-dense layers' GEMMs in float8 (`train.precision=fp8`, float8 tensor cores on CUDA) against HF in
+linear layers' GEMMs in float8 (`train.precision=fp8`, float8 tensor cores on CUDA) against HF in
 bf16, its nearest precision (transformers has no float8 training); MFU there is against the bf16
 peak, as the trainer reports it.
 

@@ -8,13 +8,13 @@ from typing import Optional
 
 import torch
 
-# train.precision -> autocast dtype; fp8 is bf16 autocast with float8 GEMMs in the dense linear layers
+# train.precision -> autocast dtype; fp8 is bf16 autocast with float8 GEMMs in the linear layers
 HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
 FLOAT8 = "fp8"
 
 
 def float8_gemms(precision: str) -> bool:
-    """Whether `precision` runs the dense linear layers' GEMMs in float8 (plait.parallel.float8)."""
+    """Whether `precision` runs the linear layers' GEMMs in float8 (plait.parallel.float8)."""
     return precision == FLOAT8
 
 

@@ -1,4 +1,4 @@
-"""Float8 GEMMs for the transformer's dense linear layers (`train.precision=fp8`), scaled per tensor.
+"""Float8 GEMMs for the transformer's linear layers (`train.precision=fp8`), scaled per tensor.
 
 The recipe is torchao's "tensorwise" one (Transformer Engine's "hybrid" format with current scaling):
 
@@ -146,8 +146,8 @@ def check_float8_device(device: torch.device) -> None:
     capability = torch.cuda.get_device_capability(device)
     if capability < FLOAT8_CAPABILITY:
         raise Float8Error(f"train.precision=fp8 needs float8 tensor cores (compute capability 8.9 or newer: L4, "
-                         f"L40S, H100, H200, B200), but {torch.cuda.get_device_name(device)} has "
-                         f"{capability[0]}.{capability[1]}; use train.precision=bf16.")
+                          f"L40S, H100, H200, B200), but {torch.cuda.get_device_name(device)} has "
+                          f"{capability[0]}.{capability[1]}; use train.precision=bf16.")
 
 
 def float8_gemm_for(module: nn.Module, grid: Grid) -> Callable:
@@ -161,8 +161,8 @@ def float8_gemm_for(module: nn.Module, grid: Grid) -> Callable:
 
 
 def use_float8(model: nn.Module, grid: Grid) -> int:
-    """Give `model`'s dense linear layers (FLOAT8_LAYERS, after `parallelize`, on the device they will run on: it
-    picks the GEMM) float8 GEMMs; returns how many."""
+    """Give `model`'s linear layers named in FLOAT8_LAYERS (after `parallelize`, on the device they will run on:
+    it picks the GEMM) float8 GEMMs; returns how many."""
     count = 0
     for name, module in model.named_modules():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in FLOAT8_LAYERS):

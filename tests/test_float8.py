@@ -1,4 +1,4 @@
-"""`train.precision=fp8`: the dense layers' float8 GEMMs (plait.parallel.float8).
+"""`train.precision=fp8`: the linear layers' float8 GEMMs (plait.parallel.float8).
 
 - One GEMM against a reference written from the recipe (cast each operand with scale 448 / amax, or 57344 / amax
   for the grad; dequantize; multiply in fp64): forward, both grads, the bias, and the dtypes under bf16 autocast.

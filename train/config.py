@@ -91,7 +91,7 @@ class TrainConfig:
     seq_len: int = 256
     seed: int = 1234
     precision: str = "fp32"  # fp32 | bf16 | fp16 | fp8 (autocast; master weights stay fp32; fp16 scales the loss;
-    # fp8: bf16 autocast with the dense linear layers' GEMMs in float8, plait.parallel.float8)
+    # fp8: bf16 autocast with the linear layers' GEMMs in float8, plait.parallel.float8)
     loss_scale: Optional[float] = None  # fp16 only: null scales dynamically, a number is a static scale
     loss_scale_initial: float = 65536.0  # fp16, dynamic: the first scale (2^16)
     loss_scale_window: int = 1000  # fp16, dynamic: steps without an overflow before the scale doubles
