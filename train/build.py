@@ -121,7 +121,8 @@ def build_model(cfg: ModelConfig, grid: Optional[Grid] = None, seed: int = 0, *,
                 float8: bool = False) -> Transformer:
     """The whole decoder as one chunk (no pipeline), parallelized for `grid`, initialized from `seed`.
 
-    With `float8` its linear layers (attention's, the MLP's, the experts') run float8 GEMMs (train.precision=fp8, plait.parallel.float8).
+    With `float8` its linear layers (attention's, the MLP's, the experts') run float8 GEMMs (train.precision=fp8,
+    plait.parallel.float8).
 
     With `model.dropout > 0` and no `rng` given, dropout draws from a `ParallelRNG`
     seeded by `seed` (kept as `model.rng`, whose state a checkpoint can save).
