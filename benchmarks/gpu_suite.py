@@ -1,4 +1,4 @@
-"""Every GPU check of plait in one command, on one GPU, in about eight minutes: one JSON, one table.
+"""Every GPU check of plait in one command, on one GPU, in about nine minutes: one JSON, one table.
 
 Runs, each in its own process with its own time limit (a step that fails or runs out is
 recorded and the rest go on):
