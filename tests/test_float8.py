@@ -218,3 +218,22 @@ def test_fp8_training_follows_bf16(tmp_path, stdlib_tokens):
     assert fp8[-5:].mean() < 0.8 * fp8[:3].mean()  # it trains
     assert ((fp8 - bf16).abs() / bf16).max() < 0.02, (fp8, bf16)
     assert (fp8[1:] - bf16[1:]).abs().max() > 1e-3  # the float8 GEMMs ran
+
+
+@pytest.mark.parametrize("backend", ["host", "file"])
+def test_offloaded_float8_activations_give_the_kept_runs_grads_bitwise(backend, tmp_path):
+    """The float8 casts the backward keeps (one byte an element) go to host memory or files and come back intact."""
+    from plait.offload.attach import ActivationOffload
+    from plait.train.build import build_model
+    from tests.offload_utils import TINY, batch, forward_backward, grads, offload_config
+
+    tokens = batch()
+    kept = build_model(TINY, seed=0, float8=True)
+    forward_backward(kept, tokens, precision="fp8")
+    model = build_model(TINY, seed=0, float8=True)
+    offload = ActivationOffload(offload_config(backend, str(tmp_path)), None, torch.device("cpu"))
+    offload.attach(model)
+    metrics = forward_backward(model, tokens, precision="fp8", offload=offload)
+    assert metrics["offload_offloaded_bytes"] > 0
+    expected = grads(kept)
+    assert all(torch.equal(grad, expected[name]) for name, grad in grads(model).items())
