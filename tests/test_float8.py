@@ -5,8 +5,10 @@
 - The whole model at tp2, with and without sequence parallelism, and a mixture of experts at tp2 and ep2: the loss
   and every grad equal one process's float8 model, because a shard's amax is shared over tp (each rank casts with
   one process's scale).
-- The trainer: fp8 trains the tiny model as bf16 does (the loss curves within 2%), and a config float8 cannot run is
-  refused in one sentence before any process group is made.
+- Which layers run float8; all-zero and empty inputs; a zero-bubble split backward and activation offload through
+  float8 GEMMs, bit for bit against the whole backward and the kept activations.
+- The trainer: fp8 trains a small model as bf16 does (the loss curves within 2%). The configs float8 cannot run
+  are refused in one sentence (tests/test_bad_input.py).
 """
 
 import pytest
