@@ -21,3 +21,8 @@ def float8_gemms(precision: str) -> bool:
 def half_dtype(precision: str) -> Optional[torch.dtype]:
     """The 16-bit dtype `precision` runs its forward in, autocast's (None: fp32)."""
     return HALF_DTYPES.get(precision)
+
+
+def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype autocast casts to on `device_type` right now (None: autocast is off there)."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from plait.common.collectives import start_all_gather, start_all_reduce, start_reduce_scatter
+from plait.common.precision import autocast_dtype
 
 SEQ_DIM = 1
 OVERLAP_CHOICES = ("auto", "true", "false")
@@ -51,17 +52,13 @@ def overlap_wanted(choice: object, tp: int, split_backward: bool, float8: bool =
     return True, f"auto: on at tp {tp}"
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
 class ColumnLinear(torch.autograd.Function):
     """y_i = x W_i^T + b_i for each segment i of this rank's weight shard, x entering the tp region (copied, or
     all-gathered over the sequence under SP). Returns one output, or with `segments` a tuple of them."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, group, sequence_parallel: bool, segments: Optional[Sequence[int]]):
-        dtype = _autocast_dtype(x.device.type)
+        dtype = autocast_dtype(x.device.type)
         local_weight, local_bias = weight, bias
         if dtype is not None:
             x, local_weight = x.to(dtype), weight.to(dtype)

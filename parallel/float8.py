@@ -38,6 +38,7 @@ from torch import nn
 
 from plait.common.checks import SettingError
 from plait.common.compat import scaled_mm
+from plait.common.precision import autocast_dtype
 from plait.parallel.grid import Grid
 from plait.parallel.tensor import ColumnParallelLinear, RowParallelLinear
 
@@ -126,9 +127,7 @@ class Float8Gemm:
         self.matmul = scaled_mm if device_type == "cuda" else emulated_scaled_mm
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-        device = x.device.type
-        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        y = _Float8Linear.apply(x, weight, self, out_dtype)
+        y = _Float8Linear.apply(x, weight, self, autocast_dtype(x.device.type) or x.dtype)
         return y if bias is None else y + bias.to(y.dtype)
 
 
