@@ -49,9 +49,9 @@ _TINY = 1e-12                        # an all-zero tensor casts to zeros instead
 ROW_MULTIPLE = 16  # CUDA's float8 GEMM takes sizes in multiples of 16: the token rows are padded to one
 
 # the layers that run float8 GEMMs: attention's fused QKV and output, the MLP's gate|up and down, each expert's
-FLOAT8_LAYERS = ("layers.*.attn.wqkv", "layers.*.attn.wo", "layers.*.mlp.w13", "layers.*.mlp.w2",
-                 "layers.*.mlp.experts.*.w13", "layers.*.mlp.experts.*.w2", "layers.*.mlp.shared.w13",
-                 "layers.*.mlp.shared.w2")
+_BLOCK_LINEARS = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2", "mlp.experts.*.w13", "mlp.experts.*.w2",
+                  "mlp.shared.w13", "mlp.shared.w2")
+FLOAT8_LAYERS = tuple(blocks + name for blocks in ("layers.*.", "mtp.layers.*.block.") for name in _BLOCK_LINEARS)
 
 
 def to_float8(t: torch.Tensor, dtype: torch.dtype, group=None):

@@ -67,19 +67,22 @@ def mixed_precision(precision: str, reduce_in_fp32: bool):
 
 
 def shard_chunk(chunk: nn.Module, mesh, zero: int, policy, experts=None) -> List[nn.Module]:
-    """fully_shard each block of `chunk`, then the chunk, over `mesh`; the sharded modules, blocks first. With
+    """fully_shard each block of `chunk` (and each multi-token prediction depth), then the chunk, over `mesh`; the
+    sharded modules, blocks first. With
     `experts` (expert parallelism: the expert_grad mesh), each expert of a mixture is sharded first, over the
     ranks holding it."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = zero == 3
     modules = []
-    for block in chunk.layers.values():
-        for expert in (getattr(block.mlp, "experts", {}).values() if experts is not None else ()):
+    units = [(block, block.mlp) for block in chunk.layers.values()]  # and each multi-token prediction depth
+    units += [(layer, layer.block.mlp) for layer in (chunk.mtp.layers if getattr(chunk, "mtp", None) else ())]
+    for unit, mlp in units:
+        for expert in (getattr(mlp, "experts", {}).values() if experts is not None else ()):
             fully_shard(expert, mesh=experts, reshard_after_forward=reshard, mp_policy=policy)
             modules.append(expert)
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
-        modules.append(block)
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard, mp_policy=policy)
+        modules.append(unit)
     # the chunk's own weights (embedding, final norm, head) stay whole from forward to backward: the head's
     # backward comes first, right after the loss, so a reshard would only gather them again (FSDP2's root rule)
     fully_shard(chunk, mesh=mesh, reshard_after_forward=False, mp_policy=policy)

@@ -10,8 +10,9 @@ walks the model once and, for each matching module:
 | `ExpertRegion()` | a mixture of experts enters and leaves the tp region once, its experts `Colwise(local=True)` and `Rowwise(local=True)` (no communication of their own); under ep it keeps this rank's experts and sends the tokens to theirs |
 | `VocabEmbedding()` | an `Embedding` becomes a `VocabParallelEmbedding`, rows padded to 64 x tp |
 | `VocabHead()` | the output `Linear` becomes column-parallel over the vocabulary, padded the same way (`overlap` as `Colwise`'s) |
-| `SequenceNorm()` | a norm stays whole; under sequence parallelism its gain's grad is partial over tp |
+| `SequenceNorm()` | a norm (or another weight whole over the tokens) stays whole; under SP its grad is partial |
 | `HeadNorm()` | a per-head norm (QK-norm) stays whole; each tp rank norms its heads: its gain's grad is partial |
+| `SequenceShares()` | a module that divides by a count over the whole sequence learns cp, the ranks that share it |
 | `SequenceDropout()` | a residual dropout draws a mask per rank under sequence parallelism |
 | `ContextAttention(mode)` | under cp > 1 an attention attends over the whole sequence from its rank's zigzag share (ring or Ulysses) and takes its tokens' rotary rows |
 | `VocabParallelOutput()` | on the model itself: the loss becomes vocab-parallel cross-entropy, a tied head's input passes through copy-to-region (or a sequence gather), `model.vocab` is the padded size |
@@ -193,6 +194,15 @@ class ContextAttention(Style):
         if grid.cp > 1:
             module.attend = ContextAttend(grid.cp_group, grid.cp_ranks, self.mode)
             module.rope_rows = ZigzagRows(grid.cp, grid.cp_rank)
+        return None
+
+
+class SequenceShares(Style):
+    """A module that counts positions over the whole sequence (multi-token prediction) learns how many cp ranks
+    share each sequence."""
+
+    def apply(self, module, grid, sequence_parallel):
+        module.sequence_shares = grid.cp
         return None
 
 

@@ -24,8 +24,8 @@ from torch import nn
 from plait.parallel.float8 import use_float8
 from plait.parallel.grid import Grid
 from plait.parallel.plans import (Colwise, ContextAttention, ExpertRegion, HeadNorm, Rowwise, SequenceDropout,
-                                  SequenceNorm, Style, VocabEmbedding, VocabHead, VocabParallelOutput, param_specs,
-                                  parallelize)
+                                  SequenceNorm, SequenceShares, Style, VocabEmbedding, VocabHead, VocabParallelOutput,
+                                  param_specs, parallelize)
 from plait.parallel.pipeline.partition import rank_chunk_plans
 from plait.parallel.random import ParallelRNG
 from plait.parallel.sharding import ShardSpec
@@ -52,6 +52,11 @@ LLAMA_PLAN: Dict[str, Style] = {
     "head": VocabHead(),
     "": VocabParallelOutput(),
 }
+# multi-token prediction (train/mtp.py): each depth's block as a layer's, its norms and projection whole
+LLAMA_PLAN.update({"mtp.layers.*.block." + name[len("layers.*."):]: style for name, style in LLAMA_PLAN.items()
+                   if name.startswith("layers.*.")})
+LLAMA_PLAN.update({"mtp": SequenceShares(), "mtp.layers.*.hnorm": SequenceNorm(), "mtp.layers.*.enorm": SequenceNorm(),
+                   "mtp.layers.*.proj": SequenceNorm(), "mtp.layers.*.norm": SequenceNorm()})
 
 
 def seed_for(seed: int, name: str) -> int:
@@ -107,11 +112,13 @@ def llama_plan(cp_mode: str = "ring", tp_overlap: bool = False) -> Dict[str, Sty
     """LLAMA_PLAN with context parallelism's attention by `cp_mode` (ring or ulysses), and with `tp_overlap` its
     column-parallel layers as single autograd nodes that overlap their backward collectives (parallel.tp_overlap)."""
     plan = dict(LLAMA_PLAN)
-    if cp_mode != "ring":
-        plan["layers.*.attn"] = ContextAttention(cp_mode)
+    for blocks in ("layers.*.", "mtp.layers.*.block."):
+        if cp_mode != "ring":
+            plan[blocks + "attn"] = ContextAttention(cp_mode)
+        if tp_overlap:
+            plan.update({blocks + "attn.wqkv": Colwise(overlap=True), blocks + "mlp.w13": Colwise(overlap=True)})
     if tp_overlap:
-        plan.update({"layers.*.attn.wqkv": Colwise(overlap=True), "layers.*.mlp.w13": Colwise(overlap=True),
-                     "head": VocabHead(overlap=True)})
+        plan["head"] = VocabHead(overlap=True)
     return plan
 
 

@@ -79,6 +79,8 @@ class ModelConfig:
     moe_capacity_factor: Optional[float] = None  # each expert takes <= ceil(c T k / E) pairs in training; None: all
     moe_drop_policy: str = "probs"  # over capacity, keep the highest router weights (probs) or earliest tokens
     moe_bias_update_rate: float = 0.0  # > 0: aux-loss-free balancing, a routing bias per expert (DeepSeek-V3: 1e-3)
+    mtp_layers: int = 0  # > 0: DeepSeek-V3's multi-token prediction, this many depths after the last layer
+    mtp_weight: float = 0.1  # the MTP losses' weight: their mean times this joins the loss's gradient (DeepSeek: 0.3)
 
 
 @dataclass
@@ -257,6 +259,8 @@ def validate_model(model: ModelConfig) -> None:
             off = "null" if key == "moe_capacity_factor" else "0"
             _require(not getattr(model, key), f"model.{key}={getattr(model, key)} sets up a mixture of experts, but "
                      f"model.moe_experts=0; set model.moe_experts or model.{key}={off}.")
+    number(ConfigError, "model.mtp_layers", model.mtp_layers, low=0, integer=True, fix="0 turns it off")
+    number(ConfigError, "model.mtp_weight", model.mtp_weight, low=0)
     _require(model.dim % model.n_heads == 0,
              f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}; pick a head count that divides the width.")
     _require(model.n_heads % kv_heads(model) == 0,
@@ -515,6 +519,10 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     check_float8(cfg)
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
+    _require(not cfg.model.mtp_layers or cfg.parallel.pp == 1,
+             f"model.mtp_layers={cfg.model.mtp_layers} embeds tokens beside the head, which parallel.pp="
+             f"{cfg.parallel.pp} puts on another stage than the embedding (multi-token prediction under a pipeline "
+             f"is not built yet); set parallel.pp=1 or model.mtp_layers=0.")
     _require(cfg.parallel.cp == 1 or cfg.model.dropout == 0,
              f"model.dropout={cfg.model.dropout} with parallel.cp={cfg.parallel.cp} is not supported (each cp rank "
              f"would need the mask of its own tokens); set model.dropout=0 or parallel.cp=1.")

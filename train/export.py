@@ -217,7 +217,7 @@ def _fold_factors(model: Dict[str, Any], scales: Optional[Dict[str, Any]]) -> Di
 
 def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
           scales: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
-    """plait's full tensors (vocabulary padding cut) as HF Llama's state dict."""
+    """plait's full tensors (vocabulary padding cut) as HF Llama's state dict (multi-token prediction's left out)."""
     fold = _fold_factors(model, scales)
     simple, fused = _layer_tables(model)
     out = {}
@@ -229,6 +229,8 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
             out["model.norm.weight"] = tensor * fold["norm"] if fold["norm"] != 1.0 else tensor
         elif name == "head.weight":
             out["lm_head.weight"] = tensor
+        elif name.startswith("mtp."):
+            continue  # multi-token prediction trains the model; inference has no use for it (DeepSeek-V3 drops it)
         elif name.startswith("layers."):
             _, index, rest = name.split(".", 2)
             prefix = f"model.layers.{index}."
@@ -523,6 +525,8 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
     mirrors = model.tied_copies()  # a last stage's tied head reads the embedding
     for name, param in model.named_parameters():
+        if name.startswith("mtp."):
+            continue  # the multi-token prediction depths, which no Hugging Face decoder holds, keep their init
         spec = specs[name]
         source = full[mirrors.get(name, name)].float()
         tensor = fit_rows(source, spec) if spec.valid_rows is not None else source

@@ -24,19 +24,23 @@ log = logging.getLogger("plait")
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in each token's matmuls (the embedding lookup does not; of a mixture of experts,
-    the router, the k experts the token is routed to, and a shared expert and its gate)."""
+    the router, the k experts the token is routed to, and a shared expert and its gate; of each multi-token
+    prediction depth, its block, its projection and the head again)."""
     head_dim = cfg.dim // cfg.n_heads
     attention = cfg.dim * (cfg.n_heads + 2 * kv_heads(cfg)) * head_dim + cfg.n_heads * head_dim * cfg.dim
     mlp = 3 * cfg.dim * ffn_dim(cfg)
     if cfg.moe_experts:
         mlp = cfg.moe_top_k * mlp + cfg.dim * cfg.moe_experts
         mlp += (3 * cfg.moe_shared_ffn_dim + int(cfg.moe_shared_gate)) * cfg.dim if cfg.moe_shared_ffn_dim else 0
-    return cfg.n_layers * (attention + mlp) + cfg.dim * cfg.vocab_size
+    blocks = cfg.n_layers * (attention + mlp) + cfg.dim * cfg.vocab_size
+    mtp = cfg.mtp_layers * (attention + mlp + 2 * cfg.dim * cfg.dim + cfg.dim * cfg.vocab_size)  # block, proj, head
+    return blocks + mtp
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N + 12 L H Q T (forward and backward)."""
-    return 6.0 * matmul_params(cfg) + 12.0 * cfg.n_layers * cfg.dim * seq_len
+    """Training FLOPs per token: 6 N + 12 L H Q T (forward and backward); multi-token prediction's depths count as
+    layers (each adds its block, projection and a pass through the head)."""
+    return 6.0 * matmul_params(cfg) + 12.0 * (cfg.n_layers + cfg.mtp_layers) * cfg.dim * seq_len
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -31,6 +31,7 @@ from plait.train.rope import rotary_tables
 from plait.train.chunked_loss import chunked_head_loss
 from plait.train.config import ModelConfig, ffn_dim, kv_heads
 from plait.train.moe import MoE
+from plait.train.mtp import MTPLayer, MultiTokenPrediction
 
 log = logging.getLogger("plait")
 
@@ -304,11 +305,13 @@ TIED_NAMES = ("embed.weight", "head.weight")  # tied embeddings: the matrix (sta
 class Transformer(nn.Module):
     """The decoder, or one pipeline chunk of it.
 
-    forward(x, documents=None): token ids [b, s] if this chunk holds the embedding, else hidden states;
-    returns logits [b, s, vocab] if it holds the head (the final norm's output with `loss_chunks`: `loss`
+    forward(x, documents=None, future=None): token ids [b, s] if this chunk holds the embedding, else hidden
+    states; returns logits [b, s, vocab] if it holds the head (the final norm's output with `loss_chunks`: `loss`
     then runs the head), else hidden states. `documents` [b, whole s]:
     each token's document number (`plait.data.document_ids`): attention stays inside documents; with
-    `model.sliding_window` it also reaches back at most that many tokens (`AttentionMask`).
+    `model.sliding_window` it also reaches back at most that many tokens (`AttentionMask`). `future` [b, D + 1, s]
+    (`plait.train.mtp.future_tokens`): with `model.mtp_layers` = D, in training mode, the tokens ahead that the
+    multi-token prediction depths embed and predict; their losses join backward beside the main loss (train/mtp.py).
     """
 
     def __init__(self, cfg: ModelConfig, layers: Optional[Sequence[int]] = None, *, has_embedding: bool = True,
@@ -328,10 +331,27 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(cfg, device)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.mtp = self._multi_token_prediction(cfg, has_embedding, has_head, device)
         self.tied_input: Callable = identity  # what the tied head's input passes through (a plan's mapping)
         self.loss_fn: Callable = functools.partial(cross_entropy, vocab_size=cfg.vocab_size)
         self.loss_chunks = 0  # > 0: forward stops at the final norm; `loss` runs the head in this many slices
         self.z_loss = 0.0  # PaLM's z-loss coefficient, training mode only (`train.z_loss`)
+
+    def _multi_token_prediction(self, cfg: ModelConfig, has_embedding: bool, has_head: bool,
+                                device) -> Optional[MultiTokenPrediction]:
+        """With `model.mtp_layers` and the head here, that many MTP depths (train/mtp.py), which read the embedding:
+        it must be here too."""
+        if not (has_head and cfg.mtp_layers):
+            return None
+        if not has_embedding:
+            raise ValueError("model.mtp_layers embeds tokens beside the head, so the chunk with the head needs the "
+                             "embedding too (one pipeline stage); set parallel.pp=1 or model.mtp_layers=0.")
+        def norm() -> RMSNorm:
+            return RMSNorm(cfg.dim, cfg.norm_eps, device)
+
+        layers = [MTPLayer(cfg, Block(cfg, self.scales, self.rng, device), norm, Linear, device)
+                  for _ in range(cfg.mtp_layers)]
+        return MultiTokenPrediction(layers, cfg.mtp_weight)
 
     @property
     def has_embedding(self) -> bool:
@@ -348,20 +368,27 @@ class Transformer(nn.Module):
     def has_head(self) -> bool:
         return self.norm is not None
 
-    def forward(self, x: torch.Tensor, documents: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, documents: Optional[torch.Tensor] = None,
+                future: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = AttentionMask.of(documents, self.cfg.sliding_window)
         if self.embed is not None:
-            x = self.embed(x)
-            if self.scales.embedding != 1.0:
-                x = x * self.scales.embedding
+            x = self.embedding(x)
         for block in self.layers.values():
             x = block(x, self.rope_cos, self.rope_sin, mask)
+        if self.mtp is not None and future is not None and self.training:
+            x = self.mtp(x, future, self.embedding, self.logits, self.loss_fn, self.rope_cos, self.rope_sin, mask,
+                         self.loss_chunks)
         if self.norm is None:
             return x
         x = self.norm(x)
         if self.loss_chunks:
             return x  # the head runs inside `loss`, a slice of the sequence at a time
         return self.logits(x)
+
+    def embedding(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedding's rows of `ids`, times muP's embedding multiplier."""
+        x = self.embed(ids)
+        return x * self.scales.embedding if self.scales.embedding != 1.0 else x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The head on the final norm's output (the embedding's rows when tied), times muP's logits multiplier."""

@@ -275,8 +275,12 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     head = head_activation_elements(model_cfg, tokens, tp, sp, vocab_local, int(train.loss_chunks),
                                     untied_regather) * size if has_head else 0
     per_chunk_layers = max(1, layers // len(chunks))
+    # multi-token prediction (the head's stage): per depth a block, a pass through the head, and three hidden states
+    # its norms and projection keep (measured)
+    depths = int(model_cfg.mtp_layers) if has_head else 0
+    depth_saved = block_saved + head + 3 * tokens * model_cfg.dim * size // (tp if sp else 1)
     # in flight: `inflight` (micro-batch, chunk) forwards whose backward has not run yet
-    activations = inflight * per_chunk_layers * block_saved + head
+    activations = inflight * (per_chunk_layers * block_saved + depths * depth_saved) + head
     keep = keep_count(cfg.offload.keep_last)  # auto is decided at run time from the link: planned as 1
     resident_blocks = min(layers, (1 if keep is None else keep) + cfg.offload.prefetch)
     activations_offload = min(activations, resident_blocks * block_saved + head)
@@ -287,13 +291,15 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     # the same bytes as all-gathers + reduce-scatters), the embedding's forward all-reduce,
     # the head's backward all-reduce, and the cross-entropy's three [b, s] all-reduces; re-gathering the
     # column-parallel inputs in backward adds an all-gather (half an all-reduce) for each of them
-    tp_ops = 4 * layers + int(has_embedding) + int(has_head)
+    tp_ops = 4 * (layers + depths) + int(has_embedding) + int(has_head) + 2 * depths  # a depth: its block,
+    # its embedding lookup and its pass through the head
     if regather:
         tp_ops += layers + 0.5 * int(has_head and untied_regather)
-    tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + (_ring(3 * tokens * 4, tp, 2) if has_head else 0))
+    cross_entropy = _ring(3 * tokens * 4, tp, 2) * (1 + depths) if has_head else 0  # per pass through the head
+    tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + cross_entropy)
     dp_bytes = _ring(params * 4, dp * cp, 2)  # fp32 grads over dp x cp (ZeRO-1: reduce-scatter + all-gather, same)
-    cp_bytes = m * layers * context_bytes(model_cfg, tokens, tp, cp, parallel.cp_mode, size)
-    ep_bytes = m * layers * expert_exchange_bytes(model_cfg, tokens, layout.ep, size)
+    cp_bytes = m * (layers + depths) * context_bytes(model_cfg, tokens, tp, cp, parallel.cp_mode, size)
+    ep_bytes = m * (layers + depths) * expert_exchange_bytes(model_cfg, tokens, layout.ep, size)
     boundary = hidden_bytes / (tp if sp else 1)
     ranks = stage_ranks(pp, vpp, style)  # a hop between two stages of one rank (the V's turn) sends nothing
     sends = sum(int(c.stage < pp * vpp - 1 and ranks[c.stage + 1] != pp_rank) + int(c.stage > 0 and ranks[c.stage - 1] != pp_rank)

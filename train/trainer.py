@@ -62,6 +62,7 @@ from plait.train.export import init_from_hf
 from plait.train.build import build_chunks, hidden_shape, named_parameters_of, param_specs_of
 from plait.train.model import TIED_NAMES, Transformer
 from plait.train.moe import expert_biases, max_violation, moe_layers, step_loads, take_balance, update_expert_bias
+from plait.train.mtp import future_tokens, take_losses
 from plait.train.parametrization import build_parametrization, zero_queries
 from plait.train.peaks import peak_flops
 from plait.train.step import autocast
@@ -108,6 +109,7 @@ class Trainer:
         self.model = self.chunks[0] if self.grid.pp == 1 else torch.nn.ModuleList(self.chunks)
         self.specs = param_specs_of(self.chunks)
         self.moe_layers = moe_layers(self.chunks)
+        self.mtp = next((chunk.mtp for chunk in self.chunks if chunk.mtp is not None), None)  # multi-token prediction
         self.grads = self._build_grads()  # before the names: under ZeRO-2/3 FSDP2 swaps in sharded parameters
         self.named_params = dict(named_parameters_of(self.chunks))  # global names, unique across chunks
         group_of = self.parametrization.group_of  # muP's (or the standard) per-name groups; a tied copy's is
@@ -427,8 +429,8 @@ class Trainer:
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-        for layer in self.moe_layers:  # the load-balancing grad joins backward at the main loss's own scale
-            layer.aux_grad_scale = scale / batch.shape[0]
+        for layer in self.moe_layers + ([self.mtp] if self.mtp is not None else []):  # the load-balancing and MTP
+            layer.aux_grad_scale = scale / batch.shape[0]  # grads join backward at the main loss's own scale
         with record_function("plait.forward_backward"):
             loss = self._pipeline_for(batch.shape[0]).run(
                 *self._inputs_and_targets(batch), self._pipeline_loss, chunk_kwargs=self._chunk_kwargs(batch),
@@ -442,6 +444,7 @@ class Trainer:
             if not overflow:
                 self.optimizer.step()
         moe = self._moe_step(overflow) if self.moe_layers else {}
+        mtp = self._mtp_metrics() if self.cfg.model.mtp_layers else {}
         self.updated = not overflow  # (the optimizer state exists once a step has updated)
         held = self._held_bytes()  # after the update (the state exists), before the grads are let go
         weights = {"params_norm": self.params_norm()} if self.cfg.train.log_params_norm else {}
@@ -458,7 +461,8 @@ class Trainer:
             scaling = {"loss_scale": scale, "skipped_steps": self.loss_scaler.skipped}
         return {"loss": float(loss), "lr": lr, "grad_norm": float(norm), "tokens_per_s": tokens_per_s,
                 "mfu": tokens_per_s * self.flops_per_token / (self.peak_flops * self.grid.world_size),
-                "step_time_s": elapsed, **ramping, **scaling, **weights, **moe, **held, **offload_metrics}
+                "step_time_s": elapsed, **ramping, **scaling, **weights, **moe, **mtp, **held,
+                **offload_metrics}
 
     def params_norm(self) -> float:
         """The L2 norm of all the weights, each counted once as in one process (tp shards, ZeRO pieces, a tied copy
@@ -493,6 +497,14 @@ class Trainer:
             metrics["moe_dropped"] = float(total[2] / total[3])
         return metrics
 
+    def _mtp_metrics(self) -> Dict[str, float]:
+        """The step's mean multi-token prediction loss (over its depths, micro-batches and ranks), the same on every
+        rank: each rank's sums and counts, summed over all of them (a rank without the MTP depths adds zeros)."""
+        totals = take_losses(self.mtp).to(self.device) if self.mtp is not None else torch.zeros(2, device=self.device)
+        if self.grid.world_size > 1:
+            dist.all_reduce(totals)
+        return {"mtp_loss": float(totals[0] / totals[1])}
+
     def updates_done(self) -> int:
         """Optimizer updates so far: the steps less those fp16 skipped on an overflow. The learning-rate schedule
         counts these, as Megatron's and DeepSpeed's do (a skipped step does not move the schedule)."""
@@ -526,12 +538,19 @@ class Trainer:
         return split_sequence(batch[:, :, :-1], cp, rank), split_sequence(batch[:, :, 1:], cp, rank)
 
     def _chunk_kwargs(self, batch: torch.Tensor) -> Optional[List[Dict[str, torch.Tensor]]]:
-        """Per micro-batch, what every chunk's forward takes beside its input: the document number of each token
-        of the whole sequence (all cp ranks' shares: Ulysses attends over all of it) under a document mask."""
-        if self.document_eos is None:
-            return None
-        documents = document_ids(batch[:, :, :-1], self.document_eos)
-        return [{"documents": documents[mb]} for mb in range(batch.shape[0])]
+        """Per micro-batch, what every chunk's forward takes beside its input: under a document mask, the document
+        number of each token of the whole sequence (all cp ranks' shares: Ulysses attends over all of it); with
+        multi-token prediction, the tokens ahead of each of this cp rank's positions, cut from the whole sequence."""
+        kwargs: List[Dict[str, torch.Tensor]] = [{} for _ in range(batch.shape[0])]
+        if self.document_eos is not None:
+            documents = document_ids(batch[:, :, :-1], self.document_eos)
+            for mb, entry in enumerate(kwargs):
+                entry["documents"] = documents[mb]
+        if self.cfg.model.mtp_layers:
+            future = split_sequence(future_tokens(batch, self.cfg.model.mtp_layers), self.grid.cp, self.grid.cp_rank)
+            for mb, entry in enumerate(kwargs):
+                entry["future"] = future[mb]
+        return kwargs if kwargs[0] else None
 
     def _tighten_timeouts(self, seconds: int) -> None:
         """Every training process group's collectives (and pipeline receives) fail after `seconds` from now on. The
