@@ -33,9 +33,9 @@ def run_backward(output, grad: torch.Tensor, *, inputs: tuple = (), keep_graph: 
     _engine_run_backward((output,), (grad,), keep_graph, False, inputs, True, True)
 
 
-def run_backward_edges(edges: tuple, grads: tuple, inputs: tuple) -> None:
+def run_backward_edges(edges: tuple, grads: tuple, inputs: tuple, keep_graph: bool = False) -> None:
     """Backward from several GradientEdges at once, accumulating into `.grad` of `inputs` only."""
-    _engine_run_backward(edges, grads, False, False, inputs, True, True)
+    _engine_run_backward(edges, grads, keep_graph, False, inputs, True, True)
 
 
 def inductor_fma() -> Optional[Callable]:

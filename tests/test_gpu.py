@@ -554,3 +554,33 @@ def test_float8_on_cuda_equals_its_emulation_and_trains_close_to_bf16(tmp_path, 
     compiled, compiled_on = losses_of(trainer_overrides(tmp_path / "fp8c", cache, "train.precision=fp8"))
     assert compiled_on and fp8 != bf16
     assert fp8 == pytest.approx(bf16, rel=2e-2) and compiled == pytest.approx(fp8, rel=1e-2)
+
+
+def test_multi_token_prediction_on_cuda_matches_the_cpu_and_trains_compiled_and_under_bf16(tmp_path, stdlib_tokens):
+    """`model.mtp_layers=2`: the depths on CUDA give the CPU's MTP loss and every grad in fp32 (the counted
+    positions found on the device); under bf16 autocast every depth's weights get finite grads; and the trainer,
+    eager and compiled (auto: on), trains with the same losses and `mtp_loss`."""
+    from plait.train.config import ModelConfig
+    from plait.train.mtp import future_tokens
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=100, ffn_dim=96, max_seq_len=64, mtp_layers=2)
+    cpu_model, model = build_model(cfg, seed=4), build_model(cfg, seed=4, device=CUDA)
+    ids = torch.randint(0, 100, (2, 25), generator=torch.Generator().manual_seed(0))
+    for one, device in ((cpu_model, "cpu"), (model, CUDA)):
+        tokens = ids.to(device)
+        one.loss(one(tokens[:, :-1], future=future_tokens(tokens, 2)), tokens[:, 1:]).backward()
+    assert model.mtp.totals[0].item() == pytest.approx(cpu_model.mtp.totals[0].item(), rel=1e-5)
+    for (name, ours), theirs in zip(model.named_parameters(), cpu_model.parameters()):
+        torch.testing.assert_close(ours.grad.cpu(), theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.zero_grad()
+    tokens = ids.to(CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = model.loss(model(tokens[:, :-1], future=future_tokens(tokens, 2)), tokens[:, 1:])
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if n.startswith("mtp."))
+    cache = stdlib_tokens[0].parent.parent
+    mtp = ["model.mtp_layers=2", "model.mtp_weight=0.3"]
+    eager, _ = losses_of(trainer_overrides(tmp_path / "eager", cache, "train.compile=false", *mtp))
+    compiled, compiled_on = losses_of(trainer_overrides(tmp_path / "compiled", cache, *mtp))
+    assert compiled_on and compiled == pytest.approx(eager, rel=1e-4)

@@ -93,14 +93,18 @@ def test_microbatch_counts_and_chunks_refused_in_one_sentence():
 
 
 class Block(torch.nn.Module):
-    """Linears, a norm, and a weight used twice: the split must find every parameter's boundary."""
+    """Linears, a norm, a weight used twice side by side (`down`) and one used twice in a row with a norm between
+    (`mix`, as multi-token prediction's embedding at each depth): the split must find every parameter's boundary,
+    and W must not walk from one use of `mix` down to the other through the norm's node, which its own W needs."""
 
     def __init__(self):
         super().__init__()
+        self.mix, self.between = torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)
         self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
         self.norm, self.scale = torch.nn.LayerNorm(16), torch.nn.Parameter(torch.randn(8))
 
     def forward(self, x):
+        x = self.mix(self.between(self.mix(x)))
         h = self.norm(torch.nn.functional.gelu(self.up(x)))
         return self.down(h) * self.scale + x + self.down(torch.tanh(h))
 

@@ -55,8 +55,9 @@ LLAMA_PLAN: Dict[str, Style] = {
 # multi-token prediction (train/mtp.py): each depth's block as a layer's, its norms and projection whole
 LLAMA_PLAN.update({"mtp.layers.*.block." + name[len("layers.*."):]: style for name, style in LLAMA_PLAN.items()
                    if name.startswith("layers.*.")})
-LLAMA_PLAN.update({"mtp": SequenceShares(), "mtp.layers.*.hnorm": SequenceNorm(), "mtp.layers.*.enorm": SequenceNorm(),
-                   "mtp.layers.*.proj": SequenceNorm(), "mtp.layers.*.norm": SequenceNorm()})
+LLAMA_PLAN.update({"mtp": SequenceShares(), "mtp.embed": VocabEmbedding(), "mtp.layers.*.hnorm": SequenceNorm(),
+                   "mtp.layers.*.enorm": SequenceNorm(), "mtp.layers.*.proj": SequenceNorm(),
+                   "mtp.layers.*.norm": SequenceNorm()})
 
 
 def seed_for(seed: int, name: str) -> int:

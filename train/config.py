@@ -519,10 +519,6 @@ def validate(cfg: Config, world_size: int = 1) -> int:
     check_float8(cfg)
     _require(cfg.train.seq_len <= cfg.model.max_seq_len,
              f"train.seq_len={cfg.train.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}.")
-    _require(not cfg.model.mtp_layers or cfg.parallel.pp == 1,
-             f"model.mtp_layers={cfg.model.mtp_layers} embeds tokens beside the head, which parallel.pp="
-             f"{cfg.parallel.pp} puts on another stage than the embedding (multi-token prediction under a pipeline "
-             f"is not built yet); set parallel.pp=1 or model.mtp_layers=0.")
     _require(cfg.parallel.cp == 1 or cfg.model.dropout == 0,
              f"model.dropout={cfg.model.dropout} with parallel.cp={cfg.parallel.cp} is not supported (each cp rank "
              f"would need the mask of its own tokens); set model.dropout=0 or parallel.cp=1.")

@@ -299,7 +299,13 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, 
     return loss + z_loss * torch.logsumexp(flat, dim=-1).square().mean() if z_loss else loss
 
 
-TIED_NAMES = ("embed.weight", "head.weight")  # tied embeddings: the matrix (stage 0), a last stage's copy of it
+EMBEDDING, HEAD_COPY, MTP_COPY = "embed.weight", "head.weight", "mtp.embed.weight"  # the matrix, a last stage's copies
+
+
+def tied_names(cfg: ModelConfig) -> Tuple[str, ...]:
+    """The embedding's name, then those of the copies a last pipeline stage holds of it: the tied head's weight
+    (`model.tie_embeddings`), the multi-token prediction depths' embedding (`model.mtp_layers`)."""
+    return (EMBEDDING, *((HEAD_COPY,) if cfg.tie_embeddings else ()), *((MTP_COPY,) if cfg.mtp_layers else ()))
 
 
 class Transformer(nn.Module):
@@ -340,29 +346,29 @@ class Transformer(nn.Module):
     def _multi_token_prediction(self, cfg: ModelConfig, has_embedding: bool, has_head: bool,
                                 device) -> Optional[MultiTokenPrediction]:
         """With `model.mtp_layers` and the head here, that many MTP depths (train/mtp.py), which read the embedding:
-        it must be here too."""
+        a copy of it where it is not here (a last pipeline stage)."""
         if not (has_head and cfg.mtp_layers):
             return None
-        if not has_embedding:
-            raise ValueError("model.mtp_layers embeds tokens beside the head, so the chunk with the head needs the "
-                             "embedding too (one pipeline stage); set parallel.pp=1 or model.mtp_layers=0.")
         def norm() -> RMSNorm:
             return RMSNorm(cfg.dim, cfg.norm_eps, device)
 
         layers = [MTPLayer(cfg, Block(cfg, self.scales, self.rng, device), norm, Linear, device)
                   for _ in range(cfg.mtp_layers)]
-        return MultiTokenPrediction(layers, cfg.mtp_weight)
+        embed = None if has_embedding else Embedding(cfg.vocab_size, self.vocab, cfg.dim, device)  # a last stage's copy
+        return MultiTokenPrediction(layers, cfg.mtp_weight, embed)
 
     @property
     def has_embedding(self) -> bool:
         return self.embed is not None
 
     def tied_copies(self) -> Dict[str, str]:
-        """{copy: the weight it mirrors}: under tied embeddings, a last pipeline stage without the embedding
-        holds its own head weight that stays equal to the embedding's (initialized alike, grads summed with
-        it every step: `plait.parallel.tied.TiedWeights`); elsewhere nothing."""
-        first, copy = TIED_NAMES
-        return {copy: first} if self.cfg.tie_embeddings and self.head is not None else {}
+        """{copy: the weight it mirrors}: a last pipeline stage without the embedding holds, under tied embeddings,
+        its own head weight, and with multi-token prediction the depths' embedding, each kept equal to the
+        embedding (initialized alike, grads summed with it every step: `plait.parallel.tied.TiedWeights`);
+        elsewhere nothing."""
+        held = {HEAD_COPY: self.cfg.tie_embeddings and self.head is not None,
+                MTP_COPY: self.mtp is not None and self.mtp.embed is not None}
+        return {copy: EMBEDDING for copy, here in held.items() if here}
 
     @property
     def has_head(self) -> bool:
@@ -375,9 +381,9 @@ class Transformer(nn.Module):
             x = self.embedding(x)
         for block in self.layers.values():
             x = block(x, self.rope_cos, self.rope_sin, mask)
-        if self.mtp is not None and future is not None and self.training:
-            x = self.mtp(x, future, self.embedding, self.logits, self.loss_fn, self.rope_cos, self.rope_sin, mask,
-                         self.loss_chunks)
+        if self.mtp is not None and future is not None and self.training:  # its losses: kept for `loss`
+            self.mtp(x, future, self.embedding, self.logits, self.loss_fn, self.rope_cos, self.rope_sin, mask,
+                     self.loss_chunks)
         if self.norm is None:
             return x
         x = self.norm(x)
@@ -386,8 +392,9 @@ class Transformer(nn.Module):
         return self.logits(x)
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
-        """The embedding's rows of `ids`, times muP's embedding multiplier."""
-        x = self.embed(ids)
+        """The embedding's rows of `ids` (on a last pipeline stage, its multi-token prediction copy's), times muP's
+        embedding multiplier."""
+        x = self.embed(ids) if self.embed is not None else self.mtp.embed(ids)
         return x * self.scales.embedding if self.scales.embedding != 1.0 else x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -401,10 +408,13 @@ class Transformer(nn.Module):
     def loss(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy in nats (a parallel plan makes it vocab-parallel) of `forward`'s output:
         the logits, or with `loss_chunks` the final norm's output, through the head a slice at a time. In
-        training mode `z_loss` adds z x mean(lse^2); evaluation is cross-entropy alone."""
+        training mode `z_loss` adds z x mean(lse^2); evaluation is cross-entropy alone. After a forward that ran
+        the multi-token prediction depths, the loss (its value unchanged) carries their losses' gradient too."""
         loss_fn = self.loss_fn
         if self.z_loss and self.training:
             loss_fn = functools.partial(loss_fn, z_loss=self.z_loss)
         if self.loss_chunks:
-            return chunked_head_loss(self.logits, loss_fn, output, targets, self.loss_chunks)
-        return loss_fn(output, targets)
+            loss = chunked_head_loss(self.logits, loss_fn, output, targets, self.loss_chunks)
+        else:
+            loss = loss_fn(output, targets)
+        return self.mtp.beside(loss) if self.mtp is not None else loss

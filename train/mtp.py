@@ -13,12 +13,17 @@ The embedding and the head are the model's own (shared, as in DeepSeek-V3), so t
 them too. The loss added to training is `model.mtp_weight` / D x the sum of the D losses (DeepSeek-V3's lambda:
 0.3, then 0.1; Megatron's default 0.1).
 
-How the loss reaches backward: as the MoE balancing loss does (`AuxLossGrad`), not through the main loss. The MTP
-losses are computed in the forward and hung on the last layer's output; in backward that output's grad passes
-through and the MTP losses get the grad `weight x aux_grad_scale` (the trainer sets the scale to the main loss's
-own: 1 / micro-batches, times fp16's loss scale). So `forward` still returns the logits, the loss the trainer logs
-and evaluates is next-token cross-entropy alone, and the MTP losses are kept apart (`take_losses`) for the
-`mtp_loss` metric, as Megatron logs `mtp_1 loss` beside `lm loss`.
+How the loss reaches backward: the MTP losses are computed in the forward (which has the document mask and the
+tokens ahead) and kept until the model's `loss` runs, right after; `loss` returns the main loss with them hung on
+it (`LossBeside`): its value is the main loss's, and in backward the MTP losses get the main loss's own grad times
+the weight (1 / micro-batches, fp16's loss scale and all). So `forward` still returns the logits, the loss the
+trainer logs and evaluates is next-token cross-entropy alone, and the MTP losses are kept apart (`take_losses`)
+for the `mtp_loss` metric, as Megatron logs `mtp_1 loss` beside `lm loss`. Hung on the loss, not on the last
+layer's output, the MTP graph sits beside the main one: a zero-bubble schedule's split backward finds no path from
+the head's input back into it.
+
+Under a pipeline the depths run on the last stage, which holds a copy of the embedding (`mtp.embed`, kept equal to
+it as a tied head is: `plait.parallel.tied`).
 
 What it reads: `future` [b, D + 1, s], row j the token j + 1 places ahead of each position (row 0: the next-token
 targets), -1 past the end of the sequence (`future_tokens`). It is cut from the whole sequence before context
@@ -38,7 +43,6 @@ from torch import nn
 from plait.train.attention_mask import AttentionMask
 from plait.train.chunked_loss import chunked_head_loss
 from plait.train.config import ModelConfig
-from plait.train.moe import AuxLossGrad
 
 PAST_END = -1  # a `future` entry with no token: past the end of the sequence
 
@@ -61,6 +65,20 @@ def counted_sum(loss_fn: Callable, logits: torch.Tensor, targets: torch.Tensor) 
     if not counted.any():  # a slice past the end of the sequence: nothing counts, the graph stays whole
         return logits.sum() * 0.0
     return loss_fn(logits[counted], targets[counted]) * (counted.sum() / targets.numel())
+
+
+class LossBeside(torch.autograd.Function):
+    """Forward: the main loss, as it is (what is logged). Backward: the main loss's grad passes through, and `extra`
+    gets it times `weight`: the gradient of main + weight x extra, whatever scale the loss's grad carries."""
+
+    @staticmethod
+    def forward(ctx, loss: torch.Tensor, extra: torch.Tensor, weight: float):
+        ctx.weight = weight
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, grad * ctx.weight, None
 
 
 class MTPLayer(nn.Module):
@@ -86,26 +104,34 @@ class MTPLayer(nn.Module):
 class MultiTokenPrediction(nn.Module):
     """The D depths (`layers`, global names `mtp.layers.{k-1}.*`), their weight, and the sums the metric reads."""
 
-    def __init__(self, layers, weight: float):
+    def __init__(self, layers, weight: float, embed: Optional[nn.Module] = None):
+        """`embed`: on a last pipeline stage, a copy of the model's embedding (`Transformer.tied_copies`)."""
         super().__init__()
         self.layers = nn.ModuleList(layers)
+        self.embed = embed
         self.weight = float(weight)
-        self.aux_grad_scale = 1.0  # the trainer's: the main loss's backward scale
         self.sequence_shares = 1  # cp: how many ranks share each sequence (the plan sets it)
         self.totals = torch.zeros(2)  # (sum of the forwards' mean MTP losses, forwards) since `take_losses`
+        self.pending: Optional[torch.Tensor] = None  # the last forward's mean MTP loss, until `beside` takes it
 
     def forward(self, hidden: torch.Tensor, future: torch.Tensor, embed: Callable, head: Callable, loss_fn: Callable,
-                cos: torch.Tensor, sin: torch.Tensor, mask: Optional[AttentionMask], loss_chunks: int) -> torch.Tensor:
-        """`hidden` (the last layer's output) with the MTP losses hung on it. `embed(ids)` and `head(x)` are the
-        model's (its embedding with the embedding multiplier, its head with the logits multiplier); `loss_fn` its
-        mean cross-entropy."""
+                cos: torch.Tensor, sin: torch.Tensor, mask: Optional[AttentionMask], loss_chunks: int) -> None:
+        """The mean MTP loss from `hidden` (the last layer's output), kept for `beside`. `embed(ids)` and `head(x)`
+        are the model's (its embedding with the embedding multiplier, its head with the logits multiplier);
+        `loss_fn` its mean cross-entropy."""
         total, state = hidden.new_zeros((), dtype=torch.float32), hidden
         for depth, layer in enumerate(self.layers, start=1):
             state, normed = layer(state, embed(future[:, depth - 1].clamp(min=0)), cos, sin, mask)
             total = total + self._depth_loss(normed, future[:, depth], depth, head, loss_fn, loss_chunks)
         mean = total / len(self.layers)
         self.totals = self.totals.to(mean.device) + torch.stack([mean.detach(), mean.new_ones(())])
-        return AuxLossGrad.apply(hidden, mean, self.weight * self.aux_grad_scale)
+        self.pending = mean
+
+    def beside(self, loss: torch.Tensor) -> torch.Tensor:
+        """`loss` (the main one, of the forward just run), carrying the MTP losses' gradient if that forward
+        computed them."""
+        pending, self.pending = self.pending, None
+        return loss if pending is None else LossBeside.apply(loss, pending, self.weight)
 
     def _depth_loss(self, normed: torch.Tensor, targets: torch.Tensor, depth: int, head: Callable,
                     loss_fn: Callable, loss_chunks: int) -> torch.Tensor:

@@ -60,7 +60,7 @@ from plait.train.profile import StepProfiler
 from plait.train.config import Config, compile_wanted, micro_batch_size, to_yaml, validate
 from plait.train.export import init_from_hf
 from plait.train.build import build_chunks, hidden_shape, named_parameters_of, param_specs_of
-from plait.train.model import TIED_NAMES, Transformer
+from plait.train.model import Transformer, tied_names
 from plait.train.moe import expert_biases, max_violation, moe_layers, step_loads, take_balance, update_expert_bias
 from plait.train.mtp import future_tokens, take_losses
 from plait.train.parametrization import build_parametrization, zero_queries
@@ -241,11 +241,13 @@ class Trainer:
         return chunks
 
     def _build_tied(self) -> Optional[TiedWeights]:
-        """The embedding group summing the tied matrix's two grads (collective: every rank makes every group)."""
-        if not (self.cfg.model.tie_embeddings and self.grid.pp > 1):
+        """The embedding group summing the grads of the embedding and its copies on the last stage (a tied head,
+        multi-token prediction's embedding; collective: every rank makes every group)."""
+        names = tied_names(self.cfg.model)
+        if len(names) == 1 or self.grid.pp == 1:
             return None
         vpp = chunks_per_rank(self.schedule, self.cfg.parallel.vpp)
-        return TiedWeights(self.grid, stage_ranks(self.grid.pp, vpp, placement(self.schedule)), TIED_NAMES)
+        return TiedWeights(self.grid, stage_ranks(self.grid.pp, vpp, placement(self.schedule)), names)
 
     def _build_offload(self, chunks):
         """SSDTrain-style activation offload attached to each of this rank's chunks (None: backend none)."""
@@ -330,7 +332,7 @@ class Trainer:
         if self.fsdp:
             return ShardedGrads(self.chunks, self.grid, cfg.parallel.zero, cfg.train.precision,
                                 cfg.parallel.reduce_in_fp32)
-        alone = TIED_NAMES if self.tied is not None else ()  # ZeRO-1 slices of the two alike
+        alone = tied_names(self.cfg.model) if self.tied is not None else ()  # ZeRO-1 slices of them alike
         return DataParallelGrads(self.chunks, self.grid, cfg.parallel, shard=cfg.parallel.zero == 1, alone=alone)
 
     def _build_optimizer(self) -> Tuple[object, Callable[[], List[Tuple[str, torch.Tensor]]]]:
@@ -429,8 +431,8 @@ class Trainer:
         if self.offload is not None:
             self.offload.begin_step()  # also cleans up after a step that raised
         scale = self.loss_scaler.scale if self.loss_scaler is not None else 1.0
-        for layer in self.moe_layers + ([self.mtp] if self.mtp is not None else []):  # the load-balancing and MTP
-            layer.aux_grad_scale = scale / batch.shape[0]  # grads join backward at the main loss's own scale
+        for layer in self.moe_layers:  # the load-balancing grad joins backward at the main loss's own scale
+            layer.aux_grad_scale = scale / batch.shape[0]
         with record_function("plait.forward_backward"):
             loss = self._pipeline_for(batch.shape[0]).run(
                 *self._inputs_and_targets(batch), self._pipeline_loss, chunk_kwargs=self._chunk_kwargs(batch),

@@ -20,6 +20,11 @@ for plait's runtime):
   that share boundary nodes are one group (one engine call); a group's boundary nodes get
   their caught grads back through a pre-hook, so a boundary node reached from another one is
   not counted twice.
+- A weight used twice in a row (multi-token prediction's embedding at each depth: one use
+  below the other on the input path) makes W walk the input path from one use down to the
+  other, through nodes another group's W runs too. So W keeps the graph (as I does) and lets
+  it go whole when it is done, when the last reference to it, `PendingWeights`, is dropped:
+  the saved tensors all lived at W's start anyway, so its peak is the same.
 
 The weights are the leaves the graph reaches other than the input, unless the caller names them:
 the tensors the forward read, which under FSDP2 are the gathered parameters, not the sharded
@@ -136,7 +141,7 @@ def backward_input(output: torch.Tensor, grad: torch.Tensor, inputs: Sequence[to
 
 
 def backward_weight(pending: PendingWeights) -> None:
-    """W: accumulate the parameters' grads from what I caught; frees the graph behind it."""
+    """W: accumulate the parameters' grads from what I caught; the graph behind it goes with `pending`."""
     if pending.whole is not None:
         run_backward(*pending.whole)
         return
@@ -152,7 +157,7 @@ def backward_weight(pending: PendingWeights) -> None:
         handles = [node.register_prehook(lambda _, kept=node_grads: kept)
                    for node, node_grads in zip(nodes, grads) if len(nodes) > 1]
         try:
-            run_backward_edges(tuple(edges), tuple(values), tuple(params))
+            run_backward_edges(tuple(edges), tuple(values), tuple(params), keep_graph=True)
         finally:
             for handle in handles:
                 handle.remove()
