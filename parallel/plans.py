@@ -230,8 +230,11 @@ class VocabParallelLoss:
     def __init__(self, grid: Grid, vocab_size: int):
         self.grid, self.vocab_size = grid, vocab_size
 
-    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
-        return vocab_parallel_cross_entropy(logits, targets, self.grid, self.vocab_size, z_loss).mean()
+    def __call__(self, logits: torch.Tensor, targets: torch.Tensor, z_loss: float = 0.0,
+                 weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The mean (with `weights`, one per target: of each token's loss times its weight)."""
+        per_token = vocab_parallel_cross_entropy(logits, targets, self.grid, self.vocab_size, z_loss)
+        return per_token.mean() if weights is None else (per_token * weights).mean()
 
 
 def parallelize(model: nn.Module, grid: Grid, plan: Dict[str, Style], sequence_parallel: bool = False) -> nn.Module:

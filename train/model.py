@@ -290,11 +290,15 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, z_loss: float = 0.0) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, z_loss: float = 0.0,
+                  weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean next-token cross-entropy in nats over the real vocabulary (padding columns sliced off); with `z_loss`
-    = z, plus z x the mean of lse^2 (PaLM's z-loss, lse = logsumexp of each row's logits)."""
+    = z, plus z x the mean of lse^2 (PaLM's z-loss, lse = logsumexp of each row's logits). With `weights` (one per
+    target) the mean of each token's cross-entropy times its weight."""
     logits = logits if logits.shape[-1] == vocab_size else logits[..., :vocab_size]
     flat = logits.reshape(-1, logits.shape[-1]).float()
+    if weights is not None:
+        return (F.cross_entropy(flat, targets.reshape(-1), reduction="none") * weights.reshape(-1)).mean()
     loss = F.cross_entropy(flat, targets.reshape(-1))
     return loss + z_loss * torch.logsumexp(flat, dim=-1).square().mean() if z_loss else loss
 

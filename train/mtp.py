@@ -59,12 +59,11 @@ def future_tokens(tokens: torch.Tensor, depths: int) -> torch.Tensor:
 
 
 def counted_sum(loss_fn: Callable, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The cross-entropy summed over the positions that have a target, over all the positions (`loss_fn`: the mean
-    over the rows it is given). Slices of equal size average to the whole's."""
+    """The cross-entropy summed over the positions that have a target, over all the positions (`loss_fn(logits,
+    targets, weights=)`: the mean of each token's loss times its weight, here 1 or 0). Slices of equal size
+    average to the whole's. Shapes stay fixed: nothing waits on the device, nothing recompiles."""
     counted = targets != PAST_END
-    if not counted.any():  # a slice past the end of the sequence: nothing counts, the graph stays whole
-        return logits.sum() * 0.0
-    return loss_fn(logits[counted], targets[counted]) * (counted.sum() / targets.numel())
+    return loss_fn(logits, targets.clamp(min=0), weights=counted.to(torch.float32))
 
 
 class LossBeside(torch.autograd.Function):
