@@ -1,5 +1,6 @@
 """Training variants of one job side by side: the trainers stepped in turn in one process (so load swings hit
-them alike), validation loss every few steps, and a PNG of the validation curves. muon.py and moe.py use it."""
+them alike), validation loss every few steps, and a PNG of the validation curves. muon.py, moe.py and mtp.py use
+it."""
 
 from pathlib import Path
 from typing import Dict, List, Sequence
@@ -25,7 +26,7 @@ def train_in_turn(variants: Dict[str, List[str]], steps: int, eval_every: int, r
             curves[name]["tokens_per_s"].append(record["tokens_per_s"])
             curves[name]["loss"].append(record["loss"])
             for key in metrics:
-                curves[name][key].append(record[key])
+                curves[name][key].append(record.get(key))  # None where a variant does not log it
             if step % eval_every == 0 or step == steps:
                 curves[name]["val"].append((step, trainer.evaluate()))
         if step % eval_every == 0:

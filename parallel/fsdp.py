@@ -68,9 +68,8 @@ def mixed_precision(precision: str, reduce_in_fp32: bool):
 
 def shard_chunk(chunk: nn.Module, mesh, zero: int, policy, experts=None) -> List[nn.Module]:
     """fully_shard each block of `chunk` (and each multi-token prediction depth), then the chunk, over `mesh`; the
-    sharded modules, blocks first. With
-    `experts` (expert parallelism: the expert_grad mesh), each expert of a mixture is sharded first, over the
-    ranks holding it."""
+    sharded modules, blocks first. With `experts` (expert parallelism: the expert_grad mesh), each expert of a
+    mixture is sharded first, over the ranks holding it."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = zero == 3

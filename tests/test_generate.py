@@ -142,6 +142,8 @@ def test_plait_generate_continues_a_prompt_with_the_checkpoints_model_and_tokeni
     (["--max-new-tokens", "0"], "--max-new-tokens 0 must be at least 1."),
     (["--prompt", "x" * 64], "the prompt is 64 tokens but the model reads at most model.max_seq_len=64"),
     (["--tokenizer", "/nowhere/tokenizer.json"], "--tokenizer /nowhere/tokenizer.json: data.tokenizer="),
+    (["--speculative"], "--speculative decodes one greedy continuation, but --temperature is 0.8"),
+    (["--speculative", "--temperature", "0"], "this model has none (model.mtp_layers=0); drop --speculative."),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(trained_run, capsys, argv, message):
     run, _ = trained_run

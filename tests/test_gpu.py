@@ -558,10 +558,13 @@ def test_float8_on_cuda_equals_its_emulation_and_trains_close_to_bf16(tmp_path, 
 
 def test_multi_token_prediction_on_cuda_matches_the_cpu_and_trains_compiled_and_under_bf16(tmp_path, stdlib_tokens):
     """`model.mtp_layers=2`: the depths on CUDA give the CPU's MTP loss and every grad in fp32 (the counted
-    positions found on the device); under bf16 autocast every depth's weights get finite grads; and the trainer,
-    eager and compiled (auto: on), trains with the same losses and `mtp_loss`."""
+    positions found on the device); under bf16 autocast every depth's weights get finite grads; speculative decoding
+    with the first depth gives greedy decoding's tokens on CUDA; and the trainer, eager and compiled (auto: on),
+    trains with the same losses."""
     from plait.train.config import ModelConfig
+    from plait.train.decode import generate
     from plait.train.mtp import future_tokens
+    from plait.train.speculative import generate_with_mtp
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=100, ffn_dim=96, max_seq_len=64, mtp_layers=2)
     cpu_model, model = build_model(cfg, seed=4), build_model(cfg, seed=4, device=CUDA)
@@ -579,6 +582,10 @@ def test_multi_token_prediction_on_cuda_matches_the_cpu_and_trains_compiled_and_
     loss.backward()
     assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                if n.startswith("mtp."))
+    model.eval()
+    prompt = tokens[:1, :6]
+    drafted, stats = generate_with_mtp(model, prompt, 40)
+    assert drafted.tolist() == generate(model, prompt, 40, temperature=0).tolist() and stats["drafted"] > 0
     cache = stdlib_tokens[0].parent.parent
     mtp = ["model.mtp_layers=2", "model.mtp_weight=0.3"]
     eager, _ = losses_of(trainer_overrides(tmp_path / "eager", cache, "train.compile=false", *mtp))

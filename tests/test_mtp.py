@@ -12,6 +12,9 @@
 - `model.mtp_weight=0` trains the same model as no MTP, bit for bit (and the validation loss is the next-token
   loss alone); a weight above 0 trains another.
 - MFU's FLOPs count the depths' matmul weights, as the built model holds them; export leaves the depths out.
+- A pipeline checkpoint holds the embedding alone and resumes exactly, at pp=2 and in one process.
+- Speculative decoding (train/speculative.py) gives greedy decoding's tokens, drafts standing and falling; each
+  cached guess is the depth's uncached prediction.
 - Bad settings get one sentence.
 """
 
@@ -270,3 +273,94 @@ def test_bad_settings_get_one_sentence(extra, words):
 
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
         validate(load_config(["model.n_layers=4", *extra]), world_size=2)
+
+
+# speculative decoding ----------------------------------------------------------------------------
+def random_decoder(seed: int = 3):
+    from plait.train.build import build_model
+    from plait.train.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, mtp_layers=1, max_seq_len=64,
+                      sliding_window=24)
+    return build_model(cfg, seed=seed).eval(), torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(1))
+
+
+def right_then_wrong(greedy: torch.Tensor):
+    """A drafter (around the first depth's, whose cache it keeps) that guesses right every other time, from greedy
+    decoding's own text `greedy`, and wrong in between: drafts both stand and fall."""
+    from plait.train.speculative import Drafter
+
+    class Alternating(Drafter):
+        calls = fed = 0
+
+        def draft(self, hidden, following):
+            super().draft(hidden, following)
+            Alternating.calls += 1
+            Alternating.fed += hidden.shape[1]
+            right = greedy[0, min(Alternating.fed + 1, greedy.shape[1] - 1)].reshape(1)  # the token after next
+            return right if Alternating.calls % 2 else (right + 1) % 64
+
+    return Alternating
+
+
+@pytest.mark.parametrize("new,eos", [(40, None), (200, None), (50, "drawn")], ids=["40", "to-max-seq-len", "eos"])
+@pytest.mark.parametrize("drafter", ["first-depth", "right-then-wrong"])
+def test_speculative_decoding_gives_greedy_decodings_tokens(new, eos, drafter):
+    """Drafting with the first depth (or right and wrong in turn, so drafts both stand and fall) and
+    checking two places per forward gives plain greedy decoding's tokens, to `model.max_seq_len` (past a sliding
+    window) and to an end-of-document token; each forward adds one token plus one per draft that stood."""
+    from plait.train.decode import generate
+    from plait.train.speculative import Drafter, generate_with_mtp
+
+    model, ids = random_decoder()
+    if eos == "drawn":  # a token greedy decoding draws halfway
+        eos = int(generate(model, ids, new, temperature=0)[0, ids.shape[1] + new // 2])
+    plain = generate(model, ids, new, temperature=0, eos=eos)
+    make = Drafter if drafter == "first-depth" else right_then_wrong(generate(model, ids, new, temperature=0))
+    drafted, stats = generate_with_mtp(model, ids, new, eos=eos, make_drafter=make)
+    assert drafted.tolist() == plain.tolist()
+    assert stats["drafted"] < stats["forwards"]
+    if drafter == "right-then-wrong":
+        assert stats["accepted"] >= stats["drafted"] // 2 - 1 and stats["accepted"] < stats["drafted"]
+    if eos is None:
+        assert drafted.shape[1] - ids.shape[1] == stats["forwards"] + stats["accepted"]
+    assert all(block.attn.attend.__name__ != "attend" for block in model.layers.values())  # the seams restored
+
+
+def test_each_draft_is_the_first_depths_prediction_without_a_cache():
+    """Every guess the cached drafter makes equals the first MTP depth's greedy prediction at that place when the
+    whole final sequence runs through the model and the depth at once, without caches."""
+    from plait.train.attention_mask import AttentionMask
+    from plait.train.speculative import Drafter, _greedy, generate_with_mtp
+
+    model, ids = random_decoder(seed=5)
+    guesses = []
+
+    class Recording(Drafter):
+        fed = 0
+
+        def draft(self, hidden, following):
+            Recording.fed += hidden.shape[1]
+            guesses.append((Recording.fed - 1, int(super().draft(hidden, following))))  # guessed at that place
+            return guesses[-1][1] * torch.ones(1, dtype=torch.long)
+
+    sequence, stats = generate_with_mtp(model, ids, 50, make_drafter=Recording)
+    window = AttentionMask.of(None, model.cfg.sliding_window)
+    with torch.no_grad():
+        hidden = model.trunk(sequence[:, :-1], window)
+        layer = model.mtp.layers[0]
+        _, normed = layer(hidden, model.embedding(sequence[:, 1:]), model.rope_cos, model.rope_sin, window)
+        predicted = _greedy(model, normed)[0]
+    assert len(guesses) == stats["drafted"] > 10
+    assert [guess for _, guess in guesses] == [int(predicted[place]) for place, _ in guesses]
+
+
+def test_speculative_decoding_of_a_model_without_depths_is_refused_in_one_sentence():
+    """(`plait generate --speculative`'s refusals: test_generate.py.)"""
+    from plait.train.build import build_model
+    from plait.train.config import ModelConfig
+    from plait.train.speculative import generate_with_mtp
+
+    with pytest.raises(ValueError, match="has none \\(model.mtp_layers=0\\)"):
+        generate_with_mtp(build_model(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4)).eval(),
+                          torch.zeros(1, 3, dtype=torch.long), 5)

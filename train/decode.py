@@ -48,6 +48,10 @@ class KVCache:
         """The rotary rows of the s new tokens: they follow the cached ones."""
         return slice(self.filled, self.filled + s)
 
+    def drop_last(self, n: int) -> None:
+        """Forget the last `n` places (a draft that did not stand: `plait.train.speculative`)."""
+        self.keys, self.values = self.keys[:, :, :-n], self.values[:, :, :-n]
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, enable_gqa: bool,
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Append k, v; new query i (at place filled + i) sees the cached keys and the new ones up to its own.
@@ -220,6 +224,9 @@ def _parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--tokenizer", default=None, help="byte or a tokenizer.json (default: the checkpoint's)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--speculative", action="store_true",
+                        help="greedy only: draft each token after next with the model's multi-token prediction depth "
+                             "and check it in the same forward as the next (model.mtp_layers > 0)")
     return parser.parse_args(argv)
 
 
@@ -235,6 +242,9 @@ def _check(args: argparse.Namespace) -> Optional[str]:
         return f"--top-p {args.top_p} is outside (0, 1]; use 1 for no cut."
     if args.samples < 1:
         return f"--samples {args.samples} must be at least 1."
+    if args.speculative and (args.temperature != 0 or args.samples != 1):
+        return (f"--speculative decodes one greedy continuation, but --temperature is {args.temperature} and "
+                f"--samples {args.samples}; pass --temperature 0 and --samples 1, or drop --speculative.")
     return None
 
 
@@ -252,6 +262,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"plait generate: error: {error}", file=sys.stderr)
         return 2
     prompt = [int(i) for i in tokenizer.encode(args.prompt)] if args.prompt else [tokenizer.eos]
+    if args.speculative and model.mtp is None:
+        print("plait generate: error: --speculative drafts with the model's multi-token prediction depths, and this "
+              "model has none (model.mtp_layers=0); drop --speculative.", file=sys.stderr)
+        return 2
     if len(prompt) >= model.cfg.max_seq_len:
         print(f"plait generate: error: the prompt is {len(prompt)} tokens but the model reads at most "
               f"model.max_seq_len={model.cfg.max_seq_len}; shorten --prompt.", file=sys.stderr)
@@ -259,8 +273,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ids = torch.tensor([prompt] * args.samples, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     started = time.perf_counter()
-    out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, eos=tokenizer.eos, generator=generator)
+    if args.speculative:
+        from plait.train.speculative import generate_with_mtp
+
+        out, stats = generate_with_mtp(model, ids, args.max_new_tokens, eos=tokenizer.eos)
+    else:
+        out = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                       top_p=args.top_p, eos=tokenizer.eos, generator=generator)
     seconds = time.perf_counter() - started
     for row in out.tolist():
         drawn = row[len(prompt):]
@@ -271,4 +290,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     origin = f"step {index['step']}" if index.get("step") is not None else args.checkpoint
     print(f"{tokens} tokens in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s) on {device} "
           f"from {origin}", file=sys.stderr)
+    if args.speculative:
+        print(f"speculative: {stats['accepted']} of {stats['drafted']} drafts stood "
+              f"({stats['accepted'] / max(stats['drafted'], 1):.0%}), {stats['tokens_per_forward']:.2f} tokens per "
+              f"forward", file=sys.stderr)
     return 0

@@ -381,10 +381,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, documents: Optional[torch.Tensor] = None,
                 future: Optional[torch.Tensor] = None) -> torch.Tensor:
         mask = AttentionMask.of(documents, self.cfg.sliding_window)
-        if self.embed is not None:
-            x = self.embedding(x)
-        for block in self.layers.values():
-            x = block(x, self.rope_cos, self.rope_sin, mask)
+        x = self.trunk(x, mask)
         if self.mtp is not None and future is not None and self.training:  # its losses: kept for `loss`
             self.mtp(x, future, self.embedding, self.logits, self.loss_fn, self.rope_cos, self.rope_sin, mask,
                      self.loss_chunks)
@@ -394,6 +391,14 @@ class Transformer(nn.Module):
         if self.loss_chunks:
             return x  # the head runs inside `loss`, a slice of the sequence at a time
         return self.logits(x)
+
+    def trunk(self, x: torch.Tensor, mask: Optional[AttentionMask] = None) -> torch.Tensor:
+        """The embedding (if here) and the layers: the last layer's output, before the final norm."""
+        if self.embed is not None:
+            x = self.embedding(x)
+        for block in self.layers.values():
+            x = block(x, self.rope_cos, self.rope_sin, mask)
+        return x
 
     def embedding(self, ids: torch.Tensor) -> torch.Tensor:
         """The embedding's rows of `ids` (on a last pipeline stage, its multi-token prediction copy's), times muP's

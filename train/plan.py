@@ -283,7 +283,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     activations = inflight * (per_chunk_layers * block_saved + depths * depth_saved) + head
     keep = keep_count(cfg.offload.keep_last)  # auto is decided at run time from the link: planned as 1
     resident_blocks = min(layers, (1 if keep is None else keep) + cfg.offload.prefetch)
-    activations_offload = min(activations, resident_blocks * block_saved + head)
+    activations_offload = min(activations, resident_blocks * block_saved + head + inflight * depths * depth_saved)
     # fp32 state: AdamW's two moments, Lion's one; Muon's one momentum for its matrices, AdamW's for the rest
     optimizer_bytes = {"adamw": 8 * params, "lion": 4 * params, "muon": 4 * matrices + 8 * (params - matrices)}
     hidden_bytes = tokens * model_cfg.dim * size
