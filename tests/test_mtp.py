@@ -6,8 +6,8 @@
   whole or in slices, tied or not.
 - The trainer under tp2 with SP, cp2 (ring and Ulysses), dp2 with ZeRO-3, a 4-rank tp2 x cp2, pipelines (1F1B,
   interleaved with ZeRO-1, ZB-H1, ZB-V, tp2 with ZeRO-2; the last stage holds a copy of the embedding), and with
-  experts at ep2 or a tied head in slices at tp2 with SP: its losses, grad norms, MTP losses and validation loss
-  equal one process's.
+  experts at ep2, a tied head in slices at tp2 with SP, or a tied head under pp2 (1F1B, ZB-V): its losses, grad
+  norms, MTP losses and validation loss equal one process's.
 - `plait plan`'s activation bytes match a real forward's.
 - `model.mtp_weight=0` trains the same model as no MTP, bit for bit (and the validation loss is the next-token
   loss alone); a weight above 0 trains another.
@@ -149,9 +149,13 @@ def test_trainer_layouts_equal_one_process(tmp_path, reference, world, extra):
 @pytest.mark.parametrize("common,extra", [
     (["model.moe_experts=4", "model.moe_top_k=2", "model.moe_aux_loss=0"], ["parallel.ep=2"]),
     (["train.loss_chunks=2", "model.tie_embeddings=true"], ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-], ids=["moe-ep2", "tied-head-in-slices-tp2-sp"])
-def test_with_experts_or_a_tied_head_in_slices_layouts_equal_one_process(tmp_path, stdlib_tokens, common, extra):
-    """A mixture of experts (each depth's block too) at ep2, and a tied head run in slices at tp2 with SP."""
+    (["model.tie_embeddings=true"], ["parallel.pp=2"]),
+    (["model.tie_embeddings=true"], ["parallel.pp=2", "parallel.schedule=zbv"]),
+], ids=["moe-ep2", "tied-head-in-slices-tp2-sp", "tied-pp2", "tied-pp2-zbv"])
+def test_with_experts_or_a_tied_head_layouts_equal_one_process(tmp_path, stdlib_tokens, common, extra):
+    """A mixture of experts (each depth's block too) at ep2; a tied head run in slices at tp2 with SP; a tied head
+    under a pipeline, where the last stage holds two copies of the embedding (the head's, the depths'), summed with
+    it over the embedding group, or on one rank under ZB-V."""
     cache = str(stdlib_tokens[0].parent.parent)
     expected, val = train(0, 1, str(tmp_path / "one"), cache, common)
     for got, got_val in run_ranks(2, train, str(tmp_path / "two"), cache, common + extra):
