@@ -1,5 +1,5 @@
 """Multi-token prediction (DeepSeek-V3, section 2.2; Megatron-LM's `--mtp-num-layers`): a training signal, off at
-inference.
+inference but for drafting tokens in speculative decoding (train/speculative.py).
 
 With `model.mtp_layers=D` the decoder grows D small modules after its last layer, run in sequence. Module k (1..D)
 takes the hidden state h of the one before it (the last layer's output for k = 1) and the embedding of the token k

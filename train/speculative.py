@@ -30,7 +30,8 @@ def _greedy(model: Transformer, normed: torch.Tensor) -> torch.Tensor:
 
 
 class Drafter:
-    """The first MTP depth, run a position at a time behind the model, with its own KV cache."""
+    """The first MTP depth, run behind the model on the positions it has fixed (the prompt at once, then one or two
+    a step), with its own KV cache."""
 
     def __init__(self, model: Transformer):
         self.model, self.layer = model, model.mtp.layers[0]
@@ -71,9 +72,9 @@ def generate_with_mtp(model: Transformer, ids: torch.Tensor, max_new_tokens: int
         behind, following = hidden, torch.cat([ids[:, 1:], token[:, None]], dim=1)  # not yet fed to the drafter
         stats = {"forwards": 1, "drafted": 0, "accepted": 0}
         while len(out) < room and (eos is None or int(token) != eos):
-            if len(out) + 1 >= room:  # one place left: a plain step
-                behind = model.trunk(token[:, None])
-                token = _greedy(model, model.norm(behind))[:, 0]
+            if len(out) + 1 >= room:  # one place left: a plain step (no draft could stand)
+                hidden = model.trunk(token[:, None])
+                token = _greedy(model, model.norm(hidden))[:, 0]
                 out.append(token)
                 stats["forwards"] += 1
                 continue
