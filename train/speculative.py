@@ -52,7 +52,8 @@ class Drafter:
 
 @torch.no_grad()
 def generate_with_mtp(model: Transformer, ids: torch.Tensor, max_new_tokens: int, eos: Optional[int] = None,
-                      make_drafter: Callable[[Transformer], Drafter] = Drafter) -> Tuple[torch.Tensor, Dict[str, float]]:
+                      make_drafter: Callable[[Transformer], Drafter] = Drafter
+                      ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """(`ids` [1, prompt] followed by up to `max_new_tokens` greedy tokens, stopping after `eos` or at
     `model.cfg.max_seq_len`; {"forwards", "drafted", "accepted", "tokens_per_forward"}). `model`: a whole plain model
     with `model.mtp_layers` > 0, in eval mode; its attention seams are replaced by caches for the call.
