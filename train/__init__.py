@@ -42,6 +42,7 @@ _EXPORTS = {
     "export_checkpoint": "plait.train.export",
     # decoding
     "generate": "plait.train.decode",
+    "generate_with_mtp": "plait.train.speculative",
     # plans
     "make_plan": "plait.train.plan:plan",
     "Plan": "plait.train.plan",
@@ -57,6 +58,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.train.config import Config, ConfigError, ModelConfig, load_config, validate
     from plait.train.export import export_checkpoint
     from plait.train.decode import generate
+    from plait.train.speculative import generate_with_mtp
     from plait.train.metrics import MetricsSink
     from plait.train.model import Scales, Transformer
     from plait.train.moe import MoE
