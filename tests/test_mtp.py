@@ -34,6 +34,28 @@ def test_future_tokens_are_the_targets_shifted_once_more_each_row():
     assert rows.tolist() == [[11, 12, 13, 14, 15], [12, 13, 14, 15, PAST_END], [13, 14, 15, PAST_END, PAST_END]]
 
 
+@pytest.mark.parametrize("z_loss", [0.0, 1e-2])
+def test_both_loss_functions_weigh_each_tokens_loss_z_loss_included(z_loss):
+    """`weights=` (the counted positions): the plain cross-entropy and the vocab-parallel one (one rank) give the
+    weighted mean of each token's loss, its z-loss term included; all-ones weights give the unweighted loss."""
+    from plait.parallel.grid import Grid
+    from plait.parallel.plans import VocabParallelLoss
+    from plait.train.model import cross_entropy
+
+    gen = torch.Generator().manual_seed(0)
+    logits, targets = torch.randn(3, 5, 128, generator=gen), torch.randint(0, 100, (3, 5), generator=gen)
+    weights = (torch.arange(15).view(3, 5) % 3 != 0).float()
+    vocab_parallel = VocabParallelLoss(Grid.single(), 100)
+    for loss_fn in (lambda *a, **k: cross_entropy(*a, vocab_size=100, **k), vocab_parallel):
+        whole = loss_fn(logits, targets, z_loss=z_loss)
+        assert loss_fn(logits, targets, z_loss=z_loss, weights=torch.ones(3, 5)).item() == pytest.approx(whole.item(),
+                                                                                                         rel=1e-6)
+        kept = weights.bool()
+        expected = loss_fn(logits[kept], targets[kept], z_loss=z_loss) * kept.sum() / kept.numel()
+        assert loss_fn(logits, targets, z_loss=z_loss, weights=weights).item() == pytest.approx(expected.item(),
+                                                                                                 rel=1e-6)
+
+
 def written_out_loss(model, tokens: torch.Tensor, weight: float) -> torch.Tensor:
     """The main loss plus weight x the mean over depths of each depth's cross-entropy, as DeepSeek-V3 writes it:
     depth k runs on the first s - k positions, embeds token i + k and predicts token i + k + 1."""

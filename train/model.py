@@ -294,11 +294,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int, 
                   weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Mean next-token cross-entropy in nats over the real vocabulary (padding columns sliced off); with `z_loss`
     = z, plus z x the mean of lse^2 (PaLM's z-loss, lse = logsumexp of each row's logits). With `weights` (one per
-    target) the mean of each token's cross-entropy times its weight."""
+    target) the mean of each token's loss (z-loss included) times its weight, as `VocabParallelLoss` weighs them."""
     logits = logits if logits.shape[-1] == vocab_size else logits[..., :vocab_size]
     flat = logits.reshape(-1, logits.shape[-1]).float()
     if weights is not None:
-        return (F.cross_entropy(flat, targets.reshape(-1), reduction="none") * weights.reshape(-1)).mean()
+        per_token = F.cross_entropy(flat, targets.reshape(-1), reduction="none")
+        if z_loss:
+            per_token = per_token + z_loss * torch.logsumexp(flat, dim=-1).square()
+        return (per_token * weights.reshape(-1)).mean()
     loss = F.cross_entropy(flat, targets.reshape(-1))
     return loss + z_loss * torch.logsumexp(flat, dim=-1).square().mean() if z_loss else loss
 
