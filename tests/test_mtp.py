@@ -350,7 +350,8 @@ def test_speculative_decoding_gives_greedy_decodings_tokens(new, eos, drafter):
         assert stats["accepted"] >= stats["drafted"] // 2 - 1 and stats["accepted"] < stats["drafted"]
     if eos is None:
         assert drafted.shape[1] - ids.shape[1] == stats["forwards"] + stats["accepted"]
-    assert all(block.attn.attend.__name__ != "attend" for block in model.layers.values())  # the seams restored
+    blocks = [*model.layers.values(), model.mtp.layers[0].block]
+    assert all(block.attn.attend.__name__ != "attend" for block in blocks)  # the seams restored, the drafter's too
 
 
 def test_each_draft_is_the_first_depths_prediction_without_a_cache():

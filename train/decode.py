@@ -16,14 +16,16 @@ model's `max_seq_len` (its rotary tables end there).
 """
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from plait.common.checks import SettingError
 from plait.train.config import ModelConfig
@@ -69,14 +71,31 @@ class KVCache:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)
 
 
-def attach_caches(model: Transformer) -> List[KVCache]:
-    """Fresh caches in every attention layer of `model` (replacing its attention seams; a decoding model only)."""
+def _attach(blocks: Iterable[nn.Module], window: Optional[int]) -> List[KVCache]:
+    """A fresh cache in the attention of each of `blocks` (replacing its seams)."""
     caches = []
-    for block in model.layers.values():
-        cache = KVCache(model.cfg.sliding_window)
+    for block in blocks:
+        cache = KVCache(window)
         block.attn.rope_rows, block.attn.attend = cache.rope_rows, cache.attend
         caches.append(cache)
     return caches
+
+
+def attach_caches(model: Transformer) -> List[KVCache]:
+    """Fresh caches in every attention layer of `model` (replacing its attention seams; a decoding model only)."""
+    return _attach(model.layers.values(), model.cfg.sliding_window)
+
+
+@contextlib.contextmanager
+def caches_in(blocks: Iterable[nn.Module], window: Optional[int]) -> Iterator[List[KVCache]]:
+    """Fresh caches in the attention of each of `blocks` while the `with` body runs; their own seams after."""
+    blocks = list(blocks)
+    saved = [(block.attn.rope_rows, block.attn.attend) for block in blocks]
+    try:
+        yield _attach(blocks, window)
+    finally:
+        for block, (rows, attend) in zip(blocks, saved):
+            block.attn.rope_rows, block.attn.attend = rows, attend
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -112,9 +131,7 @@ def generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int, *, temp
     in eval mode; its attention seams are replaced by caches for the call and restored after."""
     if ids.shape[1] < 1:
         raise ValueError("generate needs at least one prompt token per row (start a document with the eos id).")
-    saved = [(block.attn.rope_rows, block.attn.attend) for block in model.layers.values()]
-    attach_caches(model)
-    try:
+    with caches_in(model.layers.values(), model.cfg.sliding_window):
         new = min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         step_input, out = ids, [ids]
@@ -129,9 +146,6 @@ def generate(model: Transformer, ids: torch.Tensor, max_new_tokens: int, *, temp
             if eos is not None and bool(done.all()):
                 break
         return torch.cat(out, dim=1)
-    finally:
-        for block, (rows, attend) in zip(model.layers.values(), saved):
-            block.attn.rope_rows, block.attn.attend = rows, attend
 
 
 def tool_device(requested: str) -> torch.device:

@@ -20,7 +20,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from plait.train.decode import KVCache, attach_caches
+from plait.train.decode import caches_in
 from plait.train.model import Transformer
 
 
@@ -31,13 +31,10 @@ def _greedy(model: Transformer, normed: torch.Tensor) -> torch.Tensor:
 
 class Drafter:
     """The first MTP depth, run behind the model on the positions it has fixed (the prompt at once, then one or two
-    a step), with its own KV cache."""
+    a step), with its own KV cache (which `generate_with_mtp` puts in the depth's block)."""
 
     def __init__(self, model: Transformer):
         self.model, self.layer = model, model.mtp.layers[0]
-        self.cache = KVCache(model.cfg.sliding_window)
-        self.saved = (self.layer.block.attn.rope_rows, self.layer.block.attn.attend)
-        self.layer.block.attn.rope_rows, self.layer.block.attn.attend = self.cache.rope_rows, self.cache.attend
 
     def draft(self, hidden: torch.Tensor, following: torch.Tensor) -> torch.Tensor:
         """The guess for the token after the last of `following`: `hidden` [1, s, dim] the model's last-layer output
@@ -45,9 +42,6 @@ class Drafter:
         model = self.model
         _, normed = self.layer(hidden, model.embedding(following), model.rope_cos, model.rope_sin, None)
         return _greedy(model, normed[:, -1:])[:, 0]
-
-    def restore(self) -> None:
-        self.layer.block.attn.rope_rows, self.layer.block.attn.attend = self.saved
 
 
 @torch.no_grad()
@@ -63,10 +57,9 @@ def generate_with_mtp(model: Transformer, ids: torch.Tensor, max_new_tokens: int
                          "has none (model.mtp_layers=0); decode without it.")
     if ids.shape[0] != 1 or ids.shape[1] < 1:
         raise ValueError("speculative decoding takes one row of at least one prompt token.")
-    room = min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1])
-    saved = [(block.attn.rope_rows, block.attn.attend) for block in model.layers.values()]
-    caches, drafter = attach_caches(model), make_drafter(model)
-    try:
+    room, window = min(max_new_tokens, model.cfg.max_seq_len - ids.shape[1]), model.cfg.sliding_window
+    with caches_in(model.layers.values(), window) as caches, caches_in([model.mtp.layers[0].block], window):
+        drafter = make_drafter(model)
         hidden = model.trunk(ids)
         token = _greedy(model, model.norm(hidden[:, -1:]))[:, 0]
         out: List[torch.Tensor] = [token]
@@ -99,7 +92,3 @@ def generate_with_mtp(model: Transformer, ids: torch.Tensor, max_new_tokens: int
             drawn = drawn[:int((drawn == eos).nonzero()[0]) + 1]
         stats["tokens_per_forward"] = len(drawn) / stats["forwards"]
         return torch.cat([ids, drawn[None]], dim=1), stats
-    finally:
-        drafter.restore()
-        for block, (rows, attend) in zip(model.layers.values(), saved):
-            block.attn.rope_rows, block.attn.attend = rows, attend
