@@ -294,7 +294,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     tp_ops = 4 * (layers + depths) + int(has_embedding) + int(has_head) + 2 * depths  # a depth: its block,
     # its embedding lookup and its pass through the head
     if regather:
-        tp_ops += layers + 0.5 * int(has_head and untied_regather)
+        tp_ops += layers + depths + 0.5 * int(has_head and untied_regather)
     cross_entropy = _ring(3 * tokens * 4, tp, 2) * (1 + depths) if has_head else 0  # per pass through the head
     tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + cross_entropy)
     dp_bytes = _ring(params * 4, dp * cp, 2)  # fp32 grads over dp x cp (ZeRO-1: reduce-scatter + all-gather, same)
