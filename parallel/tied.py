@@ -35,7 +35,7 @@ class TiedWeights:
         copies' on the last (`plait.train.model.tied_names`). Collective: every rank makes every group."""
         self.grid, self.first, self.copies = grid, names[0], tuple(names[1:])
         self.first_rank, self.last_rank = stage_ranks[0], stage_ranks[-1]
-        self.local = self.first_rank == self.last_rank  # a V: both on one rank, summed in place
+        self.local = self.first_rank == self.last_rank  # a V: the matrix and its copies on one rank, summed in place
         self.group = None
         if self.local or grid.mesh is None:
             return

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_ranks
+from tests.train_utils import make_trainer
 
 
 def test_future_tokens_are_the_targets_shifted_once_more_each_row():
@@ -119,20 +120,14 @@ def test_eval_mode_and_no_future_leave_the_model_as_without_mtp():
 STEPS = 3
 
 
-def overrides(run_dir, cache, *extra):
-    return ["model.dim=32", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
-            "model.vocab_size=256", "model.mtp_layers=2", "model.mtp_weight=0.3", "train.seq_len=32",
-            "train.batch_size=8", f"train.steps={STEPS}", "train.eval_every=0", "train.eval_batches=2",
-            "train.log_every=1", "train.progress=false", "train.peak_flops=1e10", f"train.run_dir={run_dir}",
-            f"data.cache_dir={cache}", "checkpoint.save_final=false", "parallel.microbatches=2", *extra]
+BASE = ["model.dim=32", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
+        "model.vocab_size=256", "model.mtp_layers=2", "model.mtp_weight=0.3", "train.seq_len=32", "train.batch_size=8",
+        f"train.steps={STEPS}", "train.eval_every=0", "train.eval_batches=2", "train.log_every=1",
+        "train.progress=false", "train.peak_flops=1e10", "checkpoint.save_final=false", "parallel.microbatches=2"]
 
 
 def train(rank, world, run_dir, cache, extra):
-    from plait.launch.env import ProcessEnv
-    from plait.train import Trainer, load_config
-
-    trainer = Trainer(load_config(overrides(run_dir, cache, *extra)),
-                      env=ProcessEnv(rank, 0, world, "torchrun" if world > 1 else "single"))
+    trainer = make_trainer(rank, world, BASE, extra, run_dir, cache)
     try:
         records = [trainer.step() for _ in range(STEPS)]
         return {key: [r.get(key) for r in records] for key in ("loss", "grad_norm", "mtp_loss")}, trainer.evaluate()
@@ -189,13 +184,8 @@ def test_with_experts_or_a_tied_head_layouts_equal_one_process(tmp_path, stdlib_
 def resume_worker(rank, world, run_dir, cache):
     """pp=2: 2 steps and a checkpoint, then 2 more; the same 2 again from the checkpoint; with the last stage's copy
     of the embedding (equal to it bit for bit?) and the embedding, from each rank."""
-    from plait.launch.env import ProcessEnv
-    from plait.train import Trainer, load_config
-
     def run(*extra):
-        trainer = Trainer(load_config(overrides(run_dir, cache, "parallel.pp=2", *extra)),
-                          env=ProcessEnv(rank, 0, world, "torchrun"))
-        return trainer
+        return make_trainer(rank, world, BASE, ["parallel.pp=2", *extra], run_dir, cache)
 
     first = run()
     [first.step() for _ in range(2)]
