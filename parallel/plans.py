@@ -12,6 +12,7 @@ walks the model once and, for each matching module:
 | `VocabHead()` | the output `Linear` becomes column-parallel over the vocabulary, padded the same way (`overlap` as `Colwise`'s) |
 | `SequenceNorm()` | a norm (or another weight whole over the tokens) stays whole; under SP its grad is partial |
 | `HeadNorm()` | a per-head norm (QK-norm) stays whole; each tp rank norms its heads: its gain's grad is partial |
+| `ColumnInput()` | a tensor entering the tp region beside a column-parallel layer's input (latent attention's shared rotary key) is mapped as that input is: copied (its grad summed over tp), or gathered over the sequence under SP |
 | `SequenceShares()` | a module that divides by a count over the whole sequence learns cp, the ranks that share it |
 | `SequenceDropout()` | a residual dropout draws a mask per rank under sequence parallelism |
 | `ContextAttention(mode)` | under cp > 1 an attention attends over the whole sequence from its rank's zigzag share (ring or Ulysses) and takes its tokens' rotary rows |
@@ -194,6 +195,14 @@ class ContextAttention(Style):
         if grid.cp > 1:
             module.attend = ContextAttend(grid.cp_group, grid.cp_ranks, self.mode)
             module.rope_rows = ZigzagRows(grid.cp, grid.cp_rank)
+        return None
+
+
+class ColumnInput(Style):
+    """A `RegionEntry`'s mapping: a column-parallel layer's input mapping, alone (nothing at tp = 1)."""
+
+    def apply(self, module, grid, sequence_parallel):
+        module.mapping = mapping(GatherFromSequence if sequence_parallel else CopyToRegion, grid.tp_group)
         return None
 
 

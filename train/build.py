@@ -23,7 +23,7 @@ from torch import nn
 
 from plait.parallel.float8 import use_float8
 from plait.parallel.grid import Grid
-from plait.parallel.plans import (Colwise, ContextAttention, ExpertRegion, HeadNorm, Rowwise, SequenceDropout,
+from plait.parallel.plans import (Colwise, ColumnInput, ContextAttention, ExpertRegion, HeadNorm, Rowwise, SequenceDropout,
                                   SequenceNorm, SequenceShares, Style, VocabEmbedding, VocabHead, VocabParallelOutput,
                                   param_specs, parallelize)
 from plait.parallel.pipeline.partition import rank_chunk_plans
@@ -43,6 +43,15 @@ LLAMA_PLAN: Dict[str, Style] = {
     "layers.*.attn.wo": Rowwise(),
     "layers.*.attn.q_norm": HeadNorm(),
     "layers.*.attn.k_norm": HeadNorm(),
+    # multi-head latent attention (train/mla.py): heads split, the latents' down projections and norms whole
+    "layers.*.attn.wq": Colwise(),
+    "layers.*.attn.wq_a": SequenceNorm(),
+    "layers.*.attn.q_a_norm": SequenceNorm(),
+    "layers.*.attn.wq_b": Colwise(),
+    "layers.*.attn.wkv_a": SequenceNorm(),
+    "layers.*.attn.kv_a_norm": SequenceNorm(),
+    "layers.*.attn.wkv_b": Colwise(),
+    "layers.*.attn.shared_key": ColumnInput(),
     "layers.*.mlp_norm": SequenceNorm(),
     "layers.*.mlp.w13": Colwise(),
     "layers.*.mlp.w2": Rowwise(),
@@ -58,6 +67,9 @@ LLAMA_PLAN.update({"mtp.layers.*.block." + name[len("layers.*."):]: style for na
 LLAMA_PLAN.update({"mtp": SequenceShares(), "mtp.embed": VocabEmbedding(), "mtp.layers.*.hnorm": SequenceNorm(),
                    "mtp.layers.*.enorm": SequenceNorm(), "mtp.layers.*.proj": SequenceNorm(),
                    "mtp.layers.*.norm": SequenceNorm()})
+
+
+COLUMN_LAYERS = ("attn.wqkv", "attn.wq", "attn.wq_b", "attn.wkv_b", "mlp.w13")  # a block's column-parallel layers
 
 
 def seed_for(seed: int, name: str) -> int:
@@ -117,7 +129,7 @@ def llama_plan(cp_mode: str = "ring", tp_overlap: bool = False) -> Dict[str, Sty
         if cp_mode != "ring":
             plan[blocks + "attn"] = ContextAttention(cp_mode)
         if tp_overlap:
-            plan.update({blocks + "attn.wqkv": Colwise(overlap=True), blocks + "mlp.w13": Colwise(overlap=True)})
+            plan.update({blocks + name: Colwise(overlap=True) for name in COLUMN_LAYERS})
     if tp_overlap:
         plan["head"] = VocabHead(overlap=True)
     return plan

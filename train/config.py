@@ -63,6 +63,12 @@ class ModelConfig:
     sliding_window: Optional[int] = None  # each token attends to itself and the W - 1 before it (Mistral)
     qk_norm: bool = False  # RMS-norm each head's query and key before rotary (OLMo 2, Qwen3)
     qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2)
+    attention: str = "mha"  # mha: multi-head (grouped-query under n_kv_heads) | mla: DeepSeek's multi-head latent
+    q_lora_rank: int = 0  # mla: queries through a latent of this rank (DeepSeek-V3: 1536); 0: one projection (V2-Lite)
+    kv_lora_rank: Optional[int] = None  # mla: keys and values through a latent of this rank (DeepSeek: 512); 4 x head
+    qk_nope_head_dim: Optional[int] = None  # mla: each head's query-key features without rotary (DeepSeek: 128); head
+    qk_rope_head_dim: Optional[int] = None  # mla: the rotary features, one key shared by the heads (DeepSeek: 64); head/2
+    v_head_dim: Optional[int] = None  # mla: each head's value features (DeepSeek: 128); default dim / n_heads
     moe_experts: int = 0  # > 0: every MLP is a mixture of this many SwiGLU experts of width ffn_dim (Mixtral)
     moe_top_k: int = 2  # experts each token is routed to
     moe_aux_loss: float = 0.01  # weight of the Switch load-balancing loss (1 at an even load); 0 turns it off
@@ -204,6 +210,40 @@ def kv_heads(model: ModelConfig) -> int:
     return int(model.n_kv_heads or model.n_heads)
 
 
+ATTENTIONS = ("mha", "mla")
+LATENT_KEYS = ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")  # (and q_lora_rank, 0 when off)
+
+
+@dataclass(frozen=True)
+class LatentDims:
+    """Multi-head latent attention's sizes (`model.attention=mla`), the defaults filled in from the head size h =
+    dim / n_heads: the query latent's rank (0: none), the key-value latent's, and per head the query-key features
+    without and with rotary and the value features."""
+
+    q_rank: int
+    kv_rank: int
+    nope: int
+    rope: int
+    v: int
+
+    @property
+    def qk(self) -> int:
+        """Each head's query-key size (the softmax scale is its inverse square root)."""
+        return self.nope + self.rope
+
+
+def latent_dims(model: ModelConfig) -> LatentDims:
+    head = model.dim // model.n_heads
+    return LatentDims(int(model.q_lora_rank or 0), int(model.kv_lora_rank or 4 * head),
+                      int(model.qk_nope_head_dim or head), int(model.qk_rope_head_dim or head // 2),
+                      int(model.v_head_dim or head))
+
+
+def rotary_dim(model: ModelConfig) -> int:
+    """The features each head turns by position: the head size, or under MLA its rotary part."""
+    return latent_dims(model).rope if model.attention == "mla" else model.dim // model.n_heads
+
+
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise ConfigError(message)
@@ -265,8 +305,32 @@ def validate_model(model: ModelConfig) -> None:
              f"model.n_heads={model.n_heads} does not divide model.dim={model.dim}; pick a head count that divides the width.")
     _require(model.n_heads % kv_heads(model) == 0,
              f"model.n_kv_heads={kv_heads(model)} does not divide model.n_heads={model.n_heads}.")
-    _require((model.dim // model.n_heads) % 2 == 0, "model.dim / model.n_heads must be even for rotary positions.")
+    _require(model.attention == "mla" or (model.dim // model.n_heads) % 2 == 0,
+             "model.dim / model.n_heads must be even for rotary positions.")
     choice(ConfigError, "model.attn_mask", model.attn_mask, ATTN_MASKS)
+    validate_attention(model)
+
+
+def validate_attention(model: ModelConfig) -> None:
+    """`model.attention` and, under mla, the latent sizes; the settings of one kind are refused under the other."""
+    choice(ConfigError, "model.attention", model.attention, ATTENTIONS)
+    number(ConfigError, "model.q_lora_rank", model.q_lora_rank, low=0, integer=True, fix="0 projects queries at once")
+    if model.attention != "mla":
+        for key in ("q_lora_rank",) + LATENT_KEYS:
+            _require(not getattr(model, key), f"model.{key}={getattr(model, key)} sizes multi-head latent attention, "
+                     f"but model.attention={model.attention}; set model.attention=mla or drop the setting.")
+        return
+    for key in LATENT_KEYS:
+        if getattr(model, key) is not None:
+            number(ConfigError, f"model.{key}", getattr(model, key), low=1, integer=True)
+    for key, value in (("qk_norm", model.qk_norm), ("qkv_bias", model.qkv_bias)):
+        _require(not value, f"model.{key}=true is for model.attention=mha (latent attention has no fused Q|K|V "
+                 "projection); drop it or set model.attention=mha.")
+    _require(kv_heads(model) == model.n_heads, f"model.n_kv_heads={model.n_kv_heads} groups key-value heads, but "
+             "latent attention gives every head its own key and value from one latent; drop model.n_kv_heads.")
+    rope = latent_dims(model).rope
+    _require(rope % 2 == 0, f"model.qk_rope_head_dim={rope} must be even for rotary positions (pairs of features "
+             "turn together); set an even size.")
 
 
 ATTN_MASKS = ("causal", "document")

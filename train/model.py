@@ -29,7 +29,7 @@ from torch import nn
 from plait.train.attention_mask import AttentionMask
 from plait.train.rope import rotary_tables
 from plait.train.chunked_loss import chunked_head_loss
-from plait.train.config import ModelConfig, ffn_dim, kv_heads
+from plait.train.config import ModelConfig, ffn_dim, kv_heads, rotary_dim
 from plait.train.moe import MoE
 from plait.train.mtp import MTPLayer, MultiTokenPrediction
 
@@ -219,6 +219,16 @@ class Attention(nn.Module):
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
 
 
+def attention(cfg: ModelConfig, scales: Scales, device=None) -> nn.Module:
+    """The block's attention: multi-head (grouped-query under `model.n_kv_heads`), or with `model.attention=mla`
+    DeepSeek's multi-head latent attention (train/mla.py)."""
+    if cfg.attention == "mla":
+        from plait.train.mla import LatentAttention  # (it builds on this module's layers)
+
+        return LatentAttention(cfg, scales, device)
+    return Attention(cfg, scales, device)
+
+
 class MLP(nn.Module):
     """SwiGLU: fused gate|up projection, then down (also each expert of a `MoE`)."""
 
@@ -279,7 +289,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, scales: Scales, rng: Optional[DropoutStream], device=None):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
-        self.attn = Attention(cfg, scales, device)
+        self.attn = attention(cfg, scales, device)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, device)
         self.mlp = mlp(cfg, scales, device)
         self.dropout = ResidualDropout(cfg.dropout, rng)
@@ -341,7 +351,7 @@ class Transformer(nn.Module):
         self.head = None
         if has_head and not (cfg.tie_embeddings and has_embedding):
             self.head = Linear(cfg.dim, self.vocab, valid_rows=cfg.vocab_size, device=device)
-        cos, sin = rotary_tables(cfg, device)
+        cos, sin = rotary_tables(cfg, device, rotary_dim(cfg))
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.mtp = self._multi_token_prediction(cfg, has_embedding, has_head, device)

@@ -9,7 +9,7 @@ farther. The numbers are Hugging Face's `rope_type: llama3` (the Llama 3.1/3.2/3
 """
 
 import math
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 import torch
 
@@ -35,9 +35,10 @@ def llama3_frequencies(frequencies: torch.Tensor, cfg) -> torch.Tensor:
 ROPE_SCALINGS: Dict[str, Callable[[torch.Tensor, object], torch.Tensor]] = {"llama3": llama3_frequencies}
 
 
-def rotary_tables(cfg, device=None):
-    """cos and sin of the rotary angles of the model config `cfg`, [max_seq_len, head_dim / 2]."""
-    frequencies = plain_frequencies(cfg.dim // cfg.n_heads, cfg.rope_theta, device)
+def rotary_tables(cfg, device=None, head_dim: Optional[int] = None):
+    """cos and sin of the rotary angles of the model config `cfg`, [max_seq_len, head_dim / 2]; `head_dim` is the
+    features that turn (default dim / n_heads; latent attention's rotary part)."""
+    frequencies = plain_frequencies(head_dim or cfg.dim // cfg.n_heads, cfg.rope_theta, device)
     if cfg.rope_scaling is not None:
         frequencies = ROPE_SCALINGS[cfg.rope_scaling](frequencies, cfg)
     angles = torch.outer(torch.arange(cfg.max_seq_len, device=device, dtype=torch.float32), frequencies)
