@@ -48,9 +48,10 @@ _TINY = 1e-12                        # an all-zero tensor casts to zeros instead
 
 ROW_MULTIPLE = 16  # CUDA's float8 GEMM takes sizes in multiples of 16: the token rows are padded to one
 
-# the layers that run float8 GEMMs: attention's fused QKV and output, the MLP's gate|up and down, each expert's
-_BLOCK_LINEARS = ("attn.wqkv", "attn.wo", "mlp.w13", "mlp.w2", "mlp.experts.*.w13", "mlp.experts.*.w2",
-                  "mlp.shared.w13", "mlp.shared.w2")
+# the layers that run float8 GEMMs: attention's fused QKV (latent attention's query and key-value up projections) and
+# output, the MLP's gate|up and down, each expert's
+_BLOCK_LINEARS = ("attn.wqkv", "attn.wq", "attn.wq_b", "attn.wkv_b", "attn.wo", "mlp.w13", "mlp.w2",
+                  "mlp.experts.*.w13", "mlp.experts.*.w2", "mlp.shared.w13", "mlp.shared.w2")
 FLOAT8_LAYERS = tuple(blocks + name for blocks in ("layers.*.", "mtp.layers.*.block.") for name in _BLOCK_LINEARS)
 
 

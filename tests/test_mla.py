@@ -184,3 +184,117 @@ def test_trainer_layouts_equal_one_process(tmp_path, reference, world, extra):
     for name, weight in weights.items():
         torch.testing.assert_close(got_weights[name], weight, rtol=1e-5, atol=1e-6, msg=name)
     assert expected["loss"][-1] < expected["loss"][0]
+
+
+# muP -----------------------------------------------------------------------------------------------
+def test_mup_classifies_every_latent_matrix_as_the_mup_package_does():
+    """Widths 32 -> 128 (base heads of 8: four heads become sixteen): the latents' ranks grow with the width, so every
+    latent-attention matrix is hidden (lr / width_mult) and its gains are vectors, as `mup.set_base_shapes` finds;
+    the attention logits scale by attn_mult x sqrt(base qk size) / qk size (here equal: the head sizes stay)."""
+    import dataclasses
+    import math
+
+    import mup
+
+    from plait.optim.config import OptimConfig
+    from plait.train.model import Transformer
+    from plait.train.parametrization import build_parametrization, config_at_width
+
+    cfg = model_config(dim=128, n_heads=16, q_lora_rank=64, kv_lora_rank=64, base_dim=32, base_head_dim=8,
+                       n_layers=1)
+    target = Transformer(cfg)
+    base, delta = Transformer(config_at_width(cfg, 32, 8)), Transformer(config_at_width(cfg, 64, 8))
+    mup.set_base_shapes(target, base, delta=delta)
+    param = build_parametrization(cfg, OptimConfig(name="adamw", lr=1e-3, mup=True))
+    latent = [name for name in param.table if ".attn." in name]
+    assert len(latent) == 7  # wq_a, q_a_norm, wq_b, wkv_a, kv_a_norm, wkv_b, wo
+    for name, p in target.named_parameters():
+        width_mult = p.infshape.width_mult() if p.infshape.ninf() == 2 else 1.0
+        if name in latent:
+            assert param.table[name].role == ("hidden" if p.ndim == 2 else "vector"), name
+            if p.ndim == 2:
+                assert param.table[name].width_mult == pytest.approx(width_mult), name
+    assert param.table["layers.0.attn.wkv_b.weight"].lr_mult == pytest.approx(0.25)
+    assert dataclasses.asdict(config_at_width(cfg, 32, 8))["kv_lora_rank"] == 16
+    assert param.scales.attention == pytest.approx(1 / math.sqrt(12))  # (mup_attn_mult 1, qk 8 + 4 at every width)
+
+
+def test_coordinate_check_with_latent_attention(stdlib_tokens):
+    """muP's criterion with latent attention in every block: every hidden layer at 4x the width within 1.2x at steps
+    1-3; under the standard parametrization some grow more than 2x."""
+    from plait.train.coord_check import coord_data, growth, worst_hidden
+
+    settings = dict(steps=3, seeds=3, optim="lion", lr=2e-3, base_dim=64, attention="mla")
+    mup_coords = coord_data([64, 256], True, str(stdlib_tokens[0]), **settings)
+    sp_coords = coord_data([64, 256], False, str(stdlib_tokens[0]), **settings)
+    assert worst_hidden(mup_coords) <= 1.2, growth(mup_coords)
+    assert worst_hidden(sp_coords) > 2.0, growth(sp_coords)
+
+
+def test_zero_query_zeroes_the_query_projection_whole():
+    from plait.optim.config import OptimConfig
+    from plait.train.model import Transformer
+    from plait.train.parametrization import build_parametrization, init_model
+
+    cfg = model_config(q_lora_rank=24)
+    model = Transformer(cfg)
+    init_model(model, 0, build_parametrization(cfg, OptimConfig(name="lion", mup=True, mup_zero_query=True)))
+    attn = model.layers["0"].attn
+    assert torch.count_nonzero(attn.wq_b.weight) == 0
+    assert torch.count_nonzero(attn.wq_a.weight) == attn.wq_a.weight.numel()
+
+
+# what MFU and `plait plan` count ------------------------------------------------------------------
+@pytest.mark.parametrize("q_rank", [0, 24])
+def test_flops_count_the_built_models_matmul_weights_and_its_head_sizes(q_rank):
+    from dataclasses import replace
+
+    from plait.train.build import build_model
+    from plait.train.metrics import flops_per_token, matmul_params
+
+    cfg = model_config(q_lora_rank=q_rank)
+    model = build_model(cfg, seed=0)
+    matrices = sum(p.numel() for name, p in model.named_parameters() if p.dim() == 2 and name != "embed.weight")
+    assert matmul_params(cfg) == matrices
+    # per layer and token of context: scores over q.k (4 heads of 8 + 4), weighted values (4 heads of 6), x 2 x 3
+    attention = flops_per_token(cfg, 64) - 6 * matrices
+    assert attention == 6 * cfg.n_layers * 4 * (12 + 6) * 64
+    assert flops_per_token(replace(cfg, v_head_dim=12), 64) - 6 * matmul_params(replace(cfg, v_head_dim=12)) == \
+        6 * cfg.n_layers * 4 * (12 + 12) * 64
+
+
+@pytest.mark.parametrize("extra", [[], ["model.q_lora_rank=64"], ["model.q_lora_rank=64", "model.v_head_dim=48"]],
+                         ids=["one-query-projection", "query-latent", "values-unpadded"])
+def test_the_plans_activations_match_a_real_forward(extra):
+    """`plait plan`'s activation bytes (one micro-batch alive at pp=1) against what a real CPU forward saves."""
+    from plait.train.config import load_config
+    from plait.train.model import Transformer
+    from plait.train.plan import plan
+    from tests.memory_utils import saved_activation_bytes
+
+    cfg = load_config(["model=tiny", "train.seq_len=64", "train.batch_size=8", "parallel.microbatches=2",
+                       "model.attention=mla", *extra])
+    model = Transformer(cfg.model)
+    ids = torch.randint(0, cfg.model.vocab_size, (4, 65))
+    measured = saved_activation_bytes(model, lambda: model.loss(model(ids[:, :-1]), ids[:, 1:]))
+    assert plan(cfg, 1).stages[0].activations == pytest.approx(measured, rel=0.01)
+
+
+# bad settings ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("extra,words", [
+    (["model.attention=gqa"], "model.attention=gqa is not one of mha, mla"),
+    (["model.kv_lora_rank=16"], "model.kv_lora_rank=16 sizes multi-head latent attention, but model.attention=mha"),
+    (["model.attention=mla", "model.qk_norm=true"], "model.qk_norm=true is for model.attention=mha"),
+    (["model.attention=mla", "model.n_kv_heads=2"], "model.n_kv_heads=2 groups key-value heads"),
+    (["model.attention=mla", "model.qk_rope_head_dim=3"], "model.qk_rope_head_dim=3 must be even"),
+    (["model.attention=mla", "model.kv_lora_rank=0"], "model.kv_lora_rank=0 must be >= 1"),
+    (["model.attention=mla", "model.q_lora_rank=-1"], "model.q_lora_rank=-1 must be >= 0"),
+    (["model.attention=mla", "model.kv_lora_rank=40", "train.precision=fp8"], "but model.kv_lora_rank is 40"),
+])
+def test_bad_settings_get_one_sentence(extra, words):
+    from plait.train import load_config
+    from plait.train.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as error:
+        validate(load_config(["model.n_layers=4", *extra]), world_size=1)
+    assert "\n" not in str(error.value)

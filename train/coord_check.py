@@ -55,7 +55,8 @@ def watched_modules(model: Transformer) -> Dict[str, torch.nn.Module]:
     experts' router logits are `i.router`, its output `i.moe`)."""
     watched = {"embedding": model.embed}
     for index, block in model.layers.items():
-        watched.update({f"{index}.qkv": block.attn.wqkv, f"{index}.attn_out": block.attn.wo})
+        query = getattr(block.attn, "wqkv", None) or block.attn.wq or block.attn.wq_b  # (latent attention: q alone)
+        watched.update({f"{index}.qkv": query, f"{index}.attn_out": block.attn.wo})
         if hasattr(block.mlp, "router"):
             watched.update({f"{index}.router": block.mlp.router, f"{index}.moe": block.mlp})
         else:
@@ -73,16 +74,18 @@ def is_readout(name: str) -> bool:
 def coord_data(widths: Sequence[int], mup: bool, tokens: str, *, steps: int = 3, seeds: int = 2,
                optim: str = "lion", lr: float = 2e-3, base_dim: int = 64, n_heads: int = 4,
                n_layers: int = 2, seq_len: int = 32, batch: int = 8, zero_readout: bool = False,
-               experts: int = 0) -> Coords:
+               experts: int = 0, attention: str = "mha") -> Coords:
     """Mean |activation| per layer and step (1 = at init), averaged over seeds, for each width (with `experts`,
-    each MLP a mixture of that many experts, top 2)."""
+    each MLP a mixture of that many experts, top 2; `attention`: mha, or mla, DeepSeek's latent attention, its
+    sizes the defaults of the head size)."""
     train_path = tokens
     out: Coords = {}
     for width in widths:
         totals: Dict[str, List[float]] = {}
         for seed in range(seeds):
             model_cfg = ModelConfig(dim=width, n_layers=n_layers, n_heads=n_heads, base_dim=base_dim,
-                                    max_seq_len=seq_len, moe_experts=experts, moe_top_k=min(2, experts) or 1)
+                                    max_seq_len=seq_len, moe_experts=experts, moe_top_k=min(2, experts) or 1,
+                                    attention=attention)
             optim_cfg = OptimConfig(name=optim, lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0,
                                     betas=[0.9, 0.99] if optim == "lion" else [0.9, 0.95], grad_clip=0.0,
                                     impl="foreach", mup=mup, mup_zero_readout=zero_readout)
@@ -217,6 +220,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--zero-readout", action="store_true")
     parser.add_argument("--experts", type=int, default=0, help="each MLP a mixture of this many experts (top 2)")
+    parser.add_argument("--attention", choices=["mha", "mla"], default="mha",
+                        help="mla: DeepSeek's multi-head latent attention in every block")
     parser.add_argument("--data", default=None, help="text to train on (default: the standard library)")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--threads", type=int, default=1)
@@ -226,7 +231,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(args.threads)
     train_path, _ = prepare_corpus(args.data, args.cache_dir, 0.02)
     settings = dict(steps=args.steps, seeds=args.seeds, optim=args.optim, lr=args.lr, base_dim=args.base_dim,
-                    zero_readout=args.zero_readout, experts=args.experts)
+                    zero_readout=args.zero_readout, experts=args.experts, attention=args.attention)
     results = {"muP": coord_data(args.widths, True, str(train_path), **settings),
                "standard": coord_data(args.widths, False, str(train_path), **settings)}
     for label, coords in results.items():

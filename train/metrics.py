@@ -3,7 +3,7 @@
 FLOPs per token (for MFU) follow PaLM's appendix: 6 N for the weight matmuls forward and
 backward (N = parameters in matmuls, the LM head included, the embedding lookup not),
 plus 12 L H Q T for attention scores and values (L layers, H heads of size Q, T tokens
-of context). Only rank 0 writes.
+of context; 6 L H (Q + V) T under latent attention, whose query-key and value sizes differ). Only rank 0 writes.
 """
 
 import json
@@ -17,17 +17,36 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from plait.train.config import ModelConfig, ffn_dim, kv_heads
+from plait.train.config import ModelConfig, ffn_dim, kv_heads, latent_dims
 
 log = logging.getLogger("plait")
+
+
+def attention_params(cfg: ModelConfig) -> int:
+    """Weights of one attention layer's matmuls: fused Q|K|V and output, or latent attention's projections."""
+    if cfg.attention == "mla":
+        dims, heads = latent_dims(cfg), cfg.n_heads
+        queries = dims.q_rank * (cfg.dim + heads * dims.qk) if dims.q_rank else cfg.dim * heads * dims.qk
+        latent = cfg.dim * (dims.kv_rank + dims.rope) + dims.kv_rank * heads * (dims.nope + dims.v)
+        return queries + latent + heads * dims.v * cfg.dim
+    head_dim = cfg.dim // cfg.n_heads
+    return cfg.dim * (cfg.n_heads + 2 * kv_heads(cfg)) * head_dim + cfg.n_heads * head_dim * cfg.dim
+
+
+def attention_widths(cfg: ModelConfig) -> int:
+    """Summed over heads, the query-key size plus the value size: what one token's scores and weighted values cost
+    per token of context (H (Q + Q) = 2 dim for multi-head attention; the values' padding under MLA is not counted)."""
+    if cfg.attention == "mla":
+        dims = latent_dims(cfg)
+        return cfg.n_heads * (dims.qk + dims.v)
+    return 2 * cfg.dim
 
 
 def matmul_params(cfg: ModelConfig) -> int:
     """Parameters that take part in each token's matmuls (the embedding lookup does not; of a mixture of experts,
     the router, the k experts the token is routed to, and a shared expert and its gate; of each multi-token
     prediction depth, its block, its projection and the head again)."""
-    head_dim = cfg.dim // cfg.n_heads
-    attention = cfg.dim * (cfg.n_heads + 2 * kv_heads(cfg)) * head_dim + cfg.n_heads * head_dim * cfg.dim
+    attention = attention_params(cfg)
     mlp = 3 * cfg.dim * ffn_dim(cfg)
     if cfg.moe_experts:
         mlp = cfg.moe_top_k * mlp + cfg.dim * cfg.moe_experts
@@ -38,9 +57,10 @@ def matmul_params(cfg: ModelConfig) -> int:
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N + 12 L H Q T (forward and backward); multi-token prediction's depths count as
-    layers (each adds its block, projection and a pass through the head)."""
-    return 6.0 * matmul_params(cfg) + 12.0 * (cfg.n_layers + cfg.mtp_layers) * cfg.dim * seq_len
+    """Training FLOPs per token: 6 N + 6 L H (Q + V) T, the second 12 L H Q T for multi-head attention (forward and
+    backward); multi-token prediction's depths count as layers (each adds its block, projection and a pass through
+    the head)."""
+    return 6.0 * matmul_params(cfg) + 6.0 * (cfg.n_layers + cfg.mtp_layers) * attention_widths(cfg) * seq_len
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -138,9 +138,13 @@ class RMSNorm(nn.Module):
         self.norm = rms_norm_function()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # under ZeRO-2/3 with bf16 gathers the gain arrives in bf16 while autocast may hand the norm fp32 input:
-        # widen the gain (mixed dtypes miss the fused kernel); an fp32 gain is never narrowed
-        weight = self.weight if self.weight.element_size() >= x.element_size() else self.weight.to(x.dtype)
+        # mixed dtypes miss the fused kernel. A half input under autocast (a norm after a linear: latent attention's,
+        # QK-norm's) is normed in fp32, the gain's width, and returned in its own dtype, as Hugging Face's norms do;
+        # an fp32 gain is never narrowed. Under ZeRO-2/3 with bf16 gathers the gain arrives in bf16 while the
+        # residual stream is fp32: the gain is widened.
+        if self.weight.element_size() > x.element_size():
+            return self.norm(x.float(), self.weight, self.eps).to(x.dtype)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return self.norm(x, weight, self.eps)
 
 

@@ -20,7 +20,7 @@ from plait.optim.muon import muon_group_of
 from plait.parallel.grid import Grid
 from plait.parallel.plans import param_specs
 from plait.parallel.sharding import ShardSpec
-from plait.train.config import ConfigError, ModelConfig, kv_heads
+from plait.train.config import ConfigError, ModelConfig, kv_heads, latent_dims
 from plait.train.build import default_init_std, init_parameters, shape_chunks
 from plait.train.model import Scales, Transformer
 
@@ -45,13 +45,33 @@ def base_widths(cfg: ModelConfig) -> Tuple[int, int]:
 
 def config_at_width(cfg: ModelConfig, dim: int, head_dim: int) -> ModelConfig:
     """The same decoder at width `dim` with heads of `head_dim` (kv groups and MLP ratios kept, a shared expert's
-    too: its matrices grow with width, so they are hidden)."""
+    too: its matrices grow with width, so they are hidden). Latent attention's per-head sizes grow with the head
+    size and its latents' ranks with the width, so every one of its matrices is hidden."""
     n_heads = dim // head_dim
     group = cfg.n_heads // kv_heads(cfg)
     ffn = None if not cfg.ffn_dim else max(1, round(cfg.ffn_dim * dim / cfg.dim))
     shared = max(1, round(cfg.moe_shared_ffn_dim * dim / cfg.dim)) if cfg.moe_shared_ffn_dim else 0
+    latent = latent_at_width(cfg, dim / cfg.dim, head_dim / (cfg.dim // cfg.n_heads)) if cfg.attention == "mla" else {}
     return dataclasses.replace(cfg, dim=dim, n_heads=n_heads, n_kv_heads=max(1, n_heads // group), ffn_dim=ffn,
-                               moe_shared_ffn_dim=shared)
+                               moe_shared_ffn_dim=shared, **latent)
+
+
+def latent_at_width(cfg: ModelConfig, width_ratio: float, head_ratio: float) -> Dict[str, int]:
+    """Latent attention's sizes, the ranks times `width_ratio` and the per-head sizes times `head_ratio` (the
+    rotary part kept even)."""
+    dims = latent_dims(cfg)
+
+    def grown(size: int, ratio: float, multiple: int = 1) -> int:
+        return max(multiple, multiple * round(size * ratio / multiple))
+
+    return {"q_lora_rank": grown(dims.q_rank, width_ratio) if dims.q_rank else 0,
+            "kv_lora_rank": grown(dims.kv_rank, width_ratio), "qk_nope_head_dim": grown(dims.nope, head_ratio),
+            "qk_rope_head_dim": grown(dims.rope, head_ratio, 2), "v_head_dim": grown(dims.v, head_ratio)}
+
+
+def attention_head_size(cfg: ModelConfig) -> int:
+    """The head size the attention logits' scale reads: dim / n_heads, or latent attention's query-key size."""
+    return latent_dims(cfg).qk if cfg.attention == "mla" else cfg.dim // cfg.n_heads
 
 
 def full_shapes(cfg: ModelConfig) -> Dict[str, Tuple[int, ...]]:
@@ -89,12 +109,14 @@ def build_parametrization(model_cfg: ModelConfig, optim_cfg: OptimConfig) -> Par
     base_dim, base_head_dim = base_widths(model_cfg)
     head_dim = model_cfg.dim // model_cfg.n_heads
     delta_head_dim = base_head_dim if head_dim == base_head_dim else 2 * base_head_dim  # grow what the target grows
-    base = full_shapes(config_at_width(model_cfg, base_dim, base_head_dim))
+    base_cfg = config_at_width(model_cfg, base_dim, base_head_dim)
+    base = full_shapes(base_cfg)
     delta = full_shapes(config_at_width(model_cfg, 2 * base_dim, delta_head_dim))
     readout, full = readout_name(model_cfg), full_shapes(model_cfg)
     routers = router_names(full)
     table = mup_table(full, base, delta, [readout, *routers], enabled=optim_cfg.mup)
-    numbers: ForwardScales = forward_scales(table[readout].width_mult, head_dim, base_head_dim,
+    numbers: ForwardScales = forward_scales(table[readout].width_mult, attention_head_size(model_cfg),
+                                            attention_head_size(base_cfg),
                                             optim_cfg.mup_input_mult, optim_cfg.mup_output_mult,
                                             optim_cfg.mup_attn_mult, enabled=optim_cfg.mup,
                                             router_width_mult=table[routers[0]].width_mult if routers else 1.0)
@@ -119,12 +141,15 @@ def build_parametrization(model_cfg: ModelConfig, optim_cfg: OptimConfig) -> Par
 
 @torch.no_grad()
 def zero_queries(model: Transformer) -> None:
-    """Zero the query rows of every fused Q|K|V weight (this rank's shard of each segment)."""
+    """Zero the query rows of every fused Q|K|V weight (this rank's shard of each segment), and latent attention's
+    query projection whole."""
     specs = param_specs(model)
     for name, param in model.named_parameters():
         if name.endswith("attn.wqkv.weight"):  # this shard's query rows: its share of the query segment
             spec = specs[name]
             param[: spec.segments[0] * param.shape[0] // spec.full_shape[0]].zero_()
+        elif name.endswith(("attn.wq.weight", "attn.wq_b.weight")):
+            param.zero_()
 
 
 def init_model(model: Transformer, seed: int, parametrization: Parametrization) -> None:

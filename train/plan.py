@@ -116,7 +116,7 @@ def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel
     saves the fused Q|K|V output, rotated q and k, the SDPA output and its logsumexp (one
     per head) and the output projection's (reshaped) input; the MLP saves the gate|up
     output, silu(gate) and the product that feeds the down projection; under QK-norm each head's
-    q and k norm saves its input, its output and 1/rms.
+    q and k norm saves its input, its output and 1/rms. Latent attention: `latent_attention_elements`.
     """
     from plait.train.config import ffn_dim, kv_heads
 
@@ -127,11 +127,38 @@ def block_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel
     f = ffn_dim(model_cfg) // tp
     shard = tp if sequence_parallel and tp > 1 else 1
     norm_and_input = (2 * d + 1) / shard + (d / shard if regather else d)
-    attention = norm_and_input + (q + 2 * kv) + q + kv + model_cfg.n_heads // tp + 2 * q
+    if model_cfg.attention == "mla":
+        attention = latent_attention_elements(model_cfg, tp, shard, regather)
+    else:
+        attention = norm_and_input + (q + 2 * kv) + q + kv + model_cfg.n_heads // tp + 2 * q
     if model_cfg.qk_norm:  # each head's q and k norm: its input, normed output and 1/rms
         attention += 2 * (q + kv) + (model_cfg.n_heads + kv_heads(model_cfg)) // tp
     mlp = norm_and_input + 2 * f + f + f
     return int(tokens * (attention + mlp))
+
+
+def latent_attention_elements(model_cfg, tp: int, shard: int, regather: bool) -> float:
+    """Elements a latent attention layer (train/mla.py) and its norm save per token.
+
+    The norm as above, its output once (the down projections' input, on the sequence shard under SP; a
+    column-parallel query projection's gathered copy beside it under SP); each latent's norm its input, 1/rms and
+    normalized input, and the column-parallel layer after it that norm's output (gathered under SP unless
+    `regather`); per head q and k (the query-key size), v (padded to the query-key size; unpadded, a view of the
+    keys-and-values projection's whole output), the attention output and its logsumexp, and the output projection's
+    input (the value size)."""
+    from plait.train.config import latent_dims
+
+    d, dims, heads = model_cfg.dim, latent_dims(model_cfg), model_cfg.n_heads // tp
+    gathered = 1 if shard > 1 and not regather else 1 / shard  # a column-parallel layer's input, per element
+
+    def latent(rank: int) -> float:
+        return (2 * rank + 1) / shard + rank * gathered
+
+    queries = latent(dims.q_rank) if dims.q_rank else (d if shard > 1 and not regather else 0)
+    attention = (2 * d + 1) / shard + d / shard + queries + latent(dims.kv_rank)
+    if dims.qk > dims.v:  # v padded: q, k, v and the output at the query-key size
+        return attention + heads * (4 * dims.qk + 1 + dims.v)
+    return attention + heads * (2 * dims.qk + (dims.nope + dims.v) + 2 * dims.v + 1)
 
 
 def expert_rows(model_cfg, tokens: int) -> Tuple[int, int]:
@@ -189,6 +216,18 @@ def head_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel:
     return int(tokens * ((2 * model_cfg.dim + 1) / shard + head_input + logits))
 
 
+def attention_widths(model_cfg) -> Tuple[int, int, int]:
+    """Per token, summed over all heads, the widths of the q, k and v the attention kernel takes (latent attention:
+    every head's key, and the values padded to the query-key size when narrower); the output's is v's."""
+    from plait.train.config import kv_heads, latent_dims
+
+    if model_cfg.attention == "mla":
+        dims = latent_dims(model_cfg)
+        return (model_cfg.n_heads * dims.qk,) * 2 + (model_cfg.n_heads * max(dims.qk, dims.v),)
+    head_dim = model_cfg.dim // model_cfg.n_heads
+    return model_cfg.n_heads * head_dim, kv_heads(model_cfg) * head_dim, kv_heads(model_cfg) * head_dim
+
+
 def context_bytes(model_cfg, tokens: int, tp: int, cp: int, mode: str, size: int) -> float:
     """Bytes one cp rank sends per block per micro-batch of its `tokens`, forward and backward.
 
@@ -198,14 +237,27 @@ def context_bytes(model_cfg, tokens: int, tp: int, cp: int, mode: str, size: int
     """
     if cp == 1:
         return 0.0
-    from plait.train.config import kv_heads
-
-    head_dim = model_cfg.dim // model_cfg.n_heads
-    kv = 2 * tokens * kv_heads(model_cfg) * head_dim // tp
+    q, k, v = (tokens * width // tp for width in attention_widths(model_cfg))
     if mode == "ring":
-        return (cp - 1) * kv * size * 2 + cp * kv * 4
-    q = tokens * model_cfg.n_heads * head_dim // tp
-    return 2 * (cp - 1) / cp * (2 * q + kv) * size
+        return (cp - 1) * (k + v) * size * 2 + cp * (k + v) * 4
+    return 2 * (cp - 1) / cp * (q + k + 2 * v) * size
+
+
+def tp_elements(model_cfg) -> Tuple[int, int]:
+    """Per token, (the elements one block moves through tp collectives forward and backward, counted as
+    all-reduces; the elements of its column-parallel layers' inputs, which `parallel.tp_overlap` under SP gathers
+    again in backward). Multi-head attention: its output's all-reduce forward and the fused projection's input
+    grad's backward, d each; latent attention: the output's (d), and backward the input grads of the query
+    projection (d, or the query latent's rank), of the key-value latent and of the shared rotary key. The MLP:
+    2 d, and its gate|up input d."""
+    from plait.train.config import latent_dims
+
+    d = model_cfg.dim
+    if model_cfg.attention != "mla":
+        return 4 * d, 2 * d
+    dims = latent_dims(model_cfg)
+    columns = (dims.q_rank or d) + dims.kv_rank + d
+    return d + (dims.q_rank or d) + dims.kv_rank + dims.rope + 2 * d, columns
 
 
 def expert_exchange_bytes(model_cfg, tokens: int, ep: int, size: int) -> float:
@@ -287,14 +339,16 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     # fp32 state: AdamW's two moments, Lion's one; Muon's one momentum for its matrices, AdamW's for the rest
     optimizer_bytes = {"adamw": 8 * params, "lion": 4 * params, "muon": 4 * matrices + 8 * (params - matrices)}
     hidden_bytes = tokens * model_cfg.dim * size
-    # tp: 4 all-reduces of [b, s, d] per block per micro-batch (2 forward, 2 backward; under SP
-    # the same bytes as all-gathers + reduce-scatters), the embedding's forward all-reduce,
-    # the head's backward all-reduce, and the cross-entropy's three [b, s] all-reduces; re-gathering the
+    # tp: per block per micro-batch 4 all-reduces of [b, s, d] (2 forward, 2 backward; under SP the same bytes as
+    # all-gathers + reduce-scatters; latent attention's: `tp_elements`), the embedding's forward all-reduce, the
+    # head's backward all-reduce, and the cross-entropy's three [b, s] all-reduces; re-gathering the
     # column-parallel inputs in backward adds an all-gather (half an all-reduce) for each of them
-    tp_ops = 4 * (layers + depths) + int(has_embedding) + int(has_head) + 2 * depths  # a depth: its block,
-    # its embedding lookup and its pass through the head
+    block_moved, column_inputs = tp_elements(model_cfg)
+    blocks = layers + depths
+    tp_ops = blocks * block_moved / model_cfg.dim + int(has_embedding) + int(has_head) + 2 * depths  # a depth: its
+    # block, its embedding lookup and its pass through the head
     if regather:
-        tp_ops += layers + depths + 0.5 * int(has_head and untied_regather)
+        tp_ops += blocks * 0.5 * column_inputs / model_cfg.dim + 0.5 * int(has_head and untied_regather)
     cross_entropy = _ring(3 * tokens * 4, tp, 2) * (1 + depths) if has_head else 0  # per pass through the head
     tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + cross_entropy)
     dp_bytes = _ring(params * 4, dp * cp, 2)  # fp32 grads over dp x cp (ZeRO-1: reduce-scatter + all-gather, same)
