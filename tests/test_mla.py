@@ -298,3 +298,148 @@ def test_bad_settings_get_one_sentence(extra, words):
     with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as error:
         validate(load_config(["model.n_layers=4", *extra]), world_size=1)
     assert "\n" not in str(error.value)
+
+
+# DeepSeek-V3's Hugging Face format -----------------------------------------------------------------
+ROUTED = dict(moe_experts=4, moe_top_k=2, moe_score_function="sigmoid", moe_router_groups=2, moe_router_group_topk=1,
+              moe_shared_ffn_dim=48, moe_shared_gate=False, moe_topk_scaling_factor=2.5, moe_bias_update_rate=1e-3)
+VARIANTS = {"dense": dict(), "query-latent-tied-mup": dict(q_lora_rank=24, tie_embeddings=True, base_dim=16),
+            "experts": dict(q_lora_rank=24, **ROUTED)}
+
+
+def deepseek_model(variant: str):
+    """A small latent-attention model, its gains, routing biases and weights away from their init (so a weight left
+    out, misplaced or unscaled shows), and the parametrization it was built with."""
+    from plait.optim.config import OptimConfig
+    from plait.train.build import build_model
+    from plait.train.parametrization import build_parametrization
+
+    cfg = model_config(vocab_size=300, **VARIANTS[variant])
+    parametrization = build_parametrization(cfg, OptimConfig(mup=cfg.base_dim is not None))
+    model = build_model(cfg, seed=5, scales=parametrization.scales).eval()
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if name.endswith("norm.weight"):
+                tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)
+            elif name.endswith("expert_bias"):
+                tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.3)
+            elif tensor.dim() == 2 and not name.startswith("rope_"):
+                tensor.mul_(5.0)  # (std 0.1: attention and routing move the logits)
+    return cfg, model, parametrization
+
+
+def save_and_export(cfg, model, parametrization, tmp_path):
+    from plait.parallel.grid import Grid
+    from plait.parallel.plans import param_specs
+    from plait.parallel.sharding import ShardSpec
+    from plait.train.checkpoint import SaveRequest, layout_meta, model_meta, save
+    from plait.train.export import export_checkpoint
+
+    grid, biases = Grid.single(), dict(model.named_buffers())
+    biases = {name: bias for name, bias in biases.items() if name.endswith("expert_bias")}
+    specs = {**param_specs(model), **{name: ShardSpec(tuple(bias.shape), None) for name, bias in biases.items()}}
+    request = SaveRequest(3, {**dict(model.named_parameters()), **biases}, specs,
+                          meta={**layout_meta(grid), **model_meta(cfg, parametrization.scales)})
+    return export_checkpoint(save(tmp_path / "ckpt", grid, request), tmp_path / "hf")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_export_is_deepseek_v3_and_matches_transformers_and_loads_back(variant, tmp_path):
+    import transformers
+
+    from plait.train.decode import generate
+    from plait.train.export import init_from_hf
+
+    cfg, model, parametrization = deepseek_model(variant)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(save_and_export(cfg, model, parametrization, tmp_path)),
+                                                           local_files_only=True, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "DeepseekV3ForCausalLM"
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids)[..., :300], hf(ids).logits
+        assert ((ours - theirs).abs().max() / ours.abs().max()) < 1e-4  # (fp32; the rotary tables differ by 1e-6)
+        prompt = ids[:, :4]
+        hf_out = hf.generate(prompt, max_new_tokens=20, min_new_tokens=20, do_sample=False, pad_token_id=0,
+                             eos_token_id=None, attention_mask=torch.ones_like(prompt))
+        assert torch.equal(generate(model, prompt, 20, temperature=0), hf_out)
+    _, fresh, _ = deepseek_model(variant)
+    learned = [(name, t) for name, t in [*fresh.named_parameters(), *fresh.named_buffers()] if "rope_" not in name]
+    with torch.no_grad():
+        for _, tensor in learned:
+            tensor.zero_()
+    init_from_hf(fresh, tmp_path / "hf")  # the directory loads back, muP's folding undone, routing biases too
+    expected = dict([*model.named_parameters(), *model.named_buffers()])
+    assert any(name.endswith("expert_bias") for name, _ in learned) == (variant == "experts")
+    for name, tensor in learned:
+        assert torch.allclose(tensor, expected[name], rtol=1e-6, atol=0), name
+
+
+def test_a_deepseek_directory_with_interleaved_rotary_features_loads_as_the_same_model(tmp_path):
+    """transformers' default (and DeepSeek's own) layout pairs neighbouring rotary features; plait reorders the
+    query and shared-key rows on the way in, and the model config read from the directory builds the model."""
+    import json
+
+    from transformers import DeepseekV3ForCausalLM
+
+    from plait.train.build import build_model
+    from plait.train.export import init_from_hf, model_config_from_hf
+
+    hf_cfg = hf_config(model_config(vocab_size=300, q_lora_rank=24))
+    hf_cfg.rope_interleave = True
+    torch.manual_seed(0)
+    hf = DeepseekV3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            param.copy_(torch.randn_like(param) * 0.1 if param.dim() == 2 else torch.rand_like(param) + 0.5)
+    hf.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["rope_interleave"] is True
+    cfg = model_config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text()))
+    model = build_model(cfg, seed=0).eval()
+    init_from_hf(model, tmp_path / "hf")
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(ids)[..., :300], hf(ids).logits
+    assert ((ours - theirs).abs().max() / ours.abs().max()) < 1e-4
+    hf_cfg.rope_interleave = False  # the same weights read as halves are another model: the reordering matters
+    halves = DeepseekV3ForCausalLM(hf_cfg).eval()
+    halves.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        assert (halves(ids).logits - ours).abs().max() / ours.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(moe_score_function="softmax"), "DeepSeek-V3 scores experts with a sigmoid but model.moe_score_function="
+                                          "softmax"),
+    (dict(moe_shared_gate=True), "DeepSeek-V3's shared experts are ungated"),
+    (dict(sliding_window=8), "model.sliding_window=8 has no place in DeepSeek-V3's config"),
+])
+def test_an_export_deepseek_v3_cannot_hold_is_refused_in_one_sentence(change, words, tmp_path):
+    import dataclasses
+
+    from plait.train.export import model_type
+
+    cfg = model_config(**{**ROUTED, **change})
+    with pytest.raises(Exception, match=words.replace("(", r"\(").replace(")", r"\)")):
+        model_type(dataclasses.asdict(cfg))
+
+
+def test_a_llama_directory_and_a_latent_model_refuse_each_other(tmp_path):
+    from plait.train.build import build_model
+    from plait.train.export import init_from_hf
+    from plait.train.config import ModelConfig
+
+    cfg, model, parametrization = deepseek_model("dense")
+    save_and_export(cfg, model, parametrization, tmp_path)
+    mha = build_model(ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64))
+    with pytest.raises(Exception, match="is model_type=deepseek_v3, whose attention is latent, but "
+                                        "model.attention=mha; set model.attention=mla"):
+        init_from_hf(mha, tmp_path / "hf")
+    partly_dense = tmp_path / "hf" / "config.json"
+    import json
+
+    config = json.loads(partly_dense.read_text())
+    config.update(first_k_dense_replace=1, n_routed_experts=4)
+    partly_dense.write_text(json.dumps(config))
+    with pytest.raises(Exception, match="first_k_dense_replace=1 of 2 layers dense"):
+        init_from_hf(model, tmp_path / "hf")

@@ -46,6 +46,7 @@ from safetensors.torch import load as safetensors_load
 
 from plait.common.paths import unwritable_reason
 from plait.parallel.plans import param_specs
+from plait.train import hf_deepseek as deepseek
 from plait.train.reshard import CheckpointError, load_full_model, resolve_checkpoint
 from plait.train.tensorfile import write_atomic, write_safetensors
 
@@ -67,7 +68,8 @@ MIXTRAL_MOE = "block_sparse_moe"  # Mixtral's name for its MoE block in the Hub'
 # a mixture of experts' names in a family's checkpoints: (block, router, expert's gate, up, down projections)
 _MOE_NAMES = {"mixtral": (MIXTRAL_MOE, "gate", "w1", "w3", "w2"),
               "qwen2_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
-              "qwen3_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj")}
+              "qwen3_moe": ("mlp", "gate", "gate_proj", "up_proj", "down_proj"),
+              deepseek.KIND: ("mlp", "gate", "gate_proj", "up_proj", "down_proj")}
 
 
 def _layer_tables(model: Dict[str, Any]):
@@ -75,17 +77,26 @@ def _layer_tables(model: Dict[str, Any]):
     and the dense MLP's, or a mixture of experts' as its family's checkpoints name them (Mixtral: router -> gate,
     each expert's gate|up -> w1, w3, down -> w2; Qwen: router -> gate, gate_proj, up_proj, down_proj, and the shared
     expert and its gate)."""
-    experts = int(model.get("moe_experts") or 0)
-    attention = {**_FUSED, **(_FUSED_BIAS if model.get("qkv_bias") else {})}
+    experts, kind = int(model.get("moe_experts") or 0), model_type(model)
+    if kind == deepseek.KIND:  # latent attention: one-to-one names
+        simple, fused = {**_SIMPLE, **deepseek.attention_names(model)}, {}
+    else:
+        simple, fused = dict(_SIMPLE), {**_FUSED, **(_FUSED_BIAS if model.get("qkv_bias") else {})}
     if not experts:
-        return {**_SIMPLE, **_DENSE_MLP}, {**attention, **_DENSE_FUSED}
-    block, router, gate, up, down = _MOE_NAMES[model_type(model)]
-    simple, fused = {**_SIMPLE, "mlp.router.weight": f"{block}.{router}.weight"}, attention
+        return {**simple, **_DENSE_MLP}, {**fused, **_DENSE_FUSED}
+    block, router, gate, up, down = _MOE_NAMES[kind]
+    simple["mlp.router.weight"] = f"{block}.{router}.weight"
     for e in range(experts):
         ours, theirs = f"mlp.experts.{e}.", f"{block}.experts.{e}."
         simple[ours + "w2.weight"] = f"{theirs}{down}.weight"
         fused[ours + "w13.weight"] = (f"{theirs}{gate}.weight", f"{theirs}{up}.weight")
-    if model.get("moe_shared_ffn_dim"):
+    if kind == deepseek.KIND:
+        if model.get("moe_bias_update_rate"):
+            simple[deepseek.ROUTER_BIAS[0]] = deepseek.ROUTER_BIAS[1]
+        if model.get("moe_shared_ffn_dim"):
+            simple.update(deepseek.SHARED)
+            fused.update(deepseek.SHARED_FUSED)
+    elif model.get("moe_shared_ffn_dim"):
         simple.update({"mlp.shared_gate.weight": "mlp.shared_expert_gate.weight",
                        "mlp.shared.w2.weight": "mlp.shared_expert.down_proj.weight"})
         fused["mlp.shared.w13.weight"] = ("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight")
@@ -103,12 +114,17 @@ _FAMILIES = {frozenset(): "llama", frozenset({"sliding_window"}): "mistral", fro
              frozenset({"moe_experts", "moe_shared_ffn_dim", "qkv_bias"}): "qwen2_moe"}
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen3": "Qwen3ForCausalLM",
                   "qwen2": "Qwen2ForCausalLM", "mixtral": "MixtralForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM",
-                  "qwen2_moe": "Qwen2MoeForCausalLM"}
+                  "qwen2_moe": "Qwen2MoeForCausalLM", deepseek.KIND: deepseek.ARCHITECTURE}
 
 
 def model_type(model: Dict[str, Any]) -> str:
     """The Hugging Face model_type a plait model (its recorded config) exports as, or a CheckpointError in one
     line naming the settings no architecture plait writes has."""
+    if model.get("attention", "mha") == "mla":  # DeepSeek-V3's, if its routing is too
+        why = deepseek.refusal(model)
+        if why is not None:
+            raise CheckpointError(why)
+        return deepseek.KIND
     features = frozenset(key for key in ("qk_norm", "qkv_bias", "sliding_window", "moe_experts", "moe_shared_ffn_dim")
                          if model.get(key))
     kind = _FAMILIES.get(features)
@@ -158,8 +174,9 @@ def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
         architecture.update(use_sliding_window=False, sliding_window=None, max_window_layers=model["n_layers"])
     elif kind == "mistral":
         architecture.update(sliding_window=model["sliding_window"])
+    if kind == deepseek.KIND:
+        architecture.update(deepseek.config_keys(model))  # (its own head_dim and key-value heads among them)
     return {
-        **architecture,
         "vocab_size": model["vocab_size"], "hidden_size": model["dim"], "intermediate_size": model["ffn_dim"],
         "num_hidden_layers": model["n_layers"], "num_attention_heads": model["n_heads"],
         "num_key_value_heads": model["n_kv_heads"], "head_dim": head_dim, "hidden_act": "silu",
@@ -168,6 +185,7 @@ def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
         "tie_word_embeddings": bool(model["tie_embeddings"]), "attention_bias": False, "mlp_bias": False,
         "attention_dropout": 0.0, "initializer_range": model.get("init_std", 0.02), "use_cache": True,
         "bos_token_id": None, "eos_token_id": None, "torch_dtype": "float32", "dtype": "float32",
+        **architecture,
     }
 
 
@@ -205,14 +223,25 @@ def _fold_factors(model: Dict[str, Any], scales: Optional[Dict[str, Any]]) -> Di
     scales = scales or {}
     embedding = float(scales.get("embedding", 1.0))
     logits = float(scales.get("logits", 1.0))
-    head_dim = model["dim"] // model["n_heads"]
+    latent = model.get("attention", "mha") == "mla"
+    head_dim = deepseek.dims_of(model).qk if latent else model["dim"] // model["n_heads"]
     attention = scales.get("attention")
     query = 1.0 if attention is None else float(attention) * math.sqrt(head_dim)
     norm = logits / embedding if model["tie_embeddings"] else logits
-    # what takes the query scale: q_norm's gain (it would undo a scaled q_proj), else q_proj and its bias
+    # what takes the query scale: q_norm's gain (it would undo a scaled q_proj), else q_proj and its bias, or latent
+    # attention's query projection whole
     query_into = ("attn.q_norm.weight",) if model.get("qk_norm") else ("attn.wqkv.weight", "attn.wqkv.bias")
+    if latent:
+        query_into = ("attn.wq.weight", "attn.wq_b.weight")
     return {"embed": embedding, "norm": norm, "query": query, "query_into": query_into,
             "router": float(scales.get("router", 1.0)), "router_into": ("mlp.router.weight", "mlp.shared_gate.weight")}
+
+
+def _simple_fold(fold: Dict[str, Any], rest: str) -> float:
+    """What a one-to-one weight `rest` of a layer is multiplied by on the way out (divided by on the way in)."""
+    if rest in fold["router_into"]:
+        return fold["router"]
+    return fold["query"] if rest in fold["query_into"] else 1.0
 
 
 def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
@@ -235,8 +264,8 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
             _, index, rest = name.split(".", 2)
             prefix = f"model.layers.{index}."
             if rest in simple:
-                router = fold["router"] if rest in fold["router_into"] else 1.0  # muP's router multiplier
-                out[prefix + simple[rest]] = tensor * router if router != 1.0 else tensor
+                factor = _simple_fold(fold, rest)  # muP's router multiplier, or latent attention's query scale
+                out[prefix + simple[rest]] = tensor * factor if factor != 1.0 else tensor
             elif rest in _QK_NORMS:
                 query = fold["query"] if rest in fold["query_into"] else 1.0
                 out[prefix + _QK_NORMS[rest]] = tensor * query if query != 1.0 else tensor
@@ -249,6 +278,8 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
                 raise CheckpointError(f"parameter {name} has no Hugging Face Llama counterpart.")
         else:
             raise CheckpointError(f"parameter {name} has no Hugging Face Llama counterpart.")
+    if model_type(model) == deepseek.KIND and model.get("moe_experts") and not model.get("moe_bias_update_rate"):
+        out.update(deepseek.zero_biases(model))  # its router always holds a correction bias: none, here
     return {name: tensor.contiguous() for name, tensor in out.items()}
 
 
@@ -265,8 +296,8 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
     for index in range(model["n_layers"]):
         prefix = f"model.layers.{index}."
         for rest, hf_name in simple.items():
-            router = fold["router"] if rest in fold["router_into"] else 1.0
-            full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / router if router != 1.0 else hf[prefix + hf_name]
+            factor = _simple_fold(fold, rest)
+            full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / factor if factor != 1.0 else hf[prefix + hf_name]
         for rest, hf_name in (_QK_NORMS.items() if model.get("qk_norm") else ()):
             query = fold["query"] if rest in fold["query_into"] else 1.0
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / query if query != 1.0 else hf[prefix + hf_name]
@@ -374,13 +405,17 @@ _WINDOWED = ("mistral", "mixtral")  # the model types whose config.json's slidin
 _QWEN_MOE = ("qwen2_moe", "qwen3_moe")
 # the model settings besides the shape that name a model's weights (`_layer_tables`)
 _FROM_CFG = ("max_seq_len", "qk_norm", "qkv_bias", "sliding_window", "moe_experts", "moe_norm_topk",
-             "moe_shared_ffn_dim")
+             "moe_shared_ffn_dim", "moe_top_k", "moe_score_function", "moe_shared_gate", "moe_router_groups",
+             "moe_router_group_topk", "moe_topk_scaling_factor", "moe_bias_update_rate", "attention", "q_lora_rank",
+             "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
 def _experts_of(config: Dict[str, Any], kind: str) -> Dict[str, Any]:
     """The mixture-of-experts settings of a config.json by plait's names (transformers' defaults where a key is
     absent; no experts for a dense model type). The expert count is `num_local_experts` or `num_experts` in
     either family (transformers maps one name to the other and saves either)."""
+    if kind == deepseek.KIND:
+        return deepseek.experts_of(config)
     if kind not in ("mixtral", *_QWEN_MOE):
         return {"moe_experts": 0}
     count = config.get("num_local_experts", config.get("num_experts"))
@@ -404,6 +439,8 @@ def _attention_of(config: Dict[str, Any], kind: str) -> Dict[str, bool]:
 
 def _ffn_of(config: Dict[str, Any], kind: str) -> Optional[int]:
     """The width of plait's MLP (of each expert): Qwen's MoE configs hold it apart from the dense layers' width."""
+    if kind == deepseek.KIND:
+        return config.get("moe_intermediate_size" if deepseek.experts_of(config)["moe_experts"] else "intermediate_size")
     return config.get("moe_intermediate_size") if kind in _QWEN_MOE else config.get("intermediate_size")
 
 
@@ -435,6 +472,11 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
     kind = config.get("model_type", "llama")
     if kind not in _ARCHITECTURES:
         refuse(f"model_type={kind} is not {', '.join(list(_ARCHITECTURES)[:-1])} or {list(_ARCHITECTURES)[-1]}")
+    if kind == deepseek.KIND:
+        deepseek.check_config(config, cfg, where)
+    elif cfg.attention == "mla":
+        raise CheckpointError(f"{where} is model_type={kind}, whose attention is multi-head, but model.attention=mla; "
+                              "set model.attention=mha to load it.")
     _check_experts(config, kind, cfg, where)
     for key, has in _attention_of(config, kind).items():
         if has != bool(getattr(cfg, key)):
@@ -457,7 +499,8 @@ def check_hf_config(config: Dict[str, Any], cfg, where: Path) -> None:
     rope = _rope(config)
     _check_rope_scaling(rope, cfg, where)
     heads = config.get("num_attention_heads")
-    if config.get("head_dim") is not None and heads and config["head_dim"] != config["hidden_size"] // heads:
+    if config.get("head_dim") is not None and heads and config["head_dim"] != config["hidden_size"] // heads and \
+            kind != deepseek.KIND:  # (DeepSeek-V3's head_dim is its rotary size)
         refuse(f"head_dim={config['head_dim']} is not hidden_size / num_attention_heads = "
                f"{config['hidden_size'] // heads} (plait's heads split the width)")
     for hf_key, key, theirs in (("rope_theta", "rope_theta", rope["theta"]),
@@ -481,7 +524,8 @@ def model_config_from_hf(config: Dict[str, Any]):
                   rope_theta=rope["theta"], norm_eps=float(config.get("rms_norm_eps", 1e-6)),
                   tie_embeddings=bool(config.get("tie_word_embeddings", False)),
                   sliding_window=config.get("sliding_window") if kind in _WINDOWED else None,
-                  **_attention_of(config, kind), **_experts_of(config, kind))
+                  **_attention_of(config, kind), **_experts_of(config, kind),
+                  **(deepseek.latent_of(config) if kind == deepseek.KIND else {}))
     if rope["type"] == "llama3":
         values.update(rope_scaling="llama3", **{key: rope[key] for key in _LLAMA3_KEYS if key in rope})
     return ModelConfig(**values)
@@ -520,7 +564,12 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
                               f"set the model config to match.")
     check_hf_config(config, cfg, Path(directory) / HF_CONFIG)
     scales = dataclasses.asdict(model.scales)
-    full = from_hf({**ours, **{key: getattr(cfg, key) for key in _FROM_CFG}}, hf, scales)
+    recorded = {**ours, **{key: getattr(cfg, key) for key in _FROM_CFG}}
+    full = from_hf(recorded, hf, scales)
+    if config.get("model_type") == deepseek.KIND:
+        deepseek.check_biases(hf, cfg, Path(directory) / HF_WEIGHTS)
+        if config.get("rope_interleave", True):
+            deepseek.halves_from_interleaved(full, recorded)
     specs = param_specs(model)
     rank, size = (grid.tp_rank, grid.tp) if grid is not None else (0, 1)
     mirrors = model.tied_copies()  # a last stage's tied head reads the embedding
@@ -531,6 +580,9 @@ def init_from_hf(model, directory: Path, grid=None, write=None) -> None:
         source = full[mirrors.get(name, name)].float()
         tensor = fit_rows(source, spec) if spec.valid_rows is not None else source
         (write or torch.Tensor.copy_)(param, spec.shard(tensor, rank, size))
+    for name, bias in model.named_buffers():
+        if name.endswith(deepseek.ROUTER_BIAS[0]):  # DeepSeek-V3's correction biases (replicated)
+            bias.copy_(full[name])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
