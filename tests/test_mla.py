@@ -112,18 +112,39 @@ def test_a_dense_decoder_equals_hugging_faces_deepseek_v3_for_causal_lm():
     assert model.loss(model(tokens[:, :-1]), tokens[:, 1:]).item() == pytest.approx(hf_loss.item(), rel=1e-5)
 
 
-def test_decoding_with_the_cache_gives_one_uncached_forwards_logits():
+@pytest.mark.parametrize("window", [None, 6], ids=["causal", "sliding-window"])
+def test_decoding_attends_over_cached_latents_and_gives_one_uncached_forwards_logits(window):
+    """The cache keeps one [latent ; rotated key] per token and layer (16 + 4 numbers, not 4 heads x (12 + 12)), its
+    latent part the values; decoding through it gives the logits of one uncached forward, and the layers attend as in
+    training again after."""
     from plait.train.build import build_model
     from plait.train.decode import caches_in
 
-    cfg = model_config(q_lora_rank=24)
+    cfg = model_config(q_lora_rank=24, sliding_window=window)
     model = build_model(cfg, seed=7).eval()
     tokens = torch.randint(0, cfg.vocab_size, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         whole = model(tokens)
-        with caches_in(model.layers.values(), None):
+        with caches_in(model.layers.values(), window) as caches:
             steps = [model(tokens[:, :12])] + [model(tokens[:, i:i + 1]) for i in range(12, 20)]
+        assert all(not block.attn.absorb for block in model.layers.values())
+        assert torch.equal(model(tokens), whole)
+    assert caches[0].keys.shape == (2, 1, 20, 16 + 4) and caches[0].values.shape == (2, 1, 20, 16)
+    assert caches[0].values.data_ptr() == caches[0].keys.data_ptr()  # (the latent kept once)
     torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-5, atol=1e-5)
+
+
+def test_speculative_decoding_with_latent_attention_gives_greedy_decodings_tokens():
+    """Multi-token prediction's drafts over latent caches, with drafts rolled back (`KVCache.drop_last`)."""
+    from plait.train.build import build_model
+    from plait.train.decode import generate
+    from plait.train.speculative import generate_with_mtp
+
+    model = build_model(model_config(q_lora_rank=24, mtp_layers=1), seed=9).eval()
+    prompt = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(4))
+    greedy = generate(model, prompt, 40, temperature=0)
+    tokens, counts = generate_with_mtp(model, prompt, 40)
+    assert torch.equal(tokens, greedy) and counts["drafted"] > 0
 
 
 # the trainer ----------------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from torch import nn
 
 from plait.parallel.float8 import use_float8
 from plait.parallel.grid import Grid
-from plait.parallel.plans import (Colwise, ColumnInput, ContextAttention, ExpertRegion, HeadNorm, Rowwise, SequenceDropout,
-                                  SequenceNorm, SequenceShares, Style, VocabEmbedding, VocabHead, VocabParallelOutput,
-                                  param_specs, parallelize)
+from plait.parallel.plans import (Colwise, ColumnInput, ContextAttention, ExpertRegion, HeadNorm, Rowwise,
+                                  SequenceDropout, SequenceNorm, SequenceShares, Style, VocabEmbedding, VocabHead,
+                                  VocabParallelOutput, param_specs, parallelize)
 from plait.parallel.pipeline.partition import rank_chunk_plans
 from plait.parallel.random import ParallelRNG
 from plait.parallel.sharding import ShardSpec

@@ -67,7 +67,7 @@ class ModelConfig:
     q_lora_rank: int = 0  # mla: queries through a latent of this rank (DeepSeek-V3: 1536); 0: one projection (V2-Lite)
     kv_lora_rank: Optional[int] = None  # mla: keys and values through a latent of this rank (DeepSeek: 512); 4 x head
     qk_nope_head_dim: Optional[int] = None  # mla: each head's query-key features without rotary (DeepSeek: 128); head
-    qk_rope_head_dim: Optional[int] = None  # mla: the rotary features, one key shared by the heads (DeepSeek: 64); head/2
+    qk_rope_head_dim: Optional[int] = None  # mla: rotary features, one key shared by the heads (DeepSeek: 64); head/2
     v_head_dim: Optional[int] = None  # mla: each head's value features (DeepSeek: 128); default dim / n_heads
     moe_experts: int = 0  # > 0: every MLP is a mixture of this many SwiGLU experts of width ffn_dim (Mixtral)
     moe_top_k: int = 2  # experts each token is routed to

@@ -54,13 +54,18 @@ class KVCache:
         """Forget the last `n` places (a draft that did not stand: `plait.train.speculative`)."""
         self.keys, self.values = self.keys[:, :, :-n], self.values[:, :, :-n]
 
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Keep the new keys and values after the cached ones; all of them."""
+        if self.keys is not None:
+            k, v = torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2)
+        self.keys, self.values = k, v
+        return k, v
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, enable_gqa: bool,
                mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Append k, v; new query i (at place filled + i) sees the cached keys and the new ones up to its own.
         (Decoding continues one document: there is no document mask.)"""
-        if self.keys is not None:
-            k, v = torch.cat((self.keys, k), dim=2), torch.cat((self.values, v), dim=2)
-        self.keys, self.values = k, v
+        k, v = self.append(k, v)
         s, total = q.shape[2], k.shape[2]
         if s == 1 and self.window is not None:  # one new token: the last `window` keys, its own included
             k, v = k[:, :, -self.window:], v[:, :, -self.window:]
@@ -71,12 +76,31 @@ class KVCache:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=enable_gqa)
 
 
+class LatentCache(KVCache):
+    """Latent attention's cache (train/mla.py, decoding over latents): one key-value head whose keys are [latent ;
+    rotated key] and whose values are the latent, kept once (the values are a view of the keys)."""
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        self.keys = k if self.keys is None else torch.cat((self.keys, k), dim=2)
+        self.values = self.keys[..., :v.shape[-1]]
+        return self.keys, self.values
+
+    def drop_last(self, n: int) -> None:
+        width = self.values.shape[-1]
+        self.keys = self.keys[:, :, :-n]
+        self.values = self.keys[..., :width]
+
+
 def _attach(blocks: Iterable[nn.Module], window: Optional[int]) -> List[KVCache]:
-    """A fresh cache in the attention of each of `blocks` (replacing its seams)."""
+    """A fresh cache in the attention of each of `blocks` (replacing its seams); latent attention (train/mla.py)
+    attends over its cached latents (`absorb`)."""
     caches = []
     for block in blocks:
-        cache = KVCache(window)
+        latent = hasattr(block.attn, "absorb")
+        cache = LatentCache(window) if latent else KVCache(window)
         block.attn.rope_rows, block.attn.attend = cache.rope_rows, cache.attend
+        if latent:
+            block.attn.absorb = True
         caches.append(cache)
     return caches
 
@@ -90,12 +114,14 @@ def attach_caches(model: Transformer) -> List[KVCache]:
 def caches_in(blocks: Iterable[nn.Module], window: Optional[int]) -> Iterator[List[KVCache]]:
     """Fresh caches in the attention of each of `blocks` while the `with` body runs; their own seams after."""
     blocks = list(blocks)
-    saved = [(block.attn.rope_rows, block.attn.attend) for block in blocks]
+    saved = [(block.attn.rope_rows, block.attn.attend, getattr(block.attn, "absorb", None)) for block in blocks]
     try:
         yield _attach(blocks, window)
     finally:
-        for block, (rows, attend) in zip(blocks, saved):
+        for block, (rows, attend, absorb) in zip(blocks, saved):
             block.attn.rope_rows, block.attn.attend = rows, attend
+            if absorb is not None:
+                block.attn.absorb = absorb
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

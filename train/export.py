@@ -5,7 +5,8 @@ cuts the vocabulary padding, renames to `LlamaForCausalLM`'s names (`MistralForC
 `model.sliding_window`: the same names, and its window in config.json; `Qwen3ForCausalLM` for a model with
 `model.qk_norm`: the same names plus each attention's q_norm and k_norm; `Qwen2ForCausalLM` with
 `model.qkv_bias`: plus q, k and v biases; for a mixture of experts `MixtralForCausalLM`, `Qwen3MoeForCausalLM` with
-QK-norm, `Qwen2MoeForCausalLM` with a shared expert, each with its per-expert names) and writes
+QK-norm, `Qwen2MoeForCausalLM` with a shared expert, each with its per-expert names; `DeepseekV3ForCausalLM` for a
+model with `model.attention=mla`, dense or routed as DeepSeek-V3 routes: train/hf_deepseek.py) and writes
 `OUT/config.json` and `OUT/model.safetensors`, and, when the checkpoint's data was made with a BPE
 (its index records the tokenizer.json), `OUT/tokenizer.json` and `OUT/tokenizer_config.json` for
 transformers' `AutoTokenizer` (a byte-level model's ids are UTF-8 bytes: no tokenizer file; its
@@ -156,7 +157,7 @@ def hf_config(model: Dict[str, Any]) -> Dict[str, Any]:
     sliding window, of a `MistralForCausalLM` (the same weights and names, plus `sliding_window`); with QK-norm,
     of a `Qwen3ForCausalLM` (plus q_norm and k_norm); with q, k and v biases, of a `Qwen2ForCausalLM`; with experts,
     of a `MixtralForCausalLM` (its window too, if any), with QK-norm a `Qwen3MoeForCausalLM`, with a shared expert
-    a `Qwen2MoeForCausalLM` (`model_type`)."""
+    a `Qwen2MoeForCausalLM`; with latent attention, of a `DeepseekV3ForCausalLM` (`model_type`)."""
     head_dim = model["dim"] // model["n_heads"]
     kind = model_type(model)
     architecture = {"architectures": [_ARCHITECTURES[kind]], "model_type": kind}
@@ -246,7 +247,8 @@ def _simple_fold(fold: Dict[str, Any], rest: str) -> float:
 
 def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
           scales: Optional[Dict[str, Any]] = None) -> Dict[str, torch.Tensor]:
-    """plait's full tensors (vocabulary padding cut) as HF Llama's state dict (multi-token prediction's left out)."""
+    """plait's full tensors (vocabulary padding cut) as the Hugging Face family's state dict (`model_type`; multi-token
+    prediction's left out)."""
     fold = _fold_factors(model, scales)
     simple, fused = _layer_tables(model)
     out = {}
@@ -440,7 +442,8 @@ def _attention_of(config: Dict[str, Any], kind: str) -> Dict[str, bool]:
 def _ffn_of(config: Dict[str, Any], kind: str) -> Optional[int]:
     """The width of plait's MLP (of each expert): Qwen's MoE configs hold it apart from the dense layers' width."""
     if kind == deepseek.KIND:
-        return config.get("moe_intermediate_size" if deepseek.experts_of(config)["moe_experts"] else "intermediate_size")
+        routed = deepseek.experts_of(config)["moe_experts"]
+        return config.get("moe_intermediate_size" if routed else "intermediate_size")
     return config.get("moe_intermediate_size") if kind in _QWEN_MOE else config.get("intermediate_size")
 
 

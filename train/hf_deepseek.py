@@ -44,7 +44,8 @@ def attention_names(model: Dict[str, Any]) -> Dict[str, str]:
              "attn.wq_b.weight": "self_attn.q_b_proj.weight"} if dims_of(model).q_rank else \
         {"attn.wq.weight": "self_attn.q_proj.weight"}
     return {**query, "attn.wkv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
-            "attn.kv_a_norm.weight": "self_attn.kv_a_layernorm.weight", "attn.wkv_b.weight": "self_attn.kv_b_proj.weight"}
+            "attn.kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+            "attn.wkv_b.weight": "self_attn.kv_b_proj.weight"}
 
 
 def refusal(model: Dict[str, Any]) -> Optional[str]:
@@ -96,18 +97,20 @@ def experts_of(config: Dict[str, Any]) -> Dict[str, Any]:
     if int(config.get("first_k_dense_replace", 3)) >= int(config["num_hidden_layers"]):
         return {"moe_experts": 0}
     ffn = int(config.get("moe_intermediate_size", 2048))
-    return {"moe_experts": int(config.get("n_routed_experts", 256)), "moe_top_k": int(config.get("num_experts_per_tok", 8)),
+    return {"moe_experts": int(config.get("n_routed_experts", 256)),
+            "moe_top_k": int(config.get("num_experts_per_tok", 8)),
             "moe_norm_topk": bool(config.get("norm_topk_prob", True)), "moe_score_function": "sigmoid",
             "moe_shared_ffn_dim": int(config.get("n_shared_experts", 1)) * ffn, "moe_shared_gate": False,
-            "moe_router_groups": int(config.get("n_group", 8)), "moe_router_group_topk": int(config.get("topk_group", 4)),
+            "moe_router_groups": int(config.get("n_group", 8)),
+            "moe_router_group_topk": int(config.get("topk_group", 4)),
             "moe_topk_scaling_factor": float(config.get("routed_scaling_factor", 2.5))}
 
 
 def latent_of(config: Dict[str, Any]) -> Dict[str, Any]:
     """The latent attention settings of a DeepSeek-V3 config.json by plait's names."""
+    sizes = {"kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128}  # (its defaults)
     return {"attention": "mla", "q_lora_rank": int(config.get("q_lora_rank") or 0),
-            "kv_lora_rank": int(config.get("kv_lora_rank", 512)), "qk_nope_head_dim": int(config.get("qk_nope_head_dim", 128)),
-            "qk_rope_head_dim": int(config.get("qk_rope_head_dim", 64)), "v_head_dim": int(config.get("v_head_dim", 128))}
+            **{key: int(config.get(key, default)) for key, default in sizes.items()}}
 
 
 def check_config(config: Dict[str, Any], cfg, where: Path) -> None:

@@ -9,9 +9,12 @@ and H heads (sizes: `plait.train.config.latent_dims`):
     each head       k = [k_nope ; rotary(k_rope)] (one rotary key for all heads),  q = [q_nope ; rotary(q_rope)]
     out             wo(softmax(q k^T / sqrt(nope + rope)) v)
 
-Positions reach the keys only through the small shared rotary part, so at inference a model may cache the latent
-and that part (kv_rank + rope numbers a token, against 2 H x head size). This module's decoding cache
-(`plait.train.decode.KVCache`) holds each head's keys and values, as for any attention.
+Positions reach the keys only through the small shared rotary part, so at inference the model caches the latent
+and that part: kv_rank + rope numbers a token, against 2 H x head size. Decoding (`absorb`, which
+`plait.train.decode.caches_in` sets) attends in the latent space, as DeepSeek's inference does: each head's query
+without rotary goes through its key up-projection first (q_nope W_k, kv_rank wide), all heads attend to the one
+cached [latent ; rotated key] (one key-value head), and each head's weighted latent goes through its value
+up-projection after. The keys and values are never expanded per head.
 
 The values are zero-padded to the query-key size when they are narrower, and the padding is cut from the output:
 the fused attention kernels take one head size (with two, the CPU runs the math kernel, twice the time at the
@@ -70,6 +73,7 @@ class LatentAttention(nn.Module):
         self.scale = scales.attention if scales.attention is not None else 1.0 / math.sqrt(dims.qk)
         self.attend = choose_attention(device if device is not None else "cpu")
         self.rope_rows: Callable = first_rows
+        self.absorb = False  # decoding: attend over cached latents (a decoding cache sets it with `attend`)
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:
         """[b, s, heads here x (nope + rope)]: straight from x, or through the query latent."""
@@ -80,19 +84,37 @@ class LatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: Optional[AttentionMask] = None) -> torch.Tensor:
         latent, k_rope = self.wkv_a(x, segmented=True)
-        kv = self.wkv_b(self.kv_a_norm(latent))
-        b, s, _ = kv.shape  # (the whole sequence under SP: the column-parallel layers gathered it)
-        k_nope, v = kv.view(b, s, -1, self.nope + self.v_dim).transpose(1, 2).split((self.nope, self.v_dim), dim=-1)
-        q_nope, q_rope = self.queries(x).view(b, s, -1, self.qk_dim).transpose(1, 2).split((self.nope, self.rope),
-                                                                                            dim=-1)
+        latent = self.kv_a_norm(latent)
+        q = self.queries(x)
+        b, s, _ = q.shape  # (the whole sequence under SP: the column-parallel layers gathered it)
+        q_nope, q_rope = q.view(b, s, -1, self.qk_dim).transpose(1, 2).split((self.nope, self.rope), dim=-1)
         rows = self.rope_rows(s, cos.device)
         cos, sin = cos[rows], sin[rows]
         k_rope = apply_rotary(self.shared_key(k_rope).unsqueeze(1), cos, sin)  # [b, 1, s, rope]: one for all heads
-        q = torch.cat((q_nope, apply_rotary(q_rope, cos, sin)), dim=-1)
+        q_rope = apply_rotary(q_rope, cos, sin)
+        attend = self.attend_latents if self.absorb else self.attend_heads
+        out = attend(q_nope, q_rope, latent, k_rope, mask)
+        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+
+    def attend_heads(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """Training's form: each head's keys and values from the latent, then attention over them; [b, heads, s, v]."""
+        kv = self.wkv_b(latent)
+        b, s, _ = kv.shape
+        k_nope, v = kv.view(b, s, -1, self.nope + self.v_dim).transpose(1, 2).split((self.nope, self.v_dim), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
         k = torch.cat((k_nope, k_rope.expand(-1, q.shape[1], -1, -1)), dim=-1)
         if self.v_pad:
             v = F.pad(v, (0, self.v_pad))
         out = self.attend(q, k, v, self.scale, False, mask)
-        if self.v_pad:
-            out = out[..., :self.v_dim]
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))
+        return out[..., :self.v_dim] if self.v_pad else out
+
+    def attend_latents(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
+        """Decoding's form (the same numbers): every head attends to the one [latent ; rotated key] per token through
+        `attend` (the cache, which keeps those alone), its query without rotary first taken into the latent space by
+        its key up-projection, its weighted latent out by its value up-projection; [b, heads, s, v]."""
+        up = self.wkv_b.weight.view(-1, self.nope + self.v_dim, latent.shape[-1])  # [heads, nope + v, kv_rank]
+        key_up, value_up = up.split((self.nope, self.v_dim), dim=1)
+        q = torch.cat((torch.matmul(q_nope, key_up), q_rope), dim=-1)  # [b, heads, s, kv_rank + rope]
+        latent = latent.unsqueeze(1)  # [b, 1, s, kv_rank]: one key-value head for all
+        out = self.attend(q, torch.cat((latent, k_rope), dim=-1), latent, self.scale, True, mask)
+        return torch.matmul(out, value_up.transpose(1, 2))
