@@ -5,8 +5,10 @@ multi-head attention.
    plait's MLA, with Hugging Face's `DeepseekV3ForCausalLM` holding the same weights (the peer: the reference
    implementation of the same model; its SDPA path), and with plait's multi-head attention at the same width.
    Median of `--repeats` after two warm-ups, the losses checked equal.
-2. The cache: numbers a token keeps per layer at inference, multi-head attention's keys and values against MLA's
-   latent and shared rotary key (what DeepSeek's inference caches) and against what plait's decoding cache holds.
+2. Decoding: greedy, one row, `--new` tokens after a 64-token prompt (max_seq_len 1024), plait's MLA (attending
+   over cached latents) against Hugging Face's `generate` on the same weights (the peer; it caches the latents too
+   and expands them to every head's keys and values each step) and plait's multi-head attention: seconds, the same
+   tokens, and the cache's bytes measured at the end.
 3. Training: the default job (model=tiny, the standard library's text) with multi-head attention (the peer) and with
    MLA at its default sizes and with a query latent, the trainers stepped in turn; validation loss and tokens/s.
 
@@ -91,19 +93,58 @@ def compare_steps(repeats: int) -> list:
     return rows
 
 
-def cache_numbers() -> dict:
-    """Numbers one token keeps per layer at inference."""
-    from plait.train.config import ModelConfig, latent_dims
+def cache_bytes(caches) -> int:
+    """Bytes a list of plait caches holds (latent attention's keys, its values too, counted once)."""
+    return sum(c.keys.nbytes + (0 if c.values is c.keys else c.values.nbytes) for c in caches)
 
-    dims = latent_dims(ModelConfig(**SIZES, attention="mla"))
-    heads, head = SIZES["n_heads"], SIZES["dim"] // SIZES["n_heads"]
-    numbers = {"mha keys and values": 2 * heads * head, "mla latent + rotary key (DeepSeek's cache)":
-               dims.kv_rank + dims.rope, "mla as plait's cache holds it (each head's k and padded v)":
-               heads * dims.qk + heads * max(dims.qk, dims.v)}
-    print(f"\n{'cache per token and layer':>58} {'numbers':>8}")
-    for name, count in numbers.items():
-        print(f"{name:>58} {count:>8}")
-    return numbers
+
+def hf_cache_bytes(cache) -> int:
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+
+
+def compare_decoding(new: int, repeats: int) -> list:
+    from plait.train.build import build_model
+    from plait.train.config import ModelConfig
+    from plait.train.decode import caches_in, generate
+
+    sizes = {**SIZES, "max_seq_len": 1024}
+    mla_cfg, mha_cfg = ModelConfig(**sizes, attention="mla"), ModelConfig(**sizes)
+    mla, mha = build_model(mla_cfg, seed=1).eval(), build_model(mha_cfg, seed=1).eval()
+    hf = hugging_face_twin(mla, mla_cfg).eval()
+    prompt = torch.randint(0, SIZES["vocab_size"], (1, 64), generator=torch.Generator().manual_seed(2))
+
+    def hf_generate():
+        return hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0,
+                           eos_token_id=None, attention_mask=torch.ones_like(prompt))
+
+    runs = {"plait mla": lambda: generate(mla, prompt, new, temperature=0), "hugging face deepseek-v3": hf_generate,
+            "plait mha": lambda: generate(mha, prompt, new, temperature=0)}
+    rows, texts = [], {}
+    with torch.no_grad():
+        for name, run in runs.items():
+            texts[name] = run()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - start)
+            rows.append({"run": name, "seconds": statistics.median(times)})
+        whole = texts["plait mla"]
+        for model, row in ((mla, rows[0]), (mha, rows[2])):
+            with caches_in(model.layers.values(), None) as caches:
+                model(whole)
+            row["cache_bytes"] = cache_bytes(caches)
+        out = hf(whole, use_cache=True)
+        rows[1]["cache_bytes"] = hf_cache_bytes(getattr(out, "cache", None) or out.past_key_values)
+    assert torch.equal(texts["plait mla"], texts["hugging face deepseek-v3"]), "greedy texts differ"
+    peer = rows[1]["seconds"]
+    print(f"\n{'decoding ' + str(new) + ' tokens':>26} {'seconds':>9} {'x peer':>7} {'tok/s':>7} {'cache KiB':>10}")
+    for row in rows:
+        row["vs_peer"], row["tokens_per_s"] = row["seconds"] / peer, new / row["seconds"]
+        print(f"{row['run']:>26} {row['seconds']:>9.3f} {row['vs_peer']:>7.3f} {row['tokens_per_s']:>7.1f} "
+              f"{row['cache_bytes'] / 1024:>10.0f}")
+    print("(plait mla's greedy tokens equal Hugging Face's)")
+    return rows
 
 
 def main() -> None:
@@ -111,6 +152,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=250)
     parser.add_argument("--eval-every", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--new", type=int, default=512, help="tokens each decoding run draws")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--run-root", default="outputs/bench-mla")
     parser.add_argument("--out", default=None)
@@ -118,7 +160,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     steps = compare_steps(args.repeats)
-    cache = cache_numbers()
+    decoding = compare_decoding(args.new, 3)
     curves = train_in_turn(VARIANTS, args.steps, args.eval_every, Path(args.run_root))
     peer = curves["mha"]
     peer_rate = statistics.median(peer["tokens_per_s"])
@@ -135,7 +177,7 @@ def main() -> None:
         plot_validation(curves, args.plot, with_params=True)
     if args.out:
         write_json(args.out, {"benchmark": "mla", "device": "cpu", "settings": vars(args), "step": steps,
-                              "cache": cache, "rows": rows, "training": curves})
+                              "decoding": decoding, "rows": rows, "training": curves})
 
 
 if __name__ == "__main__":

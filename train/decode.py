@@ -77,18 +77,16 @@ class KVCache:
 
 
 class LatentCache(KVCache):
-    """Latent attention's cache (train/mla.py, decoding over latents): one key-value head whose keys are [latent ;
-    rotated key] and whose values are the latent, kept once (the values are a view of the keys)."""
+    """Latent attention's cache (train/mla.py, decoding over latents): one key-value head of [latent ; rotated key]
+    a token, which is its keys and its values both, kept once."""
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         self.keys = k if self.keys is None else torch.cat((self.keys, k), dim=2)
-        self.values = self.keys[..., :v.shape[-1]]
+        self.values = self.keys
         return self.keys, self.values
 
     def drop_last(self, n: int) -> None:
-        width = self.values.shape[-1]
-        self.keys = self.keys[:, :, :-n]
-        self.values = self.keys[..., :width]
+        self.keys = self.values = self.keys[:, :, :-n]
 
 
 def _attach(blocks: Iterable[nn.Module], window: Optional[int]) -> List[KVCache]:

@@ -110,11 +110,13 @@ class LatentAttention(nn.Module):
 
     def attend_latents(self, q_nope, q_rope, latent, k_rope, mask) -> torch.Tensor:
         """Decoding's form (the same numbers): every head attends to the one [latent ; rotated key] per token through
-        `attend` (the cache, which keeps those alone), its query without rotary first taken into the latent space by
-        its key up-projection, its weighted latent out by its value up-projection; [b, heads, s, v]."""
+        `attend` (the cache, which keeps those alone, as keys and as values), its query without rotary first taken
+        into the latent space by its key up-projection, its weighted latent out by its value up-projection;
+        [b, heads, s, v]."""
         up = self.wkv_b.weight.view(-1, self.nope + self.v_dim, latent.shape[-1])  # [heads, nope + v, kv_rank]
         key_up, value_up = up.split((self.nope, self.v_dim), dim=1)
         q = torch.cat((torch.matmul(q_nope, key_up), q_rope), dim=-1)  # [b, heads, s, kv_rank + rope]
-        latent = latent.unsqueeze(1)  # [b, 1, s, kv_rank]: one key-value head for all
-        out = self.attend(q, torch.cat((latent, k_rope), dim=-1), latent, self.scale, True, mask)
+        keys = torch.cat((latent.unsqueeze(1), k_rope), dim=-1)  # [b, 1, s, kv_rank + rope]: one head for all
+        # the keys serve as the values too (one head size: the fused kernel), the rotary part of the output cut after
+        out = self.attend(q, keys, keys, self.scale, True, mask)[..., :latent.shape[-1]]
         return torch.matmul(out, value_up.transpose(1, 2))
