@@ -591,3 +591,40 @@ def test_multi_token_prediction_on_cuda_matches_the_cpu_and_trains_compiled_and_
     eager, _ = losses_of(trainer_overrides(tmp_path / "eager", cache, "train.compile=false", *mtp))
     compiled, compiled_on = losses_of(trainer_overrides(tmp_path / "compiled", cache, *mtp))
     assert compiled_on and compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_latent_attention_on_cuda_matches_the_cpu_decodes_over_latents_and_trains_compiled_and_under_bf16(
+        tmp_path, stdlib_tokens):
+    """`model.attention=mla`: on CUDA the loss and every grad equal the CPU's in fp32 (the padded values through
+    the fused kernels); under bf16 autocast every weight gets a finite grad; decoding over cached latents gives the
+    logits of one uncached forward; and the trainer, eager and compiled (auto: on), trains with the same losses."""
+    from plait.train.config import ModelConfig
+    from plait.train.decode import caches_in
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=100, ffn_dim=96, max_seq_len=64, attention="mla",
+                      q_lora_rank=32, kv_lora_rank=32)
+    cpu_model, model = build_model(cfg, seed=4), build_model(cfg, seed=4, device=CUDA)
+    ids = torch.randint(0, 100, (2, 25), generator=torch.Generator().manual_seed(0))
+    losses = [one.loss(one(ids[:, :-1].to(device)), ids[:, 1:].to(device)) for one, device in
+              ((cpu_model, "cpu"), (model, CUDA))]
+    for loss in losses:
+        loss.backward()
+    assert losses[1].item() == pytest.approx(losses[0].item(), rel=1e-5)
+    for (name, ours), theirs in zip(model.named_parameters(), cpu_model.parameters()):
+        torch.testing.assert_close(ours.grad.cpu(), theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
+    model.zero_grad()
+    tokens = ids.to(CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model.loss(model(tokens[:, :-1]), tokens[:, 1:]).backward()
+    assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in model.parameters() if p.dim() == 2)
+    model.eval()
+    with torch.no_grad():
+        whole = model(tokens)
+        with caches_in(model.layers.values(), None):
+            steps = [model(tokens[:, :10])] + [model(tokens[:, i:i + 1]) for i in range(10, 25)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), whole, rtol=1e-4, atol=1e-5)
+    cache = stdlib_tokens[0].parent.parent
+    mla = ["model.attention=mla", "model.q_lora_rank=32"]
+    eager, _ = losses_of(trainer_overrides(tmp_path / "eager", cache, "train.compile=false", *mla))
+    compiled, compiled_on = losses_of(trainer_overrides(tmp_path / "compiled", cache, *mla))
+    assert compiled_on and compiled == pytest.approx(eager, rel=1e-4)

@@ -366,10 +366,13 @@ def save_and_export(cfg, model, parametrization, tmp_path):
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_export_is_deepseek_v3_and_matches_transformers_and_loads_back(variant, tmp_path):
+    import json
+
     import transformers
 
+    from plait.train.build import build_model
     from plait.train.decode import generate
-    from plait.train.export import init_from_hf
+    from plait.train.export import init_from_hf, model_config_from_hf
 
     cfg, model, parametrization = deepseek_model(variant)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(save_and_export(cfg, model, parametrization, tmp_path)),
@@ -393,6 +396,11 @@ def test_export_is_deepseek_v3_and_matches_transformers_and_loads_back(variant, 
     assert any(name.endswith("expert_bias") for name, _ in learned) == (variant == "experts")
     for name, tensor in learned:
         assert torch.allclose(tensor, expected[name], rtol=1e-6, atol=0), name
+    # what `plait generate` / `plait eval` do with a directory: the model config read from it, the weights loaded
+    read = build_model(model_config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text())), seed=0).eval()
+    init_from_hf(read, tmp_path / "hf")
+    with torch.no_grad():
+        assert ((read(ids)[..., :300] - ours).abs().max() / ours.abs().max()) < 1e-5
 
 
 def test_a_deepseek_directory_with_interleaved_rotary_features_loads_as_the_same_model(tmp_path):

@@ -23,6 +23,7 @@ _EXPORTS = {
     "Transformer": "plait.train.model",
     "Scales": "plait.train.model",
     "MoE": "plait.train.moe",
+    "LatentAttention": "plait.train.mla",
     "build_model": "plait.train.build",
     "init_parameters": "plait.train.build",
     "build_chunks": "plait.train.build",
@@ -62,6 +63,7 @@ if TYPE_CHECKING:  # static tools see real imports; at run time they happen on f
     from plait.train.metrics import MetricsSink
     from plait.train.model import Scales, Transformer
     from plait.train.moe import MoE
+    from plait.train.mla import LatentAttention
     from plait.train.parametrization import Parametrization, build_parametrization
     from plait.train.plan import Plan
     from plait.train.plan import plan as make_plan

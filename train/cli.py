@@ -129,20 +129,27 @@ def run(cfg: DictConfig) -> dict:
                  f"{saved}, resume with train.resume=auto.", at_once=True)
         fail(f"rank {rank} lost contact with another rank ({what}): that rank ended or was killed first and its own "
              f"log says why; {saved}, resume with train.resume=auto.", at_once=True)
-    end_process_group()
+    end_process_group(settle=True)
     return metrics
 
 
-def end_process_group() -> None:
+def end_process_group(settle: bool = False) -> None:
     """Destroy the process group this run made, while the interpreter is still whole.
 
     Left to interpreter exit, gloo's worker threads may still hold finished work whose
     tensors need the GIL during finalization: a rank then aborts (SIGABRT, "terminate called
     without an active exception") after a run that succeeded, and torchrun fails the job.
+    With `settle` (a run that ended well) the ranks first meet at a barrier, so no rank tears
+    its groups down while a peer's last exchange with it is still in flight.
     """
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if settle and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except RuntimeError:  # a peer already gone: nothing is left to wait for
+                pass
         dist.destroy_process_group()
 
 

@@ -93,7 +93,8 @@ def config_keys(model: Dict[str, Any]) -> Dict[str, Any]:
 
 def experts_of(config: Dict[str, Any]) -> Dict[str, Any]:
     """The mixture-of-experts settings of a DeepSeek-V3 config.json by plait's names (none when every layer is
-    dense)."""
+    dense). Its routers always hold a correction bias: the model keeps one (`moe_bias_update_rate` at DeepSeek-V3's
+    1e-3, which only matters to further training)."""
     if int(config.get("first_k_dense_replace", 3)) >= int(config["num_hidden_layers"]):
         return {"moe_experts": 0}
     ffn = int(config.get("moe_intermediate_size", 2048))
@@ -103,7 +104,7 @@ def experts_of(config: Dict[str, Any]) -> Dict[str, Any]:
             "moe_shared_ffn_dim": int(config.get("n_shared_experts", 1)) * ffn, "moe_shared_gate": False,
             "moe_router_groups": int(config.get("n_group", 8)),
             "moe_router_group_topk": int(config.get("topk_group", 4)),
-            "moe_topk_scaling_factor": float(config.get("routed_scaling_factor", 2.5))}
+            "moe_topk_scaling_factor": float(config.get("routed_scaling_factor", 2.5)), "moe_bias_update_rate": 1e-3}
 
 
 def latent_of(config: Dict[str, Any]) -> Dict[str, Any]:
@@ -129,6 +130,7 @@ def check_config(config: Dict[str, Any], cfg, where: Path) -> None:
     ours = {"attention": "mla", "q_lora_rank": dims.q_rank, "kv_lora_rank": dims.kv_rank,
             "qk_nope_head_dim": dims.nope, "qk_rope_head_dim": dims.rope, "v_head_dim": dims.v, **_routing(cfg)}
     theirs = {**latent_of(config), **experts_of(config)}
+    theirs.pop("moe_bias_update_rate", None)  # (a model without the bias loads zero biases: `check_biases`)
     wrong = [f"model.{key}={ours.get(key)} vs {value}" for key, value in theirs.items() if ours.get(key) != value]
     if wrong:
         raise CheckpointError(f"{where} does not fit this model: {', '.join(wrong)}; set the model config to match.")

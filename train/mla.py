@@ -55,7 +55,7 @@ class LatentAttention(nn.Module):
     """Causal multi-head latent attention, with the seams `plait.train.model.Attention` has: `attend(q, k, v, scale,
     enable_gqa, mask=None)` and `rope_rows(s, device)`, set by context parallelism or a decoding cache."""
 
-    def __init__(self, cfg: ModelConfig, scales: Scales, device=None):
+    def __init__(self, cfg: ModelConfig, scales: Scales, device: Optional[torch.device] = None):
         super().__init__()
         dims = latent_dims(cfg)
         self.nope, self.rope, self.v_dim, self.qk_dim = dims.nope, dims.rope, dims.v, dims.qk
