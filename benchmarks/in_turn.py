@@ -2,6 +2,7 @@
 them alike), validation loss every few steps, and a PNG of the validation curves. muon.py, moe.py and mtp.py use
 it."""
 
+import statistics
 from pathlib import Path
 from typing import Dict, List, Sequence
 
@@ -56,3 +57,20 @@ def plot_validation(curves: Dict[str, Dict], path: str, with_params: bool = Fals
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     print(f"wrote {path}")
+
+
+def training_rows(curves: Dict[str, Dict], peer: str) -> List[Dict]:
+    """Each variant's last validation loss and median tokens/s, and both against the `peer` variant's."""
+    peer_val, peer_rate = curves[peer]["val"][-1][1], statistics.median(curves[peer]["tokens_per_s"])
+    rows = []
+    for name, curve in curves.items():
+        val, rate = curve["val"][-1][1], statistics.median(curve["tokens_per_s"])
+        rows.append({"variant": name, "params": curve["params"], "val_loss": val, "val_vs_peer": val / peer_val,
+                     "tokens_per_s": rate, "throughput_vs_peer": rate / peer_rate})
+    return rows
+
+
+def training_line(row: Dict, width: int) -> str:
+    """A training row as a table line: variant, parameters, val_loss and its ratio, tokens/s and its ratio."""
+    return (f"{row['variant']:>{width}} {row['params'] / 1e6:>10.2f}M {row['val_loss']:>9.4f} "
+            f"{row['val_vs_peer']:>7.4f} {row['tokens_per_s']:>8,.0f} {row['throughput_vs_peer']:>7.3f}")

@@ -27,7 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from in_turn import plot_validation, train_in_turn  # noqa: E402
+from in_turn import plot_validation, train_in_turn, training_line, training_rows  # noqa: E402
 from report import write_json  # noqa: E402
 
 SIZES = dict(vocab_size=256, dim=256, n_layers=4, n_heads=8, max_seq_len=256)
@@ -162,17 +162,10 @@ def main() -> None:
     steps = compare_steps(args.repeats)
     decoding = compare_decoding(args.new, 3)
     curves = train_in_turn(VARIANTS, args.steps, args.eval_every, Path(args.run_root))
-    peer = curves["mha"]
-    peer_rate = statistics.median(peer["tokens_per_s"])
     print(f"\n{'training':>14} {'parameters':>11} {'val_loss':>9} {'x peer':>7} {'tok/s':>8} {'x peer':>7}")
-    rows = []
-    for name, curve in curves.items():
-        val, rate = curve["val"][-1][1], statistics.median(curve["tokens_per_s"])
-        row = {"variant": name, "params": curve["params"], "val_loss": val, "val_vs_peer": val / peer["val"][-1][1],
-               "tokens_per_s": rate, "throughput_vs_peer": rate / peer_rate}
-        rows.append(row)
-        print(f"{name:>14} {curve['params'] / 1e6:>10.2f}M {val:>9.4f} {row['val_vs_peer']:>7.4f} {rate:>8,.0f} "
-              f"{row['throughput_vs_peer']:>7.3f}")
+    rows = training_rows(curves, "mha")
+    for row in rows:
+        print(training_line(row, 14))
     if args.plot:
         plot_validation(curves, args.plot, with_params=True)
     if args.out:

@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from in_turn import plot_validation, train_in_turn  # noqa: E402
+from in_turn import plot_validation, train_in_turn, training_line, training_rows  # noqa: E402
 from report import write_json  # noqa: E402
 
 VARIANTS = {"next token": ["model.mtp_layers=0"],
@@ -40,21 +40,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     curves = train_in_turn(VARIANTS, args.steps, args.eval_every, Path(args.run_root), metrics=("mtp_loss",))
-    peer = curves["next token"]
-    peer_rate = statistics.median(peer["tokens_per_s"])
     tail = max(1, args.steps // 10)
     print(f"{'variant':>18} {'parameters':>11} {'val_loss':>9} {'x peer':>7} {'tok/s':>8} {'x peer':>7} "
           f"{'mtp_loss':>9}")
-    rows = []
-    for name, curve in curves.items():
-        val, rate = curve["val"][-1][1], statistics.median(curve["tokens_per_s"])
-        mtp = [value for value in curve["mtp_loss"][-tail:] if value is not None]
-        row = {"variant": name, "params": curve["params"], "val_loss": val, "val_vs_peer": val / peer["val"][-1][1],
-               "tokens_per_s": rate, "throughput_vs_peer": rate / peer_rate,
-               "mtp_loss_last_tenth": statistics.mean(mtp) if mtp else None}
-        rows.append(row)
-        print(f"{name:>18} {curve['params'] / 1e6:>10.2f}M {val:>9.4f} {row['val_vs_peer']:>7.4f} {rate:>8,.0f} "
-              f"{row['throughput_vs_peer']:>7.3f} {row['mtp_loss_last_tenth'] or float('nan'):>9.4f}")
+    rows = training_rows(curves, "next token")
+    for row in rows:
+        mtp = [value for value in curves[row["variant"]]["mtp_loss"][-tail:] if value is not None]
+        row["mtp_loss_last_tenth"] = statistics.mean(mtp) if mtp else None
+        print(f"{training_line(row, 18)} {row['mtp_loss_last_tenth'] or float('nan'):>9.4f}")
     if args.plot:
         plot_validation(curves, args.plot, with_params=True)
     if args.out:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_ranks
-from tests.train_utils import make_trainer
+from tests.train_utils import logged_steps, make_trainer
 
 # HF's names of plait's latent attention weights
 HF_NAMES = {"wq": "q_proj", "wq_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "wq_b": "q_b_proj",
@@ -157,13 +157,7 @@ BASE = ["model.dim=32", "model.n_layers=4", "model.n_heads=4", "model.ffn_dim=64
 
 def train(rank, world, run_dir, cache, extra):
     """The losses and grad norms of STEPS steps and the validation loss after them; the weights go to a checkpoint."""
-    trainer = make_trainer(rank, world, BASE, extra, run_dir, cache)
-    try:
-        records = [trainer.step() for _ in range(STEPS)]
-        trainer.save_checkpoint()
-        return {key: [r.get(key) for r in records] for key in ("loss", "grad_norm")}, trainer.evaluate()
-    finally:
-        trainer.close()
+    return logged_steps(make_trainer(rank, world, BASE, extra, run_dir, cache), STEPS, save=True)
 
 
 def final_weights(run_dir):

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.dist_utils import run_ranks
-from tests.train_utils import make_trainer
+from tests.train_utils import logged_steps, make_trainer
 
 
 def test_future_tokens_are_the_targets_shifted_once_more_each_row():
@@ -128,11 +128,7 @@ BASE = ["model.dim=32", "model.n_layers=4", "model.n_heads=4", "model.n_kv_heads
 
 def train(rank, world, run_dir, cache, extra):
     trainer = make_trainer(rank, world, BASE, extra, run_dir, cache)
-    try:
-        records = [trainer.step() for _ in range(STEPS)]
-        return {key: [r.get(key) for r in records] for key in ("loss", "grad_norm", "mtp_loss")}, trainer.evaluate()
-    finally:
-        trainer.close()
+    return logged_steps(trainer, STEPS, ("loss", "grad_norm", "mtp_loss"))
 
 
 @pytest.fixture(scope="module")

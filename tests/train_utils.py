@@ -1,7 +1,7 @@
 """One trainer, a few steps, from a test: the harness the layout-parity tests share (run on gloo ranks by
 `dist_utils.run_ranks`, or in this process as the one-process reference)."""
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 def make_trainer(rank: int, world: int, base: Sequence[str], overrides: Sequence[str], run_dir, cache):
@@ -23,3 +23,16 @@ def train_steps(rank: int, world: int, base: Sequence[str], overrides: Sequence[
     validation = trainer.evaluate(eval_batches) if eval_batches else None
     trainer.close()
     return [r["loss"] for r in records], [r["grad_norm"] for r in records], validation
+
+
+def logged_steps(trainer, steps: int, keys: Sequence[str] = ("loss", "grad_norm"),
+                 save: bool = False) -> Tuple[Dict[str, list], float]:
+    """({key: each step's logged value (None where a step logs none)} of `steps` steps, the validation loss after
+    them) of `trainer`, which is closed after; with `save`, a checkpoint is written before the validation."""
+    try:
+        records = [trainer.step() for _ in range(steps)]
+        if save:
+            trainer.save_checkpoint()
+        return {key: [r.get(key) for r in records] for key in keys}, trainer.evaluate()
+    finally:
+        trainer.close()

@@ -233,6 +233,7 @@ class LatentDims:
 
 
 def latent_dims(model: ModelConfig) -> LatentDims:
+    """The model config's latent attention sizes, each default filled in from the head size."""
     head = model.dim // model.n_heads
     return LatentDims(int(model.q_lora_rank or 0), int(model.kv_lora_rank or 4 * head),
                       int(model.qk_nope_head_dim or head), int(model.qk_rope_head_dim or head // 2),
