@@ -465,3 +465,31 @@ def test_a_llama_directory_and_a_latent_model_refuse_each_other(tmp_path):
     partly_dense.write_text(json.dumps(config))
     with pytest.raises(Exception, match="first_k_dense_replace=1 of 2 layers dense"):
         init_from_hf(model, tmp_path / "hf")
+
+
+@pytest.mark.parametrize("backend", ["host", "recompute"])
+def test_offloaded_or_recomputed_latent_attention_trains_as_kept(backend, tmp_path, stdlib_tokens):
+    """Every tensor latent attention saves (the latents, the padded values, the shared rotary key) goes to host
+    memory and back, or is recomputed: the same losses and grad norms, bit for bit, as keeping them."""
+    cache = stdlib_tokens[0].parent.parent
+    kept, _ = logged_steps(make_trainer(0, 1, BASE, [], tmp_path / "kept", cache), 2)
+    moved = make_trainer(0, 1, BASE, [f"offload={backend}", "offload.keep_last=0", "offload.min_bytes=0",
+                                      "offload.device_filter=all"], tmp_path / backend, cache)
+    got, _ = logged_steps(moved, 2, ("loss", "grad_norm", "offload_written_bytes"))
+    assert got["loss"] == kept["loss"] and got["grad_norm"] == kept["grad_norm"]
+    if backend == "host":
+        assert min(got["offload_written_bytes"]) > 0
+
+
+def test_float8_runs_the_heads_layers_and_leaves_the_down_projections():
+    """`train.precision=fp8`: each block's query (or query up-) projection, key-value up-projection and output run
+    float8 GEMMs beside the MLP's two; the down projections are plain linears."""
+    from plait.parallel.float8 import use_float8
+    from plait.parallel.grid import Grid
+    from plait.train.build import build_model
+
+    for q_rank in (0, 24):
+        model = build_model(model_config(q_lora_rank=q_rank), seed=0)
+        assert use_float8(model, Grid.single()) == 2 * (3 + 2)
+        attn = model.layers["0"].attn
+        assert type(attn.wkv_a).__name__ == "Linear" and hasattr(attn.wkv_b, "use_gemm")
