@@ -161,3 +161,54 @@ def test_expert_parallel_ranks_hold_their_share_of_the_experts():
     assert whole.total_params == split.total_params
     assert whole.stages[0].params - split.stages[0].params == cfg.n_layers * 2 * expert
     assert whole.stages[0].optimizer - split.stages[0].optimizer == 8 * cfg.n_layers * 2 * expert  # AdamW: 2 x fp32
+
+
+# tp traffic --------------------------------------------------------------------------------------
+TP2 = ["model=tiny", "train.seq_len=64", "train.batch_size=8", "train.progress=false", "train.peak_flops=1e10",
+       "train.eval_every=0", "checkpoint.save_final=false", "parallel.tp=2"]
+
+
+def _tp_bytes_sent(rank, world, extra, run_dir, cache):
+    """Bytes this rank sends over tp in one training step, counted at the collectives on the tp group (a ring over
+    two ranks: an all-reduce sends the whole tensor, an all-gather or reduce-scatter half the whole)."""
+    import torch.distributed as dist
+
+    from plait.common import collectives
+    from tests.train_utils import make_trainer
+
+    trainer = make_trainer(rank, world, TP2, extra, run_dir, cache)
+    tp, sent = trainer.grid.tp_group, [0]
+    real = dist.all_reduce, collectives.all_gather_tensor, collectives.reduce_scatter_tensor
+
+    def counting(collective, whole_of):
+        def counted(*args, group=None, **kwargs):
+            if group is tp:
+                whole = whole_of(*args)
+                sent[0] += whole.numel() * whole.element_size() // (1 if collective is real[0] else 2)
+            return collective(*args, group=group, **kwargs)
+        return counted
+
+    dist.all_reduce = counting(real[0], lambda tensor, *_: tensor)
+    collectives.all_gather_tensor = counting(real[1], lambda out, *_: out)
+    collectives.reduce_scatter_tensor = counting(real[2], lambda out, whole, *_: whole)
+    try:
+        trainer.step()
+    finally:
+        dist.all_reduce, collectives.all_gather_tensor, collectives.reduce_scatter_tensor = real
+        trainer.close()
+    return sent[0]
+
+
+@pytest.mark.parametrize("extra", [
+    [], ["parallel.sequence_parallel=true"], ["model.attention=mla"],
+    ["model.attention=mla", "model.q_lora_rank=96", "parallel.sequence_parallel=true"],
+], ids=["tp2", "tp2-sp", "mla-tp2", "mla-query-latent-tp2-sp"])
+def test_the_plan_counts_what_the_tp_collectives_send(extra, tmp_path, stdlib_tokens):
+    """`plait plan`'s tp bytes are what one step sends over tp: the blocks' mappings (latent attention's narrower
+    inputs and shared rotary key), the embedding's, the cross-entropy's, and the once-a-step sum of the partial
+    grads of replicated weights (norms and MLA's down projections under SP)."""
+    from tests.dist_utils import run_ranks
+
+    sent = run_ranks(2, _tp_bytes_sent, extra, tmp_path / "run", stdlib_tokens[0].parent.parent)
+    planned = plan(load_config(TP2 + extra + ["launch.world_size=2"]), 2).stages[0].tp_bytes
+    assert sent == [planned, planned] and planned > 0

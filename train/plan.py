@@ -303,7 +303,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     overlap, _ = overlap_wanted(parallel.tp_overlap, tp, splits_backward(parallel), float8_gemms(train.precision))
     regather = overlap and sp  # column-parallel layers keep their input's sequence shard and gather it in backward
     chunks = rank_chunk_plans(pp_rank, model_cfg.n_layers, pp, vpp, style)
-    params, full_params, vocab_local, block, matrices = 0, 0, 0, 0, 0
+    params, full_params, vocab_local, block, matrices, partial = 0, 0, 0, 0, 0, 0
     for model in shape_chunks(model_cfg, grid, vpp, sequence_parallel=sp, pp_rank=pp_rank, placement=style):
         params += sum(p.numel() for p in model.parameters())
         block = max([block] + [sum(p.numel() for p in layer.parameters()) for layer in model.layers.values()])
@@ -314,6 +314,9 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
                             if group_of(copies.get(name, name), p).get("muon"))
         full_params += sum(p.numel() * (tp if specs[name].is_sharded else 1) * (layout.ep if specs[name].expert else 1)
                            for name, p in model.named_parameters() if name not in copies)  # (ep: E/ep experts here)
+        # replicated weights each tp rank sees part of (norms under SP, MLA's down projections, routers): their
+        # fp32 grads are summed over tp once a step
+        partial += sum(p.numel() for name, p in model.named_parameters() if specs[name].tp_partial_grad)
         vocab_local = model.vocab // tp
     layers = sum(len(chunk.layers) for chunk in chunks)
     has_head = any(chunk.has_head for chunk in chunks)
@@ -350,7 +353,7 @@ def _stage_plan(cfg, layout: Layout, pp_rank: int, micro_batch: int, inflight: i
     if regather:
         tp_ops += blocks * 0.5 * column_inputs / model_cfg.dim + 0.5 * int(has_head and untied_regather)
     cross_entropy = _ring(3 * tokens * 4, tp, 2) * (1 + depths) if has_head else 0  # per pass through the head
-    tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + cross_entropy)
+    tp_bytes = m * (_ring(hidden_bytes, tp, 2) * tp_ops + cross_entropy) + _ring(partial * 4, tp, 2)
     dp_bytes = _ring(params * 4, dp * cp, 2)  # fp32 grads over dp x cp (ZeRO-1: reduce-scatter + all-gather, same)
     cp_bytes = m * (layers + depths) * context_bytes(model_cfg, tokens, tp, cp, parallel.cp_mode, size)
     ep_bytes = m * (layers + depths) * expert_exchange_bytes(model_cfg, tokens, layout.ep, size)
