@@ -212,3 +212,48 @@ def test_the_plan_counts_what_the_tp_collectives_send(extra, tmp_path, stdlib_to
     sent = run_ranks(2, _tp_bytes_sent, extra, tmp_path / "run", stdlib_tokens[0].parent.parent)
     planned = plan(load_config(TP2 + extra + ["launch.world_size=2"]), 2).stages[0].tp_bytes
     assert sent == [planned, planned] and planned > 0
+
+
+CP2 = [item.replace("parallel.tp=2", "parallel.cp=2") for item in TP2]
+
+
+def _cp_bytes_sent(rank, world, extra, run_dir, cache):
+    """Bytes this rank sends to the other cp rank in one training step: the ring's sends, or Ulysses' all-to-all
+    pieces for the other rank."""
+    import torch.distributed as dist
+
+    from tests.train_utils import make_trainer
+
+    trainer = make_trainer(rank, world, CP2, extra, run_dir, cache)
+    sent, real = [0], (dist.batch_isend_irecv, dist.all_to_all)
+
+    def exchange(ops):
+        sent[0] += sum(op.tensor.numel() * op.tensor.element_size() for op in ops if op.op is dist.isend)
+        return real[0](ops)
+
+    def all_to_all(received, pieces, group=None, **kwargs):
+        mine = dist.get_rank(group)
+        sent[0] += sum(p.numel() * p.element_size() for index, p in enumerate(pieces) if index != mine)
+        return real[1](received, pieces, group=group, **kwargs)
+
+    dist.batch_isend_irecv, dist.all_to_all = exchange, all_to_all
+    try:
+        trainer.step()
+    finally:
+        dist.batch_isend_irecv, dist.all_to_all = real
+        trainer.close()
+    return sent[0]
+
+
+@pytest.mark.parametrize("extra", [[], ["parallel.cp_mode=ulysses"], ["model.attention=mla"],
+                                   ["model.attention=mla", "parallel.cp_mode=ulysses"]],
+                         ids=["ring", "ulysses", "mla-ring", "mla-ulysses"])
+def test_the_plan_counts_what_context_parallelism_sends(extra, tmp_path, stdlib_tokens):
+    """`plait plan`'s cp bytes are what one step sends between the cp ranks: K and V round the ring and their
+    fp32 grads back, or Ulysses' q, k, v and output each way (latent attention's every head's key and padded
+    values)."""
+    from tests.dist_utils import run_ranks
+
+    sent = run_ranks(2, _cp_bytes_sent, extra, tmp_path / "run", stdlib_tokens[0].parent.parent)
+    planned = plan(load_config(CP2 + extra + ["launch.world_size=2"]), 2).stages[0].cp_bytes
+    assert sent == [planned, planned] and planned > 0
