@@ -436,7 +436,7 @@ def test_a_deepseek_directory_with_interleaved_rotary_features_loads_as_the_same
     (dict(moe_shared_gate=True), "DeepSeek-V3's shared experts are ungated"),
     (dict(sliding_window=8), "model.sliding_window=8 has no place in DeepSeek-V3's config"),
 ])
-def test_an_export_deepseek_v3_cannot_hold_is_refused_in_one_sentence(change, words, tmp_path):
+def test_an_export_deepseek_v3_cannot_hold_is_refused_in_one_sentence(change, words):
     import dataclasses
 
     from plait.train.export import model_type
@@ -446,23 +446,35 @@ def test_an_export_deepseek_v3_cannot_hold_is_refused_in_one_sentence(change, wo
         model_type(dataclasses.asdict(cfg))
 
 
-def test_a_llama_directory_and_a_latent_model_refuse_each_other(tmp_path):
+def test_directories_and_models_of_the_other_attention_refuse_each_other(tmp_path):
+    """A DeepSeek-V3 directory into a multi-head model, a Llama directory into a latent one, and a DeepSeek-V3
+    directory whose first layers alone are dense: each refused in one sentence naming the setting."""
+    import json
+
+    from plait.parallel.grid import Grid
+    from plait.parallel.plans import param_specs
     from plait.train.build import build_model
-    from plait.train.export import init_from_hf
+    from plait.train.checkpoint import SaveRequest, layout_meta, model_meta, save
     from plait.train.config import ModelConfig
+    from plait.train.export import export_checkpoint, init_from_hf
 
     cfg, model, parametrization = deepseek_model("dense")
     save_and_export(cfg, model, parametrization, tmp_path)
-    mha = build_model(ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64))
+    mha_cfg = ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64)
+    mha = build_model(mha_cfg)
     with pytest.raises(Exception, match="is model_type=deepseek_v3, whose attention is latent, but "
                                         "model.attention=mha; set model.attention=mla"):
         init_from_hf(mha, tmp_path / "hf")
-    partly_dense = tmp_path / "hf" / "config.json"
-    import json
-
-    config = json.loads(partly_dense.read_text())
+    request = SaveRequest(1, dict(mha.named_parameters()), param_specs(mha),
+                          meta={**layout_meta(Grid.single()), **model_meta(mha_cfg)})
+    export_checkpoint(save(tmp_path / "llama-ckpt", Grid.single(), request), tmp_path / "llama")
+    with pytest.raises(Exception, match="is model_type=llama, whose attention is multi-head, but "
+                                        "model.attention=mla; set model.attention=mha"):
+        init_from_hf(model, tmp_path / "llama")
+    config_file = tmp_path / "hf" / "config.json"
+    config = json.loads(config_file.read_text())
     config.update(first_k_dense_replace=1, n_routed_experts=4)
-    partly_dense.write_text(json.dumps(config))
+    config_file.write_text(json.dumps(config))
     with pytest.raises(Exception, match="first_k_dense_replace=1 of 2 layers dense"):
         init_from_hf(model, tmp_path / "hf")
 

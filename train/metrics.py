@@ -33,7 +33,7 @@ def attention_params(cfg: ModelConfig) -> int:
     return cfg.dim * (cfg.n_heads + 2 * kv_heads(cfg)) * head_dim + cfg.n_heads * head_dim * cfg.dim
 
 
-def attention_widths(cfg: ModelConfig) -> int:
+def qk_and_v_width(cfg: ModelConfig) -> int:
     """Summed over heads, the query-key size plus the value size: what one token's scores and weighted values cost
     per token of context (H (Q + Q) = 2 dim for multi-head attention; the values' padding under MLA is not counted)."""
     if cfg.attention == "mla":
@@ -60,7 +60,7 @@ def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Training FLOPs per token: 6 N + 6 L H (Q + V) T, the second 12 L H Q T for multi-head attention (forward and
     backward); multi-token prediction's depths count as layers (each adds its block, projection and a pass through
     the head)."""
-    return 6.0 * matmul_params(cfg) + 6.0 * (cfg.n_layers + cfg.mtp_layers) * attention_widths(cfg) * seq_len
+    return 6.0 * matmul_params(cfg) + 6.0 * (cfg.n_layers + cfg.mtp_layers) * qk_and_v_width(cfg) * seq_len
 
 
 def peak_memory_bytes(device: torch.device) -> int:

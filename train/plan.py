@@ -216,7 +216,7 @@ def head_activation_elements(model_cfg, tokens: int, tp: int, sequence_parallel:
     return int(tokens * ((2 * model_cfg.dim + 1) / shard + head_input + logits))
 
 
-def attention_widths(model_cfg) -> Tuple[int, int, int]:
+def kernel_widths(model_cfg) -> Tuple[int, int, int]:
     """Per token, summed over all heads, the widths of the q, k and v the attention kernel takes (latent attention:
     every head's key, and the values padded to the query-key size when narrower); the output's is v's."""
     from plait.train.config import kv_heads, latent_dims
@@ -237,7 +237,7 @@ def context_bytes(model_cfg, tokens: int, tp: int, cp: int, mode: str, size: int
     """
     if cp == 1:
         return 0.0
-    q, k, v = (tokens * width // tp for width in attention_widths(model_cfg))
+    q, k, v = (tokens * width // tp for width in kernel_widths(model_cfg))
     if mode == "ring":
         return (cp - 1) * (k + v) * size * 2 + cp * (k + v) * 4
     return 2 * (cp - 1) / cp * (q + k + 2 * v) * size
