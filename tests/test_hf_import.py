@@ -44,13 +44,18 @@ def plait_model(**changes):
 
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 32}  # (32 < the test's 64 positions: some frequencies blend)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 16.0,
+        "beta_slow": 2.0}  # (YaRN's magnitude correction too: cos and sin x 1.139)
 HONOURED = [({"rope_theta": 500000.0}, {"rope_theta": 500000.0}, "rope_theta"),
             ({"rms_norm_eps": 1e-6}, {"norm_eps": 1e-6}, "rms_norm_eps"),
             ({"rope_scaling": LLAMA3}, {"rope_scaling": "llama3", "rope_factor": 8.0, "rope_original_max_len": 32},
-             "rope_scaling")]
+             "rope_scaling"),
+            ({"rope_scaling": YARN}, {"rope_scaling": "yarn", "rope_factor": 4.0, "rope_original_max_len": 16,
+                                      "rope_beta_fast": 16.0, "rope_beta_slow": 2.0}, "rope_scaling")]
 
 
-@pytest.mark.parametrize("hf_change,plait_change,key", HONOURED, ids=[h[2] for h in HONOURED])
+@pytest.mark.parametrize("hf_change,plait_change,key", HONOURED,
+                         ids=[h[2] + ("-yarn" if h[0] is not None and "yarn" in str(h[0]) else "") for h in HONOURED])
 def test_honoured_keys_give_hf_logits_and_a_mismatch_is_refused(tmp_path, hf_change, plait_change, key):
     hf, directory = hf_directory(tmp_path, **hf_change)
     ours = plait_model(**plait_change)
@@ -65,6 +70,7 @@ def test_honoured_keys_give_hf_logits_and_a_mismatch_is_refused(tmp_path, hf_cha
 
 
 REFUSED = [({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope_scaling type linear"),
+           ({"rope_scaling": {**YARN, "attention_factor": 2.0}}, "rope_scaling yarn with attention_factor=2.0"),
            ({"hidden_act": "gelu"}, "hidden_act=gelu"),
            ({"attention_bias": True}, "attention_bias=true"),
            ({"mlp_bias": True}, "mlp_bias=true"),
@@ -104,3 +110,28 @@ def test_a_llama3_scaled_model_exports_as_transformers_computes_it(tmp_path):
     with torch.no_grad():
         logits, reference = ours(ids)[..., :VOCAB], hf(ids).logits
     assert ((logits - reference).abs().max() / reference.abs().max()).item() < 1e-5
+
+
+def test_yarn_frequencies_and_magnitude_equal_transformers_and_bad_numbers_are_refused():
+    """YaRN's frequencies equal transformers' bit for bit, with its magnitude correction (the factor's alone, or
+    DeepSeek's ratio of two); numbers YaRN cannot use are refused in one sentence naming the setting."""
+    from transformers.modeling_rope_utils import _compute_yarn_parameters
+
+    from plait.train.config import ConfigError, load_config, validate
+    from plait.train.rope import plain_frequencies, rotary_magnitude, yarn_frequencies
+
+    for mscale, all_dim in ((0.0, 0.0), (0.707, 1.0), (1.0, 1.0)):
+        cfg = ModelConfig(dim=256, n_heads=4, max_seq_len=512, rope_scaling="yarn", rope_factor=40.0,
+                          rope_original_max_len=128, rope_mscale=mscale, rope_mscale_all_dim=all_dim)
+        rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 40.0, "original_max_position_embeddings": 128,
+                **({"mscale": mscale, "mscale_all_dim": all_dim} if mscale else {})}
+        frequencies, magnitude = _compute_yarn_parameters(transformers.LlamaConfig(
+            hidden_size=256, num_attention_heads=4, max_position_embeddings=5120, rope_parameters=rope))
+        assert torch.equal(yarn_frequencies(plain_frequencies(64, 10000.0), cfg), frequencies)
+        assert rotary_magnitude(cfg) == pytest.approx(magnitude, rel=1e-12)
+    for extra, words in ((["model.rope_beta_fast=1", "model.rope_beta_slow=2"],
+                          "model.rope_beta_fast=1.0 must exceed model.rope_beta_slow=2.0"),
+                         (["model.rope_mscale=-1"], "model.rope_mscale=-1.0 must be >= 0; 0 leaves it out")):
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.")) as info:
+            validate(load_config(["model.rope_scaling=yarn", *extra]))
+        assert "\n" not in str(info.value)

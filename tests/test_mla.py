@@ -317,8 +317,9 @@ def test_bad_settings_get_one_sentence(extra, words):
 # DeepSeek-V3's Hugging Face format -----------------------------------------------------------------
 ROUTED = dict(moe_experts=4, moe_top_k=2, moe_score_function="sigmoid", moe_router_groups=2, moe_router_group_topk=1,
               moe_shared_ffn_dim=48, moe_shared_gate=False, moe_topk_scaling_factor=2.5, moe_bias_update_rate=1e-3)
+YARN = dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=16, rope_mscale=0.707, rope_mscale_all_dim=1.0)
 VARIANTS = {"dense": dict(), "query-latent-tied-mup": dict(q_lora_rank=24, tie_embeddings=True, base_dim=16),
-            "experts": dict(q_lora_rank=24, **ROUTED)}
+            "experts": dict(q_lora_rank=24, **ROUTED), "yarn": dict(q_lora_rank=24, **YARN)}
 
 
 def deepseek_model(variant: str):

@@ -48,11 +48,15 @@ class ModelConfig:
     multiple_of: int = 32
     max_seq_len: int = 2048
     rope_theta: float = 10000.0
-    rope_scaling: Optional[str] = None  # llama3: Llama 3.1's long-context rotary frequencies (the rope_* below)
-    rope_factor: float = 8.0  # llama3: low frequencies divided by this
+    rope_scaling: Optional[str] = None  # llama3: Llama 3.1's long-context rotary frequencies | yarn (the rope_* below)
+    rope_factor: float = 8.0  # llama3, yarn: low frequencies divided by this (the context this many times longer)
     rope_low_freq_factor: float = 1.0  # llama3: wavelengths past rope_original_max_len / this are scaled whole
     rope_high_freq_factor: float = 4.0  # llama3: wavelengths below rope_original_max_len / this are kept
-    rope_original_max_len: int = 8192  # llama3: the context the frequencies were trained at
+    rope_original_max_len: int = 8192  # llama3, yarn: the context the frequencies were trained at
+    rope_beta_fast: float = 32.0  # yarn: pairs turning this many times in the original context keep their frequency
+    rope_beta_slow: float = 1.0  # yarn: pairs turning at most this many times are divided by rope_factor
+    rope_mscale: float = 0.0  # yarn: with rope_mscale_all_dim, the rotary features' magnitude correction (DeepSeek: 1)
+    rope_mscale_all_dim: float = 0.0  # yarn: its divisor, and latent attention's softmax scale x its square (DeepSeek)
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     init_std: float = 0.02
@@ -268,6 +272,13 @@ def validate_model(model: ModelConfig) -> None:
         _require(model.rope_high_freq_factor > model.rope_low_freq_factor,
                  f"model.rope_high_freq_factor={model.rope_high_freq_factor} must exceed model.rope_low_freq_factor="
                  f"{model.rope_low_freq_factor} (Llama 3.1 uses 4 and 1).")
+        for key in ("rope_beta_fast", "rope_beta_slow"):
+            number(ConfigError, f"model.{key}", getattr(model, key), low=0, low_open=True)
+        for key in ("rope_mscale", "rope_mscale_all_dim"):
+            number(ConfigError, f"model.{key}", getattr(model, key), low=0, fix="0 leaves it out")
+        _require(model.rope_beta_fast > model.rope_beta_slow,
+                 f"model.rope_beta_fast={model.rope_beta_fast} must exceed model.rope_beta_slow="
+                 f"{model.rope_beta_slow} (YaRN uses 32 and 1).")
     number(ConfigError, "model.init_std", model.init_std, low=0)
     number(ConfigError, "model.moe_experts", model.moe_experts, low=0, integer=True, fix="0 keeps a dense MLP")
     if model.moe_experts:

@@ -197,17 +197,22 @@ def _experts_keys(model: Dict[str, Any], kind: str) -> Dict[str, Any]:
             "output_router_logits": False}
 
 
-# plait's llama3 rope settings -> Hugging Face's rope parameter names
-_LLAMA3_KEYS = {"rope_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
-                "rope_high_freq_factor": "high_freq_factor",
-                "rope_original_max_len": "original_max_position_embeddings"}
+# plait's rope settings of each scaling -> Hugging Face's rope parameter names
+_ROPE_KEYS = {"llama3": {"rope_factor": "factor", "rope_low_freq_factor": "low_freq_factor",
+                         "rope_high_freq_factor": "high_freq_factor",
+                         "rope_original_max_len": "original_max_position_embeddings"},
+              "yarn": {"rope_factor": "factor", "rope_original_max_len": "original_max_position_embeddings",
+                       "rope_beta_fast": "beta_fast", "rope_beta_slow": "beta_slow", "rope_mscale": "mscale",
+                       "rope_mscale_all_dim": "mscale_all_dim"}}
+_YARN_DEFAULTS = {"rope_beta_fast": 32.0, "rope_beta_slow": 1.0, "rope_mscale": 0.0, "rope_mscale_all_dim": 0.0}
 
 
 def _rope_keys(model: Dict[str, Any]) -> Dict[str, Any]:
-    """`rope_parameters` (newer transformers) and, for Llama 3.1's scaling, `rope_scaling` (older ones)."""
-    if model.get("rope_scaling") != "llama3":
+    """`rope_parameters` (newer transformers) and, for Llama 3.1's or YaRN's scaling, `rope_scaling` (older ones)."""
+    kind = model.get("rope_scaling")
+    if kind not in _ROPE_KEYS:
         return {"rope_parameters": {"rope_type": "default", "rope_theta": model["rope_theta"]}}
-    scaling = {"rope_type": "llama3", **{hf: model[ours] for ours, hf in _LLAMA3_KEYS.items()}}
+    scaling = {"rope_type": kind, **{hf: model[ours] for ours, hf in _ROPE_KEYS[kind].items()}}
     return {"rope_parameters": {**scaling, "rope_theta": model["rope_theta"]}, "rope_scaling": scaling}
 
 
@@ -381,20 +386,28 @@ def _rope(config: Dict[str, Any]) -> Dict[str, Any]:
     params = dict(config.get("rope_parameters") or {})
     scaling = {**params, **(config.get("rope_scaling") or {})}
     kind = scaling.get("rope_type", scaling.get("type")) or "default"
-    numbers = {ours: scaling[hf] for ours, hf in _LLAMA3_KEYS.items() if hf in scaling}
-    return {"theta": float(params.get("rope_theta", config.get("rope_theta", 10000.0))), "type": kind, **numbers}
+    numbers = {**(_YARN_DEFAULTS if kind == "yarn" else {}),
+               **{ours: scaling[hf] for ours, hf in _ROPE_KEYS.get(kind, {}).items() if scaling.get(hf) is not None}}
+    unsupported = [f"{key}={scaling[key]}" for key, plain in (("attention_factor", None), ("truncate", True))
+                   if kind == "yarn" and scaling.get(key, plain) != plain]
+    return {"theta": float(params.get("rope_theta", config.get("rope_theta", 10000.0))), "type": kind,
+            "unsupported": unsupported, **numbers}
 
 
 def _check_rope_scaling(rope: Dict[str, Any], cfg, where: Path) -> None:
-    """A Llama 3.1 directory loads into a model with the same llama3 numbers; an unscaled one into an unscaled model."""
+    """A Llama 3.1 (or YaRN) directory loads into a model with the same llama3 (yarn) numbers; an unscaled one into
+    an unscaled model."""
     theirs = None if rope["type"] in (None, "default") else rope["type"]
-    if theirs not in (None, "llama3"):
-        raise CheckpointError(f"{where}: rope_scaling type {theirs} (plait computes llama3 scaling or none); "
-                              f"plait's decoder cannot load it.")
+    if theirs not in (None, *_ROPE_KEYS) or rope["unsupported"]:
+        what = f"type {theirs}" if theirs not in (None, *_ROPE_KEYS) else \
+            f"{theirs} with {', '.join(rope['unsupported'])}"
+        raise CheckpointError(f"{where}: rope_scaling {what} (plait computes llama3 or yarn scaling with its own "
+                              f"attention factor and truncated ramp, or none); plait's decoder cannot load it.")
     ours = cfg.rope_scaling
-    wanted = {key: rope[key] for key in _LLAMA3_KEYS if key in rope} if theirs else {}
+    keys = _ROPE_KEYS.get(theirs, {})
+    wanted = {key: rope[key] for key in keys if key in rope} if theirs else {}
     if theirs != ours or any(float(getattr(cfg, key)) != float(value) for key, value in wanted.items()):
-        numbers = "".join(f", {hf}={rope[key]:g}" for key, hf in _LLAMA3_KEYS.items() if key in wanted)
+        numbers = "".join(f", {hf}={rope[key]:g}" for key, hf in keys.items() if key in wanted)
         settings = " ".join([f"model.rope_scaling={theirs or 'null'}"]
                             + [f"model.{key}={value:g}" for key, value in wanted.items()])
         raise CheckpointError(f"{where} has rope_scaling={theirs or 'null'}{numbers} but model.rope_scaling="
@@ -529,8 +542,8 @@ def model_config_from_hf(config: Dict[str, Any]):
                   sliding_window=config.get("sliding_window") if kind in _WINDOWED else None,
                   **_attention_of(config, kind), **_experts_of(config, kind),
                   **(deepseek.latent_of(config) if kind == deepseek.KIND else {}))
-    if rope["type"] == "llama3":
-        values.update(rope_scaling="llama3", **{key: rope[key] for key in _LLAMA3_KEYS if key in rope})
+    if rope["type"] in _ROPE_KEYS:
+        values.update(rope_scaling=rope["type"], **{key: rope[key] for key in _ROPE_KEYS[rope["type"]] if key in rope})
     return ModelConfig(**values)
 
 

@@ -37,6 +37,7 @@ from torch import nn
 from plait.train.attention_mask import AttentionMask
 from plait.train.config import ModelConfig, latent_dims
 from plait.train.model import Linear, RMSNorm, Scales, apply_rotary, choose_attention, first_rows, identity
+from plait.train.rope import yarn_mscale
 
 
 class RegionEntry(nn.Module):
@@ -71,6 +72,8 @@ class LatentAttention(nn.Module):
         self.wo = Linear(heads * dims.v, cfg.dim, device=device)
         self.shared_key = RegionEntry()
         self.scale = scales.attention if scales.attention is not None else 1.0 / math.sqrt(dims.qk)
+        if cfg.rope_scaling == "yarn" and cfg.rope_mscale_all_dim:  # DeepSeek's YaRN: every feature's logit too
+            self.scale *= yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
         self.attend = choose_attention(device if device is not None else "cpu")
         self.rope_rows: Callable = first_rows
         self.absorb = False  # decoding: attend over cached latents (a decoding cache sets it with `attend`)
