@@ -628,3 +628,19 @@ def test_latent_attention_on_cuda_matches_the_cpu_decodes_over_latents_and_train
     eager, _ = losses_of(trainer_overrides(tmp_path / "eager", cache, "train.compile=false", *mla))
     compiled, compiled_on = losses_of(trainer_overrides(tmp_path / "compiled", cache, *mla))
     assert compiled_on and compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_scaled_rotary_tables_made_on_cuda_equal_the_cpu_s():
+    """Llama 3.1's and YaRN's rotary tables (YaRN's magnitude correction included) built on the device equal the
+    CPU's, and a YaRN model's logits on CUDA equal the CPU's."""
+    from plait.train.config import ModelConfig
+
+    for scaling in (dict(rope_scaling="llama3", rope_original_max_len=32),
+                    dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_len=16, rope_mscale=0.707,
+                         rope_mscale_all_dim=1.0)):
+        cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, vocab_size=100, ffn_dim=96, max_seq_len=64, **scaling)
+        cpu_model, model = build_model(cfg, seed=4), build_model(cfg, seed=4, device=CUDA)
+        torch.testing.assert_close(model.rope_cos.cpu(), cpu_model.rope_cos, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(model.rope_sin.cpu(), cpu_model.rope_sin, rtol=1e-6, atol=1e-6)
+        ids = torch.randint(0, 100, (2, 40), generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(model(ids.to(CUDA)).cpu(), cpu_model(ids), rtol=1e-4, atol=1e-5)
