@@ -202,11 +202,13 @@ def _tp_bytes_sent(rank, world, extra, run_dir, cache):
 @pytest.mark.parametrize("extra", [
     [], ["parallel.sequence_parallel=true"], ["model.attention=mla"],
     ["model.attention=mla", "model.q_lora_rank=96", "parallel.sequence_parallel=true"],
-], ids=["tp2", "tp2-sp", "mla-tp2", "mla-query-latent-tp2-sp"])
+    ["model.attention=mla", "parallel.sequence_parallel=true", "parallel.tp_overlap=false"],
+], ids=["tp2", "tp2-sp", "mla-tp2", "mla-query-latent-tp2-sp", "mla-tp2-sp-mapped"])
 def test_the_plan_counts_what_the_tp_collectives_send(extra, tmp_path, stdlib_tokens):
     """`plait plan`'s tp bytes are what one step sends over tp: the blocks' mappings (latent attention's narrower
-    inputs and shared rotary key), the embedding's, the cross-entropy's, and the once-a-step sum of the partial
-    grads of replicated weights (norms and MLA's down projections under SP)."""
+    inputs and shared rotary key), the embedding's, the cross-entropy's, the once-a-step sum of the partial grads
+    of replicated weights (norms and MLA's down projections under SP), and under SP with `parallel.tp_overlap`
+    (auto: on at tp 2) each column-parallel input gathered again in backward; without it, not."""
     from tests.dist_utils import run_ranks
 
     sent = run_ranks(2, _tp_bytes_sent, extra, tmp_path / "run", stdlib_tokens[0].parent.parent)
