@@ -74,15 +74,16 @@ _MOE_NAMES = {"mixtral": (MIXTRAL_MOE, "gate", "w1", "w3", "w2"),
 
 
 def _layer_tables(model: Dict[str, Any]):
-    """(one-to-one names, fused names -> their segments' names) of a layer: q/k/v biases where the model has them,
-    and the dense MLP's, or a mixture of experts' as its family's checkpoints name them (Mixtral: router -> gate,
-    each expert's gate|up -> w1, w3, down -> w2; Qwen: router -> gate, gate_proj, up_proj, down_proj, and the shared
-    expert and its gate)."""
+    """(one-to-one names, fused names -> their segments' names) of a layer: QK-norm's gains and q/k/v biases where
+    the model has them, latent attention's projections, and the dense MLP's, or a mixture of experts' as its
+    family's checkpoints name them (Mixtral: router -> gate, each expert's gate|up -> w1, w3, down -> w2; Qwen:
+    router -> gate, gate_proj, up_proj, down_proj, and the shared expert and its gate)."""
     experts, kind = int(model.get("moe_experts") or 0), model_type(model)
     if kind == deepseek.KIND:  # latent attention: one-to-one names
         simple, fused = {**_SIMPLE, **deepseek.attention_names(model)}, {}
     else:
-        simple, fused = dict(_SIMPLE), {**_FUSED, **(_FUSED_BIAS if model.get("qkv_bias") else {})}
+        simple = {**_SIMPLE, **(_QK_NORMS if model.get("qk_norm") else {})}
+        fused = {**_FUSED, **(_FUSED_BIAS if model.get("qkv_bias") else {})}
     if not experts:
         return {**simple, **_DENSE_MLP}, {**fused, **_DENSE_FUSED}
     block, router, gate, up, down = _MOE_NAMES[kind]
@@ -243,8 +244,9 @@ def _fold_factors(model: Dict[str, Any], scales: Optional[Dict[str, Any]]) -> Di
             "router": float(scales.get("router", 1.0)), "router_into": ("mlp.router.weight", "mlp.shared_gate.weight")}
 
 
-def _simple_fold(fold: Dict[str, Any], rest: str) -> float:
-    """What a one-to-one weight `rest` of a layer is multiplied by on the way out (divided by on the way in)."""
+def _fold_of(fold: Dict[str, Any], rest: str) -> float:
+    """What a one-to-one weight `rest` of a layer is multiplied by on the way out (divided by on the way in): muP's
+    router multiplier, or the query scale (QK-norm's q gain, latent attention's query projection)."""
     if rest in fold["router_into"]:
         return fold["router"]
     return fold["query"] if rest in fold["query_into"] else 1.0
@@ -271,11 +273,8 @@ def to_hf(model: Dict[str, Any], full: Dict[str, torch.Tensor],
             _, index, rest = name.split(".", 2)
             prefix = f"model.layers.{index}."
             if rest in simple:
-                factor = _simple_fold(fold, rest)  # muP's router multiplier, or latent attention's query scale
+                factor = _fold_of(fold, rest)
                 out[prefix + simple[rest]] = tensor * factor if factor != 1.0 else tensor
-            elif rest in _QK_NORMS:
-                query = fold["query"] if rest in fold["query_into"] else 1.0
-                out[prefix + _QK_NORMS[rest]] = tensor * query if query != 1.0 else tensor
             elif rest in fused:
                 parts = list(tensor.split(_segments(model, rest), dim=0))
                 if rest in fold["query_into"] and fold["query"] != 1.0:  # the first segment is the query's
@@ -303,11 +302,8 @@ def from_hf(model: Dict[str, Any], hf: Dict[str, torch.Tensor],
     for index in range(model["n_layers"]):
         prefix = f"model.layers.{index}."
         for rest, hf_name in simple.items():
-            factor = _simple_fold(fold, rest)
+            factor = _fold_of(fold, rest)
             full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / factor if factor != 1.0 else hf[prefix + hf_name]
-        for rest, hf_name in (_QK_NORMS.items() if model.get("qk_norm") else ()):
-            query = fold["query"] if rest in fold["query_into"] else 1.0
-            full[f"layers.{index}.{rest}"] = hf[prefix + hf_name] / query if query != 1.0 else hf[prefix + hf_name]
         for rest, hf_names in fused.items():
             parts = [hf[prefix + hf_name] for hf_name in hf_names]
             if rest in fold["query_into"] and fold["query"] != 1.0:
