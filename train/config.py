@@ -562,17 +562,17 @@ def check_float8(cfg: Config) -> None:
              "parallel.tp_overlap=true replaces with a backward of its own; set parallel.tp_overlap=auto (off under "
              "fp8) or false.")
     head_dim, tp = model.dim // model.n_heads, parallel.tp
-    sizes = {"model.dim": model.dim, "the query width / parallel.tp": model.n_heads * head_dim // tp,
-             "the key-value width / parallel.tp": kv_heads(model) * head_dim // tp,
-             f"the {'expert' if model.moe_experts else 'MLP'} width / parallel.tp": ffn_dim(model) // tp}
     if model.attention == "mla":  # its column- and row-parallel layers' widths (the down projections stay as they are)
-        dims = latent_dims(model)
-        widths = {key: value for key, value in sizes.items() if "MLP" in key or "expert" in key}
-        sizes = {"model.dim": model.dim, **widths,
-                 "n_heads x (qk_nope_head_dim + qk_rope_head_dim) / parallel.tp": model.n_heads * dims.qk // tp,
-                 "n_heads x (qk_nope_head_dim + v_head_dim) / parallel.tp": model.n_heads * (dims.nope + dims.v) // tp,
-                 "n_heads x v_head_dim / parallel.tp": model.n_heads * dims.v // tp,
-                 "model.kv_lora_rank": dims.kv_rank, **({"model.q_lora_rank": dims.q_rank} if dims.q_rank else {})}
+        dims, heads = latent_dims(model), model.n_heads
+        attention = {"n_heads x (qk_nope_head_dim + qk_rope_head_dim) / parallel.tp": heads * dims.qk // tp,
+                     "n_heads x (qk_nope_head_dim + v_head_dim) / parallel.tp": heads * (dims.nope + dims.v) // tp,
+                     "n_heads x v_head_dim / parallel.tp": heads * dims.v // tp,
+                     "model.kv_lora_rank": dims.kv_rank, **({"model.q_lora_rank": dims.q_rank} if dims.q_rank else {})}
+    else:
+        attention = {"the query width / parallel.tp": model.n_heads * head_dim // tp,
+                     "the key-value width / parallel.tp": kv_heads(model) * head_dim // tp}
+    sizes = {"model.dim": model.dim, **attention,
+             f"the {'expert' if model.moe_experts else 'MLP'} width / parallel.tp": ffn_dim(model) // tp}
     if model.moe_experts and model.moe_shared_ffn_dim:
         sizes["model.moe_shared_ffn_dim / parallel.tp"] = model.moe_shared_ffn_dim // tp
     wrong = [f"{name} is {size}" for name, size in sizes.items() if size % 16]
