@@ -344,7 +344,9 @@ def deepseek_model(variant: str):
     return cfg, model, parametrization
 
 
-def save_and_export(cfg, model, parametrization, tmp_path):
+def save_and_export(cfg, model, scales, directory):
+    """`model` (its routing biases too) saved as a one-process checkpoint under `directory` and exported to
+    `directory`/hf; that directory."""
     from plait.parallel.grid import Grid
     from plait.parallel.plans import param_specs
     from plait.parallel.sharding import ShardSpec
@@ -355,8 +357,8 @@ def save_and_export(cfg, model, parametrization, tmp_path):
     biases = {name: bias for name, bias in biases.items() if name.endswith("expert_bias")}
     specs = {**param_specs(model), **{name: ShardSpec(tuple(bias.shape), None) for name, bias in biases.items()}}
     request = SaveRequest(3, {**dict(model.named_parameters()), **biases}, specs,
-                          meta={**layout_meta(grid), **model_meta(cfg, parametrization.scales)})
-    return export_checkpoint(save(tmp_path / "ckpt", grid, request), tmp_path / "hf")
+                          meta={**layout_meta(grid), **model_meta(cfg, scales)})
+    return export_checkpoint(save(directory / "ckpt", grid, request), directory / "hf")
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -370,8 +372,9 @@ def test_export_is_deepseek_v3_and_matches_transformers_and_loads_back(variant, 
     from plait.train.export import init_from_hf, model_config_from_hf
 
     cfg, model, parametrization = deepseek_model(variant)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(save_and_export(cfg, model, parametrization, tmp_path)),
-                                                           local_files_only=True, dtype=torch.float32).eval()
+    directory = save_and_export(cfg, model, parametrization.scales, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True,
+                                                           dtype=torch.float32).eval()
     assert type(hf).__name__ == "DeepseekV3ForCausalLM"
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -386,14 +389,14 @@ def test_export_is_deepseek_v3_and_matches_transformers_and_loads_back(variant, 
     with torch.no_grad():
         for _, tensor in learned:
             tensor.zero_()
-    init_from_hf(fresh, tmp_path / "hf")  # the directory loads back, muP's folding undone, routing biases too
+    init_from_hf(fresh, directory)  # the directory loads back, muP's folding undone, routing biases too
     expected = dict([*model.named_parameters(), *model.named_buffers()])
     assert any(name.endswith("expert_bias") for name, _ in learned) == (variant == "experts")
     for name, tensor in learned:
         assert torch.allclose(tensor, expected[name], rtol=1e-6, atol=0), name
     # what `plait generate` / `plait eval` do with a directory: the model config read from it, the weights loaded
-    read = build_model(model_config_from_hf(json.loads((tmp_path / "hf" / "config.json").read_text())), seed=0).eval()
-    init_from_hf(read, tmp_path / "hf")
+    read = build_model(model_config_from_hf(json.loads((directory / "config.json").read_text())), seed=0).eval()
+    init_from_hf(read, directory)
     with torch.no_grad():
         assert ((read(ids)[..., :300] - ours).abs().max() / ours.abs().max()) < 1e-5
 
@@ -452,26 +455,22 @@ def test_directories_and_models_of_the_other_attention_refuse_each_other(tmp_pat
     directory whose first layers alone are dense: each refused in one sentence naming the setting."""
     import json
 
-    from plait.parallel.grid import Grid
-    from plait.parallel.plans import param_specs
     from plait.train.build import build_model
-    from plait.train.checkpoint import SaveRequest, layout_meta, model_meta, save
     from plait.train.config import ModelConfig
-    from plait.train.export import export_checkpoint, init_from_hf
+    from plait.train.export import init_from_hf
+    from plait.train.model import Scales
 
     cfg, model, parametrization = deepseek_model("dense")
-    save_and_export(cfg, model, parametrization, tmp_path)
+    save_and_export(cfg, model, parametrization.scales, tmp_path)
     mha_cfg = ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, ffn_dim=48, max_seq_len=64)
     mha = build_model(mha_cfg)
     with pytest.raises(Exception, match="is model_type=deepseek_v3, whose attention is latent, but "
                                         "model.attention=mha; set model.attention=mla"):
         init_from_hf(mha, tmp_path / "hf")
-    request = SaveRequest(1, dict(mha.named_parameters()), param_specs(mha),
-                          meta={**layout_meta(Grid.single()), **model_meta(mha_cfg)})
-    export_checkpoint(save(tmp_path / "llama-ckpt", Grid.single(), request), tmp_path / "llama")
+    llama = save_and_export(mha_cfg, mha, Scales(), tmp_path / "llama")
     with pytest.raises(Exception, match="is model_type=llama, whose attention is multi-head, but "
                                         "model.attention=mla; set model.attention=mha"):
-        init_from_hf(model, tmp_path / "llama")
+        init_from_hf(model, llama)
     config_file = tmp_path / "hf" / "config.json"
     config = json.loads(config_file.read_text())
     config.update(first_k_dense_replace=1, n_routed_experts=4)

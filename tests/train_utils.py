@@ -18,21 +18,21 @@ def train_steps(rank: int, world: int, base: Sequence[str], overrides: Sequence[
                 eval_batches: int = 2) -> Tuple[List[float], List[float], Optional[float]]:
     """(the losses and grad norms of `steps` steps, the validation loss over `eval_batches` batches after them (None
     for 0)) of `make_trainer`'s Trainer."""
-    trainer = make_trainer(rank, world, base, overrides, run_dir, cache)
-    records = [trainer.step() for _ in range(steps)]
-    validation = trainer.evaluate(eval_batches) if eval_batches else None
-    trainer.close()
-    return [r["loss"] for r in records], [r["grad_norm"] for r in records], validation
+    logged, validation = logged_steps(make_trainer(rank, world, base, overrides, run_dir, cache), steps,
+                                      eval_batches=eval_batches)
+    return logged["loss"], logged["grad_norm"], validation
 
 
-def logged_steps(trainer, steps: int, keys: Sequence[str] = ("loss", "grad_norm"),
-                 save: bool = False) -> Tuple[Dict[str, list], float]:
+def logged_steps(trainer, steps: int, keys: Sequence[str] = ("loss", "grad_norm"), save: bool = False,
+                 eval_batches: Optional[int] = None) -> Tuple[Dict[str, list], Optional[float]]:
     """({key: each step's logged value (None where a step logs none)} of `steps` steps, the validation loss after
-    them) of `trainer`, which is closed after; with `save`, a checkpoint is written before the validation."""
+    them over `eval_batches` batches (None: `train.eval_batches`; 0: none, None returned)) of `trainer`, which is
+    closed after; with `save`, a checkpoint is written before the validation."""
     try:
         records = [trainer.step() for _ in range(steps)]
         if save:
             trainer.save_checkpoint()
-        return {key: [r.get(key) for r in records] for key in keys}, trainer.evaluate()
+        validation = None if eval_batches == 0 else trainer.evaluate(eval_batches)
+        return {key: [r.get(key) for r in records] for key in keys}, validation
     finally:
         trainer.close()
